@@ -1,0 +1,191 @@
+"""Train the shipped tiny FLUX pipeline on the shapes world and write it to ``assets/``.
+
+Reproducible (seeded) and resumable: ``python launch/train_tiny_flux.py`` builds the random pipeline of
+``rl/tiny_flux.py``, trains its VAE (reconstruction + a small KL), fixes the VAE's latent shift and scale
+from data, then trains the transformer by rectified flow matching on rendered train-split prompts
+(category-balanced), keeping an EMA of its weights. The frozen random text encoders are never trained,
+as in FLUX. Every ``--eval_every`` steps it samples held-out prompts with 10 deterministic steps and logs
+the checker's mean score. Re-running with a larger ``--transformer_steps`` continues from ``state.pt``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import FluxPipeline
+from tqdm import tqdm
+
+from rewards.shapes import all_prompts, check, render, sample_prompts, vocabulary
+from rl.tiny_flux import TinyFluxConfig, build_tiny_flux_pipeline
+
+logger = logging.getLogger("train_tiny_flux")
+
+
+def images_for(specs, resolution: int, rng: np.random.Generator) -> torch.Tensor:
+    """Rendered correct images ``[B, 3, H, W]`` in [-1, 1] (the VAE's range)."""
+    array = np.stack([render(spec, resolution, rng) for spec in specs]).astype(np.float32) / 127.5 - 1.0
+    return torch.from_numpy(array).permute(0, 3, 1, 2)
+
+
+def train_vae(pipe: FluxPipeline, args, rng: np.random.Generator) -> None:
+    vae = pipe.vae.train()
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr)
+    for step in (bar := tqdm(range(args.vae_steps), desc="vae")):
+        images = images_for(sample_prompts("train", args.vae_batch, rng), args.resolution, rng)
+        posterior = vae.encode(images).latent_dist
+        recon = vae.decode(posterior.sample()).sample
+        loss = F.mse_loss(recon, images) + args.vae_kl * posterior.kl().mean() / images[0].numel()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if step % 50 == 0:
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+    vae.eval().requires_grad_(False)
+    with torch.no_grad():
+        images = images_for(sample_prompts("train", 512, rng), args.resolution, rng)
+        latents = torch.cat([vae.encode(chunk).latent_dist.sample() for chunk in images.split(64)])
+    # FLUX decodes latents / scaling_factor + shift_factor; choose both so the flow model sees unit scale.
+    vae.register_to_config(shift_factor=latents.mean().item(), scaling_factor=1.0 / latents.std().item())
+    logger.info("vae latent shift %.4f scale %.4f", vae.config.shift_factor, vae.config.scaling_factor)
+
+
+@torch.no_grad()
+def evaluate(pipe: FluxPipeline, transformer, args, n_prompts: int = 64) -> float:
+    """Mean checker score of held-out prompts, one fixed seed each, 10 deterministic Euler steps."""
+    specs = all_prompts("test")[:: max(1, len(all_prompts("test")) // n_prompts)][:n_prompts]
+    original = pipe.transformer
+    pipe.transformer = transformer
+    scores = []
+    for start in range(0, len(specs), 16):
+        chunk = specs[start : start + 16]
+        images = pipe(
+            [s.prompt for s in chunk], height=args.resolution, width=args.resolution, num_inference_steps=10,
+            max_sequence_length=args.text_length, output_type="np",
+            generator=[torch.Generator().manual_seed(start + i) for i in range(len(chunk))],
+        ).images  # fmt: skip
+        scores += [check(image, spec).score for image, spec in zip(images, chunk)]
+    pipe.transformer = original
+    return float(np.mean(scores))
+
+
+def train_transformer(pipe: FluxPipeline, args, out: Path, state: dict | None) -> list[dict]:
+    transformer = pipe.transformer.train()
+    ema = copy.deepcopy(transformer).eval().requires_grad_(False)
+    optimizer = torch.optim.AdamW(transformer.parameters(), lr=args.lr, weight_decay=0.0)
+    rng = np.random.default_rng(args.seed + 1)
+    history: list[dict] = []
+    start = 0
+    if state is not None:
+        transformer.load_state_dict(state["transformer"])
+        ema.load_state_dict(state["ema"])
+        optimizer.load_state_dict(state["optimizer"])
+        rng.bit_generator.state = state["numpy_rng"]
+        torch.set_rng_state(state["torch_rng"])
+        start, history = state["step"], state["history"]
+
+    with torch.no_grad():
+        train_prompts = [s.prompt for s in all_prompts("train")]
+        embeds, pooled, text_ids = pipe.encode_prompt(train_prompts, None, max_sequence_length=args.text_length)
+    index_of = {prompt: i for i, prompt in enumerate(train_prompts)}
+    latent_side = args.resolution // pipe.vae_scale_factor
+    image_ids = pipe._prepare_latent_image_ids(args.batch, latent_side // 2, latent_side // 2, "cpu", torch.float32)
+    vae = pipe.vae
+    shift = math.exp(0.5)  # FLUX's dynamic shift at 256 image tokens (mu = base_shift = 0.5)
+
+    for step in (bar := tqdm(range(start, args.transformer_steps), desc="transformer", initial=start,
+                             total=args.transformer_steps)):  # fmt: skip
+        specs = sample_prompts("train", args.batch, rng)
+        rows = torch.tensor([index_of[s.prompt] for s in specs])
+        with torch.no_grad():
+            x0 = vae.encode(images_for(specs, args.resolution, rng)).latent_dist.sample()
+            x0 = (x0 - vae.config.shift_factor) * vae.config.scaling_factor
+        x0 = FluxPipeline._pack_latents(x0, args.batch, 16, latent_side, latent_side)
+        noise = torch.randn_like(x0)
+        t = torch.sigmoid(torch.randn(args.batch))  # logit-normal, then FLUX's time shift
+        t = shift * t / (1 + (shift - 1) * t)
+        x_t = (1 - t[:, None, None]) * x0 + t[:, None, None] * noise
+        # Guidance is drawn at random: the tiny model is not guidance-distilled and learns to ignore it.
+        guidance = torch.empty(args.batch).uniform_(1.0, 5.0)
+        v = transformer(
+            hidden_states=x_t, timestep=t, guidance=guidance, pooled_projections=pooled[rows],
+            encoder_hidden_states=embeds[rows], txt_ids=text_ids, img_ids=image_ids, return_dict=False,
+        )[0]  # fmt: skip
+        loss = F.mse_loss(v, noise - x0)
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(transformer.parameters(), 1.0)
+        for group in optimizer.param_groups:  # linear warm-up
+            group["lr"] = args.lr * min(1.0, (step + 1) / args.warmup)
+        optimizer.step()
+        with torch.no_grad():
+            for p_ema, p in zip(ema.parameters(), transformer.parameters()):
+                p_ema.lerp_(p, 1 - args.ema_decay)
+        if step % 20 == 0:
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+        if (step + 1) % args.eval_every == 0 or step + 1 == args.transformer_steps:
+            score = evaluate(pipe, ema, args)
+            history.append({"step": step + 1, "loss": loss.item(), "heldout_score": score})
+            logger.info("step %d loss %.4f held-out score %.3f", step + 1, loss.item(), score)
+            torch.save(
+                {"transformer": transformer.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
+                 "numpy_rng": rng.bit_generator.state, "torch_rng": torch.get_rng_state(), "step": step + 1,
+                 "history": history},
+                out / "state.pt.tmp",
+            )  # fmt: skip
+            os.replace(out / "state.pt.tmp", out / "state.pt")
+    pipe.transformer = ema
+    return history
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default="assets/tiny-flux-shapes")
+    parser.add_argument("--work_dir", default="runs/tiny-flux-pretrain", help="resumable training state")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--resolution", type=int, default=64)
+    parser.add_argument("--text_length", type=int, default=16)
+    parser.add_argument("--vae_steps", type=int, default=1200)
+    parser.add_argument("--vae_batch", type=int, default=16)
+    parser.add_argument("--vae_lr", type=float, default=1e-3)
+    parser.add_argument("--vae_kl", type=float, default=1e-3, help="KL weight per latent element")
+    parser.add_argument("--transformer_steps", type=int, default=6000)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument("--warmup", type=int, default=200)
+    parser.add_argument("--ema_decay", type=float, default=0.995)
+    parser.add_argument("--eval_every", type=int, default=500)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    torch.manual_seed(args.seed)
+    work = Path(args.work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+
+    config = TinyFluxConfig(resolution=args.resolution, text_length=args.text_length)
+    vae_dir = work / "vae"
+    if (vae_dir / "config.json").exists():
+        pipe = FluxPipeline.from_pretrained(work / "pipeline")
+    else:
+        pipe = build_tiny_flux_pipeline(vocabulary(), config, seed=args.seed)
+        train_vae(pipe, args, np.random.default_rng(args.seed))
+        pipe.save_pretrained(work / "pipeline")
+        pipe.vae.save_pretrained(vae_dir)
+    pipe.set_progress_bar_config(disable=True)
+    state_path = work / "state.pt"
+    state = torch.load(state_path, weights_only=False) if state_path.exists() else None
+    history = train_transformer(pipe, args, work, state)
+    pipe.save_pretrained(args.out)
+    (Path(args.out) / "training_log.json").write_text(json.dumps({"args": vars(args), "history": history}, indent=1))
+    logger.info("wrote %s", args.out)
+
+
+if __name__ == "__main__":
+    main()

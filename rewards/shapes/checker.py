@@ -1,0 +1,203 @@
+"""Scores any image against a shapes-world prompt's metadata, GenEval-style.
+
+Method, in three stages that mirror GenEval's detector + colour classifier:
+
+1. **Colour segmentation.** A pixel is foreground when its HSV saturation exceeds ``SATURATION_MIN``
+   (the background is white, grey smudges are not objects). Each foreground pixel takes the palette colour
+   whose hue is nearest; connected regions (8-connected) of one colour are candidate objects, and regions
+   smaller than ``MIN_AREA_FRAC`` of the image are noise.
+2. **Shape classification.** Each region's mask is cropped to its bounding box, resized to
+   ``TEMPLATE_SIZE`` squared and compared by soft IoU with templates drawn by the renderer; the best
+   template names the shape. The IoU is kept as the detection's confidence.
+3. **Scoring.** For each required group (shape, count, optional colour) the detections of that shape are
+   counted; ``credit = min(correct colour, count) / max(count, found)`` penalises missing, surplus and
+   wrongly coloured objects alike. Objects of shapes the prompt does not name dilute the score. A relation
+   (``position``) counts as one more fact, judged as GenEval judges it (centre offset, shrunk by 10% of the
+   two boxes' sizes, must point within 60 degrees of the named direction).
+
+``score = (sum_g count_g * credit_g + relation_ok) / (sum_g count_g + extras + has_relation)``, in [0, 1].
+``correct`` is GenEval's strict flag: exact counts, right colours, no extras, relation satisfied.
+"""
+
+from __future__ import annotations
+
+import colorsys
+import dataclasses
+from functools import lru_cache
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw
+from scipy import ndimage
+
+from rewards.shapes.grammar import COLORS, SHAPES, PromptSpec
+from rewards.shapes.render import draw_shape
+
+SATURATION_MIN = 0.35
+MIN_AREA_FRAC = 0.005
+TEMPLATE_SIZE = 24
+POSITION_SHRINK = 0.1
+_EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
+_PALETTE_HUES = np.array([colorsys.rgb_to_hsv(*(c / 255 for c in rgb))[0] for rgb in COLORS.values()])
+
+
+@dataclasses.dataclass(frozen=True)
+class Detection:
+    """One object found in an image (pixel coordinates; ``box`` is ``(x0, y0, x1, y1)``, exclusive)."""
+
+    shape: str
+    color: str
+    center: tuple[float, float]
+    box: tuple[int, int, int, int]
+    area: int
+    confidence: float
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckResult:
+    """Outcome of checking one image: ``score`` in [0, 1] with partial credit and GenEval's strict ``correct``."""
+
+    score: float
+    correct: bool
+    detections: tuple[Detection, ...]
+    relation_ok: bool | None
+
+
+@lru_cache(maxsize=1)
+def _templates() -> torch.Tensor:
+    """Soft masks ``[len(SHAPES), T, T]`` of each shape filling its bounding box, drawn by the renderer."""
+    big = TEMPLATE_SIZE * 8
+    masks = []
+    for shape in SHAPES:
+        image = Image.new("L", (big, big), 0)
+        draw_shape(ImageDraw.Draw(image), shape, big / 2, big / 2, big, 255)
+        masks.append(np.asarray(image.resize((TEMPLATE_SIZE, TEMPLATE_SIZE), Image.Resampling.BOX)) / 255.0)
+    return torch.tensor(np.stack(masks), dtype=torch.float32)
+
+
+def _to_hwc_float(image: np.ndarray | torch.Tensor | Image.Image) -> np.ndarray:
+    if isinstance(image, Image.Image):
+        return np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
+    if isinstance(image, torch.Tensor):
+        array = image.detach().float().cpu().numpy()
+        if array.ndim == 3 and array.shape[0] == 3:
+            array = array.transpose(1, 2, 0)
+        return np.clip(array, 0.0, 1.0)
+    array = np.asarray(image)
+    if array.dtype == np.uint8:
+        return array.astype(np.float32) / 255.0
+    return np.clip(array.astype(np.float32), 0.0, 1.0)
+
+
+def _hue_saturation(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Vectorised HSV hue and saturation of ``[H, W, 3]`` in [0, 1]."""
+    cmax, cmin = rgb.max(-1), rgb.min(-1)
+    delta = cmax - cmin
+    saturation = np.where(cmax > 0, delta / np.maximum(cmax, 1e-8), 0.0)
+    r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
+    safe = np.maximum(delta, 1e-8)
+    hue = np.select(
+        [cmax == r, cmax == g],
+        [((g - b) / safe) % 6.0, (b - r) / safe + 2.0],
+        (r - g) / safe + 4.0,
+    )
+    return hue / 6.0, saturation
+
+
+def _classify_shape(mask: np.ndarray) -> tuple[str, float]:
+    crop = torch.tensor(mask, dtype=torch.float32)[None, None]
+    resized = F.interpolate(crop, size=(TEMPLATE_SIZE, TEMPLATE_SIZE), mode="area")[0, 0]
+    templates = _templates()
+    iou = torch.minimum(templates, resized).sum((1, 2)) / torch.maximum(templates, resized).sum((1, 2))
+    best = int(iou.argmax())
+    return SHAPES[best], float(iou[best])
+
+
+def detect(image: np.ndarray | torch.Tensor | Image.Image) -> list[Detection]:
+    """Segment and classify every object in one image.
+
+    Args:
+        image: ``uint8 [H, W, 3]``, float ``[H, W, 3]`` or ``[3, H, W]`` in [0, 1], or a PIL image.
+
+    Returns:
+        Detections, largest first.
+    """
+    rgb = _to_hwc_float(image)
+    height, width = rgb.shape[:2]
+    hue, saturation = _hue_saturation(rgb)
+    foreground = saturation > SATURATION_MIN
+    hue_distance = np.abs(hue[..., None] - _PALETTE_HUES)
+    hue_distance = np.minimum(hue_distance, 1.0 - hue_distance)
+    color_index = hue_distance.argmin(-1)
+    min_area = MIN_AREA_FRAC * height * width
+    color_names = list(COLORS)
+    detections = []
+    for index, color in enumerate(color_names):
+        labels, n_regions = ndimage.label(foreground & (color_index == index), structure=_EIGHT_CONNECTED)
+        if n_regions == 0:
+            continue
+        for region, region_slice in enumerate(ndimage.find_objects(labels), start=1):
+            mask = labels[region_slice] == region
+            area = int(mask.sum())
+            if area < min_area:
+                continue
+            ys, xs = np.nonzero(mask)
+            shape, confidence = _classify_shape(mask.astype(np.float32))
+            y0, x0 = region_slice[0].start, region_slice[1].start
+            detections.append(
+                Detection(
+                    shape=shape,
+                    color=color,
+                    center=(float(x0 + xs.mean() + 0.5), float(y0 + ys.mean() + 0.5)),
+                    box=(x0, y0, region_slice[1].stop, region_slice[0].stop),
+                    area=area,
+                    confidence=confidence,
+                )
+            )
+    return sorted(detections, key=lambda d: -d.area)
+
+
+def relation_holds(relation: str, anchor: Detection, other: Detection) -> bool:
+    """Whether ``other`` lies ``relation`` (``left of``, ...) ``anchor``, judged as GenEval does."""
+    offset = np.array(other.center) - np.array(anchor.center)
+    dims = np.array([anchor.box[2] - anchor.box[0] + other.box[2] - other.box[0],
+                     anchor.box[3] - anchor.box[1] + other.box[3] - other.box[1]], dtype=float)  # fmt: skip
+    revised = np.maximum(np.abs(offset) - POSITION_SHRINK * dims, 0.0) * np.sign(offset)
+    if np.all(np.abs(revised) < 1e-3):
+        return False
+    dx, dy = revised / np.linalg.norm(offset)
+    return {"left of": dx < -0.5, "right of": dx > 0.5, "above": dy < -0.5, "below": dy > 0.5}[relation]
+
+
+def score_detections(spec: PromptSpec, detections: list[Detection]) -> CheckResult:
+    """Score detections against ``spec`` (see the module docstring for the formula)."""
+    named_shapes = {obj.shape for obj in spec.include}
+    extras = sum(1 for d in detections if d.shape not in named_shapes)
+    earned, required, correct = 0.0, 0, extras == 0
+    representatives: list[Detection | None] = []
+    for obj in spec.include:
+        found = [d for d in detections if d.shape == obj.shape]
+        right_color = [d for d in found if obj.color is None or d.color == obj.color]
+        earned += obj.count * min(len(right_color), obj.count) / max(obj.count, len(found))
+        required += obj.count
+        correct &= len(found) == obj.count and len(right_color) == obj.count
+        representatives.append(right_color[0] if right_color else (found[0] if found else None))
+    relation_ok: bool | None = None
+    has_relation = 0
+    for obj_index, obj in enumerate(spec.include):
+        if obj.position is None:
+            continue
+        has_relation = 1
+        relation, anchor_index = obj.position
+        anchor, other = representatives[anchor_index], representatives[obj_index]
+        relation_ok = anchor is not None and other is not None and relation_holds(relation, anchor, other)
+        earned += float(relation_ok)
+        correct &= relation_ok
+    score = earned / (required + extras + has_relation)
+    return CheckResult(score=score, correct=bool(correct), detections=tuple(detections), relation_ok=relation_ok)
+
+
+def check(image: np.ndarray | torch.Tensor | Image.Image, spec: PromptSpec) -> CheckResult:
+    """Detect objects in ``image`` and score them against ``spec``."""
+    return score_detections(spec, detect(image))

@@ -1,0 +1,123 @@
+"""Flow-GRPO's SDE step for rectified-flow models, as pure fp32 functions (DESIGN.md section 3).
+
+Sigmas run from 1 (noise) to 0, ``x_s = (1 - s) x0 + s eps`` and the model predicts ``v ~ eps - x0``.
+Turning the deterministic Euler step into an SDE with the same marginals (Liu et al., Flow-GRPO, 2025)
+gives a Gaussian transition whose log-density is the policy's log-probability:
+
+    sigma_t = a * sqrt(s / (1 - s))                    (s == 1 uses the first sigma below 1 instead)
+    mean    = x * (1 + sigma_t^2 dt / (2 s)) + v * (1 + sigma_t^2 (1 - s) / (2 s)) * dt,   dt = s' - s < 0
+    std     = sigma_t * sqrt(-dt)
+    x'      = mean + std * eps
+    log p   = mean over non-batch dims of  -(x' - mean)^2 / (2 std^2) - log std - log sqrt(2 pi)
+
+With ``a = 0`` the step is plain Euler (``x + v dt``) and has no density: the log-prob is returned as 0.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+
+LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
+
+
+@dataclasses.dataclass
+class SdeStep:
+    """One transition.
+
+    Attributes:
+        next_latents: ``[B, ...]`` the sampled (or scored) next latents.
+        log_prob: ``[B]`` mean-reduced Gaussian log-density of ``next_latents`` (0 when ``std`` is 0).
+        mean: ``[B, ...]`` the transition mean (differentiable in the velocity).
+        std: ``[B, 1, ...]`` the transition standard deviation, broadcastable to the latents.
+    """
+
+    next_latents: torch.Tensor
+    log_prob: torch.Tensor
+    mean: torch.Tensor
+    std: torch.Tensor
+
+
+def _per_sample(value: float | torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A scalar or ``[B]`` value as fp32 ``[B, 1, ..., 1]`` broadcastable to ``like``."""
+    value = torch.as_tensor(value, dtype=torch.float32, device=like.device)
+    if value.ndim == 0:
+        value = value.expand(like.shape[0])
+    return value.reshape(-1, *([1] * (like.ndim - 1)))
+
+
+def noise_std(sigma: float | torch.Tensor, noise_level: float, sigma_below_one: float | torch.Tensor) -> torch.Tensor:
+    """``sigma_t = a * sqrt(s / (1 - s))``, with ``sigma_below_one`` standing in for ``s`` in ``1 - s`` at s == 1.
+
+    Args:
+        sigma: current sigma(s), scalar or ``[B]``.
+        noise_level: ``a`` (FLUX default 0.9; 0 gives the deterministic ODE).
+        sigma_below_one: the schedule's first sigma below 1 (``sigmas[1]`` when ``sigmas[0] == 1``).
+    """
+    sigma = torch.as_tensor(sigma, dtype=torch.float32)
+    below = torch.as_tensor(sigma_below_one, dtype=torch.float32, device=sigma.device)
+    denominator = 1.0 - torch.where(sigma >= 1.0, below, sigma)
+    return noise_level * torch.sqrt(sigma / denominator)
+
+
+def sde_step(
+    latents: torch.Tensor,
+    velocity: torch.Tensor,
+    sigma: float | torch.Tensor,
+    sigma_next: float | torch.Tensor,
+    noise_level: float,
+    sigma_below_one: float | torch.Tensor,
+    *,
+    generator: torch.Generator | None = None,
+    noise: torch.Tensor | None = None,
+    next_latents: torch.Tensor | None = None,
+) -> SdeStep:
+    """One SDE step from ``sigma`` to ``sigma_next``: sample the next latents, or score given ones.
+
+    Args:
+        latents: ``[B, ...]`` current latents ``x_s``.
+        velocity: ``[B, ...]`` model prediction ``v``; any dtype, computed in fp32.
+        sigma: ``s``, scalar or ``[B]``.
+        sigma_next: ``s'`` < ``s``, scalar or ``[B]``.
+        noise_level: ``a``; 0 gives Euler.
+        sigma_below_one: see :func:`noise_std`.
+        generator: draws the noise when sampling.
+        noise: ``[B, ...]`` standard-normal noise to use instead of drawing it (per-rollout seeded noise).
+        next_latents: ``[B, ...]`` latents to score instead of sampling (old log-probs, PPO ratios).
+
+    Returns:
+        :class:`SdeStep` in fp32.
+    """
+    x = latents.float()
+    v = velocity.float()
+    s = _per_sample(sigma, x)
+    dt = _per_sample(sigma_next, x) - s
+    sigma_t = noise_std(s, noise_level, sigma_below_one)
+    mean = x * (1 + sigma_t**2 * dt / (2 * s)) + v * (1 + sigma_t**2 * (1 - s) / (2 * s)) * dt
+    std = sigma_t * torch.sqrt(-dt)
+    if next_latents is None:
+        if noise_level == 0:
+            next_latents = mean
+        else:
+            if noise is None:
+                noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=torch.float32)
+            next_latents = mean + std * noise.float()
+    next_latents = next_latents.float()
+    if noise_level == 0:
+        log_prob = torch.zeros(x.shape[0], device=x.device)
+    else:
+        log_density = -((next_latents.detach() - mean) ** 2) / (2 * std**2) - torch.log(std) - LOG_SQRT_2PI
+        log_prob = log_density.mean(dim=tuple(range(1, x.ndim)))
+    return SdeStep(next_latents=next_latents, log_prob=log_prob, mean=mean, std=std)
+
+
+def kl_to_reference(mean: torch.Tensor, reference_mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """KL between the policy's and the reference's Gaussian transitions (same std), mean-reduced: ``[B]``.
+
+    ``KL(N(m, std^2) || N(m_ref, std^2)) = (m - m_ref)^2 / (2 std^2)`` per element, averaged over non-batch dims
+    like the log-prob. ``std`` is the step's ``sigma_t * sqrt(-dt)`` (as flow_grpo computes it).
+    """
+    per_element = (mean.float() - reference_mean.float()) ** 2 / (2 * std.float() ** 2)
+    return per_element.mean(dim=tuple(range(1, mean.ndim)))

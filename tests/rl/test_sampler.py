@@ -1,0 +1,80 @@
+import numpy as np
+import torch
+
+from rl.sampler import FluxSampler, encode_prompts
+
+PROMPTS = ["a red circle", "two blue squares", "a green triangle left of a yellow circle"]
+
+
+def _sampler(pipeline, noise_level):
+    return FluxSampler(pipeline, num_steps=4, noise_level=noise_level, guidance_scale=3.5, height=32, width=32)
+
+
+def test_noise_free_sampler_reproduces_flux_pipeline(tiny_flux_pipeline):
+    pipe = tiny_flux_pipeline
+    sampler = _sampler(pipe, 0.0)
+    embeds = encode_prompts(pipe, PROMPTS, max_sequence_length=16)
+    rollouts = sampler.start(torch.arange(3), torch.tensor([11, 12, 13]))
+    done = sampler.advance(rollouts, embeds, until_step=4)
+    reference = pipe(
+        prompt_embeds=embeds.prompt_embeds,
+        pooled_prompt_embeds=embeds.pooled_embeds,
+        latents=rollouts.latents.clone(),
+        height=32,
+        width=32,
+        num_inference_steps=4,
+        guidance_scale=3.5,
+        output_type="latent",
+    ).images
+    assert (done.latents - reference).abs().max().item() <= 1e-5
+    images = sampler.decode(done.latents)
+    expected = pipe.vae.decode(
+        pipe._unpack_latents(reference, 32, 32, pipe.vae_scale_factor) / pipe.vae.config.scaling_factor
+        + pipe.vae.config.shift_factor
+    ).sample
+    assert images.shape == (3, 3, 32, 32)
+    assert (images - (expected / 2 + 0.5).clamp(0, 1)).abs().max().item() <= 1e-5
+
+
+def test_schedule_matches_flux_pipeline(tiny_flux_pipeline):
+    sampler = _sampler(tiny_flux_pipeline, 0.9)
+    assert sampler.sigmas.shape == (5,) and sampler.sigmas[0] == 1.0 and sampler.sigmas[-1] == 0.0
+    assert torch.all(sampler.sigmas[1:] < sampler.sigmas[:-1])
+    assert torch.allclose(sampler.timesteps, sampler.sigmas[:-1] * 1000)
+    assert sampler.sigma_below_one == float(sampler.sigmas[1])
+
+
+def test_split_run_equals_full_run_and_subsets_continue_identically(tiny_flux_pipeline):
+    sampler = _sampler(tiny_flux_pipeline, 0.9)
+    sampler.batch_size = 2
+    embeds = encode_prompts(tiny_flux_pipeline, PROMPTS, max_sequence_length=16)
+    start = sampler.start(torch.tensor([0, 0, 1, 2]), torch.tensor([5, 6, 7, 8]))
+    full = sampler.advance(start, embeds, until_step=4)
+    early = sampler.advance(start, embeds, until_step=2)
+    assert early.step == 2 and early.log_probs.shape == (4, 2)
+    survivors = sampler.advance(early.select([3, 1]), embeds, until_step=4)
+    torch.testing.assert_close(survivors.states, full.states[[3, 1]], rtol=0, atol=1e-6)
+    torch.testing.assert_close(survivors.log_probs, full.log_probs[[3, 1]], rtol=0, atol=1e-6)
+    assert torch.isfinite(full.log_probs).all()
+
+
+def test_recomputed_log_prob_equals_rollout_log_prob(tiny_flux_pipeline):
+    sampler = _sampler(tiny_flux_pipeline, 0.9)
+    embeds = encode_prompts(tiny_flux_pipeline, PROMPTS, max_sequence_length=16)
+    done = sampler.advance(sampler.start(torch.arange(3), torch.tensor([1, 2, 3])), embeds, until_step=4)
+    for step in range(3):
+        with torch.no_grad():
+            scored = sampler.step_log_prob(done, step, embeds)
+        ratio = torch.exp(scored.log_prob - done.log_probs[:, step])
+        assert (ratio - 1).abs().max().item() <= 1e-6
+    mixed = sampler.step_log_prob(done, torch.tensor([0, 2, 1]), embeds)
+    expected = done.log_probs[torch.arange(3), torch.tensor([0, 2, 1])]
+    torch.testing.assert_close(mixed.log_prob.detach(), expected, rtol=0, atol=1e-5)
+
+
+def test_equal_seeds_share_initial_noise(tiny_flux_pipeline):
+    sampler = _sampler(tiny_flux_pipeline, 0.9)
+    start = sampler.start(torch.tensor([0, 0, 0]), torch.tensor([4, 4, 9]))
+    assert torch.equal(start.latents[0], start.latents[1])
+    assert not torch.equal(start.latents[0], start.latents[2])
+    assert np.isclose(start.latents.std().item(), 1.0, atol=0.1)

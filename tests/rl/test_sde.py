@@ -1,0 +1,68 @@
+import math
+
+import pytest
+import torch
+
+from rl.sde import kl_to_reference, noise_std, sde_step
+
+
+def _filled(value, shape=(2, 3, 4)):
+    return torch.full(shape, float(value))
+
+
+def test_mean_std_and_log_prob_by_hand():
+    # x = 1, v = 2, s = 0.5, s' = 0.25, a = 0.5:
+    # sigma_t = 0.5 * sqrt(0.5 / 0.5) = 0.5; dt = -0.25
+    # mean = 1 * (1 + 0.25 * -0.25 / 1) + 2 * (1 + 0.25 * 0.5 / 1) * -0.25 = 0.9375 - 0.5625 = 0.375
+    # std = 0.5 * sqrt(0.25) = 0.25
+    # scoring x' = mean + std (one std away): log p = -0.5 - log 0.25 - log sqrt(2 pi) = -0.0326441
+    out = sde_step(_filled(1), _filled(2), 0.5, 0.25, 0.5, 0.75, next_latents=_filled(0.625))
+    torch.testing.assert_close(out.mean, _filled(0.375))
+    torch.testing.assert_close(out.std.flatten(), torch.full((2,), 0.25))
+    torch.testing.assert_close(out.log_prob, torch.full((2,), -0.5 + math.log(4) - 0.5 * math.log(2 * math.pi)))
+    assert out.log_prob.shape == (2,)
+
+
+def test_sigma_one_uses_first_sigma_below_one():
+    # s = 1, s' = 0.75, first sigma below one 0.75, a = 0.5: sigma_t = 0.5 * sqrt(1 / (1 - 0.75)) = 1
+    # mean = 1 * (1 + 1 * -0.25 / 2) + 2 * (1 + 0) * -0.25 = 0.875 - 0.5 = 0.375; std = 1 * sqrt(0.25) = 0.5
+    assert noise_std(1.0, 0.5, 0.75).item() == pytest.approx(1.0)
+    out = sde_step(_filled(1), _filled(2), 1.0, 0.75, 0.5, 0.75, next_latents=_filled(0.375))
+    torch.testing.assert_close(out.mean, _filled(0.375))
+    torch.testing.assert_close(out.std.flatten(), torch.full((2,), 0.5))
+    # at the mean: log p = -log 0.5 - log sqrt(2 pi)
+    torch.testing.assert_close(out.log_prob, torch.full((2,), math.log(2) - 0.5 * math.log(2 * math.pi)))
+
+
+def test_zero_noise_is_plain_euler():
+    # x + v dt = 1 + 2 * (0.25 - 0.5) = 0.5
+    out = sde_step(_filled(1), _filled(2), 0.5, 0.25, 0.0, 0.75)
+    torch.testing.assert_close(out.next_latents, _filled(0.5))
+    assert torch.equal(out.log_prob, torch.zeros(2))
+
+
+def test_per_sample_sigmas_and_sampling_distribution():
+    x, v = torch.zeros(2, 20000), torch.zeros(2, 20000)
+    out = sde_step(x, v, torch.tensor([0.5, 0.8]), torch.tensor([0.25, 0.6]), 0.7, 0.9,
+                   generator=torch.Generator().manual_seed(0))  # fmt: skip
+    expected_std = noise_std(torch.tensor([0.5, 0.8]), 0.7, 0.9) * torch.sqrt(torch.tensor([0.25, 0.2]))
+    torch.testing.assert_close(out.next_latents.std(dim=1), expected_std, rtol=0.02, atol=0)
+    # E[log p] of a sample from the density = -1/2 - log std - log sqrt(2 pi)
+    expected_log_prob = -0.5 - torch.log(expected_std) - 0.5 * math.log(2 * math.pi)
+    torch.testing.assert_close(out.log_prob, expected_log_prob, rtol=0, atol=0.02)
+
+
+def test_log_prob_gradient_flows_through_velocity_only():
+    v = _filled(2).requires_grad_()
+    x_next = _filled(0.625)
+    out = sde_step(_filled(1), v, 0.5, 0.25, 0.5, 0.75, next_latents=x_next)
+    out.log_prob.sum().backward()
+    # d logp / d mean = (x' - mean) / std^2 / n = 4 / 12 per element (12 per sample); d mean / d v = 1.125 * -0.25
+    torch.testing.assert_close(v.grad, _filled(4 / 12 * 1.125 * -0.25))
+
+
+def test_kl_to_reference_by_hand():
+    # (0.375 - 0.125)^2 / (2 * 0.25^2) = 0.0625 / 0.125 = 0.5
+    kl = kl_to_reference(_filled(0.375), _filled(0.125), torch.full((2, 1, 1), 0.25))
+    torch.testing.assert_close(kl, torch.full((2,), 0.5))
+    assert torch.equal(kl_to_reference(_filled(0.3), _filled(0.3), torch.full((2, 1, 1), 0.25)), torch.zeros(2))
