@@ -25,6 +25,7 @@ from diffusers import FluxPipeline
 from tqdm import tqdm
 
 from rewards.shapes import all_prompts, check, render, sample_prompts, vocabulary
+from rl.sampler import FluxSampler
 from rl.tiny_flux import TinyFluxConfig, build_tiny_flux_pipeline
 
 logger = logging.getLogger("train_tiny_flux")
@@ -52,7 +53,7 @@ def train_vae(pipe: FluxPipeline, args, rng: np.random.Generator) -> None:
     vae.eval().requires_grad_(False)
     with torch.no_grad():
         images = images_for(sample_prompts("train", 512, rng), args.resolution, rng)
-        latents = torch.cat([vae.encode(chunk).latent_dist.sample() for chunk in images.split(64)])
+        latents = torch.cat([vae.encode(chunk).latent_dist.mode() for chunk in images.split(64)])
     # FLUX decodes latents / scaling_factor + shift_factor; choose both so the flow model sees unit scale.
     vae.register_to_config(shift_factor=latents.mean().item(), scaling_factor=1.0 / latents.std().item())
     logger.info("vae latent shift %.4f scale %.4f", vae.config.shift_factor, vae.config.scaling_factor)
@@ -99,22 +100,25 @@ def train_transformer(pipe: FluxPipeline, args, out: Path, state: dict | None) -
     latent_side = args.resolution // pipe.vae_scale_factor
     image_ids = pipe._prepare_latent_image_ids(args.batch, latent_side // 2, latent_side // 2, "cpu", torch.float32)
     vae = pipe.vae
-    shift = math.exp(0.5)  # FLUX's dynamic shift at 256 image tokens (mu = base_shift = 0.5)
+    # FLUX's dynamic time shift for this many image tokens, as the sampler will use it.
+    shift = math.exp(FluxSampler.shift_mu(pipe.scheduler, (latent_side // 2) ** 2))
 
     for step in (bar := tqdm(range(start, args.transformer_steps), desc="transformer", initial=start,
                              total=args.transformer_steps)):  # fmt: skip
         specs = sample_prompts("train", args.batch, rng)
         rows = torch.tensor([index_of[s.prompt] for s in specs])
         with torch.no_grad():
-            x0 = vae.encode(images_for(specs, args.resolution, rng)).latent_dist.sample()
+            # The posterior mean, not a sample: the posterior std (~0.9) exceeds the latents' own spread, so
+            # samples would bury the flow model's target in noise the decoder ignores anyway.
+            x0 = vae.encode(images_for(specs, args.resolution, rng)).latent_dist.mode()
             x0 = (x0 - vae.config.shift_factor) * vae.config.scaling_factor
         x0 = FluxPipeline._pack_latents(x0, args.batch, 16, latent_side, latent_side)
         noise = torch.randn_like(x0)
         t = torch.sigmoid(torch.randn(args.batch))  # logit-normal, then FLUX's time shift
         t = shift * t / (1 + (shift - 1) * t)
         x_t = (1 - t[:, None, None]) * x0 + t[:, None, None] * noise
-        # Guidance is drawn at random: the tiny model is not guidance-distilled and learns to ignore it.
-        guidance = torch.empty(args.batch).uniform_(1.0, 5.0)
+        # The tiny model is not guidance-distilled: the embedding always sees FLUX.1-dev's default, 3.5.
+        guidance = torch.full((args.batch,), 3.5)
         v = transformer(
             hidden_states=x_t, timestep=t, guidance=guidance, pooled_projections=pooled[rows],
             encoder_hidden_states=embeds[rows], txt_ids=text_ids, img_ids=image_ids, return_dict=False,
@@ -162,8 +166,11 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument("--warmup", type=int, default=200)
     parser.add_argument("--ema_decay", type=float, default=0.995)
-    parser.add_argument("--eval_every", type=int, default=500)
+    parser.add_argument("--eval_every", type=int, default=250)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (1 is fastest on a busy machine)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.manual_seed(args.seed)
     work = Path(args.work_dir)

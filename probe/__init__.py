@@ -1,0 +1,54 @@
+"""The early-step cross-attention reward probe (DESIGN.md section 4).
+
+Modules, in data-flow order:
+
+- :mod:`probe.capture`: :class:`ProbeRecorder`, a :class:`rl.sampler.StepObserver` that, at the k-th
+  transformer call only, wraps the chosen blocks' attention processors (outputs unchanged) to record
+  head-averaged image-query -> text-key attention ``[B, n_blocks, S_img, L]`` and keeps the x0 prediction.
+- :mod:`probe.features`: :func:`build_features` reduces a capture to ``[B, C, h, w]`` (per-block statistics
+  over real tokens, per-token slot maps, x0 channels; layout in the module docstring).
+- :mod:`probe.model`: :class:`ProbeCNN` (residual CNN, FiLM timestep conditioning) and :func:`probe_loss`
+  (weighted MSE with low-score oversampling + within-group pairwise ranking).
+- :mod:`probe.probe`: :class:`Probe`, the network with its normalisation and metadata; ``save`` / ``load``
+  with validation against the model, capture step and step count (:class:`ProbeMismatchError`).
+- :mod:`probe.metrics`: global PCC / SRCC / AUC-ROC and within-group SRCC / top-half recall / regret.
+- :mod:`probe.data`, :mod:`probe.collect`, :mod:`probe.train`: collected shards, the dataset, collection,
+  and :func:`fit` (also the online refresh).
+
+API for pruned GRPO (issue 5)::
+
+    from probe import Probe, ProbeDataset, FitConfig, fit, probe_metrics
+
+    probe = Probe.load(path, pipeline.transformer, capture_step=k, num_steps=sampler.num_steps)  # validated
+    recorder = probe.recorder(sampler)                      # ProbeRecorder at the probe's step and blocks
+    early = sampler.advance(sampler.start(prompt_index, seeds), embeds, until_step=k, observer=recorder)
+    capture = recorder.result(early)                        # ProbeCapture for every row of `early`
+    token_mask = embeds.token_mask[early.prompt_index]
+    features = probe.features(capture, token_mask)          # [B, C, h, w], keep for the online buffer
+    predicted = probe.predict(features, capture.sigma)      # [B] in reward units
+    # ... prune on `predicted`, continue survivors: sampler.advance(early.select(keep), embeds, T)
+
+    # online refresh on a buffer of (features, real reward, group id), normalisation kept fixed:
+    buffer = ProbeDataset(features, torch.full((n,), capture.sigma), rewards, group_ids, prompts)
+    log = fit(probe, buffer, FitConfig(steps=50, lr=3e-4, rank_weight=1.0, cosine=False))
+    online = probe_metrics(probe.predict(new_features, sigma), new_rewards, new_groups)  # before refreshing
+
+The recorder costs nothing at steps other than k (the default processors run untouched). ``probe.score(capture,
+token_mask)`` does features + predict in one call. ``Probe.state()`` / ``Probe.from_state`` put a probe into
+and out of a training checkpoint.
+"""
+
+from probe.capture import ObserverGroup, ProbeCapture, ProbeRecorder, capture_attention, default_blocks
+from probe.data import ProbeDataset, load_dataset
+from probe.features import FEATURE_SETS, FeatureConfig, build_features
+from probe.metrics import probe_metrics
+from probe.model import ProbeCNN, ProbeModelConfig, probe_loss
+from probe.probe import Probe, ProbeMeta, ProbeMismatchError, transformer_fingerprint
+from probe.train import FitConfig, evaluate, fit, init_probe
+
+__all__ = [
+    "FEATURE_SETS", "FeatureConfig", "FitConfig", "ObserverGroup", "Probe", "ProbeCNN", "ProbeCapture",
+    "ProbeDataset", "ProbeMeta", "ProbeMismatchError", "ProbeModelConfig", "ProbeRecorder", "build_features",
+    "capture_attention", "default_blocks", "evaluate", "fit", "init_probe", "load_dataset", "probe_loss",
+    "probe_metrics", "transformer_fingerprint",
+]  # fmt: skip

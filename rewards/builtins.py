@@ -1,9 +1,29 @@
-"""Registers the built-in rewards (importing this module fills ``rewards.base.REGISTRY``)."""
+"""Registers the built-in rewards (importing this module fills ``rewards.base.REGISTRY``).
+
+| name | what | needs |
+| --- | --- | --- |
+| ``shapes`` | the shapes world's GenEval-like checker | shapes-world metadata |
+| ``jpeg_compressibility`` / ``jpeg_incompressibility`` | DDPO's JPEG size rewards | nothing |
+| ``clipscore`` | CLIPScore, CLIP ViT-L/14 | weights (hub or local) |
+| ``pickscore`` | PickScore | weights (hub or local) |
+| ``aesthetic`` | LAION aesthetic predictor v2 | weights (hub or local) |
+| ``imagereward`` | ImageReward | extra ``imagereward`` |
+| ``hpsv2`` | HPSv2 / v2.1 | extra ``hpsv2`` |
+| ``ocr`` | OCR accuracy of quoted text | extra ``ocr`` |
+| ``remote`` | any reward behind ``launch/reward_server.py`` | a server URL |
+
+Model weights and optional packages load when a reward is built, not when this module is imported.
+"""
 
 from __future__ import annotations
 
 import torch
 
+import rewards.clip
+import rewards.jpeg
+import rewards.ocr
+import rewards.packaged
+import rewards.remote  # noqa: F401  (each module registers its rewards)
 from rewards.base import register
 from rewards.shapes import PromptSpec, check
 

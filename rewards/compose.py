@@ -1,17 +1,40 @@
-"""A run's reward: a weighted sum of named components, evaluated off the training thread.
+"""A run's reward: a weighted sum of named components, evaluated off the training thread, with a failure policy.
 
-``RewardSet.submit`` returns a future, so the trainer can score one batch while it samples the next;
-``RewardResult.components`` holds every component's every score for logging (``<component>/<key>``).
+``RewardSet.submit`` returns a future, so the trainer can score one batch while it samples the next (a thread
+pool, as flow_grpo's multi-score does); ``RewardResult.components`` holds every component's every score for
+logging (``<component>/<key>``).
+
+Failure policy (``reward_failure_policy``), for a reward that raises or returns NaN/inf as its main score:
+
+- ``raise`` (default): stop with a :class:`~rewards.base.RewardError` naming the reward, what went wrong and
+  the prompt.
+- ``drop_group``: drop every group (same ``group_ids``; by default the same prompt) that holds an affected
+  image: ``valid`` is False and ``total`` is NaN there, and ``dropped_groups`` counts them. When a reward
+  raises on a whole batch it is retried group by group, so only the groups it fails on are lost. A run whose
+  every group is dropped ``max_failed_batches`` batches in a row stops with an error.
+
+A reward returning something malformed (not a dict of ``[B]`` scores) is a bug, not a transient failure: it
+always raises.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import json
+import logging
+import math
+import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
-from rewards.base import Reward, load_reward
+from rewards.base import Reward, RewardError, RewardOutputError, check_scores, load_reward
+
+logger = logging.getLogger(__name__)
+
+FAILURE_POLICIES = ("raise", "drop_group")
+_DROP_HINT = "set reward_failure_policy: drop_group to drop the affected groups instead of stopping the run"
 
 
 @dataclasses.dataclass
@@ -19,66 +42,298 @@ class RewardResult:
     """Scores of B images.
 
     Attributes:
-        total: ``[B]`` weighted sum of each component's main (first) score.
-        components: ``"<component>/<key>" -> [B]`` every score each component returned.
+        total: ``[B]`` weighted sum of each component's main (first) score; NaN where ``valid`` is False, so a
+            trainer that forgot the mask fails loudly instead of learning from a made-up score.
+        components: ``"<component>/<key>" -> [B]`` every score each component returned (NaN where it failed).
         valid: ``[B]`` bool; False where the failure policy dropped the image's group.
+        dropped_groups: how many groups were dropped (0 under the ``raise`` policy).
+        failures: one message per failure behind the drops, naming the reward, the error and the prompt.
     """
 
     total: torch.Tensor
     components: dict[str, torch.Tensor]
     valid: torch.Tensor
+    dropped_groups: int = 0
+    failures: list[str] = dataclasses.field(default_factory=list)
+
+
+def group_index(prompts: list[str], group_ids: torch.Tensor | None) -> torch.Tensor:
+    """``[B]`` long: dense group numbers (0..G-1) from ``group_ids``, or from identical prompts when None."""
+    if group_ids is not None:
+        return torch.unique(torch.as_tensor(group_ids).reshape(-1).cpu(), return_inverse=True)[1]
+    first: dict[str, int] = {}
+    return torch.tensor([first.setdefault(p, len(first)) for p in prompts], dtype=torch.long)
 
 
 class RewardSet:
-    """Weighted components, each ``(name, reward, weight)``; ``name`` prefixes its logged scores."""
+    """Weighted components, each ``(name, reward, weight)``; ``name`` prefixes its logged scores.
 
-    def __init__(self, components: list[tuple[str, Reward, float]], max_workers: int = 1) -> None:
+    Args:
+        components: the rewards and their weights; names must be unique.
+        max_workers: threads scoring submitted batches. Each component is called by one thread at a time
+            (a lock per component), so rewards need not be thread-safe; a reward with a true ``thread_safe``
+            attribute (the remote client) is called concurrently, so several requests can be in flight.
+        failure_policy: ``"raise"`` or ``"drop_group"`` (see the module docstring).
+        max_failed_batches: under ``drop_group``, stop after this many consecutive batches lost entirely.
+    """
+
+    def __init__(
+        self,
+        components: list[tuple[str, Reward, float]],
+        max_workers: int = 1,
+        failure_policy: str = "raise",
+        max_failed_batches: int = 3,
+    ) -> None:
         if not components:
             raise ValueError("a reward set needs at least one component")
+        names = [name for name, _, _ in components]
+        if len(set(names)) != len(names):
+            raise ValueError(f"reward component names must be unique, got {names}")
+        if failure_policy not in FAILURE_POLICIES:
+            raise ValueError(f"reward_failure_policy must be one of {FAILURE_POLICIES}, got {failure_policy!r}")
         self.components = components
+        self.failure_policy = failure_policy
+        self.max_failed_batches = max_failed_batches
+        self._locks = {
+            name: contextlib.nullcontext() if getattr(reward, "thread_safe", False) else threading.Lock()
+            for name, reward, _ in components
+        }
+        self._main_keys: dict[str, list[str]] = {}
+        self._failed_in_a_row = 0
+        self._state_lock = threading.Lock()
         self._pool = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="reward")
 
-    def __call__(self, images: torch.Tensor, prompts: list[str], metadata: list[dict]) -> RewardResult:
-        total = torch.zeros(len(images))
-        scores: dict[str, torch.Tensor] = {}
-        for name, reward, weight in self.components:
-            output = reward(images, prompts, metadata)
-            for key, value in output.items():
-                scores[f"{name}/{key}"] = value.detach().float().cpu()
-            total += weight * next(iter(output.values())).detach().float().cpu()
-        return RewardResult(total=total, components=scores, valid=torch.ones(len(images), dtype=torch.bool))
+    @property
+    def names(self) -> list[str]:
+        return [name for name, _, _ in self.components]
 
-    def submit(self, images: torch.Tensor, prompts: list[str], metadata: list[dict]) -> Future[RewardResult]:
-        """Score on a worker thread; ``images`` are moved to the CPU first so sampling can reuse the GPU."""
-        return self._pool.submit(self, images.detach().float().cpu(), list(prompts), list(metadata))
+    def __call__(
+        self,
+        images: torch.Tensor,
+        prompts: list[str],
+        metadata: list[dict],
+        group_ids: torch.Tensor | None = None,
+    ) -> RewardResult:
+        """Score a batch on the calling thread.
+
+        Args:
+            images: ``[B, 3, H, W]`` float in [0, 1].
+            prompts: B prompts.
+            metadata: B dicts.
+            group_ids: ``[B]`` ints; images sharing an id form a group (dropped together). Default: the prompt.
+
+        Raises:
+            RewardError: under the ``raise`` policy on any failure; always on malformed output; under
+                ``drop_group`` after ``max_failed_batches`` consecutive batches with nothing valid.
+        """
+        batch = _check_inputs(images, prompts, metadata, group_ids)
+        if batch == 0:  # e.g. every rollout pruned: nothing to score, nothing failed
+            return RewardResult(torch.zeros(0), {}, torch.zeros(0, dtype=torch.bool))
+        groups = group_index(prompts, group_ids)
+        total = torch.zeros(batch)
+        ok = torch.ones(batch, dtype=torch.bool)
+        components: dict[str, torch.Tensor] = {}
+        failures: list[str] = []
+        for name, reward, weight in self.components:
+            scores, failed, messages = self._score(name, reward, images, prompts, metadata, groups)
+            for key, value in scores.items():
+                components[f"{name}/{key}"] = value
+            total += weight * next(iter(scores.values()))
+            ok &= ~failed
+            failures += messages
+        dropped = torch.unique(groups[~ok])
+        valid = ~torch.isin(groups, dropped)
+        total = torch.where(valid, total, torch.full_like(total, math.nan))
+        if len(dropped):
+            logger.warning("reward: dropped %d of %d groups: %s", len(dropped), int(groups.max()) + 1, failures)
+        self._count_failed_batch(bool(valid.any()), failures)
+        return RewardResult(total, components, valid, dropped_groups=len(dropped), failures=failures)
+
+    def submit(
+        self,
+        images: torch.Tensor,
+        prompts: list[str],
+        metadata: list[dict],
+        group_ids: torch.Tensor | None = None,
+    ) -> Future[RewardResult]:
+        """Score on a worker thread; ``images`` are copied to the CPU first so sampling can reuse the GPU."""
+        images = images.detach().to("cpu", torch.float32, copy=True)
+        group_ids = None if group_ids is None else torch.as_tensor(group_ids).detach().cpu().clone()
+        return self._pool.submit(self, images, list(prompts), list(metadata), group_ids)
 
     def close(self) -> None:
+        """Wait for pending batches, then release the threads and any component with a ``close()``."""
         self._pool.shutdown(wait=True)
+        for _, reward, _ in self.components:
+            if callable(getattr(reward, "close", None)):
+                reward.close()
+
+    def _call(self, name: str, reward: Reward, images, prompts, metadata) -> dict[str, torch.Tensor]:
+        with self._locks[name], torch.no_grad():
+            output = reward(images, prompts, metadata)
+        return check_scores(name, output, len(images))
+
+    def _score(
+        self, name: str, reward: Reward, images, prompts, metadata, groups
+    ) -> tuple[dict[str, torch.Tensor], torch.Tensor, list[str]]:
+        """One component's scores ``[B]`` per key, a ``[B]`` failed mask, and failure messages."""
+        try:
+            scores = self._call(name, reward, images, prompts, metadata)
+        except RewardOutputError:
+            raise
+        except Exception as error:
+            if self.failure_policy == "raise":
+                raise RewardError(
+                    f"reward {name!r} raised {type(error).__name__}: {error} (scoring {len(images)} images; first "
+                    f"prompt {prompts[0]!r}). Fix the reward or its reward_kwargs, or {_DROP_HINT}."
+                ) from error
+            return self._score_by_group(name, reward, images, prompts, metadata, groups)
+        self._main_keys.setdefault(name, list(scores))
+        failed, messages = self._non_finite(name, scores, prompts)
+        return scores, failed, messages
+
+    def _score_by_group(self, name, reward, images, prompts, metadata, groups):
+        """After a whole-batch exception under ``drop_group``: retry group by group, keeping what succeeds."""
+        scores: dict[str, torch.Tensor] = {}
+        failed = torch.zeros(len(images), dtype=torch.bool)
+        messages = []
+        for group in torch.unique(groups):
+            index = torch.nonzero(groups == group).flatten()
+            sub_prompts = [prompts[i] for i in index]
+            try:
+                sub = self._call(name, reward, images[index], sub_prompts, [metadata[i] for i in index])
+            except RewardOutputError:
+                raise
+            except Exception as error:
+                failed[index] = True
+                problem = f"{type(error).__name__}: {error}"
+                messages.append(f"reward {name!r} raised {problem} (prompt {sub_prompts[0]!r}); group dropped")
+                continue
+            keys = self._main_keys.setdefault(name, list(sub))
+            if list(sub) != keys:
+                raise RewardOutputError(f"reward {name!r} returned keys {list(sub)} for one group but {keys} before")
+            for key, value in sub.items():
+                scores.setdefault(key, torch.full((len(images),), math.nan))[index] = value
+            group_failed, group_messages = self._non_finite(name, sub, sub_prompts)
+            failed[index] |= group_failed
+            messages += group_messages
+        for key in self._main_keys.get(name, ["score"]):
+            scores.setdefault(key, torch.full((len(images),), math.nan))
+        return scores, failed, messages
+
+    def _non_finite(self, name: str, scores: dict[str, torch.Tensor], prompts: list[str]):
+        key, main = next(iter(scores.items()))
+        failed = ~torch.isfinite(main)
+        if not failed.any():
+            return failed, []
+        first = int(torch.nonzero(failed)[0])
+        problem = (
+            f"reward {name!r} returned {int(failed.sum())} non-finite {key!r} score(s) of {len(main)} "
+            f"(e.g. {main[first].item()} for prompt {prompts[first]!r})"
+        )
+        if self.failure_policy == "raise":
+            raise RewardError(
+                f"{problem}; NaN/inf would poison the group's advantages. Fix the reward, or {_DROP_HINT}."
+            )
+        return failed, [f"{problem}; group dropped"]
+
+    def _count_failed_batch(self, any_valid: bool, failures: list[str]) -> None:
+        with self._state_lock:
+            self._failed_in_a_row = 0 if any_valid else self._failed_in_a_row + 1
+            if self._failed_in_a_row >= self.max_failed_batches:
+                raise RewardError(
+                    f"the rewards {self.names} failed on every group of {self._failed_in_a_row} batches in a row "
+                    f"(last: {failures[:3]}); nothing is left to train on. Fix the reward (or its server)."
+                )
+
+
+def _check_inputs(images, prompts, metadata, group_ids) -> int:
+    if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[1] != 3:
+        shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
+        raise ValueError(f"rewards take images as a float tensor [B, 3, H, W] in [0, 1], got {shape}")
+    batch = len(images)
+    if len(prompts) != batch or len(metadata) != batch:
+        raise ValueError(f"{batch} images but {len(prompts)} prompts and {len(metadata)} metadata dicts")
+    if group_ids is not None and torch.as_tensor(group_ids).numel() != batch:
+        raise ValueError(f"{batch} images but {torch.as_tensor(group_ids).numel()} group ids")
+    return batch
+
+
+def parse_reward_spec(spec: str) -> list[tuple[str, str]]:
+    """``"pickscore, ocr=mypkg.ocr:Ocr"`` -> ``[("pickscore", "pickscore"), ("ocr", "mypkg.ocr:Ocr")]``.
+
+    Each comma-separated item is ``spec`` or ``name=spec``; the name labels the component in logs and keys
+    its ``reward_kwargs`` (two components of the same spec, e.g. two remote servers, need distinct names).
+
+    Raises:
+        ValueError: on an empty spec or a repeated name.
+    """
+    items = []
+    for part in spec.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        name, sep, target = part.partition("=")
+        name, target = (name.strip(), target.strip()) if sep else (part, part)
+        if not name or not target:
+            raise ValueError(f"reward item {part!r} must be 'spec' or 'name=spec'")
+        items.append((name, target))
+    if not items:
+        raise ValueError(f"reward spec {spec!r} names no reward; e.g. 'shapes' or 'pickscore,clipscore'")
+    names = [name for name, _ in items]
+    for name in names:
+        if names.count(name) > 1:
+            raise ValueError(
+                f"reward {name!r} appears twice in {spec!r}; name each one ('a={name},b={name}') and key "
+                "reward_kwargs by those names"
+            )
+    return items
 
 
 def build_reward_set(
     spec: str,
-    weights: list[float] | None = None,
-    kwargs: dict[str, dict] | None = None,
+    weights: list[float] | str | None = None,
+    kwargs: dict[str, dict] | str | None = None,
     max_workers: int = 1,
+    failure_policy: str = "raise",
+    max_failed_batches: int = 3,
 ) -> RewardSet:
     """Build from a comma-separated list of registry names / dotted paths, e.g. ``"pickscore,clipscore"``.
 
     Args:
-        spec: components; each is a built-in name or ``package.module:Callable``.
-        weights: one per component (default 1 each).
-        kwargs: constructor arguments keyed by the component's spec string.
+        spec: components; each is a built-in name or ``package.module:Callable``, optionally ``name=...``.
+        weights: one per component (default 1 each); a list or a comma-separated string.
+        kwargs: constructor arguments keyed by the component's name (its spec string unless named); a dict or
+            a JSON string.
+        max_workers: threads for :meth:`RewardSet.submit`.
+        failure_policy: ``"raise"`` or ``"drop_group"``.
+        max_failed_batches: see :class:`RewardSet`.
 
     Raises:
-        ValueError: on a length mismatch between components and weights, or kwargs for an unknown component.
+        ValueError: on a length mismatch between components and weights, a non-finite weight, kwargs for an
+            unknown component, or invalid JSON.
     """
-    names = [part.strip() for part in spec.split(",") if part.strip()]
-    weights = list(weights) if weights else [1.0] * len(names)
+    items = parse_reward_spec(spec)
+    names = [name for name, _ in items]
+    if isinstance(weights, str):
+        weights = [float(w) for w in weights.split(",") if w.strip()]
+    weights = [float(w) for w in weights] if weights else [1.0] * len(items)
+    if len(weights) != len(items):
+        raise ValueError(f"reward_weights has {len(weights)} values for {len(items)} rewards ({names})")
+    if not all(math.isfinite(w) for w in weights):
+        raise ValueError(f"reward_weights must be finite, got {weights}")
+    if isinstance(kwargs, str):
+        try:
+            kwargs = json.loads(kwargs) if kwargs.strip() else {}
+        except json.JSONDecodeError as error:
+            raise ValueError(f"reward_kwargs is not valid JSON ({error}): {kwargs!r}") from error
     kwargs = kwargs or {}
-    if len(weights) != len(names):
-        raise ValueError(f"reward_weights has {len(weights)} values for {len(names)} rewards ({names})")
+    if not isinstance(kwargs, dict) or not all(isinstance(v, dict) for v in kwargs.values()):
+        raise ValueError(f'reward_kwargs must map each reward to a dict of arguments, e.g. {{"{names[0]}": {{}}}}')
     unknown = set(kwargs) - set(names)
     if unknown:
         raise ValueError(f"reward_kwargs names {sorted(unknown)}, which are not among the rewards {names}")
-    components = [(name, load_reward(name, **kwargs.get(name, {})), w) for name, w in zip(names, weights)]
-    return RewardSet(components, max_workers=max_workers)
+    components = [
+        (name, load_reward(target, **kwargs.get(name, {})), weight) for (name, target), weight in zip(items, weights)
+    ]
+    return RewardSet(components, max_workers, failure_policy, max_failed_batches)

@@ -163,17 +163,22 @@ class FluxSampler:
         self.sigma_below_one = float(sigmas[1]) if float(sigmas[0]) >= 1.0 else float(sigmas[0])
 
     @staticmethod
-    def schedule(pipeline: FluxPipeline, num_steps: int, num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """FluxPipeline's sigmas ``[T + 1]`` (ending at 0) and timesteps ``[T]`` for this image size."""
-        scheduler = pipeline.scheduler.__class__.from_config(pipeline.scheduler.config)
+    def shift_mu(scheduler, num_tokens: int) -> float:
+        """FLUX's resolution-dependent time-shift exponent ``mu`` for ``num_tokens`` image tokens."""
         config = scheduler.config
-        mu = calculate_shift(
+        return calculate_shift(
             num_tokens,
             config.get("base_image_seq_len", 256),
             config.get("max_image_seq_len", 4096),
             config.get("base_shift", 0.5),
             config.get("max_shift", 1.15),
         )
+
+    @staticmethod
+    def schedule(pipeline: FluxPipeline, num_steps: int, num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """FluxPipeline's sigmas ``[T + 1]`` (ending at 0) and timesteps ``[T]`` for this image size."""
+        scheduler = pipeline.scheduler.__class__.from_config(pipeline.scheduler.config)
+        mu = FluxSampler.shift_mu(scheduler, num_tokens)
         scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / num_steps, num_steps), mu=mu, device="cpu")
         return scheduler.sigmas.float(), scheduler.timesteps.float()
 
@@ -182,9 +187,18 @@ class FluxSampler:
         return self.pipeline.transformer
 
     def velocity(
-        self, latents: torch.Tensor, step: int | torch.Tensor, embeds: PromptEmbeddings, prompt_index: torch.Tensor
+        self,
+        latents: torch.Tensor,
+        step: int | torch.Tensor,
+        embeds: PromptEmbeddings,
+        prompt_index: torch.Tensor,
+        model: torch.nn.Module | None = None,
     ) -> torch.Tensor:
-        """Transformer prediction ``[B, S, C]`` at ``step`` (an int, or ``[B]`` steps for mixed batches)."""
+        """Transformer prediction ``[B, S, C]`` at ``step`` (an int, or ``[B]`` steps for mixed batches).
+
+        ``model`` is the module to call instead of the pipeline's transformer, e.g. the same transformer wrapped
+        by ``accelerator.prepare`` (DDP) for training; its config and dtype are read from the pipeline's.
+        """
         transformer = self.transformer
         dtype = next(transformer.parameters()).dtype
         device = latents.device
@@ -193,7 +207,7 @@ class FluxSampler:
         guidance = None
         if transformer.config.guidance_embeds:
             guidance = torch.full((batch,), self.guidance_scale, device=device, dtype=torch.float32)
-        return transformer(
+        return (model or transformer)(
             hidden_states=latents.to(dtype),
             timestep=timestep.to(dtype),
             guidance=guidance,
@@ -204,9 +218,20 @@ class FluxSampler:
             return_dict=False,
         )[0]
 
-    def start(self, prompt_index: torch.Tensor, seeds: torch.Tensor, device: torch.device | str = "cpu") -> Rollouts:
-        """Rollouts at step 0: each one's initial noise drawn from its seed (equal seeds: shared noise)."""
-        noise = step_noise(seeds, -1, (16, self.latent_height, self.latent_width), torch.device(device))
+    def start(
+        self,
+        prompt_index: torch.Tensor,
+        seeds: torch.Tensor,
+        device: torch.device | str = "cpu",
+        initial_seeds: torch.Tensor | None = None,
+    ) -> Rollouts:
+        """Rollouts at step 0: each one's initial noise drawn from its seed (equal seeds: shared noise).
+
+        ``initial_seeds`` (``[B]``, default ``seeds``) seed the initial noise alone: equal initial seeds with
+        distinct ``seeds`` share the starting latents but not the SDE noise (Flow-GRPO's ``same_latent``).
+        """
+        noise_seeds = seeds if initial_seeds is None else initial_seeds
+        noise = step_noise(noise_seeds, -1, (16, self.latent_height, self.latent_width), torch.device(device))
         packed = FluxPipeline._pack_latents(noise, len(seeds), 16, self.latent_height, self.latent_width)
         return Rollouts(
             prompt_index=prompt_index.to(device),
@@ -264,13 +289,19 @@ class FluxSampler:
         return Rollouts(rollouts.prompt_index, rollouts.seeds, torch.cat(states, 1), torch.cat(log_probs, 1))
 
     def step_log_prob(
-        self, rollouts: Rollouts, step: int | torch.Tensor, embeds: PromptEmbeddings, rows: torch.Tensor | None = None
+        self,
+        rollouts: Rollouts,
+        step: int | torch.Tensor,
+        embeds: PromptEmbeddings,
+        rows: torch.Tensor | None = None,
+        model: torch.nn.Module | None = None,
     ):
         """Re-score the recorded transition(s) at ``step`` under the current weights (differentiable).
 
         Args:
             step: an int, or ``[B']`` steps (one per row) for batches mixing steps.
             rows: which rollouts (default: all).
+            model: the module to call (see :meth:`velocity`), e.g. the accelerate-wrapped transformer.
 
         Returns:
             The :class:`rl.sde.SdeStep` of the recorded next latents: ``log_prob [B']`` and ``mean``/``std``
@@ -280,7 +311,7 @@ class FluxSampler:
         step_t = torch.as_tensor(step, device=rows.device).long().expand(len(rows))
         x = rollouts.states[rows, step_t]
         x_next = rollouts.states[rows, step_t + 1]
-        v = self.velocity(x, step_t, embeds, rollouts.prompt_index[rows])
+        v = self.velocity(x, step_t, embeds, rollouts.prompt_index[rows], model=model)
         sigmas = self.sigmas.to(x.device)
         return sde_step(
             x, v, sigmas[step_t], sigmas[step_t + 1], self.noise_level, self.sigma_below_one, next_latents=x_next

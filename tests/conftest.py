@@ -33,3 +33,9 @@ FIXTURE_CONFIG = TinyFluxConfig(
 def tiny_flux_pipeline():
     """A fresh randomly initialised FluxPipeline (fp32, CPU); identical on every call (seeded)."""
     return build_tiny_flux_pipeline(vocabulary(), FIXTURE_CONFIG, seed=0)
+
+
+@pytest.fixture
+def tiny_flux_config() -> TinyFluxConfig:
+    """The sizes of ``tiny_flux_pipeline`` (to build variants of it)."""
+    return FIXTURE_CONFIG

@@ -167,7 +167,7 @@ def relation_holds(relation: str, anchor: Detection, other: Detection) -> bool:
     if np.all(np.abs(revised) < 1e-3):
         return False
     dx, dy = revised / np.linalg.norm(offset)
-    return {"left of": dx < -0.5, "right of": dx > 0.5, "above": dy < -0.5, "below": dy > 0.5}[relation]
+    return bool({"left of": dx < -0.5, "right of": dx > 0.5, "above": dy < -0.5, "below": dy > 0.5}[relation])
 
 
 def score_detections(spec: PromptSpec, detections: list[Detection]) -> CheckResult:

@@ -1,0 +1,95 @@
+"""Collect probe training data: N prompts x G seeds, attention + x0 captures at several steps, final rewards.
+
+Samples with the GRPO sampler (SDE, noise level as the trainer's) and writes whole prompt groups per shard,
+atomically; re-running the same command resumes (complete shards are skipped). Defaults: the shipped tiny
+model and the shapes world::
+
+    python launch/probe_collect.py --prompts shapes:train --num_prompts 400 --out runs/probe/train
+    python launch/probe_collect.py --prompts shapes:test --num_prompts 128 --seed 1 --out runs/probe/test
+    python launch/probe_collect.py --config my_collect.yaml --reward pickscore --pipeline black-forest-labs/FLUX.1-dev
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+
+import torch
+from diffusers import FluxPipeline
+from trl import TrlParser
+
+from probe.collect import CollectSettings, collect
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def _option(default, help: str = "", factory=None):
+    if factory is not None:
+        return dataclasses.field(default_factory=factory, metadata={"help": help})
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
+@dataclasses.dataclass
+class CollectArgs:
+    """Command-line options (also valid as keys of a ``--config`` YAML)."""
+
+    pipeline: str = _option("assets/tiny-flux-shapes", "diffusers FluxPipeline id or path (the probe's base model)")
+    out: str = _option("runs/probe/train", "collection directory; re-running with the same settings resumes")
+    prompts: str = _option("shapes:train", "prompt source as the trainer's: shapes:<split>, a .txt or .jsonl file")
+    num_prompts: int = _option(400, "N prompt draws (groups)")
+    group_size: int = _option(8, "G seeds per prompt")
+    num_steps: int = _option(10, "T denoising steps")
+    capture_steps: list[int] = _option(None, "capture at the k-th transformer call, for each k", lambda: [1, 2, 3, 4])
+    # GRPO samples with the SDE and the probe must rank SDE rollouts: collect at the trainer's noise level
+    # (configs/tiny_shapes.yaml: noise_level 0.9, distinct initial noise per rollout).
+    noise_level: float = _option(0.9, "SDE noise level a (0 = ODE); default = the GRPO trainer's")
+    same_initial_noise: bool = _option(False, "a group shares its initial noise (the trainer's same_initial_noise)")
+    guidance_scale: float = _option(3.5, "FLUX distilled guidance")
+    resolution: int | None = _option(None, "image side in pixels (default: the VAE's sample_size)")
+    text_length: int | None = _option(None, "max_sequence_length (default: the T5 tokenizer's, at most 512)")
+    blocks: list[int] = _option(None, "global attention block indices (default: up to 10 middle blocks)", list)
+    reward: str = _option("shapes", "reward spec: registry names or pkg.mod:Callable, comma-separated")
+    reward_kwargs: str = _option("{}", 'JSON {"<component>": {kwargs}}')
+    prompts_per_shard: int = _option(8, "prompt groups per shard file")
+    seed: int = _option(0, "prompt draws and rollout noise; use another seed for a held-out collection")
+    batch_size: int = _option(32, "rollouts per transformer call")
+    device: str = _option("cuda" if torch.cuda.is_available() else "cpu", "torch device")
+    dtype: str = _option("float32", "pipeline dtype (bfloat16 on GPUs)")
+    threads: int = _option(0, "torch CPU threads (0: torch's default)")
+
+
+def main() -> None:
+    (args,) = TrlParser((CollectArgs,)).parse_args_and_config()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    dtype = getattr(torch, args.dtype)
+    pipeline = FluxPipeline.from_pretrained(args.pipeline, torch_dtype=dtype).to(args.device)
+    pipeline.set_progress_bar_config(disable=True)
+    settings = CollectSettings(
+        pipeline=args.pipeline,
+        prompts=args.prompts,
+        num_prompts=args.num_prompts,
+        group_size=args.group_size,
+        num_steps=args.num_steps,
+        capture_steps=sorted(set(args.capture_steps)),
+        noise_level=args.noise_level,
+        guidance_scale=args.guidance_scale,
+        resolution=args.resolution or pipeline.vae.config.sample_size,
+        text_length=args.text_length or min(pipeline.tokenizer_2.model_max_length, 512),
+        blocks=list(args.blocks),
+        reward=args.reward,
+        reward_kwargs=json.loads(args.reward_kwargs),
+        prompts_per_shard=args.prompts_per_shard,
+        seed=args.seed,
+        same_initial_noise=args.same_initial_noise,
+    )
+    paths = collect(pipeline, settings, args.out, batch_size=args.batch_size, device=args.device)
+    print(f"{len(paths)} shards ({settings.num_prompts} prompts x {settings.group_size} seeds) in {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,510 @@
+"""Run configuration: flat, documented dataclasses, one per concern, parsed with ``trl.TrlParser``.
+
+A run is ``--config file.yaml`` plus ``--flag value`` overrides (TRL's convention); every option is a flat
+key documented once, here, in its field's ``help`` (meaning, valid values, recommended value, anchor).
+YAML files group keys under comments that match the sections below. :func:`parse_config` rejects unknown
+keys by name (in the YAML and on the command line, with a close-match suggestion) and values of the wrong
+type, then runs the cross-field checks of :meth:`RunConfig.validate`, which say what to set instead.
+Nothing here loads a model, a reward or a prompt file.
+
+To add a section (the pruning issue adds ``ProbeConfig`` and ``PruneConfig``): write a dataclass deriving
+from :class:`Section` with new, unique keys and add it as a field of :class:`RunConfig`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import logging
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from rewards.compose import parse_reward_spec
+
+logger = logging.getLogger(__name__)
+
+# diffusers' FLUX LoRA targets (examples/dreambooth/train_dreambooth_lora_flux.py): joint-attention q/k/v/out,
+# the text-stream add-projections and both feed-forwards; single-stream blocks match ``attn.to_q/k/v``.
+FLUX_LORA_TARGETS = [
+    "attn.to_k",
+    "attn.to_q",
+    "attn.to_v",
+    "attn.to_out.0",
+    "attn.add_k_proj",
+    "attn.add_q_proj",
+    "attn.add_v_proj",
+    "attn.to_add_out",
+    "ff.net.0.proj",
+    "ff.net.2",
+    "ff_context.net.0.proj",
+    "ff_context.net.2",
+]
+TRAIN_STEP_MODES = ("all_but_last", "window", "random")
+LORA_INITS = ("true", "false", "gaussian")
+FAILURE_POLICIES = ("raise", "drop_group")
+PRECISIONS = ("no", "bf16")
+WANDB_MODES = ("offline", "online", "disabled")
+
+
+def option(default: Any, help: str) -> Any:
+    """A dataclass field with its documentation (``help``) in the metadata, as TRL and HfArgumentParser read it."""
+    if isinstance(default, list | dict):
+        return dataclasses.field(default_factory=lambda: type(default)(default), metadata={"help": help})
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
+def _matches(value: Any, annotation: Any) -> bool:
+    """Whether ``value`` has the (simple) annotated type: str, int, float, bool, list[...], dict, unions."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, arm) for arm in typing.get_args(annotation))
+    if annotation is type(None):
+        return value is None
+    if origin is list:
+        (item,) = typing.get_args(annotation) or (Any,)
+        return isinstance(value, list) and all(_matches(v, item) for v in value)
+    if annotation is Any:
+        return True
+    if annotation is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, origin or annotation)
+
+
+class Section:
+    """Base of every config section: type checks of YAML values (argparse converts only strings)."""
+
+    def __post_init__(self) -> None:
+        for name, annotation in typing.get_type_hints(type(self)).items():
+            value = getattr(self, name)
+            if annotation is float and isinstance(value, int) and not isinstance(value, bool):
+                setattr(self, name, float(value))
+            elif not _matches(value, annotation):
+                raise ValueError(f"{name}: expected {annotation}, got {value!r} ({type(value).__name__})")
+        self.check()
+
+    def check(self) -> None:
+        """Single-section value checks; raise ValueError naming the key."""
+
+
+def _one_of(name: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name}={value!r} is not one of {allowed}")
+
+
+def _positive(section: Section, *names: str) -> None:
+    for name in names:
+        if getattr(section, name) <= 0:
+            raise ValueError(f"{name} must be > 0, got {getattr(section, name)}")
+
+
+@dataclasses.dataclass
+class ModelConfig(Section):
+    """The base model and its LoRA."""
+
+    pretrained: str = option(
+        "assets/tiny-flux-shapes",
+        "Base model: a diffusers FluxPipeline folder or hub id (black-forest-labs/FLUX.1-dev). The shipped tiny "
+        "model is the default; FLUX.1-dev needs a GPU with >= 40 GB in bf16.",
+    )
+    revision: str | None = option(None, "Hub revision (branch, tag or commit) of `pretrained`; None: the default.")
+    max_sequence_length: int = option(
+        512,
+        "T5 tokens per prompt. FLUX.1-dev: 512 (256 is enough for short prompts and faster); the tiny model: 16.",
+    )
+    lora_rank: int = option(64, "LoRA rank r. FLUX.1-dev: 64 (Flow-GRPO); the tiny model: 8-32.")
+    lora_alpha: float = option(
+        128.0, "LoRA alpha; the update is scaled by alpha / r. FLUX.1-dev: 128 (Flow-GRPO); usually 2 r."
+    )
+    lora_target_modules: list[str] = option(
+        FLUX_LORA_TARGETS,
+        "Module-name suffixes that get a LoRA: attention q/k/v/out, the text-stream add-projections and the "
+        "feed-forwards (diffusers' FLUX LoRA default, which single-stream blocks match through attn.to_q/k/v).",
+    )
+    init_lora_weights: str = option(
+        "true",
+        "peft's init_lora_weights: 'true' (A Kaiming-uniform, B zero: training starts at the base model; "
+        "recommended), 'gaussian' (A Gaussian, B zero), 'false' (A and B random: the LoRA changes the model "
+        "from the start; for tests only).",
+    )
+
+    def check(self) -> None:
+        _positive(self, "max_sequence_length", "lora_rank", "lora_alpha")
+        _one_of("init_lora_weights", self.init_lora_weights, LORA_INITS)
+        if not self.lora_target_modules:
+            raise ValueError("lora_target_modules is empty: name at least one module suffix (e.g. attn.to_q)")
+
+
+@dataclasses.dataclass
+class SamplingConfig(Section):
+    """Training prompts and rollouts (the SDE sampler of rl/sampler.py)."""
+
+    prompts: str = option(
+        "shapes:train",
+        "Training prompt source: 'shapes:train' (the shapes world's training split, category-balanced, with "
+        "checker metadata), a .txt file (one prompt per line) or a .jsonl file (GenEval-style lines with a "
+        "'prompt' key; the whole line is the reward's metadata).",
+    )
+    prompts_per_step: int = option(
+        16,
+        "Prompts per GRPO step over ALL processes (rounded up to a multiple of the process count; each process "
+        "owns whole groups, so any process count runs any config). Flow-GRPO FLUX: 48; the tiny model: 8-16.",
+    )
+    group_size: int = option(
+        8,
+        "Rollouts per prompt (G); advantages are relative within a group. Flow-GRPO FLUX: 24; the tiny model: "
+        "8. Must be >= 2.",
+    )
+    num_steps: int = option(
+        10, "Denoising steps T of training rollouts. Flow-GRPO: 6 for FLUX, 10 for SD3.5; the tiny model: 10."
+    )
+    noise_level: float = option(
+        0.9,
+        "SDE noise level a (sigma_t = a sqrt(s / (1 - s)), DESIGN.md section 3). Flow-GRPO: 0.9 for FLUX "
+        "(0.7 in its base config); 0.7-1.0 works; 0 has no density (cannot train).",
+    )
+    guidance_scale: float = option(
+        3.5, "FLUX's distilled guidance value (guidance embedding). FLUX.1-dev: 3.5; ignored by models without it."
+    )
+    height: int = option(512, "Image height in pixels (a multiple of 16 for FLUX.1-dev). Flow-GRPO: 512.")
+    width: int = option(512, "Image width in pixels (a multiple of 16 for FLUX.1-dev). Flow-GRPO: 512.")
+    sample_batch_size: int = option(
+        16, "Rollouts per transformer call while sampling (a memory knob; results do not depend on it)."
+    )
+    same_initial_noise: bool = option(
+        False, "Share the initial noise within a group (the SDE noise still differs); Flow-GRPO's 'same_latent'."
+    )
+    train_steps: str = option(
+        "all_but_last",
+        "Which denoising steps are trained: 'all_but_last' (Flow-GRPO), 'window' (steps [train_window_start, "
+        "train_window_start + train_window_size), as in Flow-GRPO-Fast / MixGRPO) or 'random' (a fresh random "
+        "train_fraction of the steps per rollout, as in DanceGRPO). The last step is never trained: its "
+        "log-prob is ill-conditioned.",
+    )
+    train_window_start: int = option(0, "First trained step of the 'window' mode (0 = the noisiest step).")
+    train_window_size: int = option(2, "Number of trained steps of the 'window' mode. Flow-GRPO-Fast: 2-3.")
+    train_fraction: float = option(
+        0.6, "Fraction of the T - 1 trainable steps drawn per rollout in 'random' mode, rounded down (DanceGRPO: 0.6)."
+    )
+
+    def check(self) -> None:
+        _positive(self, "prompts_per_step", "group_size", "num_steps", "height", "width", "sample_batch_size")
+        _one_of("train_steps", self.train_steps, TRAIN_STEP_MODES)
+        if self.noise_level < 0:
+            raise ValueError(f"noise_level must be >= 0, got {self.noise_level}")
+        if not 0 < self.train_fraction <= 1:
+            raise ValueError(f"train_fraction must lie in (0, 1], got {self.train_fraction}")
+
+
+@dataclasses.dataclass
+class RewardConfig(Section):
+    """The reward (rewards/): a weighted sum of named components."""
+
+    reward: str = option(
+        "shapes",
+        "Comma-separated reward components: built-in names (shapes, pickscore, ...; see rewards/) or "
+        "'package.module:Callable' dotted paths to your own, each optionally labelled 'name=spec'. Each "
+        "component's scores are logged as reward/<name>/<key>.",
+    )
+    reward_weights: list[float] | None = option(
+        None, "One weight per component of `reward`, in order; None: weight 1 each. The total is the weighted sum."
+    )
+    reward_kwargs: dict | str | None = option(
+        None,
+        "Constructor kwargs per component, keyed by its name (the spec string unless labelled): a mapping in YAML or a JSON string on the "
+        'command line, e.g. \'{"remote": {"url": "http://host:8000/score"}}\'.',
+    )
+    reward_failure_policy: str = option(
+        "raise",
+        "What a raised exception or a NaN/inf score does: 'raise' (stop the run; recommended) or 'drop_group' "
+        "(drop the affected prompt groups from the step and count them in reward/dropped).",
+    )
+    reward_workers: int = option(1, "Threads scoring images concurrently with sampling (remote rewards: 4-8).")
+
+    def check(self) -> None:
+        _one_of("reward_failure_policy", self.reward_failure_policy, FAILURE_POLICIES)
+        _positive(self, "reward_workers")
+        if isinstance(self.reward_kwargs, str):
+            try:
+                self.reward_kwargs = json.loads(self.reward_kwargs)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"reward_kwargs is not valid JSON ({error}): {self.reward_kwargs!r}") from error
+        if self.reward_kwargs is not None and not (
+            isinstance(self.reward_kwargs, dict) and all(isinstance(v, dict) for v in self.reward_kwargs.values())
+        ):
+            raise ValueError(f"reward_kwargs must map each reward spec to a dict of kwargs, got {self.reward_kwargs!r}")
+        if self.reward_weights is not None:
+            self.reward_weights = [float(w) for w in self.reward_weights]
+
+    @property
+    def reward_components(self) -> list[str]:
+        """Component names (a spec's ``name=`` label, else the spec itself); they key ``reward_kwargs``."""
+        return [name for name, _ in parse_reward_spec(self.reward)]
+
+
+@dataclasses.dataclass
+class TrainingConfig(Section):
+    """Optimisation: GRPO loss, advantages, AdamW, precision and the step budget."""
+
+    max_steps: int = option(100, "GRPO steps (each: sample, score, optimise). The tiny model improves in ~30-60.")
+    max_minutes: float = option(
+        0.0, "Wall-clock budget in minutes; training stops (and still evaluates and saves) once exceeded. 0: none."
+    )
+    learning_rate: float = option(
+        1e-4, "AdamW learning rate of the LoRA. Flow-GRPO: 3e-4 (FLUX and SD3.5); the tiny model: 1e-4..1e-3."
+    )
+    adam_beta1: float = option(0.9, "AdamW beta1 (first-moment decay) in [0, 1). Flow-GRPO: 0.9.")
+    adam_beta2: float = option(0.999, "AdamW beta2 (second-moment decay) in [0, 1). Flow-GRPO: 0.999.")
+    adam_weight_decay: float = option(1e-4, "AdamW weight decay (Flow-GRPO: 1e-4).")
+    adam_epsilon: float = option(1e-8, "AdamW epsilon (denominator guard). Flow-GRPO: 1e-8.")
+    max_grad_norm: float = option(1.0, "Gradient-norm clipping threshold per optimizer step (Flow-GRPO: 1.0).")
+    train_batch_size: int = option(
+        8,
+        "Most rollouts per forward/backward micro-batch (per process); each micro-batch runs once per trained "
+        "step. A memory knob together with gradient_accumulation_steps.",
+    )
+    gradient_accumulation_steps: int = option(
+        1,
+        "Micro-batches accumulated into one optimizer step (each over all its trained steps). Per GRPO step and "
+        "inner epoch there are ceil(rollouts / (train_batch_size x this)) optimizer steps.",
+    )
+    num_inner_epochs: int = option(1, "Passes over one GRPO step's samples (PPO epochs). Flow-GRPO: 1.")
+    clip_range: float = option(
+        1e-4,
+        "PPO clip epsilon on the ratio. Log-probs are per-element MEANS, so ratios barely move: Flow-GRPO uses "
+        "1e-4, not PPO's 0.2.",
+    )
+    kl_beta: float = option(
+        0.0,
+        "Weight of the KL to the reference (the same transformer with the LoRA disabled). 0 skips the extra "
+        "reference forward. Flow-GRPO: 0 for FLUX, 0.01-0.04 for SD3.5 (against reward hacking).",
+    )
+    adv_std: str = option(
+        "group",
+        "Advantage normaliser: 'group' (each prompt group's std; GRPO) or 'batch' (the std of all rewards "
+        "of the step over every process; Flow-GRPO's global_std, its default; robust to near-equal groups).",
+    )
+    adv_clip_max: float = option(5.0, "Advantages are clipped to [-adv_clip_max, adv_clip_max] (Flow-GRPO: 5).")
+    ema_decay: float = option(
+        0.9,
+        "EMA of the LoRA weights per optimizer step (with the usual (1 + n) / (10 + n) warm-up); evaluation and "
+        "the saved LoRA use it. 0 disables the EMA. Flow-GRPO: 0.9.",
+    )
+    mixed_precision: str = option(
+        "no",
+        "'no' (fp32) or 'bf16' (frozen weights in bf16, LoRA in fp32, autocast; recommended on GPUs). Latents "
+        "and log-prob math are always fp32.",
+    )
+    seed: int = option(0, "Seed of prompt order, rollout noise and LoRA initialisation.")
+
+    def check(self) -> None:
+        _positive(self, "max_steps", "learning_rate", "max_grad_norm", "train_batch_size")
+        _positive(self, "gradient_accumulation_steps", "num_inner_epochs", "clip_range", "adv_clip_max")
+        _one_of("adv_std", self.adv_std, ("group", "batch"))
+        _one_of("mixed_precision", self.mixed_precision, PRECISIONS)
+        if self.kl_beta < 0 or self.max_minutes < 0:
+            raise ValueError("kl_beta and max_minutes must be >= 0")
+        if not 0 <= self.ema_decay < 1:
+            raise ValueError(f"ema_decay must lie in [0, 1), got {self.ema_decay}")
+
+
+@dataclasses.dataclass
+class EvalConfig(Section):
+    """Held-out evaluation: deterministic sampling (noise level 0), fixed seeds, EMA weights."""
+
+    eval_prompts: str = option(
+        "shapes:test",
+        "Held-out prompt source (same formats as `prompts`): 'shapes:test' for the shapes world; must differ "
+        "from the training prompts for an honest score.",
+    )
+    eval_num_steps: int = option(
+        0, "Denoising steps of evaluation samples; 0: num_steps. Flow-GRPO evaluates FLUX with 28 (trains with 6)."
+    )
+    eval_every: int = option(10, "Evaluate every N GRPO steps (0: only before and after training).")
+    eval_num_prompts: int = option(
+        64, "Prompts per periodic evaluation: an evenly spaced fixed subset of the source; 0: all of them."
+    )
+    eval_images_per_prompt: int = option(
+        2, "Seeds per prompt; image j of prompt p uses seed 1000 p + j (as launch/eval_shapes.py)."
+    )
+    eval_before_training: bool = option(True, "Evaluate the base model (LoRA at its initial weights) at step 0.")
+    final_eval_num_prompts: int = option(0, "Prompts of the final evaluation after training; 0: all of them.")
+
+    def check(self) -> None:
+        _positive(self, "eval_images_per_prompt")
+        if min(self.eval_every, self.eval_num_steps, self.eval_num_prompts, self.final_eval_num_prompts) < 0:
+            raise ValueError("eval_num_steps, eval_every, eval_num_prompts and final_eval_num_prompts must be >= 0")
+
+
+@dataclasses.dataclass
+class LoggingConfig(Section):
+    """Where the run writes, and how it reports."""
+
+    output_dir: str = option(
+        "runs/grpo", "Run folder: metrics.jsonl (every logged metric), config.yaml (the resolved config), lora/."
+    )
+    log_every: int = option(1, "Write metrics every N GRPO steps.")
+    wandb_mode: str = option(
+        "offline",
+        "'offline' (local files, `wandb sync` later; the default, needs no network), 'online' (needs "
+        "WANDB_API_KEY; falls back to offline without one) or 'disabled'. Logging never stops a run.",
+    )
+    wandb_project: str = option("flux-probe-grpo", "wandb project name.")
+    run_name: str | None = option(None, "Run name for wandb; None: the output folder's name.")
+    progress_bar: bool = option(True, "Show tqdm progress bars (main process only).")
+
+    def check(self) -> None:
+        _positive(self, "log_every")
+        _one_of("wandb_mode", self.wandb_mode, WANDB_MODES)
+
+
+@dataclasses.dataclass
+class CheckpointConfig(Section):
+    """LoRA export (full checkpoint and resume extend this section)."""
+
+    save_lora: bool = option(True, "Save the LoRA in diffusers format to <output_dir>/lora at the end.")
+    save_every: int = option(0, "Also export the LoRA to <output_dir>/lora-<step> every N GRPO steps (0: never).")
+    save_ema: bool = option(
+        True, "Export the EMA weights (when ema_decay > 0) rather than the last ones (Flow-GRPO evaluates EMA)."
+    )
+
+    def check(self) -> None:
+        if self.save_every < 0:
+            raise ValueError(f"save_every must be >= 0, got {self.save_every}")
+
+
+@dataclasses.dataclass
+class RunConfig:
+    """All sections of a run; each key lives in exactly one section."""
+
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    sampling: SamplingConfig = dataclasses.field(default_factory=SamplingConfig)
+    reward: RewardConfig = dataclasses.field(default_factory=RewardConfig)
+    training: TrainingConfig = dataclasses.field(default_factory=TrainingConfig)
+    eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
+    logging: LoggingConfig = dataclasses.field(default_factory=LoggingConfig)
+    checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    @classmethod
+    def sections(cls) -> dict[str, type[Section]]:
+        """Section name -> dataclass, in order."""
+        return {f.name: typing.get_type_hints(cls)[f.name] for f in dataclasses.fields(cls)}
+
+    def validate(self) -> None:
+        """Cross-field checks. Raises ValueError stating the constraint, why, and what to set instead."""
+        s, r = self.sampling, self.reward
+        if s.noise_level == 0:
+            raise ValueError(
+                "noise_level=0 samples deterministically: transitions have no density, so there is no policy "
+                "ratio to train. Set noise_level > 0 (0.7-1.0; FLUX default 0.9)."
+            )
+        if s.group_size < 2:
+            raise ValueError(
+                f"group_size={s.group_size}: GRPO's advantage compares rollouts of one prompt, so a group of one "
+                "has advantage 0 and teaches nothing. Set group_size >= 2 (8-24)."
+            )
+        if s.num_steps < 2:
+            raise ValueError(f"num_steps={s.num_steps}: the last step is never trained, so set num_steps >= 2.")
+        if s.train_steps == "window" and (
+            s.train_window_size < 1
+            or s.train_window_start < 0
+            or s.train_window_start + s.train_window_size > s.num_steps - 1
+        ):
+            raise ValueError(
+                f"train window [{s.train_window_start}, {s.train_window_start + s.train_window_size}) must lie in "
+                f"[0, num_steps - 1 = {s.num_steps - 1}): the last step is never trained (its log-prob is "
+                "ill-conditioned). Set train_window_start + train_window_size <= num_steps - 1."
+            )
+        components = r.reward_components
+        if r.reward_weights is not None and len(r.reward_weights) != len(components):
+            raise ValueError(
+                f"reward_weights has {len(r.reward_weights)} values for {len(components)} reward components "
+                f"{components}: give one weight per component, in order, or omit reward_weights (all 1)."
+            )
+        unknown = set(r.reward_kwargs or {}) - set(components)
+        if unknown:
+            raise ValueError(
+                f"reward_kwargs has keys {sorted(unknown)} that are not reward components {components}: key each "
+                "component's kwargs by its name (its exact spec string unless labelled name=spec)."
+            )
+        if self.eval.eval_prompts == s.prompts:
+            logger.warning("eval_prompts == prompts (%s): the evaluation is not held out", s.prompts)
+        if self.training.clip_range > 0.05:
+            logger.warning(
+                "clip_range=%g: log-probs are per-element means, so ratios stay within ~1e-3 of 1 and a PPO-style "
+                "clip range never clips; Flow-GRPO uses 1e-4",
+                self.training.clip_range,
+            )
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        """``{section: {key: value}}`` (the YAML layout, with sections as top-level mappings)."""
+        return {name: dataclasses.asdict(getattr(self, name)) for name in self.sections()}
+
+    def flat(self) -> dict[str, Any]:
+        """``{key: value}`` over all sections (a loadable YAML, and the wandb config)."""
+        return {k: v for section in self.to_dict().values() for k, v in section.items()}
+
+
+def known_keys() -> dict[str, str]:
+    """Every config key -> its section name; raises if two sections share a key."""
+    keys: dict[str, str] = {}
+    for section, cls in RunConfig.sections().items():
+        for f in dataclasses.fields(cls):
+            if f.name in keys:
+                raise TypeError(f"config key {f.name!r} is defined in both {keys[f.name]} and {section}")
+            keys[f.name] = section
+    return keys
+
+
+def _unknown_key_error(key: str, where: str) -> ValueError:
+    close = difflib.get_close_matches(key, list(known_keys()), n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else "; see rl/config.py for every key"
+    return ValueError(f"unknown config key {key!r} in {where}{hint}")
+
+
+def _check_keys(args: list[str]) -> None:
+    """Reject unknown keys in the YAML file given by ``--config`` and among ``--flag`` overrides."""
+    known = set(known_keys())
+    if "--config" in args:
+        path = Path(args[args.index("--config") + 1])
+        if not path.is_file():
+            raise FileNotFoundError(f"config file {path} does not exist")
+        data = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(data, dict):
+            raise ValueError(f"config file {path} must be a YAML mapping of keys to values")
+        for key in data:
+            if key != "env" and key not in known:
+                raise _unknown_key_error(key, str(path))
+    for arg in args:
+        if arg.startswith("--") and arg != "--config":
+            key = arg[2:].split("=", 1)[0]
+            if key not in known:
+                raise _unknown_key_error(key, "the command line")
+
+
+def parse_config(args: list[str] | None = None) -> RunConfig:
+    """Parse ``--config file.yaml`` and ``--key value`` overrides (command line wins) into a validated RunConfig.
+
+    Raises:
+        ValueError: an unknown key (named, with a suggestion), a value of the wrong type, or a failed check.
+        FileNotFoundError: a missing config file.
+    """
+    import sys
+
+    from trl import TrlParser
+
+    args = list(sys.argv[1:] if args is None else args)
+    _check_keys(args)
+    sections = RunConfig.sections()
+    parser = TrlParser(tuple(sections.values()), allow_abbrev=False)
+    parsed = parser.parse_args_and_config(args)
+    return RunConfig(**dict(zip(sections, parsed)))

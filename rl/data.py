@@ -1,0 +1,133 @@
+"""Prompt sources: where training and evaluation prompts (and each prompt's reward metadata) come from.
+
+A source is named by a string (the ``prompts`` / ``eval_prompts`` config keys):
+
+- ``shapes:train`` / ``shapes:test``: the shapes world's splits (rewards/shapes), each prompt with its
+  GenEval-style metadata; training batches are category-balanced (``rewards.shapes.sample_prompts``).
+- ``path/to/prompts.txt``: one prompt per line (blank lines skipped), metadata ``{}``.
+- ``path/to/prompts.jsonl``: one JSON object per line with a ``"prompt"`` key (GenEval's
+  ``evaluation_metadata.jsonl`` layout); the whole object is the prompt's metadata.
+
+Batches are a pure function of ``(seed, step)``, identical on every process, so a run resumes from its step
+alone. :func:`shard` splits a batch of prompts between processes; a process always owns whole prompt groups.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+
+from rewards.shapes import all_prompts, sample_prompts
+
+
+@dataclasses.dataclass(frozen=True)
+class Prompt:
+    """A prompt and the metadata its reward may need (``{}`` when the source has none)."""
+
+    text: str
+    metadata: dict
+
+
+class PromptSource:
+    """A named, finite list of prompts with deterministic training batches and evaluation subsets.
+
+    Args:
+        name: the source string it was loaded from (for messages).
+        items: every prompt, in a fixed order.
+        shapes_split: for ``shapes:<split>`` sources, the split; batches are then category-balanced.
+
+    Raises:
+        ValueError: if ``items`` is empty.
+    """
+
+    def __init__(self, name: str, items: list[Prompt], shapes_split: str | None = None) -> None:
+        if not items:
+            raise ValueError(f"prompt source {name!r} contains no prompts")
+        self.name = name
+        self.items = items
+        self.shapes_split = shapes_split
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def batch(self, step: int, n: int, seed: int) -> list[Prompt]:
+        """The ``n`` training prompts of GRPO step ``step`` (the same on every process).
+
+        Shapes sources draw category-balanced prompts with replacement; file sources walk through shuffled
+        passes over the file (each pass a fresh permutation), so every prompt is seen once per pass.
+        """
+        if self.shapes_split is not None:
+            rng = np.random.default_rng([seed, step])
+            return [Prompt(spec.prompt, spec.to_dict()) for spec in sample_prompts(self.shapes_split, n, rng)]
+        permutations: dict[int, np.ndarray] = {}
+        picks = []
+        for position in range(step * n, (step + 1) * n):
+            epoch, offset = divmod(position, len(self.items))
+            if epoch not in permutations:
+                permutations[epoch] = np.random.default_rng([seed, epoch]).permutation(len(self.items))
+            picks.append(self.items[int(permutations[epoch][offset])])
+        return picks
+
+    def eval_subset(self, n: int) -> list[tuple[int, Prompt]]:
+        """``(index, prompt)`` of ``n`` evenly spaced prompts (all of them when ``n`` is 0 or too large).
+
+        Indices are positions in the full list, so a subset's images equal the full evaluation's.
+        """
+        if n <= 0 or n >= len(self.items):
+            return list(enumerate(self.items))
+        indices = np.linspace(0, len(self.items) - 1, n).round().astype(int)
+        return [(int(i), self.items[int(i)]) for i in indices]
+
+
+def _read_lines(path: Path) -> list[str]:
+    if not path.is_file():
+        raise FileNotFoundError(f"prompt file {path} does not exist")
+    return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def load_prompt_source(spec: str) -> PromptSource:
+    """Load a prompt source from its name (see the module docstring).
+
+    Raises:
+        FileNotFoundError: a missing prompt file.
+        ValueError: an unknown shapes split, an unsupported file type, a JSONL line without ``"prompt"``, or
+            an empty source.
+    """
+    if spec.startswith("shapes:"):
+        split = spec.partition(":")[2]
+        if split not in ("train", "test"):
+            raise ValueError(f"unknown shapes split in {spec!r}; use 'shapes:train' or 'shapes:test'")
+        items = [Prompt(s.prompt, s.to_dict()) for s in all_prompts(split)]
+        return PromptSource(spec, items, shapes_split=split)
+    path = Path(spec)
+    if path.suffix == ".txt":
+        return PromptSource(spec, [Prompt(line, {}) for line in _read_lines(path)])
+    if path.suffix == ".jsonl":
+        items = []
+        for number, line in enumerate(_read_lines(path), 1):
+            record = json.loads(line)
+            if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
+                raise ValueError(f"{path}:{number}: each JSONL line needs a string 'prompt' key")
+            items.append(Prompt(record["prompt"], record))
+        return PromptSource(spec, items)
+    raise ValueError(f"prompt source {spec!r}: expected 'shapes:train', 'shapes:test', a .txt or a .jsonl file")
+
+
+def per_process(n: int, num_processes: int) -> int:
+    """Prompts each process owns when ``n`` prompts are spread over ``num_processes`` (rounded up)."""
+    return -(-n // num_processes)
+
+
+def shard(items: list, process_index: int, num_processes: int) -> list:
+    """This process's contiguous share of ``items``: whole items (prompt groups), never split.
+
+    ``len(items)`` must be a multiple of ``num_processes`` (use :func:`per_process` to size the batch), so
+    every process gets as many prompts and runs as many forward/backward passes.
+    """
+    if len(items) % num_processes:
+        raise ValueError(f"{len(items)} prompts do not split evenly over {num_processes} processes")
+    size = len(items) // num_processes
+    return items[process_index * size : (process_index + 1) * size]

@@ -1,0 +1,125 @@
+"""LoRA on the FLUX transformer: setup, the adapter-disabled reference, an EMA of the weights, diffusers export.
+
+DESIGN.md section 10: diffusers models have ``disable_adapters()`` / ``enable_adapters()`` but no
+``disable_adapter()`` context manager (:func:`disable_adapter` is one); a LoRA must be saved with its adapter
+metadata (``lora_alpha``), or ``FluxPipeline.load_lora_weights`` assumes alpha = r and silently changes the
+outputs (:func:`save_lora` writes it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from diffusers import FluxPipeline
+from peft import LoraConfig
+from peft.utils import get_peft_model_state_dict
+
+INIT_LORA_WEIGHTS = {"true": True, "false": False, "gaussian": "gaussian"}
+
+
+def add_lora(
+    transformer: torch.nn.Module, rank: int, alpha: float, target_modules: list[str], init: str = "true"
+) -> list[torch.nn.Parameter]:
+    """Freeze ``transformer`` and add a trainable LoRA adapter (named ``default``); return its parameters.
+
+    Args:
+        transformer: a diffusers model with peft support (``FluxTransformer2DModel``).
+        rank, alpha: LoRA rank r and alpha (the update is scaled by alpha / r).
+        target_modules: module-name suffixes to adapt.
+        init: ``"true"`` (B = 0: starts as the base model), ``"gaussian"`` or ``"false"`` (random A and B).
+
+    Raises:
+        ValueError: when no module matches ``target_modules`` (peft's message names them).
+    """
+    transformer.requires_grad_(False)
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=alpha,
+        target_modules=list(target_modules),
+        init_lora_weights=INIT_LORA_WEIGHTS[init],
+        lora_dropout=0.0,  # dropout would make re-scored log-probs differ from the rollout's (ratio != 1)
+    )
+    transformer.add_adapter(config)
+    return [p for p in transformer.parameters() if p.requires_grad]
+
+
+@contextlib.contextmanager
+def disable_adapter(model: torch.nn.Module) -> Iterator[None]:
+    """Run ``model`` as the base model (LoRA off) inside the block, e.g. for the KL reference."""
+    model.disable_adapters()
+    try:
+        yield
+    finally:
+        model.enable_adapters()
+
+
+class LoraEMA:
+    """Exponential moving average of the trainable (LoRA) parameters, kept in fp32.
+
+    Decay per update is ``min(decay, (1 + n) / (10 + n))`` after ``n`` updates (the warm-up of diffusers'
+    ``EMAModel``), so early averages are not dominated by the initial weights.
+
+    Args:
+        parameters: the parameters to average (their order is the state's order).
+        decay: the asymptotic decay in [0, 1).
+    """
+
+    def __init__(self, parameters: list[torch.nn.Parameter], decay: float) -> None:
+        self.parameters = list(parameters)
+        self.decay = decay
+        self.num_updates = 0
+        self.shadow = [p.detach().float().clone() for p in self.parameters]
+
+    @torch.no_grad()
+    def update(self) -> None:
+        """Fold the current parameters into the average (call after each optimizer step)."""
+        decay = min(self.decay, (1 + self.num_updates) / (10 + self.num_updates))
+        self.num_updates += 1
+        for shadow, param in zip(self.shadow, self.parameters):
+            shadow.lerp_(param.detach().float(), 1 - decay)
+
+    @contextlib.contextmanager
+    def average_parameters(self) -> Iterator[None]:
+        """Inside the block the parameters hold the EMA values; the live values are restored after it."""
+        live = [p.detach().clone() for p in self.parameters]
+        with torch.no_grad():
+            for shadow, param in zip(self.shadow, self.parameters):
+                param.copy_(shadow)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for saved, param in zip(live, self.parameters):
+                    param.copy_(saved)
+
+    def state_dict(self) -> dict:
+        return {"decay": self.decay, "num_updates": self.num_updates, "shadow": [s.clone() for s in self.shadow]}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.decay, self.num_updates = state["decay"], state["num_updates"]
+        self.shadow = [s.clone().float() for s in state["shadow"]]
+
+
+def save_lora(transformer: torch.nn.Module, directory: str | Path, is_main_process: bool = True) -> Path:
+    """Write the transformer's ``default`` LoRA in diffusers format, with its adapter metadata (lora_alpha).
+
+    ``FluxPipeline.load_lora_weights(directory)`` on a fresh pipeline of the same base model reproduces it.
+
+    Args:
+        transformer: the unwrapped (``accelerator.unwrap_model``) LoRA-carrying transformer; its current
+            parameter values are saved (wrap the call in ``LoraEMA.average_parameters`` to save the EMA).
+        directory: output folder (created); holds ``pytorch_lora_weights.safetensors``.
+    """
+    directory = Path(directory)
+    state = {k: v.detach().float().cpu().contiguous() for k, v in get_peft_model_state_dict(transformer).items()}
+    metadata = transformer.peft_config["default"].to_dict()
+    FluxPipeline.save_lora_weights(
+        directory,
+        transformer_lora_layers=state,
+        is_main_process=is_main_process,
+        transformer_lora_adapter_metadata=metadata,
+    )
+    return directory

@@ -1,0 +1,102 @@
+"""The PPO-clipped GRPO policy loss in named steps (cleanrl ``ppo.py`` order), as a pure function.
+
+Flow-GRPO's log-probs are MEANS over latent elements (rl/sde.py), so a ratio is a per-element geometric mean
+and moves very little per update: the clip range is ~1e-4 (Flow-GRPO: 1e-4), not PPO's 0.2.
+
+Every tensor is per sample: one (rollout, denoising step) pair. ``weights`` lets a caller mask samples (0) out
+of the mean without changing the batch shape (e.g. padding micro-batches so every process runs the same
+number of backward passes).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+
+@dataclasses.dataclass
+class LossOutput:
+    """The loss and its detached diagnostics.
+
+    Attributes:
+        loss: scalar, ``policy_loss + kl_beta * kl_ref`` (differentiable).
+        policy_loss: scalar, detached clipped surrogate loss.
+        kl_ref: scalar, detached mean KL to the reference (0 without a reference).
+        approx_kl: scalar, detached ``mean((ratio - 1) - log_ratio)`` (Schulman's k3 estimator, as in cleanrl).
+        clipfrac: scalar, detached fraction of samples with ``|ratio - 1| > clip_range``.
+        ratio_mean, ratio_min, ratio_max: scalars, detached statistics of the ratio.
+        count: weighted number of samples the means are over.
+    """
+
+    loss: torch.Tensor
+    policy_loss: torch.Tensor
+    kl_ref: torch.Tensor
+    approx_kl: torch.Tensor
+    clipfrac: torch.Tensor
+    ratio_mean: torch.Tensor
+    ratio_min: torch.Tensor
+    ratio_max: torch.Tensor
+    count: torch.Tensor
+
+
+def _weighted_mean(values: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """``sum(w x) / sum(w)``, 0 when every weight is 0 (the graph is kept, the gradient is 0)."""
+    return (weights * values).sum() / weights.sum().clamp_min(1e-12)
+
+
+def grpo_loss(
+    log_prob: torch.Tensor,
+    old_log_prob: torch.Tensor,
+    advantages: torch.Tensor,
+    clip_range: float,
+    kl: torch.Tensor | None = None,
+    kl_beta: float = 0.0,
+    weights: torch.Tensor | None = None,
+) -> LossOutput:
+    """PPO-clipped surrogate loss with an optional KL penalty to a reference policy.
+
+    Args:
+        log_prob: ``[N]`` log-probs of the recorded transitions under the current policy (differentiable).
+        old_log_prob: ``[N]`` log-probs recorded when sampling (the behaviour policy).
+        advantages: ``[N]`` advantage of each sample's rollout.
+        clip_range: epsilon of the clipped ratio ``[1 - eps, 1 + eps]``.
+        kl: ``[N]`` per-sample KL to the reference (``rl.sde.kl_to_reference``), differentiable; None: no term.
+        kl_beta: weight of the KL term.
+        weights: ``[N]`` sample weights (default all 1); weight 0 masks a sample out.
+
+    Returns:
+        :class:`LossOutput`.
+    """
+    log_prob = log_prob.float()
+    old_log_prob = old_log_prob.detach().float()
+    advantages = advantages.detach().float()
+    weights = torch.ones_like(log_prob) if weights is None else weights.detach().float()
+
+    log_ratio = log_prob - old_log_prob
+    ratio = torch.exp(log_ratio)
+    with torch.no_grad():
+        approx_kl = _weighted_mean((ratio - 1) - log_ratio, weights)
+        clipfrac = _weighted_mean(((ratio - 1).abs() > clip_range).float(), weights)
+        live = weights > 0
+        ratio_min = ratio[live].min() if live.any() else torch.ones(())
+        ratio_max = ratio[live].max() if live.any() else torch.ones(())
+        ratio_mean = _weighted_mean(ratio, weights)
+
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
+    policy_loss = _weighted_mean(torch.maximum(unclipped, clipped), weights)
+    kl_ref = _weighted_mean(kl.float(), weights) if kl is not None else torch.zeros((), device=log_prob.device)
+    loss = policy_loss + kl_beta * kl_ref if kl is not None else policy_loss
+
+    return LossOutput(
+        loss=loss,
+        policy_loss=policy_loss.detach(),
+        kl_ref=kl_ref.detach(),
+        approx_kl=approx_kl,
+        clipfrac=clipfrac,
+        ratio_mean=ratio_mean,
+        ratio_min=ratio_min,
+        ratio_max=ratio_max,
+        count=weights.sum(),
+    )

@@ -1,0 +1,159 @@
+"""Metrics: accumulate as sums and counts on every process, reduce across processes, write JSONL (+ wandb).
+
+Keys are namespaced (``reward/<component>/mean``, ``policy/approx_kl``, ``time/<phase>_s``, ...; the README's
+metrics section defines each). Means are reduced as global sums over global counts, never as means of
+per-process means. The JSONL file (``<output_dir>/metrics.jsonl``, one object per logged step) is always
+written; wandb is optional, offline by default, and never stops a run: any wandb error disables it with a
+warning.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+
+class MetricsAccumulator:
+    """Per-process sums, counts, minima and maxima between two log calls."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, float] = defaultdict(float)
+        self.counts: dict[str, float] = defaultdict(float)
+        self.maxima: dict[str, float] = {}
+        self.minima: dict[str, float] = {}
+
+    def add(self, key: str, value: float | torch.Tensor, count: float = 1.0) -> None:
+        """Add a mean-type metric: ``value`` is a mean over ``count`` items (reported as the global mean)."""
+        self.sums[key] += float(value) * count
+        self.counts[key] += count
+
+    def add_values(self, prefix: str, values: torch.Tensor) -> None:
+        """``<prefix>/mean`` and ``<prefix>/std`` (population std over every process's values)."""
+        values = values.detach().double().flatten()
+        self.sums[f"{prefix}/mean"] += values.sum().item()
+        self.counts[f"{prefix}/mean"] += len(values)
+        self.sums[f"{prefix}/std"] += (values**2).sum().item()
+        self.counts[f"{prefix}/std"] += len(values)
+
+    def add_max(self, key: str, value: float | torch.Tensor) -> None:
+        self.maxima[key] = max(self.maxima.get(key, -math.inf), float(value))
+
+    def add_min(self, key: str, value: float | torch.Tensor) -> None:
+        self.minima[key] = min(self.minima.get(key, math.inf), float(value))
+
+    def state(self) -> dict[str, dict[str, float]]:
+        return {"sums": dict(self.sums), "counts": dict(self.counts), "max": self.maxima, "min": self.minima}
+
+    def reduce(self, accelerator: Any = None) -> dict[str, float]:
+        """Global metrics over every process (a collective call: every process must make it)."""
+        states = [self.state()]
+        if accelerator is not None and accelerator.num_processes > 1:
+            from accelerate.utils import gather_object
+
+            states = gather_object(states)
+        sums, counts = defaultdict(float), defaultdict(float)
+        maxima, minima = {}, {}
+        for state in states:
+            for key, value in state["sums"].items():
+                sums[key] += value
+                counts[key] += state["counts"][key]
+            for key, value in state["max"].items():
+                maxima[key] = max(maxima.get(key, -math.inf), value)
+            for key, value in state["min"].items():
+                minima[key] = min(minima.get(key, math.inf), value)
+        result: dict[str, float] = {}
+        for key in sorted(sums):
+            if counts[key] == 0:
+                continue
+            if key.endswith("/std") and f"{key[:-4]}/mean" in sums:
+                mean = sums[f"{key[:-4]}/mean"] / counts[f"{key[:-4]}/mean"]
+                result[key] = math.sqrt(max(sums[key] / counts[key] - mean**2, 0.0))
+            else:
+                result[key] = sums[key] / counts[key]
+        result.update(maxima)
+        result.update(minima)
+        return result
+
+
+class MetricsLogger:
+    """Writes reduced metrics to ``metrics.jsonl`` and, optionally, wandb. Only the main process writes.
+
+    Args:
+        output_dir: folder of ``metrics.jsonl``.
+        is_main_process: only the main process writes.
+        wandb_mode: ``"offline"``, ``"online"`` or ``"disabled"``; ``WANDB_MODE`` in the environment wins.
+        project, run_name, config: passed to ``wandb.init``.
+    """
+
+    def __init__(
+        self,
+        output_dir: str | Path,
+        is_main_process: bool = True,
+        wandb_mode: str = "offline",
+        project: str = "flux-probe-grpo",
+        run_name: str | None = None,
+        config: dict | None = None,
+    ) -> None:
+        self.path = Path(output_dir) / "metrics.jsonl"
+        self.is_main_process = is_main_process
+        self.started = time.time()
+        self._wandb = None
+        if not is_main_process:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = self.path.open("a", encoding="utf-8")
+        mode = os.environ.get("WANDB_MODE", wandb_mode)
+        if mode == "online" and not os.environ.get("WANDB_API_KEY"):
+            logger.warning("wandb_mode=online but WANDB_API_KEY is not set: logging to wandb offline instead")
+            mode = "offline"
+        if mode != "disabled":
+            self._wandb = self._init_wandb(mode, project, run_name or Path(output_dir).name, config, output_dir)
+
+    @staticmethod
+    def _init_wandb(mode: str, project: str, name: str, config: dict | None, output_dir: str | Path):
+        try:
+            import wandb
+
+            return wandb.init(mode=mode, project=project, name=name, config=config, dir=str(output_dir))
+        except Exception as error:  # logging must never kill a run
+            logger.warning("wandb disabled: wandb.init failed (%s)", error)
+            return None
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        """Append ``{"step": step, "wall_s": ..., **metrics}`` to the JSONL file (and wandb)."""
+        if not self.is_main_process:
+            return
+        record = {"step": step, "wall_s": round(time.time() - self.started, 3), **metrics}
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        if self._wandb is not None:
+            try:
+                self._wandb.log(metrics, step=step)
+            except Exception as error:  # logging must never kill a run
+                logger.warning("wandb disabled: wandb.log failed (%s)", error)
+                self._wandb = None
+
+    def close(self) -> None:
+        if not self.is_main_process:
+            return
+        self._file.close()
+        if self._wandb is not None:
+            try:
+                self._wandb.finish()
+            except Exception as error:  # logging must never kill a run
+                logger.warning("wandb.finish failed (%s)", error)
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    """Every record of a ``metrics.jsonl`` file, in order."""
+    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]

@@ -1,0 +1,492 @@
+"""Flow-GRPO with LoRA on a FLUX transformer: the training loop (DESIGN.md section 2, without the probe).
+
+One GRPO step, per process (each process owns whole prompt groups; nothing is split across processes)::
+
+    prompts -> encode once -> G SDE rollouts per prompt, recording (x_t, x_next, log p_old) per step
+      -> VAE-decode -> reward (thread pool) -> group advantages -> PPO-clipped loss (+ optional KL to the
+      adapter-disabled reference) over the trained steps -> AdamW steps through accelerate -> EMA -> log
+
+Every phase is a method, so the pruning issue can run :meth:`GRPOTrainer.rollout` to step k, probe, prune and
+continue the survivors before :meth:`GRPOTrainer.score`. Everything device- and process-related goes through
+one ``accelerate.Accelerator``; metrics are reduced across processes as sums and counts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import math
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list, set_seed
+from diffusers import FluxPipeline
+from tqdm.auto import tqdm
+
+from rewards.compose import RewardResult, build_reward_set
+from rl.advantages import group_advantages
+from rl.config import RunConfig
+from rl.data import Prompt, load_prompt_source, per_process, shard
+from rl.lora import LoraEMA, add_lora, disable_adapter, save_lora
+from rl.loss import grpo_loss
+from rl.metrics_log import MetricsAccumulator, MetricsLogger
+from rl.sampler import FluxSampler, PromptEmbeddings, Rollouts, encode_prompts
+from rl.sde import kl_to_reference
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class PromptBatch:
+    """This process's prompts of one GRPO step, encoded, and the bookkeeping of their G rollouts each.
+
+    Attributes:
+        prompts: the P prompts (with reward metadata) this process owns.
+        embeds: their text embeddings (``[P, L, D]`` ...).
+        prompt_index: ``[B]`` (B = P G) row of each rollout's prompt in ``embeds``.
+        group_ids: ``[P]`` position of each prompt in the step's global batch: its rollouts' group id.
+        seeds: ``[B]`` per-rollout noise seeds.
+        initial_seeds: ``[B]`` seeds of the initial noise (shared within a group), or None (= ``seeds``).
+    """
+
+    prompts: list[Prompt]
+    embeds: PromptEmbeddings
+    prompt_index: torch.Tensor
+    group_ids: torch.Tensor
+    seeds: torch.Tensor
+    initial_seeds: torch.Tensor | None
+
+
+@dataclasses.dataclass
+class ScoredRollouts:
+    """Finished rollouts and their rewards.
+
+    Attributes:
+        rollouts: B finished rollouts (``states [B, T + 1, S, C]``, ``log_probs [B, T]``).
+        group_ids: ``[B]`` group of each rollout.
+        rewards: ``[B]`` total reward (NaN where invalid).
+        components: ``"<component>/<key>" -> [B]`` every score (for logging).
+        valid: ``[B]`` bool; False where the reward's failure policy dropped the group.
+    """
+
+    rollouts: Rollouts
+    group_ids: torch.Tensor
+    rewards: torch.Tensor
+    components: dict[str, torch.Tensor]
+    valid: torch.Tensor
+
+
+@dataclasses.dataclass
+class TrainState:
+    """Progress counters: with the EMA, everything resume needs besides accelerate's own state.
+
+    Prompts and rollout noise are pure functions of ``(seed, step)``, so ``step`` is the data position too.
+    """
+
+    step: int = 0
+    images_seen: int = 0
+    optimizer_steps: int = 0
+
+
+def load_pipeline(config: RunConfig, device: torch.device) -> FluxPipeline:
+    """The base FluxPipeline (hub id or local folder), frozen, on ``device``; bf16 weights under bf16 precision."""
+    dtype = torch.bfloat16 if config.training.mixed_precision == "bf16" else torch.float32
+    pipeline = FluxPipeline.from_pretrained(config.model.pretrained, revision=config.model.revision, torch_dtype=dtype)
+    pipeline.set_progress_bar_config(disable=True)
+    for module in (pipeline.transformer, pipeline.vae, pipeline.text_encoder, pipeline.text_encoder_2):
+        # eval mode throughout, training included: any dropout would make re-scored log-probs differ from the
+        # rollout's (ratio != 1 before the first update); LoRA gradients do not need train mode
+        module.requires_grad_(False).eval()
+    return pipeline.to(device)
+
+
+class GRPOTrainer:
+    """Flow-GRPO trainer. Use as ``trainer.setup(); trainer.train(); trainer.cleanup()``.
+
+    Args:
+        config: a validated :class:`rl.config.RunConfig`.
+    """
+
+    def __init__(self, config: RunConfig) -> None:
+        self.config = config
+        self.state = TrainState()
+        self.metrics = MetricsAccumulator()
+        self.phase_times: dict[str, float] = {}
+        self.final_eval: dict[str, float] = {}
+        self.last_eval = math.nan
+        self.started = time.time()
+
+    # ------------------------------------------------------------------ setup
+
+    def setup(self) -> None:
+        """Accelerator, pipeline + LoRA, optimizer, EMA, samplers, prompt sources, reward, logger."""
+        cfg = self.config
+        s, t = cfg.sampling, cfg.training
+        self.num_trained_steps = len(self.trained_steps(0, 1)[0])
+        self.accelerator = Accelerator(
+            cpu=not torch.cuda.is_available(),
+            mixed_precision=t.mixed_precision,
+            # one optimizer step per `gradient_accumulation_steps` micro-batches, each over all trained steps
+            gradient_accumulation_steps=t.gradient_accumulation_steps * self.num_trained_steps,
+        )
+        # cheap, likely-to-fail pieces first: a missing prompt file or an unknown reward fails before the model loads
+        self.train_prompts = load_prompt_source(s.prompts)
+        self.eval_prompts = load_prompt_source(cfg.eval.eval_prompts)
+        r = cfg.reward
+        self.reward_set = build_reward_set(
+            r.reward, r.reward_weights, r.reward_kwargs, r.reward_workers, failure_policy=r.reward_failure_policy
+        )
+        set_seed(t.seed)
+        self.pipeline = load_pipeline(cfg, self.accelerator.device)
+        m = cfg.model
+        self.lora_params = add_lora(
+            self.pipeline.transformer, m.lora_rank, m.lora_alpha, m.lora_target_modules, m.init_lora_weights
+        )
+        for param in self.lora_params:  # trainable weights stay fp32 under bf16 autocast
+            param.data = param.data.float()
+        optimizer = torch.optim.AdamW(
+            self.lora_params,
+            lr=t.learning_rate,
+            betas=(t.adam_beta1, t.adam_beta2),
+            weight_decay=t.adam_weight_decay,
+            eps=t.adam_epsilon,
+        )
+        self.model, self.optimizer = self.accelerator.prepare(self.pipeline.transformer, optimizer)
+        self.ema = LoraEMA(self.lora_params, t.ema_decay) if t.ema_decay > 0 else None
+        size = dict(guidance_scale=s.guidance_scale, height=s.height, width=s.width, batch_size=s.sample_batch_size)
+        self.sampler = FluxSampler(self.pipeline, s.num_steps, s.noise_level, **size)
+        self.eval_sampler = FluxSampler(self.pipeline, cfg.eval.eval_num_steps or s.num_steps, 0.0, **size)
+        self.output_dir = Path(cfg.logging.output_dir)
+        if self.accelerator.is_main_process:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            (self.output_dir / "config.yaml").write_text(yaml.safe_dump(cfg.flat(), sort_keys=False))
+        self.log = MetricsLogger(
+            self.output_dir,
+            self.accelerator.is_main_process,
+            cfg.logging.wandb_mode,
+            cfg.logging.wandb_project,
+            cfg.logging.run_name,
+            cfg.flat(),
+        )
+        self.prompts_per_process = per_process(s.prompts_per_step, self.accelerator.num_processes)
+        self.info(
+            "GRPO: %d processes x %d prompts x %d rollouts per step, %d trained steps of %d, %d LoRA parameters",
+            self.accelerator.num_processes,
+            self.prompts_per_process,
+            s.group_size,
+            self.num_trained_steps,
+            s.num_steps,
+            sum(p.numel() for p in self.lora_params),
+        )
+
+    # ------------------------------------------------------------------ the loop
+
+    def train(self) -> dict[str, float]:
+        """Run GRPO steps until ``max_steps`` or the time budget; evaluate and save. Returns the final eval."""
+        cfg = self.config
+        if cfg.eval.eval_before_training and self.state.step == 0:
+            self.log_eval(self.evaluate())
+        bar = tqdm(total=cfg.training.max_steps, initial=self.state.step, desc="GRPO", disable=not self.show_bar)
+        while not self.finished:
+            batch = self.next_prompts()  # whole groups for this process, encoded once
+            rollouts = self.rollout(batch)  # SDE sampling with log-probs (pruning: to k, probe, prune, continue)
+            scored = self.score(batch, rollouts)  # decode + reward in a thread pool
+            advantages = self.advantages(scored)  # per prompt group
+            self.optimise(batch, scored, advantages)  # PPO-clipped loss over the trained steps
+            self.state.step += 1
+            self.log_step(bar)
+            if cfg.eval.eval_every and self.state.step % cfg.eval.eval_every == 0 and not self.finished:
+                self.log_eval(self.evaluate())
+            if cfg.checkpoint.save_every and self.state.step % cfg.checkpoint.save_every == 0:
+                self.save(self.output_dir / f"lora-{self.state.step}")
+        bar.close()
+        final = self.final_eval = self.evaluate(final=True)
+        self.log_eval(final, prefix="final_eval")
+        if cfg.checkpoint.save_lora:
+            self.save(self.output_dir / "lora")
+        return final
+
+    def cleanup(self) -> None:
+        """Release the reward threads and the logger; end accelerate's trackers."""
+        self.reward_set.close()
+        self.log.close()
+        self.accelerator.end_training()
+
+    # ------------------------------------------------------------------ phases
+
+    def next_prompts(self) -> PromptBatch:
+        """This process's share (whole groups) of the step's prompts, their embeddings and rollout seeds."""
+        cfg, acc = self.config, self.accelerator
+        group_size = cfg.sampling.group_size
+        with self.phase("prompts"):
+            n_global = self.prompts_per_process * acc.num_processes
+            prompts = self.train_prompts.batch(self.state.step, n_global, cfg.training.seed)
+            seeds = np.random.default_rng([cfg.training.seed, self.state.step, 1]).integers(2**62, size=(n_global, 1))
+            seeds = seeds + np.arange(group_size)  # distinct per rollout, reproducible from (seed, step)
+            mine = shard(list(range(n_global)), acc.process_index, acc.num_processes)
+            texts = [prompts[i].text for i in mine]
+            embeds = encode_prompts(self.pipeline, texts, cfg.model.max_sequence_length).to(acc.device)
+            initial = torch.from_numpy(seeds[mine, :1]).repeat_interleave(group_size, 0).flatten()
+        return PromptBatch(
+            prompts=[prompts[i] for i in mine],
+            embeds=embeds,
+            prompt_index=torch.arange(len(mine)).repeat_interleave(group_size),
+            group_ids=torch.tensor(mine),
+            seeds=torch.from_numpy(seeds[mine]).flatten(),
+            initial_seeds=initial if cfg.sampling.same_initial_noise else None,
+        )
+
+    def rollout(self, batch: PromptBatch, until_step: int | None = None) -> Rollouts:
+        """Sample every rollout of ``batch`` with the SDE sampler up to ``until_step`` (default: the end)."""
+        sampler = self.sampler
+        with self.phase("sample"), self.accelerator.autocast():
+            start = sampler.start(batch.prompt_index, batch.seeds, self.accelerator.device, batch.initial_seeds)
+            rollouts = sampler.advance(start, batch.embeds, sampler.num_steps if until_step is None else until_step)
+        self.state.images_seen += len(rollouts) * self.accelerator.num_processes
+        return rollouts
+
+    def score(self, batch: PromptBatch, rollouts: Rollouts) -> ScoredRollouts:
+        """Decode finished rollouts and score them (reward thread pool); log every reward component."""
+        prompts = [batch.prompts[i] for i in rollouts.prompt_index.tolist()]
+        group_ids = batch.group_ids[rollouts.prompt_index.cpu()]
+        with self.phase("decode"), self.accelerator.autocast():
+            images = self.sampler.decode(rollouts.latents)
+        with self.phase("reward"):
+            future = self.reward_set.submit(images, [p.text for p in prompts], [p.metadata for p in prompts], group_ids)
+            result: RewardResult = future.result()
+        valid = result.valid.bool()
+        if not torch.isfinite(result.total[valid]).all():
+            raise ValueError("the reward returned non-finite totals for rollouts it marked valid")
+        self.metrics.add("reward/dropped", float((~valid).sum()), 1)
+        self.metrics.add_values("reward/total", result.total[valid])
+        for key, values in result.components.items():
+            self.metrics.add_values(f"reward/{key}", values[valid])
+        return ScoredRollouts(rollouts, group_ids, result.total, result.components, valid)
+
+    def advantages(self, scored: ScoredRollouts) -> torch.Tensor:
+        """``[B]`` group-normalised advantages of valid rollouts (0 for invalid ones)."""
+        t = self.config.training
+        valid = scored.valid
+        rewards = scored.rewards[valid].double()
+        batch_std = None
+        if t.adv_std == "batch":  # the std over every process's rewards, from sums and counts
+            totals = torch.tensor([rewards.sum(), (rewards**2).sum(), len(rewards)], dtype=torch.float64)
+            total, square, count = self.accelerator.reduce(totals.to(self.accelerator.device), "sum").tolist()
+            batch_std = math.sqrt(max(square / max(count, 1) - (total / max(count, 1)) ** 2, 0.0))
+        advantages = torch.zeros(len(valid))
+        advantages[valid] = group_advantages(
+            rewards, scored.group_ids[valid], t.adv_std, t.adv_clip_max, batch_std=batch_std
+        )
+        self.metrics.add("adv/abs_mean", advantages[valid].abs().mean() if valid.any() else 0.0, float(valid.sum()))
+        self.metrics.add("adv/zero_frac", (advantages[valid] == 0).float().mean() if valid.any() else 0.0, 1)
+        return advantages
+
+    def optimise(self, batch: PromptBatch, scored: ScoredRollouts, advantages: torch.Tensor) -> None:
+        """PPO-clipped updates over the trained steps of every valid rollout, ``num_inner_epochs`` times.
+
+        The rollouts are split into micro-batches of at most ``train_batch_size``; every process runs the same
+        number (the largest any process needs; a process short of rollouts runs zero-weight filler), so
+        distributed gradient synchronisation and accumulation windows line up.
+        """
+        t, acc = self.config.training, self.accelerator
+        rollouts = scored.rollouts
+        device = rollouts.states.device
+        steps = self.trained_steps(self.state.step, len(rollouts)).to(device)
+        weights = scored.valid.float().to(device)
+        advantages = advantages.to(device)
+        most = int(acc.gather(torch.tensor([len(rollouts)], device=acc.device)).max())
+        updates = math.ceil(most / (t.train_batch_size * t.gradient_accumulation_steps))
+        updated = False
+        with self.phase("train"):
+            for epoch in range(t.num_inner_epochs):
+                order = torch.from_numpy(np.random.default_rng([t.seed, self.state.step, epoch, 2]).permutation(most))
+                order = order[order < len(rollouts)]
+                for chunk in torch.tensor_split(order, updates * t.gradient_accumulation_steps):
+                    rows = chunk.to(device) if len(chunk) else torch.zeros(1, dtype=torch.long, device=device)
+                    chunk_weights = weights[rows] if len(chunk) else torch.zeros(1, device=device)
+                    for column in range(steps.shape[1]):
+                        step = steps[rows, column]
+                        with acc.accumulate(self.model):
+                            out = self.policy_loss(batch.embeds, rollouts, rows, step, advantages, chunk_weights)
+                            acc.backward(out.loss)
+                            if acc.sync_gradients:
+                                grad_norm = acc.clip_grad_norm_(self.lora_params, t.max_grad_norm)
+                                self.metrics.add("train/grad_norm", float(grad_norm))
+                            self.optimizer.step()
+                            self.optimizer.zero_grad()
+                        self.record_loss(out, first_inner=not updated)
+                        if acc.sync_gradients:
+                            updated = True
+                            self.state.optimizer_steps += 1
+                            if self.ema is not None:
+                                self.ema.update()
+
+    def policy_loss(self, embeds, rollouts: Rollouts, rows, step, advantages, weights):
+        """The loss of rollouts ``rows`` at denoising steps ``step`` (``[b]``), with the optional KL term."""
+        t = self.config.training
+        current = self.sampler.step_log_prob(rollouts, step, embeds, rows, model=self.model)
+        kl = None
+        if t.kl_beta > 0:
+            with torch.no_grad(), disable_adapter(self.accelerator.unwrap_model(self.model)):
+                reference = self.sampler.step_log_prob(rollouts, step, embeds, rows)
+            kl = kl_to_reference(current.mean, reference.mean, current.std)
+        old = rollouts.log_probs[rows, step]
+        return grpo_loss(current.log_prob, old, advantages[rows], t.clip_range, kl, t.kl_beta, weights)
+
+    # ------------------------------------------------------------------ evaluation and saving
+
+    @torch.no_grad()
+    def evaluate(self, final: bool = False) -> dict[str, float]:
+        """Deterministic (noise level 0) samples of held-out prompts, fixed seeds, EMA weights; mean rewards.
+
+        Image j of prompt p (its index in the eval source) uses seed ``1000 p + j``, as launch/eval_shapes.py,
+        so a final evaluation over every prompt reproduces that script's score.
+        """
+        e, acc = self.config.eval, self.accelerator
+        items = self.eval_prompts.eval_subset(e.final_eval_num_prompts if final else e.eval_num_prompts)
+        items = items[acc.process_index :: acc.num_processes]
+        per_image = e.eval_images_per_prompt
+        metrics = MetricsAccumulator()
+        sampler = self.eval_sampler
+        chunk = max(1, sampler.batch_size // per_image)
+        averaged = self.ema.average_parameters() if self.ema is not None else contextlib.nullcontext()
+        with self.phase("eval"), averaged, acc.autocast():
+            for start in tqdm(range(0, len(items), chunk), desc="eval", leave=False, disable=not self.show_bar):
+                part = items[start : start + chunk]
+                embeds = encode_prompts(self.pipeline, [p.text for _, p in part], self.config.model.max_sequence_length)
+                prompt_index = torch.arange(len(part)).repeat_interleave(per_image)
+                seeds = torch.tensor([index * 1000 + j for index, _ in part for j in range(per_image)])
+                done = sampler.advance(
+                    sampler.start(prompt_index, seeds, acc.device), embeds.to(acc.device), sampler.num_steps
+                )
+                images = sampler.decode(done.latents)
+                prompts = [part[i][1] for i in prompt_index.tolist()]
+                result = self.reward_set(images, [p.text for p in prompts], [p.metadata for p in prompts])
+                valid = result.valid.bool()
+                metrics.add_values("total", result.total[valid])
+                for key, values in result.components.items():
+                    metrics.add_values(key, values[valid])
+                for prompt, score, ok in zip(prompts, result.total.tolist(), valid.tolist()):
+                    if ok and "tag" in prompt.metadata:
+                        metrics.add(f"tag/{prompt.metadata['tag']}/mean", score)
+        return metrics.reduce(acc)
+
+    def save(self, directory: Path) -> None:
+        """Export the LoRA (EMA weights when enabled and ``save_ema``) in diffusers format."""
+        use_ema = self.ema is not None and self.config.checkpoint.save_ema
+        with self.ema.average_parameters() if use_ema else contextlib.nullcontext():
+            save_lora(self.accelerator.unwrap_model(self.model), directory, self.accelerator.is_main_process)
+        self.accelerator.wait_for_everyone()
+        self.info("saved LoRA to %s", directory)
+
+    def state_dict(self) -> dict:
+        """Trainer state beyond accelerate's (model, optimizer): counters and the EMA."""
+        return {"state": dataclasses.asdict(self.state), "ema": self.ema.state_dict() if self.ema else None}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.state = TrainState(**state["state"])
+        if self.ema is not None and state["ema"] is not None:
+            self.ema.load_state_dict(state["ema"])
+
+    # ------------------------------------------------------------------ helpers
+
+    def trained_steps(self, step: int, rows: int) -> torch.Tensor:
+        """``[rows, K]`` denoising steps each rollout trains on; the last step (T - 1) never is.
+
+        ``all_but_last``: 0..T-2. ``window``: ``[start, start + size)``. ``random``: a fresh sorted random
+        ``train_fraction`` of 0..T-2 per rollout, seeded by ``(seed, step)``.
+        """
+        s = self.config.sampling
+        trainable = s.num_steps - 1
+        if s.train_steps == "all_but_last":
+            return torch.arange(trainable).expand(rows, -1)
+        if s.train_steps == "window":
+            return torch.arange(s.train_window_start, s.train_window_start + s.train_window_size).expand(rows, -1)
+        count = max(1, int(s.train_fraction * trainable))  # floor, as Flow-GRPO's and DanceGRPO's timestep_fraction
+        rng = np.random.default_rng([self.config.training.seed, step, 3])
+        picks = np.sort(np.stack([rng.permutation(trainable)[:count] for _ in range(rows)]), axis=1)
+        return torch.from_numpy(picks)
+
+    def record_loss(self, out, first_inner: bool) -> None:
+        count = float(out.count)
+        if count == 0:
+            return
+        for key in ("loss", "policy_loss", "kl_ref", "approx_kl", "clipfrac", "ratio_mean"):
+            name = "policy/loss" if key == "loss" else f"policy/{key}"
+            self.metrics.add(name, float(getattr(out, key).detach()), count)
+        self.metrics.add_min("policy/ratio_min", out.ratio_min)
+        self.metrics.add_max("policy/ratio_max", out.ratio_max)
+        if first_inner:
+            self.metrics.add("policy/ratio_first_inner", float(out.ratio_mean), count)
+            deviation = max(abs(float(out.ratio_min) - 1), abs(float(out.ratio_max) - 1))
+            self.metrics.add_max("policy/ratio_first_inner_max_dev", deviation)
+
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        """Time a phase; the per-step total is logged as ``time/<name>_s``."""
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.phase_times[name] = self.phase_times.get(name, 0.0) + time.perf_counter() - started
+
+    @property
+    def finished(self) -> bool:
+        return self.state.step >= self.config.training.max_steps or self.out_of_time()
+
+    @property
+    def show_bar(self) -> bool:
+        return self.config.logging.progress_bar and self.accelerator.is_local_main_process
+
+    def out_of_time(self) -> bool:
+        """Whether the wall-clock budget is spent (the main process decides, so all processes stop together)."""
+        budget = self.config.training.max_minutes
+        flag = [budget > 0 and time.time() - self.started > 60 * budget]
+        if self.accelerator.num_processes > 1:
+            broadcast_object_list(flag)
+        return bool(flag[0])
+
+    def log_step(self, bar: tqdm) -> None:
+        """Reduce this step's metrics across processes and write them every ``log_every`` steps."""
+        step_time = sum(self.phase_times.values())
+        for name, seconds in self.phase_times.items():
+            self.metrics.add(f"time/{name}_s", seconds)
+        self.phase_times = {}
+        self.metrics.add("time/step_s", step_time)
+        images = self.prompts_per_process * self.config.sampling.group_size
+        self.metrics.add("perf/images_per_s", images / max(step_time, 1e-9))
+        bar.update(1)
+        if self.state.step % self.config.logging.log_every:
+            return
+        metrics = self.metrics.reduce(self.accelerator)
+        metrics["perf/images_per_s"] *= self.accelerator.num_processes
+        self.metrics = MetricsAccumulator()
+        metrics.update(
+            {
+                "train/step": self.state.step,
+                "train/images_seen": self.state.images_seen,
+                "train/optimizer_steps": self.state.optimizer_steps,
+                "train/lr": self.optimizer.param_groups[0]["lr"],
+            }
+        )
+        self.log.log(metrics, self.state.step)
+        bar.set_postfix(reward=f"{metrics.get('reward/total/mean', math.nan):.3f}", eval=f"{self.last_eval:.3f}")
+
+    def log_eval(self, metrics: dict[str, float], prefix: str = "eval") -> None:
+        """Write evaluation metrics as ``<prefix>/<key>`` (e.g. ``eval/shapes/score/mean``)."""
+        record = {f"{prefix}/{key}": value for key, value in metrics.items()}
+        record[f"time/{prefix}_s"] = self.phase_times.pop("eval", 0.0)
+        self.last_eval = metrics.get("total/mean", math.nan)
+        self.log.log(record, self.state.step)
+        self.info("%s at step %d: total %.4f", prefix, self.state.step, metrics.get("total/mean", math.nan))
+
+    def info(self, message: str, *args) -> None:
+        """Log once (main process), not once per process."""
+        if self.accelerator.is_main_process:
+            logger.info(message, *args)

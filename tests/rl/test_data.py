@@ -1,0 +1,71 @@
+import json
+from collections import Counter
+
+import pytest
+
+from rewards.shapes import all_prompts
+from rl.data import load_prompt_source, per_process, shard
+
+
+def test_shapes_sources_carry_metadata_and_balance_categories():
+    train = load_prompt_source("shapes:train")
+    test = load_prompt_source("shapes:test")
+    assert len(test) == len(all_prompts("test")) and len(train) == len(all_prompts("train"))
+    assert not {p.text for p in train.items} & {p.text for p in test.items}
+    batch = train.batch(step=3, n=600, seed=0)
+    assert all(p.metadata["prompt"] == p.text and "include" in p.metadata for p in batch)
+    counts = Counter(p.metadata["tag"] for p in batch)
+    assert len(counts) == 6 and min(counts.values()) > 600 / 6 * 0.7  # category-balanced, not 73% position
+    assert [p.text for p in train.batch(3, 8, 0)] == [p.text for p in train.batch(3, 8, 0)]
+    assert [p.text for p in train.batch(3, 8, 0)] != [p.text for p in train.batch(4, 8, 0)]
+
+
+def test_txt_source_walks_shuffled_passes(tmp_path):
+    path = tmp_path / "prompts.txt"
+    path.write_text("a cat\n\n  a dog \na bird\n")
+    source = load_prompt_source(str(path))
+    assert [p.text for p in source.items] == ["a cat", "a dog", "a bird"] and source.items[0].metadata == {}
+    first_pass = [p.text for step in range(3) for p in source.batch(step, 1, seed=5)]
+    assert sorted(first_pass) == ["a bird", "a cat", "a dog"]  # every prompt once per pass
+    assert len(source.batch(0, 7, seed=5)) == 7
+
+
+def test_jsonl_source_keeps_the_line_as_metadata(tmp_path):
+    path = tmp_path / "geneval.jsonl"
+    lines = [{"tag": "counting", "prompt": "two cats", "include": [{"class": "cat", "count": 2}]}, {"prompt": "x"}]
+    path.write_text("\n".join(json.dumps(line) for line in lines))
+    source = load_prompt_source(str(path))
+    assert source.items[0].text == "two cats" and source.items[0].metadata == lines[0]
+
+
+def test_clear_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="missing.txt"):
+        load_prompt_source(str(tmp_path / "missing.txt"))
+    (tmp_path / "empty.txt").write_text("\n\n")
+    with pytest.raises(ValueError, match="no prompts"):
+        load_prompt_source(str(tmp_path / "empty.txt"))
+    (tmp_path / "bad.jsonl").write_text('{"text": "no prompt key"}\n')
+    with pytest.raises(ValueError, match="bad.jsonl:1"):
+        load_prompt_source(str(tmp_path / "bad.jsonl"))
+    with pytest.raises(ValueError, match="shapes:train"):
+        load_prompt_source("shapes:validation")
+    with pytest.raises(ValueError, match=".txt or a .jsonl"):
+        load_prompt_source("prompts.csv")
+
+
+def test_eval_subset_is_evenly_spaced_with_stable_indices():
+    source = load_prompt_source("shapes:test")
+    subset = source.eval_subset(8)
+    assert len(subset) == 8 and subset[0][0] == 0 and subset[-1][0] == len(source) - 1
+    assert all(source.items[i] == p for i, p in subset)
+    assert len({p.metadata["tag"] for _, p in source.eval_subset(32)}) >= 4  # not just the first category
+    assert len(source.eval_subset(0)) == len(source)
+
+
+def test_sharding_gives_whole_prompts_to_each_process():
+    assert per_process(16, 3) == 6
+    items = list(range(18))
+    shards = [shard(items, rank, 3) for rank in range(3)]
+    assert shards == [items[0:6], items[6:12], items[12:18]]
+    with pytest.raises(ValueError, match="evenly"):
+        shard(list(range(5)), 0, 2)

@@ -1,0 +1,71 @@
+import math
+
+import torch
+
+from rl.loss import grpo_loss
+
+# Three samples with ratios 1.0, 1.2 and 0.7 (old log-prob 0, new log-prob log(ratio)), clip range 0.1.
+RATIOS = torch.tensor([1.0, 1.2, 0.7])
+ADVANTAGES = torch.tensor([1.0, 1.0, -2.0])
+
+
+def _log_prob():
+    return RATIOS.log().clone().requires_grad_(True)
+
+
+def test_clipped_surrogate_by_hand():
+    log_prob = _log_prob()
+    out = grpo_loss(log_prob, torch.zeros(3), ADVANTAGES, clip_range=0.1)
+    # sample 0: ratio 1,   adv  1: max(-1,   -1)         = -1
+    # sample 1: ratio 1.2, adv  1: max(-1.2, -1 * 1.1)   = -1.1  (clipped)
+    # sample 2: ratio 0.7, adv -2: max(1.4,   2 * 0.9)   =  1.8  (clipped)
+    # policy loss = (-1 - 1.1 + 1.8) / 3 = -0.1
+    torch.testing.assert_close(out.loss, torch.tensor(-0.1), atol=1e-6, rtol=0)
+    torch.testing.assert_close(out.policy_loss, torch.tensor(-0.1), atol=1e-6, rtol=0)
+    # clipfrac: |ratio - 1| > 0.1 for samples 1 and 2 -> 2/3
+    assert math.isclose(out.clipfrac.item(), 2 / 3, abs_tol=1e-6)
+    # approx_kl (k3) = mean((r - 1) - log r) = (0 + 0.0176784 + 0.0566749) / 3 = 0.0247845
+    assert math.isclose(out.approx_kl.item(), 0.0247845, abs_tol=1e-6)
+    assert math.isclose(out.ratio_min.item(), 0.7, abs_tol=1e-6)
+    assert math.isclose(out.ratio_max.item(), 1.2, abs_tol=1e-6)
+    assert math.isclose(out.ratio_mean.item(), 2.9 / 3, abs_tol=1e-6)
+    assert out.kl_ref.item() == 0.0 and out.count.item() == 3
+
+
+def test_gradient_flows_only_through_unclipped_samples():
+    log_prob = _log_prob()
+    grpo_loss(log_prob, torch.zeros(3), ADVANTAGES, clip_range=0.1).loss.backward()
+    # d/dlogp of -adv * ratio / 3 at sample 0 = -1 * 1 / 3; samples 1 and 2 sit on the clipped branch: 0
+    torch.testing.assert_close(log_prob.grad, torch.tensor([-1 / 3, 0.0, 0.0]))
+
+
+def test_kl_term_by_hand():
+    kl = torch.tensor([0.5, 0.0, 1.0], requires_grad=True)
+    out = grpo_loss(_log_prob(), torch.zeros(3), ADVANTAGES, clip_range=0.1, kl=kl, kl_beta=0.1)
+    # kl_ref = mean(0.5, 0, 1) = 0.5; loss = -0.1 + 0.1 * 0.5 = -0.05
+    assert math.isclose(out.kl_ref.item(), 0.5, abs_tol=1e-6)
+    assert math.isclose(out.loss.item(), -0.05, abs_tol=1e-6)
+    out.loss.backward()
+    torch.testing.assert_close(kl.grad, torch.full((3,), 0.1 / 3))
+
+
+def test_weights_mask_samples():
+    out = grpo_loss(_log_prob(), torch.zeros(3), ADVANTAGES, clip_range=0.1, weights=torch.tensor([1.0, 1.0, 0.0]))
+    # only samples 0 and 1: (-1 - 1.1) / 2 = -1.05; clipfrac 1/2; ratios 1 and 1.2
+    assert math.isclose(out.loss.item(), -1.05, abs_tol=1e-6)
+    assert math.isclose(out.clipfrac.item(), 0.5, abs_tol=1e-6)
+    assert math.isclose(out.ratio_min.item(), 1.0, abs_tol=1e-6) and math.isclose(
+        out.ratio_max.item(), 1.2, abs_tol=1e-6
+    )
+    empty = grpo_loss(_log_prob(), torch.zeros(3), ADVANTAGES, clip_range=0.1, weights=torch.zeros(3))
+    assert empty.loss.item() == 0.0 and empty.count.item() == 0
+    empty.loss.backward()  # a zero-weight filler batch still has a graph, with zero gradient
+
+
+def test_ratio_is_one_at_identical_log_probs():
+    log_prob = torch.tensor([3.2, -1.5, 0.25])
+    out = grpo_loss(log_prob, log_prob.clone(), torch.tensor([0.3, -0.7, 1.0]), clip_range=1e-4)
+    # ratio 1 everywhere: loss = -mean(adv) = -(0.3 - 0.7 + 1.0) / 3 = -0.2, nothing clipped, approx_kl 0
+    assert out.ratio_min.item() == out.ratio_max.item() == 1.0
+    assert math.isclose(out.loss.item(), -0.2, abs_tol=1e-7)
+    assert out.clipfrac.item() == 0.0 and out.approx_kl.item() == 0.0

@@ -1,0 +1,142 @@
+"""The GRPO trainer on the tiny random FLUX fixture: exact ratios, step selection, rewards, evaluation."""
+
+import math
+
+import pytest
+import torch
+from accelerate.state import AcceleratorState, GradientState
+
+from rl.config import parse_config
+from rl.trainer import GRPOTrainer, ScoredRollouts
+
+
+class HalfNanReward:
+    """A reward that fails (NaN) on every prompt containing 'circle' and scores image brightness elsewhere."""
+
+    def __call__(self, images, prompts, metadata):
+        scores = images.mean(dim=(1, 2, 3))
+        return {"score": torch.where(torch.tensor(["circle" in p for p in prompts]), math.nan, scores)}
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """Each trainer builds its own Accelerator; accelerate's process-wide state must not leak between tests."""
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
+def tiny_args(pipeline_dir, output_dir, *extra):
+    """Overrides that fit the fixture: 32 px, 4 steps, 2 prompts x 4 rollouts, a rank-4 LoRA."""
+    return [
+        "--pretrained", str(pipeline_dir), "--max_sequence_length", "16", "--lora_rank", "4", "--lora_alpha", "8",
+        "--height", "32", "--width", "32", "--num_steps", "4", "--prompts_per_step", "2", "--group_size", "4",
+        "--train_batch_size", "3", "--sample_batch_size", "5", "--max_steps", "1", "--eval_num_prompts", "3",
+        "--final_eval_num_prompts", "3", "--eval_every", "0", "--output_dir", str(output_dir),
+        "--wandb_mode", "disabled", "--progress_bar", "false",
+        "--reward", "shapes,jpeg_compressibility", "--reward_weights", "0", "1",
+        *extra,
+    ]  # fmt: skip
+
+
+@pytest.fixture
+def pipeline_dir(tiny_flux_pipeline, tmp_path):
+    tiny_flux_pipeline.save_pretrained(tmp_path / "pipeline")
+    return tmp_path / "pipeline"
+
+
+def make_trainer(pipeline_dir, tmp_path, *extra) -> GRPOTrainer:
+    trainer = GRPOTrainer(parse_config(tiny_args(pipeline_dir, tmp_path / "run", *extra)))
+    trainer.setup()
+    return trainer
+
+
+def one_step(trainer: GRPOTrainer) -> dict[str, float]:
+    """One GRPO step through the trainer's phases; returns its reduced metrics."""
+    batch = trainer.next_prompts()
+    scored = trainer.score(batch, trainer.rollout(batch))
+    trainer.optimise(batch, scored, trainer.advantages(scored))
+    return trainer.metrics.reduce(trainer.accelerator)
+
+
+def lora_state(trainer):
+    return [p.detach().clone() for p in trainer.lora_params]
+
+
+def base_state(trainer):
+    return {n: p.detach().clone() for n, p in trainer.pipeline.transformer.named_parameters() if "lora_" not in n}
+
+
+def test_first_inner_ratio_is_one_and_only_the_lora_moves(pipeline_dir, tmp_path):
+    trainer = make_trainer(pipeline_dir, tmp_path, "--gradient_accumulation_steps", "1", "--learning_rate", "1e-3")
+    lora_before, base_before = lora_state(trainer), base_state(trainer)
+    metrics = one_step(trainer)
+    # 8 rollouts in micro-batches of <= 3 -> 3 updates; the first micro-batch's 3 steps run before any update
+    assert trainer.state.optimizer_steps == 3
+    assert metrics["policy/ratio_first_inner_max_dev"] <= 1e-6
+    assert abs(metrics["policy/ratio_first_inner"] - 1) <= 1e-6
+    assert metrics["policy/ratio_max"] > 1 or metrics["policy/ratio_min"] < 1  # later micro-batches see updates
+    assert any(not torch.equal(a, b) for a, b in zip(lora_before, lora_state(trainer)))
+    assert all(torch.equal(base_before[n], p) for n, p in base_state(trainer).items())
+    for key in ("reward/total/mean", "reward/shapes/score/mean", "reward/jpeg_compressibility/score/mean"):
+        assert math.isfinite(metrics[key])
+    assert metrics["reward/dropped"] == 0 and "policy/approx_kl" in metrics and "policy/clipfrac" in metrics
+    trainer.cleanup()
+
+
+def test_recorded_log_probs_equal_rescored_ones_before_an_update(pipeline_dir, tmp_path):
+    trainer = make_trainer(pipeline_dir, tmp_path)
+    batch = trainer.next_prompts()
+    rollouts = trainer.rollout(batch)
+    rows = torch.tensor([6, 0, 3])
+    with torch.no_grad():
+        for step in range(3):
+            scored = trainer.sampler.step_log_prob(rollouts, torch.full((3,), step), batch.embeds, rows, trainer.model)
+            ratio = torch.exp(scored.log_prob - rollouts.log_probs[rows, step])
+            assert (ratio - 1).abs().max() <= 1e-6
+    trainer.cleanup()
+
+
+def test_trained_step_selection(pipeline_dir, tmp_path):
+    def trainer_with(*extra):
+        return GRPOTrainer(parse_config(tiny_args(pipeline_dir, tmp_path, "--num_steps", "10", *extra)))
+
+    assert trainer_with().trained_steps(0, 2).tolist() == [list(range(9))] * 2  # all but the last (9)
+    window = trainer_with("--train_steps", "window", "--train_window_start", "1", "--train_window_size", "3")
+    assert window.trained_steps(5, 1).tolist() == [[1, 2, 3]]
+    random = trainer_with("--train_steps", "random", "--train_fraction", "0.5")
+    steps = random.trained_steps(3, 50)
+    assert steps.shape == (50, 4)  # int(0.5 * 9 trainable steps) = 4
+    assert steps.max() < 9 and (steps[:, 1:] > steps[:, :-1]).all()
+    assert len({tuple(row) for row in steps.tolist()}) > 10  # a fresh subset per rollout
+    assert torch.equal(steps, random.trained_steps(3, 50)) and not torch.equal(steps, random.trained_steps(4, 50))
+
+
+def test_evaluation_is_deterministic_and_uses_the_eval_prompts(pipeline_dir, tmp_path):
+    trainer = make_trainer(pipeline_dir, tmp_path, "--eval_images_per_prompt", "2")
+    first, second = trainer.evaluate(), trainer.evaluate()
+    assert first == second
+    assert {"total/mean", "shapes/score/mean", "jpeg_compressibility/score/mean"} <= set(first)
+    assert any(key.startswith("tag/") for key in first)  # per-category means of the shapes test split
+    trainer.cleanup()
+
+
+def test_kl_term_and_dropped_groups(pipeline_dir, tmp_path):
+    trainer = make_trainer(
+        pipeline_dir, tmp_path, "--kl_beta", "0.1", "--init_lora_weights", "false",
+        "--reward", "test_trainer:HalfNanReward", "--reward_weights", "1", "--reward_failure_policy", "drop_group",
+        "--prompts_per_step", "6", "--seed", "3",
+    )  # fmt: skip
+    batch = trainer.next_prompts()
+    assert any("circle" in p.text for p in batch.prompts) and not all("circle" in p.text for p in batch.prompts)
+    scored: ScoredRollouts = trainer.score(batch, trainer.rollout(batch))
+    advantages = trainer.advantages(scored)
+    assert (~scored.valid).sum() > 0 and (advantages[~scored.valid] == 0).all()
+    trainer.optimise(batch, scored, advantages)
+    metrics = trainer.metrics.reduce(trainer.accelerator)
+    assert metrics["reward/dropped"] == float((~scored.valid).sum())
+    assert metrics["policy/kl_ref"] > 0  # the random-init LoRA differs from the adapter-disabled reference
+    assert math.isfinite(metrics["policy/loss"])
+    trainer.cleanup()

@@ -1,0 +1,109 @@
+"""Every shipped config loads and validates; unknown keys and broken cross-field constraints fail by name."""
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import yaml
+
+from rl.config import RunConfig, known_keys, parse_config
+
+ROOT = Path(__file__).resolve().parents[1]
+RUN_CONFIGS = sorted(p for p in (ROOT / "configs").rglob("*.yaml") if "accelerate" not in p.relative_to(ROOT).parts)
+ACCELERATE_CONFIGS = sorted((ROOT / "configs" / "accelerate").rglob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", RUN_CONFIGS, ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_shipped_run_config_validates(path):
+    text = path.read_text()
+    header = text.split("\n\n")[0]
+    assert header.startswith("#") and "Launch:" in header and "Needs:" in header and "Override:" in header
+    config = parse_config(["--config", str(path)])
+    assert isinstance(config, RunConfig)
+    assert set(yaml.safe_load(text)) <= set(known_keys())
+
+
+@pytest.mark.parametrize("path", ACCELERATE_CONFIGS, ids=lambda p: str(p.relative_to(ROOT)))
+def test_accelerate_configs_are_yaml_mappings(path):
+    assert isinstance(yaml.safe_load(path.read_text()), dict)
+
+
+def test_the_default_config_is_the_tiny_model():
+    assert (ROOT / "configs" / "tiny_shapes.yaml") in RUN_CONFIGS
+    assert "launch/grpo_flux.py --config configs/tiny_shapes.yaml" in (ROOT / "Makefile").read_text()
+
+
+def _write(tmp_path, text):
+    path = tmp_path / "run.yaml"
+    path.write_text(text)
+    return str(path)
+
+
+def test_misspelt_yaml_key_fails_naming_it(tmp_path):
+    with pytest.raises(ValueError, match=r"'lerning_rate'.*did you mean 'learning_rate'"):
+        parse_config(["--config", _write(tmp_path, "lerning_rate: 1.0e-4\n")])
+
+
+def test_misspelt_cli_key_fails_naming_it(tmp_path):
+    with pytest.raises(ValueError, match=r"'grup_size'.*command line.*did you mean 'group_size'"):
+        parse_config(["--grup_size", "4"])
+    with pytest.raises(ValueError, match="'learning_rat'"):  # no silent argparse prefix matching
+        parse_config(["--learning_rat", "1e-3"])
+
+
+def test_cli_overrides_yaml_and_types_are_checked(tmp_path):
+    path = _write(
+        tmp_path, "learning_rate: 1.0e-4\ngroup_size: 4\nreward_weights: [1, 2]\nreward: shapes,jpeg_compressibility\n"
+    )
+    config = parse_config(["--config", path, "--group_size", "6"])
+    assert config.sampling.group_size == 6 and config.training.learning_rate == 1e-4
+    assert config.reward.reward_weights == [1.0, 2.0]
+    with pytest.raises(ValueError, match="group_size: expected"):
+        parse_config(["--config", _write(tmp_path, "group_size: 4.5\n")])
+    with pytest.raises(ValueError, match="pretrained: expected"):
+        parse_config(["--config", _write(tmp_path, "pretrained: 12\n")])
+
+
+def test_reward_kwargs_accepts_json_on_the_command_line():
+    config = parse_config(["--reward", "remote", "--reward_kwargs", '{"remote": {"url": "http://h:1"}}'])
+    assert config.reward.reward_kwargs == {"remote": {"url": "http://h:1"}}
+    with pytest.raises(ValueError, match="not valid JSON"):
+        parse_config(["--reward_kwargs", "{url: x}"])
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--noise_level", "0"], "noise_level=0.*Set noise_level > 0"),
+        (["--group_size", "1"], "group_size=1.*Set group_size >= 2"),
+        (["--num_steps", "1"], "num_steps >= 2"),
+        (
+            ["--train_steps", "window", "--num_steps", "4", "--train_window_start", "2", "--train_window_size", "2"],
+            "last step is never trained",
+        ),
+        (["--reward", "shapes,jpeg_compressibility", "--reward_weights", "1"], "one weight per component"),
+        (["--reward_kwargs", '{"pickscore": {}}'], "not reward components"),
+        (["--train_steps", "sometimes"], "train_steps='sometimes' is not one of"),
+        (["--reward_failure_policy", "ignore"], "reward_failure_policy='ignore'"),
+        (["--ema_decay", "1.0"], "ema_decay"),
+        (["--train_fraction", "0"], "train_fraction"),
+        (["--mixed_precision", "fp16"], "mixed_precision='fp16'"),
+    ],
+)
+def test_cross_field_and_value_checks(args, message):
+    with pytest.raises(ValueError, match=message):
+        parse_config(args)
+
+
+def test_every_option_is_documented_once_and_keys_are_unique():
+    keys = known_keys()  # raises if two sections share a key
+    assert len(keys) > 40
+    for cls in RunConfig.sections().values():
+        for field in dataclasses.fields(cls):
+            assert len(field.metadata.get("help", "")) > 15, f"{cls.__name__}.{field.name} is undocumented"
+
+
+def test_flat_dump_round_trips(tmp_path):
+    config = parse_config(["--config", str(ROOT / "configs" / "tiny_shapes.yaml")])
+    dumped = _write(tmp_path, yaml.safe_dump(config.flat()))
+    assert parse_config(["--config", dumped]).flat() == config.flat()
