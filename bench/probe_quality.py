@@ -13,9 +13,13 @@ One run measures, side by side on the same collected data (``launch/probe_collec
 3. **Overhead**: capture + features + probe inference, as a fraction of the unpruned rollout phase (T steps,
    VAE decode, reward), timed interleaved in this process.
 
-Writes JSON and appends Markdown rows to ``bench/RESULTS.md``::
+With ``--train_prompts`` / ``--test_prompts`` > 0 it first collects (or finishes collecting: collections resume)
+that many prompts x ``--group_size`` seeds into ``--train_data`` / ``--test_data`` with the GRPO sampler's settings,
+so one command runs end to end. Writes JSON and adds a table to the "Probe quality" section of
+``bench/RESULTS.md``::
 
-    python bench/probe_quality.py --train_data runs/probe/train --test_data runs/probe/test
+    python bench/probe_quality.py --train_prompts 64 --test_prompts 32 --fit_steps 300   # small: ~15 min, 1 core
+    python bench/probe_quality.py --train_data runs/probe/train --test_data runs/probe/test   # existing data
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import datetime
 import json
 import os
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -34,7 +39,7 @@ from diffusers import FluxPipeline
 from trl import TrlParser
 
 from probe.capture import ProbeRecorder
-from probe.collect import prompt_source
+from probe.collect import CollectSettings, collect, pipeline_sizes, prompt_source
 from probe.data import load_dataset, read_manifest
 from probe.features import FEATURE_SETS, feature_config
 from probe.metrics import probe_metrics
@@ -47,6 +52,7 @@ RESULTS_HEADER = (
     "# Benchmark results\n\nEach script in `bench/` appends its rows here with the command that produced them; "
     "timings are medians of interleaved repeats on the machine named in the section (ratios travel, seconds do not)."
 )
+RESULTS_SECTION = "Probe quality (bench/probe_quality.py)"
 METRICS = ("pcc", "srcc", "auc", "within_group_srcc", "top_half_recall", "regret", "regret_random")
 
 
@@ -60,11 +66,17 @@ def _option(default, help: str = "", factory=None):
 class BenchArgs:
     train_data: list[str] = _option(None, "training collections", lambda: ["runs/probe/train"])
     test_data: list[str] = _option(None, "held-out collections", lambda: ["runs/probe/test"])
+    pipeline: str = _option("assets/tiny-flux-shapes", "model to collect from (when collecting)")
+    train_prompts: int = _option(0, "collect this many shapes:train prompts into train_data[0] first (0: use as is)")
+    test_prompts: int = _option(0, "collect this many shapes:test prompts into test_data[0] first (0: use as is)")
+    group_size: int = _option(8, "seeds per prompt when collecting")
+    collect_batch_size: int = _option(32, "rollouts per transformer call when collecting")
     steps: list[int] = _option(None, "capture steps to compare", lambda: [1, 2, 3, 4])
     features: list[str] = _option(None, "feature sets", lambda: ["attention", "x0", "combined"])
     rank_weights: list[float] = _option(None, "0 = MSE only; >0 adds the ranking term", lambda: [0.0, 1.0])
     fit_steps: int = _option(1500, "optimizer steps per probe")
     width: int = _option(16, "probe CNN width")
+    group_relative: bool = _option(False, "probes also read deviations from the group mean (probe/model.py)")
     seed: int = _option(0, "probe training seed")
     ceiling_prompts: int = _option(48, "held-out prompts for the ceiling (0 skips it)")
     timing_prompts: int = _option(8, "prompts (x group size) per timed rollout batch (0 skips timing)")
@@ -72,6 +84,31 @@ class BenchArgs:
     out: str = _option("bench/probe_quality.json", "JSON output")
     results: str = _option("bench/RESULTS.md", "Markdown file the rows are appended to")
     threads: int = _option(1, "torch CPU threads (1: stable timings on a shared machine)")
+
+
+def collect_data(args: BenchArgs) -> dict[str, float]:
+    """Collect (or resume) the training and held-out collections asked for; seconds per collection."""
+    seconds = {}
+    jobs = [("train", args.train_data[0], "shapes:train", args.train_prompts, 0),
+            ("test", args.test_data[0], "shapes:test", args.test_prompts, 1)]  # fmt: skip
+    jobs = [job for job in jobs if job[3] > 0]
+    if not jobs:
+        return seconds
+    pipeline = FluxPipeline.from_pretrained(args.pipeline, torch_dtype=torch.float32)
+    pipeline.set_progress_bar_config(disable=True)
+    sizes = pipeline_sizes(pipeline)
+    for name, out, prompts, count, seed in jobs:
+        # The trainer's sampling settings (configs/tiny_shapes.yaml), as launch/probe_collect.py's defaults.
+        settings = CollectSettings(
+            pipeline=args.pipeline, prompts=prompts, num_prompts=count, group_size=args.group_size, num_steps=10,
+            capture_steps=sorted(set(args.steps)), noise_level=0.9, guidance_scale=3.5, blocks=[], reward="shapes",
+            reward_kwargs={}, prompts_per_shard=8, seed=seed, **sizes,
+        )  # fmt: skip
+        start = time.perf_counter()
+        collect(pipeline, settings, out, batch_size=args.collect_batch_size)
+        seconds[name] = time.perf_counter() - start
+        print(f"collected {name}: {count} prompts x {args.group_size} seeds in {out} ({seconds[name]:.0f} s)")
+    return seconds
 
 
 def quality(args: BenchArgs) -> list[dict]:
@@ -91,8 +128,9 @@ def quality(args: BenchArgs) -> list[dict]:
                     eval_every=100, seed=args.seed,
                 )  # fmt: skip
                 start = time.perf_counter()
+                model_kwargs = {"width": args.width, "group_relative": args.group_relative}
                 _, report = train_probe(
-                    train.channels(indices), test.channels(indices), features, meta, fit_config, {"width": args.width}
+                    train.channels(indices), test.channels(indices), features, meta, fit_config, model_kwargs
                 )
                 row = {"step": step, "features": features, "rank_weight": rank_weight,
                        "train_s": time.perf_counter() - start, **{m: report.test[m] for m in METRICS},
@@ -220,17 +258,43 @@ def overhead(args: BenchArgs, manifest: dict, probe_step: int) -> dict:
     return result
 
 
-def write_results(args: BenchArgs, manifest: dict, rows: list[dict], ceilings: list[dict], cost: dict | None) -> None:
+def add_to_section(path: str | Path, title: str, lines: list[str]) -> None:
+    """Insert ``lines`` at the end of the ``## title`` section of a Markdown file (created, with the section, if absent).
+
+    Other benchmarks write their own sections to the same file; a run's rows go under its own heading.
+    """
+    path = Path(path)
+    text = path.read_text() if path.exists() else RESULTS_HEADER + "\n"
+    heading = f"## {title}"
+    existing = text.splitlines()
+    if heading not in existing:
+        existing += ["", heading]
+    start = existing.index(heading)
+    end = next((i for i in range(start + 1, len(existing)) if existing[i].startswith("## ")), len(existing))
+    while end > start + 1 and not existing[end - 1].strip():
+        end -= 1  # insert after the section's last non-blank line
+    updated = existing[:end] + lines + ([""] if end < len(existing) else []) + existing[end:]
+    path.write_text("\n".join(updated).rstrip("\n") + "\n")
+
+
+def write_results(
+    args: BenchArgs, manifest: dict, rows: list[dict], ceilings: list[dict], cost: dict | None, seconds: dict
+) -> None:
     train = read_manifest(args.train_data[0])
     test = read_manifest(args.test_data[0])
+    stages = ", ".join(f"{k} {v:.0f} s" for k, v in seconds.items())
     lines = [
         "",
-        f"### Probe quality ({datetime.date.today().isoformat()}, `bench/probe_quality.py`)",
+        f"### {datetime.date.today().isoformat()}: `{' '.join(sys.argv)}`",
         "",
-        f"Model `{manifest['pipeline']}`, T = {manifest['num_steps']}, SDE noise level {manifest['noise_level']}, "
+        f"Wall time on {args.threads} thread(s): {stages}.",
+        "",
+        f"Model `{manifest['pipeline']}` (weights fingerprint {manifest.get('weights', 'not recorded')}), "
+        f"T = {manifest['num_steps']}, SDE noise level {manifest['noise_level']}, "
         f"blocks {manifest['blocks']}, reward `{manifest['reward']}`. Train: {train['num_prompts']} x "
         f"{train['group_size']} ({train['prompts']}); held-out: {test['num_prompts']} x {test['group_size']} "
-        f"({test['prompts']}). AUC label: reward > median held-out reward. Probe width {args.width}, "
+        f"({test['prompts']}). AUC label: reward > median held-out reward. Probe width {args.width}"
+        f"{', group-relative input' if args.group_relative else ''}, "
         f"{args.fit_steps} steps, checkpoint picked on within-group SRCC of 10% of the training prompts.",
         "",
         "| k | features | loss | PCC | SRCC | AUC | within-group SRCC | top-half recall | regret | regret (random half) |",
@@ -261,25 +325,29 @@ def write_results(args: BenchArgs, manifest: dict, rows: list[dict], ceilings: l
             f"{cost['overhead_s']:.3f} s, **{100 * cost['overhead_fraction_of_rollout_phase']:.2f}%** of the "
             f"unpruned rollout phase ({s['rollout']:.2f} s denoise + decode, {s['reward']:.2f} s reward).",
         ]
-    if not Path(args.results).exists():
-        lines = [RESULTS_HEADER, *lines]
-    with open(args.results, "a") as handle:
-        handle.write("\n".join(lines) + "\n")
+    add_to_section(args.results, RESULTS_SECTION, lines)
 
 
 def main() -> None:
     (args,) = TrlParser((BenchArgs,)).parse_args_and_config()
     if args.threads:
         torch.set_num_threads(args.threads)
+    seconds = {f"collect {k}": v for k, v in collect_data(args).items()}
     manifest = read_manifest(args.test_data[0])
+    start = time.perf_counter()
     rows = quality(args)
+    seconds["probes"] = time.perf_counter() - start
+    start = time.perf_counter()
     ceilings = ceiling(args, manifest) if args.ceiling_prompts else []
+    seconds["ceiling"] = time.perf_counter() - start
+    start = time.perf_counter()
     cost = overhead(args, manifest, 2 if 2 in args.steps else args.steps[0]) if args.timing_prompts else None
+    seconds["overhead"] = time.perf_counter() - start
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"args": dataclasses.asdict(args), "quality": rows, "ceiling": ceilings,
-                                          "overhead": cost}, indent=2, default=float))  # fmt: skip
-    write_results(args, manifest, rows, ceilings, cost)
-    print(f"wrote {args.out} and appended to {args.results}")
+    Path(args.out).write_text(json.dumps({"args": dataclasses.asdict(args), "seconds": seconds, "quality": rows,
+                                          "ceiling": ceilings, "overhead": cost}, indent=2, default=float))  # fmt: skip
+    write_results(args, manifest, rows, ceilings, cost, seconds)
+    print(f"wrote {args.out} and the '{RESULTS_SECTION}' section of {args.results} ({seconds})")
 
 
 if __name__ == "__main__":

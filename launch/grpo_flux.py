@@ -24,7 +24,7 @@ from rl.trainer import GRPOTrainer
 
 
 def main(argv: list[str] | None = None) -> GRPOTrainer:
-    """Run one training; returns the (cleaned-up) trainer, its final evaluation in ``trainer.final_eval``."""
+    """Run one training; returns the (cleaned-up) trainer: ``trainer.summary`` holds base vs final scores."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("httpx", "urllib3", "diffusers", "transformers"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -32,11 +32,12 @@ def main(argv: list[str] | None = None) -> GRPOTrainer:
     trainer = GRPOTrainer(config)
     trainer.setup()
     try:
-        final = trainer.train()
+        trainer.train()
     finally:
         trainer.cleanup()
-    if trainer.accelerator.is_main_process:
-        print(json.dumps({"final_eval": final, "output_dir": config.logging.output_dir}, indent=1))
+    if trainer.accelerator.is_main_process:  # the run's headline: held-out score before and after
+        total = {k: trainer.summary.get(k, {}).get("total/mean") for k in ("base", "final", "delta")}
+        print(json.dumps({"held_out_total": total, "output_dir": config.logging.output_dir}))
     return trainer
 
 

@@ -20,7 +20,7 @@ import torch
 from diffusers import FluxPipeline
 from trl import TrlParser
 
-from probe.collect import CollectSettings, collect
+from probe.collect import CollectSettings, collect, pipeline_sizes
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -69,6 +69,7 @@ def main() -> None:
     dtype = getattr(torch, args.dtype)
     pipeline = FluxPipeline.from_pretrained(args.pipeline, torch_dtype=dtype).to(args.device)
     pipeline.set_progress_bar_config(disable=True)
+    sizes = pipeline_sizes(pipeline)
     settings = CollectSettings(
         pipeline=args.pipeline,
         prompts=args.prompts,
@@ -78,8 +79,8 @@ def main() -> None:
         capture_steps=sorted(set(args.capture_steps)),
         noise_level=args.noise_level,
         guidance_scale=args.guidance_scale,
-        resolution=args.resolution or pipeline.vae.config.sample_size,
-        text_length=args.text_length or min(pipeline.tokenizer_2.model_max_length, 512),
+        resolution=args.resolution or sizes["resolution"],
+        text_length=args.text_length or sizes["text_length"],
         blocks=list(args.blocks),
         reward=args.reward,
         reward_kwargs=json.loads(args.reward_kwargs),

@@ -48,7 +48,9 @@ class TrainArgs:
     low_score_quantile: float = _option(0.25, "reward quantile defining low scores")
     select_metric: str | None = _option("within_group_srcc", "validation metric that picks the checkpoint")
     eval_every: int = _option(100, "validation interval (steps)")
-    width: int = _option(32, "CNN width")
+    # Width 16: ~110k parameters, a probe file under 0.5 MB (width 32: ~380k, 1.5 MB).
+    width: int = _option(16, "CNN width")
+    group_relative: bool = _option(False, "also feed each rollout's deviation from its group mean (probe/model.py)")
     seed: int = _option(0, "split, init and batch order")
     out: str = _option("runs/probe/probe.pt", "probe file; the metrics JSON is written beside it (.json)")
     threads: int = _option(0, "torch CPU threads (0: torch's default)")
@@ -78,7 +80,7 @@ def main() -> None:
         args.capture_step,
         args.features,
         fit_config,
-        model_kwargs={"width": args.width},
+        model_kwargs={"width": args.width, "group_relative": args.group_relative},
         val_fraction=args.val_fraction,
         reward_key=args.reward_key,
         progress=True,

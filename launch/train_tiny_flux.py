@@ -78,6 +78,40 @@ def evaluate(pipe: FluxPipeline, transformer, args, n_prompts: int = 64) -> floa
     return float(np.mean(scores))
 
 
+def learning_rate(step: int, args) -> float:
+    """Linear warm-up, constant, then (from ``--decay_from``) linear decay to 5% at the last step.
+
+    The decay matters: at a constant rate the EMA's samples stay blurry blobs; annealing sharpens them.
+    """
+    rate = args.lr * min(1.0, (step + 1) / args.warmup)
+    if args.decay_from is not None and step >= args.decay_from:
+        progress = (step - args.decay_from) / max(1, args.transformer_steps - args.decay_from)
+        rate *= 1.0 - 0.95 * progress
+    return rate
+
+
+@torch.no_grad()
+def encode_dataset(pipe: FluxPipeline, args, path: Path) -> tuple[torch.Tensor, list[str]]:
+    """Render and encode ``args.dataset_size`` train-split images once (cached at ``path``).
+
+    Rendering plus VAE encoding is ~60% of a training step on CPU; a fixed dataset with fresh noise and
+    timesteps every step trains ~2.3x faster per second than rendering anew.
+    """
+    if path.exists():
+        cached = torch.load(path, weights_only=False)
+        return cached["latents"], cached["prompts"]
+    rng = np.random.default_rng(args.seed + 2)
+    vae, latents, prompts = pipe.vae, [], []
+    for _ in tqdm(range(0, args.dataset_size, 64), desc="encode dataset"):
+        specs = sample_prompts("train", 64, rng)
+        x0 = vae.encode(images_for(specs, args.resolution, rng)).latent_dist.mode()
+        latents.append(((x0 - vae.config.shift_factor) * vae.config.scaling_factor).half())
+        prompts += [s.prompt for s in specs]
+    latents = torch.cat(latents)
+    torch.save({"latents": latents, "prompts": prompts}, path)
+    return latents, prompts
+
+
 def train_transformer(pipe: FluxPipeline, args, out: Path, state: dict | None) -> list[dict]:
     transformer = pipe.transformer.train()
     ema = copy.deepcopy(transformer).eval().requires_grad_(False)
@@ -97,6 +131,9 @@ def train_transformer(pipe: FluxPipeline, args, out: Path, state: dict | None) -
         train_prompts = [s.prompt for s in all_prompts("train")]
         embeds, pooled, text_ids = pipe.encode_prompt(train_prompts, None, max_sequence_length=args.text_length)
     index_of = {prompt: i for i, prompt in enumerate(train_prompts)}
+    if args.dataset_size:
+        dataset, dataset_prompts = encode_dataset(pipe, args, out / f"latents-{args.dataset_size}.pt")
+        dataset_rows = torch.tensor([index_of[p] for p in dataset_prompts])
     latent_side = args.resolution // pipe.vae_scale_factor
     image_ids = pipe._prepare_latent_image_ids(args.batch, latent_side // 2, latent_side // 2, "cpu", torch.float32)
     vae = pipe.vae
@@ -105,13 +142,17 @@ def train_transformer(pipe: FluxPipeline, args, out: Path, state: dict | None) -
 
     for step in (bar := tqdm(range(start, args.transformer_steps), desc="transformer", initial=start,
                              total=args.transformer_steps)):  # fmt: skip
-        specs = sample_prompts("train", args.batch, rng)
-        rows = torch.tensor([index_of[s.prompt] for s in specs])
-        with torch.no_grad():
-            # The posterior mean, not a sample: the posterior std (~0.9) exceeds the latents' own spread, so
-            # samples would bury the flow model's target in noise the decoder ignores anyway.
-            x0 = vae.encode(images_for(specs, args.resolution, rng)).latent_dist.mode()
-            x0 = (x0 - vae.config.shift_factor) * vae.config.scaling_factor
+        if args.dataset_size:
+            pick = torch.from_numpy(rng.integers(0, len(dataset), args.batch))
+            x0, rows = dataset[pick].float(), dataset_rows[pick]
+        else:
+            specs = sample_prompts("train", args.batch, rng)
+            rows = torch.tensor([index_of[s.prompt] for s in specs])
+            with torch.no_grad():
+                # The posterior mean, not a sample: the posterior std (~0.9) exceeds the latents' own spread,
+                # so samples would bury the flow model's target in noise the decoder ignores anyway.
+                x0 = vae.encode(images_for(specs, args.resolution, rng)).latent_dist.mode()
+                x0 = (x0 - vae.config.shift_factor) * vae.config.scaling_factor
         x0 = FluxPipeline._pack_latents(x0, args.batch, 16, latent_side, latent_side)
         noise = torch.randn_like(x0)
         t = torch.sigmoid(torch.randn(args.batch))  # logit-normal, then FLUX's time shift
@@ -127,8 +168,8 @@ def train_transformer(pipe: FluxPipeline, args, out: Path, state: dict | None) -
         optimizer.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(transformer.parameters(), 1.0)
-        for group in optimizer.param_groups:  # linear warm-up
-            group["lr"] = args.lr * min(1.0, (step + 1) / args.warmup)
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(step, args)
         optimizer.step()
         with torch.no_grad():
             for p_ema, p in zip(ema.parameters(), transformer.parameters()):
@@ -161,10 +202,14 @@ def main() -> None:
     parser.add_argument("--vae_batch", type=int, default=16)
     parser.add_argument("--vae_lr", type=float, default=1e-3)
     parser.add_argument("--vae_kl", type=float, default=1e-3, help="KL weight per latent element")
-    parser.add_argument("--transformer_steps", type=int, default=6000)
+    parser.add_argument("--transformer_steps", type=int, default=11000)
     parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument(
+        "--dataset_size", type=int, default=0, help="pre-encode this many images (0: render every step)"
+    )
     parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument("--warmup", type=int, default=200)
+    parser.add_argument("--decay_from", type=int, default=8000, help="step where the linear lr decay starts")
     parser.add_argument("--ema_decay", type=float, default=0.995)
     parser.add_argument("--eval_every", type=int, default=250)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (1 is fastest on a busy machine)")

@@ -15,27 +15,35 @@ Modules, in data-flow order:
 - :mod:`probe.data`, :mod:`probe.collect`, :mod:`probe.train`: collected shards, the dataset, collection,
   and :func:`fit` (also the online refresh).
 
-API for pruned GRPO (issue 5)::
+API for pruned GRPO (issue 5). Import from the submodules (``from probe.probe import Probe``): under pytest's
+default import mode the test folder ``tests/probe`` shadows this ``__init__`` (``from probe import Probe`` then
+fails unless pytest runs with ``pythonpath = ["."]``)::
 
-    from probe import Probe, ProbeDataset, FitConfig, fit, probe_metrics
+    from probe.data import ProbeDataset
+    from probe.metrics import probe_metrics
+    from probe.probe import Probe
+    from probe.train import FitConfig, fit
 
     probe = Probe.load(path, pipeline.transformer, capture_step=k, num_steps=sampler.num_steps)  # validated
     recorder = probe.recorder(sampler)                      # ProbeRecorder at the probe's step and blocks
     early = sampler.advance(sampler.start(prompt_index, seeds), embeds, until_step=k, observer=recorder)
     capture = recorder.result(early)                        # ProbeCapture for every row of `early`
-    token_mask = embeds.token_mask[early.prompt_index]
-    features = probe.features(capture, token_mask)          # [B, C, h, w], keep for the online buffer
-    predicted = probe.predict(features, capture.sigma)      # [B] in reward units
+    features = probe.features(capture, embeds.token_mask[early.prompt_index])  # [B, C, h, w], keep for the buffer
+    predicted = probe.predict(features, capture.sigma, group=early.prompt_index)  # [B] in reward units
     # ... prune on `predicted`, continue survivors: sampler.advance(early.select(keep), embeds, T)
 
-    # online refresh on a buffer of (features, real reward, group id), normalisation kept fixed:
-    buffer = ProbeDataset(features, torch.full((n,), capture.sigma), rewards, group_ids, prompts)
+    # online refresh on a buffer of (features, real reward, group id); normalisation stays fixed.
+    groups = step * num_prompts + early.prompt_index[keep]   # ids unique across every step in the buffer
+    online = probe_metrics(predicted[keep], rewards, groups)  # the probe's quality before refreshing
+    buffer = ProbeDataset.concatenate([buffer, ProbeDataset.from_tensors(features[keep], capture.sigma, rewards, groups)])
     log = fit(probe, buffer, FitConfig(steps=50, lr=3e-4, rank_weight=1.0, cosine=False))
-    online = probe_metrics(probe.predict(new_features, sigma), new_rewards, new_groups)  # before refreshing
 
-The recorder costs nothing at steps other than k (the default processors run untouched). ``probe.score(capture,
-token_mask)`` does features + predict in one call. ``Probe.state()`` / ``Probe.from_state`` put a probe into
-and out of a training checkpoint.
+``group`` matters only for group-relative probes (``ProbeModelConfig.group_relative``); a batch passed to
+``predict`` must then hold whole groups. ``fit`` samples whole groups per batch (the ranking term needs two
+rollouts of one group), builds a fresh AdamW each call and leaves the probe in eval mode. The recorder costs
+nothing at steps other than k (the default processors run untouched). ``probe.score(capture, token_mask)``
+does features + predict in one call. ``Probe.state()`` / ``Probe.from_state`` put a probe into and out of a
+training checkpoint.
 """
 
 from probe.capture import ObserverGroup, ProbeCapture, ProbeRecorder, capture_attention, default_blocks

@@ -9,6 +9,7 @@ prompt groups and are written atomically, so an interrupted collection resumes b
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -51,6 +52,8 @@ class CollectSettings:
         prompts_per_shard: prompt groups per shard.
         seed: prompt draws and rollout seeds.
         fingerprint: the transformer's config fingerprint.
+        weights: :func:`weights_fingerprint` of the transformer (retrained weights of the same architecture make
+            a resumed collection an error instead of a silent mix).
     """
 
     pipeline: str
@@ -70,6 +73,7 @@ class CollectSettings:
     seed: int
     same_initial_noise: bool = False
     fingerprint: str = ""
+    weights: str = ""
 
 
 def prompt_source(spec: str, count: int, seed: int) -> list[tuple[str, dict]]:
@@ -81,10 +85,38 @@ def prompt_source(spec: str, count: int, seed: int) -> list[tuple[str, dict]]:
     return [(p.text, p.metadata) for p in load_prompt_source(spec).batch(0, count, seed)]
 
 
+def pipeline_sizes(pipeline: FluxPipeline) -> dict[str, int]:
+    """Default ``resolution`` (the VAE's sample size) and ``text_length`` (T5's max length, at most 512)."""
+    return {
+        "resolution": pipeline.vae.config.sample_size,
+        "text_length": min(pipeline.tokenizer_2.model_max_length, 512),
+    }
+
+
+def weights_fingerprint(module: torch.nn.Module, values: int = 16) -> str:
+    """A 16-hex-digit hash of every parameter's name, shape and first and last ``values`` entries.
+
+    Cheap even for FLUX.1-dev (a few hundred tensors, 32 numbers each) and changed by any training run.
+    """
+    digest = hashlib.sha256()
+    for name, parameter in module.named_parameters():
+        flat = parameter.detach().reshape(-1)
+        sample = torch.cat([flat[:values], flat[-values:]]).float().cpu()
+        digest.update(f"{name}{tuple(parameter.shape)}".encode())
+        digest.update(sample.numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
 def resolve_settings(pipeline: FluxPipeline, settings: CollectSettings) -> CollectSettings:
-    """Fill the blocks (default middle blocks) and the fingerprint from the pipeline."""
-    blocks = list(default_blocks(pipeline.transformer)) if not settings.blocks else list(settings.blocks)
-    return dataclasses.replace(settings, blocks=blocks, fingerprint=transformer_fingerprint(pipeline.transformer))
+    """Fill the blocks (default middle blocks) and the config and weights fingerprints from the pipeline."""
+    transformer = pipeline.transformer
+    blocks = list(default_blocks(transformer)) if not settings.blocks else list(settings.blocks)
+    return dataclasses.replace(
+        settings,
+        blocks=blocks,
+        fingerprint=transformer_fingerprint(transformer),
+        weights=weights_fingerprint(transformer),
+    )
 
 
 def collect(

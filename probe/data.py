@@ -128,6 +128,41 @@ class ProbeDataset:
     def __len__(self) -> int:
         return self.reward.shape[0]
 
+    @classmethod
+    def from_tensors(
+        cls,
+        features: torch.Tensor,
+        sigma: torch.Tensor | float,
+        reward: torch.Tensor,
+        group: torch.Tensor,
+        prompts: list[str] | None = None,
+    ) -> ProbeDataset:
+        """A dataset from in-memory rollouts, e.g. GRPO's online buffer of (features, real reward, group id).
+
+        Args:
+            features: ``[N, C, h, w]`` raw features (:meth:`probe.probe.Probe.features`).
+            sigma: the capture's sigma, scalar or ``[N]``.
+            reward: ``[N]`` real rewards.
+            group: ``[N]`` group ids (rollouts of one prompt draw share one).
+            prompts: N prompt strings; default: the group id as text (a split by prompt is then a split by group).
+
+        Raises:
+            ValueError: if the tensors disagree on N.
+        """
+        n = features.shape[0]
+        sigma = torch.as_tensor(sigma, dtype=torch.float32).reshape(-1).expand(n).clone()
+        prompts = [str(g) for g in group.tolist()] if prompts is None else list(prompts)
+        sizes = {
+            "features": n,
+            "sigma": len(sigma),
+            "reward": len(reward),
+            "group": len(group),
+            "prompts": len(prompts),
+        }
+        if len(set(sizes.values())) > 1:
+            raise ValueError(f"rollout counts differ: {sizes}")
+        return cls(features.detach().cpu(), sigma, reward.detach().cpu().float(), group.detach().cpu().long(), prompts)
+
     def subset(self, indices: torch.Tensor | np.ndarray | list[int]) -> ProbeDataset:
         indices = torch.as_tensor(indices, dtype=torch.long)
         return ProbeDataset(

@@ -7,7 +7,7 @@ keys by name (in the YAML and on the command line, with a close-match suggestion
 type, then runs the cross-field checks of :meth:`RunConfig.validate`, which say what to set instead.
 Nothing here loads a model, a reward or a prompt file.
 
-To add a section (the pruning issue adds ``ProbeConfig`` and ``PruneConfig``): write a dataclass deriving
+To add a section (as the pruning issue added ``PruningConfig``): write a dataclass deriving
 from :class:`Section` with new, unique keys and add it as a field of :class:`RunConfig`.
 """
 
@@ -24,7 +24,8 @@ from typing import Any
 
 import yaml
 
-from rewards.compose import parse_reward_spec
+from rewards.compose import FAILURE_POLICIES, parse_reward_spec
+from rl.pruning import ADVANTAGE_MODES, POLICIES, keep_count
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +47,6 @@ FLUX_LORA_TARGETS = [
 ]
 TRAIN_STEP_MODES = ("all_but_last", "window", "random")
 LORA_INITS = ("true", "false", "gaussian")
-FAILURE_POLICIES = ("raise", "drop_group")
 PRECISIONS = ("no", "bf16")
 WANDB_MODES = ("offline", "online", "disabled")
 
@@ -333,8 +333,14 @@ class EvalConfig(Section):
     eval_images_per_prompt: int = option(
         2, "Seeds per prompt; image j of prompt p uses seed 1000 p + j (as launch/eval_shapes.py)."
     )
-    eval_before_training: bool = option(True, "Evaluate the base model (LoRA at its initial weights) at step 0.")
-    final_eval_num_prompts: int = option(0, "Prompts of the final evaluation after training; 0: all of them.")
+    eval_before_training: bool = option(
+        True,
+        "Evaluate the base model (LoRA disabled) at step 0 on the final evaluation's prompts and seeds, logged as "
+        "base_eval/*; summary.json then holds base vs final. Recommended (the run's before/after).",
+    )
+    final_eval_num_prompts: int = option(
+        0, "Prompts of the base (step 0) and final evaluations; 0: all of them (shapes:test: 256)."
+    )
 
     def check(self) -> None:
         _positive(self, "eval_images_per_prompt")
@@ -347,7 +353,9 @@ class LoggingConfig(Section):
     """Where the run writes, and how it reports."""
 
     output_dir: str = option(
-        "runs/grpo", "Run folder: metrics.jsonl (every logged metric), config.yaml (the resolved config), lora/."
+        "runs/grpo",
+        "Run folder: metrics.jsonl (every logged metric), config.yaml (the resolved config), summary.json (base "
+        "vs final held-out scores), lora/ (the diffusers-format LoRA).",
     )
     log_every: int = option(1, "Write metrics every N GRPO steps.")
     wandb_mode: str = option(
@@ -366,17 +374,105 @@ class LoggingConfig(Section):
 
 @dataclasses.dataclass
 class CheckpointConfig(Section):
-    """LoRA export (full checkpoint and resume extend this section)."""
+    """Checkpoints (rl/checkpoint.py), resume and the diffusers-format LoRA export."""
 
     save_lora: bool = option(True, "Save the LoRA in diffusers format to <output_dir>/lora at the end.")
-    save_every: int = option(0, "Also export the LoRA to <output_dir>/lora-<step> every N GRPO steps (0: never).")
+    save_every: int = option(
+        0,
+        "Write a full checkpoint to <output_dir>/checkpoints/step-<n> every N GRPO steps (0: never): LoRA, "
+        "optimizer, EMA, probe and its online buffer, RNG states, step (= data position), plus the LoRA in "
+        "diffusers format in its lora/ folder. Written atomically. FLUX.1-dev: 10-30; preemptible jobs: often.",
+    )
+    save_total_limit: int = option(
+        0, "Keep only the newest N checkpoints (0: keep all). A checkpoint of FLUX.1-dev with r=64 is ~1-2 GB."
+    )
+    resume_from: str | None = option(
+        None,
+        "Resume a run: 'latest' (the newest complete checkpoint in <output_dir>/checkpoints; starts fresh when "
+        "there is none, so one command both starts and resumes a preemptible job) or a checkpoint folder path. "
+        "The resumed run continues exactly (same prompts, noise, weights and logged rewards) as if never stopped.",
+    )
     save_ema: bool = option(
         True, "Export the EMA weights (when ema_decay > 0) rather than the last ones (Flow-GRPO evaluates EMA)."
     )
 
     def check(self) -> None:
-        if self.save_every < 0:
-            raise ValueError(f"save_every must be >= 0, got {self.save_every}")
+        if self.save_every < 0 or self.save_total_limit < 0:
+            raise ValueError(
+                f"save_every and save_total_limit must be >= 0, got {self.save_every}, {self.save_total_limit}"
+            )
+
+
+@dataclasses.dataclass
+class PruningConfig(Section):
+    """Probe pruning (DESIGN.md section 5; rl/pruning.py, rl/pruned_rollout.py) and the online probe refresh."""
+
+    prune_policy: str = option(
+        "none",
+        "Which rollouts continue past capture_step: 'none' (all: the unpruned trainer), 'topk' (the best "
+        "predicted prune_keep_fraction of each group), 'maxvar' (the predicted extremes: GRPO learns from "
+        "contrast), 'random' (the ablation control: same cost, no probe) or 'threshold' (predicted reward >= "
+        "prune_threshold, at least 2 per group).",
+    )
+    prune_keep_fraction: float = option(
+        0.5,
+        "r: survivors per group = round(r G), at least 2. Denoising costs k/T + r (1 - k/T) of an unpruned "
+        "step, the reward model runs on r of the images. 0.5 is the benchmarked setting.",
+    )
+    capture_step: int = option(
+        2, "k of 'capture at step k of T' (1-based): where the probe reads attention. Must equal the probe's."
+    )
+    probe_path: str = option(
+        "",
+        "Probe file (launch/probe_train.py; assets/probe/ for the shipped model), checked against the model, "
+        "capture_step and num_steps; 'init' starts from a randomly initialised probe (learnt online only; "
+        "benchmarks). Needed by every policy but 'none' and 'random'.",
+    )
+    prune_explore: int = option(
+        1,
+        "Rollouts per group kept at random regardless of the probe (they take survivor slots, the count is "
+        "unchanged), so the online refresh sees data the probe did not choose. 0: none.",
+    )
+    prune_threshold: float = option(0.5, "Cut of the 'threshold' policy, in reward units.")
+    prune_min_spread: float = option(
+        0.0,
+        "Skip whole groups whose predicted rewards have a population std below this (their advantages would "
+        "be ~0). 0: never skip. In reward units; try ~0.1 of the reward's typical within-group std.",
+    )
+    prune_advantage: str = option(
+        "survivors",
+        "'survivors' (group statistics over the survivors) or 'imputed' (pruned rollouts' calibrated "
+        "predictions take part in each group's mean and std).",
+    )
+    probe_refresh_every: int = option(
+        0,
+        "Fine-tune the probe every N GRPO steps on the buffer of (features, real reward) of survivors; the "
+        "online PCC / within-group SRCC on the newest batch are logged before it sees that batch. 0: never.",
+    )
+    probe_refresh_steps: int = option(20, "Optimizer steps of each online refresh.")
+    probe_refresh_lr: float = option(3e-4, "AdamW learning rate of the online refresh (constant).")
+    probe_rank_weight: float = option(
+        1.0, "Weight of the within-group ranking term in the online refresh loss (0: MSE only)."
+    )
+    probe_buffer_size: int = option(
+        2048, "Most rollouts in the online refresh buffer (the oldest leave first); saved in checkpoints."
+    )
+    max_images_denoised: float = option(
+        0.0,
+        "Budget in denoised images (a rollout stopped at step k counts k/T); training stops once exceeded. "
+        "Compares pruned and unpruned runs at equal compute (launch/ablate.py). 0: none.",
+    )
+
+    def check(self) -> None:
+        _one_of("prune_policy", self.prune_policy, POLICIES)
+        _one_of("prune_advantage", self.prune_advantage, ADVANTAGE_MODES)
+        _positive(self, "capture_step", "probe_refresh_steps", "probe_refresh_lr", "probe_buffer_size")
+        if not 0 < self.prune_keep_fraction <= 1:
+            raise ValueError(f"prune_keep_fraction must lie in (0, 1], got {self.prune_keep_fraction}")
+        if min(self.prune_explore, self.probe_refresh_every, self.prune_min_spread, self.max_images_denoised) < 0:
+            raise ValueError(
+                "prune_explore, probe_refresh_every, prune_min_spread and max_images_denoised must be >= 0"
+            )
 
 
 @dataclasses.dataclass
@@ -390,6 +486,7 @@ class RunConfig:
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
     logging: LoggingConfig = dataclasses.field(default_factory=LoggingConfig)
     checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
+    pruning: PruningConfig = dataclasses.field(default_factory=PruningConfig)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -402,6 +499,7 @@ class RunConfig:
     def validate(self) -> None:
         """Cross-field checks. Raises ValueError stating the constraint, why, and what to set instead."""
         s, r = self.sampling, self.reward
+        self.validate_pruning()
         if s.noise_level == 0:
             raise ValueError(
                 "noise_level=0 samples deterministically: transitions have no density, so there is no policy "
@@ -443,6 +541,41 @@ class RunConfig:
                 "clip_range=%g: log-probs are per-element means, so ratios stay within ~1e-3 of 1 and a PPO-style "
                 "clip range never clips; Flow-GRPO uses 1e-4",
                 self.training.clip_range,
+            )
+
+    def validate_pruning(self) -> None:
+        """Cross-field checks of the pruning section against the sampling section."""
+        p, s = self.pruning, self.sampling
+        if p.prune_policy == "none":
+            if p.prune_min_spread > 0:
+                raise ValueError(
+                    "prune_min_spread > 0 skips groups, but prune_policy='none' must train exactly like the unpruned "
+                    "trainer. Set a pruning policy (topk, maxvar, random, threshold) or prune_min_spread: 0."
+                )
+        elif not 1 <= p.capture_step < s.num_steps:
+            raise ValueError(
+                f"capture_step={p.capture_step} must lie in [1, num_steps - 1 = {s.num_steps - 1}]: pruning stops "
+                "rollouts after step k, so k = T saves nothing. Set capture_step to ~0.2 num_steps (2 of 10)."
+            )
+        needs_probe = p.prune_policy in ("topk", "maxvar", "threshold") or p.prune_advantage == "imputed"
+        needs_probe = needs_probe or p.probe_refresh_every > 0 or p.prune_min_spread > 0
+        if needs_probe and not p.probe_path:
+            raise ValueError(
+                f"prune_policy={p.prune_policy!r}, prune_advantage={p.prune_advantage!r}, probe_refresh_every="
+                f"{p.probe_refresh_every}, prune_min_spread={p.prune_min_spread} need probe predictions: set "
+                "probe_path to a probe file (launch/probe_train.py) or 'init', or use prune_policy 'random' / 'none'."
+            )
+        if p.prune_advantage == "imputed" and p.prune_policy == "none":
+            raise ValueError(
+                "prune_advantage='imputed' imputes pruned rollouts; with prune_policy='none' there are none"
+            )
+        if p.prune_policy in ("topk", "maxvar", "random") and p.prune_explore > keep_count(
+            s.group_size, p.prune_keep_fraction
+        ):
+            raise ValueError(
+                f"prune_explore={p.prune_explore} exceeds the {keep_count(s.group_size, p.prune_keep_fraction)} "
+                f"survivors per group (group_size={s.group_size}, prune_keep_fraction={p.prune_keep_fraction}): "
+                "the policy would choose nothing. Lower prune_explore or raise prune_keep_fraction."
             )
 
     def to_dict(self) -> dict[str, dict[str, Any]]:

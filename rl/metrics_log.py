@@ -18,6 +18,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 logger = logging.getLogger(__name__)
@@ -53,6 +54,13 @@ class MetricsAccumulator:
 
     def state(self) -> dict[str, dict[str, float]]:
         return {"sums": dict(self.sums), "counts": dict(self.counts), "max": self.maxima, "min": self.minima}
+
+    def load_state(self, state: dict[str, dict[str, float]]) -> None:
+        """Restore :meth:`state` (a resumed run logs what was accumulated before the checkpoint)."""
+        self.sums.update(state["sums"])
+        self.counts.update(state["counts"])
+        self.maxima.update(state["max"])
+        self.minima.update(state["min"])
 
     def reduce(self, accelerator: Any = None) -> dict[str, float]:
         """Global metrics over every process (a collective call: every process must make it)."""
@@ -143,6 +151,39 @@ class MetricsLogger:
                 logger.warning("wandb disabled: wandb.log failed (%s)", error)
                 self._wandb = None
 
+    def resume(self, step: int, elapsed_s: float) -> None:
+        """Continue a run from its checkpoint at ``step``: drop records the stopped run wrote after it (they are
+        logged again, identically) and carry the wall clock on from ``elapsed_s``."""
+        self.started = time.time() - elapsed_s
+        if not self.is_main_process:
+            return
+        self._file.close()
+        kept = [r for r in read_metrics(self.path) if r["step"] <= step]
+        tmp = self.path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
+        os.replace(tmp, self.path)
+        self._file = self.path.open("a", encoding="utf-8")
+
+    def log_images(self, key: str, images: torch.Tensor, captions: list[str], step: int, columns: int = 8) -> None:
+        """Save a grid of ``images`` (``[N, 3, H, W]`` in [0, 1]) as ``<output_dir>/samples/<key>-<step>.png``
+        (``/`` in ``key`` becomes ``_``) and log it to wandb with the captions. Never raises."""
+        if not self.is_main_process or len(images) == 0:
+            return
+        try:
+            from PIL import Image
+
+            grid = Image.fromarray(image_grid(images, columns))
+            path = self.path.parent / "samples" / f"{key.replace('/', '_')}-{step:06d}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            grid.save(path)
+            if self._wandb is not None:
+                import wandb
+
+                caption = " | ".join(captions[:columns]) + (" ..." if len(captions) > columns else "")
+                self._wandb.log({key: wandb.Image(grid, caption=caption)}, step=step)
+        except Exception as error:  # logging must never kill a run
+            logger.warning("image logging failed (%s)", error)
+
     def close(self) -> None:
         if not self.is_main_process:
             return
@@ -152,6 +193,18 @@ class MetricsLogger:
                 self._wandb.finish()
             except Exception as error:  # logging must never kill a run
                 logger.warning("wandb.finish failed (%s)", error)
+
+
+def image_grid(images: torch.Tensor, columns: int) -> np.ndarray:
+    """``[N, 3, H, W]`` images in [0, 1] -> one ``[rows H, columns W, 3]`` uint8 grid, row by row (blank filler)."""
+    n, channels, height, width = images.shape
+    columns = min(columns, n)
+    rows = -(-n // columns)
+    pixels = (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).cpu()
+    grid = torch.zeros(rows * columns, channels, height, width, dtype=torch.uint8)
+    grid[:n] = pixels
+    grid = grid.view(rows, columns, channels, height, width).permute(0, 3, 1, 4, 2)
+    return grid.reshape(rows * height, columns * width, channels).numpy()
 
 
 def read_metrics(path: str | Path) -> list[dict]:

@@ -6,15 +6,17 @@ One GRPO step, per process (each process owns whole prompt groups; nothing is sp
       -> VAE-decode -> reward (thread pool) -> group advantages -> PPO-clipped loss (+ optional KL to the
       adapter-disabled reference) over the trained steps -> AdamW steps through accelerate -> EMA -> log
 
-Every phase is a method, so the pruning issue can run :meth:`GRPOTrainer.rollout` to step k, probe, prune and
-continue the survivors before :meth:`GRPOTrainer.score`. Everything device- and process-related goes through
-one ``accelerate.Accelerator``; metrics are reduced across processes as sums and counts.
+Every phase is a method, so probe pruning can run :meth:`GRPOTrainer.rollout` to step k (with an observer
+capturing attention), pick survivors (``Rollouts.select``) and finish them with
+:meth:`GRPOTrainer.continue_rollouts` before :meth:`GRPOTrainer.score`. Everything device- and process-related
+goes through one ``accelerate.Accelerator``; metrics are reduced across processes as sums and counts.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import logging
 import math
 import time
@@ -24,19 +26,21 @@ from pathlib import Path
 import numpy as np
 import torch
 import yaml
-from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, set_seed
 from diffusers import FluxPipeline
 from tqdm.auto import tqdm
 
 from rewards.compose import RewardResult, build_reward_set
 from rl.advantages import group_advantages
+from rl.checkpoint import load_checkpoint, register_lora_only_hooks, resolve_resume, save_checkpoint
 from rl.config import RunConfig
 from rl.data import Prompt, load_prompt_source, per_process, shard
+from rl.distributed import build_accelerator, configure_deepspeed, whole_model_loading
 from rl.lora import LoraEMA, add_lora, disable_adapter, save_lora
 from rl.loss import grpo_loss
 from rl.metrics_log import MetricsAccumulator, MetricsLogger
-from rl.sampler import FluxSampler, PromptEmbeddings, Rollouts, encode_prompts
+from rl.pruned_rollout import PrunedRollout
+from rl.sampler import FluxSampler, PromptEmbeddings, Rollouts, StepObserver, encode_prompts
 from rl.sde import kl_to_reference
 
 logger = logging.getLogger(__name__)
@@ -92,6 +96,7 @@ class TrainState:
     step: int = 0
     images_seen: int = 0
     optimizer_steps: int = 0
+    images_denoised: float = 0.0  # full-image equivalents: a rollout stopped at step k of T counts k / T
 
 
 def load_pipeline(config: RunConfig, device: torch.device) -> FluxPipeline:
@@ -118,7 +123,10 @@ class GRPOTrainer:
         self.state = TrainState()
         self.metrics = MetricsAccumulator()
         self.phase_times: dict[str, float] = {}
+        self.step_images = 0
+        self.base_eval: dict[str, float] = {}
         self.final_eval: dict[str, float] = {}
+        self.summary: dict = {}
         self.last_eval = math.nan
         self.started = time.time()
 
@@ -129,12 +137,8 @@ class GRPOTrainer:
         cfg = self.config
         s, t = cfg.sampling, cfg.training
         self.num_trained_steps = len(self.trained_steps(0, 1)[0])
-        self.accelerator = Accelerator(
-            cpu=not torch.cuda.is_available(),
-            mixed_precision=t.mixed_precision,
-            # one optimizer step per `gradient_accumulation_steps` micro-batches, each over all trained steps
-            gradient_accumulation_steps=t.gradient_accumulation_steps * self.num_trained_steps,
-        )
+        # one optimizer step per `gradient_accumulation_steps` micro-batches, each over all trained steps
+        self.accelerator = build_accelerator(t.mixed_precision, t.gradient_accumulation_steps * self.num_trained_steps)
         # cheap, likely-to-fail pieces first: a missing prompt file or an unknown reward fails before the model loads
         self.train_prompts = load_prompt_source(s.prompts)
         self.eval_prompts = load_prompt_source(cfg.eval.eval_prompts)
@@ -143,7 +147,12 @@ class GRPOTrainer:
             r.reward, r.reward_weights, r.reward_kwargs, r.reward_workers, failure_policy=r.reward_failure_policy
         )
         set_seed(t.seed)
-        self.pipeline = load_pipeline(cfg, self.accelerator.device)
+        if torch.cuda.is_available():
+            # cuDNN's attention backward returns NaN gradients from finite inputs under bf16 (measured on an H200
+            # with the tiny model, torch 2.11; pytorch#196678, trl#7181): flash / memory-efficient kernels take over
+            torch.backends.cuda.enable_cudnn_sdp(False)
+        with whole_model_loading(self.accelerator):
+            self.pipeline = load_pipeline(cfg, self.accelerator.device)
         m = cfg.model
         self.lora_params = add_lora(
             self.pipeline.transformer, m.lora_rank, m.lora_alpha, m.lora_target_modules, m.init_lora_weights
@@ -157,11 +166,14 @@ class GRPOTrainer:
             weight_decay=t.adam_weight_decay,
             eps=t.adam_epsilon,
         )
+        configure_deepspeed(self.accelerator, t.train_batch_size, t.max_grad_norm)
         self.model, self.optimizer = self.accelerator.prepare(self.pipeline.transformer, optimizer)
+        register_lora_only_hooks(self.accelerator, self.model)  # checkpoints hold the LoRA, not the frozen base
         self.ema = LoraEMA(self.lora_params, t.ema_decay) if t.ema_decay > 0 else None
         size = dict(guidance_scale=s.guidance_scale, height=s.height, width=s.width, batch_size=s.sample_batch_size)
         self.sampler = FluxSampler(self.pipeline, s.num_steps, s.noise_level, **size)
         self.eval_sampler = FluxSampler(self.pipeline, cfg.eval.eval_num_steps or s.num_steps, 0.0, **size)
+        self.pruner = PrunedRollout.from_config(cfg, self.sampler, self.accelerator)  # None: unpruned
         self.output_dir = Path(cfg.logging.output_dir)
         if self.accelerator.is_main_process:
             self.output_dir.mkdir(parents=True, exist_ok=True)
@@ -175,6 +187,7 @@ class GRPOTrainer:
             cfg.flat(),
         )
         self.prompts_per_process = per_process(s.prompts_per_step, self.accelerator.num_processes)
+        self.resume()
         self.info(
             "GRPO: %d processes x %d prompts x %d rollouts per step, %d trained steps of %d, %d LoRA parameters",
             self.accelerator.num_processes,
@@ -190,27 +203,32 @@ class GRPOTrainer:
     def train(self) -> dict[str, float]:
         """Run GRPO steps until ``max_steps`` or the time budget; evaluate and save. Returns the final eval."""
         cfg = self.config
-        if cfg.eval.eval_before_training and self.state.step == 0:
-            self.log_eval(self.evaluate())
+        if cfg.eval.eval_before_training and self.state.step == 0:  # the same prompts and seeds as the final eval
+            self.base_eval = self.evaluate(final=True, base=True)
+            self.log_eval(self.base_eval, prefix="base_eval")
         bar = tqdm(total=cfg.training.max_steps, initial=self.state.step, desc="GRPO", disable=not self.show_bar)
         while not self.finished:
             batch = self.next_prompts()  # whole groups for this process, encoded once
-            rollouts = self.rollout(batch)  # SDE sampling with log-probs (pruning: to k, probe, prune, continue)
-            scored = self.score(batch, rollouts)  # decode + reward in a thread pool
-            advantages = self.advantages(scored)  # per prompt group
+            if self.pruner is None:
+                rollouts = self.rollout(batch)  # SDE sampling with log-probs
+                scored = self.score(batch, rollouts)  # decode + reward in a thread pool
+                advantages = self.advantages(scored)  # per prompt group
+            else:  # to step k with capture, probe, prune, continue and score survivors only (+ probe refresh)
+                scored, advantages = self.pruner.sample_and_score(self, batch)
             self.optimise(batch, scored, advantages)  # PPO-clipped loss over the trained steps
             self.state.step += 1
             self.log_step(bar)
             if cfg.eval.eval_every and self.state.step % cfg.eval.eval_every == 0 and not self.finished:
                 self.log_eval(self.evaluate())
             if cfg.checkpoint.save_every and self.state.step % cfg.checkpoint.save_every == 0:
-                self.save(self.output_dir / f"lora-{self.state.step}")
+                self.save_checkpoint()
         bar.close()
-        final = self.final_eval = self.evaluate(final=True)
-        self.log_eval(final, prefix="final_eval")
+        self.final_eval = self.evaluate(final=True)
+        self.log_eval(self.final_eval, prefix="final_eval")
+        self.write_summary()
         if cfg.checkpoint.save_lora:
             self.save(self.output_dir / "lora")
-        return final
+        return self.final_eval
 
     def cleanup(self) -> None:
         """Release the reward threads and the logger; end accelerate's trackers."""
@@ -242,19 +260,41 @@ class GRPOTrainer:
             initial_seeds=initial if cfg.sampling.same_initial_noise else None,
         )
 
-    def rollout(self, batch: PromptBatch, until_step: int | None = None) -> Rollouts:
-        """Sample every rollout of ``batch`` with the SDE sampler up to ``until_step`` (default: the end)."""
-        sampler = self.sampler
-        with self.phase("sample"), self.accelerator.autocast():
-            start = sampler.start(batch.prompt_index, batch.seeds, self.accelerator.device, batch.initial_seeds)
-            rollouts = sampler.advance(start, batch.embeds, sampler.num_steps if until_step is None else until_step)
-        self.state.images_seen += len(rollouts) * self.accelerator.num_processes
-        return rollouts
+    def rollout(
+        self, batch: PromptBatch, until_step: int | None = None, observer: StepObserver | None = None
+    ) -> Rollouts:
+        """Start every rollout of ``batch`` and sample it with the SDE sampler up to ``until_step`` (default: T)."""
+        start = self.sampler.start(batch.prompt_index, batch.seeds, self.accelerator.device, batch.initial_seeds)
+        return self.continue_rollouts(batch, start, until_step, observer)
+
+    def continue_rollouts(
+        self,
+        batch: PromptBatch,
+        rollouts: Rollouts,
+        until_step: int | None = None,
+        observer: StepObserver | None = None,
+    ) -> Rollouts:
+        """Continue ``rollouts`` of ``batch`` (all, or any subset such as pruning's survivors) to ``until_step``.
+
+        A rollout's noise comes from its own seed, so a continued subset follows exactly the trajectories it
+        would have followed had every rollout been continued.
+        """
+        until = self.sampler.num_steps if until_step is None else until_step
+        total = len(rollouts) * (until - rollouts.step)
+        self.state.images_denoised += self.global_count(total) / self.sampler.num_steps
+        with (
+            self.phase("sample"),
+            self.accelerator.autocast(),
+            tqdm(total=total, desc="sample", leave=False, disable=not self.show_bar) as bar,
+        ):
+            return self.sampler.advance(rollouts, batch.embeds, until, observer, progress=bar.update)
 
     def score(self, batch: PromptBatch, rollouts: Rollouts) -> ScoredRollouts:
         """Decode finished rollouts and score them (reward thread pool); log every reward component."""
         prompts = [batch.prompts[i] for i in rollouts.prompt_index.tolist()]
         group_ids = batch.group_ids[rollouts.prompt_index.cpu()]
+        self.step_images += len(rollouts)
+        self.state.images_seen += self.global_count(len(rollouts))
         with self.phase("decode"), self.accelerator.autocast():
             images = self.sampler.decode(rollouts.latents)
         with self.phase("reward"):
@@ -297,7 +337,7 @@ class GRPOTrainer:
         t, acc = self.config.training, self.accelerator
         rollouts = scored.rollouts
         device = rollouts.states.device
-        steps = self.trained_steps(self.state.step, len(rollouts)).to(device)
+        steps = self.trained_steps(self.state.step, len(rollouts), stream=acc.process_index).to(device)
         weights = scored.valid.float().to(device)
         advantages = advantages.to(device)
         most = int(acc.gather(torch.tensor([len(rollouts)], device=acc.device)).max())
@@ -317,7 +357,8 @@ class GRPOTrainer:
                             acc.backward(out.loss)
                             if acc.sync_gradients:
                                 grad_norm = acc.clip_grad_norm_(self.lora_params, t.max_grad_norm)
-                                self.metrics.add("train/grad_norm", float(grad_norm))
+                                if grad_norm is not None:  # DeepSpeed clips inside its step and may report none
+                                    self.metrics.add("train/grad_norm", float(grad_norm))
                             self.optimizer.step()
                             self.optimizer.zero_grad()
                         self.record_loss(out, first_inner=not updated)
@@ -342,11 +383,16 @@ class GRPOTrainer:
     # ------------------------------------------------------------------ evaluation and saving
 
     @torch.no_grad()
-    def evaluate(self, final: bool = False) -> dict[str, float]:
+    def evaluate(self, final: bool = False, base: bool = False) -> dict[str, float]:
         """Deterministic (noise level 0) samples of held-out prompts, fixed seeds, EMA weights; mean rewards.
 
         Image j of prompt p (its index in the eval source) uses seed ``1000 p + j``, as launch/eval_shapes.py,
         so a final evaluation over every prompt reproduces that script's score.
+
+        Args:
+            final: evaluate ``final_eval_num_prompts`` prompts (the base and final evaluations) rather than the
+                periodic ``eval_num_prompts``.
+            base: evaluate the base model (LoRA disabled) instead of the (EMA) LoRA weights.
         """
         e, acc = self.config.eval, self.accelerator
         items = self.eval_prompts.eval_subset(e.final_eval_num_prompts if final else e.eval_num_prompts)
@@ -355,8 +401,11 @@ class GRPOTrainer:
         metrics = MetricsAccumulator()
         sampler = self.eval_sampler
         chunk = max(1, sampler.batch_size // per_image)
-        averaged = self.ema.average_parameters() if self.ema is not None else contextlib.nullcontext()
-        with self.phase("eval"), averaged, acc.autocast():
+        if base:
+            weights = disable_adapter(acc.unwrap_model(self.model))
+        else:
+            weights = self.ema.average_parameters() if self.ema is not None else contextlib.nullcontext()
+        with self.phase("eval"), weights, acc.autocast():
             for start in tqdm(range(0, len(items), chunk), desc="eval", leave=False, disable=not self.show_bar):
                 part = items[start : start + chunk]
                 embeds = encode_prompts(self.pipeline, [p.text for _, p in part], self.config.model.max_sequence_length)
@@ -367,6 +416,9 @@ class GRPOTrainer:
                 )
                 images = sampler.decode(done.latents)
                 prompts = [part[i][1] for i in prompt_index.tolist()]
+                if start == 0:  # a grid of the first images (main process's share) in samples/ and wandb
+                    key = "images/" + ("base_eval" if base else "final_eval" if final else "eval")
+                    self.log.log_images(key, images, [p.text for p in prompts], self.state.step, columns=per_image * 4)
                 result = self.reward_set(images, [p.text for p in prompts], [p.metadata for p in prompts])
                 valid = result.valid.bool()
                 metrics.add_values("total", result.total[valid])
@@ -385,22 +437,83 @@ class GRPOTrainer:
         self.accelerator.wait_for_everyone()
         self.info("saved LoRA to %s", directory)
 
+    def save_checkpoint(self) -> Path:
+        """Write a full checkpoint of this step (rl/checkpoint.py: atomic, with the diffusers LoRA export)."""
+        with self.phase("checkpoint"):
+            path = save_checkpoint(
+                self.accelerator,
+                self.output_dir,
+                self.state.step,
+                trainer_state=self.state_dict(),
+                rank_state={"metrics": self.metrics.state(), "elapsed_s": time.time() - self.log.started},
+                export_lora=self.save,
+                keep=self.config.checkpoint.save_total_limit,
+            )
+        return path
+
+    def resume(self) -> None:
+        """Continue from ``resume_from`` (a checkpoint folder or ``latest``): weights, optimizer, EMA, probe, RNG,
+        step (= data position), pending metrics and the wall clock; the metrics file is cut back to that step."""
+        path = resolve_resume(self.config.checkpoint.resume_from, self.output_dir)
+        if path is None:
+            if self.config.checkpoint.resume_from:
+                self.info("resume_from=%s: no checkpoint yet, starting fresh", self.config.checkpoint.resume_from)
+            return
+        trainer_state, rank_state = load_checkpoint(self.accelerator, path)
+        self.load_state_dict(trainer_state)
+        self.metrics.load_state(rank_state.get("metrics", MetricsAccumulator().state()))
+        elapsed = rank_state.get("elapsed_s", 0.0)
+        self.started = time.time() - elapsed  # max_minutes budgets the whole run, not each resumed piece
+        self.log.resume(self.state.step, elapsed)
+        self.info("resumed from %s at step %d", path, self.state.step)
+
+    def write_summary(self) -> dict:
+        """Write ``<output_dir>/summary.json``: base vs final held-out scores (same prompts, seeds and sampler).
+
+        ``delta`` holds ``final - base`` of every mean (e.g. ``total/mean``: the reward's held-out gain).
+        """
+        cfg = self.config
+        base, final = self.base_eval, self.final_eval
+        self.summary = {
+            "steps": self.state.step,
+            "images_seen": self.state.images_seen,
+            "minutes": round((time.time() - self.started) / 60, 3),
+            "eval_prompts": cfg.eval.eval_prompts,
+            "eval_num_prompts": len(self.eval_prompts.eval_subset(cfg.eval.final_eval_num_prompts)),
+            "eval_images_per_prompt": cfg.eval.eval_images_per_prompt,
+            "base": base,
+            "final": final,
+            "delta": {k: final[k] - base[k] for k in final if k in base and k.endswith("/mean")},
+        }
+        if self.accelerator.is_main_process:
+            (self.output_dir / "summary.json").write_text(json.dumps(self.summary, indent=1))
+        return self.summary
+
     def state_dict(self) -> dict:
-        """Trainer state beyond accelerate's (model, optimizer): counters and the EMA."""
-        return {"state": dataclasses.asdict(self.state), "ema": self.ema.state_dict() if self.ema else None}
+        """Trainer state beyond accelerate's (model, optimizer): counters, the EMA and the base evaluation."""
+        return {
+            "state": dataclasses.asdict(self.state),
+            "ema": self.ema.state_dict() if self.ema else None,
+            "base_eval": self.base_eval,
+            "pruning": self.pruner.state_dict() if self.pruner is not None else None,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self.state = TrainState(**state["state"])
+        self.base_eval = state.get("base_eval", {})
         if self.ema is not None and state["ema"] is not None:
             self.ema.load_state_dict(state["ema"])
+        if self.pruner is not None and state.get("pruning") is not None:
+            self.pruner.load_state_dict(state["pruning"])
 
     # ------------------------------------------------------------------ helpers
 
-    def trained_steps(self, step: int, rows: int) -> torch.Tensor:
+    def trained_steps(self, step: int, rows: int, stream: int = 0) -> torch.Tensor:
         """``[rows, K]`` denoising steps each rollout trains on; the last step (T - 1) never is.
 
         ``all_but_last``: 0..T-2. ``window``: ``[start, start + size)``. ``random``: a fresh sorted random
-        ``train_fraction`` of 0..T-2 per rollout, seeded by ``(seed, step)``.
+        ``train_fraction`` of 0..T-2 per rollout, seeded by ``(seed, step, stream)`` (stream: the process index,
+        so processes draw different subsets).
         """
         s = self.config.sampling
         trainable = s.num_steps - 1
@@ -409,7 +522,7 @@ class GRPOTrainer:
         if s.train_steps == "window":
             return torch.arange(s.train_window_start, s.train_window_start + s.train_window_size).expand(rows, -1)
         count = max(1, int(s.train_fraction * trainable))  # floor, as Flow-GRPO's and DanceGRPO's timestep_fraction
-        rng = np.random.default_rng([self.config.training.seed, step, 3])
+        rng = np.random.default_rng([self.config.training.seed, step, 3, stream])
         picks = np.sort(np.stack([rng.permutation(trainable)[:count] for _ in range(rows)]), axis=1)
         return torch.from_numpy(picks)
 
@@ -436,9 +549,17 @@ class GRPOTrainer:
         finally:
             self.phase_times[name] = self.phase_times.get(name, 0.0) + time.perf_counter() - started
 
+    def global_count(self, count: int) -> int:
+        """``count`` summed over every process (a collective call: every process must make it)."""
+        if self.accelerator.num_processes == 1:
+            return count
+        return int(self.accelerator.reduce(torch.tensor([count], device=self.accelerator.device), "sum").item())
+
     @property
     def finished(self) -> bool:
-        return self.state.step >= self.config.training.max_steps or self.out_of_time()
+        budget = self.config.pruning.max_images_denoised
+        out_of_images = budget > 0 and self.state.images_denoised >= budget
+        return self.state.step >= self.config.training.max_steps or out_of_images or self.out_of_time()
 
     @property
     def show_bar(self) -> bool:
@@ -454,13 +575,14 @@ class GRPOTrainer:
 
     def log_step(self, bar: tqdm) -> None:
         """Reduce this step's metrics across processes and write them every ``log_every`` steps."""
-        step_time = sum(self.phase_times.values())
+        # a checkpoint written after the previous step is logged here, but is no part of this step's time
+        step_time = sum(seconds for name, seconds in self.phase_times.items() if name != "checkpoint")
         for name, seconds in self.phase_times.items():
             self.metrics.add(f"time/{name}_s", seconds)
         self.phase_times = {}
         self.metrics.add("time/step_s", step_time)
-        images = self.prompts_per_process * self.config.sampling.group_size
-        self.metrics.add("perf/images_per_s", images / max(step_time, 1e-9))
+        self.metrics.add("perf/images_per_s", self.step_images / max(step_time, 1e-9))
+        self.step_images = 0
         bar.update(1)
         if self.state.step % self.config.logging.log_every:
             return
@@ -471,6 +593,7 @@ class GRPOTrainer:
             {
                 "train/step": self.state.step,
                 "train/images_seen": self.state.images_seen,
+                "train/images_denoised": self.state.images_denoised,
                 "train/optimizer_steps": self.state.optimizer_steps,
                 "train/lr": self.optimizer.param_groups[0]["lr"],
             }

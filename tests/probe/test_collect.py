@@ -48,6 +48,13 @@ def test_collect_resumes_after_interruption_and_trains(tiny_flux_pipeline, tmp_p
 
     with pytest.raises(ValueError, match="noise_level"):
         collect(tiny_flux_pipeline, dataclasses.replace(SETTINGS, noise_level=0.5), out, progress=False)
+    with torch.no_grad():  # retrained weights, same architecture: resuming would mix two models' data
+        weight = next(tiny_flux_pipeline.transformer.parameters()).view(-1)[:1]
+        saved = weight.clone()
+        weight += 1
+        with pytest.raises(ValueError, match="weights"):
+            collect(tiny_flux_pipeline, SETTINGS, out, progress=False)
+        weight.copy_(saved)
 
     data = load_dataset(out, 2, "combined")
     assert data.features.shape == (6, 3 * 5 + 8 + 64, 8, 8) and data.group.tolist() == [0, 0, 1, 1, 2, 2]

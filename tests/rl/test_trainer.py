@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 from accelerate.state import AcceleratorState, GradientState
+from safetensors.torch import load_file
 
 from rl.config import parse_config
 from rl.trainer import GRPOTrainer, ScoredRollouts
@@ -139,4 +140,60 @@ def test_kl_term_and_dropped_groups(pipeline_dir, tmp_path):
     assert metrics["reward/dropped"] == float((~scored.valid).sum())
     assert metrics["policy/kl_ref"] > 0  # the random-init LoRA differs from the adapter-disabled reference
     assert math.isfinite(metrics["policy/loss"])
+    trainer.cleanup()
+
+
+def test_gradient_accumulation_mixed_steps_and_ema(pipeline_dir, tmp_path):
+    trainer = make_trainer(
+        pipeline_dir, tmp_path, "--gradient_accumulation_steps", "2", "--train_steps", "random",
+        "--train_fraction", "0.7", "--init_lora_weights", "gaussian", "--learning_rate", "1e-3",
+    )  # fmt: skip
+    assert trainer.num_trained_steps == 2  # int(0.7 * 3 trainable steps)
+    metrics = one_step(trainer)
+    # 8 rollouts, micro-batches of <= 3, 2 per optimizer step: ceil(8 / 6) = 2 updates, each over 2 x 2 backwards
+    assert trainer.state.optimizer_steps == 2 and trainer.ema.num_updates == 2
+    assert metrics["policy/ratio_first_inner_max_dev"] <= 1e-6  # rows mixing different denoising steps
+    # EMA decay warms up as (1 + n) / (10 + n): 0.1 then 2 / 11, so the average trails the live weights
+    live = lora_state(trainer)
+    assert any(not torch.equal(a, b) for a, b in zip(live, trainer.ema.shadow))
+    trainer.save(tmp_path / "lora")
+    assert all(torch.equal(a, b) for a, b in zip(live, lora_state(trainer)))  # live weights restored after saving
+    saved = load_file(tmp_path / "lora" / "pytorch_lora_weights.safetensors")
+    shadow_norm = sum(float(s.double().pow(2).sum()) for s in trainer.ema.shadow)
+    assert math.isclose(sum(float(v.double().pow(2).sum()) for v in saved.values()), shadow_norm, rel_tol=1e-6)
+    trainer.cleanup()
+
+
+def test_continuing_a_subset_follows_the_same_trajectories(pipeline_dir, tmp_path):
+    """The pruning seam: rollouts run to step k, a subset continues, and it ends where the full run ends."""
+    trainer = make_trainer(pipeline_dir, tmp_path)
+    batch = trainer.next_prompts()
+    full = trainer.rollout(batch)
+    early = trainer.rollout(batch, until_step=2)
+    assert early.step == 2
+    survivors = trainer.continue_rollouts(batch, early.select([5, 1]))
+    assert survivors.step == 4
+    torch.testing.assert_close(survivors.states, full.states[[5, 1]], atol=1e-6, rtol=0)
+    torch.testing.assert_close(survivors.log_probs, full.log_probs[[5, 1]], atol=1e-6, rtol=0)
+    trainer.cleanup()
+
+
+def test_base_evaluation_disables_the_lora(pipeline_dir, tmp_path):
+    trainer = make_trainer(pipeline_dir, tmp_path, "--init_lora_weights", "false")  # the LoRA changes the model
+    base = trainer.evaluate(base=True)
+    assert base != trainer.evaluate()
+    trainer.cleanup()
+    plain = make_trainer(pipeline_dir, tmp_path, "--reward", "shapes,jpeg_compressibility")
+    assert plain.evaluate() == base  # a zero-initialised LoRA is the base model; the evaluation reproduces it
+    plain.cleanup()
+
+
+def test_bf16_step_runs_and_keeps_lora_in_fp32(pipeline_dir, tmp_path):
+    trainer = make_trainer(pipeline_dir, tmp_path, "--mixed_precision", "bf16", "--learning_rate", "1e-3")
+    assert trainer.pipeline.transformer.dtype == torch.bfloat16
+    assert all(p.dtype == torch.float32 for p in trainer.lora_params)
+    metrics = one_step(trainer)
+    assert trainer.state.optimizer_steps == 3 and math.isfinite(metrics["policy/loss"])
+    # bf16 matmuls: ratios at the first inner step are 1 only to bf16 precision (the 1e-6 check is fp32's)
+    assert metrics["policy/ratio_first_inner_max_dev"] < 0.05
     trainer.cleanup()

@@ -1,0 +1,169 @@
+"""Checkpoints that resume a run exactly, written atomically, each with a diffusers-format LoRA export.
+
+Layout of ``<output_dir>/checkpoints/step-<8 digits>/``::
+
+    model.safetensors, optimizer.bin, random_states_<rank>.pkl   accelerate's save_state: the LoRA only (not the
+                                                                frozen base), AdamW, every process's RNG states
+    pytorch_model/                                             instead of the two files above under DeepSpeed
+    trainer_state.pt                                           GRPOTrainer.state_dict(): counters (= data
+                                                                position), EMA, probe and online buffer, extras
+    rank_<rank>.pt                                             per-process state: metrics accumulated since the
+                                                                last log, wall-clock time so far
+    lora/pytorch_lora_weights.safetensors                      the LoRA (EMA weights when enabled), loadable with
+                                                                FluxPipeline.load_lora_weights
+
+Atomicity: everything is written to ``checkpoints/.tmp-step-<n>`` and renamed to ``step-<n>`` only when every
+process has finished writing (a rename within one filesystem is atomic), so a ``step-*`` folder is always
+complete and "latest" (the highest-numbered one) is never a half-written checkpoint; a crash mid-save leaves a
+``.tmp-*`` folder that the next save removes. With several nodes, ``output_dir`` must be on a shared filesystem.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import SAFE_WEIGHTS_NAME
+from safetensors.torch import load_file
+
+from rl.distributed import is_deepspeed
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINTS = "checkpoints"
+TRAINER_STATE = "trainer_state.pt"
+_NAME = re.compile(r"^step-(\d{8})$")
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step-{step:08d}"
+
+
+def list_checkpoints(output_dir: str | Path) -> list[Path]:
+    """Complete checkpoints of a run, oldest first (``.tmp-*`` folders of interrupted saves excluded)."""
+    root = Path(output_dir) / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and _NAME.match(p.name)]
+    return sorted(found, key=lambda p: int(_NAME.match(p.name).group(1)))
+
+
+def resolve_resume(resume_from: str | None, output_dir: str | Path) -> Path | None:
+    """The checkpoint folder ``resume_from`` names: ``"latest"`` (None when the run has none yet, so one command
+    both starts and resumes a preemptible job) or a path to a ``step-*`` folder. None/empty: no resume.
+
+    Raises:
+        FileNotFoundError: a path that is not a checkpoint folder (named in the message).
+    """
+    if not resume_from:
+        return None
+    if resume_from == "latest":
+        found = list_checkpoints(output_dir)
+        return found[-1] if found else None
+    path = Path(resume_from)
+    if not (path / TRAINER_STATE).is_file():
+        raise FileNotFoundError(
+            f"resume_from={resume_from!r} is not a checkpoint folder (no {TRAINER_STATE} in it); pass 'latest' or "
+            f"a {Path(output_dir) / CHECKPOINTS / 'step-XXXXXXXX'} folder"
+        )
+    return path
+
+
+def register_lora_only_hooks(accelerator: Accelerator, model: torch.nn.Module) -> None:
+    """Make ``save_state`` / ``load_state`` store only the trainable (LoRA) weights of ``model``, not the frozen base.
+
+    FLUX.1-dev's base is 24 GB in bf16 and never changes, so a checkpoint holds only what training changed;
+    loading checks that every trainable weight is in the file (strictly: nothing silently stays at its init).
+    Under DeepSpeed the engine saves itself (with ``exclude_frozen_parameters``, see :func:`save_checkpoint`).
+    """
+    trainable = {name for name, param in model.named_parameters() if param.requires_grad}
+
+    def save_hook(models, weights, output_dir):
+        for i, state in enumerate(weights):
+            weights[i] = {k: v for k, v in state.items() if k in trainable}
+
+    def load_hook(models, input_dir):
+        if not models:  # DeepSpeed loaded its engine already
+            return
+        (only,) = models
+        path = Path(input_dir) / SAFE_WEIGHTS_NAME
+        state = load_file(path)
+        missing, unexpected = only.load_state_dict(state, strict=False)
+        if unexpected or trainable - set(state):
+            raise ValueError(
+                f"{path} does not match the model's LoRA: unexpected keys {sorted(unexpected)[:3]}, missing "
+                f"trainable keys {sorted(trainable - set(state))[:3]} (same lora_rank / lora_target_modules?)"
+            )
+        models.clear()  # loaded here; accelerate must not look for the full model
+
+    accelerator.register_save_state_pre_hook(save_hook)
+    accelerator.register_load_state_pre_hook(load_hook)
+
+
+def save_checkpoint(
+    accelerator: Accelerator,
+    output_dir: str | Path,
+    step: int,
+    trainer_state: dict,
+    rank_state: dict,
+    export_lora: Callable[[Path], None],
+    keep: int = 0,
+) -> Path:
+    """Write a checkpoint atomically (a collective call: every process makes it). Returns its folder.
+
+    Args:
+        accelerator: the run's accelerator (its prepared model and optimizer are saved).
+        output_dir: the run folder; the checkpoint goes to ``<output_dir>/checkpoints/step-<step>``.
+        step: the GRPO step just completed.
+        trainer_state: process-independent state (``GRPOTrainer.state_dict()``), written by the main process.
+        rank_state: this process's own state, written by every process.
+        export_lora: called by every process with the ``lora`` folder to write the diffusers export into.
+        keep: keep only the newest ``keep`` checkpoints (0: all).
+    """
+    root = Path(output_dir) / CHECKPOINTS
+    final = root / checkpoint_name(step)
+    tmp = root / f".tmp-{final.name}"
+    if accelerator.is_main_process:
+        for stale in root.glob(".tmp-*"):  # interrupted saves
+            shutil.rmtree(stale)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    extra = {"exclude_frozen_parameters": True} if is_deepspeed(accelerator) else {}
+    accelerator.save_state(str(tmp), **extra)
+    torch.save(rank_state, tmp / f"rank_{accelerator.process_index}.pt")
+    if accelerator.is_main_process:
+        torch.save(trainer_state, tmp / TRAINER_STATE)
+    export_lora(tmp / "lora")
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if final.exists():  # the same step saved again after a resume: replace it, never half of it
+            old = root / f".tmp-old-{final.name}"
+            final.rename(old)
+            tmp.rename(final)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(final)
+        if keep > 0:
+            for stale in list_checkpoints(output_dir)[:-keep]:
+                shutil.rmtree(stale)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def load_checkpoint(accelerator: Accelerator, path: str | Path) -> tuple[dict, dict]:
+    """Restore accelerate's state (LoRA, optimizer, RNG) from ``path``; return ``(trainer_state, rank_state)``.
+
+    A process without a saved per-process state (the run resumes on more processes) starts it empty.
+    """
+    path = Path(path)
+    extra = {"load_module_strict": False} if is_deepspeed(accelerator) else {}
+    accelerator.load_state(str(path), **extra)
+    trainer_state = torch.load(path / TRAINER_STATE, map_location="cpu", weights_only=False)
+    rank_file = path / f"rank_{accelerator.process_index}.pt"
+    rank_state = torch.load(rank_file, weights_only=False) if rank_file.is_file() else {}
+    return trainer_state, rank_state

@@ -1,0 +1,113 @@
+"""Two CPU processes over gloo under ``accelerate launch``: DDP and DeepSpeed ZeRO-2 (DESIGN.md sections 8, 10).
+
+Each run is the real entry script (through tests/distributed/worker.py, which dumps every rank's LoRA).
+"""
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from rl.metrics_log import read_metrics
+
+ROOT = Path(__file__).resolve().parents[2]
+WORKER = Path(__file__).with_name("worker.py")
+ACCELERATE = Path(sys.executable).with_name("accelerate")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_args(pipeline_dir, output_dir):
+    """2 GRPO steps of the fixture, 2 prompts x 4 rollouts per step (one whole group per process)."""
+    return [
+        "--config", str(ROOT / "configs" / "tiny_shapes.yaml"), "--pretrained", str(pipeline_dir),
+        "--height", "32", "--width", "32", "--num_steps", "4", "--lora_rank", "4", "--lora_alpha", "8",
+        "--prompts_per_step", "2", "--group_size", "4", "--sample_batch_size", "8", "--train_batch_size", "4",
+        "--max_steps", "2", "--max_minutes", "0", "--eval_every", "0", "--eval_before_training", "false",
+        "--eval_num_prompts", "2", "--final_eval_num_prompts", "3", "--learning_rate", "1e-3",
+        "--reward", "jpeg_compressibility", "--save_lora", "false", "--output_dir", str(output_dir),
+        "--wandb_mode", "disabled", "--progress_bar", "false",
+    ]  # fmt: skip
+
+
+def launch(dump: Path, args: list[str], *launcher: str) -> subprocess.Popen:
+    """Start ``worker.py`` under ``accelerate launch <launcher...>`` (or plain python without a launcher)."""
+    dump.mkdir(parents=True)
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", WANDB_MODE="disabled")
+    if launcher:
+        command = [str(ACCELERATE), "launch", *launcher, "--main_process_port", str(free_port()), str(WORKER)]
+    else:
+        command = [sys.executable, str(WORKER)]
+    return subprocess.Popen(
+        [*command, str(dump), "--", *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+
+
+def finish(process: subprocess.Popen, timeout: float = 600) -> None:
+    # generous: the first DeepSpeed launch on a machine compiles its CPU communication op (40 s to minutes)
+    output, _ = process.communicate(timeout=timeout)
+    assert process.returncode == 0, output[-4000:]
+
+
+@pytest.fixture(scope="module")
+def ddp_runs(tmp_path_factory):
+    """The same config on 2 DDP processes and on 1 process, run side by side."""
+    from conftest import FIXTURE_CONFIG  # the fixture's sizes; built here once for the whole module
+
+    from rewards.shapes import vocabulary
+    from rl.tiny_flux import build_tiny_flux_pipeline
+
+    root = tmp_path_factory.mktemp("dist")
+    build_tiny_flux_pipeline(vocabulary(), FIXTURE_CONFIG, seed=0).save_pretrained(root / "pipeline")
+    config = str(ROOT / "configs" / "accelerate" / "cpu_2proc.yaml")
+    two = launch(root / "ddp", run_args(root / "pipeline", root / "ddp" / "run"), "--config_file", config)
+    one = launch(root / "single", run_args(root / "pipeline", root / "single" / "run"))
+    finish(two)
+    finish(one)
+    return root
+
+
+def ranks(dump: Path) -> list[list[torch.Tensor]]:
+    return [torch.load(dump / f"rank{i}.pt") for i in range(2) if (dump / f"rank{i}.pt").is_file()]
+
+
+def test_ddp_ranks_hold_identical_lora_and_metrics_are_global(ddp_runs):
+    rank0, rank1 = ranks(ddp_runs / "ddp")
+    assert all(torch.equal(a, b) for a, b in zip(rank0, rank1))
+    assert any(p.abs().max() > 0 for p in rank0[1::2])  # lora_B left its zero init: it trained
+    two = [r for r in read_metrics(ddp_runs / "ddp" / "run" / "metrics.jsonl") if "reward/total/mean" in r]
+    one = [r for r in read_metrics(ddp_runs / "single" / "run" / "metrics.jsonl") if "reward/total/mean" in r]
+    assert [r["train/images_seen"] for r in two] == [8, 16] == [r["train/images_seen"] for r in one]
+    # step 1 samples the same 8 rollouts (prompts and noise are functions of the global index) before any
+    # update: the rewards reduced over two processes (sums and counts) equal the single process's
+    for key in ("reward/total/mean", "reward/total/std", "policy/ratio_first_inner"):
+        assert two[0][key] == pytest.approx(one[0][key], abs=1e-6), key
+    # the final evaluation (3 prompts: 2 on rank 0, 1 on rank 1) is the global mean over all 6 images
+    final = [r for r in read_metrics(ddp_runs / "ddp" / "run" / "metrics.jsonl") if "final_eval/total/mean" in r]
+    assert len(final) == 1
+
+
+def test_deepspeed_zero2_on_two_cpu_processes(ddp_runs, tmp_path):
+    config = str(ROOT / "configs" / "accelerate" / "deepspeed_zero2.yaml")
+    run = launch(
+        tmp_path / "ds",
+        run_args(ddp_runs / "pipeline", tmp_path / "ds" / "run"),
+        *("--config_file", config, "--num_processes", "2", "--mixed_precision", "no"),
+    )
+    finish(run)
+    rank0, rank1 = ranks(tmp_path / "ds")
+    assert all(torch.equal(a, b) for a, b in zip(rank0, rank1))
+    # ZeRO-2 shards AdamW's state and the gradients, not the math: the same weights as DDP within float noise
+    ddp = ranks(ddp_runs / "ddp")[0]
+    assert max((a - b).abs().max() for a, b in zip(rank0, ddp)) <= 1e-6
+    records = [r for r in read_metrics(tmp_path / "ds" / "run" / "metrics.jsonl") if "reward/total/mean" in r]
+    assert [r["train/optimizer_steps"] for r in records] == [1, 2]  # 4 rollouts per process, micro-batch 4
+    assert all(r["train/grad_norm"] > 0 for r in records)  # DeepSpeed's own clipping reports the norm

@@ -1,0 +1,107 @@
+"""The ablation harness's overrides and its reading of runs (rl/ablation.py) on hand-written metrics files."""
+
+import json
+import math
+
+import pytest
+
+from rl.ablation import read_run, summary_table, variant_overrides, write_report
+from rl.config import parse_config
+
+
+def write_run(directory, step_seconds, images_per_step, evals, final):
+    """A metrics.jsonl as the trainer writes it with log_every 1: base eval, steps, periodic evals, final eval."""
+    directory.mkdir(parents=True)
+    records = [{"step": 0, "base_eval/total/mean": evals[0], "time/base_eval_s": 9.0}]
+    for step, seconds in enumerate(step_seconds, start=1):
+        records.append(
+            {
+                "step": step,
+                "time/step_s": seconds,
+                "time/sample_s": seconds / 2,
+                "time/train_s": seconds / 2,
+                "train/images_denoised": step * images_per_step,
+                "train/images_seen": step * 10,
+            }
+        )
+        if step in evals:
+            records.append({"step": step, "eval/total/mean": evals[step], "time/eval_s": 5.0})
+    records.append({"step": len(step_seconds), "final_eval/total/mean": final})
+    (directory / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in records) + "\n")
+
+
+def test_curves_table_and_time_to_target(tmp_path):
+    # unpruned: 4 steps of 10 s, 16 images each; evals 0.1 (base), 0.3 at step 2, final 0.5 at step 4
+    write_run(tmp_path / "unpruned", [10, 10, 10, 10], 16, {0: 0.1, 2: 0.3}, 0.5)
+    # pruned: 6 s steps, 9.6 images; reaches 0.5 at step 4 (24 s) and ends at 0.6 (36 s)
+    write_run(tmp_path / "pruned", [6] * 6, 9.6, {0: 0.1, 2: 0.35, 4: 0.5}, 0.6)
+    runs = [read_run("pruned", tmp_path / "pruned"), read_run("unpruned", tmp_path / "unpruned")]
+    pruned = runs[0]
+    assert pruned.steps == [0, 2, 4, 6] and pruned.seconds == [0, 12, 24, 36]
+    assert pruned.images == pytest.approx([0, 19.2, 38.4, 57.6]) and pruned.reward == [0.1, 0.35, 0.5, 0.6]
+    assert pruned.reward_calls == 60 and pruned.phase_seconds == {"sample": 18.0, "train": 18.0}
+    rows, table = summary_table(runs)
+    by_name = {row["variant"]: row for row in rows}
+    # target = unpruned final 0.5, reached by pruned at 24 s; unpruned needs all 40 s -> 40 / 24 = 1.667x
+    assert by_name["pruned"]["seconds_to_target"] == 24 and by_name["pruned"]["speedup_to_target"] == pytest.approx(
+        40 / 24
+    )
+    assert by_name["unpruned"]["speedup_to_target"] == pytest.approx(1.0)
+    assert "| pruned | 0.6000 |" in table and "s to 0.5000" in table
+    report = write_report(runs, tmp_path, "python launch/ablate.py --test")
+    assert (tmp_path / "reward_vs_wallclock.png").stat().st_size > 1000
+    assert (tmp_path / "reward_vs_images.png").stat().st_size > 1000
+    assert report["rows"][0]["final_reward"] == 0.6 and (tmp_path / "ablation.md").exists()
+
+
+def test_unfinished_runs_and_missed_targets(tmp_path):
+    write_run(tmp_path / "unpruned", [10, 10], 16, {0: 0.1}, 0.5)
+    write_run(tmp_path / "random", [5, 5], 8, {0: 0.1}, 0.2)
+    rows, _ = summary_table([read_run("unpruned", tmp_path / "unpruned"), read_run("random", tmp_path / "random")])
+    assert rows[1]["seconds_to_target"] == math.inf and rows[1]["speedup_to_target"] == 0.0
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "metrics.jsonl").write_text('{"step": 0, "base_eval/total/mean": 0.1}\n')
+    with pytest.raises(ValueError, match="did not finish"):
+        read_run("broken", tmp_path / "broken")
+
+
+def test_variant_overrides_parse_and_differ_only_in_pruning(tmp_path):
+    base = ["--prune_policy", "topk", "--probe_path", "init", "--capture_step", "2"]
+    configs = {
+        v: parse_config([*base, *variant_overrides(v, tmp_path, 10.0, 0.0)]) for v in ("pruned", "unpruned", "random")
+    }
+    assert configs["pruned"].pruning.prune_policy == "topk" and configs["unpruned"].pruning.prune_policy == "none"
+    assert configs["random"].pruning.prune_policy == "random" and configs["random"].pruning.probe_path == ""
+    assert {c.training.seed for c in configs.values()} == {0} and configs["random"].training.max_minutes == 10.0
+    assert configs["unpruned"].logging.output_dir == str(tmp_path / "unpruned")
+    with pytest.raises(ValueError, match="budget"):
+        variant_overrides("pruned", tmp_path, 0.0, 0.0)
+    with pytest.raises(ValueError, match="unknown variant"):
+        variant_overrides("fast", tmp_path, 1.0, 0.0)
+
+
+@pytest.mark.slow
+def test_ablate_runs_three_variants_end_to_end(tiny_flux_pipeline, tmp_path):
+    """launch/ablate.py on the fixture: three real training runs of 2 steps each, then the report (~1-2 min)."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "launch"))
+    import ablate
+
+    tiny_flux_pipeline.save_pretrained(tmp_path / "pipeline")
+    args = [
+        "--pretrained", str(tmp_path / "pipeline"), "--max_sequence_length", "16", "--lora_rank", "4",
+        "--lora_alpha", "8", "--height", "32", "--width", "32", "--num_steps", "4", "--prompts_per_step", "2",
+        "--group_size", "4", "--train_batch_size", "4", "--progress_bar", "false", "--reward", "jpeg_compressibility",
+        "--prune_policy", "topk", "--probe_path", "init", "--capture_step", "1", "--probe_refresh_every", "1",
+        "--budget_minutes", "5", "--max_steps", "2", "--eval_every", "1", "--eval_prompts_count", "2",
+        "--out", str(tmp_path / "ablate"),
+    ]  # fmt: skip
+    report = ablate.main(args)
+    rows = {row["variant"]: row for row in report["rows"]}
+    assert set(rows) == {"pruned", "unpruned", "random"} and all(row["steps"] == 2 for row in rows.values())
+    # unpruned: 2 steps x 8 rollouts, all denoised and scored; pruned / random: 8 x 1/4 + 4 x 3/4 = 5 per step
+    assert rows["unpruned"]["images_denoised"] == 16 and rows["unpruned"]["reward_calls"] == 16
+    assert rows["pruned"]["images_denoised"] == 10 and rows["random"]["reward_calls"] == 8
+    assert (tmp_path / "ablate" / "reward_vs_images.png").exists()
