@@ -536,6 +536,14 @@ class RunConfig:
             )
         if self.eval.eval_prompts == s.prompts:
             logger.warning("eval_prompts == prompts (%s): the evaluation is not held out", s.prompts)
+        if self.training.mixed_precision == "bf16" and s.sample_batch_size != self.training.train_batch_size:
+            logger.warning(
+                "mixed_precision=bf16 with sample_batch_size=%d != train_batch_size=%d: bf16 kernels round "
+                "differently per batch shape, so the ratio starts ~1e-4 away from 1 (measured 1.0004 on a "
+                "FLUX.1-dev-sized model), past clip_range, and the clipped samples give no gradient. Set them equal.",
+                s.sample_batch_size,
+                self.training.train_batch_size,
+            )
         if self.training.clip_range > 0.05:
             logger.warning(
                 "clip_range=%g: log-probs are per-element means, so ratios stay within ~1e-3 of 1 and a PPO-style "
