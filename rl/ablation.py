@@ -28,9 +28,10 @@ from rl.metrics_log import read_metrics
 VARIANTS: dict[str, list[str]] = {
     # the run's own pruning settings (a probe-based policy; topk if the config says none)
     "pruned": [],
-    "unpruned": ["--prune_policy", "none", "--probe_path", "", "--probe_refresh_every", "0"],
+    "unpruned": ["--prune_policy", "none", "--probe_path", "", "--probe_refresh_every", "0",
+                 "--prune_advantage", "survivors", "--prune_train_early", "false"],
     "random": ["--prune_policy", "random", "--probe_path", "", "--prune_advantage", "survivors",
-               "--probe_refresh_every", "0", "--prune_min_spread", "0"],
+               "--probe_refresh_every", "0", "--prune_min_spread", "0", "--prune_train_early", "false"],
 }  # fmt: skip
 PHASES = ("prompts", "sample", "probe", "decode", "reward", "train", "probe_refresh")
 

@@ -444,6 +444,12 @@ class PruningConfig(Section):
         "'survivors' (group statistics over the survivors) or 'imputed' (pruned rollouts' calibrated "
         "predictions take part in each group's mean and std).",
     )
+    prune_train_early: bool = option(
+        False,
+        "Also train on pruned rollouts' recorded steps before capture_step (their trained steps < k), with their "
+        "imputed advantages; their later steps get zero weight. Needs a pruning policy and prune_advantage: "
+        "imputed. Costs training compute: pruned rollouts join the micro-batches. Off by default (ablated).",
+    )
     probe_refresh_every: int = option(
         0,
         "Fine-tune the probe every N GRPO steps on the buffer of (features, real reward) of survivors; the "
@@ -576,6 +582,12 @@ class RunConfig:
         if p.prune_advantage == "imputed" and p.prune_policy == "none":
             raise ValueError(
                 "prune_advantage='imputed' imputes pruned rollouts; with prune_policy='none' there are none"
+            )
+        if p.prune_train_early and (p.prune_policy == "none" or p.prune_advantage != "imputed"):
+            raise ValueError(
+                f"prune_train_early=true trains pruned rollouts' early steps with imputed advantages, but "
+                f"prune_policy={p.prune_policy!r}, prune_advantage={p.prune_advantage!r}: set a pruning policy "
+                "(topk, maxvar, random, threshold) and prune_advantage: imputed, or prune_train_early: false."
             )
         if p.prune_policy in ("topk", "maxvar", "random") and p.prune_explore > keep_count(
             s.group_size, p.prune_keep_fraction

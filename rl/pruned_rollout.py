@@ -8,6 +8,7 @@ Per GRPO step, in place of the trainer's ``rollout -> score -> advantages``::
       -> survivors only continue to step T (re-batched, same noise as unpruned: rl/sampler.py)
       -> decode + real reward on survivors only                              trainer.score
       -> advantages ("survivors" or "imputed")                               rl.pruning.pruned_advantages
+      -> prune_train_early: pruned rollouts join the trained set for their steps < k (imputed advantages)
       -> online metrics of the probe on this batch, buffer += (features, real reward) of survivors
       -> every probe_refresh_every steps: fine-tune the probe on the buffer  phase "probe_refresh"
 
@@ -34,7 +35,7 @@ from probe.model import ProbeModelConfig
 from probe.probe import transformer_fingerprint
 from rl.config import RunConfig
 from rl.pruning import Selection, calibrate, impute_rewards, pruned_advantages, select_survivors
-from rl.sampler import FluxSampler
+from rl.sampler import FluxSampler, Rollouts
 
 if TYPE_CHECKING:
     from rl.trainer import GRPOTrainer, PromptBatch, ScoredRollouts
@@ -181,17 +182,22 @@ class PrunedRollout:
         if p.prune_advantage == "survivors":
             advantages = trainer.advantages(scored)
         else:
-            advantages = self.imputed_advantages(trainer, scored)
+            every, imputed = self.imputed_advantages(trainer, scored)
+            advantages = every[selection.survivors]
         self.record(trainer, scored, len(early))
         if p.probe_refresh_every and (trainer.state.step + 1) % p.probe_refresh_every == 0:
             with trainer.phase("probe_refresh"):
                 self.refresh(trainer.state.step)
+        if p.prune_train_early:  # the config requires prune_advantage: imputed
+            pruned = torch.nonzero(imputed & ~selection.keep).flatten()
+            return self.with_early_steps(scored, advantages, early, pruned, every, sampler.num_steps)
         return scored, advantages
 
-    def imputed_advantages(self, trainer: GRPOTrainer, scored: ScoredRollouts) -> torch.Tensor:
-        """``[B']`` survivors' advantages with pruned rollouts imputed from calibrated predictions.
+    def imputed_advantages(self, trainer: GRPOTrainer, scored: ScoredRollouts) -> tuple[torch.Tensor, torch.Tensor]:
+        """``[B]`` advantages of every rollout, pruned ones imputed from calibrated predictions, and ``[B]`` bool
+        of the rollouts that have one.
 
-        Groups the reward's failure policy dropped (any invalid survivor) and skipped groups take no part.
+        Groups the reward's failure policy dropped (any invalid survivor) and skipped groups take no part (0).
         """
         t, step = trainer.config.training, self.last
         survivors = step.selection.survivors
@@ -215,7 +221,54 @@ class PrunedRollout:
         valid = survivor_advantages[scored.valid]
         trainer.metrics.add("adv/abs_mean", float(valid.abs().mean()) if len(valid) else 0.0, float(len(valid)))
         trainer.metrics.add("adv/zero_frac", float((valid == 0).float().mean()) if len(valid) else 0.0)
-        return survivor_advantages
+        return advantages, rows
+
+    def with_early_steps(
+        self,
+        scored: ScoredRollouts,
+        advantages: torch.Tensor,
+        early: Rollouts,
+        pruned: torch.Tensor,
+        every: torch.Tensor,
+        steps: int,
+    ) -> tuple[ScoredRollouts, torch.Tensor]:
+        """The survivors followed by pruned rollouts that train on their recorded steps (``prune_train_early``).
+
+        Pruned rollouts' states and log-probs are zero-padded from k to T steps, making one tensor for the
+        trainer's micro-batches; the trainer never reads the padding (``recorded`` masks those steps, and a
+        recorded step is re-scored in their place). Their rewards and reward components are NaN (never decoded).
+
+        Args:
+            scored: B' scored survivors; advantages: their ``[B']`` advantages.
+            early: the step's B rollouts, stopped at step k.
+            pruned: ``[P]`` indices (into ``early``) of the pruned rollouts to train.
+            every: ``[B]`` every rollout's advantage (pruned ones imputed).
+            steps: T.
+
+        Returns:
+            ``B' + P`` rollouts with ``recorded`` (T for survivors, k for pruned rollouts) and their advantages.
+        """
+        done, part = scored.rollouts, early.select(pruned)
+        count, pad = len(part), steps - part.step
+        states = torch.cat([part.states, part.states.new_zeros(count, pad, *part.states.shape[2:])], 1)
+        log_probs = torch.cat([part.log_probs, part.log_probs.new_zeros(count, pad)], 1)
+        rollouts = Rollouts(
+            torch.cat([done.prompt_index, part.prompt_index]),
+            torch.cat([done.seeds, part.seeds]),
+            torch.cat([done.states, states]),
+            torch.cat([done.log_probs, log_probs]),
+        )
+        unscored = torch.full((count,), math.nan)
+        combined = dataclasses.replace(
+            scored,
+            rollouts=rollouts,
+            group_ids=torch.cat([scored.group_ids, self.last.group_ids[pruned]]),
+            rewards=torch.cat([scored.rewards.float(), unscored]),
+            components={key: torch.cat([values.float(), unscored]) for key, values in scored.components.items()},
+            valid=torch.cat([scored.valid, torch.ones(count, dtype=torch.bool)]),
+            recorded=torch.tensor([steps] * len(done) + [part.step] * count),
+        )
+        return combined, torch.cat([advantages, every[pruned]])
 
     # ------------------------------------------------------------------ online probe
 

@@ -28,6 +28,8 @@ Advantage modes (:func:`pruned_advantages`):
   (:func:`calibrate`), and the group mean and std run over the whole group, survivors' real rewards and
   pruned rollouts' imputed ones. The survivors of ``topk`` are then scored against the full group, not only
   against each other.
+  With ``prune_train_early``, pruned rollouts' recorded steps before k are trained too, with the advantages
+  of their imputed rewards (:func:`trained_step_weights` masks their later steps).
 """
 
 from __future__ import annotations
@@ -248,3 +250,24 @@ def pruned_advantages(
         slope = calibrate(predicted[keep], rewards[keep], group_ids[keep])
     full = impute_rewards(rewards, predicted, keep, group_ids, slope)
     return group_advantages(full, group_ids, std_mode, adv_clip_max, batch_std=batch_std)
+
+
+def trained_step_weights(
+    valid: torch.Tensor, steps: torch.Tensor, recorded: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``[B, K]`` loss weight of each (rollout, trained step) sample: 1 if the rollout is valid and recorded that
+    step's transition, else 0.
+
+    A pruned rollout trained early (``prune_train_early``) recorded only steps ``0..k-1``; its trained steps from
+    ``k`` on keep their place in the micro-batch with weight 0, so every process still runs the same number of
+    backward passes and accumulation windows stay aligned.
+
+    Args:
+        valid: ``[B]`` bool, rollouts the loss may use (the reward's failure policy drops the others).
+        steps: ``[B, K]`` denoising step of each sample (:meth:`rl.trainer.GRPOTrainer.trained_steps`).
+        recorded: ``[B]`` transitions each rollout recorded (T finished, k pruned), or None: all of them.
+    """
+    weights = valid.float()[:, None].expand(steps.shape)
+    if recorded is None:
+        return weights
+    return weights * (steps < recorded[:, None]).float()

@@ -40,6 +40,7 @@ from rl.lora import LoraEMA, add_lora, disable_adapter, save_lora
 from rl.loss import grpo_loss
 from rl.metrics_log import MetricsAccumulator, MetricsLogger
 from rl.pruned_rollout import PrunedRollout
+from rl.pruning import trained_step_weights
 from rl.sampler import FluxSampler, PromptEmbeddings, Rollouts, StepObserver, encode_prompts
 from rl.sde import kl_to_reference
 
@@ -77,6 +78,8 @@ class ScoredRollouts:
         rewards: ``[B]`` total reward (NaN where invalid).
         components: ``"<component>/<key>" -> [B]`` every score (for logging).
         valid: ``[B]`` bool; False where the reward's failure policy dropped the group.
+        recorded: ``[B]`` transitions each rollout recorded, or None (all T). Pruned rollouts trained early
+            (``prune_train_early``) recorded k: their states past step k are padding, their rewards NaN.
     """
 
     rollouts: Rollouts
@@ -84,6 +87,7 @@ class ScoredRollouts:
     rewards: torch.Tensor
     components: dict[str, torch.Tensor]
     valid: torch.Tensor
+    recorded: torch.Tensor | None = None
 
 
 @dataclasses.dataclass
@@ -332,13 +336,20 @@ class GRPOTrainer:
 
         The rollouts are split into micro-batches of at most ``train_batch_size``; every process runs the same
         number (the largest any process needs; a process short of rollouts runs zero-weight filler), so
-        distributed gradient synchronisation and accumulation windows line up.
+        distributed gradient synchronisation and accumulation windows line up. Each (rollout, trained step)
+        sample has its own weight (:func:`rl.pruning.trained_step_weights`): a step a pruned rollout did not
+        record keeps its place with weight 0 and re-scores a recorded step instead (finite, out of the loss).
         """
         t, acc = self.config.training, self.accelerator
         rollouts = scored.rollouts
         device = rollouts.states.device
         steps = self.trained_steps(self.state.step, len(rollouts), stream=acc.process_index).to(device)
-        weights = scored.valid.float().to(device)
+        recorded = scored.recorded.to(device) if scored.recorded is not None else None
+        weights = trained_step_weights(scored.valid.to(device), steps, recorded)
+        if recorded is not None:
+            early = recorded < self.sampler.num_steps
+            total = float(weights.sum())
+            self.metrics.add("prune/early_trained_frac", float(weights[early].sum()) / max(total, 1.0), total)
         advantages = advantages.to(device)
         most = int(acc.gather(torch.tensor([len(rollouts)], device=acc.device)).max())
         updates = math.ceil(most / (t.train_batch_size * t.gradient_accumulation_steps))
@@ -349,9 +360,11 @@ class GRPOTrainer:
                 order = order[order < len(rollouts)]
                 for chunk in torch.tensor_split(order, updates * t.gradient_accumulation_steps):
                     rows = chunk.to(device) if len(chunk) else torch.zeros(1, dtype=torch.long, device=device)
-                    chunk_weights = weights[rows] if len(chunk) else torch.zeros(1, device=device)
                     for column in range(steps.shape[1]):
                         step = steps[rows, column]
+                        chunk_weights = weights[rows, column] if len(chunk) else torch.zeros(1, device=device)
+                        if recorded is not None:  # an unrecorded step (weight 0) re-scores the last recorded one
+                            step = torch.minimum(step, recorded[rows] - 1)
                         with acc.accumulate(self.model):
                             out = self.policy_loss(batch.embeds, rollouts, rows, step, advantages, chunk_weights)
                             acc.backward(out.loss)

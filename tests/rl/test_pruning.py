@@ -5,7 +5,14 @@ import math
 import pytest
 import torch
 
-from rl.pruning import calibrate, impute_rewards, keep_count, pruned_advantages, select_survivors
+from rl.pruning import (
+    calibrate,
+    impute_rewards,
+    keep_count,
+    pruned_advantages,
+    select_survivors,
+    trained_step_weights,
+)
 
 # two groups of 4, deliberately interleaved: group 7 = rows 0, 2, 4, 6; group 3 = rows 1, 3, 5, 7
 GROUPS = torch.tensor([7, 3, 7, 3, 7, 3, 7, 3])
@@ -151,3 +158,14 @@ def test_imputed_mode_calibrates_on_the_batch_by_default():
 def test_imputation_needs_a_survivor_per_group():
     with pytest.raises(ValueError, match="no survivor"):
         impute_rewards(torch.zeros(2), torch.zeros(2), torch.tensor([False, False]), torch.tensor([0, 0]), 1.0)
+
+
+def test_trained_step_weights_mask_unrecorded_steps_and_invalid_rollouts():
+    # rows: a finished survivor (T = 4), an invalid survivor, two pruned rollouts stopped at k = 2
+    valid = torch.tensor([True, False, True, True])
+    steps = torch.tensor([[0, 1, 2], [0, 1, 2], [0, 1, 2], [1, 2, 0]])  # a row's steps need not be sorted
+    recorded = torch.tensor([4, 4, 2, 2])
+    expected = [[1, 1, 1], [0, 0, 0], [1, 1, 0], [1, 0, 1]]
+    assert trained_step_weights(valid, steps, recorded).tolist() == expected
+    # without recorded steps (the unpruned trainer): the rollout's validity in every column
+    assert trained_step_weights(valid, steps).tolist() == [[1, 1, 1], [0, 0, 0], [1, 1, 1], [1, 1, 1]]

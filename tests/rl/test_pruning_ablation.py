@@ -74,6 +74,10 @@ def test_variant_overrides_parse_and_differ_only_in_pruning(tmp_path):
     assert configs["random"].pruning.prune_policy == "random" and configs["random"].pruning.probe_path == ""
     assert {c.training.seed for c in configs.values()} == {0} and configs["random"].training.max_minutes == 10.0
     assert configs["unpruned"].logging.output_dir == str(tmp_path / "unpruned")
+    # a pruned run training early steps on imputed advantages: the controls switch both off
+    early = [*base, "--prune_advantage", "imputed", "--prune_train_early", "true"]
+    for v in ("unpruned", "random"):
+        assert not parse_config([*early, *variant_overrides(v, tmp_path, 10.0, 0.0)]).pruning.prune_train_early
     with pytest.raises(ValueError, match="budget"):
         variant_overrides("pruned", tmp_path, 0.0, 0.0)
     with pytest.raises(ValueError, match="unknown variant"):

@@ -73,6 +73,44 @@ def test_topk_finishes_and_scores_survivors_only(pipeline_dir, tmp_path, advanta
     trainer.cleanup()
 
 
+def test_train_early_trains_pruned_rollouts_before_k_only(pipeline_dir, tmp_path):
+    # capture at step 1 of 4: a pruned rollout recorded step 0 only; trained steps are 0, 1, 2 (all but last)
+    topk = (*PRUNED, "--prune_policy", "topk", "--prune_advantage", "imputed", "--learning_rate", "1e-3")
+    off = make_trainer(pipeline_dir, tmp_path / "off", *topk)
+    metrics = pruned_step(off)
+    assert "prune/early_trained_frac" not in metrics
+    without = lora_state(off)
+    off.cleanup()
+
+    trainer = make_trainer(pipeline_dir, tmp_path / "on", *topk, "--prune_train_early", "true")
+    pruner, calls = trainer.pruner, []
+    with_early_steps, policy_loss = pruner.with_early_steps, trainer.policy_loss
+
+    def nan_padding(*args):  # a padded (unrecorded) state or log-prob read by the loss would make the LoRA NaN
+        scored, advantages = with_early_steps(*args)
+        scored.rollouts.states[4:, 2:] = math.nan
+        scored.rollouts.log_probs[4:, 1:] = math.nan
+        return scored, advantages
+
+    def spy(embeds, rollouts, rows, step, advantages, weights):
+        calls.append((rows.tolist(), step.tolist(), weights.tolist()))
+        return policy_loss(embeds, rollouts, rows, step, advantages, weights)
+
+    pruner.with_early_steps, trainer.policy_loss = nan_padding, spy
+    metrics = pruned_step(trainer)
+    # 4 survivors x 3 steps + 4 pruned rollouts x step 0 = 16 trained samples, 4 of them early
+    assert metrics["prune/early_trained_frac"] == pytest.approx(0.25)
+    samples = [(row, step, weight) for rows, steps, weights in calls for row, step, weight in zip(rows, steps, weights)]
+    assert sorted((row, step) for row, step, weight in samples if weight > 0) == sorted(
+        [(row, step) for row in range(4) for step in range(3)] + [(row, 0) for row in range(4, 8)]
+    )
+    assert all(step == 0 for row, step, _ in samples if row >= 4)  # unrecorded steps re-score step 0, weight 0
+    with_early = lora_state(trainer)
+    assert all(torch.isfinite(p).all() for p in with_early)
+    assert any(not torch.equal(a, b) for a, b in zip(without, with_early))
+    trainer.cleanup()
+
+
 def test_random_control_needs_no_probe_and_refresh_changes_the_probe(pipeline_dir, tmp_path):
     control = make_trainer(pipeline_dir, tmp_path / "control", "--capture_step", "2", "--prune_policy", "random")
     assert control.pruner.probe is None
@@ -119,6 +157,8 @@ def test_buffer_keeps_the_newest_rollouts():
         (("--prune_min_spread", "0.1"), "prune_policy='none'"),
         (("--prune_policy", "random", "--prune_explore", "3"), "prune_explore"),
         (("--prune_policy", "random", "--prune_advantage", "imputed"), "probe_path"),
+        (("--prune_train_early", "true"), "prune_train_early"),
+        (("--prune_policy", "topk", "--probe_path", "init", "--prune_train_early", "true"), "prune_advantage: imputed"),
         (("--prune_policy", "best"), "prune_policy"),
         (("--prune_keep_fraction", "1.5"), "prune_keep_fraction"),
     ],
