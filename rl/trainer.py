@@ -1,4 +1,4 @@
-"""Flow-GRPO with LoRA on a FLUX transformer: the training loop (DESIGN.md section 2, without the probe).
+"""Flow-GRPO with LoRA on a FLUX transformer: the training loop (DESIGN.md section 2).
 
 One GRPO step, per process (each process owns whole prompt groups; nothing is split across processes)::
 
@@ -6,9 +6,9 @@ One GRPO step, per process (each process owns whole prompt groups; nothing is sp
       -> VAE-decode -> reward (thread pool) -> group advantages -> PPO-clipped loss (+ optional KL to the
       adapter-disabled reference) over the trained steps -> AdamW steps through accelerate -> EMA -> log
 
-Every phase is a method, so probe pruning can run :meth:`GRPOTrainer.rollout` to step k (with an observer
-capturing attention), pick survivors (``Rollouts.select``) and finish them with
-:meth:`GRPOTrainer.continue_rollouts` before :meth:`GRPOTrainer.score`. Everything device- and process-related
+Every phase is a method. With a pruning policy the sampling phase is ``rl/pruned_rollout.py``'s: it runs
+:meth:`GRPOTrainer.rollout` to step k (with an observer capturing attention), lets the probe pick survivors
+(``Rollouts.select``), finishes them with :meth:`GRPOTrainer.continue_rollouts` and scores only them. Everything device- and process-related
 goes through one ``accelerate.Accelerator``; metrics are reduced across processes as sums and counts.
 """
 

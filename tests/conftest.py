@@ -35,7 +35,7 @@ def tiny_flux_pipeline():
     return build_tiny_flux_pipeline(vocabulary(), FIXTURE_CONFIG, seed=0)
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def tiny_flux_config() -> TinyFluxConfig:
     """The sizes of ``tiny_flux_pipeline`` (to build variants of it)."""
     return FIXTURE_CONFIG

@@ -3,6 +3,7 @@
 from types import SimpleNamespace
 
 import pytest
+import torch
 from accelerate.utils import DistributedType
 
 from rl.distributed import configure_deepspeed
@@ -15,6 +16,7 @@ def fake_accelerator(ds_config: dict, accumulation: int = 6, processes: int = 2)
         state=SimpleNamespace(deepspeed_plugin=plugin),
         gradient_accumulation_steps=accumulation,
         num_processes=processes,
+        device=torch.device("cpu"),
     )
 
 
@@ -24,6 +26,7 @@ def test_run_config_fills_deepspeed_values():
     # accumulation 6 backward passes per optimizer step (e.g. 2 micro-batches x 3 trained steps); 4 x 6 x 2 = 48
     assert ds["train_micro_batch_size_per_gpu"] == 4 and ds["gradient_accumulation_steps"] == 6
     assert ds["gradient_clipping"] == 1.0 and ds["train_batch_size"] == 48
+    assert ds["zero_optimization"]["overlap_comm"] is False  # CPU processes: no overlapped reduction
 
 
 def test_contradicting_deepspeed_value_fails_naming_it():

@@ -58,15 +58,13 @@ def finish(process: subprocess.Popen, timeout: float = 600) -> None:
 
 
 @pytest.fixture(scope="module")
-def ddp_runs(tmp_path_factory):
-    """The same config on 2 DDP processes and on 1 process, run side by side."""
-    from conftest import FIXTURE_CONFIG  # the fixture's sizes; built here once for the whole module
-
+def ddp_runs(tmp_path_factory, tiny_flux_config):
+    """The same config on 2 DDP processes and on 1 process, run side by side (the fixture's sizes, built once)."""
     from rewards.shapes import vocabulary
     from rl.tiny_flux import build_tiny_flux_pipeline
 
     root = tmp_path_factory.mktemp("dist")
-    build_tiny_flux_pipeline(vocabulary(), FIXTURE_CONFIG, seed=0).save_pretrained(root / "pipeline")
+    build_tiny_flux_pipeline(vocabulary(), tiny_flux_config, seed=0).save_pretrained(root / "pipeline")
     config = str(ROOT / "configs" / "accelerate" / "cpu_2proc.yaml")
     two = launch(root / "ddp", run_args(root / "pipeline", root / "ddp" / "run"), "--config_file", config)
     one = launch(root / "single", run_args(root / "pipeline", root / "single" / "run"))
