@@ -54,10 +54,11 @@ from rl.lora import add_lora, disable_adapter
 from rl.loss import grpo_loss
 from rl.sampler import FluxSampler, PromptEmbeddings, Rollouts
 from rl.sde import kl_to_reference
+from rl.tiny_flux import FLUX_DEV_SCHEDULER
 
 RESULTS_SECTION = "GPU path: FLUX.1-dev-sized transformer, random weights, bf16"
 
-# black-forest-labs/FLUX.1-dev transformer/config.json and scheduler/scheduler_config.json
+# black-forest-labs/FLUX.1-dev transformer/config.json (its scheduler: rl.tiny_flux.FLUX_DEV_SCHEDULER)
 FLUX_DEV = dict(
     patch_size=1,
     in_channels=64,
@@ -73,15 +74,6 @@ FLUX_DEV = dict(
 # same code path on a CPU in seconds; sum(axes_dims_rope) must equal attention_head_dim (DESIGN.md section 10)
 TINY = dict(FLUX_DEV, num_layers=2, num_single_layers=2, attention_head_dim=32, num_attention_heads=2)
 TINY.update(joint_attention_dim=32, pooled_projection_dim=16, axes_dims_rope=(8, 12, 12))
-FLUX_DEV_SCHEDULER = dict(
-    base_image_seq_len=256,
-    base_shift=0.5,
-    max_image_seq_len=4096,
-    max_shift=1.15,
-    num_train_timesteps=1000,
-    shift=3.0,
-    use_dynamic_shifting=True,
-)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

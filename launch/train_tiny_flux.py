@@ -78,6 +78,16 @@ def evaluate(pipe: FluxPipeline, transformer, args, n_prompts: int = 64) -> floa
     return float(np.mean(scores))
 
 
+@torch.no_grad()
+def flow_latents(vae, images: torch.Tensor) -> torch.Tensor:
+    """Unit-scale latents ``[B, 16, h, w]`` the flow model learns, from images in [-1, 1].
+
+    The posterior mean, not a sample: the posterior std (~0.9) exceeds the latents' own spread, so samples
+    would bury the flow model's target in noise the decoder ignores anyway.
+    """
+    return (vae.encode(images).latent_dist.mode() - vae.config.shift_factor) * vae.config.scaling_factor
+
+
 def learning_rate(step: int, args) -> float:
     """Linear warm-up, constant, then (from ``--decay_from``) linear decay to 5% at the last step.
 
@@ -104,8 +114,7 @@ def encode_dataset(pipe: FluxPipeline, args, path: Path) -> tuple[torch.Tensor, 
     vae, latents, prompts = pipe.vae, [], []
     for _ in tqdm(range(0, args.dataset_size, 64), desc="encode dataset"):
         specs = sample_prompts("train", 64, rng)
-        x0 = vae.encode(images_for(specs, args.resolution, rng)).latent_dist.mode()
-        latents.append(((x0 - vae.config.shift_factor) * vae.config.scaling_factor).half())
+        latents.append(flow_latents(vae, images_for(specs, args.resolution, rng)).half())
         prompts += [s.prompt for s in specs]
     latents = torch.cat(latents)
     torch.save({"latents": latents, "prompts": prompts}, path)
@@ -148,11 +157,7 @@ def train_transformer(pipe: FluxPipeline, args, out: Path, state: dict | None) -
         else:
             specs = sample_prompts("train", args.batch, rng)
             rows = torch.tensor([index_of[s.prompt] for s in specs])
-            with torch.no_grad():
-                # The posterior mean, not a sample: the posterior std (~0.9) exceeds the latents' own spread,
-                # so samples would bury the flow model's target in noise the decoder ignores anyway.
-                x0 = vae.encode(images_for(specs, args.resolution, rng)).latent_dist.mode()
-                x0 = (x0 - vae.config.shift_factor) * vae.config.scaling_factor
+            x0 = flow_latents(vae, images_for(specs, args.resolution, rng))
         x0 = FluxPipeline._pack_latents(x0, args.batch, 16, latent_side, latent_side)
         noise = torch.randn_like(x0)
         t = torch.sigmoid(torch.randn(args.batch))  # logit-normal, then FLUX's time shift

@@ -19,6 +19,17 @@ from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeli
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel, T5Tokenizer
 
+# black-forest-labs/FLUX.1-dev scheduler/scheduler_config.json: the tiny pipeline samples on FLUX's schedule
+FLUX_DEV_SCHEDULER = dict(
+    base_image_seq_len=256,
+    base_shift=0.5,
+    max_image_seq_len=4096,
+    max_shift=1.15,
+    num_train_timesteps=1000,
+    shift=3.0,
+    use_dynamic_shifting=True,
+)
+
 
 @dataclasses.dataclass
 class TinyFluxConfig:
@@ -162,14 +173,7 @@ def build_tiny_flux_pipeline(words: list[str], config: TinyFluxConfig | None = N
             eos_token_id=1,
         )
     )
-    scheduler = FlowMatchEulerDiscreteScheduler(
-        shift=3.0,
-        use_dynamic_shifting=True,
-        base_shift=0.5,
-        max_shift=1.15,
-        base_image_seq_len=256,
-        max_image_seq_len=4096,
-    )
+    scheduler = FlowMatchEulerDiscreteScheduler(**FLUX_DEV_SCHEDULER)
     pipeline = FluxPipeline(
         scheduler=scheduler,
         vae=vae,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 import pytest
+from accelerate.state import AcceleratorState, GradientState
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
@@ -39,3 +40,13 @@ def tiny_flux_pipeline():
 def tiny_flux_config() -> TinyFluxConfig:
     """The sizes of ``tiny_flux_pipeline`` (to build variants of it)."""
     return FIXTURE_CONFIG
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """Each trainer builds its own Accelerator; accelerate's process-wide state must not leak between tests."""
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()

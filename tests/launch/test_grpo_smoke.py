@@ -5,9 +5,7 @@ import json
 import math
 from pathlib import Path
 
-import pytest
 import torch
-from accelerate.state import AcceleratorState, GradientState
 from diffusers import FluxPipeline
 from safetensors.torch import load_file
 
@@ -21,15 +19,6 @@ def load_script():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
-
-
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
 
 
 def test_grpo_flux_smoke(tiny_flux_pipeline, tmp_path):

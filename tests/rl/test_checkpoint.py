@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from accelerate.state import AcceleratorState, GradientState
 from safetensors.torch import load_file
 
 from rl.checkpoint import list_checkpoints, resolve_resume
@@ -103,15 +102,6 @@ def test_sigkill_and_resume_matches_the_uninterrupted_run(pipeline_dir, tmp_path
     assert all("lora_" in k for k in saved)  # the checkpoint holds the LoRA, not the frozen base
 
 
-@pytest.fixture
-def fresh_accelerate_state():
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-
-
 def load_module(name):
     spec = importlib.util.spec_from_file_location(name, ROOT / "launch" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
@@ -119,9 +109,7 @@ def load_module(name):
     return module
 
 
-def test_exported_lora_reproduces_the_trainers_samples_in_plain_diffusers(
-    pipeline_dir, tmp_path, fresh_accelerate_state
-):
+def test_exported_lora_reproduces_the_trainers_samples_in_plain_diffusers(pipeline_dir, tmp_path):
     trainer = load_module("grpo_flux").main(
         tiny_run_args(
             pipeline_dir,

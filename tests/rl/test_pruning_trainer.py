@@ -6,14 +6,14 @@ import math
 import pytest
 import torch
 from accelerate.state import AcceleratorState, GradientState
-from test_trainer import fresh_accelerate_state, lora_state, one_step, pipeline_dir, tiny_args
+from test_trainer import lora_state, one_step, pipeline_dir, tiny_args
 from test_trainer import make_trainer as make_one_trainer
 
 from rl.config import parse_config
 from rl.pruned_rollout import ProbeBuffer
 from rl.trainer import GRPOTrainer
 
-__all__ = ["fresh_accelerate_state", "pipeline_dir"]  # fixtures used by name
+__all__ = ["pipeline_dir"]  # fixture used by name
 
 # fixture world: T = 4 steps, 2 prompts x 4 rollouts; capture at step 1 of 4
 PRUNED = ("--capture_step", "1", "--probe_path", "init", "--prune_keep_fraction", "0.5")

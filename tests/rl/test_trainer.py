@@ -4,7 +4,6 @@ import math
 
 import pytest
 import torch
-from accelerate.state import AcceleratorState, GradientState
 from safetensors.torch import load_file
 
 from rl.config import parse_config
@@ -17,16 +16,6 @@ class HalfNanReward:
     def __call__(self, images, prompts, metadata):
         scores = images.mean(dim=(1, 2, 3))
         return {"score": torch.where(torch.tensor(["circle" in p for p in prompts]), math.nan, scores)}
-
-
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    """Each trainer builds its own Accelerator; accelerate's process-wide state must not leak between tests."""
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
 
 
 def tiny_args(pipeline_dir, output_dir, *extra):
