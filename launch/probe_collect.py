@@ -47,6 +47,9 @@ class CollectArgs:
     # (configs/tiny_shapes.yaml: noise_level 0.9, distinct initial noise per rollout).
     noise_level: float = _option(0.9, "SDE noise level a (0 = ODE); default = the GRPO trainer's")
     same_initial_noise: bool = _option(False, "a group shares its initial noise (the trainer's same_initial_noise)")
+    sde_steps: list[int] = _option(
+        None, "steps with SDE noise, the others ODE (the trainer's sde_window_only window; default: all)", list
+    )
     guidance_scale: float = _option(3.5, "FLUX distilled guidance")
     resolution: int | None = _option(None, "image side in pixels (default: the VAE's sample_size)")
     text_length: int | None = _option(None, "max_sequence_length (default: the T5 tokenizer's, at most 512)")
@@ -87,6 +90,7 @@ def main() -> None:
         prompts_per_shard=args.prompts_per_shard,
         seed=args.seed,
         same_initial_noise=args.same_initial_noise,
+        sde_steps=sorted(set(args.sde_steps)) or None,
     )
     paths = collect(pipeline, settings, args.out, batch_size=args.batch_size, device=args.device)
     print(f"{len(paths)} shards ({settings.num_prompts} prompts x {settings.group_size} seeds) in {args.out}")

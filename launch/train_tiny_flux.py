@@ -41,7 +41,7 @@ def train_vae(pipe: FluxPipeline, args, rng: np.random.Generator) -> None:
     vae = pipe.vae.train()
     optimizer = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr)
     for step in (bar := tqdm(range(args.vae_steps), desc="vae")):
-        images = images_for(sample_prompts("train", args.vae_batch, rng), args.resolution, rng)
+        images = images_for(sample_prompts("train", args.vae_batch, rng), args.resolution, rng).to(args.device)
         posterior = vae.encode(images).latent_dist
         recon = vae.decode(posterior.sample()).sample
         loss = F.mse_loss(recon, images) + args.vae_kl * posterior.kl().mean() / images[0].numel()
@@ -52,7 +52,7 @@ def train_vae(pipe: FluxPipeline, args, rng: np.random.Generator) -> None:
             bar.set_postfix(loss=f"{loss.item():.4f}")
     vae.eval().requires_grad_(False)
     with torch.no_grad():
-        images = images_for(sample_prompts("train", 512, rng), args.resolution, rng)
+        images = images_for(sample_prompts("train", 512, rng), args.resolution, rng).to(args.device)
         latents = torch.cat([vae.encode(chunk).latent_dist.mode() for chunk in images.split(64)])
     # FLUX decodes latents / scaling_factor + shift_factor; choose both so the flow model sees unit scale.
     vae.register_to_config(shift_factor=latents.mean().item(), scaling_factor=1.0 / latents.std().item())
@@ -114,7 +114,7 @@ def encode_dataset(pipe: FluxPipeline, args, path: Path) -> tuple[torch.Tensor, 
     vae, latents, prompts = pipe.vae, [], []
     for _ in tqdm(range(0, args.dataset_size, 64), desc="encode dataset"):
         specs = sample_prompts("train", 64, rng)
-        latents.append(flow_latents(vae, images_for(specs, args.resolution, rng)).half())
+        latents.append(flow_latents(vae, images_for(specs, args.resolution, rng).to(args.device)).half().cpu())
         prompts += [s.prompt for s in specs]
     latents = torch.cat(latents)
     torch.save({"latents": latents, "prompts": prompts}, path)
@@ -133,7 +133,9 @@ def train_transformer(pipe: FluxPipeline, args, out: Path, state: dict | None) -
         ema.load_state_dict(state["ema"])
         optimizer.load_state_dict(state["optimizer"])
         rng.bit_generator.state = state["numpy_rng"]
-        torch.set_rng_state(state["torch_rng"])
+        torch.set_rng_state(state["torch_rng"].cpu())
+        if state.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state(state["cuda_rng"].cpu())
         start, history = state["step"], state["history"]
 
     with torch.no_grad():
@@ -142,29 +144,33 @@ def train_transformer(pipe: FluxPipeline, args, out: Path, state: dict | None) -
     index_of = {prompt: i for i, prompt in enumerate(train_prompts)}
     if args.dataset_size:
         dataset, dataset_prompts = encode_dataset(pipe, args, out / f"latents-{args.dataset_size}.pt")
-        dataset_rows = torch.tensor([index_of[p] for p in dataset_prompts])
+        dataset = dataset.to(args.device)
+        dataset_rows = torch.tensor([index_of[p] for p in dataset_prompts], device=args.device)
     latent_side = args.resolution // pipe.vae_scale_factor
-    image_ids = pipe._prepare_latent_image_ids(args.batch, latent_side // 2, latent_side // 2, "cpu", torch.float32)
+    image_ids = pipe._prepare_latent_image_ids(
+        args.batch, latent_side // 2, latent_side // 2, args.device, torch.float32
+    )
     vae = pipe.vae
     # FLUX's dynamic time shift for this many image tokens, as the sampler will use it.
     shift = math.exp(FluxSampler.shift_mu(pipe.scheduler, (latent_side // 2) ** 2))
+    ema_parameters, parameters = list(ema.parameters()), list(transformer.parameters())
 
     for step in (bar := tqdm(range(start, args.transformer_steps), desc="transformer", initial=start,
                              total=args.transformer_steps)):  # fmt: skip
         if args.dataset_size:
-            pick = torch.from_numpy(rng.integers(0, len(dataset), args.batch))
+            pick = torch.from_numpy(rng.integers(0, len(dataset), args.batch)).to(args.device)
             x0, rows = dataset[pick].float(), dataset_rows[pick]
         else:
             specs = sample_prompts("train", args.batch, rng)
-            rows = torch.tensor([index_of[s.prompt] for s in specs])
-            x0 = flow_latents(vae, images_for(specs, args.resolution, rng))
+            rows = torch.tensor([index_of[s.prompt] for s in specs], device=args.device)
+            x0 = flow_latents(vae, images_for(specs, args.resolution, rng).to(args.device))
         x0 = FluxPipeline._pack_latents(x0, args.batch, 16, latent_side, latent_side)
         noise = torch.randn_like(x0)
-        t = torch.sigmoid(torch.randn(args.batch))  # logit-normal, then FLUX's time shift
+        t = torch.sigmoid(torch.randn(args.batch, device=args.device))  # logit-normal, then FLUX's time shift
         t = shift * t / (1 + (shift - 1) * t)
         x_t = (1 - t[:, None, None]) * x0 + t[:, None, None] * noise
         # The tiny model is not guidance-distilled: the embedding always sees FLUX.1-dev's default, 3.5.
-        guidance = torch.full((args.batch,), 3.5)
+        guidance = torch.full((args.batch,), 3.5, device=args.device)
         v = transformer(
             hidden_states=x_t, timestep=t, guidance=guidance, pooled_projections=pooled[rows],
             encoder_hidden_states=embeds[rows], txt_ids=text_ids, img_ids=image_ids, return_dict=False,
@@ -177,8 +183,7 @@ def train_transformer(pipe: FluxPipeline, args, out: Path, state: dict | None) -
             group["lr"] = learning_rate(step, args)
         optimizer.step()
         with torch.no_grad():
-            for p_ema, p in zip(ema.parameters(), transformer.parameters()):
-                p_ema.lerp_(p, 1 - args.ema_decay)
+            torch._foreach_lerp_(ema_parameters, parameters, 1 - args.ema_decay)
         if step % 20 == 0:
             bar.set_postfix(loss=f"{loss.item():.4f}")
         if (step + 1) % args.eval_every == 0 or step + 1 == args.transformer_steps:
@@ -188,6 +193,7 @@ def train_transformer(pipe: FluxPipeline, args, out: Path, state: dict | None) -
             torch.save(
                 {"transformer": transformer.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
                  "numpy_rng": rng.bit_generator.state, "torch_rng": torch.get_rng_state(), "step": step + 1,
+                 "cuda_rng": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
                  "history": history},
                 out / "state.pt.tmp",
             )  # fmt: skip
@@ -218,6 +224,7 @@ def main() -> None:
     parser.add_argument("--ema_decay", type=float, default=0.995)
     parser.add_argument("--eval_every", type=int, default=250)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (1 is fastest on a busy machine)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -229,15 +236,15 @@ def main() -> None:
     config = TinyFluxConfig(resolution=args.resolution, text_length=args.text_length)
     vae_dir = work / "vae"
     if (vae_dir / "config.json").exists():
-        pipe = FluxPipeline.from_pretrained(work / "pipeline")
+        pipe = FluxPipeline.from_pretrained(work / "pipeline").to(args.device)
     else:
-        pipe = build_tiny_flux_pipeline(vocabulary(), config, seed=args.seed)
+        pipe = build_tiny_flux_pipeline(vocabulary(), config, seed=args.seed).to(args.device)
         train_vae(pipe, args, np.random.default_rng(args.seed))
         pipe.save_pretrained(work / "pipeline")
         pipe.vae.save_pretrained(vae_dir)
     pipe.set_progress_bar_config(disable=True)
     state_path = work / "state.pt"
-    state = torch.load(state_path, weights_only=False) if state_path.exists() else None
+    state = torch.load(state_path, map_location=args.device, weights_only=False) if state_path.exists() else None
     history = train_transformer(pipe, args, work, state)
     pipe.save_pretrained(args.out)
     (Path(args.out) / "training_log.json").write_text(json.dumps({"args": vars(args), "history": history}, indent=1))

@@ -43,6 +43,8 @@ class CollectSettings:
         capture_steps: k values to capture at (each k-th transformer call).
         noise_level: SDE noise level (GRPO rollouts use the SDE; match the trainer's).
         same_initial_noise: a group shares its initial noise (the trainer's ``same_initial_noise``).
+        sde_steps: the steps that add SDE noise, the others being ODE steps (the trainer's ``sde_window_only``
+            window); ``None``: every step.
         guidance_scale: FLUX distilled guidance.
         resolution: image side in pixels.
         text_length: max_sequence_length.
@@ -72,6 +74,7 @@ class CollectSettings:
     prompts_per_shard: int
     seed: int
     same_initial_noise: bool = False
+    sde_steps: list[int] | None = None
     fingerprint: str = ""
     weights: str = ""
 
@@ -147,6 +150,7 @@ def collect(
         height=settings.resolution,
         width=settings.resolution,
         batch_size=batch_size,
+        sde_steps=settings.sde_steps,
     )
     reward_set = build_reward_set(settings.reward, kwargs=settings.reward_kwargs)
     items = prompt_source(settings.prompts, settings.num_prompts, settings.seed)

@@ -186,11 +186,12 @@ def collection_meta(directories: list[str], capture_step: int, reward_key: str |
     """The :class:`ProbeMeta` of a probe trained on these collections (``grid`` filled by :func:`train_probe`).
 
     Raises:
-        ValueError: if the collections disagree on the model, step count, blocks, noise level or sizes.
+        ValueError: if the collections disagree on the model, step count, blocks, noise (level or SDE steps) or
+            sizes.
     """
     manifests = [read_manifest(d) for d in directories]
-    for key in ("fingerprint", "num_steps", "blocks", "noise_level", "text_length", "resolution"):
-        values = {json.dumps(m[key]) for m in manifests}
+    for key in ("fingerprint", "num_steps", "blocks", "noise_level", "sde_steps", "text_length", "resolution"):
+        values = {json.dumps(m.get(key)) for m in manifests}
         if len(values) > 1:
             raise ValueError(f"collections differ in {key}: {sorted(values)}; train and test must match")
     manifest = manifests[0]

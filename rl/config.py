@@ -192,6 +192,12 @@ class SamplingConfig(Section):
     train_fraction: float = option(
         0.6, "Fraction of the T - 1 trainable steps drawn per rollout in 'random' mode, rounded down (DanceGRPO: 0.6)."
     )
+    sde_window_only: bool = option(
+        False,
+        "With train_steps='window': add SDE noise on the window's steps only and take every other step with the "
+        "deterministic ODE (Flow-GRPO-Fast, MixGRPO), so the rollouts are the evaluation's sampler except where "
+        "they are trained, and all of a rollout's randomness is credited to the trained steps.",
+    )
 
     def check(self) -> None:
         _positive(self, "prompts_per_step", "group_size", "num_steps", "height", "width", "sample_batch_size")
@@ -527,6 +533,12 @@ class RunConfig:
                 f"train window [{s.train_window_start}, {s.train_window_start + s.train_window_size}) must lie in "
                 f"[0, num_steps - 1 = {s.num_steps - 1}): the last step is never trained (its log-prob is "
                 "ill-conditioned). Set train_window_start + train_window_size <= num_steps - 1."
+            )
+        if s.sde_window_only and s.train_steps != "window":
+            raise ValueError(
+                f"sde_window_only=true needs train_steps='window' (got {s.train_steps!r}): the SDE steps must be the "
+                "trained ones, known before sampling. Set train_steps=window (and train_window_start / "
+                "train_window_size) or sde_window_only=false."
             )
         components = r.reward_components
         if r.reward_weights is not None and len(r.reward_weights) != len(components):

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from typing import Protocol
 
@@ -130,6 +130,8 @@ class FluxSampler:
             guidance embedding.
         height, width: image size in pixels.
         batch_size: most rollouts per transformer call (memory knob; results do not depend on it).
+        sde_steps: the steps that add SDE noise (default all); the others are deterministic Euler steps with
+            no density, so only ``sde_steps`` can be scored (Flow-GRPO-Fast's SDE window).
     """
 
     def __init__(
@@ -141,10 +143,12 @@ class FluxSampler:
         height: int,
         width: int,
         batch_size: int = 16,
+        sde_steps: Sequence[int] | None = None,
     ) -> None:
         self.pipeline = pipeline
         self.num_steps = num_steps
         self.noise_level = noise_level
+        self.sde_steps = frozenset(range(num_steps) if sde_steps is None else sde_steps)
         self.guidance_scale = guidance_scale
         self.batch_size = batch_size
         self.height, self.width = height, width
@@ -275,10 +279,9 @@ class FluxSampler:
                     v = self.velocity(x, step, embeds, rollouts.prompt_index[rows])
                 if observer:
                     observer.after_forward(step, rows, x, v, float(sigmas[step]))
-                noise = step_noise(rollouts.seeds[rows], step, tuple(x.shape[1:]), device) if self.noise_level else None
-                out = sde_step(
-                    x, v, sigmas[step], sigmas[step + 1], self.noise_level, self.sigma_below_one, noise=noise
-                )
+                level = self.noise_level if step in self.sde_steps else 0.0
+                noise = step_noise(rollouts.seeds[rows], step, tuple(x.shape[1:]), device) if level else None
+                out = sde_step(x, v, sigmas[step], sigmas[step + 1], level, self.sigma_below_one, noise=noise)
                 next_chunks.append(out.next_latents)
                 log_prob_chunks.append(out.log_prob)
                 if progress:
@@ -309,6 +312,8 @@ class FluxSampler:
         """
         rows = torch.arange(len(rollouts), device=rollouts.states.device) if rows is None else rows
         step_t = torch.as_tensor(step, device=rows.device).long().expand(len(rows))
+        if not set(step_t.tolist()) <= self.sde_steps:
+            raise ValueError(f"steps {sorted(set(step_t.tolist()) - self.sde_steps)} were sampled without SDE noise")
         x = rollouts.states[rows, step_t]
         x_next = rollouts.states[rows, step_t + 1]
         v = self.velocity(x, step_t, embeds, rollouts.prompt_index[rows], model=model)

@@ -72,7 +72,11 @@ def _word_level_bpe(words: list[str]) -> tuple[dict[str, int], list[tuple[str, s
     tokenizer.train_from_iterator([" ".join(words)] * 4, trainer)
     model = json.loads(tokenizer.to_str())["model"]
     merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
-    return model["vocab"], merges
+    # The trainer numbers tokens of equal frequency in hash order, which changes between processes; sorted ids
+    # make the same words give the same ids (and the same seeded pipeline the same embeddings) every time.
+    specials = ["<|startoftext|>", "<|endoftext|>"]
+    tokens = specials + sorted(set(model["vocab"]) - set(specials))
+    return {token: index for index, token in enumerate(tokens)}, merges
 
 
 def build_tokenizers(words: list[str], text_length: int) -> tuple[CLIPTokenizer, T5Tokenizer]:
@@ -184,4 +188,6 @@ def build_tiny_flux_pipeline(words: list[str], config: TinyFluxConfig | None = N
         transformer=transformer,
     )
     pipeline.set_progress_bar_config(disable=True)
+    for module in (vae, clip, t5, transformer):
+        module.eval()  # as from_pretrained leaves them: T5's dropout (0.1) would make prompt embeddings random
     return pipeline

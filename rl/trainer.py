@@ -175,7 +175,10 @@ class GRPOTrainer:
         register_lora_only_hooks(self.accelerator, self.model)  # checkpoints hold the LoRA, not the frozen base
         self.ema = LoraEMA(self.lora_params, t.ema_decay) if t.ema_decay > 0 else None
         size = dict(guidance_scale=s.guidance_scale, height=s.height, width=s.width, batch_size=s.sample_batch_size)
-        self.sampler = FluxSampler(self.pipeline, s.num_steps, s.noise_level, **size)
+        window = range(s.train_window_start, s.train_window_start + s.train_window_size)
+        self.sampler = FluxSampler(
+            self.pipeline, s.num_steps, s.noise_level, **size, sde_steps=window if s.sde_window_only else None
+        )
         self.eval_sampler = FluxSampler(self.pipeline, cfg.eval.eval_num_steps or s.num_steps, 0.0, **size)
         self.pruner = PrunedRollout.from_config(cfg, self.sampler, self.accelerator)  # None: unpruned
         self.output_dir = Path(cfg.logging.output_dir)
@@ -471,6 +474,7 @@ class GRPOTrainer:
         if path is None:
             if self.config.checkpoint.resume_from:
                 self.info("resume_from=%s: no checkpoint yet, starting fresh", self.config.checkpoint.resume_from)
+            self.log.resume(step=-1, elapsed_s=0.0)  # a fresh run in a used output_dir must not append to its log
             return
         trainer_state, rank_state = load_checkpoint(self.accelerator, path)
         self.load_state_dict(trainer_state)

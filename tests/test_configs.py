@@ -81,6 +81,7 @@ def test_reward_kwargs_accepts_json_on_the_command_line():
             ["--train_steps", "window", "--num_steps", "4", "--train_window_start", "2", "--train_window_size", "2"],
             "last step is never trained",
         ),
+        (["--sde_window_only", "true"], "sde_window_only=true needs train_steps='window'"),
         (["--reward", "shapes,jpeg_compressibility", "--reward_weights", "1"], "one weight per component"),
         (["--reward_kwargs", '{"pickscore": {}}'], "not reward components"),
         (["--train_steps", "sometimes"], "train_steps='sometimes' is not one of"),

@@ -24,6 +24,8 @@ def load_script():
 def test_grpo_flux_smoke(tiny_flux_pipeline, tmp_path):
     tiny_flux_pipeline.save_pretrained(tmp_path / "base")
     out = tmp_path / "run"
+    out.mkdir()  # a finished earlier run's log: a fresh (not resumed) run must start its own
+    (out / "metrics.jsonl").write_text('{"step": 7, "stale": 1}\n')
     trainer = load_script().main(
         [
             "--config", str(SCRIPT.parents[1] / "configs" / "tiny_shapes.yaml"),
@@ -37,6 +39,7 @@ def test_grpo_flux_smoke(tiny_flux_pipeline, tmp_path):
     )  # fmt: skip
 
     records = read_metrics(out / "metrics.jsonl")
+    assert not any("stale" in r for r in records)
     steps = [r for r in records if "reward/total/mean" in r]
     assert [r["train/step"] for r in steps] == [1, 2]
     for record in steps:

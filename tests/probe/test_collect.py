@@ -65,6 +65,14 @@ def test_collect_resumes_after_interruption_and_trains(tiny_flux_pipeline, tmp_p
         [str(out)], [str(test_dir)], 2, "combined", fit_config, {"width": 8}, val_fraction=0.34
     )
     assert report.test_rollouts == 6 and report.train_rollouts == 4 and "within_group_srcc" in report.test
+    window_dir = tmp_path / "window"  # the trainer's sde_window_only rollouts: SDE at step 0 only
+    collect(tiny_flux_pipeline, dataclasses.replace(SETTINGS, sde_steps=[0]), window_dir, progress=False)
+    window_shard = next(iter_shards(window_dir))
+    # The same SDE step 0, then an ODE step 1 instead of an SDE one
+    assert torch.equal(window_shard["captures"][1]["latents"], shards[0]["captures"][1]["latents"])
+    assert not torch.allclose(window_shard["captures"][2]["latents"], shards[0]["captures"][2]["latents"], atol=0.5)
+    with pytest.raises(ValueError, match="collections differ in sde_steps"):
+        train_from_collections([str(out)], [str(window_dir)], 2, "combined", fit_config, {"width": 8})
     probe.save(tmp_path / "probe.pt")
     loaded = Probe.load(tmp_path / "probe.pt", tiny_flux_pipeline.transformer, capture_step=2, num_steps=2)
     assert loaded.meta.blocks == (0, 1, 2) and loaded.meta.metrics == report.test

@@ -1,7 +1,8 @@
 import numpy as np
+import pytest
 import torch
 
-from rl.sampler import FluxSampler, encode_prompts
+from rl.sampler import FluxSampler, Rollouts, encode_prompts
 
 PROMPTS = ["a red circle", "two blue squares", "a green triangle left of a yellow circle"]
 
@@ -78,3 +79,23 @@ def test_equal_seeds_share_initial_noise(tiny_flux_pipeline):
     assert torch.equal(start.latents[0], start.latents[1])
     assert not torch.equal(start.latents[0], start.latents[2])
     assert np.isclose(start.latents.std().item(), 1.0, atol=0.1)
+
+
+def test_sde_window_adds_noise_only_on_its_steps(tiny_flux_pipeline):
+    embeds = encode_prompts(tiny_flux_pipeline, PROMPTS, max_sequence_length=16)
+    start = _sampler(tiny_flux_pipeline, 0.9).start(torch.arange(3), torch.tensor([1, 2, 3]))
+    window = FluxSampler(tiny_flux_pipeline, 4, 0.9, 3.5, 32, 32, sde_steps=[1])
+    ode = _sampler(tiny_flux_pipeline, 0.0)
+    done = window.advance(start, embeds, until_step=4)
+    # Step 0 is the ODE's step; step 1 leaves it (noise) with a density; steps 2-3 are the ODE's again.
+    first = ode.advance(start, embeds, until_step=1)
+    torch.testing.assert_close(done.states[:, :2], first.states, rtol=0, atol=0)
+    assert not torch.allclose(done.states[:, 2], ode.advance(first, embeds, until_step=2).latents)
+    after_window = Rollouts(start.prompt_index, start.seeds, done.states[:, :3], done.log_probs[:, :2])
+    torch.testing.assert_close(done.states, ode.advance(after_window, embeds, 4).states, rtol=0, atol=0)
+    assert (done.log_probs[:, [0, 2, 3]] == 0).all() and (done.log_probs[:, 1] != 0).all()
+    with torch.no_grad():
+        rescored = window.step_log_prob(done, 1, embeds).log_prob
+    torch.testing.assert_close(rescored, done.log_probs[:, 1], rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match=r"steps \[2\] were sampled without SDE noise"):
+        window.step_log_prob(done, 2, embeds)

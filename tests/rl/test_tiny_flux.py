@@ -29,3 +29,16 @@ def test_fixture_is_deterministic_and_round_trips_offline(tiny_flux_pipeline, ti
             "a red circle", height=32, width=32, num_inference_steps=2, max_sequence_length=16, output_type="pt"
         ).images
     assert images.shape == (1, 3, 32, 32) and torch.isfinite(images).all()
+
+
+def test_built_pipeline_is_in_eval_mode_and_encodes_prompts_deterministically(tiny_flux_pipeline):
+    pipe = tiny_flux_pipeline
+    assert not any(m.training for m in (pipe.vae, pipe.text_encoder, pipe.text_encoder_2, pipe.transformer))
+    first = pipe.encode_prompt(["a red circle"], None, max_sequence_length=16)[0]
+    assert torch.equal(first, pipe.encode_prompt(["a red circle"], None, max_sequence_length=16)[0])
+
+
+def test_tokenizer_ids_do_not_depend_on_the_build():
+    words = vocabulary()
+    ids = {tuple(build_tokenizers(words, 16)[0](" ".join(words)).input_ids) for _ in range(4)}
+    assert len(ids) == 1

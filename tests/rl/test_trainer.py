@@ -104,6 +104,18 @@ def test_trained_step_selection(pipeline_dir, tmp_path):
     assert torch.equal(steps, random.trained_steps(3, 50)) and not torch.equal(steps, random.trained_steps(4, 50))
 
 
+def test_sde_window_only_samples_the_window_with_noise_and_the_rest_with_the_ode(pipeline_dir, tmp_path):
+    window = ("--num_steps", "10", "--train_steps", "window", "--train_window_start", "1", "--train_window_size", "3")
+    plain = make_trainer(pipeline_dir, tmp_path / "a", *window)
+    assert plain.sampler.sde_steps == frozenset(range(10))
+    plain.cleanup()
+    fast = make_trainer(pipeline_dir, tmp_path / "b", *window, "--sde_window_only", "true")
+    assert fast.sampler.sde_steps == {1, 2, 3} and fast.eval_sampler.noise_level == 0
+    record = one_step(fast)
+    assert abs(record["policy/ratio_first_inner"] - 1) <= 1e-6
+    fast.cleanup()
+
+
 def test_evaluation_is_deterministic_and_uses_the_eval_prompts(pipeline_dir, tmp_path):
     trainer = make_trainer(pipeline_dir, tmp_path, "--eval_images_per_prompt", "2")
     first, second = trainer.evaluate(), trainer.evaluate()
