@@ -25,6 +25,7 @@ TINY_OVERRIDES = {
     "prompts_per_step": 1,
     "group_size": 2,
     "num_steps": 2,
+    "train_window_size": 1,  # the config trains steps [0, 3); 2 steps leave only step 0 trainable
     "height": 32,
     "width": 32,
     "max_sequence_length": 16,
