@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import sys
+import types
+from pathlib import Path
 
 import pytest
 from accelerate.state import AcceleratorState, GradientState
@@ -28,6 +32,23 @@ FIXTURE_CONFIG = TinyFluxConfig(
     vae_channels=(8, 16),
     vae_groups=4,
 )
+
+
+LAUNCH = Path(__file__).resolve().parents[1] / "launch"
+
+
+@pytest.fixture
+def launch_script(monkeypatch):
+    """``launch_script(name)`` imports ``launch/<name>.py`` as a module (the entry scripts are no package)."""
+
+    def load(name: str) -> types.ModuleType:
+        spec = importlib.util.spec_from_file_location(name, LAUNCH / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        monkeypatch.setitem(sys.modules, name, module)  # dataclasses look their module up while being created
+        spec.loader.exec_module(module)
+        return module
+
+    return load
 
 
 @pytest.fixture

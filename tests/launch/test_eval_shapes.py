@@ -1,30 +1,18 @@
 """The base-model evaluation's summary: per-category rows, the prompt-weighted mean and GenEval's overall."""
 
-import importlib.util
-from pathlib import Path
-
 import numpy as np
 import pytest
 
 from rewards.shapes import all_prompts
 
-SCRIPT = Path(__file__).resolve().parents[2] / "launch" / "eval_shapes.py"
 
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("eval_shapes", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_summary_weighs_prompts_in_all_and_categories_in_category_mean():
+def test_summary_weighs_prompts_in_all_and_categories_in_category_mean(launch_script):
     test = all_prompts("test")
     colors = [s for s in test if s.tag == "colors"][:1]
     position = [s for s in test if s.tag == "position"][:3]
     # One colours prompt scoring [1, 0] and three position prompts scoring [0, 0] each.
     scores = np.array([[1.0, 0.0], [0.0, 0.0], [0.0, 0.0], [0.0, 0.0]])
-    table = load_script().summary_table(colors + position, scores)
+    table = launch_script("eval_shapes").summary_table(colors + position, scores)
     assert set(table) == {"colors", "position", "all", "category_mean"}
     assert table["colors"]["mean_score"] == 0.5 and table["colors"]["within_prompt_std"] == 0.5
     assert table["all"]["mean_score"] == pytest.approx(1 / 8)  # 1 of 8 images

@@ -1,6 +1,5 @@
 """Smoke run of the real entry script on the tiny random FLUX fixture: it trains the LoRA and only the LoRA."""
 
-import importlib.util
 import json
 import math
 from pathlib import Path
@@ -14,19 +13,12 @@ from rl.metrics_log import read_metrics
 SCRIPT = Path(__file__).resolve().parents[2] / "launch" / "grpo_flux.py"
 
 
-def load_script():
-    spec = importlib.util.spec_from_file_location("grpo_flux", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_grpo_flux_smoke(tiny_flux_pipeline, tmp_path):
+def test_grpo_flux_smoke(tiny_flux_pipeline, tmp_path, launch_script):
     tiny_flux_pipeline.save_pretrained(tmp_path / "base")
     out = tmp_path / "run"
     out.mkdir()  # a finished earlier run's log: a fresh (not resumed) run must start its own
     (out / "metrics.jsonl").write_text('{"step": 7, "stale": 1}\n')
-    trainer = load_script().main(
+    trainer = launch_script("grpo_flux").main(
         [
             "--config", str(SCRIPT.parents[1] / "configs" / "tiny_shapes.yaml"),
             "--pretrained", str(tmp_path / "base"), "--height", "32", "--width", "32", "--num_steps", "4",

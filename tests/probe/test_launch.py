@@ -1,28 +1,19 @@
 """The probe entry scripts end to end on the tiny random FLUX fixture: collect, resume, train, load."""
 
-import importlib.util
 import json
 import sys
-from pathlib import Path
 
 import torch
 
 from probe.data import read_manifest
 from probe.probe import Probe
 
-LAUNCH = Path(__file__).resolve().parents[2] / "launch"
 
+def test_collect_then_train_from_the_command_line(tiny_flux_pipeline, tmp_path, monkeypatch, capsys, launch_script):
+    def run_script(name: str, argv: list[str], monkeypatch) -> None:
+        monkeypatch.setattr(sys, "argv", [f"{name}.py", *argv])
+        launch_script(name).main()
 
-def run_script(name: str, argv: list[str], monkeypatch) -> None:
-    spec = importlib.util.spec_from_file_location(name, LAUNCH / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, name, module)  # dataclasses look their module up while being created
-    spec.loader.exec_module(module)
-    monkeypatch.setattr(sys, "argv", [f"{name}.py", *argv])
-    module.main()
-
-
-def test_collect_then_train_from_the_command_line(tiny_flux_pipeline, tmp_path, monkeypatch, capsys):
     tiny_flux_pipeline.save_pretrained(tmp_path / "base")
     common = ["--pipeline", str(tmp_path / "base"), "--num_prompts", "2", "--group_size", "2", "--num_steps", "2",
               "--capture_steps", "2", "1", "--prompts_per_shard", "1", "--batch_size", "4", "--device", "cpu"]  # fmt: skip

@@ -1,6 +1,5 @@
 """Checkpoints: atomic layout, kill-and-resume continues the run exactly, the LoRA export loads in plain diffusers."""
 
-import importlib.util
 import os
 import signal
 import subprocess
@@ -102,15 +101,8 @@ def test_sigkill_and_resume_matches_the_uninterrupted_run(pipeline_dir, tmp_path
     assert all("lora_" in k for k in saved)  # the checkpoint holds the LoRA, not the frozen base
 
 
-def load_module(name):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "launch" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_exported_lora_reproduces_the_trainers_samples_in_plain_diffusers(pipeline_dir, tmp_path):
-    trainer = load_module("grpo_flux").main(
+def test_exported_lora_reproduces_the_trainers_samples_in_plain_diffusers(pipeline_dir, tmp_path, launch_script):
+    trainer = launch_script("grpo_flux").main(
         tiny_run_args(
             pipeline_dir,
             tmp_path / "run",
@@ -133,7 +125,7 @@ def test_exported_lora_reproduces_the_trainers_samples_in_plain_diffusers(pipeli
         done = sampler.advance(sampler.start(index, torch.tensor(seeds * 2)), embeds, sampler.num_steps)
         own = sampler.decode(done.latents)
 
-    sample = load_module("sample")
+    sample = launch_script("sample")
     out = sample.main(
         ["--pretrained", str(pipeline_dir), "--lora", str(tmp_path / "run" / "lora"), "--prompt", prompts[0],
          "--prompt", prompts[1], "--seeds", "3", "7", "--num_steps", "4", "--height", "32", "--width", "32",

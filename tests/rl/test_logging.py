@@ -1,15 +1,11 @@
 """Logging: image grids, resume of the metrics file, wandb fallbacks that never stop a run, launch/plot.py."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import torch
 
 from rl.metrics_log import MetricsAccumulator, MetricsLogger, image_grid, read_metrics
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_image_grid_places_images_row_by_row():
@@ -86,10 +82,8 @@ def test_online_without_api_key_logs_offline(tmp_path, monkeypatch):
     assert read_metrics(tmp_path / "metrics.jsonl")[0]["reward/total/mean"] == 0.5
 
 
-def test_plot_script_draws_several_runs(tmp_path):
-    spec = importlib.util.spec_from_file_location("plot", ROOT / "launch" / "plot.py")
-    plot = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(plot)
+def test_plot_script_draws_several_runs(tmp_path, launch_script):
+    plot = launch_script("plot")
     paths = []
     for name, slope in (("pruned", 0.2), ("unpruned", 0.1)):
         records = [{"step": 0, "wall_s": 1.0, "eval/total/mean": 0.1}]
