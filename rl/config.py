@@ -199,6 +199,11 @@ class SamplingConfig(Section):
         "they are trained, and all of a rollout's randomness is credited to the trained steps.",
     )
 
+    @property
+    def train_window(self) -> range:
+        """The steps of the ``window`` mode (and of ``sde_window_only``'s SDE noise)."""
+        return range(self.train_window_start, self.train_window_start + self.train_window_size)
+
     def check(self) -> None:
         _positive(self, "prompts_per_step", "group_size", "num_steps", "height", "width", "sample_batch_size")
         _one_of("train_steps", self.train_steps, TRAIN_STEP_MODES)
@@ -525,12 +530,10 @@ class RunConfig:
         if s.num_steps < 2:
             raise ValueError(f"num_steps={s.num_steps}: the last step is never trained, so set num_steps >= 2.")
         if s.train_steps == "window" and (
-            s.train_window_size < 1
-            or s.train_window_start < 0
-            or s.train_window_start + s.train_window_size > s.num_steps - 1
+            s.train_window_size < 1 or s.train_window_start < 0 or s.train_window.stop > s.num_steps - 1
         ):
             raise ValueError(
-                f"train window [{s.train_window_start}, {s.train_window_start + s.train_window_size}) must lie in "
+                f"train window [{s.train_window.start}, {s.train_window.stop}) must lie in "
                 f"[0, num_steps - 1 = {s.num_steps - 1}): the last step is never trained (its log-prob is "
                 "ill-conditioned). Set train_window_start + train_window_size <= num_steps - 1."
             )

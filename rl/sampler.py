@@ -312,8 +312,10 @@ class FluxSampler:
         """
         rows = torch.arange(len(rollouts), device=rollouts.states.device) if rows is None else rows
         step_t = torch.as_tensor(step, device=rows.device).long().expand(len(rows))
-        if not set(step_t.tolist()) <= self.sde_steps:
-            raise ValueError(f"steps {sorted(set(step_t.tolist()) - self.sde_steps)} were sampled without SDE noise")
+        if len(self.sde_steps) < self.num_steps:  # a window: the check reads the steps back (a device sync)
+            deterministic = set(step_t.tolist()) - self.sde_steps
+            if deterministic:
+                raise ValueError(f"steps {sorted(deterministic)} were sampled without SDE noise")
         x = rollouts.states[rows, step_t]
         x_next = rollouts.states[rows, step_t + 1]
         v = self.velocity(x, step_t, embeds, rollouts.prompt_index[rows], model=model)

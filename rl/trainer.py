@@ -175,9 +175,8 @@ class GRPOTrainer:
         register_lora_only_hooks(self.accelerator, self.model)  # checkpoints hold the LoRA, not the frozen base
         self.ema = LoraEMA(self.lora_params, t.ema_decay) if t.ema_decay > 0 else None
         size = dict(guidance_scale=s.guidance_scale, height=s.height, width=s.width, batch_size=s.sample_batch_size)
-        window = range(s.train_window_start, s.train_window_start + s.train_window_size)
         self.sampler = FluxSampler(
-            self.pipeline, s.num_steps, s.noise_level, **size, sde_steps=window if s.sde_window_only else None
+            self.pipeline, s.num_steps, s.noise_level, **size, sde_steps=s.train_window if s.sde_window_only else None
         )
         self.eval_sampler = FluxSampler(self.pipeline, cfg.eval.eval_num_steps or s.num_steps, 0.0, **size)
         self.pruner = PrunedRollout.from_config(cfg, self.sampler, self.accelerator)  # None: unpruned
@@ -537,7 +536,7 @@ class GRPOTrainer:
         if s.train_steps == "all_but_last":
             return torch.arange(trainable).expand(rows, -1)
         if s.train_steps == "window":
-            return torch.arange(s.train_window_start, s.train_window_start + s.train_window_size).expand(rows, -1)
+            return torch.tensor(s.train_window).expand(rows, -1)
         count = max(1, int(s.train_fraction * trainable))  # floor, as Flow-GRPO's and DanceGRPO's timestep_fraction
         rng = np.random.default_rng([self.config.training.seed, step, 3, stream])
         picks = np.sort(np.stack([rng.permutation(trainable)[:count] for _ in range(rows)]), axis=1)
