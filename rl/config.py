@@ -26,6 +26,7 @@ import yaml
 
 from rewards.compose import FAILURE_POLICIES, parse_reward_spec
 from rl.pruning import ADVANTAGE_MODES, POLICIES, keep_count
+from rl.schedule import LR_SCHEDULES
 
 logger = logging.getLogger(__name__)
 
@@ -270,6 +271,12 @@ class TrainingConfig(Section):
     learning_rate: float = option(
         1e-4, "AdamW learning rate of the LoRA. Flow-GRPO: 3e-4 (FLUX and SD3.5); the tiny model: 1e-4..1e-3."
     )
+    lr_schedule: str = option(
+        "constant",
+        "Learning rate over the GRPO steps: 'constant', 'linear' or 'cosine' decay to 0 at max_steps (rl/schedule.py;"
+        " a run stopped early by max_minutes never reaches the low end).",
+    )
+    lr_warmup_steps: int = option(0, "GRPO steps of linear learning-rate warm-up before the schedule.")
     adam_beta1: float = option(0.9, "AdamW beta1 (first-moment decay) in [0, 1). Flow-GRPO: 0.9.")
     adam_beta2: float = option(0.999, "AdamW beta2 (second-moment decay) in [0, 1). Flow-GRPO: 0.999.")
     adam_weight_decay: float = option(1e-4, "AdamW weight decay (Flow-GRPO: 1e-4).")
@@ -318,9 +325,10 @@ class TrainingConfig(Section):
         _positive(self, "max_steps", "learning_rate", "max_grad_norm", "train_batch_size")
         _positive(self, "gradient_accumulation_steps", "num_inner_epochs", "clip_range", "adv_clip_max")
         _one_of("adv_std", self.adv_std, ("group", "batch"))
+        _one_of("lr_schedule", self.lr_schedule, LR_SCHEDULES)
         _one_of("mixed_precision", self.mixed_precision, PRECISIONS)
-        if self.kl_beta < 0 or self.max_minutes < 0:
-            raise ValueError("kl_beta and max_minutes must be >= 0")
+        if self.kl_beta < 0 or self.max_minutes < 0 or self.lr_warmup_steps < 0:
+            raise ValueError("kl_beta, max_minutes and lr_warmup_steps must be >= 0")
         if not 0 <= self.ema_decay < 1:
             raise ValueError(f"ema_decay must lie in [0, 1), got {self.ema_decay}")
 

@@ -42,6 +42,7 @@ from rl.metrics_log import MetricsAccumulator, MetricsLogger
 from rl.pruned_rollout import PrunedRollout
 from rl.pruning import trained_step_weights
 from rl.sampler import FluxSampler, PromptEmbeddings, Rollouts, StepObserver, encode_prompts
+from rl.schedule import lr_factor
 from rl.sde import kl_to_reference
 
 logger = logging.getLogger(__name__)
@@ -353,6 +354,9 @@ class GRPOTrainer:
             total = float(weights.sum())
             self.metrics.add("prune/early_trained_frac", float(weights[early].sum()) / max(total, 1.0), total)
         advantages = advantages.to(device)
+        factor = lr_factor(t.lr_schedule, self.state.step, t.max_steps, t.lr_warmup_steps)
+        for group in self.optimizer.param_groups:
+            group["lr"] = t.learning_rate * factor
         most = int(acc.gather(torch.tensor([len(rollouts)], device=acc.device)).max())
         updates = math.ceil(most / (t.train_batch_size * t.gradient_accumulation_steps))
         updated = False

@@ -89,6 +89,8 @@ def test_reward_kwargs_accepts_json_on_the_command_line():
         (["--ema_decay", "1.0"], "ema_decay"),
         (["--train_fraction", "0"], "train_fraction"),
         (["--mixed_precision", "fp16"], "mixed_precision='fp16'"),
+        (["--lr_schedule", "step"], "lr_schedule='step' is not one of"),
+        (["--lr_warmup_steps", "-1"], "lr_warmup_steps must be >= 0"),
     ],
 )
 def test_cross_field_and_value_checks(args, message):

@@ -198,3 +198,16 @@ def test_bf16_step_runs_and_keeps_lora_in_fp32(pipeline_dir, tmp_path):
     # bf16 matmuls: ratios at the first inner step are 1 only to bf16 precision (the 1e-6 check is fp32's)
     assert metrics["policy/ratio_first_inner_max_dev"] < 0.05
     trainer.cleanup()
+
+
+def test_learning_rate_follows_the_schedule(pipeline_dir, tmp_path):
+    trainer = make_trainer(pipeline_dir, tmp_path, "--learning_rate", "1e-3", "--lr_schedule", "linear",
+                           "--max_steps", "4", "--lr_warmup_steps", "1")  # fmt: skip
+    lrs = []
+    for step in range(3):
+        trainer.state.step = step
+        one_step(trainer)
+        lrs.append(trainer.optimizer.param_groups[0]["lr"])
+    # warm-up 1/2, then linear over the 3 remaining steps of 4: 1, 2/3
+    assert lrs == pytest.approx([5e-4, 1e-3, 1e-3 * 2 / 3])
+    trainer.cleanup()
