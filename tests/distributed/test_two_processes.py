@@ -34,7 +34,7 @@ def run_args(pipeline_dir, output_dir):
         "--max_steps", "2", "--max_minutes", "0", "--eval_every", "0", "--eval_before_training", "false",
         "--eval_num_prompts", "2", "--final_eval_num_prompts", "3", "--learning_rate", "1e-3",
         "--reward", "jpeg_compressibility", "--save_lora", "false", "--output_dir", str(output_dir),
-        "--wandb_mode", "disabled", "--progress_bar", "false",
+        "--wandb_mode", "disabled", "--progress_bar", "false", "--mixed_precision", "no",
     ]  # fmt: skip
 
 

@@ -27,6 +27,7 @@ def test_grpo_flux_smoke(tiny_flux_pipeline, tmp_path, launch_script):
             "--eval_num_prompts", "4", "--final_eval_num_prompts", "4", "--learning_rate", "1e-3",
             "--reward", "shapes,jpeg_compressibility", "--reward_weights", "1", "1",
             "--output_dir", str(out), "--wandb_mode", "disabled", "--progress_bar", "false",
+            "--mixed_precision", "no",
         ]
     )  # fmt: skip
 

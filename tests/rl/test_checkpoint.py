@@ -27,7 +27,7 @@ def tiny_run_args(pipeline_dir, output_dir, *extra):
         "--sample_batch_size", "8", "--train_batch_size", "4", "--max_steps", "4", "--max_minutes", "0",
         "--eval_every", "2", "--eval_num_prompts", "2", "--final_eval_num_prompts", "2", "--learning_rate", "1e-3",
         "--reward", "jpeg_compressibility", "--save_every", "2", "--output_dir", str(output_dir),
-        "--wandb_mode", "disabled", "--progress_bar", "false", *extra,
+        "--wandb_mode", "disabled", "--progress_bar", "false", "--mixed_precision", "no", *extra,
     ]  # fmt: skip
 
 
