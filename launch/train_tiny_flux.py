@@ -113,12 +113,26 @@ def encode_dataset(pipe: FluxPipeline, args, path: Path) -> tuple[torch.Tensor, 
     rng = np.random.default_rng(args.seed + 2)
     vae, latents, prompts = pipe.vae, [], []
     for _ in tqdm(range(0, args.dataset_size, 64), desc="encode dataset"):
-        specs = sample_prompts("train", 64, rng)
+        specs = sample_prompts("train", 64, rng, args.category_weights)
         latents.append(flow_latents(vae, images_for(specs, args.resolution, rng).to(args.device)).half().cpu())
         prompts += [s.prompt for s in specs]
     latents = torch.cat(latents)
     torch.save({"latents": latents, "prompts": prompts}, path)
     return latents, prompts
+
+
+def dataset_file_name(args) -> str:
+    """The cached dataset's file, named by what it holds (size and category mix)."""
+    mix = "".join(f"-{name}{weight:g}" for name, weight in sorted((args.category_weights or {}).items()))
+    return f"latents-{args.dataset_size}{mix}.pt"
+
+
+def parse_category_weight(text: str) -> tuple[str, float]:
+    """Parse one ``category=weight`` argument."""
+    name, sep, weight = text.partition("=")
+    if not sep:
+        raise argparse.ArgumentTypeError(f"expected category=weight, got {text!r}")
+    return name, float(weight)
 
 
 def train_transformer(pipe: FluxPipeline, args, out: Path, state: dict | None) -> list[dict]:
@@ -143,7 +157,7 @@ def train_transformer(pipe: FluxPipeline, args, out: Path, state: dict | None) -
         embeds, pooled, text_ids = pipe.encode_prompt(train_prompts, None, max_sequence_length=args.text_length)
     index_of = {prompt: i for i, prompt in enumerate(train_prompts)}
     if args.dataset_size:
-        dataset, dataset_prompts = encode_dataset(pipe, args, out / f"latents-{args.dataset_size}.pt")
+        dataset, dataset_prompts = encode_dataset(pipe, args, out / dataset_file_name(args))
         dataset = dataset.to(args.device)
         dataset_rows = torch.tensor([index_of[p] for p in dataset_prompts], device=args.device)
     latent_side = args.resolution // pipe.vae_scale_factor
@@ -161,7 +175,7 @@ def train_transformer(pipe: FluxPipeline, args, out: Path, state: dict | None) -
             pick = torch.from_numpy(rng.integers(0, len(dataset), args.batch)).to(args.device)
             x0, rows = dataset[pick].float(), dataset_rows[pick]
         else:
-            specs = sample_prompts("train", args.batch, rng)
+            specs = sample_prompts("train", args.batch, rng, args.category_weights)
             rows = torch.tensor([index_of[s.prompt] for s in specs], device=args.device)
             x0 = flow_latents(vae, images_for(specs, args.resolution, rng).to(args.device))
         x0 = FluxPipeline._pack_latents(x0, args.batch, 16, latent_side, latent_side)
@@ -218,6 +232,15 @@ def main() -> None:
     parser.add_argument(
         "--dataset_size", type=int, default=0, help="pre-encode this many images (0: render every step)"
     )
+    parser.add_argument(
+        "--category_weights",
+        type=parse_category_weight,
+        nargs="+",
+        default=None,
+        metavar="CATEGORY=WEIGHT",
+        help="relative weight of a category in the transformer's training images (others keep 1; default: "
+        "category-balanced), e.g. position=2.5 color_attr=2.5",
+    )
     parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument("--warmup", type=int, default=200)
     parser.add_argument("--decay_from", type=int, default=8000, help="step where the linear lr decay starts")
@@ -226,6 +249,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (1 is fastest on a busy machine)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
+    if args.category_weights is not None:
+        args.category_weights = dict(args.category_weights)
+        try:
+            sample_prompts("train", 0, np.random.default_rng(), args.category_weights)
+        except ValueError as error:
+            parser.error(str(error))
     if args.threads:
         torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")

@@ -25,6 +25,7 @@ import dataclasses
 import hashlib
 import itertools
 import json
+from collections.abc import Mapping
 from functools import lru_cache
 
 import numpy as np
@@ -223,18 +224,37 @@ def vocabulary() -> list[str]:
     return sorted(words)
 
 
-def sample_prompts(split: str, n: int, rng: np.random.Generator) -> list[PromptSpec]:
-    """``n`` prompts of ``split`` drawn with replacement, each category equally likely.
+def sample_prompts(
+    split: str, n: int, rng: np.random.Generator, category_weights: Mapping[str, float] | None = None
+) -> list[PromptSpec]:
+    """``n`` prompts of ``split`` drawn with replacement, each category equally likely by default.
 
     Uniform sampling over prompts would be 73% ``position`` (its combinatorics dominate the grammar); balancing
     categories matches GenEval's roughly even category mix.
+
+    Args:
+        category_weights: relative weight of a category's draws (categories not named keep weight 1); e.g.
+            ``{"position": 2.5}`` draws position prompts 2.5 times as often as each other category.
+
+    Raises:
+        ValueError: a weight names an unknown category or is negative, or all weights are 0.
     """
     by_category: dict[str, list[PromptSpec]] = {}
     for spec in all_prompts(split):
         by_category.setdefault(spec.tag, []).append(spec)
     categories = sorted(by_category)
+    if category_weights is None:
+        category_indices = rng.integers(len(categories), size=n)
+    else:
+        unknown = set(category_weights) - set(categories)
+        if unknown:
+            raise ValueError(f"category_weights names unknown categories {sorted(unknown)}; expected {categories}")
+        weights = np.array([category_weights.get(c, 1.0) for c in categories], dtype=float)
+        if (weights < 0).any() or weights.sum() <= 0:
+            raise ValueError(f"category_weights must be >= 0 with a positive sum, got {dict(category_weights)}")
+        category_indices = rng.choice(len(categories), size=n, p=weights / weights.sum())
     picks = []
-    for category_index in rng.integers(len(categories), size=n):
+    for category_index in category_indices:
         members = by_category[categories[category_index]]
         picks.append(members[int(rng.integers(len(members)))])
     return picks

@@ -48,6 +48,23 @@ def test_grammar_covers_geneval_categories_and_splits_are_disjoint():
     assert set(vocabulary()) >= set(SHAPES) | set(COLORS) | {"two", "three", "four", "left", "above", "below"}
 
 
+def test_sample_prompts_is_category_balanced_unless_weighted():
+    def shares(weights):
+        tags = collections.Counter(s.tag for s in sample_prompts("train", 6000, np.random.default_rng(0), weights))
+        return {category: tags[category] / 6000 for category in CATEGORIES}
+
+    assert all(abs(share - 1 / 6) < 0.02 for share in shares(None).values())
+    # weights 4 (position) + 4 x 1 + 0 (single_object) = 8: position 1/2, the other four 1/8 each, none single
+    weighted = shares({"position": 4.0, "single_object": 0.0})
+    assert weighted["single_object"] == 0.0
+    assert abs(weighted["position"] - 0.5) < 0.02
+    assert all(abs(weighted[c] - 0.125) < 0.02 for c in ("two_object", "counting", "colors", "color_attr"))
+    with pytest.raises(ValueError, match="circles"):
+        sample_prompts("train", 1, np.random.default_rng(0), {"circles": 1.0})
+    with pytest.raises(ValueError, match=">= 0"):
+        sample_prompts("train", 1, np.random.default_rng(0), {"position": -1.0})
+
+
 def test_metadata_round_trips_geneval_layout():
     spec = next(s for s in all_prompts() if s.prompt == "a red circle left of a blue square")
     data = spec.to_dict()
