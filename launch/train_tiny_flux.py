@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from diffusers import FluxPipeline
 from tqdm import tqdm
 
-from rewards.shapes import all_prompts, check, render, sample_prompts, vocabulary
+from rewards.shapes import all_prompts, category_probabilities, check, render, sample_prompts, vocabulary
 from rl.sampler import FluxSampler
 from rl.tiny_flux import TinyFluxConfig, build_tiny_flux_pipeline
 
@@ -252,7 +252,7 @@ def main() -> None:
     if args.category_weights is not None:
         args.category_weights = dict(args.category_weights)
         try:
-            sample_prompts("train", 0, np.random.default_rng(), args.category_weights)
+            category_probabilities(args.category_weights)
         except ValueError as error:
             parser.error(str(error))
     if args.threads:

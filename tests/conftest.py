@@ -52,6 +52,17 @@ def launch_script(monkeypatch):
 
 
 @pytest.fixture
+def run_launch_script(launch_script, monkeypatch):
+    """``run_launch_script(name, *argv)`` runs ``launch/<name>.py``'s ``main()`` as the command line would."""
+
+    def run(name: str, *argv: str) -> None:
+        monkeypatch.setattr(sys, "argv", [f"{name}.py", *argv])
+        launch_script(name).main()
+
+    return run
+
+
+@pytest.fixture
 def tiny_flux_pipeline():
     """A fresh randomly initialised FluxPipeline (fp32, CPU); identical on every call (seeded)."""
     return build_tiny_flux_pipeline(vocabulary(), FIXTURE_CONFIG, seed=0)

@@ -8,6 +8,7 @@ from rewards.shapes.grammar import (
     ObjectSpec,
     PromptSpec,
     all_prompts,
+    category_probabilities,
     sample_prompts,
     vocabulary,
 )
@@ -15,5 +16,5 @@ from rewards.shapes.render import render
 
 __all__ = [
     "CATEGORIES", "COLORS", "SHAPES", "CheckResult", "Detection", "ObjectSpec", "PromptSpec",
-    "all_prompts", "check", "detect", "render", "sample_prompts", "vocabulary",
+    "all_prompts", "category_probabilities", "check", "detect", "render", "sample_prompts", "vocabulary",
 ]  # fmt: skip

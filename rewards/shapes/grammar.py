@@ -224,6 +224,25 @@ def vocabulary() -> list[str]:
     return sorted(words)
 
 
+def category_probabilities(category_weights: Mapping[str, float]) -> np.ndarray:
+    """Draw probability of each category of ``sorted(CATEGORIES)`` from relative weights.
+
+    Args:
+        category_weights: relative weight of a category's draws; categories not named keep weight 1.
+
+    Raises:
+        ValueError: a weight names an unknown category or is negative, or all weights are 0.
+    """
+    categories = sorted(CATEGORIES)
+    unknown = set(category_weights) - set(categories)
+    if unknown:
+        raise ValueError(f"category_weights names unknown categories {sorted(unknown)}; expected {categories}")
+    weights = np.array([category_weights.get(c, 1.0) for c in categories], dtype=float)
+    if (weights < 0).any() or weights.sum() <= 0:
+        raise ValueError(f"category_weights must be >= 0 with a positive sum, got {dict(category_weights)}")
+    return weights / weights.sum()
+
+
 def sample_prompts(
     split: str, n: int, rng: np.random.Generator, category_weights: Mapping[str, float] | None = None
 ) -> list[PromptSpec]:
@@ -233,26 +252,20 @@ def sample_prompts(
     categories matches GenEval's roughly even category mix.
 
     Args:
-        category_weights: relative weight of a category's draws (categories not named keep weight 1); e.g.
-            ``{"position": 2.5}`` draws position prompts 2.5 times as often as each other category.
+        category_weights: see :func:`category_probabilities`; e.g. ``{"position": 2.5}`` draws position prompts
+            2.5 times as often as each other category.
 
     Raises:
-        ValueError: a weight names an unknown category or is negative, or all weights are 0.
+        ValueError: from :func:`category_probabilities`.
     """
     by_category: dict[str, list[PromptSpec]] = {}
     for spec in all_prompts(split):
         by_category.setdefault(spec.tag, []).append(spec)
-    categories = sorted(by_category)
+    categories = sorted(CATEGORIES)  # every split holds every category
     if category_weights is None:
         category_indices = rng.integers(len(categories), size=n)
     else:
-        unknown = set(category_weights) - set(categories)
-        if unknown:
-            raise ValueError(f"category_weights names unknown categories {sorted(unknown)}; expected {categories}")
-        weights = np.array([category_weights.get(c, 1.0) for c in categories], dtype=float)
-        if (weights < 0).any() or weights.sum() <= 0:
-            raise ValueError(f"category_weights must be >= 0 with a positive sum, got {dict(category_weights)}")
-        category_indices = rng.choice(len(categories), size=n, p=weights / weights.sum())
+        category_indices = rng.choice(len(categories), size=n, p=category_probabilities(category_weights))
     picks = []
     for category_index in category_indices:
         members = by_category[categories[category_index]]

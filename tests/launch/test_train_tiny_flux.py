@@ -1,7 +1,7 @@
 """launch/train_tiny_flux.py: builds, trains, evaluates, resumes and writes a loadable FluxPipeline."""
 
+import functools
 import json
-import sys
 
 import pytest
 import torch
@@ -9,14 +9,8 @@ from diffusers import FluxPipeline
 
 
 @pytest.fixture
-def train_tiny_flux(launch_script, monkeypatch):
-    module = launch_script("train_tiny_flux")
-
-    def run(*argv: str) -> None:
-        monkeypatch.setattr(sys, "argv", ["train_tiny_flux.py", *argv])
-        module.main()
-
-    return run
+def train_tiny_flux(run_launch_script):
+    return functools.partial(run_launch_script, "train_tiny_flux")
 
 
 def test_trains_resumes_and_writes_a_loadable_pipeline(train_tiny_flux, tmp_path):

@@ -1,7 +1,6 @@
 """The probe entry scripts end to end on the tiny random FLUX fixture: collect, resume, train, load."""
 
 import json
-import sys
 
 import torch
 
@@ -9,17 +8,15 @@ from probe.data import read_manifest
 from probe.probe import Probe
 
 
-def test_collect_then_train_from_the_command_line(tiny_flux_pipeline, tmp_path, monkeypatch, capsys, launch_script):
-    def run_script(name: str, argv: list[str]) -> None:
-        monkeypatch.setattr(sys, "argv", [f"{name}.py", *argv])
-        launch_script(name).main()
-
+def test_collect_then_train_from_the_command_line(tiny_flux_pipeline, tmp_path, capsys, run_launch_script):
     tiny_flux_pipeline.save_pretrained(tmp_path / "base")
     common = ["--pipeline", str(tmp_path / "base"), "--num_prompts", "2", "--group_size", "2", "--num_steps", "2",
               "--capture_steps", "2", "1", "--prompts_per_shard", "1", "--batch_size", "4", "--device", "cpu"]  # fmt: skip
-    run_script("probe_collect", [*common, "--out", str(tmp_path / "train")])
-    run_script("probe_collect", [*common, "--out", str(tmp_path / "train")])  # resumes: nothing to do
-    run_script("probe_collect", [*common, "--prompts", "shapes:test", "--seed", "1", "--out", str(tmp_path / "test")])
+    run_launch_script("probe_collect", *common, "--out", str(tmp_path / "train"))
+    run_launch_script("probe_collect", *common, "--out", str(tmp_path / "train"))  # resumes: nothing to do
+    run_launch_script(
+        "probe_collect", *common, "--prompts", "shapes:test", "--seed", "1", "--out", str(tmp_path / "test")
+    )
     manifest = read_manifest(tmp_path / "train")
     assert manifest["capture_steps"] == [1, 2] and manifest["resolution"] == 32 and manifest["text_length"] == 16
     assert sorted(p.name for p in (tmp_path / "train").iterdir()) == [
@@ -29,9 +26,9 @@ def test_collect_then_train_from_the_command_line(tiny_flux_pipeline, tmp_path, 
     ]
 
     out = tmp_path / "probe" / "p.pt"
-    run_script("probe_train", ["--train_data", str(tmp_path / "train"), "--test_data", str(tmp_path / "test"),
-                               "--steps", "3", "--eval_every", "1", "--val_fraction", "0.5", "--width", "8",
-                               "--out", str(out)])  # fmt: skip
+    run_launch_script("probe_train", "--train_data", str(tmp_path / "train"), "--test_data", str(tmp_path / "test"),
+                      "--steps", "3", "--eval_every", "1", "--val_fraction", "0.5", "--width", "8",
+                      "--out", str(out))  # fmt: skip
     summary = json.loads(out.with_suffix(".json").read_text())
     assert summary["test_rollouts"] == 4 and summary["train_rollouts"] == 2
     assert summary["auc_label"].startswith("real reward > median")
