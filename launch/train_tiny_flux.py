@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from diffusers import FluxPipeline
 from tqdm import tqdm
 
-from rewards.shapes import all_prompts, category_probabilities, check, render, sample_prompts, vocabulary
+from rewards.shapes import all_prompts, check, parse_category_weights, render, sample_prompts, vocabulary
 from rl.sampler import FluxSampler
 from rl.tiny_flux import TinyFluxConfig, build_tiny_flux_pipeline
 
@@ -127,14 +127,6 @@ def dataset_file_name(args) -> str:
     return f"latents-{args.dataset_size}{mix}.pt"
 
 
-def parse_category_weight(text: str) -> tuple[str, float]:
-    """Parse one ``category=weight`` argument."""
-    name, sep, weight = text.partition("=")
-    if not sep:
-        raise argparse.ArgumentTypeError(f"expected category=weight, got {text!r}")
-    return name, float(weight)
-
-
 def train_transformer(pipe: FluxPipeline, args, out: Path, state: dict | None) -> list[dict]:
     transformer = pipe.transformer.train()
     ema = copy.deepcopy(transformer).eval().requires_grad_(False)
@@ -234,7 +226,6 @@ def main() -> None:
     )
     parser.add_argument(
         "--category_weights",
-        type=parse_category_weight,
         nargs="+",
         default=None,
         metavar="CATEGORY=WEIGHT",
@@ -250,9 +241,8 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
     if args.category_weights is not None:
-        args.category_weights = dict(args.category_weights)
         try:
-            category_probabilities(args.category_weights)
+            args.category_weights = parse_category_weights(" ".join(args.category_weights))
         except ValueError as error:
             parser.error(str(error))
     if args.threads:

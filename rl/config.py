@@ -25,6 +25,7 @@ from typing import Any
 import yaml
 
 from rewards.compose import FAILURE_POLICIES, parse_reward_spec
+from rewards.shapes import parse_category_weights
 from rl.pruning import ADVANTAGE_MODES, POLICIES, keep_count
 from rl.schedule import LR_SCHEDULES
 
@@ -152,6 +153,11 @@ class SamplingConfig(Section):
         "checker metadata), a .txt file (one prompt per line) or a .jsonl file (GenEval-style lines with a "
         "'prompt' key; the whole line is the reward's metadata).",
     )
+    prompt_category_weights: str = option(
+        "",
+        "shapes:* prompt sources only: relative draw weight per category, e.g. 'position=2.5 color_attr=2.5' "
+        "(categories not named keep 1; empty: category-balanced).",
+    )
     prompts_per_step: int = option(
         16,
         "Prompts per GRPO step over ALL processes (rounded up to a multiple of the process count; each process "
@@ -212,6 +218,13 @@ class SamplingConfig(Section):
             raise ValueError(f"noise_level must be >= 0, got {self.noise_level}")
         if not 0 < self.train_fraction <= 1:
             raise ValueError(f"train_fraction must lie in (0, 1], got {self.train_fraction}")
+        if self.prompt_category_weights:
+            if not self.prompts.startswith("shapes:"):
+                raise ValueError(f"prompt_category_weights needs a shapes:* prompt source, not {self.prompts!r}")
+            try:
+                parse_category_weights(self.prompt_category_weights)
+            except ValueError as error:
+                raise ValueError(f"prompt_category_weights: {error}") from None
 
 
 @dataclasses.dataclass
@@ -361,11 +374,18 @@ class EvalConfig(Section):
     final_eval_num_prompts: int = option(
         0, "Prompts of the base (step 0) and final evaluations; 0: all of them (shapes:test: 256)."
     )
+    final_eval_images_per_prompt: int = option(
+        0,
+        "Seeds per prompt of the base and final evaluations; 0: eval_images_per_prompt. More seeds than the "
+        "periodic evaluation make the run's before/after less noisy (8 reproduces launch/eval_shapes.py).",
+    )
 
     def check(self) -> None:
         _positive(self, "eval_images_per_prompt")
-        if min(self.eval_every, self.eval_num_steps, self.eval_num_prompts, self.final_eval_num_prompts) < 0:
-            raise ValueError("eval_num_steps, eval_every, eval_num_prompts and final_eval_num_prompts must be >= 0")
+        counts = ("eval_every", "eval_num_steps", "eval_num_prompts", "final_eval_num_prompts",
+                  "final_eval_images_per_prompt")  # fmt: skip
+        if min(getattr(self, name) for name in counts) < 0:
+            raise ValueError(f"{', '.join(counts)} must be >= 0")
 
 
 @dataclasses.dataclass

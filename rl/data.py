@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
 
-from rewards.shapes import all_prompts, sample_prompts
+from rewards.shapes import all_prompts, parse_category_weights, sample_prompts
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,17 +39,25 @@ class PromptSource:
         name: the source string it was loaded from (for messages).
         items: every prompt, in a fixed order.
         shapes_split: for ``shapes:<split>`` sources, the split; batches are then category-balanced.
+        category_weights: for shapes sources, relative draw weights of categories (``sample_prompts``).
 
     Raises:
         ValueError: if ``items`` is empty.
     """
 
-    def __init__(self, name: str, items: list[Prompt], shapes_split: str | None = None) -> None:
+    def __init__(
+        self,
+        name: str,
+        items: list[Prompt],
+        shapes_split: str | None = None,
+        category_weights: Mapping[str, float] | None = None,
+    ) -> None:
         if not items:
             raise ValueError(f"prompt source {name!r} contains no prompts")
         self.name = name
         self.items = items
         self.shapes_split = shapes_split
+        self.category_weights = category_weights
 
     def __len__(self) -> int:
         return len(self.items)
@@ -56,12 +65,13 @@ class PromptSource:
     def batch(self, step: int, n: int, seed: int) -> list[Prompt]:
         """The ``n`` training prompts of GRPO step ``step`` (the same on every process).
 
-        Shapes sources draw category-balanced prompts with replacement; file sources walk through shuffled
+        Shapes sources draw category-balanced (or ``category_weights``-weighted) prompts with replacement; file sources walk through shuffled
         passes over the file (each pass a fresh permutation), so every prompt is seen once per pass.
         """
         if self.shapes_split is not None:
             rng = np.random.default_rng([seed, step])
-            return [Prompt(spec.prompt, spec.to_dict()) for spec in sample_prompts(self.shapes_split, n, rng)]
+            specs = sample_prompts(self.shapes_split, n, rng, self.category_weights)
+            return [Prompt(spec.prompt, spec.to_dict()) for spec in specs]
         permutations: dict[int, np.ndarray] = {}
         picks = []
         for position in range(step * n, (step + 1) * n):
@@ -88,8 +98,10 @@ def _read_lines(path: Path) -> list[str]:
     return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
-def load_prompt_source(spec: str) -> PromptSource:
+def load_prompt_source(spec: str, category_weights: str = "") -> PromptSource:
     """Load a prompt source from its name (see the module docstring).
+
+    ``category_weights`` (``"position=2.5 color_attr=2.5"``) weights a shapes source's training draws.
 
     Raises:
         FileNotFoundError: a missing prompt file.
@@ -101,7 +113,8 @@ def load_prompt_source(spec: str) -> PromptSource:
         if split not in ("train", "test"):
             raise ValueError(f"unknown shapes split in {spec!r}; use 'shapes:train' or 'shapes:test'")
         items = [Prompt(s.prompt, s.to_dict()) for s in all_prompts(split)]
-        return PromptSource(spec, items, shapes_split=split)
+        weights = parse_category_weights(category_weights) if category_weights else None
+        return PromptSource(spec, items, shapes_split=split, category_weights=weights)
     path = Path(spec)
     if path.suffix == ".txt":
         return PromptSource(spec, [Prompt(line, {}) for line in _read_lines(path)])

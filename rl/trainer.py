@@ -145,7 +145,7 @@ class GRPOTrainer:
         # one optimizer step per `gradient_accumulation_steps` micro-batches, each over all trained steps
         self.accelerator = build_accelerator(t.mixed_precision, t.gradient_accumulation_steps * self.num_trained_steps)
         # cheap, likely-to-fail pieces first: a missing prompt file or an unknown reward fails before the model loads
-        self.train_prompts = load_prompt_source(s.prompts)
+        self.train_prompts = load_prompt_source(s.prompts, s.prompt_category_weights)
         self.eval_prompts = load_prompt_source(cfg.eval.eval_prompts)
         r = cfg.reward
         self.reward_set = build_reward_set(
@@ -409,14 +409,14 @@ class GRPOTrainer:
         so a final evaluation over every prompt reproduces that script's score.
 
         Args:
-            final: evaluate ``final_eval_num_prompts`` prompts (the base and final evaluations) rather than the
-                periodic ``eval_num_prompts``.
+            final: evaluate ``final_eval_num_prompts`` prompts x ``final_eval_images_per_prompt`` seeds (the
+                base and final evaluations) rather than the periodic ``eval_num_prompts`` x ``eval_images_per_prompt``.
             base: evaluate the base model (LoRA disabled) instead of the (EMA) LoRA weights.
         """
         e, acc = self.config.eval, self.accelerator
         items = self.eval_prompts.eval_subset(e.final_eval_num_prompts if final else e.eval_num_prompts)
         items = items[acc.process_index :: acc.num_processes]
-        per_image = e.eval_images_per_prompt
+        per_image = (final and e.final_eval_images_per_prompt) or e.eval_images_per_prompt
         metrics = MetricsAccumulator()
         sampler = self.eval_sampler
         chunk = max(1, sampler.batch_size // per_image)
@@ -500,7 +500,7 @@ class GRPOTrainer:
             "minutes": round((time.time() - self.started) / 60, 3),
             "eval_prompts": cfg.eval.eval_prompts,
             "eval_num_prompts": len(self.eval_prompts.eval_subset(cfg.eval.final_eval_num_prompts)),
-            "eval_images_per_prompt": cfg.eval.eval_images_per_prompt,
+            "eval_images_per_prompt": cfg.eval.final_eval_images_per_prompt or cfg.eval.eval_images_per_prompt,
             "base": base,
             "final": final,
             "delta": {k: final[k] - base[k] for k in final if k in base and k.endswith("/mean")},

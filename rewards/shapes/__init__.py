@@ -9,6 +9,7 @@ from rewards.shapes.grammar import (
     PromptSpec,
     all_prompts,
     category_probabilities,
+    parse_category_weights,
     sample_prompts,
     vocabulary,
 )
@@ -16,5 +17,6 @@ from rewards.shapes.render import render
 
 __all__ = [
     "CATEGORIES", "COLORS", "SHAPES", "CheckResult", "Detection", "ObjectSpec", "PromptSpec",
-    "all_prompts", "category_probabilities", "check", "detect", "render", "sample_prompts", "vocabulary",
+    "all_prompts", "category_probabilities", "check", "detect", "parse_category_weights", "render",
+    "sample_prompts", "vocabulary",
 ]  # fmt: skip

@@ -231,16 +231,34 @@ def category_probabilities(category_weights: Mapping[str, float]) -> np.ndarray:
         category_weights: relative weight of a category's draws; categories not named keep weight 1.
 
     Raises:
-        ValueError: a weight names an unknown category or is negative, or all weights are 0.
+        ValueError: a weight names an unknown category or is negative or not finite, or all weights are 0.
     """
     categories = sorted(CATEGORIES)
     unknown = set(category_weights) - set(categories)
     if unknown:
         raise ValueError(f"category_weights names unknown categories {sorted(unknown)}; expected {categories}")
     weights = np.array([category_weights.get(c, 1.0) for c in categories], dtype=float)
-    if (weights < 0).any() or weights.sum() <= 0:
-        raise ValueError(f"category_weights must be >= 0 with a positive sum, got {dict(category_weights)}")
+    if not np.isfinite(weights).all() or (weights < 0).any() or weights.sum() <= 0:
+        raise ValueError(f"category_weights must be finite and >= 0 with a positive sum, got {dict(category_weights)}")
     return weights / weights.sum()
+
+
+def parse_category_weights(text: str) -> dict[str, float]:
+    """Category weights from ``"position=2.5 color_attr=2.5"`` (space- or comma-separated ``category=weight``).
+
+    Raises:
+        ValueError: an item without ``=``, a weight that is not a number, or weights
+            :func:`category_probabilities` rejects.
+    """
+    weights = {}
+    for item in text.replace(",", " ").split():
+        name, _, weight = item.partition("=")
+        try:
+            weights[name] = float(weight)
+        except ValueError:
+            raise ValueError(f"category weight {item!r}: expected category=weight, e.g. position=2.5") from None
+    category_probabilities(weights)
+    return weights
 
 
 def sample_prompts(

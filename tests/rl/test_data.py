@@ -20,6 +20,14 @@ def test_shapes_sources_carry_metadata_and_balance_categories():
     assert [p.text for p in train.batch(3, 8, 0)] != [p.text for p in train.batch(4, 8, 0)]
 
 
+def test_shapes_source_draws_categories_by_weight():
+    # weights 4 (position) + 5 x 1 = 9: position 4/9 of the draws, each other category 1/9
+    weighted = load_prompt_source("shapes:train", "position=4")
+    counts = Counter(p.metadata["tag"] for p in weighted.batch(step=0, n=1800, seed=0))
+    assert abs(counts["position"] / 1800 - 4 / 9) < 0.03
+    assert all(abs(counts[tag] / 1800 - 1 / 9) < 0.03 for tag in counts if tag != "position")
+
+
 def test_txt_source_walks_shuffled_passes(tmp_path):
     path = tmp_path / "prompts.txt"
     path.write_text("a cat\n\n  a dog \na bird\n")

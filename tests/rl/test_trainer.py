@@ -117,11 +117,27 @@ def test_sde_window_only_samples_the_window_with_noise_and_the_rest_with_the_ode
 
 
 def test_evaluation_is_deterministic_and_uses_the_eval_prompts(pipeline_dir, tmp_path):
-    trainer = make_trainer(pipeline_dir, tmp_path, "--eval_images_per_prompt", "2")
+    trainer = make_trainer(
+        pipeline_dir, tmp_path, "--eval_images_per_prompt", "2", "--final_eval_num_prompts", "2",
+        "--final_eval_images_per_prompt", "3",
+    )  # fmt: skip
+    scored = []  # the prompt of every image the evaluations score
+    reward_set = trainer.reward_set
+
+    def counting_reward(images, prompts, metadata):
+        scored.extend(prompts)
+        return reward_set(images, prompts, metadata)
+
+    trainer.reward_set = counting_reward
     first, second = trainer.evaluate(), trainer.evaluate()
     assert first == second
     assert {"total/mean", "shapes/score/mean", "jpeg_compressibility/score/mean"} <= set(first)
     assert any(key.startswith("tag/") for key in first)  # per-category means of the shapes test split
+    assert len(scored) == 2 * 3 * 2  # two periodic evaluations of 3 prompts x 2 seeds
+    scored.clear()
+    trainer.evaluate(final=True)
+    assert len(scored) == 2 * 3 and len(set(scored)) == 2  # the final evaluation: 2 prompts x 3 seeds
+    trainer.reward_set = reward_set
     trainer.cleanup()
 
 

@@ -20,6 +20,7 @@ from rewards.shapes import (
     all_prompts,
     check,
     detect,
+    parse_category_weights,
     render,
     sample_prompts,
 )
@@ -63,6 +64,16 @@ def test_sample_prompts_is_category_balanced_unless_weighted():
         sample_prompts("train", 1, np.random.default_rng(0), {"circles": 1.0})
     with pytest.raises(ValueError, match=">= 0"):
         sample_prompts("train", 1, np.random.default_rng(0), {"position": -1.0})
+
+
+def test_category_weights_parse_from_text_with_named_errors():
+    assert parse_category_weights("position=2.5 color_attr=2.5") == {"position": 2.5, "color_attr": 2.5}
+    assert parse_category_weights("position=4, single_object=0") == {"position": 4.0, "single_object": 0.0}
+    assert parse_category_weights("") == {}
+    for text, message in [("position", "'position'"), ("position=many", "'position=many'"),
+                          ("circles=2", "circles"), ("position=nan", "finite")]:  # fmt: skip
+        with pytest.raises(ValueError, match=message):
+            parse_category_weights(text)
 
 
 def test_metadata_round_trips_geneval_layout():
