@@ -380,6 +380,11 @@ class EvalConfig(Section):
         "periodic evaluation make the run's before/after less noisy (8 reproduces launch/eval_shapes.py).",
     )
 
+    @property
+    def final_images_per_prompt(self) -> int:
+        """Seeds per prompt of the base and final evaluations (``final_eval_images_per_prompt``, resolved)."""
+        return self.final_eval_images_per_prompt or self.eval_images_per_prompt
+
     def check(self) -> None:
         _positive(self, "eval_images_per_prompt")
         counts = ("eval_every", "eval_num_steps", "eval_num_prompts", "final_eval_num_prompts",

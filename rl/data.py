@@ -65,8 +65,9 @@ class PromptSource:
     def batch(self, step: int, n: int, seed: int) -> list[Prompt]:
         """The ``n`` training prompts of GRPO step ``step`` (the same on every process).
 
-        Shapes sources draw category-balanced (or ``category_weights``-weighted) prompts with replacement; file sources walk through shuffled
-        passes over the file (each pass a fresh permutation), so every prompt is seen once per pass.
+        Shapes sources draw category-balanced (or ``category_weights``-weighted) prompts with replacement; file
+        sources walk through shuffled passes over the file (each pass a fresh permutation), so every prompt is
+        seen once per pass.
         """
         if self.shapes_split is not None:
             rng = np.random.default_rng([seed, step])

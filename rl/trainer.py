@@ -416,7 +416,7 @@ class GRPOTrainer:
         e, acc = self.config.eval, self.accelerator
         items = self.eval_prompts.eval_subset(e.final_eval_num_prompts if final else e.eval_num_prompts)
         items = items[acc.process_index :: acc.num_processes]
-        per_image = (final and e.final_eval_images_per_prompt) or e.eval_images_per_prompt
+        per_image = e.final_images_per_prompt if final else e.eval_images_per_prompt
         metrics = MetricsAccumulator()
         sampler = self.eval_sampler
         chunk = max(1, sampler.batch_size // per_image)
@@ -500,7 +500,7 @@ class GRPOTrainer:
             "minutes": round((time.time() - self.started) / 60, 3),
             "eval_prompts": cfg.eval.eval_prompts,
             "eval_num_prompts": len(self.eval_prompts.eval_subset(cfg.eval.final_eval_num_prompts)),
-            "eval_images_per_prompt": cfg.eval.final_eval_images_per_prompt or cfg.eval.eval_images_per_prompt,
+            "eval_images_per_prompt": cfg.eval.final_images_per_prompt,
             "base": base,
             "final": final,
             "delta": {k: final[k] - base[k] for k in final if k in base and k.endswith("/mean")},
