@@ -3,6 +3,9 @@
 Flow-GRPO's log-probs are MEANS over latent elements (rl/sde.py), so a ratio is a per-element geometric mean
 and moves very little per update: the clip range is ~1e-4 (Flow-GRPO: 1e-4), not PPO's 0.2.
 
+:func:`awm_loss` is the advantage-weighted matching objective (AWM): no importance ratio, the advantage weights
+the rollout's own flow-matching log-likelihood (rl/sde.py ``matching_log_prob``).
+
 Every tensor is per sample: one (rollout, denoising step) pair. ``weights`` lets a caller mask samples (0) out
 of the mean without changing the batch shape (e.g. padding micro-batches so every process runs the same
 number of backward passes).
@@ -43,6 +46,16 @@ class LossOutput:
 def _weighted_mean(values: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """``sum(w x) / sum(w)``, 0 when every weight is 0 (the graph is kept, the gradient is 0)."""
     return (weights * values).sum() / weights.sum().clamp_min(1e-12)
+
+
+def _with_kl(
+    policy_loss: torch.Tensor, kl: torch.Tensor | None, kl_beta: float, weights: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(policy_loss + kl_beta * mean KL, mean KL)``; without a KL tensor the loss is unchanged and the KL 0."""
+    if kl is None:
+        return policy_loss, torch.zeros((), device=policy_loss.device)
+    kl_ref = _weighted_mean(kl.float(), weights)
+    return policy_loss + kl_beta * kl_ref, kl_ref
 
 
 def grpo_loss(
@@ -86,8 +99,7 @@ def grpo_loss(
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
     policy_loss = _weighted_mean(torch.maximum(unclipped, clipped), weights)
-    kl_ref = _weighted_mean(kl.float(), weights) if kl is not None else torch.zeros((), device=log_prob.device)
-    loss = policy_loss + kl_beta * kl_ref if kl is not None else policy_loss
+    loss, kl_ref = _with_kl(policy_loss, kl, kl_beta, weights)
 
     return LossOutput(
         loss=loss,
@@ -98,5 +110,49 @@ def grpo_loss(
         ratio_mean=ratio_mean,
         ratio_min=ratio_min,
         ratio_max=ratio_max,
+        count=weights.sum(),
+    )
+
+
+def awm_loss(
+    log_prob: torch.Tensor,
+    advantages: torch.Tensor,
+    kl: torch.Tensor | None = None,
+    kl_beta: float = 0.0,
+    weights: torch.Tensor | None = None,
+) -> LossOutput:
+    """Advantage-weighted matching: ``mean(-A * log q) (+ kl_beta * KL)``, the on-policy objective of AWM.
+
+    ``log q`` is minus the (concavely transformed) flow-matching error on the rollout's clean latents, so the
+    gradient is that of the pretraining loss weighted by ``-A``: rollouts better than their group are fit, worse
+    ones pushed away. There is
+    no behaviour-policy ratio (each sample is its own reference), so the ratio diagnostics read 1, ``approx_kl``
+    and ``clipfrac`` 0.
+
+    Args:
+        log_prob: ``[N]`` ``rl.sde.matching_log_prob`` of each sample under the current weights (differentiable).
+        advantages: ``[N]`` advantage of each sample's rollout.
+        kl: ``[N]`` per-sample KL to the reference (differentiable) or None.
+        kl_beta: weight of the KL term.
+        weights: ``[N]`` sample weights (default all 1); weight 0 masks a sample out.
+
+    Returns:
+        :class:`LossOutput`.
+    """
+    log_prob = log_prob.float()
+    advantages = advantages.detach().float()
+    weights = torch.ones_like(log_prob) if weights is None else weights.detach().float()
+    policy_loss = _weighted_mean(-advantages * log_prob, weights)
+    loss, kl_ref = _with_kl(policy_loss, kl, kl_beta, weights)
+    one, zero = torch.ones((), device=log_prob.device), torch.zeros((), device=log_prob.device)
+    return LossOutput(
+        loss=loss,
+        policy_loss=policy_loss.detach(),
+        kl_ref=kl_ref.detach(),
+        approx_kl=zero,
+        clipfrac=zero,
+        ratio_mean=one,
+        ratio_min=one,
+        ratio_max=one,
         count=weights.sum(),
     )

@@ -21,7 +21,7 @@ import torch
 from diffusers import FluxPipeline
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
-from rl.sde import sde_step
+from rl.sde import forward_noise, matching_error, sde_step
 
 
 @dataclasses.dataclass
@@ -109,11 +109,23 @@ class StepObserver(Protocol):
     ) -> None: ...
 
 
-def step_noise(seeds: torch.Tensor, step: int, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
-    """``[B, *shape]`` standard-normal noise of each rollout at ``step`` (-1: the initial latents)."""
+def _rows_and_steps(
+    rollouts: Rollouts, step: int | torch.Tensor, rows: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The selected rows (default: all) and one step index per row (``step``: an int or ``[B']``)."""
+    rows = torch.arange(len(rollouts), device=rollouts.states.device) if rows is None else rows
+    return rows, torch.as_tensor(step, device=rows.device).long().expand(len(rows))
+
+
+def step_noise(
+    seeds: torch.Tensor, step: int | torch.Tensor, shape: tuple[int, ...], device: torch.device
+) -> torch.Tensor:
+    """``[B, *shape]`` standard-normal noise of each rollout at ``step`` (an int or ``[B]``; -1: the initial latents,
+    ``0..T-1``: the SDE steps, ``T + k``: AWM's forward noise at trained step k)."""
+    steps = torch.as_tensor(step).expand(len(seeds)).tolist()
     noise = []
-    for seed in seeds.tolist():
-        generator = torch.Generator("cpu").manual_seed((seed * 1_000_003 + step + 1) % 2**63)
+    for seed, index in zip(seeds.tolist(), steps):
+        generator = torch.Generator("cpu").manual_seed((seed * 1_000_003 + index + 1) % 2**63)
         noise.append(torch.randn(shape, generator=generator))
     return torch.stack(noise).to(device)
 
@@ -310,8 +322,7 @@ class FluxSampler:
             The :class:`rl.sde.SdeStep` of the recorded next latents: ``log_prob [B']`` and ``mean``/``std``
             for the KL term.
         """
-        rows = torch.arange(len(rollouts), device=rollouts.states.device) if rows is None else rows
-        step_t = torch.as_tensor(step, device=rows.device).long().expand(len(rows))
+        rows, step_t = _rows_and_steps(rollouts, step, rows)
         if len(self.sde_steps) < self.num_steps:  # a window: the check reads the steps back (a device sync)
             deterministic = set(step_t.tolist()) - self.sde_steps
             if deterministic:
@@ -323,6 +334,37 @@ class FluxSampler:
         return sde_step(
             x, v, sigmas[step_t], sigmas[step_t + 1], self.noise_level, self.sigma_below_one, next_latents=x_next
         )
+
+    def matching_error(
+        self,
+        rollouts: Rollouts,
+        step: int | torch.Tensor,
+        embeds: PromptEmbeddings,
+        rows: torch.Tensor | None = None,
+        model: torch.nn.Module | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """AWM's flow-matching error of finished rollouts at trained step(s) ``step`` (differentiable).
+
+        The rollouts' clean latents are noised to the step's sigma with noise seeded by (rollout seed, step), so
+        the same call always sees the same input (a reference forward, a second inner epoch).
+
+        Args:
+            rollouts: finished rollouts (``step == T``).
+            step: an int, or ``[B']`` steps (one per row).
+            rows: which rollouts (default: all).
+            model: the module to call (see :meth:`velocity`).
+
+        Returns:
+            ``(error [B'], velocity [B', S, C])``: ``rl.sde.matching_error`` and the prediction it scored.
+        """
+        if rollouts.step != self.num_steps:
+            raise ValueError(f"AWM scores finished rollouts; these stopped at step {rollouts.step} of {self.num_steps}")
+        rows, step_t = _rows_and_steps(rollouts, step, rows)
+        clean = rollouts.latents[rows].float()
+        noise = step_noise(rollouts.seeds[rows], self.num_steps + step_t.cpu(), tuple(clean.shape[1:]), clean.device)
+        noisy = forward_noise(clean, noise, self.sigmas.to(clean.device)[step_t])
+        v = self.velocity(noisy, step_t, embeds, rollouts.prompt_index[rows], model=model)
+        return matching_error(v, clean, noise), v
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:

@@ -37,13 +37,13 @@ from rl.config import RunConfig
 from rl.data import Prompt, load_prompt_source, per_process, shard
 from rl.distributed import build_accelerator, configure_deepspeed, whole_model_loading
 from rl.lora import LoraEMA, add_lora, disable_adapter, save_lora
-from rl.loss import grpo_loss
+from rl.loss import awm_loss, grpo_loss
 from rl.metrics_log import MetricsAccumulator, MetricsLogger
 from rl.pruned_rollout import PrunedRollout
 from rl.pruning import trained_step_weights
 from rl.sampler import FluxSampler, PromptEmbeddings, Rollouts, StepObserver, encode_prompts
 from rl.schedule import lr_factor
-from rl.sde import kl_to_reference
+from rl.sde import kl_to_reference, matching_log_prob
 
 logger = logging.getLogger(__name__)
 
@@ -390,6 +390,18 @@ class GRPOTrainer:
     def policy_loss(self, embeds, rollouts: Rollouts, rows, step, advantages, weights):
         """The loss of rollouts ``rows`` at denoising steps ``step`` (``[b]``), with the optional KL term."""
         t = self.config.training
+        if t.policy_objective == "awm":
+            error, velocity = self.sampler.matching_error(rollouts, step, embeds, rows, model=self.model)
+            count = float(weights.sum())
+            if count > 0:
+                self.metrics.add("policy/matching_error", float((error.detach() * weights).sum()) / count, count)
+            kl = None
+            if t.kl_beta > 0:  # in velocity space: KL of unit-variance Gaussians around the two predictions
+                with torch.no_grad(), disable_adapter(self.accelerator.unwrap_model(self.model)):
+                    _, reference = self.sampler.matching_error(rollouts, step, embeds, rows)
+                kl = kl_to_reference(velocity, reference, torch.ones(()))
+            log_prob = matching_log_prob(error, t.awm_error_power)
+            return awm_loss(log_prob, advantages[rows], kl, t.kl_beta, weights)
         current = self.sampler.step_log_prob(rollouts, step, embeds, rows, model=self.model)
         kl = None
         if t.kl_beta > 0:

@@ -74,7 +74,14 @@ def test_reward_kwargs_accepts_json_on_the_command_line():
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--noise_level", "0"], "noise_level=0.*Set noise_level > 0"),
+        (["--noise_level", "0"], "noise_level=0.*Set noise_level > 0.*or policy_objective: awm"),
+        (["--policy_objective", "dpo"], "policy_objective='dpo' is not one of"),
+        (["--awm_error_power", "0"], "awm_error_power must be > 0, got 0"),
+        (
+            ["--policy_objective", "awm", "--prune_policy", "random", "--prune_advantage", "imputed"]
+            + ["--probe_path", "init", "--prune_train_early", "true"],
+            "prune_train_early=true .*policy_objective='awm' scores finished images",
+        ),
         (["--group_size", "1"], "group_size=1.*Set group_size >= 2"),
         (["--num_steps", "1"], "num_steps >= 2"),
         (
@@ -100,6 +107,10 @@ def test_reward_kwargs_accepts_json_on_the_command_line():
 def test_cross_field_and_value_checks(args, message):
     with pytest.raises(ValueError, match=message):
         parse_config(args)
+
+
+def test_awm_trains_on_deterministic_rollouts():
+    assert parse_config(["--policy_objective", "awm", "--noise_level", "0"]).sampling.noise_level == 0
 
 
 def test_every_option_is_documented_once_and_keys_are_unique():

@@ -4,6 +4,7 @@ import json
 import math
 from pathlib import Path
 
+import pytest
 import torch
 from diffusers import FluxPipeline
 from safetensors.torch import load_file
@@ -13,7 +14,8 @@ from rl.metrics_log import read_metrics
 SCRIPT = Path(__file__).resolve().parents[2] / "launch" / "grpo_flux.py"
 
 
-def test_grpo_flux_smoke(tiny_flux_pipeline, tmp_path, launch_script):
+@pytest.mark.parametrize("objective", ["flow_grpo", "awm"])
+def test_grpo_flux_smoke(tiny_flux_pipeline, tmp_path, launch_script, objective):
     tiny_flux_pipeline.save_pretrained(tmp_path / "base")
     out = tmp_path / "run"
     out.mkdir()  # a finished earlier run's log: a fresh (not resumed) run must start its own
@@ -27,7 +29,7 @@ def test_grpo_flux_smoke(tiny_flux_pipeline, tmp_path, launch_script):
             "--eval_num_prompts", "4", "--final_eval_num_prompts", "4", "--learning_rate", "1e-3",
             "--reward", "shapes,jpeg_compressibility", "--reward_weights", "1", "1",
             "--output_dir", str(out), "--wandb_mode", "disabled", "--progress_bar", "false",
-            "--mixed_precision", "no",
+            "--mixed_precision", "no", "--policy_objective", objective,
         ]
     )  # fmt: skip
 

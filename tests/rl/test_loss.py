@@ -2,7 +2,7 @@ import math
 
 import torch
 
-from rl.loss import grpo_loss
+from rl.loss import awm_loss, grpo_loss
 
 # Three samples with ratios 1.0, 1.2 and 0.7 (old log-prob 0, new log-prob log(ratio)), clip range 0.1.
 RATIOS = torch.tensor([1.0, 1.2, 0.7])
@@ -69,3 +69,30 @@ def test_ratio_is_one_at_identical_log_probs():
     assert out.ratio_min.item() == out.ratio_max.item() == 1.0
     assert math.isclose(out.loss.item(), -0.2, abs_tol=1e-7)
     assert out.clipfrac.item() == 0.0 and out.approx_kl.item() == 0.0
+
+
+def test_awm_loss_weights_the_matching_log_prob_by_the_advantage():
+    # log q = -(matching error) = [-0.5, -0.2, -1.0]; advantages [1, 1, -2]:
+    # loss = mean(-A log q) = (0.5 + 0.2 - 2.0) / 3 = -1.3 / 3; d loss / d log q = -A / 3
+    log_q = torch.tensor([-0.5, -0.2, -1.0], requires_grad=True)
+    out = awm_loss(log_q, ADVANTAGES)
+    assert math.isclose(out.loss.item(), -1.3 / 3, abs_tol=1e-6)
+    assert math.isclose(out.policy_loss.item(), -1.3 / 3, abs_tol=1e-6)
+    out.loss.backward()
+    # minimising raises log q (lowers the error) where A > 0 and lowers it where A < 0
+    torch.testing.assert_close(log_q.grad, torch.tensor([-1 / 3, -1 / 3, 2 / 3]))
+    # no behaviour-policy ratio: its diagnostics read 1, nothing is clipped
+    assert out.ratio_min.item() == out.ratio_max.item() == out.ratio_mean.item() == 1.0
+    assert out.clipfrac.item() == 0.0 and out.approx_kl.item() == 0.0 and out.count.item() == 3
+
+
+def test_awm_loss_kl_term_and_weights():
+    log_q = torch.tensor([-0.5, -0.2, -1.0])
+    kl = torch.tensor([0.5, 0.0, 1.0])
+    # samples 0 and 1 only: policy loss (0.5 + 0.2) / 2 = 0.35; kl_ref 0.25; loss 0.35 + 0.1 * 0.25 = 0.375
+    out = awm_loss(log_q, ADVANTAGES, kl=kl, kl_beta=0.1, weights=torch.tensor([1.0, 1.0, 0.0]))
+    assert math.isclose(out.policy_loss.item(), 0.35, abs_tol=1e-6)
+    assert math.isclose(out.kl_ref.item(), 0.25, abs_tol=1e-6)
+    assert math.isclose(out.loss.item(), 0.375, abs_tol=1e-6)
+    empty = awm_loss(log_q.clone().requires_grad_(), ADVANTAGES, weights=torch.zeros(3))
+    assert empty.loss.item() == 0.0 and empty.count.item() == 0

@@ -50,11 +50,13 @@ def test_policy_none_trains_exactly_like_the_unpruned_trainer(pipeline_dir, tmp_
     split.cleanup()
 
 
-@pytest.mark.parametrize("advantage", ["survivors", "imputed"])
-def test_topk_finishes_and_scores_survivors_only(pipeline_dir, tmp_path, advantage):
+@pytest.mark.parametrize(
+    "advantage, objective", [("survivors", "flow_grpo"), ("imputed", "flow_grpo"), ("survivors", "awm")]
+)
+def test_topk_finishes_and_scores_survivors_only(pipeline_dir, tmp_path, advantage, objective):
     trainer = make_trainer(
         pipeline_dir, tmp_path, *PRUNED, "--prune_policy", "topk", "--prune_explore", "1",
-        "--prune_advantage", advantage, "--learning_rate", "1e-3",
+        "--prune_advantage", advantage, "--learning_rate", "1e-3", "--policy_objective", objective,
     )  # fmt: skip
     before = lora_state(trainer)
     metrics = pruned_step(trainer)
@@ -69,6 +71,8 @@ def test_topk_finishes_and_scores_survivors_only(pipeline_dir, tmp_path, advanta
     assert len(trainer.pruner.buffer) == 4 and "probe/pcc_online" in metrics
     if advantage == "imputed":
         assert "prune/calibration_slope" in metrics
+    if objective == "awm":  # trained on the survivors' finished images
+        assert metrics["policy/matching_error"] > 0
     json.dumps(metrics)  # every value a plain number (the JSONL logger writes them)
     trainer.cleanup()
 

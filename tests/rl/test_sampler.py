@@ -2,7 +2,8 @@ import numpy as np
 import pytest
 import torch
 
-from rl.sampler import FluxSampler, Rollouts, encode_prompts
+from rl.sampler import FluxSampler, Rollouts, encode_prompts, step_noise
+from rl.sde import forward_noise
 
 PROMPTS = ["a red circle", "two blue squares", "a green triangle left of a yellow circle"]
 
@@ -99,3 +100,27 @@ def test_sde_window_adds_noise_only_on_its_steps(tiny_flux_pipeline):
     torch.testing.assert_close(rescored, done.log_probs[:, 1], rtol=0, atol=1e-5)
     with pytest.raises(ValueError, match=r"steps \[2\] were sampled without SDE noise"):
         window.step_log_prob(done, 2, embeds)
+
+
+def test_matching_error_scores_clean_latents_noised_to_the_step_sigma(tiny_flux_pipeline):
+    sampler = _sampler(tiny_flux_pipeline, 0.0)  # AWM trains on any sampler, the ODE included
+    embeds = encode_prompts(tiny_flux_pipeline, PROMPTS, max_sequence_length=16)
+    done = sampler.advance(sampler.start(torch.arange(3), torch.tensor([1, 2, 3])), embeds, until_step=4)
+    steps = torch.tensor([0, 2, 1])
+    with torch.no_grad():
+        error, velocity = sampler.matching_error(done, steps, embeds)
+        again, _ = sampler.matching_error(done, steps, embeds)
+        # by hand: noise seeded by (rollout seed, T + step), x_s = (1 - s) x0 + s eps, the model at that step
+        noise = step_noise(done.seeds, 4 + steps, tuple(done.latents.shape[1:]), torch.device("cpu"))
+        noisy = forward_noise(done.latents, noise, sampler.sigmas[steps])
+        expected_v = sampler.velocity(noisy, steps, embeds, done.prompt_index)
+    torch.testing.assert_close(velocity, expected_v, rtol=0, atol=0)
+    torch.testing.assert_close(error, ((expected_v - (noise - done.latents)) ** 2).mean(dim=(1, 2)))
+    assert torch.equal(error, again)  # same seeds, same input: a reference forward or a second epoch agrees
+    rows, _ = sampler.matching_error(done, 1, embeds, rows=torch.tensor([2, 0]))
+    with torch.no_grad():
+        full, _ = sampler.matching_error(done, 1, embeds)
+    torch.testing.assert_close(rows, full[[2, 0]], rtol=0, atol=1e-6)
+    early = sampler.advance(sampler.start(torch.arange(3), torch.tensor([1, 2, 3])), embeds, until_step=2)
+    with pytest.raises(ValueError, match="finished rollouts; these stopped at step 2 of 4"):
+        sampler.matching_error(early, 0, embeds)

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from rl.sde import kl_to_reference, noise_std, sde_step
+from rl.sde import forward_noise, kl_to_reference, matching_error, matching_log_prob, noise_std, sde_step
 
 
 def _filled(value, shape=(2, 3, 4)):
@@ -66,3 +66,36 @@ def test_kl_to_reference_by_hand():
     kl = kl_to_reference(_filled(0.375), _filled(0.125), torch.full((2, 1, 1), 0.25))
     torch.testing.assert_close(kl, torch.full((2,), 0.5))
     assert torch.equal(kl_to_reference(_filled(0.3), _filled(0.3), torch.full((2, 1, 1), 0.25)), torch.zeros(2))
+
+
+def test_forward_noise_interpolates_clean_latents_and_noise():
+    # (1 - s) x0 + s eps with x0 = 2, eps = -1: s = 0.25 -> 1.25; per-sample s = [0, 1] -> [2, -1]
+    torch.testing.assert_close(forward_noise(_filled(2), _filled(-1), 0.25), _filled(1.25))
+    out = forward_noise(_filled(2), _filled(-1), torch.tensor([0.0, 1.0]))
+    torch.testing.assert_close(out[0], torch.full((3, 4), 2.0))
+    torch.testing.assert_close(out[1], torch.full((3, 4), -1.0))
+
+
+def test_matching_error_by_hand():
+    # target eps - x0 = -1 - 2 = -3; v = -2.5 -> error 0.25 everywhere; sample 1 exact (v = -3) -> 0
+    v = torch.stack([torch.full((3, 4), -2.5), torch.full((3, 4), -3.0)]).requires_grad_()
+    error = matching_error(v, _filled(2), _filled(-1))
+    torch.testing.assert_close(error, torch.tensor([0.25, 0.0]))
+    error.sum().backward()
+    # d e / d v = 2 (v - target) / 12 elements: sample 0 -> 2 * 0.5 / 12, sample 1 -> 0
+    torch.testing.assert_close(v.grad[0], torch.full((3, 4), 1 / 12))
+    torch.testing.assert_close(v.grad[1], torch.zeros(3, 4))
+
+
+def test_matching_log_prob_by_hand():
+    error = torch.tensor([0.25, 4.0], requires_grad=True)
+    # p = 1: -e; p = 0.5: -sqrt(e) / 0.5 = [-1, -4]
+    torch.testing.assert_close(matching_log_prob(error), torch.tensor([-0.25, -4.0]))
+    log_q = matching_log_prob(error, 0.5)
+    torch.testing.assert_close(log_q, torch.tensor([-1.0, -4.0]))
+    log_q.sum().backward()
+    # d/de -e^p / p = -e^(p - 1): -0.25^-0.5 = -2, -4^-0.5 = -0.5: a larger error is pushed on less (concave)
+    torch.testing.assert_close(error.grad, torch.tensor([-2.0, -0.5]))
+    exact = torch.zeros(1, requires_grad=True)
+    matching_log_prob(exact, 0.25).sum().backward()
+    assert torch.isfinite(exact.grad).all()  # an exact fit (error 0) keeps a finite gradient

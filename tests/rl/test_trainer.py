@@ -7,6 +7,7 @@ import torch
 from safetensors.torch import load_file
 
 from rl.config import parse_config
+from rl.sde import matching_log_prob
 from rl.trainer import GRPOTrainer, ScoredRollouts
 
 
@@ -226,4 +227,56 @@ def test_learning_rate_follows_the_schedule(pipeline_dir, tmp_path):
         lrs.append(trainer.optimizer.param_groups[0]["lr"])
     # warm-up 1/2, then linear over the 3 remaining steps of 4: 1, 2/3
     assert lrs == pytest.approx([5e-4, 1e-3, 1e-3 * 2 / 3])
+    trainer.cleanup()
+
+
+def _matching_errors(trainer, scored, batch) -> torch.Tensor:
+    """``[B, trained steps]`` AWM flow-matching error of each rollout at its trained steps, current weights."""
+    steps = trainer.trained_steps(trainer.state.step, len(scored.rollouts))
+    with torch.no_grad():
+        columns = [
+            trainer.sampler.matching_error(scored.rollouts, steps[:, c], batch.embeds, model=trainer.model)[0]
+            for c in range(steps.shape[1])
+        ]
+    return torch.stack(columns, dim=1)
+
+
+def test_awm_objective_fits_rollouts_by_their_advantage(pipeline_dir, tmp_path):
+    # all 8 rollouts in one micro-batch: one optimizer step, taken after the logged error was measured
+    trainer = make_trainer(
+        pipeline_dir, tmp_path, "--policy_objective", "awm", "--train_batch_size", "8", "--learning_rate", "1e-3",
+        "--mixed_precision", "no",
+    )  # fmt: skip
+    lora_before, base_before = lora_state(trainer), base_state(trainer)
+    batch = trainer.next_prompts()
+    scored = trainer.score(batch, trainer.rollout(batch))
+    advantages = trainer.advantages(scored)
+    before = _matching_errors(trainer, scored, batch)
+    trainer.optimise(batch, scored, advantages)
+    metrics = trainer.metrics.reduce(trainer.accelerator)
+    after = _matching_errors(trainer, scored, batch)
+    assert trainer.state.optimizer_steps == 1
+    assert math.isclose(metrics["policy/matching_error"], float(before.mean()), rel_tol=1e-5)
+    # the step lowered the advantage-weighted loss (log q = -e^p / p, p = awm_error_power = 0.25): rollouts
+    # better than their group became likelier
+    before, after = (matching_log_prob(e, 0.25).mean(1) for e in (before, after))
+    assert float((advantages * (after - before)).sum()) > 0
+    assert metrics["policy/ratio_first_inner_max_dev"] == 0 and metrics["policy/clipfrac"] == 0
+    assert any(not torch.equal(a, b) for a, b in zip(lora_before, lora_state(trainer)))
+    assert all(torch.equal(base_before[n], p) for n, p in base_state(trainer).items())
+    trainer.cleanup()
+
+
+def test_awm_objective_kl_term_and_ode_rollouts(pipeline_dir, tmp_path):
+    trainer = make_trainer(
+        pipeline_dir, tmp_path, "--policy_objective", "awm", "--noise_level", "0", "--kl_beta", "0.1",
+        "--init_lora_weights", "false",
+    )  # fmt: skip
+    batch = trainer.next_prompts()
+    scored = trainer.score(batch, trainer.rollout(batch))
+    assert (scored.rollouts.log_probs == 0).all()  # deterministic rollouts: no transition density, still trainable
+    trainer.optimise(batch, scored, trainer.advantages(scored))
+    metrics = trainer.metrics.reduce(trainer.accelerator)
+    assert metrics["policy/kl_ref"] > 0  # the random-init LoRA's velocity differs from the reference's
+    assert math.isfinite(metrics["policy/loss"]) and metrics["policy/matching_error"] > 0
     trainer.cleanup()
