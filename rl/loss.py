@@ -125,9 +125,8 @@ def awm_loss(
 
     ``log q`` is minus the (concavely transformed) flow-matching error on the rollout's clean latents, so the
     gradient is that of the pretraining loss weighted by ``-A``: rollouts better than their group are fit, worse
-    ones pushed away. There is
-    no behaviour-policy ratio (each sample is its own reference), so the ratio diagnostics read 1, ``approx_kl``
-    and ``clipfrac`` 0.
+    ones pushed away. There is no behaviour-policy ratio (each sample is its own reference), so the ratio
+    diagnostics read 1, ``approx_kl`` and ``clipfrac`` 0.
 
     Args:
         log_prob: ``[N]`` ``rl.sde.matching_log_prob`` of each sample under the current weights (differentiable).

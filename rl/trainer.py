@@ -389,27 +389,36 @@ class GRPOTrainer:
 
     def policy_loss(self, embeds, rollouts: Rollouts, rows, step, advantages, weights):
         """The loss of rollouts ``rows`` at denoising steps ``step`` (``[b]``), with the optional KL term."""
+        if self.config.training.policy_objective == "awm":
+            return self.awm_policy_loss(embeds, rollouts, rows, step, advantages, weights)
         t = self.config.training
-        if t.policy_objective == "awm":
-            error, velocity = self.sampler.matching_error(rollouts, step, embeds, rows, model=self.model)
-            count = float(weights.sum())
-            if count > 0:
-                self.metrics.add("policy/matching_error", float((error.detach() * weights).sum()) / count, count)
-            kl = None
-            if t.kl_beta > 0:  # in velocity space: KL of unit-variance Gaussians around the two predictions
-                with torch.no_grad(), disable_adapter(self.accelerator.unwrap_model(self.model)):
-                    _, reference = self.sampler.matching_error(rollouts, step, embeds, rows)
-                kl = kl_to_reference(velocity, reference, torch.ones(()))
-            log_prob = matching_log_prob(error, t.awm_error_power)
-            return awm_loss(log_prob, advantages[rows], kl, t.kl_beta, weights)
         current = self.sampler.step_log_prob(rollouts, step, embeds, rows, model=self.model)
         kl = None
         if t.kl_beta > 0:
-            with torch.no_grad(), disable_adapter(self.accelerator.unwrap_model(self.model)):
+            with torch.no_grad(), self.reference_weights():
                 reference = self.sampler.step_log_prob(rollouts, step, embeds, rows)
             kl = kl_to_reference(current.mean, reference.mean, current.std)
         old = rollouts.log_probs[rows, step]
         return grpo_loss(current.log_prob, old, advantages[rows], t.clip_range, kl, t.kl_beta, weights)
+
+    def awm_policy_loss(self, embeds, rollouts: Rollouts, rows, step, advantages, weights):
+        """:meth:`policy_loss` for ``policy_objective: awm``; logs the weighted flow-matching error."""
+        t = self.config.training
+        error, velocity = self.sampler.matching_error(rollouts, step, embeds, rows, model=self.model)
+        count = float(weights.sum())
+        if count > 0:
+            self.metrics.add("policy/matching_error", float((error.detach() * weights).sum()) / count, count)
+        kl = None
+        if t.kl_beta > 0:  # in velocity space: KL of unit-variance Gaussians around the two predictions
+            with torch.no_grad(), self.reference_weights():
+                _, reference = self.sampler.matching_error(rollouts, step, embeds, rows)
+            kl = kl_to_reference(velocity, reference, torch.ones(()))
+        log_prob = matching_log_prob(error, t.awm_error_power)
+        return awm_loss(log_prob, advantages[rows], kl, t.kl_beta, weights)
+
+    def reference_weights(self):
+        """Context in which the model is the base (LoRA adapter off): the KL reference and the base evaluation."""
+        return disable_adapter(self.accelerator.unwrap_model(self.model))
 
     # ------------------------------------------------------------------ evaluation and saving
 
@@ -433,7 +442,7 @@ class GRPOTrainer:
         sampler = self.eval_sampler
         chunk = max(1, sampler.batch_size // per_image)
         if base:
-            weights = disable_adapter(acc.unwrap_model(self.model))
+            weights = self.reference_weights()
         else:
             weights = self.ema.average_parameters() if self.ema is not None else contextlib.nullcontext()
         with self.phase("eval"), weights, acc.autocast():
