@@ -46,7 +46,7 @@ from probe import Probe
 from rewards.compose import build_reward_set
 from rl.config import RunConfig
 from rl.data import load_prompt_source
-from rl.pruned_rollout import init_probe_for
+from rl.predictors.probe_cnn import init_probe_for
 from rl.pruning import keep_count, select_survivors
 from rl.sampler import FluxSampler, encode_prompts
 

@@ -4,25 +4,34 @@
         --prune_policy topk --probe_path assets/probe/<probe>.pt --capture_step 2
     python launch/ablate.py --config ... --budget_images 4000 --variants pruned,unpruned   # equal compute
     python launch/ablate.py --out runs/ablate --report_only                               # re-read finished runs
+    python launch/ablate.py --config configs/tiny_shapes.yaml --seeds 0 1 2 --jobs 2 --budget_steps 24 \
+        --variants unpruned,keep_preview,keep_random,pods --out bench/ablation_expand_prune   # seeds, in parallel
 
-Every argument this script does not own is passed to each run (``launch/grpo_flux.py``, one process per variant,
-sequentially so they do not compete for cores); the variants differ only in their pruning keys (rl/ablation.py).
-Writes ``<out>/<variant>/`` (each run), ``<out>/ablation.{json,md}``, ``reward_vs_wallclock.png`` and
-``reward_vs_images.png``.
+Every argument this script does not own is passed to each run (``launch/grpo_flux.py``, one process per run);
+the variants differ only in their pruning keys (rl/ablation.py, ``VARIANTS``). One seed: the runs go
+sequentially to ``<out>/<variant>/`` and the report is ``<out>/ablation.{json,md}`` with
+``reward_vs_wallclock.png`` and ``reward_vs_images.png``. ``--seeds``: ``<out>/seed<k>/<variant>/`` (``--seed k``),
+``--jobs`` at a time with ``--threads`` torch threads each; finished runs are kept, so re-running the command
+resumes; the report is ``<out>/summary.{json,md}`` and ``reward_vs_cost.png`` (rl/ablation.py,
+:func:`~rl.ablation.seed_summary`).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
+import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from rl.ablation import read_run, variant_overrides, write_report
+from rl.ablation import read_run, variant_overrides, write_report, write_seed_report
 from rl.config import parse_config
+from rl.cost import FLUX_DEV_COSTS
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -32,12 +41,50 @@ def parse(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]
     parser.add_argument("--variants", default="pruned,unpruned,random", help="comma-separated, run in this order")
     parser.add_argument("--budget_minutes", type=float, default=0.0, help="wall-clock budget per run (max_minutes)")
     parser.add_argument("--budget_images", type=float, default=0.0, help="denoised-image budget per run")
+    parser.add_argument("--budget_steps", type=int, default=0, help="GRPO-step budget per run (max_steps)")
     parser.add_argument("--max_steps", type=int, default=100_000, help="step cap; the budget normally stops first")
+    parser.add_argument("--seeds", type=int, nargs="+", default=None, help="run every variant with each seed")
+    parser.add_argument("--jobs", type=int, default=1, help="runs at a time (with --seeds)")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads per run (0: torch's default)")
     parser.add_argument("--eval_prompts_count", type=int, default=64, help="held-out prompts of every evaluation")
     parser.add_argument("--eval_every", type=int, default=5, help="evaluate every N steps (the curves' points)")
     parser.add_argument("--out", default="runs/ablate", help="folder of the runs and the report")
     parser.add_argument("--report_only", action="store_true", help="only read finished runs and write the report")
     return parser.parse_known_args(argv)
+
+
+def run_commands(commands: dict[Path, list[str]], jobs: int, threads: int) -> None:
+    """Run each command (its log beside its run folder) ``jobs`` at a time; a finished run folder is kept.
+
+    Raises:
+        SystemExit: a run failed (its log is named).
+    """
+    env = {**os.environ, "WANDB_MODE": os.environ.get("WANDB_MODE", "disabled")}
+    if threads:
+        env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    pending, running = [], {}
+    for run_dir, command in commands.items():
+        try:
+            read_run(run_dir.name, run_dir)
+            print(f"=== {run_dir}: finished before, kept", flush=True)
+        except (FileNotFoundError, ValueError):
+            shutil.rmtree(run_dir, ignore_errors=True)  # an unfinished run starts again
+            pending.append((run_dir, command))
+    while pending or running:
+        while pending and len(running) < max(jobs, 1):
+            run_dir, command = pending.pop(0)
+            run_dir.parent.mkdir(parents=True, exist_ok=True)
+            log = open(run_dir.with_suffix(".log"), "w")
+            print(f"=== {run_dir}: {' '.join(command[1:])}", flush=True)
+            running[run_dir] = (subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT), log)
+        for run_dir, (process, log) in list(running.items()):
+            if process.poll() is not None:
+                log.close()
+                del running[run_dir]
+                if process.returncode:
+                    raise SystemExit(f"{run_dir} failed (exit {process.returncode}): see {run_dir.with_suffix('.log')}")
+                print(f"=== {run_dir}: done", flush=True)
+        time.sleep(1.0)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -46,25 +93,39 @@ def main(argv: list[str] | None = None) -> dict:
     shared = [*passthrough, "--max_steps", str(args.max_steps), "--eval_every", str(args.eval_every)]
     shared += ["--eval_num_prompts", str(args.eval_prompts_count), "--final_eval_num_prompts"]
     shared += [str(args.eval_prompts_count), "--eval_before_training", "true"]
-    commands = {}
-    for variant in variants:
-        overrides = [*shared, *variant_overrides(variant, args.out, args.budget_minutes, args.budget_images)]
-        config = parse_config(overrides)  # fail on a bad key or value before any run starts
-        if variant == "pruned" and config.pruning.prune_policy in ("none", "random"):
-            raise SystemExit(
-                f"the pruned variant runs the config's prune_policy, here {config.pruning.prune_policy!r}: "
-                "pass --prune_policy topk|maxvar|threshold and --probe_path"
-            )
-        commands[variant] = [sys.executable, str(ROOT / "launch" / "grpo_flux.py"), *overrides]
+    seeds = args.seeds if args.seeds is not None else [None]
+    commands: dict[Path, list[str]] = {}
+    for seed in seeds:
+        out = Path(args.out) if seed is None else Path(args.out) / f"seed{seed}"
+        for variant in variants:
+            budget = (args.budget_minutes, args.budget_images, args.budget_steps)
+            overrides = [*shared, *variant_overrides(variant, out, *budget)]
+            if seed is not None:  # the final evaluation on the periodic one's seeds: one curve, comparable points
+                overrides += ["--seed", str(seed), "--final_eval_images_per_prompt", "0"]
+            config = parse_config(overrides)  # fail on a bad key or value before any run starts
+            if variant == "pruned" and config.pruning.prune_policy in ("none", "random"):
+                raise SystemExit(
+                    f"the pruned variant runs the config's prune_policy, here {config.pruning.prune_policy!r}: "
+                    "pass --prune_policy topk|maxvar|threshold and --probe_path"
+                )
+            commands[out / variant] = [sys.executable, str(ROOT / "launch" / "grpo_flux.py"), *overrides]
+    command = " ".join(["python launch/ablate.py", *(argv if argv is not None else sys.argv[1:])])
     if not args.report_only:
-        env = {**os.environ, "WANDB_MODE": os.environ.get("WANDB_MODE", "disabled")}
-        for variant, command in commands.items():
-            print(f"=== {variant}: {' '.join(command[1:])}", flush=True)
-            subprocess.run(command, check=True, env=env)
-    runs = [read_run(variant, Path(args.out) / variant) for variant in variants]
-    report = write_report(runs, args.out, " ".join(["python launch/ablate.py", *(argv or sys.argv[1:])]))
-    print((Path(args.out) / "ablation.md").read_text())
-    return report
+        run_commands(commands, args.jobs if args.seeds is not None else 1, args.threads)
+    if args.seeds is None:
+        runs = [read_run(variant, Path(args.out) / variant) for variant in variants]
+        report = write_report(runs, args.out, command)
+        print((Path(args.out) / "ablation.md").read_text())
+        return report
+    by_variant = {v: [read_run(v, Path(args.out) / f"seed{s}" / v) for s in seeds] for v in variants}
+    costs = {
+        "per_operation": dataclasses.asdict(FLUX_DEV_COSTS),
+        "source": "FLUX.1-dev at 512 px from FLOP counts (rl/cost.py)",
+    }
+    notes = {"cost_model": costs, "seeds": seeds}
+    summary = write_seed_report(by_variant, args.out, command, notes)
+    print((Path(args.out) / "summary.md").read_text())
+    return summary
 
 
 if __name__ == "__main__":

@@ -6,7 +6,12 @@ model and the shapes world::
 
     python launch/probe_collect.py --prompts shapes:train --num_prompts 400 --out runs/probe/train
     python launch/probe_collect.py --prompts shapes:test --num_prompts 128 --seed 1 --out runs/probe/test
-    python launch/probe_collect.py --config my_collect.yaml --reward pickscore --pipeline black-forest-labs/FLUX.1-dev
+    python launch/probe_collect.py --config configs/tiny_shapes.yaml --num_prompts 1024 --out runs/probe/train
+
+``--config`` takes a run config (what ``launch/grpo_flux.py`` trains with): the model, prompts, reward, group
+size and the whole sampler (steps, noise level, SDE window, guidance, size, precision) become the
+collection's defaults, so the probe ranks exactly the rollouts the trainer makes; flags given here override
+them. A YAML of this script's own keys is taken too.
 """
 
 from __future__ import annotations
@@ -15,8 +20,10 @@ import dataclasses
 import json
 import logging
 import os
+import sys
 
 import torch
+import yaml
 from diffusers import FluxPipeline
 from trl import TrlParser
 
@@ -56,6 +63,7 @@ class CollectArgs:
     blocks: list[int] = _option(None, "global attention block indices (default: up to 10 middle blocks)", list)
     reward: str = _option("shapes", "reward spec: registry names or pkg.mod:Callable, comma-separated")
     reward_kwargs: str = _option("{}", 'JSON {"<component>": {kwargs}}')
+    precision: str = _option("no", "the trainer's mixed_precision: no or bf16 (rollouts under bf16 autocast)")
     prompts_per_shard: int = _option(8, "prompt groups per shard file")
     seed: int = _option(0, "prompt draws and rollout noise; use another seed for a held-out collection")
     batch_size: int = _option(32, "rollouts per transformer call")
@@ -64,8 +72,50 @@ class CollectArgs:
     threads: int = _option(0, "torch CPU threads (0: torch's default)")
 
 
+def run_config_defaults(path: str) -> dict:
+    """CollectArgs defaults from a run config file: the trainer's model, prompts, reward and sampler."""
+    from rl.config import parse_config
+
+    config = parse_config(["--config", path])
+    m, s, r = config.model, config.sampling, config.reward
+    if s.height != s.width:
+        raise ValueError(f"{path}: collection renders square images, the run is {s.height}x{s.width}")
+    return {
+        "pipeline": m.pretrained,
+        "prompts": s.prompts,
+        "group_size": s.group_size,
+        "num_steps": s.num_steps,
+        "noise_level": s.noise_level,
+        "same_initial_noise": s.same_initial_noise,
+        "sde_steps": list(s.train_window) if s.sde_window_only else [],
+        "guidance_scale": s.guidance_scale,
+        "resolution": s.height,
+        "text_length": m.max_sequence_length,
+        "reward": r.reward,
+        "reward_kwargs": json.dumps(r.reward_kwargs or {}),
+        "precision": config.training.mixed_precision,
+        "dtype": "bfloat16" if config.training.mixed_precision == "bf16" else "float32",  # the trainer's weights
+    }
+
+
+def parse_args(argv: list[str] | None = None) -> CollectArgs:
+    """``--config`` a run config (its sampler becomes the defaults) or a YAML of CollectArgs keys, then flags."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = TrlParser((CollectArgs,))
+    if "--config" in argv:
+        at = argv.index("--config")
+        path = argv[at + 1]
+        with open(path) as handle:
+            keys = set(yaml.safe_load(handle) or {})
+        if not keys <= {f.name for f in dataclasses.fields(CollectArgs)}:  # a run config, not a collect config
+            parser.set_defaults(**run_config_defaults(path))
+            argv = argv[:at] + argv[at + 2 :]
+    (args,) = parser.parse_args_and_config(argv)
+    return args
+
+
 def main() -> None:
-    (args,) = TrlParser((CollectArgs,)).parse_args_and_config()
+    args = parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -91,6 +141,7 @@ def main() -> None:
         seed=args.seed,
         same_initial_noise=args.same_initial_noise,
         sde_steps=sorted(set(args.sde_steps)) or None,
+        precision=args.precision,
     )
     paths = collect(pipeline, settings, args.out, batch_size=args.batch_size, device=args.device)
     print(f"{len(paths)} shards ({settings.num_prompts} prompts x {settings.group_size} seeds) in {args.out}")

@@ -45,6 +45,7 @@ class CollectSettings:
         same_initial_noise: a group shares its initial noise (the trainer's ``same_initial_noise``).
         sde_steps: the steps that add SDE noise, the others being ODE steps (the trainer's ``sde_window_only``
             window); ``None``: every step.
+        precision: ``no`` or ``bf16``: the trainer's ``mixed_precision`` (bf16 rollouts run under autocast).
         guidance_scale: FLUX distilled guidance.
         resolution: image side in pixels.
         text_length: max_sequence_length.
@@ -75,6 +76,7 @@ class CollectSettings:
     seed: int
     same_initial_noise: bool = False
     sde_steps: list[int] | None = None
+    precision: str = "no"
     fingerprint: str = ""
     weights: str = ""
 
@@ -194,8 +196,10 @@ def _collect_shard(pipeline, sampler, reward_set, settings, chunk, first_group, 
     ]
     initial = seeds[::group_size].repeat_interleave(group_size) if settings.same_initial_noise else None
     start = sampler.start(prompt_index, seeds, device, initial_seeds=initial)
-    done = sampler.advance(start, embeds, settings.num_steps, observer=ObserverGroup(recorders), progress=progress)
-    images = sampler.decode(done.latents)
+    autocast = torch.autocast(torch.device(device).type, torch.bfloat16, enabled=settings.precision == "bf16")
+    with autocast:  # the trainer's accelerator.autocast()
+        done = sampler.advance(start, embeds, settings.num_steps, observer=ObserverGroup(recorders), progress=progress)
+        images = sampler.decode(done.latents)
     prompts = [texts[i] for i in prompt_index.tolist()]
     metadata = [chunk[i][1] for i in prompt_index.tolist()]
     result = reward_set(images, prompts, metadata)

@@ -50,6 +50,33 @@ def transformer_fingerprint(transformer: nn.Module) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+def sampler_signature(sampler, precision: str) -> dict:
+    """What about a sampler changes the states a probe reads: steps, noise, SDE window, guidance, size, precision.
+
+    Args:
+        sampler: an :class:`rl.sampler.FluxSampler` (or anything with its attributes).
+        precision: the mixed precision the rollouts ran under (``no``, ``bf16``, ``fp16``).
+    """
+    return {
+        "num_steps": int(sampler.num_steps),
+        "noise_level": float(sampler.noise_level),
+        "sde_steps": sorted(int(s) for s in sampler.sde_steps),
+        "guidance_scale": float(sampler.guidance_scale),
+        "height": int(sampler.height),
+        "width": int(sampler.width),
+        "precision": str(precision),
+    }
+
+
+def sampler_differences(recorded: dict, current: dict) -> list[str]:
+    """``key: recorded -> current`` for every sampler setting the two signatures both name and disagree on."""
+    return [
+        f"{key}: {recorded[key]!r} -> {current[key]!r}"
+        for key in current
+        if key in recorded and recorded[key] != current[key]
+    ]
+
+
 @dataclasses.dataclass
 class ProbeMeta:
     """What a probe was trained for.
@@ -65,6 +92,8 @@ class ProbeMeta:
         noise_level: SDE noise level of the collected rollouts.
         reward: the reward spec the probe predicts.
         metrics: held-out metrics (see :mod:`probe.metrics`).
+        sampler: :func:`sampler_signature` of the sampler the data was collected with; empty in files written
+            before it was recorded (their collections put SDE noise on every step: :meth:`Probe.check_sampler`).
     """
 
     base_model: str
@@ -77,6 +106,7 @@ class ProbeMeta:
     noise_level: float
     reward: str
     metrics: dict = dataclasses.field(default_factory=dict)
+    sampler: dict = dataclasses.field(default_factory=dict)
 
     def to_dict(self) -> dict:
         data = dataclasses.asdict(self)
@@ -272,6 +302,30 @@ class Probe(nn.Module):
         probe = cls.from_state(state)
         probe.check_compatible(transformer, capture_step, num_steps, source=str(path))
         return probe
+
+    def recorded_sampler(self) -> dict:
+        """The sampler the probe was trained under; files from before it was recorded: every step SDE."""
+        if self.meta.sampler:
+            return self.meta.sampler
+        return {
+            "num_steps": self.meta.num_steps,
+            "noise_level": self.meta.noise_level,
+            "sde_steps": list(range(self.meta.num_steps)),
+        }
+
+    def check_sampler(self, signature: dict, source: str = "probe") -> None:
+        """Raise :class:`ProbeMismatchError` naming every setting where ``signature`` differs from the probe's.
+
+        A probe ranks the states its training sampler produces: under another SDE window or noise level the
+        early states, and how much they already decide, differ (bench/RESULTS.md, "Predictors").
+        """
+        differences = sampler_differences(self.recorded_sampler(), signature)
+        if differences:
+            raise ProbeMismatchError(
+                f"{source} was trained under another sampler ({'; '.join(differences)}; probe -> run). Collect "
+                "with the run's config (launch/probe_collect.py --config <run config>) and retrain "
+                "(launch/probe_train.py), or run with the probe's sampler settings."
+            )
 
     def check_compatible(
         self,

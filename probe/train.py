@@ -190,7 +190,8 @@ def collection_meta(directories: list[str], capture_step: int, reward_key: str |
             sizes.
     """
     manifests = [read_manifest(d) for d in directories]
-    for key in ("fingerprint", "num_steps", "blocks", "noise_level", "sde_steps", "text_length", "resolution"):
+    sampler_keys = ("num_steps", "noise_level", "sde_steps", "guidance_scale", "resolution", "precision")
+    for key in ("fingerprint", "blocks", "text_length", *sampler_keys):
         values = {json.dumps(m.get(key)) for m in manifests}
         if len(values) > 1:
             raise ValueError(f"collections differ in {key}: {sorted(values)}; train and test must match")
@@ -205,7 +206,23 @@ def collection_meta(directories: list[str], capture_step: int, reward_key: str |
         text_length=manifest["text_length"],
         noise_level=manifest["noise_level"],
         reward=reward_key or manifest["reward"],
+        sampler=collection_sampler(manifest),
     )
+
+
+def collection_sampler(manifest: dict) -> dict:
+    """The :func:`probe.probe.sampler_signature` of a collection's sampler, from its manifest."""
+    steps = manifest["num_steps"]
+    sde_steps = manifest.get("sde_steps")
+    return {
+        "num_steps": steps,
+        "noise_level": float(manifest["noise_level"]),
+        "sde_steps": sorted(range(steps) if sde_steps is None else sde_steps),
+        "guidance_scale": float(manifest["guidance_scale"]),
+        "height": manifest["resolution"],
+        "width": manifest["resolution"],
+        "precision": manifest.get("precision", "no"),
+    }
 
 
 def train_probe(

@@ -25,6 +25,26 @@ from pathlib import Path
 
 from rl.metrics_log import read_metrics
 
+_PLAIN = [
+    "--probe_refresh_every",
+    "0",
+    "--prune_advantage",
+    "survivors",
+    "--prune_train_early",
+    "false",
+    "--prune_min_spread",
+    "0",
+    "--prune_explore",
+    "0",
+]  # pure selection: no refresh, imputation, skipping
+_NO_PROBE = ["--probe_path", ""]
+_HALF = ["--prune_policy", "variance", "--prune_keep_fraction", "0.5"]
+_PREVIEW = ["--predictor", "preview", "--capture_step", "4", *_NO_PROBE]  # call 4: the first ODE call's x0
+_LOOKAHEAD = ["--predictor", "lookahead", "--capture_step", "3", "--lookahead_steps", "2", *_NO_PROBE]
+_PROBE = ["--predictor", "probe", "--capture_step", "4"]  # probe_path: the one the command passes
+_RANDOM = ["--prune_policy", "random", "--prune_keep_fraction", "0.5", "--capture_step", "4", *_NO_PROBE]
+_EXPAND = ["--prune_expand", "2"]  # 2 G started, G trained
+
 VARIANTS: dict[str, list[str]] = {
     # the run's own pruning settings (a probe-based policy; topk if the config says none)
     "pruned": [],
@@ -32,11 +52,27 @@ VARIANTS: dict[str, list[str]] = {
                  "--prune_advantage", "survivors", "--prune_train_early", "false"],
     "random": ["--prune_policy", "random", "--probe_path", "", "--prune_advantage", "survivors",
                "--probe_refresh_every", "0", "--prune_min_spread", "0", "--prune_train_early", "false"],
+    # the expand-and-prune study (bench/ablation_expand_prune): variance-optimal selection by each predictor
+    "unpruned_g16": ["--prune_policy", "none", *_NO_PROBE, *_PLAIN, "--group_size", "16"],
+    "pods": [*_HALF, *_EXPAND, "--predictor", "reward", *_NO_PROBE, *_PLAIN],  # 2G finished, best-variance G
+    "keep_oracle": [*_HALF, "--predictor", "reward", *_NO_PROBE, *_PLAIN],  # the ceiling of keeping half
+    "keep_preview": [*_HALF, *_PREVIEW, *_PLAIN],
+    "keep_lookahead": [*_HALF, *_LOOKAHEAD, *_PLAIN],
+    "keep_probe": [*_HALF, *_PROBE, *_PLAIN],
+    "keep_random": [*_RANDOM, *_PLAIN],
+    "expand_preview": [*_HALF, *_EXPAND, *_PREVIEW, *_PLAIN],
+    "expand_lookahead": [*_HALF, *_EXPAND, *_LOOKAHEAD, *_PLAIN],
+    "expand_probe": [*_HALF, *_EXPAND, *_PROBE, *_PLAIN],
+    "expand_random": [*_RANDOM, *_EXPAND, *_PLAIN],
 }  # fmt: skip
-PHASES = ("prompts", "sample", "probe", "decode", "reward", "train", "probe_refresh")
+PHASES = ("prompts", "sample", "predict", "decode", "reward", "train", "probe_refresh")
+# per-step training figures averaged over a run: what selection bought (rl/pruned_rollout.py)
+SELECTION_METRICS = ("reward/group_std", "prune/flat_group_frac", "prune/predicted_std_gain", "prune/survivor_frac")
 
 
-def variant_overrides(variant: str, output_dir: str | Path, budget_minutes: float, budget_images: float) -> list[str]:
+def variant_overrides(
+    variant: str, output_dir: str | Path, budget_minutes: float, budget_images: float, budget_steps: int = 0
+) -> list[str]:
     """Command-line overrides of one variant: its pruning keys, its folder, the shared budget, per-step logging.
 
     Raises:
@@ -44,9 +80,13 @@ def variant_overrides(variant: str, output_dir: str | Path, budget_minutes: floa
     """
     if variant not in VARIANTS:
         raise ValueError(f"unknown variant {variant!r}; choose from {sorted(VARIANTS)}")
-    if budget_minutes <= 0 and budget_images <= 0:
-        raise ValueError("give a budget: --budget_minutes (wall-clock) or --budget_images (denoised images)")
+    if budget_minutes <= 0 and budget_images <= 0 and budget_steps <= 0:
+        raise ValueError(
+            "give a budget: --budget_minutes (wall-clock), --budget_images (denoised images) or --budget_steps"
+        )
     budget = ["--max_minutes", str(budget_minutes), "--max_images_denoised", str(budget_images)]
+    if budget_steps > 0:
+        budget += ["--max_steps", str(budget_steps)]
     return [*VARIANTS[variant], *budget, "--output_dir", str(Path(output_dir) / variant), "--log_every", "1"]
 
 
@@ -59,6 +99,8 @@ class RunCurve:
         steps, seconds, images, reward: one entry per evaluation (base first, final last).
         reward_calls: images scored by the reward model over the run.
         phase_seconds: total seconds per trainer phase (``time/<phase>_s``).
+        calls, flux: transformer calls and FLUX.1-dev-equivalent compute (rl/cost.py) at each evaluation.
+        selection: the run's mean of each of :data:`SELECTION_METRICS` it logged.
     """
 
     name: str
@@ -68,6 +110,9 @@ class RunCurve:
     reward: list[float]
     reward_calls: float
     phase_seconds: dict[str, float]
+    calls: list[float] = dataclasses.field(default_factory=list)
+    flux: list[float] = dataclasses.field(default_factory=list)
+    selection: dict[str, float] = dataclasses.field(default_factory=dict)
 
     @property
     def final_reward(self) -> float:
@@ -84,8 +129,9 @@ def read_run(name: str, directory: str | Path) -> RunCurve:
     Raises:
         FileNotFoundError: no metrics file; ValueError: no final evaluation (the run did not finish).
     """
-    seconds, images, reward_calls = {0: 0.0}, {0: 0.0}, 0.0
+    seconds, images, calls, flux, reward_calls = {0: 0.0}, {0: 0.0}, {0: 0.0}, {0: 0.0}, 0.0
     phase_seconds = dict.fromkeys(PHASES, 0.0)
+    selection: dict[str, list[float]] = {key: [] for key in SELECTION_METRICS}
     points: list[tuple[int, float]] = []
     final = None
     elapsed = 0.0
@@ -95,9 +141,14 @@ def read_run(name: str, directory: str | Path) -> RunCurve:
             elapsed += record["time/step_s"]
             seconds[step] = elapsed
             images[step] = record.get("train/images_denoised", math.nan)
+            calls[step] = record.get("compute/transformer_calls", math.nan)
+            flux[step] = record.get("compute/flux_equivalent", math.nan)
             reward_calls = record.get("train/images_seen", reward_calls)
             for phase in PHASES:
                 phase_seconds[phase] += record.get(f"time/{phase}_s", 0.0)
+            for key in SELECTION_METRICS:
+                if key in record:
+                    selection[key].append(record[key])
         for prefix in ("base_eval", "eval"):
             if f"{prefix}/total/mean" in record:
                 points.append((step, record[f"{prefix}/total/mean"]))
@@ -106,14 +157,18 @@ def read_run(name: str, directory: str | Path) -> RunCurve:
     if final is None:
         raise ValueError(f"{directory}/metrics.jsonl has no final_eval: the run did not finish")
     points = [p for p in points if p[0] != final[0]] + [final]
+    steps = [s for s, _ in points]
     return RunCurve(
         name,
-        [s for s, _ in points],
-        [seconds[s] for s, _ in points],
-        [images[s] for s, _ in points],
+        steps,
+        [seconds[s] for s in steps],
+        [images[s] for s in steps],
         [r for _, r in points],
         reward_calls,
         {k: v for k, v in phase_seconds.items() if v > 0},
+        [calls[s] for s in steps],
+        [flux[s] for s in steps],
+        {key: sum(values) / len(values) for key, values in selection.items() if values},
     )
 
 
@@ -189,3 +244,130 @@ def write_report(runs: list[RunCurve], out_dir: str | Path, command: str) -> dic
     plot_links = " ".join(f"![{p.stem}]({p.name})" for p in plots)
     (out_dir / "ablation.md").write_text(f"`{command}`\n\n{table}\n\n{plot_links}\n")
     return report
+
+
+# ---------------------------------------------------------------- several seeds per variant
+
+AXES = {  # summary key suffix -> (RunCurve field, plot label)
+    "wallclock": ("seconds", "training wall-clock (s; setup and evaluation excluded)"),
+    "calls": ("calls", "transformer calls (rollouts, predictors, KL reference)"),
+    "flux_compute": ("flux", "FLUX.1-dev-equivalent compute (transformer forwards; rl/cost.py)"),
+}
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    mean = sum(values) / len(values)
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
+    return mean, std
+
+
+def seed_curve(runs: list[RunCurve]) -> dict[str, list[float]]:
+    """The seed-mean curve of one variant: mean and std reward and mean cost on each axis per evaluation.
+
+    Seeds share the evaluation steps (same budget and schedule); a shorter run truncates the others.
+    """
+    points = min(len(r.reward) for r in runs)
+    curve: dict[str, list[float]] = {"steps": runs[0].steps[:points], "reward_mean": [], "reward_std": []}
+    for i in range(points):
+        mean, std = _mean_std([r.reward[i] for r in runs])
+        curve["reward_mean"].append(mean)
+        curve["reward_std"].append(std)
+    for field, _ in AXES.values():
+        curve[field] = [sum(getattr(r, field)[i] for r in runs) / len(runs) for i in range(points)]
+    return curve
+
+
+def first_reaching(curve: dict[str, list[float]], field: str, target: float) -> float:
+    """The cost (``field``) of the first evaluation whose seed-mean reward reaches ``target``; inf if none."""
+    return next((x for x, r in zip(curve[field], curve["reward_mean"]) if r >= target - 1e-12), math.inf)
+
+
+def seed_summary(runs: dict[str, list[RunCurve]], baseline: str = "unpruned") -> dict:
+    """Per variant: final held-out reward mean and std over seeds, time to the baseline's mean final reward on
+    each axis (wall-clock, transformer calls, FLUX-equivalent compute) and the speedups (the baseline's time to
+    that target over the variant's), the seed-mean curves and the selection figures.
+
+    Raises:
+        ValueError: the baseline variant has no finished run.
+    """
+    if not runs.get(baseline):
+        raise ValueError(f"the baseline variant {baseline!r} has no finished run")
+    curves = {name: seed_curve(group) for name, group in runs.items() if group}
+    target = _mean_std([r.final_reward for r in runs[baseline]])[0]
+    reference = {axis: first_reaching(curves[baseline], field, target) for axis, (field, _) in AXES.items()}
+    variants = {}
+    for name, group in runs.items():
+        if not group:
+            continue
+        mean, std = _mean_std([r.final_reward for r in group])
+        entry = {
+            "final_reward_mean": mean,
+            "final_reward_std": std,
+            "seeds": len(group),
+            "final_rewards": [r.final_reward for r in group],
+            "base_reward_mean": _mean_std([r.reward[0] for r in group])[0],
+        }
+        for axis, (field, _) in AXES.items():
+            reach = first_reaching(curves[name], field, target)
+            entry[f"to_target_{axis}"] = reach
+            entry[f"total_{axis}"] = curves[name][field][-1]
+            entry[f"speedup_{axis}"] = reference[axis] / reach if reach > 0 else math.nan
+        keys = {key for r in group for key in r.selection}
+        entry["selection"] = {
+            k: _mean_std([r.selection[k] for r in group if k in r.selection])[0] for k in sorted(keys)
+        }
+        entry["curve"] = curves[name]
+        variants[name] = entry
+    return {"baseline": baseline, "target_reward": target, "variants": variants}
+
+
+def seed_table(summary: dict) -> str:
+    """The Markdown table of :func:`seed_summary`."""
+    header = ["variant", "seeds", "final held-out reward", "group reward std", "wall-clock s", "transformer calls",
+              "FLUX-eq. compute", "speedup wall-clock", "speedup calls", "speedup FLUX compute"]  # fmt: skip
+    lines = [f"Target: the {summary['baseline']} mean final reward, {summary['target_reward']:.4f}.", ""]
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for name, v in summary["variants"].items():
+        spread = v["selection"].get("reward/group_std", math.nan)
+        cells = [name, str(v["seeds"]), f"{v['final_reward_mean']:.4f} +- {v['final_reward_std']:.4f}", f"{spread:.3f}"]
+        cells += [f"{v['total_wallclock']:.0f}", f"{v['total_calls']:.0f}", f"{v['total_flux_compute']:.0f}"]
+        cells += [f"{v[f'speedup_{axis}']:.2f}x" for axis in AXES]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot_seed_bands(summary: dict, out_dir: str | Path) -> Path:
+    """``reward_vs_cost.png``: seed-mean held-out reward (band: +- one std over seeds) against each cost axis."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, len(AXES), figsize=(6 * len(AXES), 4.5), sharey=True)
+    for axis, (field, label) in zip(axes, AXES.values()):
+        for name, v in summary["variants"].items():
+            curve = v["curve"]
+            mean, std = curve["reward_mean"], curve["reward_std"]
+            line = axis.plot(curve[field], mean, marker="o", markersize=3, label=f"{name} ({v['seeds']})")[0]
+            low, high = [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)]
+            axis.fill_between(curve[field], low, high, color=line.get_color(), alpha=0.15)
+        axis.axhline(summary["target_reward"], color="grey", linestyle="--", linewidth=1)
+        axis.set_xlabel(label)
+        axis.grid(alpha=0.3)
+    axes[0].set_ylabel("held-out reward (seed mean +- std)")
+    axes[-1].legend(fontsize=7)
+    figure.tight_layout()
+    path = Path(out_dir) / "reward_vs_cost.png"
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
+def write_seed_report(runs: dict[str, list[RunCurve]], out_dir: str | Path, command: str, notes: dict) -> dict:
+    """``summary.json``, ``summary.md`` and ``reward_vs_cost.png`` in ``out_dir``; returns the JSON content."""
+    out_dir = Path(out_dir)
+    summary = {"command": command, **notes, **seed_summary(runs)}
+    plot = plot_seed_bands(summary, out_dir)
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    (out_dir / "summary.md").write_text(f"`{command}`\n\n{seed_table(summary)}\n\n![{plot.stem}]({plot.name})\n")
+    return summary

@@ -34,6 +34,17 @@ class GroupStats:
     size: torch.Tensor
 
 
+def _per_group(rewards: torch.Tensor, group_ids: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """``inverse [B]`` (dense group of each rollout) and per-group ``size``, ``mean``, population ``std``."""
+    rewards = rewards.double()
+    _, inverse = torch.unique(group_ids, return_inverse=True)
+    groups = int(inverse.max()) + 1 if len(inverse) else 0
+    size = torch.zeros(groups, dtype=torch.float64).index_add_(0, inverse, torch.ones_like(rewards))
+    mean = torch.zeros(groups, dtype=torch.float64).index_add_(0, inverse, rewards) / size
+    square = torch.zeros(groups, dtype=torch.float64).index_add_(0, inverse, (rewards - mean[inverse]) ** 2)
+    return inverse, size, mean, (square / size).sqrt()
+
+
 def group_stats(rewards: torch.Tensor, group_ids: torch.Tensor) -> GroupStats:
     """Mean, population std and size of each rollout's group.
 
@@ -41,15 +52,13 @@ def group_stats(rewards: torch.Tensor, group_ids: torch.Tensor) -> GroupStats:
         rewards: ``[B]`` rewards.
         group_ids: ``[B]`` integer group (prompt) id of each rollout; any values, need not be contiguous.
     """
-    rewards = rewards.double()
-    _, inverse = torch.unique(group_ids, return_inverse=True)
-    groups = int(inverse.max()) + 1 if len(inverse) else 0
-    size = torch.zeros(groups, dtype=torch.float64).index_add_(0, inverse, torch.ones_like(rewards))
-    total = torch.zeros(groups, dtype=torch.float64).index_add_(0, inverse, rewards)
-    mean = (total / size)[inverse]
-    square = torch.zeros(groups, dtype=torch.float64).index_add_(0, inverse, (rewards - mean) ** 2)
-    std = (square / size).sqrt()[inverse]
-    return GroupStats(mean=mean, std=std, size=size[inverse])
+    inverse, size, mean, std = _per_group(rewards, group_ids)
+    return GroupStats(mean=mean[inverse], std=std[inverse], size=size[inverse])
+
+
+def group_std(rewards: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor:
+    """``[n_groups]`` population std of each group's rewards (groups in ascending id order)."""
+    return _per_group(rewards, group_ids)[3]
 
 
 def group_advantages(

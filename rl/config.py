@@ -26,7 +26,8 @@ import yaml
 
 from rewards.compose import FAILURE_POLICIES, parse_reward_spec
 from rewards.shapes import parse_category_weights
-from rl.pruning import ADVANTAGE_MODES, POLICIES, keep_count
+from rl.predictors import PREDICTORS
+from rl.pruning import ADVANTAGE_MODES, POLICIES, PREDICTION_POLICIES, keep_count
 from rl.schedule import LR_SCHEDULES
 
 logger = logging.getLogger(__name__)
@@ -471,17 +472,35 @@ class PruningConfig(Section):
     prune_policy: str = option(
         "none",
         "Which rollouts continue past capture_step: 'none' (all: the unpruned trainer), 'topk' (the best "
-        "predicted prune_keep_fraction of each group), 'maxvar' (the predicted extremes: GRPO learns from "
-        "contrast), 'random' (the ablation control: same cost, no probe) or 'threshold' (predicted reward >= "
+        "predicted prune_keep_fraction of each group), 'variance' (the subset of maximal predicted variance, "
+        "exactly: PODS' rule; GRPO learns from contrast), 'maxvar' (alternately the best and worst predicted), "
+        "'random' (the ablation control: same cost, no predictor) or 'threshold' (predicted reward >= "
         "prune_threshold, at least 2 per group).",
+    )
+    predictor: str = option(
+        "probe",
+        "What the policy selects by (rl/predictors/): 'probe' (the CNN on attention, probe_path; no reward "
+        "call), 'preview' (Pro-GRPO: the capture_step-th call's x0 decoded and scored by the reward), "
+        "'lookahead' (lookahead_steps Euler steps from the state after capture_step, decoded and scored) or "
+        "'reward' (every rollout finished and scored: the oracle; with prune_policy variance, PODS).",
+    )
+    lookahead_steps: int = option(2, "Euler steps of the 'lookahead' predictor from capture_step to sigma 0.")
+    prune_expand: int = option(
+        1,
+        "m: start m x group_size rollouts per prompt and prune them to round(prune_keep_fraction m G) "
+        "(expand-and-prune, Pro-GRPO; m = 2 with prune_keep_fraction 0.5 trains group_size per prompt). 1: "
+        "prune the group itself.",
     )
     prune_keep_fraction: float = option(
         0.5,
-        "r: survivors per group = round(r G), at least 2. Denoising costs k/T + r (1 - k/T) of an unpruned "
-        "step, the reward model runs on r of the images. 0.5 is the benchmarked setting.",
+        "r: survivors per started group = round(r m G), at least 2. Denoising costs k/T + r (1 - k/T) of an "
+        "unpruned step of the started group; the reward model runs on r of the finished images.",
     )
     capture_step: int = option(
-        2, "k of 'capture at step k of T' (1-based): where the probe reads attention. Must equal the probe's."
+        2,
+        "k (1-based): rollouts stop after k denoising steps for the prediction ('probe': the call whose "
+        "attention it reads, must equal the probe's; 'preview': the call whose x0 it decodes; 'lookahead': "
+        "the state it starts from). Unused by 'reward'.",
     )
     probe_path: str = option(
         "",
@@ -532,6 +551,8 @@ class PruningConfig(Section):
 
     def check(self) -> None:
         _one_of("prune_policy", self.prune_policy, POLICIES)
+        _one_of("predictor", self.predictor, tuple(sorted(PREDICTORS)))
+        _positive(self, "lookahead_steps", "prune_expand")
         _one_of("prune_advantage", self.prune_advantage, ADVANTAGE_MODES)
         _positive(self, "capture_step", "probe_refresh_steps", "probe_refresh_lr", "probe_buffer_size")
         if not 0 < self.prune_keep_fraction <= 1:
@@ -557,6 +578,12 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         self.validate()
+
+    @property
+    def started_group_size(self) -> int:
+        """Rollouts started per prompt: ``group_size``, times ``prune_expand`` under a pruning policy."""
+        expand = self.pruning.prune_expand if self.pruning.prune_policy != "none" else 1
+        return self.sampling.group_size * expand
 
     @classmethod
     def sections(cls) -> dict[str, type[Section]]:
@@ -632,18 +659,30 @@ class RunConfig:
                     "prune_min_spread > 0 skips groups, but prune_policy='none' must train exactly like the unpruned "
                     "trainer. Set a pruning policy (topk, maxvar, random, threshold) or prune_min_spread: 0."
                 )
-        elif not 1 <= p.capture_step < s.num_steps:
+        elif p.predictor != "reward" and not 1 <= p.capture_step < s.num_steps:
             raise ValueError(
                 f"capture_step={p.capture_step} must lie in [1, num_steps - 1 = {s.num_steps - 1}]: pruning stops "
                 "rollouts after step k, so k = T saves nothing. Set capture_step to ~0.2 num_steps (2 of 10)."
             )
-        needs_probe = p.prune_policy in ("topk", "maxvar", "threshold") or p.prune_advantage == "imputed"
-        needs_probe = needs_probe or p.probe_refresh_every > 0 or p.prune_min_spread > 0
-        if needs_probe and not p.probe_path:
+        if p.prune_expand > 1 and p.prune_policy == "none":
+            raise ValueError(
+                f"prune_expand={p.prune_expand} starts more rollouts for a policy to prune, but prune_policy='none' "
+                "keeps them all: set a pruning policy (variance, topk, ...) or, for a larger unpruned group, "
+                "group_size instead."
+            )
+        if p.probe_refresh_every > 0 and p.predictor != "probe":
+            raise ValueError(
+                f"probe_refresh_every={p.probe_refresh_every} refreshes the probe, but predictor={p.predictor!r}: "
+                "set predictor: probe or probe_refresh_every: 0."
+            )
+        needs_prediction = p.prune_policy in PREDICTION_POLICIES or p.prune_advantage == "imputed"
+        needs_prediction = needs_prediction or p.probe_refresh_every > 0 or p.prune_min_spread > 0
+        if needs_prediction and p.predictor == "probe" and not p.probe_path:
             raise ValueError(
                 f"prune_policy={p.prune_policy!r}, prune_advantage={p.prune_advantage!r}, probe_refresh_every="
-                f"{p.probe_refresh_every}, prune_min_spread={p.prune_min_spread} need probe predictions: set "
-                "probe_path to a probe file (launch/probe_train.py) or 'init', or use prune_policy 'random' / 'none'."
+                f"{p.probe_refresh_every}, prune_min_spread={p.prune_min_spread} need predictions, and "
+                "predictor='probe' reads a probe: set probe_path to a probe file (launch/probe_train.py) or "
+                "'init', choose another predictor (preview, lookahead, reward), or use prune_policy 'random' / 'none'."
             )
         if p.prune_advantage == "imputed" and p.prune_policy == "none":
             raise ValueError(
@@ -661,12 +700,13 @@ class RunConfig:
                 "'awm' scores finished images, which pruned rollouts never have: set prune_train_early: false or "
                 "policy_objective: flow_grpo."
             )
-        if p.prune_policy in ("topk", "maxvar", "random") and p.prune_explore > keep_count(
-            s.group_size, p.prune_keep_fraction
+        started = self.started_group_size
+        if p.prune_policy in ("topk", "maxvar", "variance", "random") and p.prune_explore > keep_count(
+            started, p.prune_keep_fraction
         ):
             raise ValueError(
-                f"prune_explore={p.prune_explore} exceeds the {keep_count(s.group_size, p.prune_keep_fraction)} "
-                f"survivors per group (group_size={s.group_size}, prune_keep_fraction={p.prune_keep_fraction}): "
+                f"prune_explore={p.prune_explore} exceeds the {keep_count(started, p.prune_keep_fraction)} "
+                f"survivors per group ({started} started, prune_keep_fraction={p.prune_keep_fraction}): "
                 "the policy would choose nothing. Lower prune_explore or raise prune_keep_fraction."
             )
 

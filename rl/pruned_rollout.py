@@ -1,69 +1,76 @@
-"""The pruned rollout phase of GRPO and the online probe refresh (DESIGN.md sections 2 and 5).
+"""The pruned rollout phase of GRPO and the online probe refresh (docs/design.md, "Pruning").
 
 Per GRPO step, in place of the trainer's ``rollout -> score -> advantages``::
 
-    every rollout to capture step k (the probe's recorder observing)       trainer.rollout(until_step=k)
-      -> features, probe prediction [B]                                      phase "probe"
+    m G rollouts per prompt to capture step k (the predictor observing)     runner.rollout(until_step=k)
+      -> predictor: [B] predicted final rewards and their cost              phase "predict" (rl/predictors/)
       -> survivors: rl.pruning.select_survivors (policy, exploration slice, group skipping)
       -> survivors only continue to step T (re-batched, same noise as unpruned: rl/sampler.py)
-      -> decode + real reward on survivors only                              trainer.score
-      -> advantages ("survivors" or "imputed")                               rl.pruning.pruned_advantages
+      -> decode + real reward on survivors only                             runner.score
+      -> advantages ("survivors" or "imputed")                              rl.pruning.pruned_advantages
       -> prune_train_early: pruned rollouts join the trained set for their steps < k (imputed advantages)
-      -> online metrics of the probe on this batch, buffer += (features, real reward) of survivors
+      -> what selection bought (survivors' real reward spread), the probe's online quality and buffer
       -> every probe_refresh_every steps: fine-tune the probe on the buffer  phase "probe_refresh"
 
-With ``prune_policy: none`` every rollout survives and the step is bit-identical to the unpruned trainer's
-(the sampler's noise is per rollout and the capture processors return the default ones' outputs).
+m is ``prune_expand`` (expand-and-prune, Pro-GRPO); the ``reward`` predictor finishes every rollout (k = T) and
+its rewards are the survivors' (PODS). With ``prune_policy: none`` every rollout survives and the step is
+bit-identical to the unpruned trainer's (the sampler's noise is per rollout and the capture processors return
+the default ones' outputs).
+
+The phase takes its collaborators explicitly: a :class:`RolloutRunner` (the trainer implements it) for
+sampling, scoring and counting, and a :class:`rl.predictors.Predictor`.
 
 The online figures ``probe/pcc_online`` and ``probe/within_group_srcc_online`` compare predictions made
 before the probe saw the batch with its real rewards (survivors only: pruned rollouts have no real reward;
-under ``topk`` the survivors' range is truncated, so these read lower than on unpruned data).
+selection truncates the survivors' range, so these read lower than on unpruned data).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 from accelerate.utils import gather_object
 
-from probe import FeatureConfig, FitConfig, Probe, ProbeDataset, ProbeMeta, fit, probe_metrics
-from probe.capture import default_blocks
-from probe.model import ProbeModelConfig
-from probe.probe import transformer_fingerprint
+from probe import FitConfig, Probe, ProbeDataset, fit, probe_metrics
+from rewards.compose import RewardResult
+from rl.advantages import group_std
+from rl.batches import PromptBatch, ScoredRollouts
 from rl.config import RunConfig
-from rl.pruning import Selection, calibrate, impute_rewards, pruned_advantages, select_survivors
-from rl.sampler import FluxSampler, Rollouts
+from rl.metrics_log import MetricsAccumulator
+from rl.predictors import Prediction, PredictionCost, PredictionInputs, Predictor, build_predictor
+from rl.predictors.probe_cnn import ProbePredictor
+from rl.pruning import PREDICTION_POLICIES, Selection, calibrate, impute_rewards, pruned_advantages, select_survivors
+from rl.sampler import FluxSampler, Rollouts, StepObserver
 
-if TYPE_CHECKING:
-    from rl.trainer import GRPOTrainer, PromptBatch, ScoredRollouts
 
+class RolloutRunner(Protocol):
+    """What the pruned phase needs from the trainer (``rl.trainer.GRPOTrainer`` implements it)."""
 
-def init_probe_for(sampler: FluxSampler, config: RunConfig, seed: int = 0) -> Probe:
-    """A randomly initialised probe (default blocks, combined features) for ``sampler``'s model at ``capture_step``.
+    sampler: FluxSampler
+    metrics: MetricsAccumulator
 
-    Identity normalisation; it predicts noise until refreshed online. Used by ``probe_path: init``, tests and
-    benchmarks that only need the probe's cost.
-    """
-    transformer = sampler.transformer
-    blocks = default_blocks(transformer)
-    features = FeatureConfig()
-    meta = ProbeMeta(
-        base_model=config.model.pretrained,
-        transformer_fingerprint=transformer_fingerprint(transformer),
-        capture_step=config.pruning.capture_step,
-        num_steps=sampler.num_steps,
-        blocks=blocks,
-        grid=(sampler.latent_height // 2, sampler.latent_width // 2),
-        text_length=config.model.max_sequence_length,
-        noise_level=sampler.noise_level,
-        reward=config.reward.reward,
-    )
-    torch.manual_seed(seed)
-    channels = features.num_channels(len(blocks), sampler.channels)
-    return Probe(ProbeModelConfig(in_channels=channels), features, meta)
+    @property
+    def step(self) -> int: ...
+
+    def phase(self, name: str) -> contextlib.AbstractContextManager: ...
+
+    def rollout(
+        self, batch: PromptBatch, until_step: int | None = None, observer: StepObserver | None = None
+    ) -> Rollouts: ...
+
+    def continue_rollouts(self, batch: PromptBatch, rollouts: Rollouts) -> Rollouts: ...
+
+    def judge(self, batch: PromptBatch, prompt_index: torch.Tensor, latents: torch.Tensor) -> RewardResult: ...
+
+    def score(self, batch: PromptBatch, rollouts: Rollouts, result: RewardResult | None = None) -> ScoredRollouts: ...
+
+    def advantages(self, scored: ScoredRollouts) -> torch.Tensor: ...
+
+    def add_prediction_cost(self, cost: PredictionCost) -> None: ...
 
 
 class ProbeBuffer:
@@ -104,14 +111,15 @@ class ProbeBuffer:
 
 @dataclasses.dataclass
 class PrunedStep:
-    """What the pruned phase decided for B rollouts (kept for logging, tests and benchmarks).
+    """What the pruned phase decided for B started rollouts (kept for logging, tests and benchmarks).
 
     Attributes:
-        predicted: ``[B]`` probe predictions (zeros without a probe: the ``random`` control).
+        predicted: ``[B]`` predictions (zeros when the policy reads none: the ``random`` control).
         group_ids: ``[B]`` group of each rollout in the step's global batch.
         selection: survivors, exploration slice and skipped groups.
-        features: ``[B, C, h, w]`` probe features, or None without a probe.
-        sigma: the sigma of the captured transformer call (the probe's timestep input).
+        features: ``[B, C, h, w]`` probe features, or None for the other predictors.
+        sigma: the sigma the prediction read (the probe's timestep input).
+        cost: what predicting cost beyond the rollouts' own denoising.
     """
 
     predicted: torch.Tensor
@@ -119,87 +127,110 @@ class PrunedStep:
     selection: Selection
     features: torch.Tensor | None
     sigma: float
+    cost: PredictionCost
+
+
+def result_subset(result: RewardResult, rows: torch.Tensor) -> RewardResult:
+    """The reward's result for ``rows`` of the scored batch (dropped-group counts and failures kept)."""
+    rows = rows.to(result.total.device)
+    components = {key: values[rows] for key, values in result.components.items()}
+    return dataclasses.replace(result, total=result.total[rows], components=components, valid=result.valid[rows])
 
 
 class PrunedRollout:
-    """The trainer's rollout phase with probe pruning; ``GRPOTrainer`` calls :meth:`sample_and_score` per step.
+    """The trainer's rollout phase with pruning; the trainer calls :meth:`sample_and_score` once per step.
 
     Args:
         config: the run's config (its ``pruning`` section drives everything here).
-        probe: the probe, or None (only the ``random`` and ``none`` policies run without one).
+        predictor: what the policy selects by (rl/predictors/).
         accelerator: the run's accelerator, whose processes counts and the buffer are reduced over (None: one).
     """
 
-    def __init__(self, config: RunConfig, probe: Probe | None, accelerator=None) -> None:
+    def __init__(self, config: RunConfig, predictor: Predictor, accelerator=None) -> None:
         self.config = config
         self.accelerator = accelerator
-        self.pruning = config.pruning
-        self.probe = probe
-        self.buffer = ProbeBuffer(self.pruning.probe_buffer_size)
+        self.pruning = p = config.pruning
+        self.predictor = predictor
+        # the random control reads no prediction and pays no predictor's cost; a probe, which costs almost
+        # nothing, always predicts (its online quality is logged and its buffer filled under every policy)
+        reads = p.prune_policy in PREDICTION_POLICIES or p.prune_advantage == "imputed" or p.prune_min_spread > 0
+        self.predicting = type(predictor) is not Predictor and (reads or isinstance(predictor, ProbePredictor))
+        self.buffer = ProbeBuffer(p.probe_buffer_size)
         self.last: PrunedStep | None = None
+
+    @property
+    def probe(self) -> Probe | None:
+        """The probe the ``probe`` predictor reads (and the online refresh trains), else None."""
+        return self.predictor.probe if isinstance(self.predictor, ProbePredictor) else None
 
     @classmethod
     def from_config(cls, config: RunConfig, sampler: FluxSampler, accelerator) -> PrunedRollout | None:
         """The pruned phase of a run, or None when it trains unpruned (policy ``none`` without a probe).
 
         Raises:
-            FileNotFoundError, probe.ProbeMismatchError: a missing probe file, or one for another model/step.
+            FileNotFoundError, probe.ProbeMismatchError: a missing probe file, or one for another model, step or
+                sampler.
         """
         p = config.pruning
         if p.prune_policy == "none" and not p.probe_path:
             return None
-        probe = None
-        if p.probe_path == "init":
-            probe = init_probe_for(sampler, config, config.training.seed)
-        elif p.probe_path:
-            probe = Probe.load(p.probe_path, sampler.transformer, p.capture_step, sampler.num_steps)
-        return cls(config, probe.to(accelerator.device) if probe is not None else None, accelerator)
+        if p.predictor == "probe" and not p.probe_path:  # random / none without a probe: nothing to predict with
+            predictor = Predictor()
+        else:
+            predictor = build_predictor(config, sampler)
+        if isinstance(predictor, ProbePredictor):
+            predictor.probe = predictor.probe.to(accelerator.device)
+        return cls(config, predictor, accelerator)
 
     # ------------------------------------------------------------------ the phase
 
-    def sample_and_score(self, trainer: GRPOTrainer, batch: PromptBatch) -> tuple[ScoredRollouts, torch.Tensor]:
-        """Sample to k, probe, prune, finish and score the survivors; returns them and their advantages ``[B']``."""
-        p, k = self.pruning, self.pruning.capture_step
-        sampler = trainer.sampler
-        recorder = self.probe.recorder(sampler) if self.probe is not None else None
-        early = trainer.rollout(batch, until_step=k, observer=recorder)
-        with trainer.phase("probe"):
-            group_ids = batch.group_ids[early.prompt_index.cpu()]
-            features, predicted = None, torch.zeros(len(early))
-            if self.probe is not None:
-                capture = recorder.result(early)
-                features = self.probe.features(capture, batch.embeds.token_mask[early.prompt_index])
-                predicted = self.probe.predict(features, capture.sigma, early.prompt_index).cpu()
-            seed = [self.config.training.seed, trainer.state.step, 4]
+    def sample_and_score(self, runner: RolloutRunner, batch: PromptBatch) -> tuple[ScoredRollouts, torch.Tensor]:
+        """Sample to k, predict, prune, finish and score the survivors; returns them and their advantages ``[B']``."""
+        p, sampler = self.pruning, runner.sampler
+        k = self.predictor.capture_step(self.config) if self.predicting else p.capture_step
+        observer = self.predictor.observer(sampler) if self.predicting else None
+        early = runner.rollout(batch, until_step=k, observer=observer)
+        group_ids = batch.group_ids[early.prompt_index.cpu()]
+        with runner.phase("predict"):
+            if self.predicting:
+                judge = lambda latents: runner.judge(batch, early.prompt_index, latents)  # noqa: E731
+                prediction = self.predictor.predict(PredictionInputs(sampler, batch.embeds, early, observer, judge))
+            else:
+                prediction = Prediction(torch.zeros(len(early)), PredictionCost(), float(sampler.sigmas[k - 1]))
+            runner.add_prediction_cost(prediction.cost)
+            seed = [self.config.training.seed, runner.step, 4]
             selection = select_survivors(
-                predicted, group_ids, p.prune_policy, p.prune_keep_fraction, p.prune_explore, p.prune_threshold,
-                p.prune_min_spread, seed,
+                prediction.scores.cpu().float(), group_ids, p.prune_policy, p.prune_keep_fraction, p.prune_explore,
+                p.prune_threshold, p.prune_min_spread, seed,
             )  # fmt: skip
-        sigma = float(sampler.sigmas[k - 1])  # the captured call's (what ProbeCapture.sigma records)
-        self.last = PrunedStep(predicted, group_ids, selection, features, sigma)
-        finished = trainer.continue_rollouts(batch, early.select(selection.survivors))  # re-batched
-        scored = trainer.score(batch, finished)
+        features = prediction.features
+        self.last = PrunedStep(
+            prediction.scores.cpu().float(), group_ids, selection, features, prediction.sigma, prediction.cost
+        )
+        finished = runner.continue_rollouts(batch, early.select(selection.survivors))  # re-batched, order kept
+        known = None if prediction.result is None else result_subset(prediction.result, selection.survivors)
+        scored = runner.score(batch, finished, known)
         if p.prune_advantage == "survivors":
-            advantages = trainer.advantages(scored)
+            advantages = runner.advantages(scored)
         else:
-            every, imputed = self.imputed_advantages(trainer, scored)
+            every, imputed = self.imputed_advantages(runner, scored)
             advantages = every[selection.survivors]
-        self.record(trainer, scored, len(early))
-        if p.probe_refresh_every and (trainer.state.step + 1) % p.probe_refresh_every == 0:
-            with trainer.phase("probe_refresh"):
-                self.refresh(trainer.state.step)
+        self.record(runner, scored, len(early))
+        if p.probe_refresh_every and (runner.step + 1) % p.probe_refresh_every == 0:
+            with runner.phase("probe_refresh"):
+                self.refresh(runner.step)
         if p.prune_train_early:  # the config requires prune_advantage: imputed
             pruned = torch.nonzero(imputed & ~selection.keep).flatten()
             return self.with_early_steps(scored, advantages, early, pruned, every, sampler.num_steps)
         return scored, advantages
 
-    def imputed_advantages(self, trainer: GRPOTrainer, scored: ScoredRollouts) -> tuple[torch.Tensor, torch.Tensor]:
+    def imputed_advantages(self, runner: RolloutRunner, scored: ScoredRollouts) -> tuple[torch.Tensor, torch.Tensor]:
         """``[B]`` advantages of every rollout, pruned ones imputed from calibrated predictions, and ``[B]`` bool
         of the rollouts that have one.
 
         Groups the reward's failure policy dropped (any invalid survivor) and skipped groups take no part (0).
         """
-        t, step = trainer.config.training, self.last
+        t, step = self.config.training, self.last
         survivors = step.selection.survivors
         rewards = torch.full((len(step.predicted),), math.nan)
         rewards[survivors] = scored.rewards.float()
@@ -216,11 +247,11 @@ class PrunedRollout:
             advantages[rows] = pruned_advantages(
                 rewards[rows], predicted, keep, groups, "imputed", t.adv_std, t.adv_clip_max, batch_std, slope
             )
-        trainer.metrics.add("prune/calibration_slope", slope)
+        runner.metrics.add("prune/calibration_slope", slope)
         survivor_advantages = advantages[survivors]
         valid = survivor_advantages[scored.valid]
-        trainer.metrics.add("adv/abs_mean", float(valid.abs().mean()) if len(valid) else 0.0, float(len(valid)))
-        trainer.metrics.add("adv/zero_frac", float((valid == 0).float().mean()) if len(valid) else 0.0)
+        runner.metrics.add("adv/abs_mean", float(valid.abs().mean()) if len(valid) else 0.0, float(len(valid)))
+        runner.metrics.add("adv/zero_frac", float((valid == 0).float().mean()) if len(valid) else 0.0)
         return advantages, rows
 
     def with_early_steps(
@@ -272,22 +303,47 @@ class PrunedRollout:
 
     # ------------------------------------------------------------------ online probe
 
-    def record(self, trainer: GRPOTrainer, scored: ScoredRollouts, started: int) -> None:
-        """Log the step's pruning figures and the probe's online quality; add the survivors to the buffer.
+    def record(self, runner: RolloutRunner, scored: ScoredRollouts, started: int) -> None:
+        """Log the step's pruning figures, what selection bought and the probe's online quality; fill the buffer.
 
-        Every process gathers every process's survivors, so all hold the same buffer and (refreshing with the
-        same seed) the same probe.
+        What selection bought: the survivors' real reward std inside a group (the trainer's ``reward/group_std``,
+        what GRPO learns from) beside ``prune/explore_reward_std``, the same over the random exploration slice
+        (an unselected subset; logged with at least 2 explorers per group). ``prune/flat_group_frac``: groups whose
+        survivors all scored alike (no advantage). ``prune/predicted_std_gain``: survivors' predicted std over
+        the started group's. Every process gathers every process's survivors, so all hold the same buffer and
+        (refreshing with the same seed) the same probe.
         """
-        step, metrics = self.last, trainer.metrics
+        step, metrics = self.last, runner.metrics
         selection = step.selection
         metrics.add("prune/survivor_frac", float(selection.keep.float().mean()), started)
         metrics.add("prune/explore_frac", float(selection.explore.float().mean()), started)
         # a global count: every process adds the same reduced total once, so the reduced mean is that total
         metrics.add("prune/skipped_groups", self.global_sum(selection.skipped_groups(step.group_ids)))
+        for key, value in dataclasses.asdict(step.cost).items():
+            metrics.add(f"predict/{key}", self.global_sum(value))
+        valid = scored.valid.cpu()
+        rewards, groups = scored.rewards.float().cpu()[valid], scored.group_ids.cpu()[valid]
+        if len(rewards):
+            spread = group_std(rewards, groups)
+            metrics.add("prune/flat_group_frac", float((spread < 1e-6).float().mean()), float(len(spread)))
+            explore = selection.explore[selection.survivors].cpu()[valid]
+            if explore.any():
+                slice_std = group_std(rewards[explore], groups[explore])
+                counts = torch.unique(groups[explore], return_counts=True)[1]
+                if (counts >= 2).any():
+                    value = float(slice_std[counts >= 2].mean())
+                    metrics.add("prune/explore_reward_std", value, float((counts >= 2).sum()))
+        if self.predicting and selection.keep.any():
+            kept = selection.keep & ~selection.skipped
+            before = group_std(step.predicted[~selection.skipped], step.group_ids[~selection.skipped])
+            after = group_std(step.predicted[kept], step.group_ids[kept])
+            usable = before > 1e-12
+            if usable.any() and len(after) == len(before):
+                metrics.add("prune/predicted_std_gain", float((after[usable] / before[usable]).mean()))
         if self.probe is None:
             return
         survivors = selection.survivors[scored.valid]
-        unique_groups = step.group_ids[survivors] + trainer.state.step * 1_000_003  # unique across steps
+        unique_groups = step.group_ids[survivors] + runner.step * 1_000_003  # unique across steps
         local = ProbeDataset.from_tensors(
             step.features[survivors].cpu(), step.sigma, scored.rewards[scored.valid].float(), unique_groups
         )
@@ -333,5 +389,5 @@ class PrunedRollout:
     def load_state_dict(self, state: dict) -> None:
         if state["probe"] is not None:
             device = self.probe.feature_mean.device
-            self.probe = Probe.from_state(state["probe"]).to(device)
+            self.predictor.probe = Probe.from_state(state["probe"]).to(device)
         self.buffer.load_state_dict(state["buffer"])

@@ -8,6 +8,9 @@ final reward; :func:`select_survivors` picks who is denoised to the end, decoded
 - ``topk``: the ``n = keep_count(G, r)`` best predicted.
 - ``maxvar``: the predicted extremes, alternately best, worst, 2nd best, 2nd worst, ...: GRPO learns from
   the contrast inside a group, which a group of near-equal survivors does not have.
+- ``variance``: the subset of maximal predicted variance, exactly (:func:`max_variance_subset`, PODS' rule:
+  the optimum is the i best plus the n - i worst for some i; Xu et al. 2025, arXiv 2504.13818). Unlike
+  ``maxvar`` it takes an uneven split when the predictions are skewed (one outlier and many alike).
 - ``random``: ``n`` uniformly random rollouts (the ablation control: same cost, no probe).
 - ``threshold``: as many rollouts as are predicted at least ``threshold`` (reward units), at least two per
   group (fewer has no contrast), the best predicted first; the surviving count varies.
@@ -42,7 +45,8 @@ import torch
 
 from rl.advantages import group_advantages
 
-POLICIES = ("none", "topk", "maxvar", "random", "threshold")
+POLICIES = ("none", "topk", "maxvar", "variance", "random", "threshold")
+PREDICTION_POLICIES = ("topk", "maxvar", "variance", "threshold")  # the policies that read predictions
 ADVANTAGE_MODES = ("survivors", "imputed")
 MIN_SURVIVORS = 2  # a group needs two scored rollouts for a nonzero advantage
 
@@ -84,6 +88,25 @@ def _alternate_extremes(ranked: np.ndarray, count: int) -> np.ndarray:
     """The first ``count`` of best, worst, 2nd best, 2nd worst, ... of a best-first ranking."""
     order = [ranked[i // 2] if i % 2 == 0 else ranked[-1 - i // 2] for i in range(len(ranked))]
     return np.asarray(order[:count], dtype=ranked.dtype)
+
+
+def max_variance_subset(scores: np.ndarray, count: int) -> np.ndarray:
+    """Indices of the ``count`` entries of ``scores`` with the largest population variance, ascending.
+
+    The optimum is the i largest plus the ``count - i`` smallest for some i (PODS, arXiv 2504.13818, Thm 1:
+    swapping any middle value for a more extreme one never lowers the variance), so sorting and trying the
+    ``count + 1`` splits is exact in O(n log n + count n). Ties between splits go to the smaller i (fewer best).
+    """
+    if not 0 <= count <= len(scores):
+        raise ValueError(f"cannot choose {count} of {len(scores)} scores")
+    order = np.argsort(-scores, kind="stable")
+    best, best_variance = order[:0], -1.0
+    for top in range(count + 1):
+        chosen = np.concatenate([order[:top], order[len(order) - (count - top) :]])
+        variance = float(scores[chosen].var()) if count else 0.0
+        if variance > best_variance + 1e-12:
+            best, best_variance = chosen, variance
+    return np.sort(best)
 
 
 def select_survivors(
@@ -149,6 +172,8 @@ def select_survivors(
             chosen = rng.choice(rest, size=need, replace=False)
         elif policy == "maxvar":
             chosen = _alternate_extremes(_ranked(rest, scores), need)
+        elif policy == "variance":
+            chosen = rest[max_variance_subset(scores[rest], need)]
         else:  # topk, and threshold: the best `need` of the rest are exactly those above the cut (or the top-up)
             chosen = _ranked(rest, scores)[:need]
         keep[chosen] = True

@@ -31,64 +31,24 @@ from diffusers import FluxPipeline
 from tqdm.auto import tqdm
 
 from rewards.compose import RewardResult, build_reward_set
-from rl.advantages import group_advantages
+from rl.advantages import group_advantages, group_std
+from rl.batches import PromptBatch, ScoredRollouts
 from rl.checkpoint import load_checkpoint, register_lora_only_hooks, resolve_resume, save_checkpoint
 from rl.config import RunConfig
-from rl.data import Prompt, load_prompt_source, per_process, shard
+from rl.cost import ComputeCounts, flux_equivalent
+from rl.data import load_prompt_source, per_process, shard
 from rl.distributed import build_accelerator, configure_deepspeed, whole_model_loading
 from rl.lora import LoraEMA, add_lora, disable_adapter, save_lora
 from rl.loss import awm_loss, grpo_loss
 from rl.metrics_log import MetricsAccumulator, MetricsLogger
+from rl.predictors import PredictionCost
 from rl.pruned_rollout import PrunedRollout
 from rl.pruning import trained_step_weights
-from rl.sampler import FluxSampler, PromptEmbeddings, Rollouts, StepObserver, encode_prompts
+from rl.sampler import FluxSampler, Rollouts, StepObserver, encode_prompts
 from rl.schedule import lr_factor
 from rl.sde import kl_to_reference, matching_log_prob
 
 logger = logging.getLogger(__name__)
-
-
-@dataclasses.dataclass
-class PromptBatch:
-    """This process's prompts of one GRPO step, encoded, and the bookkeeping of their G rollouts each.
-
-    Attributes:
-        prompts: the P prompts (with reward metadata) this process owns.
-        embeds: their text embeddings (``[P, L, D]`` ...).
-        prompt_index: ``[B]`` (B = P G) row of each rollout's prompt in ``embeds``.
-        group_ids: ``[P]`` position of each prompt in the step's global batch: its rollouts' group id.
-        seeds: ``[B]`` per-rollout noise seeds.
-        initial_seeds: ``[B]`` seeds of the initial noise (shared within a group), or None (= ``seeds``).
-    """
-
-    prompts: list[Prompt]
-    embeds: PromptEmbeddings
-    prompt_index: torch.Tensor
-    group_ids: torch.Tensor
-    seeds: torch.Tensor
-    initial_seeds: torch.Tensor | None
-
-
-@dataclasses.dataclass
-class ScoredRollouts:
-    """Finished rollouts and their rewards.
-
-    Attributes:
-        rollouts: B finished rollouts (``states [B, T + 1, S, C]``, ``log_probs [B, T]``).
-        group_ids: ``[B]`` group of each rollout.
-        rewards: ``[B]`` total reward (NaN where invalid).
-        components: ``"<component>/<key>" -> [B]`` every score (for logging).
-        valid: ``[B]`` bool; False where the reward's failure policy dropped the group.
-        recorded: ``[B]`` transitions each rollout recorded, or None (all T). Pruned rollouts trained early
-            (``prune_train_early``) recorded k: their states past step k are padding, their rewards NaN.
-    """
-
-    rollouts: Rollouts
-    group_ids: torch.Tensor
-    rewards: torch.Tensor
-    components: dict[str, torch.Tensor]
-    valid: torch.Tensor
-    recorded: torch.Tensor | None = None
 
 
 @dataclasses.dataclass
@@ -102,6 +62,15 @@ class TrainState:
     images_seen: int = 0
     optimizer_steps: int = 0
     images_denoised: float = 0.0  # full-image equivalents: a rollout stopped at step k of T counts k / T
+    # operation counts over every process (rl/cost.py prices them in FLUX.1-dev transformer forwards)
+    transformer_calls: float = 0.0
+    train_passes: float = 0.0
+    decodes: float = 0.0
+    reward_calls: float = 0.0
+
+    @property
+    def compute(self) -> ComputeCounts:
+        return ComputeCounts(self.transformer_calls, self.train_passes, self.decodes, self.reward_calls)
 
 
 def load_pipeline(config: RunConfig, device: torch.device) -> FluxPipeline:
@@ -128,6 +97,7 @@ class GRPOTrainer:
         self.state = TrainState()
         self.metrics = MetricsAccumulator()
         self.phase_times: dict[str, float] = {}
+        self._inner_phase_seconds: list[float] = []  # time of phases nested in each open phase (phase())
         self.step_images = 0
         self.base_eval: dict[str, float] = {}
         self.final_eval: dict[str, float] = {}
@@ -248,7 +218,7 @@ class GRPOTrainer:
     def next_prompts(self) -> PromptBatch:
         """This process's share (whole groups) of the step's prompts, their embeddings and rollout seeds."""
         cfg, acc = self.config, self.accelerator
-        group_size = cfg.sampling.group_size
+        group_size = cfg.started_group_size  # group_size, times prune_expand when pruning expands the group
         with self.phase("prompts"):
             n_global = self.prompts_per_process * acc.num_processes
             prompts = self.train_prompts.batch(self.state.step, n_global, cfg.training.seed)
@@ -288,7 +258,9 @@ class GRPOTrainer:
         """
         until = self.sampler.num_steps if until_step is None else until_step
         total = len(rollouts) * (until - rollouts.step)
-        self.state.images_denoised += self.global_count(total) / self.sampler.num_steps
+        calls = self.global_count(total)
+        self.state.images_denoised += calls / self.sampler.num_steps
+        self.state.transformer_calls += calls
         with (
             self.phase("sample"),
             self.accelerator.autocast(),
@@ -296,22 +268,41 @@ class GRPOTrainer:
         ):
             return self.sampler.advance(rollouts, batch.embeds, until, observer, progress=bar.update)
 
-    def score(self, batch: PromptBatch, rollouts: Rollouts) -> ScoredRollouts:
-        """Decode finished rollouts and score them (reward thread pool); log every reward component."""
-        prompts = [batch.prompts[i] for i in rollouts.prompt_index.tolist()]
+    def judge(self, batch: PromptBatch, prompt_index: torch.Tensor, latents: torch.Tensor) -> RewardResult:
+        """Decode packed ``latents`` of rollouts of prompts ``prompt_index`` and score them with the reward.
+
+        Finished rollouts (:meth:`score`) and predictors' previews (rl/predictors/) both come through here, so
+        the run's decode and reward-call counts include the previews.
+        """
+        prompts = [batch.prompts[i] for i in prompt_index.tolist()]
+        group_ids = batch.group_ids[prompt_index.cpu()]
+        count = self.global_count(len(latents))
+        self.state.decodes += count
+        self.state.reward_calls += count
+        with self.phase("decode"), self.accelerator.autocast():
+            images = self.sampler.decode(latents)
+        with self.phase("reward"):
+            future = self.reward_set.submit(images, [p.text for p in prompts], [p.metadata for p in prompts], group_ids)
+            return future.result()
+
+    def score(self, batch: PromptBatch, rollouts: Rollouts, result: RewardResult | None = None) -> ScoredRollouts:
+        """Decode finished rollouts and score them (reward thread pool); log every reward component.
+
+        ``result``: their reward, when a predictor already scored them (the ``reward`` oracle): not scored twice.
+        """
         group_ids = batch.group_ids[rollouts.prompt_index.cpu()]
         self.step_images += len(rollouts)
         self.state.images_seen += self.global_count(len(rollouts))
-        with self.phase("decode"), self.accelerator.autocast():
-            images = self.sampler.decode(rollouts.latents)
-        with self.phase("reward"):
-            future = self.reward_set.submit(images, [p.text for p in prompts], [p.metadata for p in prompts], group_ids)
-            result: RewardResult = future.result()
+        if result is None:
+            result = self.judge(batch, rollouts.prompt_index, rollouts.latents)
         valid = result.valid.bool()
         if not torch.isfinite(result.total[valid]).all():
             raise ValueError("the reward returned non-finite totals for rollouts it marked valid")
         self.metrics.add("reward/dropped", float((~valid).sum()), 1)
         self.metrics.add_values("reward/total", result.total[valid])
+        if valid.any():  # the contrast GRPO learns from (pruning's survivor selection aims to raise it)
+            spread = group_std(result.total[valid].cpu(), group_ids[valid.cpu()])
+            self.metrics.add("reward/group_std", float(spread.mean()), float(len(spread)))
         for key, values in result.components.items():
             self.metrics.add_values(f"reward/{key}", values[valid])
         return ScoredRollouts(rollouts, group_ids, result.total, result.components, valid)
@@ -359,7 +350,7 @@ class GRPOTrainer:
             group["lr"] = t.learning_rate * factor
         most = int(acc.gather(torch.tensor([len(rollouts)], device=acc.device)).max())
         updates = math.ceil(most / (t.train_batch_size * t.gradient_accumulation_steps))
-        updated = False
+        updated, passes = False, 0
         with self.phase("train"):
             for epoch in range(t.num_inner_epochs):
                 order = torch.from_numpy(np.random.default_rng([t.seed, self.state.step, epoch, 2]).permutation(most))
@@ -367,6 +358,7 @@ class GRPOTrainer:
                 for chunk in torch.tensor_split(order, updates * t.gradient_accumulation_steps):
                     rows = chunk.to(device) if len(chunk) else torch.zeros(1, dtype=torch.long, device=device)
                     for column in range(steps.shape[1]):
+                        passes += len(rows)
                         step = steps[rows, column]
                         chunk_weights = weights[rows, column] if len(chunk) else torch.zeros(1, device=device)
                         if recorded is not None:  # an unrecorded step (weight 0) re-scores the last recorded one
@@ -386,6 +378,10 @@ class GRPOTrainer:
                             self.state.optimizer_steps += 1
                             if self.ema is not None:
                                 self.ema.update()
+        passes = self.global_count(passes)
+        self.state.train_passes += passes
+        if t.kl_beta > 0:  # each pass also ran the adapter-off reference forward
+            self.state.transformer_calls += passes
 
     def policy_loss(self, embeds, rollouts: Rollouts, rows, step, advantages, weights):
         """The loss of rollouts ``rows`` at denoising steps ``step`` (``[b]``), with the optional KL term."""
@@ -583,12 +579,30 @@ class GRPOTrainer:
 
     @contextlib.contextmanager
     def phase(self, name: str) -> Iterator[None]:
-        """Time a phase; the per-step total is logged as ``time/<name>_s``."""
+        """Time a phase; the per-step total is logged as ``time/<name>_s``.
+
+        Times are exclusive: a phase opened inside another (a predictor's decode inside ``predict``) is charged
+        to itself only, so the phases of a step add up to its wall-clock.
+        """
         started = time.perf_counter()
+        self._inner_phase_seconds.append(0.0)
         try:
             yield
         finally:
-            self.phase_times[name] = self.phase_times.get(name, 0.0) + time.perf_counter() - started
+            elapsed = time.perf_counter() - started
+            inner = self._inner_phase_seconds.pop()
+            self.phase_times[name] = self.phase_times.get(name, 0.0) + elapsed - inner
+            if self._inner_phase_seconds:
+                self._inner_phase_seconds[-1] += elapsed
+
+    @property
+    def step(self) -> int:
+        """The GRPO step being run (0-based)."""
+        return self.state.step
+
+    def add_prediction_cost(self, cost: PredictionCost) -> None:
+        """Count a predictor's extra transformer calls (its decodes and reward calls went through :meth:`judge`)."""
+        self.state.transformer_calls += self.global_count(int(cost.transformer_calls))
 
     def global_count(self, count: int) -> int:
         """``count`` summed over every process (a collective call: every process must make it)."""
@@ -635,6 +649,8 @@ class GRPOTrainer:
                 "train/step": self.state.step,
                 "train/images_seen": self.state.images_seen,
                 "train/images_denoised": self.state.images_denoised,
+                **{f"compute/{k}": v for k, v in dataclasses.asdict(self.state.compute).items()},
+                "compute/flux_equivalent": flux_equivalent(self.state.compute),
                 "train/optimizer_steps": self.state.optimizer_steps,
                 "train/lr": self.optimizer.param_groups[0]["lr"],
             }

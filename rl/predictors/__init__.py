@@ -1,0 +1,136 @@
+"""Predictors of a rollout's final reward, read a few denoising steps in: what pruning selects by.
+
+Every predictor is a registered unit (one file in this package, registered with :func:`register`) behind one
+small interface: :meth:`Predictor.observer` hooks the rollout up to the capture step (or returns None),
+:meth:`Predictor.predict` turns the rollouts at that step into a ``[B]`` prediction and reports its
+:class:`PredictionCost` (extra transformer calls, VAE decodes, reward calls), which the trainer adds to the
+run's compute (rl/cost.py). Shipped:
+
+- ``probe``: the CNN on attention maps and x0 features at capture step k (probe/); no reward call.
+- ``preview``: the x0 prediction ``x - sigma v`` of the k-th transformer call, decoded and scored by the real
+  reward (Pro-GRPO's proxy, arXiv 2512.15347); no extra transformer call.
+- ``lookahead``: from the state after step k, ``lookahead_steps`` Euler steps to sigma 0 on the schedule's
+  own sigmas, decoded and scored by the real reward.
+- ``reward``: every rollout finished, decoded and scored (the oracle; with the ``variance`` policy this is
+  PODS, arXiv 2504.13818). Its scores are the real rewards, so the trainer reuses them for the survivors.
+
+To add one: a file here with a :class:`Predictor` subclass decorated ``@register("name")`` whose
+``from_config(config, sampler)`` builds it, an import at the bottom of this file, and its tests.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import TYPE_CHECKING, ClassVar
+
+import torch
+
+if TYPE_CHECKING:
+    from rewards.compose import RewardResult
+    from rl.config import RunConfig
+    from rl.sampler import FluxSampler, PromptEmbeddings, Rollouts, StepObserver
+
+PREDICTORS: dict[str, type[Predictor]] = {}
+
+
+@dataclasses.dataclass
+class PredictionCost:
+    """What one prediction spent beyond the rollouts' own denoising (rollout counts, summed over the batch)."""
+
+    transformer_calls: float = 0.0
+    decodes: float = 0.0
+    reward_calls: float = 0.0
+
+
+@dataclasses.dataclass
+class PredictionInputs:
+    """What a predictor may read: the rollouts at the capture step and the means to decode and score them.
+
+    Attributes:
+        sampler: the training sampler (its transformer, schedule and VAE).
+        embeds: the step's prompt embeddings (``early.prompt_index`` points into them).
+        early: the B rollouts, all at the capture step (``reward``: finished).
+        observer: what :meth:`Predictor.observer` returned, having watched the rollout to the capture step.
+        score_latents: decodes ``[B, S, C]`` packed latents of the rollouts ``early`` (in order) and scores
+            them with the run's reward: returns the reward's :class:`rewards.compose.RewardResult`.
+    """
+
+    sampler: FluxSampler
+    embeds: PromptEmbeddings
+    early: Rollouts
+    observer: StepObserver | None
+    score_latents: Callable[[torch.Tensor], RewardResult]
+
+
+@dataclasses.dataclass
+class Prediction:
+    """A predictor's output for B rollouts.
+
+    Attributes:
+        scores: ``[B]`` predicted final rewards (higher is better; reward units for all but an uncalibrated probe).
+        cost: what predicting cost.
+        sigma: the sigma the prediction read (the probe's timestep input; logging).
+        features: ``[B, C, h, w]`` probe features (the online refresh trains on them), or None.
+        result: the reward's result on the finished rollouts when the scores are the real rewards (``reward``).
+    """
+
+    scores: torch.Tensor
+    cost: PredictionCost
+    sigma: float
+    features: torch.Tensor | None = None
+    result: RewardResult | None = None
+
+
+class Predictor:
+    """Base of the registered predictors (see the module docstring)."""
+
+    name: ClassVar[str]
+    finishes_rollouts: ClassVar[bool] = False  # True: predicts from finished rollouts (no denoising saved)
+
+    @classmethod
+    def from_config(cls, config: RunConfig, sampler: FluxSampler) -> Predictor:
+        return cls()
+
+    def capture_step(self, config: RunConfig) -> int:
+        """The step the rollouts stop at before :meth:`predict` (T for predictors that finish them)."""
+        return config.sampling.num_steps if self.finishes_rollouts else config.pruning.capture_step
+
+    def observer(self, sampler: FluxSampler) -> StepObserver | None:
+        """A fresh observer for one rollout to the capture step, or None."""
+        return None
+
+    def predict(self, inputs: PredictionInputs) -> Prediction:
+        raise NotImplementedError
+
+
+def register(name: str) -> Callable[[type[Predictor]], type[Predictor]]:
+    """Class decorator: make a :class:`Predictor` subclass selectable as ``predictor: name``."""
+
+    def add(cls: type[Predictor]) -> type[Predictor]:
+        if name in PREDICTORS:
+            raise ValueError(f"predictor {name!r} is registered twice ({PREDICTORS[name].__name__}, {cls.__name__})")
+        cls.name = name
+        PREDICTORS[name] = cls
+        return cls
+
+    return add
+
+
+def build_predictor(config: RunConfig, sampler: FluxSampler) -> Predictor:
+    """The configured predictor (``pruning.predictor``) for ``sampler``."""
+    name = config.pruning.predictor
+    if name not in PREDICTORS:
+        raise ValueError(f"predictor={name!r} is not one of {sorted(PREDICTORS)}")
+    return PREDICTORS[name].from_config(config, sampler)
+
+
+def reward_scores(result: RewardResult) -> torch.Tensor:
+    """``[B]`` reward totals as predictions; rollouts the reward could not score rank last (the batch minimum)."""
+    total = result.total.float()
+    valid = result.valid.bool() & torch.isfinite(total)
+    floor = float(total[valid].min()) if valid.any() else 0.0
+    return torch.where(valid, total, torch.full_like(total, floor))
+
+
+from rl.predictors import lookahead, preview, probe_cnn, reward  # noqa: E402,F401  (registration)
