@@ -150,9 +150,15 @@ def _sampler_and_prompts(manifest: dict, count: int, seed: int):
     pipeline = FluxPipeline.from_pretrained(manifest["pipeline"], torch_dtype=torch.float32)
     pipeline.set_progress_bar_config(disable=True)
     sampler = FluxSampler(
-        pipeline, manifest["num_steps"], manifest["noise_level"], manifest["guidance_scale"],
-        manifest["resolution"], manifest["resolution"], batch_size=32,
-    )  # fmt: skip
+        pipeline,
+        manifest["num_steps"],
+        manifest["noise_level"],
+        manifest["guidance_scale"],
+        manifest["resolution"],
+        manifest["resolution"],
+        batch_size=32,
+        sde_steps=manifest.get("sde_steps"),
+    )  # fmt: skip: the collection's SDE window too, so the ceiling is measured under the probe's own sampler
     items = prompt_source(manifest["prompts"], count, seed)
     return pipeline, sampler, items
 

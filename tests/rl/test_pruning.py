@@ -1,7 +1,9 @@
 """Pruning policies, exploration, group skipping and advantage modes on fixed tensors (rl/pruning.py)."""
 
+import itertools
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -9,6 +11,7 @@ from rl.pruning import (
     calibrate,
     impute_rewards,
     keep_count,
+    max_variance_subset,
     pruned_advantages,
     select_survivors,
     trained_step_weights,
@@ -169,3 +172,29 @@ def test_trained_step_weights_mask_unrecorded_steps_and_invalid_rollouts():
     assert trained_step_weights(valid, steps, recorded).tolist() == expected
     # without recorded steps (the unpruned trainer): the rollout's validity in every column
     assert trained_step_weights(valid, steps).tolist() == [[1, 1, 1], [0, 0, 0], [1, 1, 1], [1, 1, 1]]
+
+
+@pytest.mark.parametrize("size, count", [(4, 2), (5, 3), (8, 4), (9, 2), (10, 5), (6, 6), (6, 1)])
+def test_max_variance_subset_equals_brute_force(size, count):
+    rng = np.random.default_rng(size * 31 + count)
+    for trial in range(40):
+        scores = rng.normal(size=size) if trial % 2 else rng.exponential(size=size)  # skewed half the time
+        if trial % 5 == 0:
+            scores = np.round(scores, 1)  # ties
+        chosen = max_variance_subset(scores, count)
+        best = max(np.var(scores[list(c)]) for c in itertools.combinations(range(size), count))
+        assert len(set(chosen.tolist())) == count and np.var(scores[chosen]) == pytest.approx(best, abs=1e-12)
+
+
+def test_max_variance_subset_takes_an_uneven_split_when_skewed():
+    # one outlier and many alike: the optimum is the outlier plus the 3 lowest, not 2 + 2
+    scores = np.array([0.0, 0.01, 0.02, 0.5, 0.51, 0.52, 5.0])
+    assert max_variance_subset(scores, 4).tolist() == [0, 1, 2, 6]
+    with pytest.raises(ValueError, match="cannot choose 8 of 7"):
+        max_variance_subset(scores, 8)
+
+
+def test_variance_policy_keeps_the_max_variance_half_of_each_group():
+    # group 7: 0.1, 0.9, 0.5, 0.3 -> {0.1, 0.9} (rows 0, 2); group 3: 0.4, 0.2, 0.8, 0.6 -> {0.2, 0.8} (rows 3, 5)
+    selection = select_survivors(PREDICTED, GROUPS, "variance", keep_fraction=0.5)
+    assert torch.nonzero(selection.keep).flatten().tolist() == [0, 2, 3, 5]

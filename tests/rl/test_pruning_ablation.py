@@ -5,11 +5,19 @@ import math
 
 import pytest
 
-from rl.ablation import read_run, summary_table, variant_overrides, write_report
+from rl.ablation import (
+    VARIANTS,
+    read_run,
+    seed_summary,
+    summary_table,
+    variant_overrides,
+    write_report,
+    write_seed_report,
+)
 from rl.config import parse_config
 
 
-def write_run(directory, step_seconds, images_per_step, evals, final):
+def write_run(directory, step_seconds, images_per_step, evals, final, calls_per_step=100.0):
     """A metrics.jsonl as the trainer writes it with log_every 1: base eval, steps, periodic evals, final eval."""
     directory.mkdir(parents=True)
     records = [{"step": 0, "base_eval/total/mean": evals[0], "time/base_eval_s": 9.0}]
@@ -22,6 +30,9 @@ def write_run(directory, step_seconds, images_per_step, evals, final):
                 "time/train_s": seconds / 2,
                 "train/images_denoised": step * images_per_step,
                 "train/images_seen": step * 10,
+                "compute/transformer_calls": step * calls_per_step,
+                "compute/flux_equivalent": step * calls_per_step * 1.5,
+                "reward/group_std": 0.2 + 0.01 * step,
             }
         )
         if step in evals:
@@ -109,3 +120,43 @@ def test_ablate_runs_three_variants_end_to_end(tiny_flux_pipeline, tmp_path):
     assert rows["unpruned"]["images_denoised"] == 16 and rows["unpruned"]["reward_calls"] == 16
     assert rows["pruned"]["images_denoised"] == 10 and rows["random"]["reward_calls"] == 8
     assert (tmp_path / "ablate" / "reward_vs_images.png").exists()
+
+
+def test_seed_summary_means_bands_and_speedups_on_every_axis(tmp_path):
+    # unpruned, 2 seeds: finals 0.50 / 0.54 (target 0.52), 4 steps of 10 s and 100 calls, evals at 2 and 4
+    runs = {"unpruned": [], "fast": []}
+    for seed, (mid, final) in enumerate([(0.40, 0.50), (0.44, 0.54)]):
+        write_run(tmp_path / f"u{seed}", [10] * 4, 16, {0: 0.1, 2: mid}, final)
+        runs["unpruned"].append(read_run("unpruned", tmp_path / f"u{seed}"))
+    # fast: 5 s and 50 calls a step; seed-mean 0.53 at step 2 already (0.52 and 0.54), ends 0.55 +- 0.01414
+    for seed, (mid, final) in enumerate([(0.52, 0.54), (0.54, 0.56)]):
+        write_run(tmp_path / f"f{seed}", [5] * 4, 8, {0: 0.1, 2: mid}, final, calls_per_step=50.0)
+        runs["fast"].append(read_run("fast", tmp_path / f"f{seed}"))
+    summary = seed_summary(runs)
+    fast = summary["variants"]["fast"]
+    assert summary["target_reward"] == pytest.approx(0.52)
+    assert fast["final_reward_mean"] == pytest.approx(0.55) and fast["final_reward_std"] == pytest.approx(
+        0.02**0.5 / 10
+    )
+    assert fast["seeds"] == 2 and fast["to_target_wallclock"] == 10 and fast["to_target_calls"] == 100
+    # unpruned reaches its own mean final (0.52) only at its end: 40 s, 400 calls -> 4x on each axis
+    assert fast["speedup_wallclock"] == pytest.approx(4.0) and fast["speedup_calls"] == pytest.approx(4.0)
+    assert fast["speedup_flux_compute"] == pytest.approx(4.0)
+    assert summary["variants"]["unpruned"]["speedup_wallclock"] == pytest.approx(1.0)
+    assert fast["selection"]["reward/group_std"] == pytest.approx(0.225)
+    assert fast["curve"]["reward_std"][0] == 0.0 and fast["curve"]["steps"] == [0, 2, 4]
+    report = write_seed_report(runs, tmp_path, "python launch/ablate.py --seeds 0 1", {"seeds": [0, 1]})
+    assert (tmp_path / "reward_vs_cost.png").stat().st_size > 1000 and report["variants"]["fast"]["seeds"] == 2
+    assert "| fast | 2 | 0.5500 +- 0.0141 |" in (tmp_path / "summary.md").read_text()
+    with pytest.raises(ValueError, match="baseline variant 'unpruned' has no finished run"):
+        seed_summary({"fast": runs["fast"]})
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_every_variant_parses_under_the_default_config(tmp_path, variant):
+    probe = "assets/probe/tiny-flux-shapes-window-step4.pt"
+    args = ["--config", "configs/tiny_shapes.yaml", "--probe_path", probe, "--prune_policy", "topk"]
+    config = parse_config([*args, "--capture_step", "4", *variant_overrides(variant, tmp_path, 0.0, 0.0, 8)])
+    assert config.training.max_steps == 8
+    if variant.startswith("expand") or variant == "pods":
+        assert config.started_group_size == 16 and config.pruning.prune_keep_fraction == 0.5

@@ -1,0 +1,73 @@
+"""A probe is bound to the sampler it was trained under: recorded at collection, checked at load."""
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from probe.probe import Probe, ProbeMismatchError, sampler_signature
+from probe.train import collection_sampler
+from rl.config import parse_config
+from rl.predictors.probe_cnn import ProbePredictor
+
+ROOT = Path(__file__).resolve().parents[2]
+FULL_SDE_PROBE = ROOT / "assets" / "probe" / "tiny-flux-shapes-step2.pt"
+WINDOW_PROBE = ROOT / "assets" / "probe" / "tiny-flux-shapes-window-step4.pt"
+TINY = ROOT / "configs" / "tiny_shapes.yaml"
+
+
+class FakeSampler:
+    num_steps, noise_level, sde_steps, guidance_scale, height, width = 10, 0.9, frozenset({0, 1, 2}), 3.5, 64, 64
+
+
+def trainer_signature() -> dict:
+    return sampler_signature(FakeSampler(), "bf16")
+
+
+def test_every_difference_is_named():
+    probe = Probe.load(WINDOW_PROBE)
+    probe.check_sampler(trainer_signature())  # the shipped window probe fits the tiny trainer
+    other = {**trainer_signature(), "noise_level": 0.0, "sde_steps": list(range(10)), "precision": "no"}
+    with pytest.raises(ProbeMismatchError) as error:
+        probe.check_sampler(other, source="p.pt")
+    message = str(error.value)
+    for expected in ("noise_level: 0.9 -> 0.0", "sde_steps: [0, 1, 2] -> [0, 1, 2, 3", "precision: 'bf16' -> 'no'"):
+        assert expected in message
+    assert "launch/probe_collect.py --config" in message
+
+
+def test_a_probe_from_before_the_record_is_taken_as_all_step_sde():
+    legacy = Probe.load(FULL_SDE_PROBE)
+    assert legacy.meta.sampler == {} and legacy.recorded_sampler()["sde_steps"] == list(range(10))
+    with pytest.raises(ProbeMismatchError, match=r"sde_steps: \[0, 1, 2, 3, 4, 5, 6, 7, 8, 9\] -> \[0, 1, 2\]"):
+        legacy.check_sampler(trainer_signature())
+
+
+def test_the_trainer_refuses_a_probe_of_another_sampler():
+    from diffusers import FluxPipeline
+
+    from rl.sampler import FluxSampler
+
+    pipeline = FluxPipeline.from_pretrained(ROOT / "assets" / "tiny-flux-shapes", torch_dtype=torch.float32)
+    sampler = FluxSampler(pipeline, 10, 0.9, 3.5, 64, 64, sde_steps=[0, 1, 2])
+    base = ["--config", str(TINY), "--prune_policy", "variance", "--predictor", "probe"]
+    fits = parse_config([*base, "--probe_path", str(WINDOW_PROBE), "--capture_step", "4"])
+    assert ProbePredictor.from_config(fits, sampler).probe.meta.capture_step == 4
+    stale = parse_config([*base, "--probe_path", str(FULL_SDE_PROBE), "--capture_step", "2"])
+    with pytest.raises(ProbeMismatchError, match="trained under another sampler"):
+        ProbePredictor.from_config(stale, sampler)
+
+
+def test_collection_with_a_run_config_uses_the_trainers_sampler(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "launch"))
+    sys.modules.pop("probe_collect", None)
+    import probe_collect
+
+    args = probe_collect.parse_args(["--config", str(TINY), "--num_prompts", "3", "--noise_level", "0.5"])
+    assert (args.num_prompts, args.noise_level) == (3, 0.5)  # flags win over the run config
+    assert args.sde_steps == [0, 1, 2] and args.precision == "bf16" and args.dtype == "bfloat16"
+    assert (args.resolution, args.text_length, args.group_size) == (64, 16, 8)
+    manifest = {"num_steps": args.num_steps, "noise_level": 0.9, "sde_steps": args.sde_steps,
+                "guidance_scale": args.guidance_scale, "resolution": args.resolution, "precision": args.precision}  # fmt: skip
+    assert collection_sampler(manifest) == trainer_signature()
