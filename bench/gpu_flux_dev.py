@@ -71,7 +71,7 @@ FLUX_DEV = dict(
     guidance_embeds=True,
     axes_dims_rope=(16, 56, 56),
 )
-# same code path on a CPU in seconds; sum(axes_dims_rope) must equal attention_head_dim (DESIGN.md section 10)
+# same code path on a CPU in seconds; sum(axes_dims_rope) must equal attention_head_dim (docs/design.md section 10)
 TINY = dict(FLUX_DEV, num_layers=2, num_single_layers=2, attention_head_dim=32, num_attention_heads=2)
 TINY.update(joint_attention_dim=32, pooled_projection_dim=16, axes_dims_rope=(8, 12, 12))
 

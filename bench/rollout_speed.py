@@ -9,7 +9,7 @@ medians of per-round ratios, ``paired_*``, which load drifting between rounds af
   survivors (``round(r G)`` per group), survivors re-batched to T, decode and reward survivors only.
 - ``early`` / ``early_capture``: every rollout to step k without / with the recorder (capture cost = difference).
 
-The analytic limit (DESIGN.md section 5) of the pruned phase's denoising cost is ``k/T + r (1 - k/T)`` of the
+The analytic limit (docs/design.md section 5) of the pruned phase's denoising cost is ``k/T + r (1 - k/T)`` of the
 unpruned one (0.6 at k=2, T=10, r=0.5: a 1.67x speedup); decode and reward scale with r alone, so the whole
 phase may beat it slightly, while capture and probe inference push the other way. Peak memory of the early phase
 with and without capture: CUDA peak allocation on a GPU; on the CPU, the peak RSS of a fresh subprocess each

@@ -1,4 +1,4 @@
-"""The early-step cross-attention reward probe (DESIGN.md section 4).
+"""The early-step cross-attention reward probe (docs/design.md section 4).
 
 Modules, in data-flow order:
 

@@ -1,4 +1,4 @@
-"""Probe quality, across prompts and within prompt groups (DESIGN.md section 4).
+"""Probe quality, across prompts and within prompt groups (docs/design.md section 4).
 
 Global (all rollouts pooled):
 - ``pcc``: Pearson correlation of prediction and real reward.

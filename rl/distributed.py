@@ -1,4 +1,4 @@
-"""The Accelerator of a run: DDP, DeepSpeed ZeRO-2/3 and multi-node through one code path (DESIGN.md section 8).
+"""The Accelerator of a run: DDP, DeepSpeed ZeRO-2/3 and multi-node through one code path (docs/design.md section 8).
 
 What the launch (``accelerate launch --config_file configs/accelerate/<x>.yaml``) leaves open is filled from
 the run config here, so a shipped accelerate config never repeats run settings: DeepSpeed's micro-batch size is

@@ -1,6 +1,6 @@
 """LoRA on the FLUX transformer: setup, the adapter-disabled reference, an EMA of the weights, diffusers export.
 
-DESIGN.md section 10: diffusers models have ``disable_adapters()`` / ``enable_adapters()`` but no
+docs/design.md section 10: diffusers models have ``disable_adapters()`` / ``enable_adapters()`` but no
 ``disable_adapter()`` context manager (:func:`disable_adapter` is one); a LoRA must be saved with its adapter
 metadata (``lora_alpha``), or ``FluxPipeline.load_lora_weights`` assumes alpha = r and silently changes the
 outputs (:func:`save_lora` writes it).

@@ -1,6 +1,6 @@
 """Probe pruning of GRPO groups: which rollouts continue past the capture step, and their advantages.
 
-Pure functions on tensors (DESIGN.md section 5); :mod:`rl.pruned_rollout` runs them inside the trainer.
+Pure functions on tensors (docs/design.md section 5); :mod:`rl.pruned_rollout` runs them inside the trainer.
 Every group of G rollouts of one prompt reaches capture step k together; the probe predicts each rollout's
 final reward; :func:`select_survivors` picks who is denoised to the end, decoded and scored:
 

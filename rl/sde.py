@@ -1,4 +1,4 @@
-"""Flow-GRPO's SDE step for rectified-flow models, as pure fp32 functions (DESIGN.md section 3).
+"""Flow-GRPO's SDE step for rectified-flow models, as pure fp32 functions (docs/design.md section 3).
 
 Sigmas run from 1 (noise) to 0, ``x_s = (1 - s) x0 + s eps`` and the model predicts ``v ~ eps - x0``.
 Turning the deterministic Euler step into an SDE with the same marginals (Liu et al., Flow-GRPO, 2025)

@@ -1,4 +1,4 @@
-"""Flow-GRPO with LoRA on a FLUX transformer: the training loop (DESIGN.md section 2).
+"""Flow-GRPO with LoRA on a FLUX transformer: the training loop (docs/design.md section 2).
 
 One GRPO step, per process (each process owns whole prompt groups; nothing is split across processes)::
 

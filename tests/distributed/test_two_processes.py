@@ -1,4 +1,4 @@
-"""Two CPU processes over gloo under ``accelerate launch``: DDP and DeepSpeed ZeRO-2 (DESIGN.md sections 8, 10).
+"""Two CPU processes over gloo under ``accelerate launch``: DDP and DeepSpeed ZeRO-2 (docs/design.md sections 8, 10).
 
 Each run is the real entry script (through tests/distributed/worker.py, which dumps every rank's LoRA).
 """
