@@ -39,7 +39,7 @@ from diffusers import FluxPipeline
 from trl import TrlParser
 
 from probe.capture import ProbeRecorder
-from probe.collect import CollectSettings, collect, pipeline_sizes, prompt_source
+from probe.collect import CollectSettings, collect, prompt_source, run_config_defaults
 from probe.data import load_dataset, read_manifest
 from probe.features import FEATURE_SETS, feature_config
 from probe.metrics import probe_metrics
@@ -66,7 +66,7 @@ def _option(default, help: str = "", factory=None):
 class BenchArgs:
     train_data: list[str] = _option(None, "training collections", lambda: ["runs/probe/train"])
     test_data: list[str] = _option(None, "held-out collections", lambda: ["runs/probe/test"])
-    pipeline: str = _option("assets/tiny-flux-shapes", "model to collect from (when collecting)")
+    run_config: str = _option("configs/tiny_shapes.yaml", "run config whose model and sampler collections use")
     train_prompts: int = _option(0, "collect this many shapes:train prompts into train_data[0] first (0: use as is)")
     test_prompts: int = _option(0, "collect this many shapes:test prompts into test_data[0] first (0: use as is)")
     group_size: int = _option(8, "seeds per prompt when collecting")
@@ -94,15 +94,16 @@ def collect_data(args: BenchArgs) -> dict[str, float]:
     jobs = [job for job in jobs if job[3] > 0]
     if not jobs:
         return seconds
-    pipeline = FluxPipeline.from_pretrained(args.pipeline, torch_dtype=torch.float32)
+    run = run_config_defaults(args.run_config)  # the trainer's sampler: SDE window, noise, precision, size
+    pipeline = FluxPipeline.from_pretrained(run["pipeline"], torch_dtype=getattr(torch, run["dtype"]))
     pipeline.set_progress_bar_config(disable=True)
-    sizes = pipeline_sizes(pipeline)
     for name, out, prompts, count, seed in jobs:
-        # The trainer's sampling settings (configs/tiny_shapes.yaml), as launch/probe_collect.py's defaults.
         settings = CollectSettings(
-            pipeline=args.pipeline, prompts=prompts, num_prompts=count, group_size=args.group_size, num_steps=10,
-            capture_steps=sorted(set(args.steps)), noise_level=0.9, guidance_scale=3.5, blocks=[], reward="shapes",
-            reward_kwargs={}, prompts_per_shard=8, seed=seed, **sizes,
+            pipeline=run["pipeline"], prompts=prompts, num_prompts=count, group_size=args.group_size,
+            num_steps=run["num_steps"], capture_steps=sorted(set(args.steps)), noise_level=run["noise_level"],
+            guidance_scale=run["guidance_scale"], resolution=run["resolution"], text_length=run["text_length"],
+            blocks=[], reward=run["reward"], reward_kwargs=json.loads(run["reward_kwargs"]), prompts_per_shard=8,
+            seed=seed, sde_steps=run["sde_steps"] or None, precision=run["precision"],
         )  # fmt: skip
         start = time.perf_counter()
         collect(pipeline, settings, out, batch_size=args.collect_batch_size)
@@ -177,7 +178,9 @@ def ceiling(args: BenchArgs, manifest: dict) -> list[dict]:
     rows = []
     state = sampler.start(prompt_index, seeds)
     for step in sorted(args.steps):
-        state = sampler.advance(state, embeds, until_step=step)
+        # a capture-step-k probe reads the input of call k, the state after k - 1 steps: the ceiling of step k
+        # is that state's, so the rows compare like with like
+        state = sampler.advance(state, embeds, until_step=step - 1)
         rewards = []
         for continuation in range(3):
             other_noise = dataclasses.replace(state, seeds=seeds + (continuation + 1) * 1_000_003)

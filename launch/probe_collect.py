@@ -27,7 +27,7 @@ import yaml
 from diffusers import FluxPipeline
 from trl import TrlParser
 
-from probe.collect import CollectSettings, collect, pipeline_sizes
+from probe.collect import CollectSettings, collect, pipeline_sizes, run_config_defaults
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -72,32 +72,6 @@ class CollectArgs:
     threads: int = _option(0, "torch CPU threads (0: torch's default)")
 
 
-def run_config_defaults(path: str) -> dict:
-    """CollectArgs defaults from a run config file: the trainer's model, prompts, reward and sampler."""
-    from rl.config import parse_config
-
-    config = parse_config(["--config", path])
-    m, s, r = config.model, config.sampling, config.reward
-    if s.height != s.width:
-        raise ValueError(f"{path}: collection renders square images, the run is {s.height}x{s.width}")
-    return {
-        "pipeline": m.pretrained,
-        "prompts": s.prompts,
-        "group_size": s.group_size,
-        "num_steps": s.num_steps,
-        "noise_level": s.noise_level,
-        "same_initial_noise": s.same_initial_noise,
-        "sde_steps": list(s.train_window) if s.sde_window_only else [],
-        "guidance_scale": s.guidance_scale,
-        "resolution": s.height,
-        "text_length": m.max_sequence_length,
-        "reward": r.reward,
-        "reward_kwargs": json.dumps(r.reward_kwargs or {}),
-        "precision": config.training.mixed_precision,
-        "dtype": "bfloat16" if config.training.mixed_precision == "bf16" else "float32",  # the trainer's weights
-    }
-
-
 def parse_args(argv: list[str] | None = None) -> CollectArgs:
     """``--config`` a run config (its sampler becomes the defaults) or a YAML of CollectArgs keys, then flags."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -108,7 +82,7 @@ def parse_args(argv: list[str] | None = None) -> CollectArgs:
         with open(path) as handle:
             keys = set(yaml.safe_load(handle) or {})
         if not keys <= {f.name for f in dataclasses.fields(CollectArgs)}:  # a run config, not a collect config
-            parser.set_defaults(**run_config_defaults(path))
+            parser.set_defaults(**run_config_defaults(path))  # probe/collect.py
             argv = argv[:at] + argv[at + 2 :]
     (args,) = parser.parse_args_and_config(argv)
     return args

@@ -124,6 +124,36 @@ def resolve_settings(pipeline: FluxPipeline, settings: CollectSettings) -> Colle
     )
 
 
+def run_config_defaults(path: str) -> dict:
+    """Collection options from a run config file: the trainer's model, prompts, reward and whole sampler.
+
+    Keys are ``launch/probe_collect.py``'s options (``reward_kwargs`` as JSON text, ``sde_steps`` empty for
+    every step), so a probe collected with them ranks exactly the rollouts that run makes.
+    """
+    from rl.config import parse_config
+
+    config = parse_config(["--config", path])
+    m, s, r = config.model, config.sampling, config.reward
+    if s.height != s.width:
+        raise ValueError(f"{path}: collection renders square images, the run is {s.height}x{s.width}")
+    return {
+        "pipeline": m.pretrained,
+        "prompts": s.prompts,
+        "group_size": s.group_size,
+        "num_steps": s.num_steps,
+        "noise_level": s.noise_level,
+        "same_initial_noise": s.same_initial_noise,
+        "sde_steps": list(s.train_window) if s.sde_window_only else [],
+        "guidance_scale": s.guidance_scale,
+        "resolution": s.height,
+        "text_length": m.max_sequence_length,
+        "reward": r.reward,
+        "reward_kwargs": json.dumps(r.reward_kwargs or {}),
+        "precision": config.training.mixed_precision,
+        "dtype": "bfloat16" if config.training.mixed_precision == "bf16" else "float32",  # the trainer's weights
+    }
+
+
 def collect(
     pipeline: FluxPipeline,
     settings: CollectSettings,
