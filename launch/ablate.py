@@ -117,12 +117,21 @@ def main(argv: list[str] | None = None) -> dict:
         report = write_report(runs, args.out, command)
         print((Path(args.out) / "ablation.md").read_text())
         return report
-    by_variant = {v: [read_run(v, Path(args.out) / f"seed{s}" / v) for s in seeds] for v in variants}
+    by_variant, missing = {}, []
+    for variant in variants:  # a variant run with fewer seeds reports those (the table says how many)
+        by_variant[variant] = []
+        for seed in seeds:
+            try:
+                by_variant[variant].append(read_run(variant, Path(args.out) / f"seed{seed}" / variant))
+            except (FileNotFoundError, ValueError):
+                missing.append(f"{variant}/seed{seed}")
+    if missing:
+        print(f"not finished, left out: {', '.join(missing)}", flush=True)
     costs = {
         "per_operation": dataclasses.asdict(FLUX_DEV_COSTS),
         "source": "FLUX.1-dev at 512 px from FLOP counts (rl/cost.py)",
     }
-    notes = {"cost_model": costs, "seeds": seeds}
+    notes = {"cost_model": costs, "seeds": seeds, "not_finished": missing}
     summary = write_seed_report(by_variant, args.out, command, notes)
     print((Path(args.out) / "summary.md").read_text())
     return summary
