@@ -36,7 +36,7 @@ class TrainArgs:
     train_data: list[str] = _option(None, "training collection directories", lambda: ["runs/probe/train"])
     test_data: list[str] = _option(None, "held-out collection directories (other prompts)", lambda: ["runs/probe/test"])
     capture_step: int = _option(2, "k: which stored capture to train on")
-    features: str = _option("combined", "feature set: attention, x0 or combined (probe/features.py)")
+    features: str = _option("combined", "feature set: attention, x0, combined, latents or all (probe/features.py)")
     reward_key: str | None = _option(None, 'a reward component such as "shapes/score" (default: the total)')
     val_fraction: float = _option(0.1, "share of training prompts held out for checkpoint selection")
     steps: int = _option(1500, "optimizer steps")

@@ -22,7 +22,7 @@ length. With ``n`` real tokens and, per token, its spatial map normalised to mea
    injected (the sampler returns them anyway; ``ProbeRecorder.result(rollouts)`` attaches them).
 
 ``FeatureConfig.channel_names(...)`` lists the layout by name. Named presets (``FEATURE_SETS``):
-``attention`` (1 + 2), ``x0`` (3) and ``combined`` (1 + 2 + 3).
+``attention`` (1 + 2), ``x0`` (3), ``combined`` (1 + 2 + 3), ``latents`` (4) and ``all`` (1 + 2 + 3 + 4).
 """
 
 from __future__ import annotations
@@ -109,11 +109,14 @@ FEATURE_SETS: dict[str, FeatureConfig] = {
     "attention": FeatureConfig(x0=False),
     "x0": FeatureConfig(attention_stats=(), token_slots=0, x0=True),
     "combined": FeatureConfig(),
+    # the stored state itself: after the SDE window it determines the image (docs/design.md section 3)
+    "latents": FeatureConfig(attention_stats=(), token_slots=0, x0=False, latents=True),
+    "all": FeatureConfig(latents=True),
 }
 
 
 def feature_config(name_or_config: str | FeatureConfig) -> FeatureConfig:
-    """A preset by name (``attention``, ``x0``, ``combined``) or a config passed through.
+    """A preset by name (``FEATURE_SETS``) or a config passed through.
 
     Raises:
         ValueError: for an unknown preset name.

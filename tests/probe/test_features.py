@@ -56,8 +56,11 @@ def test_presets_and_errors():
     capture = _capture(attention, x0, grid=(4, 4))
     with_latents = build_features(dataclasses.replace(capture, latents=-x0), mask, FeatureConfig(latents=True))
     torch.testing.assert_close(with_latents[:, -64:].flatten(2), -x0.transpose(1, 2))
-    sizes = {name: build_features(capture, mask, name).shape for name in FEATURE_SETS}
-    assert sizes == {"attention": (3, 2 * 5 + 8, 4, 4), "x0": (3, 64, 4, 4), "combined": (3, 2 * 5 + 8 + 64, 4, 4)}
+    stored = dataclasses.replace(capture, latents=-x0)
+    sizes = {name: build_features(stored, mask, name).shape for name in FEATURE_SETS}
+    assert sizes == {"attention": (3, 2 * 5 + 8, 4, 4), "x0": (3, 64, 4, 4), "combined": (3, 2 * 5 + 8 + 64, 4, 4),
+                     "latents": (3, 64, 4, 4), "all": (3, 2 * 5 + 8 + 128, 4, 4)}  # fmt: skip
+    torch.testing.assert_close(build_features(stored, mask, "latents"), with_latents[:, -64:])
     combined = build_features(capture, mask, "combined")
     torch.testing.assert_close(combined[:, :18], build_features(capture, mask, "attention"))
     torch.testing.assert_close(combined[:, 18:], build_features(capture, mask, "x0"))
