@@ -49,6 +49,7 @@ from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransfo
 
 from probe.capture import ProbeRecorder
 from rl.config import RunConfig
+from rl.config_help import HelpFormatter
 from rl.distributed import build_accelerator
 from rl.lora import add_lora, disable_adapter
 from rl.loss import grpo_loss
@@ -77,7 +78,7 @@ TINY.update(joint_attention_dim=32, pooled_projection_dim=16, axes_dims_rope=(8,
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     parser.add_argument("--tiny", action="store_true", help="2 double + 2 single blocks, 2 heads x 32, 64x64 px")
     parser.add_argument("--resolution", type=int, default=None, help="image side in px (default 512; tiny 64)")
     parser.add_argument("--text_length", type=int, default=None, help="T5 tokens (default 512; tiny 16)")

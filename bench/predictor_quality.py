@@ -38,6 +38,7 @@ from probe import Probe, load_dataset, probe_metrics
 from probe.data import read_manifest
 from probe.train import evaluate
 from rewards.compose import build_reward_set
+from rl.config_help import HelpFormatter
 from rl.predictors.lookahead import euler_to_clean, lookahead_indices
 from rl.pruning import max_variance_subset
 from rl.sampler import FluxSampler, encode_prompts
@@ -107,7 +108,9 @@ def selection_gain(predicted: np.ndarray, reward: np.ndarray, group: np.ndarray,
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0], formatter_class=HelpFormatter, allow_abbrev=False
+    )
     parser.add_argument("--data", default="runs/probe/test_w", help="held-out collection (run config's sampler)")
     parser.add_argument("--probe", default="assets/probe/tiny-flux-shapes-window-step4.pt", help="probe file")
     parser.add_argument("--out", default="bench/predictor_quality.json", help="JSON result")

@@ -36,7 +36,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from diffusers import FluxPipeline
-from trl import TrlParser
 
 from probe.capture import ProbeRecorder
 from probe.collect import CollectSettings, collect, prompt_source, run_config_defaults
@@ -45,6 +44,7 @@ from probe.features import FEATURE_SETS, feature_config
 from probe.metrics import probe_metrics
 from probe.train import FitConfig, collection_meta, train_probe
 from rewards.compose import build_reward_set
+from rl.config_help import ConfigParser
 from rl.sampler import FluxSampler, encode_prompts
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -338,7 +338,7 @@ def write_results(
 
 
 def main() -> None:
-    (args,) = TrlParser((BenchArgs,)).parse_args_and_config()
+    (args,) = ConfigParser((BenchArgs,), description=__doc__).parse_args_and_config()
     if args.threads:
         torch.set_num_threads(args.threads)
     seconds = {f"collect {k}": v for k, v in collect_data(args).items()}

@@ -39,12 +39,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
 from diffusers import FluxPipeline
-from trl import TrlParser
 
 from bench.probe_quality import add_to_section
 from probe import Probe
 from rewards.compose import build_reward_set
 from rl.config import RunConfig
+from rl.config_help import ConfigParser
 from rl.data import load_prompt_source
 from rl.predictors.probe_cnn import init_probe_for
 from rl.pruning import keep_count, select_survivors
@@ -282,7 +282,7 @@ def write_results(args: SpeedArgs, result: dict) -> None:
 
 
 def main() -> None:
-    (args,) = TrlParser((SpeedArgs,)).parse_args_and_config()
+    (args,) = ConfigParser((SpeedArgs,), description=__doc__).parse_args_and_config()
     torch.set_num_threads(args.threads)
     if args.memory_only:
         print(json.dumps({"peak_rss_bytes": early_phase_peak_rss(Setup(args), args.memory_only == "capture")}))

@@ -16,6 +16,8 @@ from pathlib import Path
 import torch
 from diffusers import FluxPipeline
 
+from rl.config_help import HelpFormatter
+
 
 def seconds_per_batch(pipe: FluxPipeline, batch: int, steps: int, repeats: int) -> float:
     prompts = ["a red circle left of a blue square"] * batch
@@ -29,13 +31,13 @@ def seconds_per_batch(pipe: FluxPipeline, batch: int, steps: int, repeats: int) 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--pipeline", default="assets/tiny-flux-shapes")
-    parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
-    parser.add_argument("--out", default="bench/sampling_speed.json")
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
+    parser.add_argument("--pipeline", default="assets/tiny-flux-shapes", help="FluxPipeline folder")
+    parser.add_argument("--batch", type=int, default=16, help="images per pipeline call")
+    parser.add_argument("--steps", type=int, default=10, help="denoising steps")
+    parser.add_argument("--repeats", type=int, default=5, help="timed calls per thread count")
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="torch CPU thread counts to time")
+    parser.add_argument("--out", default="bench/sampling_speed.json", help="JSON output")
     args = parser.parse_args()
     pipe = FluxPipeline.from_pretrained(args.pipeline)
     pipe.set_progress_bar_config(disable=True)

@@ -31,13 +31,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from rl.ablation import read_run, variant_overrides, write_report, write_seed_report
 from rl.config import parse_config
+from rl.config_help import HelpFormatter
 from rl.cost import FLUX_DEV_COSTS
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def parse(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0],
+        epilog="Any other --KEY VALUE is a run-config override given to every run (see launch/grpo_flux.py --help).",
+        formatter_class=HelpFormatter,
+        allow_abbrev=False,
+    )
     parser.add_argument("--variants", default="pruned,unpruned,random", help="comma-separated, run in this order")
     parser.add_argument("--budget_minutes", type=float, default=0.0, help="wall-clock budget per run (max_minutes)")
     parser.add_argument("--budget_images", type=float, default=0.0, help="denoised-image budget per run")

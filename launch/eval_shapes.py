@@ -21,6 +21,7 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 from rewards.shapes import CATEGORIES, PromptSpec, all_prompts, check
+from rl.config_help import HelpFormatter
 from rl.sampler import FluxSampler, encode_prompts
 
 
@@ -89,14 +90,14 @@ def save_grid(specs: list[PromptSpec], scores: np.ndarray, images: torch.Tensor,
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--pipeline", default="assets/tiny-flux-shapes")
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
+    parser.add_argument("--pipeline", default="assets/tiny-flux-shapes", help="FluxPipeline folder or hub id")
     parser.add_argument("--lora", default=None, help="optional LoRA folder (diffusers format) to load first")
     parser.add_argument("--out", default="bench/base_model_eval", help="output path prefix")
-    parser.add_argument("--seeds", type=int, default=8)
-    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--seeds", type=int, default=8, help="images per prompt (seeds 1000 p + j, j < seeds)")
+    parser.add_argument("--steps", type=int, default=10, help="denoising steps (deterministic sampling)")
     parser.add_argument("--prompts", type=int, default=256, help="first N held-out prompts")
-    parser.add_argument("--text_length", type=int, default=16)
+    parser.add_argument("--text_length", type=int, default=16, help="T5 tokens per prompt (max_sequence_length)")
     args = parser.parse_args()
 
     pipe = FluxPipeline.from_pretrained(args.pipeline)

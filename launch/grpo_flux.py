@@ -1,10 +1,11 @@
 """Flow-GRPO LoRA training of a FLUX model: parse the config, build the trainer, set up, train, clean up.
 
-    python launch/grpo_flux.py --config configs/tiny_shapes.yaml                 # the shipped tiny model (CPU)
+    python launch/grpo_flux.py                                                   # = make train: the tiny model (CPU)
     accelerate launch launch/grpo_flux.py --config configs/flux_dev_pickscore.yaml
-    python launch/grpo_flux.py --config configs/tiny_shapes.yaml --learning_rate 3e-4 --max_steps 20
+    python launch/grpo_flux.py --learning_rate 3e-4 --max_steps 20               # overrides of the default config
 
-Every option is documented in rl/config.py; ``--key value`` overrides the YAML.
+Without --config it runs the shipped default, configs/tiny_shapes.yaml (the tiny model and the shapes world);
+FLUX.1-dev runs from its configs (configs/flux_dev_*.yaml). --KEY VALUE overrides the YAML.
 """
 
 from __future__ import annotations
@@ -19,8 +20,31 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from rl.config import parse_config
+from rl.config import RunConfig, parse_config
+from rl.sampler import native_size_warning
 from rl.trainer import GRPOTrainer
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_CONFIG = "configs/tiny_shapes.yaml"  # what `make train` runs: it needs nothing but this checkout
+logger = logging.getLogger("grpo_flux")
+
+
+def run_config(argv: list[str] | None = None) -> RunConfig:
+    """The run's config: ``--config`` and overrides, or without ``--config`` the shipped default plus overrides.
+
+    The dataclass defaults are sized for FLUX.1-dev (512 px, 512 tokens, rank 64), which the tiny model cannot
+    render; the bare launch line runs what ``make train`` runs instead, and says so in its first log line.
+    """
+    args = list(sys.argv[1:] if argv is None else argv)
+    if "--config" not in args:
+        if "--help" not in args and "-h" not in args:
+            logger.info(
+                "no --config given: running the shipped default %s (the tiny model and shapes world); pass "
+                "--config configs/<...>.yaml for FLUX.1-dev",
+                DEFAULT_CONFIG,
+            )
+        args = ["--config", str(ROOT / DEFAULT_CONFIG), *args]
+    return parse_config(args, description=__doc__)
 
 
 def main(argv: list[str] | None = None) -> GRPOTrainer:
@@ -28,9 +52,13 @@ def main(argv: list[str] | None = None) -> GRPOTrainer:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("httpx", "urllib3", "diffusers", "transformers"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    config = parse_config(argv)
+    config = run_config(argv)
     trainer = GRPOTrainer(config)
     trainer.setup()
+    s = config.sampling
+    warning = native_size_warning(s.height, s.width, trainer.pipeline.vae.config.sample_size)
+    if warning and trainer.accelerator.is_main_process:
+        logger.warning(warning)
     try:
         trainer.train()
     finally:

@@ -21,6 +21,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
+from rl.config_help import HelpFormatter
 from rl.metrics_log import read_metrics
 
 AXES = (("step", "GRPO step"), ("wall_min", "wall-clock (min)"), ("images", "images generated"))
@@ -63,13 +64,13 @@ def plot(paths: list[Path], metrics: list[str], out: Path, labels: list[str] | N
 
 
 def main(argv: list[str] | None = None) -> Path:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("files", nargs="+", type=Path, help="metrics.jsonl files (one per run)")
     parser.add_argument(
         "--metric", action="append", help="metric key (repeatable); default: reward/total/mean and eval/total/mean"
     )
     parser.add_argument("--label", action="append", help="one label per file (default: the run folder's name)")
-    parser.add_argument("--out", type=Path, default=Path("curves.png"))
+    parser.add_argument("--out", type=Path, default=Path("curves.png"), help="PNG file to write")
     args = parser.parse_args(argv)
     if args.label and len(args.label) != len(args.files):
         parser.error(f"{len(args.label)} --label values for {len(args.files)} files")

@@ -25,9 +25,9 @@ import sys
 import torch
 import yaml
 from diffusers import FluxPipeline
-from trl import TrlParser
 
 from probe.collect import CollectSettings, collect, pipeline_sizes, run_config_defaults
+from rl.config_help import ConfigParser
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -75,7 +75,7 @@ class CollectArgs:
 def parse_args(argv: list[str] | None = None) -> CollectArgs:
     """``--config`` a run config (its sampler becomes the defaults) or a YAML of CollectArgs keys, then flags."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = TrlParser((CollectArgs,))
+    parser = ConfigParser((CollectArgs,), description=__doc__)
     if "--config" in argv:
         at = argv.index("--config")
         path = argv[at + 1]

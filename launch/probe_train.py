@@ -18,9 +18,9 @@ import logging
 from pathlib import Path
 
 import torch
-from trl import TrlParser
 
 from probe.train import FitConfig, train_from_collections
+from rl.config_help import ConfigParser
 
 
 def _option(default, help: str = "", factory=None):
@@ -57,7 +57,7 @@ class TrainArgs:
 
 
 def main() -> None:
-    (args,) = TrlParser((TrainArgs,)).parse_args_and_config()
+    (args,) = ConfigParser((TrainArgs,), description=__doc__).parse_args_and_config()
     if args.threads:
         torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")

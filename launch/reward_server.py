@@ -22,15 +22,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from rewards.base import load_reward
 from rewards.remote import make_server
+from rl.config_help import HelpFormatter
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     parser.add_argument("--reward", required=True, help="built-in name or package.module:Callable")
     parser.add_argument("--reward_kwargs", default="{}", help="JSON object of the reward's constructor arguments")
     parser.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to accept other machines")
     parser.add_argument("--port", type=int, default=8000, help="0 picks a free port")
-    parser.add_argument("--log_level", default="INFO")
+    parser.add_argument("--log_level", default="INFO", help="logging level: DEBUG, INFO, WARNING or ERROR")
     return parser.parse_args(argv)
 
 

@@ -26,6 +26,7 @@ import torch
 from diffusers import FluxPipeline
 from PIL import Image
 
+from rl.config_help import HelpFormatter
 from rl.metrics_log import image_grid
 from rl.sampler import FluxSampler
 
@@ -75,18 +76,18 @@ def generate(
 
 
 def main(argv: list[str] | None = None) -> Path:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--pretrained", required=True, help="base FluxPipeline folder or hub id")
     parser.add_argument("--lora", help="LoRA folder (trainer export); omit for the base model")
     parser.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
     parser.add_argument("--prompts", help="a text file, one prompt per line")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3])
-    parser.add_argument("--num_steps", type=int, default=10)
-    parser.add_argument("--height", type=int, default=64)
-    parser.add_argument("--width", type=int, default=64)
-    parser.add_argument("--guidance_scale", type=float, default=3.5)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3], help="image j of a prompt uses seeds[j]")
+    parser.add_argument("--num_steps", type=int, default=10, help="denoising steps")
+    parser.add_argument("--height", type=int, default=64, help="image height in px (FLUX.1-dev: 512-1024)")
+    parser.add_argument("--width", type=int, default=64, help="image width in px")
+    parser.add_argument("--guidance_scale", type=float, default=3.5, help="FLUX distilled guidance")
     parser.add_argument("--max_sequence_length", type=int, default=16, help="FLUX.1-dev: 512; the tiny model: 16")
-    parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
+    parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="pipeline dtype (bf16 on GPUs)")
     parser.add_argument("--out", required=True, help="output folder")
     args = parser.parse_args(argv)
     prompts = list(args.prompt)

@@ -25,6 +25,7 @@ from diffusers import FluxPipeline
 from tqdm import tqdm
 
 from rewards.shapes import all_prompts, check, parse_category_weights, render, sample_prompts, vocabulary
+from rl.config_help import HelpFormatter
 from rl.sampler import FluxSampler
 from rl.tiny_flux import TinyFluxConfig, build_tiny_flux_pipeline
 
@@ -209,18 +210,18 @@ def train_transformer(pipe: FluxPipeline, args, out: Path, state: dict | None) -
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", default="assets/tiny-flux-shapes")
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
+    parser.add_argument("--out", default="assets/tiny-flux-shapes", help="pipeline folder to write")
     parser.add_argument("--work_dir", default="runs/tiny-flux-pretrain", help="resumable training state")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--resolution", type=int, default=64)
-    parser.add_argument("--text_length", type=int, default=16)
-    parser.add_argument("--vae_steps", type=int, default=1200)
-    parser.add_argument("--vae_batch", type=int, default=16)
-    parser.add_argument("--vae_lr", type=float, default=1e-3)
+    parser.add_argument("--seed", type=int, default=0, help="weights, data and noise")
+    parser.add_argument("--resolution", type=int, default=64, help="image side in px (the VAE's sample_size)")
+    parser.add_argument("--text_length", type=int, default=16, help="T5 tokens per prompt")
+    parser.add_argument("--vae_steps", type=int, default=1200, help="VAE optimizer steps")
+    parser.add_argument("--vae_batch", type=int, default=16, help="VAE images per batch")
+    parser.add_argument("--vae_lr", type=float, default=1e-3, help="VAE AdamW learning rate")
     parser.add_argument("--vae_kl", type=float, default=1e-3, help="KL weight per latent element")
-    parser.add_argument("--transformer_steps", type=int, default=11000)
-    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--transformer_steps", type=int, default=11000, help="transformer optimizer steps")
+    parser.add_argument("--batch", type=int, default=32, help="transformer images per batch")
     parser.add_argument(
         "--dataset_size", type=int, default=0, help="pre-encode this many images (0: render every step)"
     )
@@ -232,13 +233,15 @@ def main() -> None:
         help="relative weight of a category in the transformer's training images (others keep 1; default: "
         "category-balanced), e.g. position=2.5 color_attr=2.5",
     )
-    parser.add_argument("--lr", type=float, default=5e-4)
-    parser.add_argument("--warmup", type=int, default=200)
+    parser.add_argument("--lr", type=float, default=5e-4, help="transformer AdamW peak learning rate")
+    parser.add_argument("--warmup", type=int, default=200, help="linear learning-rate warm-up steps")
     parser.add_argument("--decay_from", type=int, default=8000, help="step where the linear lr decay starts")
-    parser.add_argument("--ema_decay", type=float, default=0.995)
-    parser.add_argument("--eval_every", type=int, default=250)
+    parser.add_argument(
+        "--ema_decay", type=float, default=0.995, help="EMA of the transformer weights (the exported ones)"
+    )
+    parser.add_argument("--eval_every", type=int, default=250, help="evaluate every N transformer steps")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (1 is fastest on a busy machine)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
     args = parser.parse_args()
     if args.category_weights is not None:
         try:

@@ -19,15 +19,16 @@ import json
 import logging
 import types
 import typing
+from collections.abc import Collection
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import yaml
 
 from rewards.compose import FAILURE_POLICIES, parse_reward_spec
 from rewards.shapes import parse_category_weights
 from rl.predictors import PREDICTORS
-from rl.pruning import ADVANTAGE_MODES, POLICIES, PREDICTION_POLICIES, keep_count
+from rl.pruning import ADVANTAGE_MODES, POLICIES, PREDICTION_POLICIES, funnel_group_sizes, keep_count, parse_funnel
 from rl.schedule import LR_SCHEDULES
 
 logger = logging.getLogger(__name__)
@@ -52,6 +53,7 @@ TRAIN_STEP_MODES = ("all_but_last", "window", "random")
 LORA_INITS = ("true", "false", "gaussian")
 PRECISIONS = ("no", "bf16")
 POLICY_OBJECTIVES = ("flow_grpo", "awm")
+ADV_STDS = ("group", "batch")
 WANDB_MODES = ("offline", "online", "disabled")
 
 
@@ -82,16 +84,31 @@ def _matches(value: Any, annotation: Any) -> bool:
 
 
 class Section:
-    """Base of every config section: type checks of YAML values (argparse converts only strings)."""
+    """Base of every config section: type checks of YAML values (argparse converts only strings).
+
+    ``choices`` maps a string key to its valid values (a tuple, or a registry whose keys are the names, read
+    when a config is made so late registrations count); they are checked here and listed by ``--help``.
+    """
+
+    choices: ClassVar[dict[str, Collection[str]]] = {}
 
     def __post_init__(self) -> None:
-        for name, annotation in typing.get_type_hints(type(self)).items():
-            value = getattr(self, name)
+        hints = typing.get_type_hints(type(self))
+        for field in dataclasses.fields(self):
+            name, annotation, value = field.name, hints[field.name], getattr(self, field.name)
             if annotation is float and isinstance(value, int) and not isinstance(value, bool):
                 setattr(self, name, float(value))
             elif not _matches(value, annotation):
                 raise ValueError(f"{name}: expected {annotation}, got {value!r} ({type(value).__name__})")
+        for name in self.choices:
+            _one_of(name, getattr(self, name), self.valid_values(name))
         self.check()
+
+    @classmethod
+    def valid_values(cls, name: str) -> tuple[str, ...]:
+        """The valid values of key ``name`` (a registry's names sorted), or () when any value of its type is."""
+        allowed = cls.choices.get(name, ())
+        return tuple(sorted(allowed)) if isinstance(allowed, dict) else tuple(allowed)
 
     def check(self) -> None:
         """Single-section value checks; raise ValueError naming the key."""
@@ -111,6 +128,8 @@ def _positive(section: Section, *names: str) -> None:
 @dataclasses.dataclass
 class ModelConfig(Section):
     """The base model and its LoRA."""
+
+    choices = {"init_lora_weights": LORA_INITS}
 
     pretrained: str = option(
         "assets/tiny-flux-shapes",
@@ -140,7 +159,6 @@ class ModelConfig(Section):
 
     def check(self) -> None:
         _positive(self, "max_sequence_length", "lora_rank", "lora_alpha")
-        _one_of("init_lora_weights", self.init_lora_weights, LORA_INITS)
         if not self.lora_target_modules:
             raise ValueError("lora_target_modules is empty: name at least one module suffix (e.g. attn.to_q)")
 
@@ -148,6 +166,8 @@ class ModelConfig(Section):
 @dataclasses.dataclass
 class SamplingConfig(Section):
     """Training prompts and rollouts (the SDE sampler of rl/sampler.py)."""
+
+    choices = {"train_steps": TRAIN_STEP_MODES}
 
     prompts: str = option(
         "shapes:train",
@@ -181,8 +201,16 @@ class SamplingConfig(Section):
     guidance_scale: float = option(
         3.5, "FLUX's distilled guidance value (guidance embedding). FLUX.1-dev: 3.5; ignored by models without it."
     )
-    height: int = option(512, "Image height in pixels (a multiple of 16 for FLUX.1-dev). Flow-GRPO: 512.")
-    width: int = option(512, "Image width in pixels (a multiple of 16 for FLUX.1-dev). Flow-GRPO: 512.")
+    height: int = option(
+        512,
+        "Image height in pixels, a multiple of twice the VAE's downscale factor (16 for FLUX.1-dev). Keep it within "
+        "2x of the model's native size (its VAE's sample_size: 1024 for FLUX.1-dev, 64 for the tiny model); farther "
+        "off, the launcher warns naming both sizes (rl/sampler.py native_size_warning). Flow-GRPO on FLUX.1-dev: 512; "
+        "the tiny model: 64.",
+    )
+    width: int = option(
+        512, "Image width in pixels; as height (a multiple of twice the VAE's downscale factor, within 2x of native)."
+    )
     sample_batch_size: int = option(
         16, "Rollouts per transformer call while sampling (a memory knob; results do not depend on it)."
     )
@@ -215,7 +243,6 @@ class SamplingConfig(Section):
 
     def check(self) -> None:
         _positive(self, "prompts_per_step", "group_size", "num_steps", "height", "width", "sample_batch_size")
-        _one_of("train_steps", self.train_steps, TRAIN_STEP_MODES)
         if self.noise_level < 0:
             raise ValueError(f"noise_level must be >= 0, got {self.noise_level}")
         if not 0 < self.train_fraction <= 1:
@@ -232,6 +259,8 @@ class SamplingConfig(Section):
 @dataclasses.dataclass
 class RewardConfig(Section):
     """The reward (rewards/): a weighted sum of named components."""
+
+    choices = {"reward_failure_policy": FAILURE_POLICIES}
 
     reward: str = option(
         "shapes",
@@ -255,7 +284,6 @@ class RewardConfig(Section):
     reward_workers: int = option(1, "Threads scoring images concurrently with sampling (remote rewards: 4-8).")
 
     def check(self) -> None:
-        _one_of("reward_failure_policy", self.reward_failure_policy, FAILURE_POLICIES)
         _positive(self, "reward_workers")
         if isinstance(self.reward_kwargs, str):
             try:
@@ -278,6 +306,13 @@ class RewardConfig(Section):
 @dataclasses.dataclass
 class TrainingConfig(Section):
     """Optimisation: GRPO loss, advantages, AdamW, precision and the step budget."""
+
+    choices = {
+        "lr_schedule": LR_SCHEDULES,
+        "policy_objective": POLICY_OBJECTIVES,
+        "adv_std": ADV_STDS,
+        "mixed_precision": PRECISIONS,
+    }
 
     max_steps: int = option(100, "GRPO steps (each: sample, score, optimise). The tiny model improves in ~30-60.")
     max_minutes: float = option(
@@ -354,10 +389,6 @@ class TrainingConfig(Section):
     def check(self) -> None:
         _positive(self, "max_steps", "learning_rate", "max_grad_norm", "train_batch_size", "awm_error_power")
         _positive(self, "gradient_accumulation_steps", "num_inner_epochs", "clip_range", "adv_clip_max")
-        _one_of("adv_std", self.adv_std, ("group", "batch"))
-        _one_of("lr_schedule", self.lr_schedule, LR_SCHEDULES)
-        _one_of("mixed_precision", self.mixed_precision, PRECISIONS)
-        _one_of("policy_objective", self.policy_objective, POLICY_OBJECTIVES)
         if self.kl_beta < 0 or self.max_minutes < 0 or self.lr_warmup_steps < 0:
             raise ValueError("kl_beta, max_minutes and lr_warmup_steps must be >= 0")
         if not 0 <= self.ema_decay < 1:
@@ -414,6 +445,8 @@ class EvalConfig(Section):
 class LoggingConfig(Section):
     """Where the run writes, and how it reports."""
 
+    choices = {"wandb_mode": WANDB_MODES}
+
     output_dir: str = option(
         "runs/grpo",
         "Run folder: metrics.jsonl (every logged metric), config.yaml (the resolved config), summary.json (base "
@@ -431,7 +464,6 @@ class LoggingConfig(Section):
 
     def check(self) -> None:
         _positive(self, "log_every")
-        _one_of("wandb_mode", self.wandb_mode, WANDB_MODES)
 
 
 @dataclasses.dataclass
@@ -469,6 +501,8 @@ class CheckpointConfig(Section):
 class PruningConfig(Section):
     """Probe pruning (DESIGN.md section 5; rl/pruning.py, rl/pruned_rollout.py) and the online probe refresh."""
 
+    choices = {"prune_policy": POLICIES, "predictor": PREDICTORS, "prune_advantage": ADVANTAGE_MODES}
+
     prune_policy: str = option(
         "none",
         "Which rollouts continue past capture_step: 'none' (all: the unpruned trainer), 'topk' (the best "
@@ -490,6 +524,12 @@ class PruningConfig(Section):
         "m: start m x group_size rollouts per prompt and prune them to round(prune_keep_fraction m G) "
         "(expand-and-prune, Pro-GRPO; m = 2 with prune_keep_fraction 0.5 trains group_size per prompt). 1: "
         "prune the group itself.",
+    )
+    prune_funnel: str = option(
+        "",
+        "Prune at several steps: 'k1:r1,k2:r2,...' (increasing steps; r of the rollouts still running survive each "
+        "stage; replaces capture_step and prune_keep_fraction). Pro-GRPO's 48 -> 24 -> 12: group_size 12, "
+        "prune_expand 4, '2:0.5,4:0.5'. Predictors preview and lookahead; survivors advantages. '': one stage.",
     )
     prune_keep_fraction: float = option(
         0.5,
@@ -550,10 +590,7 @@ class PruningConfig(Section):
     )
 
     def check(self) -> None:
-        _one_of("prune_policy", self.prune_policy, POLICIES)
-        _one_of("predictor", self.predictor, tuple(sorted(PREDICTORS)))
         _positive(self, "lookahead_steps", "prune_expand")
-        _one_of("prune_advantage", self.prune_advantage, ADVANTAGE_MODES)
         _positive(self, "capture_step", "probe_refresh_steps", "probe_refresh_lr", "probe_buffer_size")
         if not 0 < self.prune_keep_fraction <= 1:
             raise ValueError(f"prune_keep_fraction must lie in (0, 1], got {self.prune_keep_fraction}")
@@ -584,6 +621,14 @@ class RunConfig:
         """Rollouts started per prompt: ``group_size``, times ``prune_expand`` under a pruning policy."""
         expand = self.pruning.prune_expand if self.pruning.prune_policy != "none" else 1
         return self.sampling.group_size * expand
+
+    @property
+    def pruning_stages(self) -> list[tuple[int, float]]:
+        """``[(k, r), ...]``: the funnel's stages, or the one stage ``(capture_step, prune_keep_fraction)``."""
+        p = self.pruning
+        if p.prune_funnel:
+            return parse_funnel(p.prune_funnel, self.sampling.num_steps)
+        return [(p.capture_step, p.prune_keep_fraction)]
 
     @classmethod
     def sections(cls) -> dict[str, type[Section]]:
@@ -650,9 +695,35 @@ class RunConfig:
                 self.training.clip_range,
             )
 
+    def validate_funnel(self) -> None:
+        """A funnel prunes by fixed counts at increasing steps with a reward-based predictor, survivors only."""
+        p = self.pruning
+        stages = self.pruning_stages  # raises naming a malformed stage
+        if p.prune_policy not in ("topk", "maxvar", "variance", "random"):
+            raise ValueError(
+                f"prune_funnel needs a fixed-count policy (variance, topk, maxvar, random), not {p.prune_policy!r}"
+            )
+        if p.predictor in ("reward", "probe") and len(stages) > 1:
+            raise ValueError(
+                f"prune_funnel={p.prune_funnel!r} predicts at {len(stages)} steps; predictor={p.predictor!r} cannot "
+                "('reward' finishes every rollout, a probe file reads one step): use preview or lookahead."
+            )
+        if p.prune_advantage != "survivors" or p.prune_train_early:
+            raise ValueError(
+                "prune_funnel trains survivors only: set prune_advantage: survivors, prune_train_early: false"
+            )
+        sizes = funnel_group_sizes(self.started_group_size, stages)
+        if sizes[-1] < 2 or any(p.prune_explore > size for size in sizes):
+            raise ValueError(
+                f"prune_funnel={p.prune_funnel!r} leaves {sizes} rollouts per group from {self.started_group_size} "
+                f"started: the last stage needs >= 2 and every stage >= prune_explore={p.prune_explore}."
+            )
+
     def validate_pruning(self) -> None:
         """Cross-field checks of the pruning section against the sampling section."""
         p, s = self.pruning, self.sampling
+        if p.prune_funnel:
+            self.validate_funnel()
         if p.prune_policy == "none":
             if p.prune_min_spread > 0:
                 raise ValueError(
@@ -750,14 +821,16 @@ def _check_keys(args: list[str]) -> None:
             if key != "env" and key not in known:
                 raise _unknown_key_error(key, str(path))
     for arg in args:
-        if arg.startswith("--") and arg != "--config":
+        if arg.startswith("--") and arg not in ("--config", "--help"):
             key = arg[2:].split("=", 1)[0]
             if key not in known:
                 raise _unknown_key_error(key, "the command line")
 
 
-def parse_config(args: list[str] | None = None) -> RunConfig:
+def parse_config(args: list[str] | None = None, description: str = "") -> RunConfig:
     """Parse ``--config file.yaml`` and ``--key value`` overrides (command line wins) into a validated RunConfig.
+
+    ``--help`` (or ``-h``) prints ``description`` and every option by section (rl/config_help.py) and exits 0.
 
     Raises:
         ValueError: an unknown key (named, with a suggestion), a value of the wrong type, or a failed check.
@@ -765,11 +838,11 @@ def parse_config(args: list[str] | None = None) -> RunConfig:
     """
     import sys
 
-    from trl import TrlParser
+    from rl.config_help import ConfigParser
 
     args = list(sys.argv[1:] if args is None else args)
     _check_keys(args)
     sections = RunConfig.sections()
-    parser = TrlParser(tuple(sections.values()), allow_abbrev=False)
+    parser = ConfigParser(tuple(sections.values()), names=tuple(sections), description=description, allow_abbrev=False)
     parsed = parser.parse_args_and_config(args)
     return RunConfig(**dict(zip(sections, parsed)))

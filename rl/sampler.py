@@ -130,6 +130,32 @@ def step_noise(
     return torch.stack(noise).to(device)
 
 
+# FLUX models render well near the size they were trained at: FLUX.1-dev (1024 px) is fine at 512, while the
+# shipped tiny model (trained at 64 px only) draws blank images at 512, so every reward is flat and GRPO learns
+# nothing. Farther than this factor from the native size, either way, the launcher warns.
+NATIVE_SIZE_FACTOR = 2.0
+
+
+def native_size_warning(height: int, width: int, native: int) -> str | None:
+    """The warning for an image size more than ``NATIVE_SIZE_FACTOR`` off the pipeline's native size, else None.
+
+    Args:
+        height, width: the configured image size in pixels.
+        native: the pipeline's native side in pixels, ``pipeline.vae.config.sample_size`` (FLUX.1-dev: 1024; the
+            shipped tiny model: 64).
+    """
+    low, high = native / NATIVE_SIZE_FACTOR, native * NATIVE_SIZE_FACTOR
+    if all(low <= side <= high for side in (height, width)):
+        return None
+    return (
+        f"height x width = {height} x {width} px is more than {NATIVE_SIZE_FACTOR:g}x off this pipeline's native "
+        f"{native} x {native} px (its VAE's sample_size): images far from the trained size come out degraded or "
+        f"blank and every reward flat. Set height and width within [{low:g}, {high:g}] (e.g. --height {native} "
+        f"--width {native}), or run the config made for this model (configs/tiny_shapes.yaml for the tiny model, "
+        "configs/flux_dev_*.yaml for FLUX.1-dev)."
+    )
+
+
 class FluxSampler:
     """Samples and scores rollouts of a FLUX transformer.
 

@@ -1,6 +1,7 @@
 """Every shipped config loads and validates; unknown keys and broken cross-field constraints fail by name."""
 
 import dataclasses
+import logging
 from pathlib import Path
 
 import pytest
@@ -31,6 +32,19 @@ def test_accelerate_configs_are_yaml_mappings(path):
 def test_the_default_config_is_the_tiny_model():
     assert (ROOT / "configs" / "tiny_shapes.yaml") in RUN_CONFIGS
     assert "launch/grpo_flux.py --config configs/tiny_shapes.yaml" in (ROOT / "Makefile").read_text()
+
+
+def test_the_bare_launch_line_runs_the_default_config(launch_script, caplog):
+    tiny = parse_config(["--config", str(ROOT / "configs" / "tiny_shapes.yaml")])
+    launcher = launch_script("grpo_flux")
+    with caplog.at_level(logging.INFO):
+        bare = launcher.run_config([])
+    assert bare.flat() == tiny.flat()
+    first = caplog.records[0].getMessage()
+    assert first.startswith("no --config given") and "configs/tiny_shapes.yaml" in first
+    overridden = launcher.run_config(["--max_steps", "3", "--height", "32", "--width", "32"])
+    assert overridden.flat() == {**tiny.flat(), "max_steps": 3, "height": 32, "width": 32}
+    assert launcher.run_config(["--config", str(ROOT / "configs" / "flux_dev_pickscore.yaml")]).sampling.height == 512
 
 
 def _write(tmp_path, text):

@@ -1,8 +1,11 @@
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 
-from rl.sampler import FluxSampler, Rollouts, encode_prompts, step_noise
+from rl.sampler import FluxSampler, Rollouts, encode_prompts, native_size_warning, step_noise
 from rl.sde import forward_noise
 
 PROMPTS = ["a red circle", "two blue squares", "a green triangle left of a yellow circle"]
@@ -124,3 +127,16 @@ def test_matching_error_scores_clean_latents_noised_to_the_step_sigma(tiny_flux_
     early = sampler.advance(sampler.start(torch.arange(3), torch.tensor([1, 2, 3])), embeds, until_step=2)
     with pytest.raises(ValueError, match="finished rollouts; these stopped at step 2 of 4"):
         sampler.matching_error(early, 0, embeds)
+
+
+def test_a_size_far_from_the_native_one_warns_naming_both():
+    # the shipped tiny model's native side, as the launcher reads it (pipeline.vae.config.sample_size)
+    config = Path(__file__).resolve().parents[2] / "assets" / "tiny-flux-shapes" / "vae" / "config.json"
+    native = json.loads(config.read_text())["sample_size"]
+    assert native == 64
+    warning = native_size_warning(512, 512, native)  # the FLUX.1-dev default size on the tiny model: 8x off
+    assert warning is not None and "512 x 512" in warning and "native 64 x 64" in warning
+    assert native_size_warning(64, 128, native) is None  # within 2x either way: fine
+    assert native_size_warning(32, 64, native) is None
+    assert "16 x 64" in native_size_warning(16, 64, native)  # one side 4x below is enough
+    assert native_size_warning(512, 512, 1024) is None  # FLUX.1-dev at Flow-GRPO's 512 px

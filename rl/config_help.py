@@ -1,0 +1,117 @@
+"""``--help`` built from the config dataclasses: each option once, grouped by section, with its meaning (the
+field's ``help``), type, default and valid values.
+
+:class:`ConfigParser` is ``trl.TrlParser`` with that help (``launch/grpo_flux.py`` through
+:func:`rl.config.parse_config`, and the dataclass-configured probe and bench scripts); the defaults it shows are
+the ones the command line would run with, so ``--config file.yaml --help`` lists the file's values.
+:class:`HelpFormatter` gives the plain argparse scripts the same type and default on every option.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import textwrap
+import typing
+from collections.abc import Sequence
+from typing import Any
+
+from trl import TrlParser
+
+WIDTH = 100  # fixed, not the terminal's, so the help reads the same in a log, a test and a terminal
+HELP_INDENT = " " * 6
+
+
+def type_name(annotation: Any) -> str:
+    """``int``, ``str | None``, ``list[float]``: an annotation as it is written in the dataclass."""
+    if isinstance(annotation, type) and not typing.get_args(annotation):
+        return annotation.__name__
+    return str(annotation).replace("NoneType", "None").replace("typing.", "")
+
+
+def format_value(value: Any) -> str:
+    """A value as it is written in YAML or on the command line (``true``, ``''``, ``[1, 2]``)."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, list | dict):
+        return json.dumps(value)
+    if value == "":
+        return "''"
+    return str(value)
+
+
+def describe_field(field: dataclasses.Field, annotation: Any, default: Any, valid: Sequence[str] = ()) -> str:
+    """One option's entry: ``--key type  (default: ...; one of: ...)`` and its meaning, wrapped and indented."""
+    facts = ["required" if default is dataclasses.MISSING else f"default: {format_value(default)}"]
+    if valid:
+        facts.append(f"one of: {', '.join(valid)}")
+    elif annotation is bool:
+        facts.append("true or false")
+    head = textwrap.fill(
+        f"--{field.name} {type_name(annotation)}  ({'; '.join(facts)})",
+        WIDTH,
+        initial_indent="  ",
+        subsequent_indent=HELP_INDENT,
+        break_on_hyphens=False,
+    )
+    meaning = field.metadata.get("help", "")
+    body = textwrap.fill(meaning, WIDTH, initial_indent=HELP_INDENT, subsequent_indent=HELP_INDENT)
+    return f"{head}\n{body}" if meaning else head
+
+
+class ConfigParser(TrlParser):
+    """``trl.TrlParser`` whose ``--help`` lists the dataclasses' fields section by section.
+
+    Args:
+        dataclass_types: the config sections, in order.
+        names: each section's name (the YAML comment that groups its keys); default: "options" for one
+            dataclass, else the class names.
+        **kwargs: ``argparse.ArgumentParser`` arguments (``description``, ``allow_abbrev``, ...).
+    """
+
+    def __init__(self, dataclass_types: Sequence[type], names: Sequence[str] | None = None, **kwargs: Any) -> None:
+        super().__init__(tuple(dataclass_types), **kwargs)
+        if names is None:
+            names = ["options"] if len(dataclass_types) == 1 else [cls.__name__ for cls in dataclass_types]
+        self.section_names = list(names)
+
+    def format_help(self) -> str:
+        """Usage, the description, then per section its docstring's first line and each option's entry."""
+        lines = [
+            f"usage: {self.prog} [--config FILE.yaml] [--KEY VALUE ...]",
+            "",
+            (self.description or "").strip(),
+            "",
+            "Every option is a key of the YAML given by --config and a --KEY VALUE override (the command line",
+            "wins). Defaults are what this command line runs with: the built-in ones, replaced by --config's.",
+        ]
+        for name, cls in zip(self.section_names, self.dataclass_types):
+            hints = typing.get_type_hints(cls)
+            summary = (cls.__doc__ or "").strip().split("\n")[0]
+            if summary.startswith(
+                f"{cls.__name__}("
+            ):  # the signature dataclasses write for a class without a docstring
+                summary = ""
+            lines += ["", f"{name}: {summary}" if summary else f"{name}:"]
+            valid_values = getattr(cls, "valid_values", lambda _: ())
+            for field in dataclasses.fields(cls):
+                action = self._option_string_actions[f"--{field.name}"]
+                default = dataclasses.MISSING if action.required else action.default
+                lines.append(describe_field(field, hints[field.name], default, valid_values(field.name)))
+        return "\n".join(lines) + "\n"
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """argparse help that shows each option's type as its metavar and its default after its meaning.
+
+    The description keeps its line breaks (script docstrings hold example command lines).
+    """
+
+    def _get_default_metavar_for_optional(self, action: argparse.Action) -> str:
+        return getattr(action.type, "__name__", "str")
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.required:  # its default is never used
+            return f"{action.help or ''} (required)"
+        return super()._get_help_string(action)
