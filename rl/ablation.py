@@ -64,6 +64,9 @@ VARIANTS: dict[str, list[str]] = {
     "expand_lookahead": [*_HALF, *_EXPAND, *_LOOKAHEAD, *_PLAIN],
     "expand_probe": [*_HALF, *_EXPAND, *_PROBE, *_PLAIN],
     "expand_random": [*_RANDOM, *_EXPAND, *_PLAIN],
+    # Pro-GRPO's funnel: 4 G started, half kept after step 3 (first ODE call's input), half again after step 4
+    "funnel_preview": ["--prune_policy", "variance", "--prune_expand", "4", "--prune_funnel", "3:0.5,4:0.5",
+                       "--predictor", "preview", *_NO_PROBE, *_PLAIN],
 }  # fmt: skip
 PHASES = ("prompts", "sample", "predict", "decode", "reward", "train", "probe_refresh")
 # per-step training figures averaged over a run: what selection bought (rl/pruned_rollout.py)

@@ -28,7 +28,7 @@ import yaml
 from rewards.compose import FAILURE_POLICIES, parse_reward_spec
 from rewards.shapes import parse_category_weights
 from rl.predictors import PREDICTORS
-from rl.pruning import ADVANTAGE_MODES, POLICIES, PREDICTION_POLICIES, keep_count
+from rl.pruning import ADVANTAGE_MODES, POLICIES, PREDICTION_POLICIES, funnel_group_sizes, keep_count, parse_funnel
 from rl.schedule import LR_SCHEDULES
 
 logger = logging.getLogger(__name__)
@@ -525,6 +525,12 @@ class PruningConfig(Section):
         "(expand-and-prune, Pro-GRPO; m = 2 with prune_keep_fraction 0.5 trains group_size per prompt). 1: "
         "prune the group itself.",
     )
+    prune_funnel: str = option(
+        "",
+        "Prune at several steps: 'k1:r1,k2:r2,...' (increasing steps; r of the rollouts still running survive each "
+        "stage; replaces capture_step and prune_keep_fraction). Pro-GRPO's 48 -> 24 -> 12: group_size 12, "
+        "prune_expand 4, '2:0.5,4:0.5'. Predictors preview and lookahead; survivors advantages. '': one stage.",
+    )
     prune_keep_fraction: float = option(
         0.5,
         "r: survivors per started group = round(r m G), at least 2. Denoising costs k/T + r (1 - k/T) of an "
@@ -616,6 +622,14 @@ class RunConfig:
         expand = self.pruning.prune_expand if self.pruning.prune_policy != "none" else 1
         return self.sampling.group_size * expand
 
+    @property
+    def pruning_stages(self) -> list[tuple[int, float]]:
+        """``[(k, r), ...]``: the funnel's stages, or the one stage ``(capture_step, prune_keep_fraction)``."""
+        p = self.pruning
+        if p.prune_funnel:
+            return parse_funnel(p.prune_funnel, self.sampling.num_steps)
+        return [(p.capture_step, p.prune_keep_fraction)]
+
     @classmethod
     def sections(cls) -> dict[str, type[Section]]:
         """Section name -> dataclass, in order."""
@@ -681,9 +695,35 @@ class RunConfig:
                 self.training.clip_range,
             )
 
+    def validate_funnel(self) -> None:
+        """A funnel prunes by fixed counts at increasing steps with a reward-based predictor, survivors only."""
+        p = self.pruning
+        stages = self.pruning_stages  # raises naming a malformed stage
+        if p.prune_policy not in ("topk", "maxvar", "variance", "random"):
+            raise ValueError(
+                f"prune_funnel needs a fixed-count policy (variance, topk, maxvar, random), not {p.prune_policy!r}"
+            )
+        if p.predictor in ("reward", "probe") and len(stages) > 1:
+            raise ValueError(
+                f"prune_funnel={p.prune_funnel!r} predicts at {len(stages)} steps; predictor={p.predictor!r} cannot "
+                "('reward' finishes every rollout, a probe file reads one step): use preview or lookahead."
+            )
+        if p.prune_advantage != "survivors" or p.prune_train_early:
+            raise ValueError(
+                "prune_funnel trains survivors only: set prune_advantage: survivors, prune_train_early: false"
+            )
+        sizes = funnel_group_sizes(self.started_group_size, stages)
+        if sizes[-1] < 2 or any(p.prune_explore > size for size in sizes):
+            raise ValueError(
+                f"prune_funnel={p.prune_funnel!r} leaves {sizes} rollouts per group from {self.started_group_size} "
+                f"started: the last stage needs >= 2 and every stage >= prune_explore={p.prune_explore}."
+            )
+
     def validate_pruning(self) -> None:
         """Cross-field checks of the pruning section against the sampling section."""
         p, s = self.pruning, self.sampling
+        if p.prune_funnel:
+            self.validate_funnel()
         if p.prune_policy == "none":
             if p.prune_min_spread > 0:
                 raise ValueError(

@@ -137,6 +137,33 @@ def result_subset(result: RewardResult, rows: torch.Tensor) -> RewardResult:
     return dataclasses.replace(result, total=result.total[rows], components=components, valid=result.valid[rows])
 
 
+def stage_config(config: RunConfig, step: int) -> RunConfig:
+    """The run's config as one stage of a funnel sees it: a single prune at ``step`` (builds its predictor)."""
+    pruning = dataclasses.replace(config.pruning, capture_step=step, prune_funnel="")
+    return dataclasses.replace(config, pruning=pruning)
+
+
+def funnel_step(stages: list[PrunedStep]) -> PrunedStep:
+    """The stages of a funnel as one :class:`PrunedStep` over the started rollouts.
+
+    Predictions are the first stage's (every started rollout has one), survivors are the last stage's,
+    exploration and skipping are any stage's, and the cost is the sum.
+    """
+    first = stages[0]
+    size = len(first.predicted)
+    keep, explore, skipped = (torch.zeros(size, dtype=torch.bool) for _ in range(3))
+    rows = torch.arange(size)
+    for stage in stages:
+        explore[rows[stage.selection.explore]] = True
+        skipped[rows[stage.selection.skipped]] = True
+        rows = rows[stage.selection.survivors]
+    keep[rows] = True
+    cost = PredictionCost(*(sum(getattr(s.cost, f.name) for s in stages) for f in dataclasses.fields(PredictionCost)))
+    return PrunedStep(
+        first.predicted, first.group_ids, Selection(keep, explore & keep, skipped), None, stages[-1].sigma, cost
+    )
+
+
 class PrunedRollout:
     """The trainer's rollout phase with pruning; the trainer calls :meth:`sample_and_score` once per step.
 
@@ -146,17 +173,28 @@ class PrunedRollout:
         accelerator: the run's accelerator, whose processes counts and the buffer are reduced over (None: one).
     """
 
-    def __init__(self, config: RunConfig, predictor: Predictor, accelerator=None) -> None:
+    def __init__(self, config: RunConfig, predictors: list[Predictor], accelerator=None) -> None:
         self.config = config
         self.accelerator = accelerator
         self.pruning = p = config.pruning
-        self.predictor = predictor
+        stages = config.pruning_stages
+        if len(predictors) != len(stages):
+            raise ValueError(f"{len(stages)} pruning stages need as many predictors, got {len(predictors)}")
+        self.predictor = predictors[0]  # the probe (single stage only) the refresh trains and checkpoints keep
         # the random control reads no prediction and pays no predictor's cost; a probe, which costs almost
         # nothing, always predicts (its online quality is logged and its buffer filled under every policy)
         reads = p.prune_policy in PREDICTION_POLICIES or p.prune_advantage == "imputed" or p.prune_min_spread > 0
-        self.predicting = type(predictor) is not Predictor and (reads or isinstance(predictor, ProbePredictor))
+        self.predicting = type(self.predictor) is not Predictor and (
+            reads or isinstance(self.predictor, ProbePredictor)
+        )
+        # (step the rollouts stop at, fraction of the running ones that survive, predictor) per stage
+        self.stages = [
+            (predictor.capture_step(stage_config(config, k)) if self.predicting else k, r, predictor)
+            for (k, r), predictor in zip(stages, predictors)
+        ]
         self.buffer = ProbeBuffer(p.probe_buffer_size)
         self.last: PrunedStep | None = None
+        self.stage_steps: list[PrunedStep] = []
 
     @property
     def probe(self) -> Probe | None:
@@ -174,40 +212,52 @@ class PrunedRollout:
         p = config.pruning
         if p.prune_policy == "none" and not p.probe_path:
             return None
-        if p.predictor == "probe" and not p.probe_path:  # random / none without a probe: nothing to predict with
-            predictor = Predictor()
-        else:
-            predictor = build_predictor(config, sampler)
-        if isinstance(predictor, ProbePredictor):
-            predictor.probe = predictor.probe.to(accelerator.device)
-        return cls(config, predictor, accelerator)
+        predictors = []
+        for step, _ in config.pruning_stages:
+            if p.predictor == "probe" and not p.probe_path:  # random / none without a probe: nothing to predict with
+                predictor = Predictor()
+            else:
+                predictor = build_predictor(stage_config(config, step), sampler)
+            if isinstance(predictor, ProbePredictor):
+                predictor.probe = predictor.probe.to(accelerator.device)
+            predictors.append(predictor)
+        return cls(config, predictors, accelerator)
 
     # ------------------------------------------------------------------ the phase
 
     def sample_and_score(self, runner: RolloutRunner, batch: PromptBatch) -> tuple[ScoredRollouts, torch.Tensor]:
         """Sample to k, predict, prune, finish and score the survivors; returns them and their advantages ``[B']``."""
         p, sampler = self.pruning, runner.sampler
-        k = self.predictor.capture_step(self.config) if self.predicting else p.capture_step
-        observer = self.predictor.observer(sampler) if self.predicting else None
-        early = runner.rollout(batch, until_step=k, observer=observer)
-        group_ids = batch.group_ids[early.prompt_index.cpu()]
-        with runner.phase("predict"):
-            if self.predicting:
-                judge = lambda latents: runner.judge(batch, early.prompt_index, latents)  # noqa: E731
-                prediction = self.predictor.predict(PredictionInputs(sampler, batch.embeds, early, observer, judge))
+        rollouts, rows, self.stage_steps = None, None, []
+        for index, (k, fraction, predictor) in enumerate(self.stages):
+            observer = predictor.observer(sampler) if self.predicting else None
+            if rollouts is None:
+                rollouts = early = runner.rollout(batch, until_step=k, observer=observer)
             else:
-                prediction = Prediction(torch.zeros(len(early)), PredictionCost(), float(sampler.sigmas[k - 1]))
-            runner.add_prediction_cost(prediction.cost)
-            seed = [self.config.training.seed, runner.step, 4]
-            selection = select_survivors(
-                prediction.scores.cpu().float(), group_ids, p.prune_policy, p.prune_keep_fraction, p.prune_explore,
-                p.prune_threshold, p.prune_min_spread, seed,
-            )  # fmt: skip
-        features = prediction.features
-        self.last = PrunedStep(
-            prediction.scores.cpu().float(), group_ids, selection, features, prediction.sigma, prediction.cost
-        )
-        finished = runner.continue_rollouts(batch, early.select(selection.survivors))  # re-batched, order kept
+                rollouts = runner.continue_rollouts(batch, rollouts, until_step=k, observer=observer)
+            group_ids = batch.group_ids[rollouts.prompt_index.cpu()]
+            with runner.phase("predict"):
+                if self.predicting:
+                    judge = lambda latents, at=rollouts: runner.judge(batch, at.prompt_index, latents)  # noqa: E731
+                    inputs = PredictionInputs(sampler, batch.embeds, rollouts, observer, judge)
+                    prediction = predictor.predict(inputs)
+                else:
+                    prediction = Prediction(torch.zeros(len(rollouts)), PredictionCost(), float(sampler.sigmas[k - 1]))
+                runner.add_prediction_cost(prediction.cost)
+                seed = [self.config.training.seed, runner.step, 4, *([index] if index else [])]
+                selection = select_survivors(
+                    prediction.scores.cpu().float(), group_ids, p.prune_policy, fraction, p.prune_explore,
+                    p.prune_threshold, p.prune_min_spread, seed,
+                )  # fmt: skip
+            scores = prediction.scores.cpu().float()
+            self.stage_steps.append(
+                PrunedStep(scores, group_ids, selection, prediction.features, prediction.sigma, prediction.cost)
+            )
+            rows = selection.survivors if rows is None else rows[selection.survivors]  # into the started rollouts
+            rollouts = rollouts.select(selection.survivors)
+        self.last = self.stage_steps[0] if len(self.stage_steps) == 1 else funnel_step(self.stage_steps)
+        selection = self.last.selection
+        finished = runner.continue_rollouts(batch, rollouts)  # re-batched, order kept
         known = None if prediction.result is None else result_subset(prediction.result, selection.survivors)
         scored = runner.score(batch, finished, known)
         if p.prune_advantage == "survivors":

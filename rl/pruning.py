@@ -180,6 +180,40 @@ def select_survivors(
     return Selection(torch.from_numpy(keep), torch.from_numpy(explored), torch.from_numpy(skipped))
 
 
+def parse_funnel(spec: str, num_steps: int) -> list[tuple[int, float]]:
+    """Stages ``"k1:r1,k2:r2,..."`` of a pruning funnel as ``[(k, r), ...]``: after k steps, r of the rollouts
+    still running survive (Pro-GRPO prunes 48 -> 24 -> 12 this way: ``"2:0.5,4:0.5"`` from 4 G started).
+
+    Raises:
+        ValueError: a malformed stage, a step outside [1, num_steps - 1], steps not increasing, or r outside (0, 1].
+    """
+    stages = []
+    for part in (p.strip() for p in spec.split(",") if p.strip()):
+        try:
+            step, fraction = part.split(":")
+            stages.append((int(step), float(fraction)))
+        except ValueError:
+            raise ValueError(f"prune_funnel stage {part!r} is not 'step:fraction' (e.g. '2:0.5,4:0.5')") from None
+    for step, fraction in stages:
+        if not 1 <= step < num_steps:
+            raise ValueError(f"prune_funnel step {step} must lie in [1, num_steps - 1 = {num_steps - 1}]")
+        if not 0 < fraction <= 1:
+            raise ValueError(f"prune_funnel fraction {fraction} must lie in (0, 1]")
+    steps = [step for step, _ in stages]
+    if steps != sorted(set(steps)):
+        raise ValueError(f"prune_funnel steps must increase, got {steps}")
+    return stages
+
+
+def funnel_group_sizes(started: int, stages: list[tuple[int, float]]) -> list[int]:
+    """Rollouts per group left after each stage of a fixed-count policy (:func:`keep_count` at each)."""
+    sizes = []
+    for _, fraction in stages:
+        started = keep_count(started, fraction)
+        sizes.append(started)
+    return sizes
+
+
 def calibrate(predicted: torch.Tensor, rewards: torch.Tensor, group_ids: torch.Tensor) -> float:
     """Slope of real reward on prediction within groups (least squares on deviations from the group means).
 

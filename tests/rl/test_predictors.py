@@ -136,3 +136,31 @@ def test_config_errors_name_the_fix():
         parse_config([*VARIANCE, "--predictor", "preview", "--capture_step", "2", "--probe_refresh_every", "5"])
     with pytest.raises(ValueError, match="choose another predictor"):
         parse_config([*VARIANCE, "--capture_step", "2"])  # predictor probe without a probe
+
+
+def test_a_funnel_prunes_at_each_stage_and_counts_every_call(pipeline_dir, tmp_path):
+    """Pro-GRPO's shape on the fixture: 4 G = 16 per prompt, half after step 1, half again after step 2."""
+    funnel = ("--predictor", "preview", "--prune_expand", "4", "--prune_funnel", "1:0.5,2:0.5")
+    trainer = make_trainer(pipeline_dir, tmp_path, *VARIANCE, *funnel)
+    metrics = pruned_step(trainer)
+    first, second = trainer.pruner.stage_steps
+    assert len(first.predicted) == 32 and len(second.predicted) == 16
+    last, state = trainer.pruner.last, trainer.state
+    assert last.selection.keep.sum() == 8 and torch.equal(
+        torch.bincount(last.group_ids[last.selection.keep]), torch.tensor([4, 4])
+    )
+    # denoising: 32 x 1 + 16 x 1 + 8 x 2 calls; previews of 32 and 16, then 8 finals
+    assert state.transformer_calls == 32 + 16 + 16 and state.decodes == 32 + 16 + 8 and state.reward_calls == 56
+    assert metrics["prune/survivor_frac"] == 0.25 and metrics["predict/decodes"] == 48
+    trainer.cleanup()
+
+
+def test_funnel_config_errors_name_the_fix():
+    with pytest.raises(ValueError, match="steps must increase"):
+        parse_config([*VARIANCE, "--predictor", "preview", "--prune_funnel", "4:0.5,2:0.5"])
+    with pytest.raises(ValueError, match="not 'step:fraction'"):
+        parse_config([*VARIANCE, "--predictor", "preview", "--prune_funnel", "2-0.5"])
+    with pytest.raises(ValueError, match="use preview or lookahead"):
+        parse_config([*VARIANCE, "--predictor", "reward", "--prune_funnel", "2:0.5,4:0.5"])
+    with pytest.raises(ValueError, match=r"leaves \[4, 2\] rollouts per group from 8 started"):
+        parse_config([*VARIANCE, "--predictor", "preview", "--prune_funnel", "2:0.5,4:0.5", "--prune_explore", "3"])

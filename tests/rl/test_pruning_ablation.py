@@ -158,5 +158,5 @@ def test_every_variant_parses_under_the_default_config(tmp_path, variant):
     args = ["--config", "configs/tiny_shapes.yaml", "--probe_path", probe, "--prune_policy", "topk"]
     config = parse_config([*args, "--capture_step", "4", *variant_overrides(variant, tmp_path, 0.0, 0.0, 8)])
     assert config.training.max_steps == 8
-    if variant.startswith("expand") or variant == "pods":
+    if variant.startswith("expand") or variant == "pods":  # 2 G started, half kept
         assert config.started_group_size == 16 and config.pruning.prune_keep_fraction == 0.5
