@@ -281,7 +281,11 @@ class RewardConfig(Section):
         "What a raised exception or a NaN/inf score does: 'raise' (stop the run; recommended) or 'drop_group' "
         "(drop the affected prompt groups from the step and count them in reward/dropped).",
     )
-    reward_workers: int = option(1, "Threads scoring images concurrently with sampling (remote rewards: 4-8).")
+    reward_workers: int = option(
+        1,
+        "Threads of the reward pool: components and remote requests in parallel (remote rewards: 4-8). The step "
+        "waits for the scores; they do not yet overlap the next batch's sampling.",
+    )
 
     def check(self) -> None:
         _positive(self, "reward_workers")

@@ -115,3 +115,37 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
         if action.required:  # its default is never used
             return f"{action.help or ''} (required)"
         return super()._get_help_string(action)
+
+
+def configuration_markdown(shipped: dict[str, dict[str, Any]] | None = None) -> str:
+    """``docs/configuration.md``: every run-config key by section with type, default, valid values and meaning.
+
+    Args:
+        shipped: ``{section: {key: value}}`` of the config the bare launch line runs (``configs/tiny_shapes.yaml``
+            through ``RunConfig.to_dict()``), shown beside the built-in default where it differs.
+    """
+    from rl.config import RunConfig
+
+    shipped = shipped or {}
+    lines = [
+        "# Configuration",
+        "",
+        "Generated from the config dataclasses of `rl/config.py` by `python launch/config_docs.py` (a test keeps it",
+        "current). A run is `--config file.yaml` plus `--key value` overrides; YAML files group keys by section.",
+        "`python launch/grpo_flux.py` without `--config` runs `configs/tiny_shapes.yaml` (its values in the",
+        "tiny column where they differ from the built-in default).",
+    ]
+    for name, cls in RunConfig.sections().items():
+        hints = typing.get_type_hints(cls)
+        summary = (cls.__doc__ or "").strip().split("\n")[0]
+        lines += ["", f"## {name}", "", summary, "", "| key | type | default | tiny | valid values | meaning |"]
+        lines.append("|---|---|---|---|---|---|")
+        for field in dataclasses.fields(cls):
+            default = field.default if field.default is not dataclasses.MISSING else field.default_factory()
+            tiny = shipped.get(name, {}).get(field.name, default)
+            valid = ", ".join(f"`{v}`" for v in cls.valid_values(field.name))
+            cells = [f"`{field.name}`", f"`{type_name(hints[field.name])}`", f"`{format_value(default)}`",
+                     f"`{format_value(tiny)}`" if tiny != default else "", valid,
+                     field.metadata.get("help", "").replace("|", "\\|")]  # fmt: skip
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"

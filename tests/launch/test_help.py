@@ -30,6 +30,7 @@ EXPECTED = {
         "without --config it runs the shipped default, configs/tiny_shapes.yaml",
     ],
     "launch/ablate.py": ["--variants str", "--budget_minutes float", "run-config override"],
+    "launch/config_docs.py": ["--check", "--out str"],
     "launch/eval_shapes.py": ["--pipeline str", "(default: assets/tiny-flux-shapes)", "--seeds int"],
     "launch/plot.py": ["--metric str", "--out Path"],
     "launch/probe_collect.py": ["--num_prompts int  (default: 400)", "--capture_steps list[int]"],
