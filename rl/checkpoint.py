@@ -21,6 +21,7 @@ complete and "latest" (the highest-numbered one) is never a half-written checkpo
 from __future__ import annotations
 
 import logging
+import pickle
 import re
 import shutil
 from collections.abc import Callable
@@ -163,7 +164,23 @@ def load_checkpoint(accelerator: Accelerator, path: str | Path) -> tuple[dict, d
     path = Path(path)
     extra = {"load_module_strict": False} if is_deepspeed(accelerator) else {}
     accelerator.load_state(str(path), **extra)
-    trainer_state = torch.load(path / TRAINER_STATE, map_location="cpu", weights_only=False)
+    trainer_state = load_state_file(path / TRAINER_STATE)
     rank_file = path / f"rank_{accelerator.process_index}.pt"
-    rank_state = torch.load(rank_file, weights_only=False) if rank_file.is_file() else {}
+    rank_state = load_state_file(rank_file) if rank_file.is_file() else {}
     return trainer_state, rank_state
+
+
+def load_state_file(path: Path) -> dict:
+    """A trainer or per-process state file, loaded with ``weights_only=True``: tensors and plain containers only,
+    so a crafted checkpoint cannot run code when a run resumes from it.
+
+    Raises:
+        ValueError: the file holds anything else (named, with the reason); it was not written by this trainer.
+    """
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise ValueError(
+            f"{path} holds objects other than tensors and plain values, so it was not written by this trainer (or "
+            f"was tampered with); refusing to load it. Resume from another checkpoint. ({str(error).splitlines()[0]})"
+        ) from None

@@ -208,5 +208,21 @@ def image_grid(images: torch.Tensor, columns: int) -> np.ndarray:
 
 
 def read_metrics(path: str | Path) -> list[dict]:
-    """Every record of a ``metrics.jsonl`` file, in order."""
-    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    """Every record of a ``metrics.jsonl`` file, in order.
+
+    A last line that does not parse (a run killed mid-write) is dropped with a warning, so the run can still be
+    resumed and reported; an unparsable line before the last is damage, not an interruption, and raises.
+
+    Raises:
+        ValueError: a line other than the last is not JSON (its number is named).
+    """
+    lines = [line for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    records = []
+    for number, line in enumerate(lines, start=1):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as error:
+            if number < len(lines):
+                raise ValueError(f"{path}: line {number} is not JSON ({error}); the log is damaged") from None
+            logger.warning("%s: dropped a partial last line (%d characters; a run stopped mid-write)", path, len(line))
+    return records

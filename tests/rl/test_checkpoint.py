@@ -141,3 +141,29 @@ def test_exported_lora_reproduces_the_trainers_samples_in_plain_diffusers(pipeli
     x = load_file(tmp_path / "run" / "lora" / "pytorch_lora_weights.safetensors")
     y = load_file(tmp_path / "run" / "checkpoints" / "step-00000002" / "lora" / "pytorch_lora_weights.safetensors")
     assert all(torch.equal(x[k], y[k]) for k in x)
+
+
+class _Payload:
+    """Runs a shell command when unpickled (what a crafted checkpoint would hide)."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        import os
+
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_a_crafted_state_file_is_refused_without_running_code(tmp_path):
+    from rl.checkpoint import load_state_file
+
+    marker = tmp_path / "pwned"
+    crafted = tmp_path / "trainer_state.pt"
+    torch.save({"state": {"step": 3}, "evil": _Payload(marker)}, crafted)
+    with pytest.raises(ValueError, match="trainer_state.pt holds objects other than tensors"):
+        load_state_file(crafted)
+    assert not marker.exists()
+    plain = tmp_path / "plain.pt"
+    torch.save({"state": {"step": 3}, "ema": [torch.ones(2)], "meta": ("a", 1.0)}, plain)
+    assert load_state_file(plain)["state"]["step"] == 3

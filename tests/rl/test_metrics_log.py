@@ -1,5 +1,6 @@
 import math
 
+import pytest
 import torch
 
 from rl.metrics_log import MetricsAccumulator, MetricsLogger, read_metrics
@@ -49,3 +50,13 @@ def test_non_main_process_writes_nothing(tmp_path):
     log.log({"x": 1.0}, step=0)
     log.close()
     assert not (tmp_path / "rank1").exists()
+
+
+def test_a_partial_last_line_is_dropped_and_earlier_damage_named(tmp_path, caplog):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "a": 1.0}\n{"step": 2, "a": 2.0}\n{"step": 3, "a"')
+    assert [r["step"] for r in read_metrics(path)] == [1, 2]
+    assert "dropped a partial last line" in caplog.text
+    path.write_text('{"step": 1}\n{"ste\n{"step": 3}\n')
+    with pytest.raises(ValueError, match="line 2 is not JSON"):
+        read_metrics(path)
