@@ -75,6 +75,37 @@ def resolve_resume(resume_from: str | None, output_dir: str | Path) -> Path | No
     return path
 
 
+def holds_a_run(output_dir: str | Path) -> bool:
+    """Whether ``output_dir`` holds a run's work: logged steps, a summary or checkpoints."""
+    output_dir = Path(output_dir)
+    log = output_dir / "metrics.jsonl"
+    return (
+        (log.is_file() and log.stat().st_size > 0)
+        or (output_dir / "summary.json").is_file()
+        or bool(list_checkpoints(output_dir))
+    )
+
+
+def must_clear_output_dir(output_dir: str | Path, resume_from: str | None, overwrite: bool) -> bool:
+    """Whether a run must clear ``output_dir`` first (it holds another run and ``overwrite`` says so).
+
+    Every process calls it, so all stop together; resuming (``resume_from`` set) keeps the folder: its log is
+    cut back to the checkpoint's step and goes on.
+
+    Raises:
+        FileExistsError: a fresh run in a folder holding another run, naming the folder and the three ways on.
+    """
+    if resume_from or not holds_a_run(output_dir):
+        return False
+    if not overwrite:
+        raise FileExistsError(
+            f"output_dir {output_dir} holds another run (metrics.jsonl, summary.json or checkpoints/). Continue it "
+            f"with --resume_from latest, start elsewhere with --output_dir <new folder>, or clear it first with "
+            "--overwrite_output_dir true."
+        )
+    return True
+
+
 def register_lora_only_hooks(accelerator: Accelerator, model: torch.nn.Module) -> None:
     """Make ``save_state`` / ``load_state`` store only the trainable (LoRA) weights of ``model``, not the frozen base.
 

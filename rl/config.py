@@ -456,6 +456,11 @@ class LoggingConfig(Section):
         "Run folder: metrics.jsonl (every logged metric), config.yaml (the resolved config), summary.json (base "
         "vs final held-out scores), lora/ (the diffusers-format LoRA).",
     )
+    overwrite_output_dir: bool = option(
+        False,
+        "Clear an output_dir that holds another run before starting. Without it a fresh run (no resume_from) "
+        "refuses such a folder rather than mix its log and checkpoints with the old run's.",
+    )
     log_every: int = option(1, "Write metrics every N GRPO steps.")
     wandb_mode: str = option(
         "offline",

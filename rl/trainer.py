@@ -19,6 +19,7 @@ import dataclasses
 import json
 import logging
 import math
+import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -33,7 +34,13 @@ from tqdm.auto import tqdm
 from rewards.compose import RewardResult, build_reward_set
 from rl.advantages import group_advantages, group_std
 from rl.batches import PromptBatch, ScoredRollouts
-from rl.checkpoint import load_checkpoint, register_lora_only_hooks, resolve_resume, save_checkpoint
+from rl.checkpoint import (
+    load_checkpoint,
+    must_clear_output_dir,
+    register_lora_only_hooks,
+    resolve_resume,
+    save_checkpoint,
+)
 from rl.config import RunConfig
 from rl.cost import ComputeCounts, flux_equivalent
 from rl.data import load_prompt_source, per_process, shard
@@ -152,7 +159,12 @@ class GRPOTrainer:
         self.eval_sampler = FluxSampler(self.pipeline, cfg.eval.eval_num_steps or s.num_steps, 0.0, **size)
         self.pruner = PrunedRollout.from_config(cfg, self.sampler, self.accelerator)  # None: unpruned
         self.output_dir = Path(cfg.logging.output_dir)
+        clear = must_clear_output_dir(self.output_dir, cfg.checkpoint.resume_from, cfg.logging.overwrite_output_dir)
+        self.accelerator.wait_for_everyone()  # every process has looked before the main one clears
         if self.accelerator.is_main_process:
+            if clear:
+                shutil.rmtree(self.output_dir)
+                self.info("overwrite_output_dir: cleared %s", self.output_dir)
             self.output_dir.mkdir(parents=True, exist_ok=True)
             (self.output_dir / "config.yaml").write_text(yaml.safe_dump(cfg.flat(), sort_keys=False))
         self.log = MetricsLogger(
@@ -494,6 +506,13 @@ class GRPOTrainer:
         if path is None:
             if self.config.checkpoint.resume_from:
                 self.info("resume_from=%s: no checkpoint yet, starting fresh", self.config.checkpoint.resume_from)
+                log = self.output_dir / "metrics.jsonl"
+                if self.accelerator.is_main_process and log.is_file() and log.stat().st_size > 0:
+                    kept = log.with_name(f"metrics.before-{time.strftime('%Y%m%d-%H%M%S')}.jsonl")
+                    shutil.copyfile(log, kept)  # the run it cannot resume is restarted, its log kept
+                    logger.warning(
+                        "no checkpoint to resume in %s: its earlier log is kept as %s", self.output_dir, kept
+                    )
             self.log.resume(step=-1, elapsed_s=0.0)  # a fresh run in a used output_dir must not append to its log
             return
         trainer_state, rank_state = load_checkpoint(self.accelerator, path)

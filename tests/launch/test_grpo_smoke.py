@@ -18,7 +18,7 @@ SCRIPT = Path(__file__).resolve().parents[2] / "launch" / "grpo_flux.py"
 def test_grpo_flux_smoke(tiny_flux_pipeline, tmp_path, launch_script, objective):
     tiny_flux_pipeline.save_pretrained(tmp_path / "base")
     out = tmp_path / "run"
-    out.mkdir()  # a finished earlier run's log: a fresh (not resumed) run must start its own
+    out.mkdir()  # a finished earlier run's log: a fresh run refuses it unless told to clear it (test_trainer.py)
     (out / "metrics.jsonl").write_text('{"step": 7, "stale": 1}\n')
     trainer = launch_script("grpo_flux").main(
         [
@@ -29,7 +29,7 @@ def test_grpo_flux_smoke(tiny_flux_pipeline, tmp_path, launch_script, objective)
             "--eval_num_prompts", "4", "--final_eval_num_prompts", "4", "--learning_rate", "1e-3",
             "--reward", "shapes,jpeg_compressibility", "--reward_weights", "1", "1",
             "--output_dir", str(out), "--wandb_mode", "disabled", "--progress_bar", "false",
-            "--mixed_precision", "no", "--policy_objective", objective,
+            "--mixed_precision", "no", "--policy_objective", objective, "--overwrite_output_dir", "true",
         ]
     )  # fmt: skip
 

@@ -280,3 +280,20 @@ def test_awm_objective_kl_term_and_ode_rollouts(pipeline_dir, tmp_path):
     assert metrics["policy/kl_ref"] > 0  # the random-init LoRA's velocity differs from the reference's
     assert math.isfinite(metrics["policy/loss"]) and metrics["policy/matching_error"] > 0
     trainer.cleanup()
+
+
+def test_a_fresh_run_refuses_a_folder_holding_another_run(pipeline_dir, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text('{"step": 1, "reward/total/mean": 0.5}\n')
+    with pytest.raises(FileExistsError, match=r"holds another run .* --resume_from latest, .* --overwrite_output_dir"):
+        make_trainer(pipeline_dir, tmp_path)
+    assert (run / "metrics.jsonl").read_text().startswith('{"step": 1')  # untouched
+    # resuming with no checkpoint yet restarts, keeping the earlier log beside the new one
+    trainer = make_trainer(pipeline_dir, tmp_path, "--resume_from", "latest")
+    trainer.cleanup()
+    assert [p.read_text() for p in run.glob("metrics.before-*.jsonl")] == ['{"step": 1, "reward/total/mean": 0.5}\n']
+    (run / "metrics.jsonl").write_text('{"step": 1}\n')
+    trainer = make_trainer(pipeline_dir, tmp_path, "--overwrite_output_dir", "true")
+    assert not list(run.glob("metrics.before-*")) and (run / "config.yaml").exists()
+    trainer.cleanup()
