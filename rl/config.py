@@ -495,6 +495,11 @@ class CheckpointConfig(Section):
         "there is none, so one command both starts and resumes a preemptible job) or a checkpoint folder path. "
         "The resumed run continues exactly (same prompts, noise, weights and logged rewards) as if never stopped.",
     )
+    allow_config_change: bool = option(
+        False,
+        "Resume although keys that change what the run is (model, data, reward, sampler, objective, optimiser, "
+        "LoRA, pruning) differ from the checkpointed run's; without it such a resume is refused, listing them.",
+    )
     save_ema: bool = option(
         True, "Export the EMA weights (when ema_decay > 0) rather than the last ones (Flow-GRPO evaluates EMA)."
     )
@@ -797,6 +802,24 @@ class RunConfig:
     def flat(self) -> dict[str, Any]:
         """``{key: value}`` over all sections (a loadable YAML, and the wandb config)."""
         return {k: v for section in self.to_dict().values() for k, v in section.items()}
+
+
+# Keys a resumed run may change: budgets, evaluation cadence, logging and checkpointing. Any other key changes
+# what the run is (model, data, reward, sampler, objective, optimiser, LoRA, pruning), so resuming with another
+# value is refused unless --allow_config_change says otherwise (RunConfig.resume_changes).
+RESUME_SAFE_KEYS = frozenset(
+    {"max_steps", "max_minutes", "max_images_denoised", "reward_workers", "eval_every", "eval_num_prompts",
+     "eval_images_per_prompt", "final_eval_num_prompts", "final_eval_images_per_prompt", "eval_before_training",
+     "log_every", "wandb_mode", "wandb_project", "run_name", "progress_bar", "output_dir", "overwrite_output_dir",
+     "save_every", "save_total_limit", "resume_from", "save_lora", "save_ema", "allow_config_change"}
+)  # fmt: skip
+
+
+def resume_changes(old: dict[str, Any], new: dict[str, Any]) -> tuple[dict, dict]:
+    """``(safe, unsafe)``: ``key -> (old, new)`` of every key whose value differs between two flat configs."""
+    changed = {k: (old.get(k), new.get(k)) for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)}
+    safe = {k: v for k, v in changed.items() if k in RESUME_SAFE_KEYS}
+    return safe, {k: v for k, v in changed.items() if k not in RESUME_SAFE_KEYS}
 
 
 def known_keys() -> dict[str, str]:

@@ -41,7 +41,7 @@ from rl.checkpoint import (
     resolve_resume,
     save_checkpoint,
 )
-from rl.config import RunConfig
+from rl.config import RunConfig, resume_changes
 from rl.cost import ComputeCounts, flux_equivalent
 from rl.data import load_prompt_source, per_process, shard
 from rl.distributed import build_accelerator, configure_deepspeed, whole_model_loading
@@ -166,6 +166,8 @@ class GRPOTrainer:
                 shutil.rmtree(self.output_dir)
                 self.info("overwrite_output_dir: cleared %s", self.output_dir)
             self.output_dir.mkdir(parents=True, exist_ok=True)
+        self.check_resumed_config()
+        if self.accelerator.is_main_process and resolve_resume(cfg.checkpoint.resume_from, self.output_dir) is None:
             (self.output_dir / "config.yaml").write_text(yaml.safe_dump(cfg.flat(), sort_keys=False))
         self.log = MetricsLogger(
             self.output_dir,
@@ -498,6 +500,36 @@ class GRPOTrainer:
                 keep=self.config.checkpoint.save_total_limit,
             )
         return path
+
+    def check_resumed_config(self) -> None:
+        """On resume, compare this config with the run's ``config.yaml``: keys that change what the run is are an
+        error listing each old and new value (unless ``allow_config_change``); safe ones (budgets, evaluation,
+        logging, checkpointing) are logged. Every resume appends its changes to ``config_history.jsonl``; the
+        original ``config.yaml`` stays as it was.
+
+        Raises:
+            ValueError: unsafe changes without ``allow_config_change``.
+        """
+        cfg, original = self.config, self.output_dir / "config.yaml"
+        if resolve_resume(cfg.checkpoint.resume_from, self.output_dir) is None or not original.is_file():
+            return
+        new = yaml.safe_load(yaml.safe_dump(cfg.flat()))  # the same normalisation as the file's
+        safe, unsafe = resume_changes(yaml.safe_load(original.read_text()) or {}, new)
+        listed = "; ".join(f"{k}: {old!r} -> {value!r}" for k, (old, value) in unsafe.items())
+        if unsafe and not cfg.checkpoint.allow_config_change:
+            raise ValueError(
+                f"resuming {self.output_dir} with a config that changes what the run is ({listed}). Resume with the "
+                "run's own values, start a new output_dir, or pass --allow_config_change true."
+            )
+        for key, (old, value) in {**safe, **unsafe}.items():
+            self.info("resume changes %s: %r -> %r", key, old, value)
+        if self.accelerator.is_main_process:
+            record = {
+                "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                "changes": {k: list(v) for k, v in {**safe, **unsafe}.items()},
+            }
+            with (self.output_dir / "config_history.jsonl").open("a") as history:
+                history.write(json.dumps(record) + "\n")
 
     def resume(self) -> None:
         """Continue from ``resume_from`` (a checkpoint folder or ``latest``): weights, optimizer, EMA, probe, RNG,

@@ -1,5 +1,6 @@
 """The GRPO trainer on the tiny random FLUX fixture: exact ratios, step selection, rewards, evaluation."""
 
+import json
 import math
 
 import pytest
@@ -296,4 +297,24 @@ def test_a_fresh_run_refuses_a_folder_holding_another_run(pipeline_dir, tmp_path
     (run / "metrics.jsonl").write_text('{"step": 1}\n')
     trainer = make_trainer(pipeline_dir, tmp_path, "--overwrite_output_dir", "true")
     assert not list(run.glob("metrics.before-*")) and (run / "config.yaml").exists()
+    trainer.cleanup()
+
+
+def test_resume_refuses_changes_to_what_the_run_is_and_logs_safe_ones(pipeline_dir, tmp_path):
+    trainer = make_trainer(pipeline_dir, tmp_path, "--seed", "3")
+    one_step(trainer)
+    trainer.state.step = 1
+    trainer.save_checkpoint()
+    trainer.cleanup()
+    original = (tmp_path / "run" / "config.yaml").read_text()
+    resume = ("--resume_from", "latest", "--seed", "3")
+    with pytest.raises(ValueError, match=r"group_size: 4 -> 2; learning_rate: 0\.0001 -> 0\.05"):
+        make_trainer(pipeline_dir, tmp_path, *resume, "--group_size", "2", "--learning_rate", "0.05")
+    trainer = make_trainer(pipeline_dir, tmp_path, *resume, "--max_steps", "3", "--eval_every", "2")
+    assert trainer.state.step == 1
+    trainer.cleanup()
+    history = [json.loads(line) for line in (tmp_path / "run" / "config_history.jsonl").read_text().splitlines()]
+    assert history[-1]["changes"] == {"eval_every": [0, 2], "max_steps": [1, 3], "resume_from": [None, "latest"]}
+    assert (tmp_path / "run" / "config.yaml").read_text() == original  # the original stays
+    trainer = make_trainer(pipeline_dir, tmp_path, *resume, "--group_size", "2", "--allow_config_change", "true")
     trainer.cleanup()
