@@ -486,6 +486,12 @@ class CheckpointConfig(Section):
         "optimizer, EMA, probe and its online buffer, RNG states, step (= data position), plus the LoRA in "
         "diffusers format in its lora/ folder. Written atomically. FLUX.1-dev: 10-30; preemptible jobs: often.",
     )
+    save_every_minutes: float = option(
+        10.0,
+        "Also write a checkpoint when this many minutes of training passed since the last one (0: by steps only). "
+        "The default keeps a killed run's loss under 10 minutes for well under 2% of a run's time; SIGTERM and "
+        "SIGINT (preemption, Ctrl-C) and a run-stopping reward failure always write one before exiting.",
+    )
     save_total_limit: int = option(
         0, "Keep only the newest N checkpoints (0: keep all). A checkpoint of FLUX.1-dev with r=64 is ~1-2 GB."
     )
@@ -811,7 +817,7 @@ RESUME_SAFE_KEYS = frozenset(
     {"max_steps", "max_minutes", "max_images_denoised", "reward_workers", "eval_every", "eval_num_prompts",
      "eval_images_per_prompt", "final_eval_num_prompts", "final_eval_images_per_prompt", "eval_before_training",
      "log_every", "wandb_mode", "wandb_project", "run_name", "progress_bar", "output_dir", "overwrite_output_dir",
-     "save_every", "save_total_limit", "resume_from", "save_lora", "save_ema", "allow_config_change"}
+     "save_every", "save_every_minutes", "save_total_limit", "resume_from", "save_lora", "save_ema", "allow_config_change"}
 )  # fmt: skip
 
 

@@ -20,6 +20,8 @@ import json
 import logging
 import math
 import shutil
+import signal
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -56,6 +58,36 @@ from rl.schedule import lr_factor
 from rl.sde import kl_to_reference, matching_log_prob
 
 logger = logging.getLogger(__name__)
+
+
+class StopSignals:
+    """SIGTERM and SIGINT (preemption, Ctrl-C) ask the loop to checkpoint and stop after the current step; a
+    second signal stops at once. Handlers are installed for the ``with`` block only (main thread only)."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self.previous: dict[int, object] = {}
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.received).name if self.received is not None else ""
+
+    def handle(self, number: int, frame) -> None:
+        if self.received is not None:  # the second one: no more waiting
+            raise SystemExit(f"{signal.Signals(number).name} again: stopping now, without a checkpoint")
+        self.received = number
+        logger.warning("%s: finishing this step, then checkpointing and stopping", signal.Signals(number).name)
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            self.previous = {number: signal.signal(number, self.handle) for number in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for number, handler in self.previous.items():
+            signal.signal(number, handler)
 
 
 @dataclasses.dataclass
@@ -198,21 +230,36 @@ class GRPOTrainer:
             self.base_eval = self.evaluate(final=True, base=True)
             self.log_eval(self.base_eval, prefix="base_eval")
         bar = tqdm(total=cfg.training.max_steps, initial=self.state.step, desc="GRPO", disable=not self.show_bar)
-        while not self.finished:
-            batch = self.next_prompts()  # whole groups for this process, encoded once
-            if self.pruner is None:
-                rollouts = self.rollout(batch)  # SDE sampling with log-probs
-                scored = self.score(batch, rollouts)  # decode + reward in a thread pool
-                advantages = self.advantages(scored)  # per prompt group
-            else:  # to step k with capture, probe, prune, continue and score survivors only (+ probe refresh)
-                scored, advantages = self.pruner.sample_and_score(self, batch)
-            self.optimise(batch, scored, advantages)  # PPO-clipped loss over the trained steps
-            self.state.step += 1
-            self.log_step(bar)
-            if cfg.eval.eval_every and self.state.step % cfg.eval.eval_every == 0 and not self.finished:
-                self.log_eval(self.evaluate())
-            if cfg.checkpoint.save_every and self.state.step % cfg.checkpoint.save_every == 0:
-                self.save_checkpoint()
+        self.last_save = time.time()
+        with StopSignals() as signals:
+            while not self.finished:
+                batch = self.next_prompts()  # whole groups for this process, encoded once
+                try:
+                    if self.pruner is None:
+                        rollouts = self.rollout(batch)  # SDE sampling with log-probs
+                        scored = self.score(batch, rollouts)  # decode + reward in a thread pool
+                        advantages = self.advantages(scored)  # per prompt group
+                    else:  # to step k with capture, probe, prune, continue and score survivors only (+ refresh)
+                        scored, advantages = self.pruner.sample_and_score(self, batch)
+                except Exception:  # a reward that stops the run: nothing of this step is applied yet
+                    if self.accelerator.num_processes == 1:  # several would wait on the others' collectives
+                        self.info("the step failed: checkpointing the %d steps done first", self.state.step)
+                        self.save_checkpoint()
+                    raise
+                self.optimise(batch, scored, advantages)  # PPO-clipped loss over the trained steps
+                self.state.step += 1
+                self.log_step(bar)
+                if cfg.eval.eval_every and self.state.step % cfg.eval.eval_every == 0 and not self.finished:
+                    self.log_eval(self.evaluate())
+                stop = self.global_count(int(signals.received is not None)) > 0  # every process stops together
+                if stop or self.checkpoint_due():
+                    self.save_checkpoint()
+                if stop:
+                    bar.close()
+                    raise SystemExit(
+                        f"stopped by {signals.name} after step {self.state.step}: checkpoint written to "
+                        f"{self.output_dir / 'checkpoints'}; continue with the same command plus --resume_from latest"
+                    )
         bar.close()
         self.final_eval = self.evaluate(final=True)
         self.log_eval(self.final_eval, prefix="final_eval")
@@ -487,8 +534,16 @@ class GRPOTrainer:
         self.accelerator.wait_for_everyone()
         self.info("saved LoRA to %s", directory)
 
+    def checkpoint_due(self) -> bool:
+        """Every ``save_every`` steps, or ``save_every_minutes`` after the last save (agreed over processes)."""
+        c = self.config.checkpoint
+        by_steps = bool(c.save_every) and self.state.step % c.save_every == 0
+        by_time = c.save_every_minutes > 0 and time.time() - self.last_save >= 60 * c.save_every_minutes
+        return self.global_count(int(by_steps or by_time)) > 0
+
     def save_checkpoint(self) -> Path:
         """Write a full checkpoint of this step (rl/checkpoint.py: atomic, with the diffusers LoRA export)."""
+        self.last_save = time.time()
         with self.phase("checkpoint"):
             path = save_checkpoint(
                 self.accelerator,

@@ -167,3 +167,25 @@ def test_a_crafted_state_file_is_refused_without_running_code(tmp_path):
     plain = tmp_path / "plain.pt"
     torch.save({"state": {"step": 3}, "ema": [torch.ones(2)], "meta": ("a", 1.0)}, plain)
     assert load_state_file(plain)["state"]["step"] == 3
+
+
+def test_sigterm_checkpoints_and_the_same_command_resumes(pipeline_dir, tmp_path):
+    """Preemption: SIGTERM mid-run writes a checkpoint and exits saying how to go on; the shipped config's own
+    command plus --resume_from latest then finishes the run (no save_every: the signal alone saved it)."""
+    run = tmp_path / "run"
+    args = tiny_run_args(pipeline_dir, run, "--save_every", "0", "--max_steps", "50", "--eval_every", "0")
+    process = start([*args, "--resume_from", "latest"])
+    deadline = time.time() + 240
+    while not (run / "metrics.jsonl").is_file() or '"train/step": 1' not in (run / "metrics.jsonl").read_text():
+        assert process.poll() is None and time.time() < deadline, "the run ended before its first step"
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    output, _ = process.communicate(timeout=240)
+    assert process.returncode == 1 and "stopped by SIGTERM after step" in output
+    saved = list_checkpoints(run)
+    assert len(saved) == 1 and not (run / "lora").exists()  # a checkpoint, not a finished run
+    stopped_at = int(saved[0].name.split("-")[1])
+    resumed = start([*args, "--resume_from", "latest", "--max_steps", str(stopped_at + 1)])
+    finish(resumed)
+    steps = [r["train/step"] for r in read_metrics(run / "metrics.jsonl") if "train/step" in r]
+    assert steps == list(range(1, stopped_at + 2))
