@@ -11,6 +11,8 @@ Layout of ``<output_dir>/checkpoints/step-<8 digits>/``::
                                                                 last log, wall-clock time so far
     lora/pytorch_lora_weights.safetensors                      the LoRA (EMA weights when enabled), loadable with
                                                                 FluxPipeline.load_lora_weights
+    manifest.json                                              every other file's size and SHA-256, written last:
+                                                                resume verifies it (:func:`checkpoint_damage`)
 
 Atomicity: everything is written to ``checkpoints/.tmp-step-<n>`` and renamed to ``step-<n>`` only when every
 process has finished writing (a rename within one filesystem is atomic), so a ``step-*`` folder is always
@@ -20,6 +22,8 @@ complete and "latest" (the highest-numbered one) is never a half-written checkpo
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import pickle
 import re
@@ -54,6 +58,48 @@ def list_checkpoints(output_dir: str | Path) -> list[Path]:
     return sorted(found, key=lambda p: int(_NAME.match(p.name).group(1)))
 
 
+MANIFEST = "manifest.json"
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_manifest(folder: Path) -> None:
+    """Record every file of a checkpoint folder (relative path -> size and SHA-256) in ``manifest.json``."""
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
+    entries = {str(p.relative_to(folder)): {"size": p.stat().st_size, "sha256": _sha256(p)} for p in files}
+    (folder / MANIFEST).write_text(json.dumps(entries, indent=1))
+
+
+def checkpoint_damage(folder: Path) -> list[str]:
+    """What is wrong with a checkpoint against its manifest (missing, resized or changed files); [] if intact.
+
+    Checkpoints written before manifests existed have none and are taken as they are.
+    """
+    manifest = folder / MANIFEST
+    if not manifest.is_file():
+        return []
+    try:
+        entries = json.loads(manifest.read_text())
+    except json.JSONDecodeError:
+        return [f"{MANIFEST} is not JSON"]
+    problems = []
+    for name, expected in entries.items():
+        path = folder / name
+        if not path.is_file():
+            problems.append(f"{name} is missing")
+        elif path.stat().st_size != expected["size"]:
+            problems.append(f"{name} has {path.stat().st_size} bytes, not {expected['size']}")
+        elif _sha256(path) != expected["sha256"]:
+            problems.append(f"{name} changed (SHA-256 differs)")
+    return problems
+
+
 def resolve_resume(resume_from: str | None, output_dir: str | Path) -> Path | None:
     """The checkpoint folder ``resume_from`` names: ``"latest"`` (None when the run has none yet, so one command
     both starts and resumes a preemptible job) or a path to a ``step-*`` folder. None/empty: no resume.
@@ -63,15 +109,22 @@ def resolve_resume(resume_from: str | None, output_dir: str | Path) -> Path | No
     """
     if not resume_from:
         return None
-    if resume_from == "latest":
-        found = list_checkpoints(output_dir)
-        return found[-1] if found else None
+    if resume_from == "latest":  # the newest intact one: a damaged latest is named and skipped
+        for path in reversed(list_checkpoints(output_dir)):
+            damage = checkpoint_damage(path)
+            if not damage:
+                return path
+            logger.warning("checkpoint %s is damaged (%s): trying the one before it", path, "; ".join(damage))
+        return None
     path = Path(resume_from)
     if not (path / TRAINER_STATE).is_file():
         raise FileNotFoundError(
             f"resume_from={resume_from!r} is not a checkpoint folder (no {TRAINER_STATE} in it); pass 'latest' or "
             f"a {Path(output_dir) / CHECKPOINTS / 'step-XXXXXXXX'} folder"
         )
+    damage = checkpoint_damage(path)
+    if damage:
+        raise ValueError(f"checkpoint {path} is damaged ({'; '.join(damage)}): resume from another one or 'latest'")
     return path
 
 
@@ -173,6 +226,7 @@ def save_checkpoint(
     export_lora(tmp / "lora")
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        write_manifest(tmp)  # last: a checkpoint whose files no longer match it is damaged
         if final.exists():  # the same step saved again after a resume: replace it, never half of it
             old = root / f".tmp-old-{final.name}"
             final.rename(old)

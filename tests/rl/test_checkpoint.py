@@ -189,3 +189,24 @@ def test_sigterm_checkpoints_and_the_same_command_resumes(pipeline_dir, tmp_path
     finish(resumed)
     steps = [r["train/step"] for r in read_metrics(run / "metrics.jsonl") if "train/step" in r]
     assert steps == list(range(1, stopped_at + 2))
+
+
+def test_a_damaged_latest_checkpoint_is_named_and_the_previous_one_used(tmp_path, caplog):
+    from rl.checkpoint import write_manifest
+
+    root = tmp_path / "checkpoints"
+    for step in (1, 2):
+        folder = root / f"step-{step:08d}"
+        (folder / "lora").mkdir(parents=True)
+        torch.save({"state": {"step": step}}, folder / "trainer_state.pt")
+        (folder / "lora" / "pytorch_lora_weights.safetensors").write_bytes(b"x" * 100)
+        write_manifest(folder)
+    latest = root / "step-00000002"
+    assert resolve_resume("latest", tmp_path) == latest
+    (latest / "lora" / "pytorch_lora_weights.safetensors").write_bytes(b"x" * 60)  # truncated
+    assert resolve_resume("latest", tmp_path) == root / "step-00000001"
+    assert "lora/pytorch_lora_weights.safetensors has 60 bytes, not 100" in caplog.text
+    with pytest.raises(ValueError, match="step-00000002 is damaged"):
+        resolve_resume(str(latest), tmp_path)
+    (root / "step-00000001" / "trainer_state.pt").unlink()
+    assert resolve_resume("latest", tmp_path) is None  # nothing intact: a fresh start
