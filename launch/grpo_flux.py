@@ -6,6 +6,9 @@
 
 Without --config it runs the shipped default, configs/tiny_shapes.yaml (the tiny model and the shapes world);
 FLUX.1-dev runs from its configs (configs/flux_dev_*.yaml). --KEY VALUE overrides the YAML.
+
+A user error (a config key or value, a missing or damaged file, a probe for another model or sampler, a used
+output_dir) prints one line naming it and the fix and exits 2; set GRPO_DEBUG=1 for the traceback.
 """
 
 from __future__ import annotations
@@ -69,5 +72,21 @@ def main(argv: list[str] | None = None) -> GRPOTrainer:
     return trainer
 
 
+# what a user can fix from the message alone; anything else is a bug and keeps its traceback
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, PermissionError)
+
+
+def cli(argv: list[str] | None = None) -> int:
+    """``main`` for the command line: user errors as one line and exit status 2 (``GRPO_DEBUG=1``: traceback)."""
+    try:
+        main(argv)
+    except USER_ERRORS as error:
+        if os.environ.get("GRPO_DEBUG"):
+            raise
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    raise SystemExit(cli())

@@ -61,3 +61,18 @@ def test_grpo_flux_smoke(tiny_flux_pipeline, tmp_path, launch_script, objective)
     trained = {k.replace(".base_layer", ""): v for k, v in trainer.pipeline.transformer.state_dict().items()}
     assert all(torch.equal(base[k], trained[k].cpu()) for k in base)
     FluxPipeline.from_pretrained(tmp_path / "base").load_lora_weights(out / "lora")  # loads in plain diffusers
+
+
+def test_a_user_error_is_one_line_and_exit_2(tmp_path, launch_script, capsys, monkeypatch):
+    monkeypatch.delenv("GRPO_DEBUG", raising=False)
+    script = launch_script("grpo_flux")
+    assert script.cli(["--learning_rat", "1e-3"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and "learning_rate" in err[0]  # the closest key
+    assert script.cli(["--probe_path", str(tmp_path / "none.pt"), "--prune_policy", "variance",
+                       "--capture_step", "4", "--output_dir", str(tmp_path / "run")]) == 2  # fmt: skip
+    err = capsys.readouterr().err  # after the pipeline's loading bars: one error line, no traceback
+    assert "Traceback" not in err and err.strip().splitlines()[-1].startswith("error: ") and "none.pt" in err
+    monkeypatch.setenv("GRPO_DEBUG", "1")
+    with pytest.raises(ValueError, match="learning_rat"):
+        script.cli(["--learning_rat", "1e-3"])
