@@ -27,6 +27,7 @@ import yaml
 
 from rewards.compose import FAILURE_POLICIES, parse_reward_spec
 from rewards.shapes import parse_category_weights
+from rl.objectives import OBJECTIVES
 from rl.predictors import PREDICTORS
 from rl.pruning import ADVANTAGE_MODES, POLICIES, PREDICTION_POLICIES, funnel_group_sizes, keep_count, parse_funnel
 from rl.schedule import LR_SCHEDULES
@@ -52,7 +53,6 @@ FLUX_LORA_TARGETS = [
 TRAIN_STEP_MODES = ("all_but_last", "window", "random")
 LORA_INITS = ("true", "false", "gaussian")
 PRECISIONS = ("no", "bf16")
-POLICY_OBJECTIVES = ("flow_grpo", "awm")
 ADV_STDS = ("group", "batch")
 WANDB_MODES = ("offline", "online", "disabled")
 
@@ -195,7 +195,7 @@ class SamplingConfig(Section):
     )
     noise_level: float = option(
         0.9,
-        "SDE noise level a (sigma_t = a sqrt(s / (1 - s)), DESIGN.md section 3). Flow-GRPO: 0.9 for FLUX "
+        "SDE noise level a (sigma_t = a sqrt(s / (1 - s)), docs/design.md section 3). Flow-GRPO: 0.9 for FLUX "
         "(0.7 in its base config); 0.7-1.0 works; 0 has no density (cannot train).",
     )
     guidance_scale: float = option(
@@ -313,7 +313,7 @@ class TrainingConfig(Section):
 
     choices = {
         "lr_schedule": LR_SCHEDULES,
-        "policy_objective": POLICY_OBJECTIVES,
+        "policy_objective": OBJECTIVES,
         "adv_std": ADV_STDS,
         "mixed_precision": PRECISIONS,
     }
@@ -349,7 +349,7 @@ class TrainingConfig(Section):
     policy_objective: str = option(
         "flow_grpo",
         "What the advantages weight. 'flow_grpo': the PPO-clipped ratio of the recorded SDE transitions' exact "
-        "log-probs (Flow-GRPO, DESIGN.md section 3). 'awm': advantage-weighted matching (Xue et al., 2025): the "
+        "log-probs (Flow-GRPO, docs/design.md section 3). 'awm': advantage-weighted matching (Xue et al., 2025): the "
         "flow-matching error of each finished rollout's clean latents, noised afresh to each trained step's sigma, "
         "weighted by -advantage (rl/sde.py); no ratio or clip, any sampler (noise_level 0 allowed). On the tiny "
         "model AWM gains more per step (README 'Flow-GRPO training').",
@@ -659,11 +659,12 @@ class RunConfig:
         """Cross-field checks. Raises ValueError stating the constraint, why, and what to set instead."""
         s, r = self.sampling, self.reward
         self.validate_pruning()
-        if s.noise_level == 0 and self.training.policy_objective == "flow_grpo":
+        objective = OBJECTIVES[self.training.policy_objective]
+        if s.noise_level == 0 and objective.needs.sde_noise:
             raise ValueError(
-                "noise_level=0 samples deterministically: transitions have no density, so there is no policy "
-                "ratio to train. Set noise_level > 0 (0.7-1.0; FLUX default 0.9), or policy_objective: awm, "
-                "which scores finished images and trains on any sampler."
+                f"noise_level=0 samples deterministically, but policy_objective={self.training.policy_objective!r} "
+                "needs SDE noise on the trained steps (transitions have no density, so there is no ratio). Set "
+                "noise_level > 0 (0.7-1.0; FLUX default 0.9), or policy_objective: awm, which trains on any sampler."
             )
         if s.group_size < 2:
             raise ValueError(
@@ -785,11 +786,11 @@ class RunConfig:
                 f"prune_policy={p.prune_policy!r}, prune_advantage={p.prune_advantage!r}: set a pruning policy "
                 "(topk, maxvar, random, threshold) and prune_advantage: imputed, or prune_train_early: false."
             )
-        if p.prune_train_early and self.training.policy_objective == "awm":
+        if p.prune_train_early and OBJECTIVES[self.training.policy_objective].needs.finished_images:
             raise ValueError(
                 "prune_train_early=true trains pruned rollouts on the steps they recorded, but policy_objective="
-                "'awm' scores finished images, which pruned rollouts never have: set prune_train_early: false or "
-                "policy_objective: flow_grpo."
+                f"{self.training.policy_objective!r} needs finished images, which pruned rollouts never have: set "
+                "prune_train_early: false or an objective that trains on transitions (flow_grpo)."
             )
         started = self.started_group_size
         if p.prune_policy in ("topk", "maxvar", "variance", "random") and p.prune_explore > keep_count(

@@ -48,14 +48,13 @@ from rl.cost import ComputeCounts, flux_equivalent
 from rl.data import load_prompt_source, per_process, shard
 from rl.distributed import build_accelerator, configure_deepspeed, whole_model_loading
 from rl.lora import LoraEMA, add_lora, disable_adapter, save_lora
-from rl.loss import awm_loss, grpo_loss
 from rl.metrics_log import MetricsAccumulator, MetricsLogger
+from rl.objectives import OBJECTIVES
 from rl.predictors import PredictionCost
 from rl.pruned_rollout import PrunedRollout
 from rl.pruning import trained_step_weights
 from rl.sampler import FluxSampler, Rollouts, StepObserver, encode_prompts
 from rl.schedule import lr_factor
-from rl.sde import kl_to_reference, matching_log_prob
 
 logger = logging.getLogger(__name__)
 
@@ -190,6 +189,7 @@ class GRPOTrainer:
         )
         self.eval_sampler = FluxSampler(self.pipeline, cfg.eval.eval_num_steps or s.num_steps, 0.0, **size)
         self.pruner = PrunedRollout.from_config(cfg, self.sampler, self.accelerator)  # None: unpruned
+        self.objective = OBJECTIVES[cfg.training.policy_objective](self)  # rl/objectives/
         self.output_dir = Path(cfg.logging.output_dir)
         clear = must_clear_output_dir(self.output_dir, cfg.checkpoint.resume_from, cfg.logging.overwrite_output_dir)
         self.accelerator.wait_for_everyone()  # every process has looked before the main one clears
@@ -433,7 +433,7 @@ class GRPOTrainer:
                                     self.metrics.add("train/grad_norm", float(grad_norm))
                             self.optimizer.step()
                             self.optimizer.zero_grad()
-                        self.record_loss(out, first_inner=not updated)
+                        self.objective.record(out, self.metrics, first_inner=not updated)
                         if acc.sync_gradients:
                             updated = True
                             self.state.optimizer_steps += 1
@@ -445,33 +445,8 @@ class GRPOTrainer:
             self.state.transformer_calls += passes
 
     def policy_loss(self, embeds, rollouts: Rollouts, rows, step, advantages, weights):
-        """The loss of rollouts ``rows`` at denoising steps ``step`` (``[b]``), with the optional KL term."""
-        if self.config.training.policy_objective == "awm":
-            return self.awm_policy_loss(embeds, rollouts, rows, step, advantages, weights)
-        t = self.config.training
-        current = self.sampler.step_log_prob(rollouts, step, embeds, rows, model=self.model)
-        kl = None
-        if t.kl_beta > 0:
-            with torch.no_grad(), self.reference_weights():
-                reference = self.sampler.step_log_prob(rollouts, step, embeds, rows)
-            kl = kl_to_reference(current.mean, reference.mean, current.std)
-        old = rollouts.log_probs[rows, step]
-        return grpo_loss(current.log_prob, old, advantages[rows], t.clip_range, kl, t.kl_beta, weights)
-
-    def awm_policy_loss(self, embeds, rollouts: Rollouts, rows, step, advantages, weights):
-        """:meth:`policy_loss` for ``policy_objective: awm``; logs the weighted flow-matching error."""
-        t = self.config.training
-        error, velocity = self.sampler.matching_error(rollouts, step, embeds, rows, model=self.model)
-        count = float(weights.sum())
-        if count > 0:
-            self.metrics.add("policy/matching_error", float((error.detach() * weights).sum()) / count, count)
-        kl = None
-        if t.kl_beta > 0:  # in velocity space: KL of unit-variance Gaussians around the two predictions
-            with torch.no_grad(), self.reference_weights():
-                _, reference = self.sampler.matching_error(rollouts, step, embeds, rows)
-            kl = kl_to_reference(velocity, reference, torch.ones(()))
-        log_prob = matching_log_prob(error, t.awm_error_power)
-        return awm_loss(log_prob, advantages[rows], kl, t.kl_beta, weights)
+        """The objective's loss of rollouts ``rows`` at denoising steps ``step`` (rl/objectives/)."""
+        return self.objective.loss(embeds, rollouts, rows, step, advantages, weights)
 
     def reference_weights(self):
         """Context in which the model is the base (LoRA adapter off): the KL reference and the base evaluation."""
@@ -668,20 +643,6 @@ class GRPOTrainer:
         rng = np.random.default_rng([self.config.training.seed, step, 3, stream])
         picks = np.sort(np.stack([rng.permutation(trainable)[:count] for _ in range(rows)]), axis=1)
         return torch.from_numpy(picks)
-
-    def record_loss(self, out, first_inner: bool) -> None:
-        count = float(out.count)
-        if count == 0:
-            return
-        for key in ("loss", "policy_loss", "kl_ref", "approx_kl", "clipfrac", "ratio_mean"):
-            name = "policy/loss" if key == "loss" else f"policy/{key}"
-            self.metrics.add(name, float(getattr(out, key).detach()), count)
-        self.metrics.add_min("policy/ratio_min", out.ratio_min)
-        self.metrics.add_max("policy/ratio_max", out.ratio_max)
-        if first_inner:
-            self.metrics.add("policy/ratio_first_inner", float(out.ratio_mean), count)
-            deviation = max(abs(float(out.ratio_min) - 1), abs(float(out.ratio_max) - 1))
-            self.metrics.add_max("policy/ratio_first_inner_max_dev", deviation)
 
     @contextlib.contextmanager
     def phase(self, name: str) -> Iterator[None]:

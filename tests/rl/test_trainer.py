@@ -262,7 +262,7 @@ def test_awm_objective_fits_rollouts_by_their_advantage(pipeline_dir, tmp_path):
     # better than their group became likelier
     before, after = (matching_log_prob(e, 0.25).mean(1) for e in (before, after))
     assert float((advantages * (after - before)).sum()) > 0
-    assert metrics["policy/ratio_first_inner_max_dev"] == 0 and metrics["policy/clipfrac"] == 0
+    assert not any(k.startswith(("policy/ratio", "policy/clipfrac", "policy/approx_kl")) for k in metrics)  # no ratio
     assert any(not torch.equal(a, b) for a, b in zip(lora_before, lora_state(trainer)))
     assert all(torch.equal(base_before[n], p) for n, p in base_state(trainer).items())
     trainer.cleanup()
