@@ -17,11 +17,13 @@ function that is itself the reward), loaded by :func:`load_reward`.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import importlib
 import inspect
 import os
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Protocol
 
 import numpy as np
@@ -204,6 +206,28 @@ def check_scores(name: str, output: Any, batch_size: int) -> dict[str, torch.Ten
             )
         scores[key] = tensor
     return scores
+
+
+_STEP_STATE: contextvars.ContextVar[dict | None] = contextvars.ContextVar("reward_step_state", default=None)
+
+
+@contextlib.contextmanager
+def scoring_step() -> Iterator[dict]:
+    """State shared by every reward call of one scoring step: a batch, with any group-by-group retries.
+
+    The reward set opens one per batch; a reward that budgets something per step (the remote client its retries)
+    opens one too, which joins the set's when one is open, so a reward called on its own makes each call a step.
+    The state is per thread, so batches scored concurrently each have their own.
+    """
+    state = _STEP_STATE.get()
+    if state is not None:
+        yield state
+        return
+    token = _STEP_STATE.set({})
+    try:
+        yield _STEP_STATE.get()
+    finally:
+        _STEP_STATE.reset(token)
 
 
 def to_pil(images: torch.Tensor) -> list[Image.Image]:

@@ -15,6 +15,11 @@ Failure policy (``reward_failure_policy``), for a reward that raises or returns 
 
 A reward returning something malformed (not a dict of ``[B]`` scores) is a bug, not a transient failure: it
 always raises.
+
+A batch is one :func:`~rewards.base.scoring_step`: a reward that retries (the remote client) has one retry budget
+for the batch and its group-by-group retries, so a server that is down fails the batch once instead of once per
+group. A component with a ``check_health()`` method is checked by :func:`build_reward_set`, so a reward server
+that is down or refuses the token stops the run at setup, before the model loads.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
-from rewards.base import Reward, RewardError, RewardOutputError, check_scores, load_reward
+from rewards.base import Reward, RewardError, RewardOutputError, check_scores, load_reward, scoring_step
 
 logger = logging.getLogger(__name__)
 
@@ -134,13 +139,14 @@ class RewardSet:
         ok = torch.ones(batch, dtype=torch.bool)
         components: dict[str, torch.Tensor] = {}
         failures: list[str] = []
-        for name, reward, weight in self.components:
-            scores, failed, messages = self._score(name, reward, images, prompts, metadata, groups)
-            for key, value in scores.items():
-                components[f"{name}/{key}"] = value
-            total += weight * next(iter(scores.values()))
-            ok &= ~failed
-            failures += messages
+        with scoring_step():  # one retry budget per reward for the batch and its group-by-group retries
+            for name, reward, weight in self.components:
+                scores, failed, messages = self._score(name, reward, images, prompts, metadata, groups)
+                for key, value in scores.items():
+                    components[f"{name}/{key}"] = value
+                total += weight * next(iter(scores.values()))
+                ok &= ~failed
+                failures += messages
         dropped = torch.unique(groups[~ok])
         valid = ~torch.isin(groups, dropped)
         total = torch.where(valid, total, torch.full_like(total, math.nan))
@@ -312,6 +318,7 @@ def build_reward_set(
     Raises:
         ValueError: on a length mismatch between components and weights, a non-finite weight, kwargs for an
             unknown component, or invalid JSON.
+        RewardError: when a component's ``check_health()`` fails (a reward server down or refusing the token).
     """
     items = parse_reward_spec(spec)
     names = [name for name, _ in items]
@@ -336,4 +343,7 @@ def build_reward_set(
     components = [
         (name, load_reward(target, **kwargs.get(name, {})), weight) for (name, target), weight in zip(items, weights)
     ]
+    for _, reward, _ in components:
+        if callable(getattr(reward, "check_health", None)):
+            reward.check_health()
     return RewardSet(components, max_workers, failure_policy, max_failed_batches)
