@@ -5,39 +5,49 @@ Protocol (JSON both ways, images as base64 PNG; never pickle)::
     POST <url>/score  {"images": ["<base64 PNG>", ...], "prompts": [...], "metadata": [{...}, ...]}
       200             {"scores": {"<key>": [float, ...], ...}}     first key = main score; NaN allowed
       4xx / 5xx       {"error": "<message>"}
-    GET  <url>/health {"status": "ok", "reward": "<spec>"}
+    GET  <url>/health {"status": "ok", "reward": "<spec>", "limits": {"max_images": N, ...}}
+
+A server started with a token (``$REWARD_SERVER_TOKEN``) answers only requests carrying
+``Authorization: Bearer <token>``, and HTTP 401 to the rest.
 
 :class:`RemoteReward` (registered as ``remote``) is the client: it sends batches of ``batch_size`` images,
-waits ``timeout`` seconds per request and retries connection failures, timeouts and HTTP 429/502/503/504 up
-to ``retries`` times with exponential backoff (``backoff``, 2x, 4x, ... seconds). Images travel as 8-bit PNG,
-so the server scores exactly what ``to_pil`` would give a local reward.
+gives each request ``timeout`` seconds in all (connecting, sending, and every byte of the answer) and retries
+connection failures, timeouts and HTTP 429/502/503/504 with exponential backoff (``backoff``, 2x, 4x, ...
+seconds). ``retries`` is a budget per scoring step (:func:`~rewards.base.scoring_step`: one batch of the reward
+set, with its group-by-group retries), and a server given up on is not asked again in that step, so a server
+that is down costs one failed step, not one per group. :meth:`RemoteReward.check_health`, called when the reward
+set is built, fails the run at setup when the server is down, refuses the token or takes fewer images per request
+than ``batch_size``. Images travel as 8-bit PNG, so the server scores exactly what ``to_pil`` would give a local
+reward.
 
-:func:`make_server` serves any reward (``launch/reward_server.py`` is its command line); calls to the reward
-are serialised by a lock, so the reward need not be thread-safe.
+The server is :mod:`rewards.server` (``launch/reward_server.py`` is its command line).
 """
 
 from __future__ import annotations
 
 import base64
+import dataclasses
+import functools
 import http.client
 import io
 import json
 import logging
-import threading
+import os
+import socket
 import time
-import urllib.error
-import urllib.request
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+import urllib.parse
 
 import numpy as np
 import torch
 from PIL import Image
 
-from rewards.base import Reward, RewardError, check_scores, register, to_pil
+from rewards.base import RewardError, check_scores, register, scoring_step, to_pil
 
 logger = logging.getLogger(__name__)
 
 RETRY_STATUS = (429, 502, 503, 504)
+TOKEN_ENV = "REWARD_SERVER_TOKEN"
+HEALTH_TIMEOUT = 10.0  # seconds: a health check that fails, fails at setup in seconds, not after a long timeout
 
 
 class RemoteRewardError(RewardError):
@@ -58,18 +68,79 @@ def decode_images(encoded: list[str]) -> torch.Tensor:
     """B base64 PNG strings -> ``[B, 3, H, W]`` float in [0, 1].
 
     Raises:
-        ValueError: for a string that is not a base64 image, or images of different sizes.
+        ValueError: for a string that is not a base64 PNG, or images of different sizes.
     """
     arrays = []
     for index, text in enumerate(encoded):
         try:
-            image = Image.open(io.BytesIO(base64.b64decode(text, validate=True))).convert("RGB")
+            data = io.BytesIO(base64.b64decode(text, validate=True))
+            image = Image.open(data, formats=["PNG"]).convert("RGB")  # PNG only: the size the server checked
         except Exception as error:
-            raise ValueError(f"image {index} is not a base64-encoded image ({error})") from error
+            raise ValueError(f"image {index} is not a base64-encoded PNG ({error})") from error
         arrays.append(np.asarray(image))
     if len({a.shape for a in arrays}) > 1:
         raise ValueError(f"images in one request must share a size, got {sorted({a.shape for a in arrays})}")
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous().float() / 255
+
+
+def check_token(token: str, where: str) -> str:
+    """``token`` itself, after checking it can travel in an HTTP header.
+
+    Raises:
+        ValueError: for a token that is not printable ASCII, naming ``where`` it came from.
+    """
+    if not (token.isascii() and token.isprintable() and " " not in token):
+        raise ValueError(f"the token in {where} must be printable ASCII without spaces (e.g. `openssl rand -hex 32`)")
+    return token
+
+
+class DeadlineReader(io.RawIOBase):
+    """A socket's reads, all ending by one deadline (``time.monotonic()`` seconds).
+
+    Each read waits at most the time left, so a peer trickling a byte at a time is cut off at the deadline,
+    where a plain socket timeout (which bounds each read) would wait forever. Like ``sock.makefile()``, it keeps
+    the socket open until it is closed itself (http.client closes the connection before reading the body).
+    """
+
+    def __init__(self, sock: socket.socket, deadline: float) -> None:
+        super().__init__()
+        self.sock, self.deadline = sock, deadline
+        self.stream = sock.makefile("rb", buffering=0)
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("deadline passed")
+        self.sock.settimeout(left)
+        return self.stream.readinto(buffer)
+
+    def close(self) -> None:
+        self.stream.close()
+        super().close()
+
+
+class _DeadlineResponse(http.client.HTTPResponse):
+    """An HTTP response whose status line, headers and body are all read by ``deadline``."""
+
+    def __init__(self, sock: socket.socket, *args, deadline: float, **kwargs) -> None:
+        super().__init__(sock, *args, **kwargs)
+        self.fp.close()
+        self.fp = io.BufferedReader(DeadlineReader(sock, deadline))
+
+
+class _NoAnswer(Exception):
+    """A request got no HTTP answer (connection failed or timed out); the message says which."""
+
+
+@dataclasses.dataclass
+class _StepBudget:
+    """What one scoring step has left of a client's retries, and why it gave the server up, once it has."""
+
+    retries: int
+    gave_up: str = ""
 
 
 @register("remote")
@@ -78,11 +149,15 @@ class RemoteReward:
 
     Args:
         url: the server's base URL, e.g. ``http://gpu-node-3:8000`` (a trailing ``/score`` is ignored).
-        timeout: seconds to wait for one request's answer (a batch of ``batch_size`` images).
-        retries: further attempts after a connection failure, a timeout or HTTP 429/502/503/504.
+        timeout: seconds one request (a batch of ``batch_size`` images) may take in all, from connecting to the
+            last byte of the answer.
+        retries: further attempts after a connection failure, a timeout or HTTP 429/502/503/504; a budget per
+            scoring step (a batch of the reward set, with its group-by-group retries), not per request.
         backoff: seconds before the first retry; doubled for each next one.
-        batch_size: images per request.
-        headers: extra HTTP headers (e.g. an ``Authorization`` token for a server behind a proxy).
+        batch_size: images per request; at most the server's ``--max_images``.
+        headers: extra HTTP headers (e.g. for a proxy in front of the server).
+        token_env: environment variable holding the server's token, sent as ``Authorization: Bearer <token>``
+            when set. The token itself is never a reward argument, so it stays out of the saved run config.
 
     It keeps no state between calls, so ``reward_workers`` > 1 sends batches concurrently.
     """
@@ -97,70 +172,151 @@ class RemoteReward:
         backoff: float = 1.0,
         batch_size: int = 64,
         headers: dict[str, str] | None = None,
+        token_env: str = TOKEN_ENV,
     ) -> None:
         if not url.startswith(("http://", "https://")):
             raise ValueError(f"remote reward url must start with http:// or https://, got {url!r}")
         self.url = url.rstrip("/").removesuffix("/score")  # the base URL; "<base>/score" is accepted too
+        self._parts = urllib.parse.urlsplit(self.url)
         self.timeout, self.retries, self.backoff, self.batch_size = timeout, retries, backoff, batch_size
-        self.headers = {"Content-Type": "application/json", **(headers or {})}
+        self.token_env = token_env
+        token = os.environ.get(token_env, "")
+        auth = {"Authorization": f"Bearer {check_token(token, '$' + token_env)}"} if token else {}
+        self.headers = {"Content-Type": "application/json", **auth, **(headers or {})}
 
     def __call__(self, images: torch.Tensor, prompts: list[str], metadata: list[dict]) -> dict[str, torch.Tensor]:
         chunks: dict[str, list[torch.Tensor]] = {}
-        for start in range(0, len(images), self.batch_size):
-            stop = start + self.batch_size
-            scores = self._score(images[start:stop], prompts[start:stop], metadata[start:stop])
-            if chunks and list(scores) != list(chunks):
-                raise RemoteRewardError(
-                    f"remote reward at {self.url} returned keys {list(scores)} for one batch and {list(chunks)} "
-                    "for another; the server's reward must always return the same keys"
-                )
-            for key, value in scores.items():
-                chunks.setdefault(key, []).append(value)
+        with scoring_step() as step:  # joins the reward set's step; called alone, this call is the step
+            budget = step.setdefault(self, _StepBudget(self.retries))
+            for start in range(0, len(images), self.batch_size):
+                stop = start + self.batch_size
+                scores = self._score(images[start:stop], prompts[start:stop], metadata[start:stop], budget)
+                if chunks and list(scores) != list(chunks):
+                    raise RemoteRewardError(
+                        f"remote reward at {self.url} returned keys {list(scores)} for one batch and {list(chunks)} "
+                        "for another; the server's reward must always return the same keys"
+                    )
+                for key, value in scores.items():
+                    chunks.setdefault(key, []).append(value)
         return {key: torch.cat(values) for key, values in chunks.items()}
 
-    def _score(self, images: torch.Tensor, prompts: list[str], metadata: list[dict]) -> dict[str, torch.Tensor]:
+    def check_health(self) -> None:
+        """``GET <url>/health`` once, within ``HEALTH_TIMEOUT`` seconds (or ``timeout`` if shorter).
+
+        Raises:
+            RemoteRewardError: naming the URL, when the server does not answer, refuses the token, is not a
+                reward server, or takes fewer images per request than ``batch_size``.
+        """
+        try:
+            status, raw = self._request("GET", "/health", None, min(self.timeout, HEALTH_TIMEOUT))
+        except _NoAnswer as error:
+            raise RemoteRewardError(
+                f"remote reward at {self.url} failed its health check: {error}. Start the server first "
+                "(python launch/reward_server.py --reward <spec> --port <port>) and check the url in reward_kwargs."
+            ) from error
+        if status != 200:
+            raise RemoteRewardError(
+                f"remote reward at {self.url} failed its health check: HTTP {status}: {_detail(raw, status)}. "
+                f"{self._hint(status) or 'Is the URL a reward server (launch/reward_server.py)?'}"
+            )
+        try:
+            answer = json.loads(raw)
+            max_images = answer.get("limits", {}).get("max_images", self.batch_size)
+        except (ValueError, AttributeError) as error:
+            raise RemoteRewardError(
+                f"remote reward at {self.url} answered its health check with {raw[:80]!r}, not a reward server's "
+                "answer. Is the URL a reward server (launch/reward_server.py)?"
+            ) from error
+        if self.batch_size > max_images:
+            raise RemoteRewardError(
+                f"remote reward at {self.url} takes at most {max_images} images per request (its --max_images), "
+                f"but batch_size is {self.batch_size}: lower batch_size in reward_kwargs or raise --max_images"
+            )
+
+    def _score(self, images, prompts, metadata, budget: _StepBudget) -> dict[str, torch.Tensor]:
         try:
             body = json.dumps({"images": encode_images(images), "prompts": prompts, "metadata": metadata})
         except TypeError as error:
             raise TypeError(
                 f"the remote reward sends metadata as JSON, and it is not JSON-serialisable: {error}"
             ) from error
-        return self._parse(self._post("/score", body.encode()), len(images))
+        return self._parse(self._post("/score", body.encode(), budget), len(images))
 
-    def _post(self, path: str, body: bytes) -> bytes:
-        """POST with retries; the answer's body, or an error saying what failed on every attempt."""
-        request = urllib.request.Request(self.url + path, data=body, headers=self.headers, method="POST")
-        problem = ""
-        for attempt in range(self.retries + 1):
-            if attempt:
-                time.sleep(self.backoff * 2 ** (attempt - 1))
+    def _post(self, path: str, body: bytes, budget: _StepBudget) -> bytes:
+        """POST with the step's retries; the answer's body, or an error saying what failed."""
+        if budget.gave_up:
+            raise RemoteRewardError(
+                f"remote reward at {self.url} was given up on earlier in this step ({budget.gave_up}); it is tried "
+                "again next step"
+            )
+        attempts = 0
+        while True:
+            attempts += 1
             try:
-                with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                    return response.read()
-            except urllib.error.HTTPError as error:
-                detail = _error_detail(error)
-                if error.code not in RETRY_STATUS:
+                status, raw = self._request("POST", path, body, self.timeout)
+            except _NoAnswer as error:
+                problem = str(error)
+            else:
+                if status == 200:
+                    return raw
+                if status not in RETRY_STATUS:
+                    hint = self._hint(status) or "Check the server's log and its reward"
                     raise RemoteRewardError(
-                        f"remote reward at {self.url} answered HTTP {error.code}: {detail}. Check the server's log "
-                        "and its reward (the client does not retry this)."
-                    ) from error
-                problem = f"HTTP {error.code}: {detail}"
-            except TimeoutError:
-                problem = f"no answer within timeout={self.timeout} s"
-            except urllib.error.URLError as error:
-                if isinstance(error.reason, TimeoutError):
-                    problem = f"no answer within timeout={self.timeout} s"
-                else:
-                    problem = f"cannot connect ({error.reason})"
-            except (ConnectionError, http.client.HTTPException) as error:
-                problem = f"connection failed ({type(error).__name__}: {error})"
-            logger.warning("remote reward %s: attempt %d of %d: %s", self.url, attempt + 1, self.retries + 1, problem)
+                        f"remote reward at {self.url} answered HTTP {status}: {_detail(raw, status)}. {hint} "
+                        "(the client does not retry this)."
+                    )
+                problem = f"HTTP {status}: {_detail(raw, status)}"
+            if not budget.retries:
+                break
+            budget.retries -= 1
+            logger.warning("remote reward %s: attempt %d failed (%s); retrying", self.url, attempts, problem)
+            time.sleep(self.backoff * 2 ** (attempts - 1))
+        budget.gave_up = problem
+        spent = " (earlier requests of this step spent the rest)" if attempts <= self.retries else ""
         raise RemoteRewardError(
-            f"remote reward at {self.url} failed on all {self.retries + 1} attempts (backoff {self.backoff} s, "
-            f"doubling): {problem}. Is the server running and reachable "
+            f"remote reward at {self.url} failed on all {attempts} attempts{spent} (retries={self.retries} per "
+            f"step, backoff {self.backoff} s, doubling): {problem}. Is the server running and reachable "
             "(python launch/reward_server.py --reward <spec> --host 0.0.0.0 --port <port>)? If it is just slow, "
             "raise the remote reward's timeout or lower its batch_size in reward_kwargs."
         )
+
+    def _request(self, method: str, path: str, body: bytes | None, timeout: float) -> tuple[int, bytes]:
+        """One HTTP exchange, all of it within ``timeout`` seconds: ``(status, body)``.
+
+        Raises:
+            _NoAnswer: when it cannot connect, the connection fails, or the deadline passes.
+        """
+        deadline = time.monotonic() + timeout
+        https = self._parts.scheme == "https"
+        connection_class = http.client.HTTPSConnection if https else http.client.HTTPConnection
+        connection = connection_class(self._parts.hostname, self._parts.port, timeout=timeout)
+        connection.response_class = functools.partial(_DeadlineResponse, deadline=deadline)
+        try:
+            try:
+                connection.connect()
+            except OSError as error:
+                if time.monotonic() >= deadline or isinstance(error, TimeoutError):
+                    raise _NoAnswer(f"no answer within timeout={timeout} s (connecting)") from error
+                raise _NoAnswer(f"cannot connect ({error})") from error
+            connection.sock.settimeout(max(deadline - time.monotonic(), 1e-3))  # sending counts against it too
+            connection.request(method, self._parts.path + path, body=body, headers=self.headers)
+            response = connection.getresponse()
+            return response.status, response.read()
+        except (OSError, http.client.HTTPException) as error:
+            if time.monotonic() >= deadline or isinstance(error, TimeoutError):
+                raise _NoAnswer(f"no answer within timeout={timeout} s") from error
+            raise _NoAnswer(f"connection failed ({type(error).__name__}: {error})") from error
+        finally:
+            connection.close()
+
+    def _hint(self, status: int) -> str:
+        """What to do about an answer the client does not retry; empty when the server's message says it all."""
+        if status == 401:
+            state = "is set but is not the server's token" if "Authorization" in self.headers else "is not set"
+            return f"The server wants a token and ${self.token_env} {state}: set it to the server's token"
+        if status == 413:
+            return "Lower the remote reward's batch_size in reward_kwargs, or raise the server's limit"
+        return ""
 
     def _parse(self, raw: bytes, batch_size: int) -> dict[str, torch.Tensor]:
         fix = f'expected {{"scores": {{"<key>": [{batch_size} numbers]}}}}'
@@ -181,75 +337,9 @@ class RemoteReward:
             raise RemoteRewardError(f"remote reward at {self.url} sent a malformed answer: {error}; {fix}") from error
 
 
-def _error_detail(error: urllib.error.HTTPError) -> str:
+def _detail(raw: bytes, status: int) -> str:
+    """The ``error`` of a JSON error body, else the status's standard phrase."""
     try:
-        return str(json.loads(error.read())["error"])
+        return str(json.loads(raw)["error"])
     except Exception:
-        return str(error.reason)
-
-
-class RewardServer(ThreadingHTTPServer):
-    """Serves one reward over the protocol in the module docstring; ``server_address`` has the bound port."""
-
-    daemon_threads = True
-
-    def __init__(self, reward: Reward, name: str, host: str = "127.0.0.1", port: int = 0) -> None:
-        super().__init__((host, port), _Handler)
-        self.reward, self.name = reward, name
-        self.lock = threading.Lock()
-
-    @property
-    def url(self) -> str:
-        host, port = self.server_address[:2]
-        return f"http://{host}:{port}"
-
-
-class _Handler(BaseHTTPRequestHandler):
-    server: RewardServer
-
-    def do_GET(self) -> None:
-        if self.path.rstrip("/") == "/health":
-            self._send(200, {"status": "ok", "reward": self.server.name})
-        else:
-            self._send(404, {"error": f"unknown path {self.path!r}; use POST /score or GET /health"})
-
-    def do_POST(self) -> None:
-        if self.path.rstrip("/") != "/score":
-            self._send(404, {"error": f"unknown path {self.path!r}; use POST /score or GET /health"})
-            return
-        try:
-            request = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
-            images, prompts = decode_images(request["images"]), list(request["prompts"])
-            metadata = list(request.get("metadata") or [{} for _ in prompts])
-            if not len(images) == len(prompts) == len(metadata):
-                raise ValueError(f"{len(images)} images, {len(prompts)} prompts, {len(metadata)} metadata")
-        except (ValueError, KeyError, TypeError) as error:
-            self._send(400, {"error": f"malformed request ({type(error).__name__}: {error})"})
-            return
-        try:
-            with self.server.lock, torch.no_grad():
-                scores = check_scores(self.server.name, self.server.reward(images, prompts, metadata), len(images))
-        except Exception as error:
-            logger.exception("reward %s failed", self.server.name)
-            self._send(500, {"error": f"reward {self.server.name!r} raised {type(error).__name__}: {error}"})
-            return
-        self._send(200, {"scores": {key: value.tolist() for key, value in scores.items()}})
-
-    def _send(self, status: int, payload: dict) -> None:
-        body = json.dumps(payload).encode()
-        try:
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-        except OSError:  # the client gave up (timed out) before the answer: nothing to tell it
-            logger.warning("reward server: client went away before the answer")
-
-    def log_message(self, format: str, *args) -> None:
-        logger.debug("reward server: " + format, *args)
-
-
-def make_server(reward: Reward, name: str = "reward", host: str = "127.0.0.1", port: int = 0) -> RewardServer:
-    """A server for ``reward`` bound to ``host:port`` (0 = a free port); call ``serve_forever()`` to run it."""
-    return RewardServer(reward, name, host, port)
+        return http.client.responses.get(status, "unknown status")

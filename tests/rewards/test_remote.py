@@ -19,7 +19,8 @@ import torch
 
 from rewards.base import load_reward
 from rewards.compose import build_reward_set
-from rewards.remote import RemoteReward, RemoteRewardError, decode_images, encode_images, make_server
+from rewards.remote import RemoteReward, RemoteRewardError, decode_images, encode_images
+from rewards.server import make_server
 
 ROOT = Path(__file__).resolve().parents[2]
 PROMPTS = [f"prompt {i}" for i in range(6)]
@@ -162,7 +163,8 @@ def test_overloaded_server_is_retried(serve, images):
 def test_server_rejects_bad_requests(serve):
     url = serve(Brightness())
     with urllib.request.urlopen(url + "/health", timeout=5) as response:
-        assert json.loads(response.read()) == {"status": "ok", "reward": "test"}
+        health = json.loads(response.read())
+    assert health["status"] == "ok" and health["reward"] == "test" and health["limits"]["max_images"] == 64
     request = urllib.request.Request(url + "/score", data=b'{"images": ["not base64!"], "prompts": ["p"]}')
     with pytest.raises(urllib.error.HTTPError) as error:
         urllib.request.urlopen(request, timeout=5)

@@ -1,0 +1,368 @@
+"""The reward server facing a network, and the client bounding what it waits for (loopback only).
+
+A load test bounded in count and time: 50 concurrent clients, a decompression bomb, oversized and malformed
+bodies, slow clients and tokens against the server, which answers the valid requests throughout with its memory
+bounded; a trickling server, a hung one and a dead one against the client, each failing in a bounded time.
+"""
+
+from __future__ import annotations
+
+import base64
+import http.client
+import io
+import json
+import os
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+import urllib.parse
+import zlib
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from rewards.base import RewardError
+from rewards.compose import RewardSet, build_reward_set
+from rewards.remote import RemoteReward, RemoteRewardError, encode_images
+from rewards.server import PNG_SIGNATURE, ServerLimits, make_server
+
+ROOT = Path(__file__).resolve().parents[2]
+TOKEN = "test-token-0123456789"
+BOMB_SIDE = 12000  # 144 M pixels: below PIL's own bomb error (179 M), so only the server's limit stops it
+
+
+def mean_reward(images, prompts, metadata):
+    return {"score": images.mean(dim=(1, 2, 3))}
+
+
+def png_bomb(side: int) -> bytes:
+    """A valid PNG of ``side`` x ``side`` black pixels: 420 KB for 12000, decoding to 432 MB (1.7 GB as floats)."""
+    compressor = zlib.compressobj(9)
+    rows = bytes(1 + 3 * side) * 100  # filter byte 0, then black RGB; 100 rows a call
+    data = b"".join([compressor.compress(rows) for _ in range(side // 100)] + [compressor.flush()])
+
+    def chunk(kind: bytes, payload: bytes) -> bytes:
+        return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+
+    header = struct.pack(">IIBBBBB", side, side, 8, 2, 0, 0, 0)  # 8-bit RGB
+    return PNG_SIGNATURE + chunk(b"IHDR", header) + chunk(b"IDAT", data) + chunk(b"IEND", b"")
+
+
+def post(url: str, body: bytes, headers: dict | None = None, path: str = "/score") -> tuple[int, dict]:
+    """POST through http.client (no retries): status and the JSON answer."""
+    parts = urllib.parse.urlsplit(url)
+    connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=20)
+    try:
+        connection.request("POST", path, body=body, headers={"Content-Type": "application/json", **(headers or {})})
+        response = connection.getresponse()
+        return response.status, json.loads(response.read())
+    finally:
+        connection.close()
+
+
+def raw_exchange(url: str, request: bytes) -> tuple[int, dict]:
+    """Send bytes as they are and read the answer until the server closes: status and JSON body."""
+    parts = urllib.parse.urlsplit(url)
+    with socket.create_connection((parts.hostname, parts.port), timeout=10) as sock:
+        sock.sendall(request)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    return int(head.split()[1]), json.loads(body)
+
+
+def score_body(images: torch.Tensor) -> bytes:
+    prompts = [f"p{i}" for i in range(len(images))]
+    return json.dumps({"images": encode_images(images), "prompts": prompts}).encode()
+
+
+def peak_rss_mb(pid: int) -> float:
+    """The process's peak resident memory so far (VmHWM), in MB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmHWM")
+
+
+@pytest.fixture
+def serve():
+    """Start servers in threads; ``serve(reward, limits=...)`` or ``serve(handler=...)`` returns the base URL."""
+    servers = []
+
+    def start(reward=None, handler=None, limits: ServerLimits | None = None) -> str:
+        if handler is None:
+            server = make_server(reward, "test", limits=limits)
+        else:
+            server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+        servers.append(server)
+        host, port = server.server_address[:2]
+        return f"http://{host}:{port}"
+
+    yield start
+    for server in servers:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.fixture(scope="module")
+def script_server():
+    """``launch/reward_server.py`` with a token and small limits, in its own process: ``(url, pid)``."""
+    command = [sys.executable, str(ROOT / "launch" / "reward_server.py"), "--reward", "jpeg_incompressibility"]
+    limits = ["--max_body_mb", "1", "--max_images", "8", "--read_timeout", "3", "--workers", "4"]
+    env = {**os.environ, "REWARD_SERVER_TOKEN": TOKEN}
+    process = subprocess.Popen(
+        [*command, "--port", "0", *limits], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env
+    )
+    try:
+        line = process.stdout.readline()
+        assert line.startswith("serving jpeg_incompressibility on http://127.0.0.1:"), line
+        yield line.split()[-1], process.pid
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads peak memory from /proc")
+def test_decompression_bomb_is_refused_from_its_header(script_server, images):
+    url, pid = script_server
+    assert post(url, score_body(images[:2]), AUTH)[0] == 200  # warm: what a valid request costs is in the peak
+    bomb = png_bomb(BOMB_SIDE)
+    assert Image.open(io.BytesIO(bomb)).size == (BOMB_SIDE, BOMB_SIDE)  # a real, decodable PNG
+    body = json.dumps({"images": [base64.b64encode(bomb).decode()], "prompts": ["p"]}).encode()
+    assert len(body) < 2**20  # under the body limit: only the pixel limit stands between it and 2 GB
+    before = peak_rss_mb(pid)
+    start = time.perf_counter()
+    status, answer = post(url, body, AUTH)
+    assert status == 413 and f"image 0 is {BOMB_SIDE}x{BOMB_SIDE} = 144000000 pixels" in answer["error"]
+    assert "--max_pixels 4194304" in answer["error"]
+    assert time.perf_counter() - start < 5
+    assert peak_rss_mb(pid) - before < 200
+    assert post(url, score_body(images[:2]), AUTH)[0] == 200  # still serving
+
+
+def test_oversized_and_malformed_bodies_are_refused(script_server, images):
+    url, _ = script_server
+    auth = f"Authorization: Bearer {TOKEN}\r\n".encode()
+    status, answer = post(url, b"x" * (2 * 2**20), AUTH)  # sent whole: the server discards it and answers
+    assert status == 413 and "a body of 2097152 bytes; the server takes at most 1048576" in answer["error"]
+    start = time.perf_counter()  # a 10 GB claim is refused from the header, without waiting for a byte of it
+    status, answer = raw_exchange(url, b"POST /score HTTP/1.0\r\n" + auth + b"Content-Length: 10000000000\r\n\r\n")
+    assert status == 413 and time.perf_counter() - start < 2
+    assert raw_exchange(url, b"POST /score HTTP/1.0\r\n" + auth + b"\r\n")[0] == 411
+    for length in (b"-1", b"abc", b"1e3"):
+        status, answer = raw_exchange(
+            url, b"POST /score HTTP/1.0\r\n" + auth + b"Content-Length: " + length + b"\r\n\r\n"
+        )
+        assert status == 400 and "Content-Length must be a non-negative integer" in answer["error"]
+    status, answer = post(url, b"[" * 100_000 + b"]" * 100_000, AUTH)
+    assert status == 400 and "--max_json_depth 32" in answer["error"]
+    nested = {"images": [], "prompts": [], "metadata": [{"a": json.loads("[" * 40 + "]" * 40)}]}
+    assert post(url, json.dumps(nested).encode(), AUTH) == (
+        400,
+        {"error": "JSON nested deeper than --max_json_depth 32"},
+    )
+    status, answer = post(url, score_body(torch.zeros(9, 3, 4, 4)), AUTH)
+    assert status == 413 and "9 images in a request; the server takes at most --max_images 8" in answer["error"]
+    status, answer = post(
+        url, json.dumps({"images": [base64.b64encode(b"GIF89a" * 8).decode()], "prompts": ["p"]}).encode(), AUTH
+    )
+    assert status == 400 and "image 0 is not a PNG" in answer["error"]
+    assert post(url, score_body(images[:2]), AUTH)[0] == 200  # still serving
+
+
+def test_a_token_is_required_when_the_server_has_one(script_server, images, monkeypatch):
+    url, _ = script_server
+    body = score_body(images[:2])
+    assert post(url, body)[0] == 401
+    assert post(url, body, {"Authorization": "Bearer wrong"})[0] == 401
+    assert post(url, body, {"Authorization": TOKEN})[0] == 401  # the token without "Bearer "
+    assert post(url, body, AUTH)[0] == 200
+    monkeypatch.delenv("REWARD_SERVER_TOKEN", raising=False)
+    with pytest.raises(
+        RemoteRewardError, match=rf"{url} failed its health check: HTTP 401.*REWARD_SERVER_TOKEN is not set"
+    ):
+        build_reward_set("remote", kwargs={"remote": {"url": url}})
+    monkeypatch.setenv("MY_TOKEN", TOKEN)  # the client's token_env names the variable
+    rewards = build_reward_set("remote", kwargs={"remote": {"url": url, "batch_size": 8, "token_env": "MY_TOKEN"}})
+    assert rewards(images, [f"p{i}" for i in range(6)], [{}] * 6).valid.all()
+    with pytest.raises(
+        RemoteRewardError, match=r"at most 8 images per request .its --max_images., but batch_size is 64"
+    ):
+        RemoteReward(url, token_env="MY_TOKEN").check_health()
+
+
+def test_fifty_concurrent_clients_are_all_answered(serve, images):
+    url = serve(mean_reward)  # default limits: 8 workers, so 42 clients wait in the listen backlog
+    barrier = threading.Barrier(50)
+    results: list = [None] * 50
+
+    def client(index: int) -> None:
+        remote = RemoteReward(url, timeout=30, retries=0)  # no retries: a reset connection would be an error
+        barrier.wait()
+        try:
+            results[index] = remote(images[index % 6 : index % 6 + 1], ["p"], [{}])["score"]
+        except Exception as error:
+            results[index] = error
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(50)]
+    start = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert [type(r).__name__ for r in results if not isinstance(r, torch.Tensor)] == []
+    assert all(torch.allclose(results[i], images[i % 6].mean().reshape(1)) for i in range(50))
+    assert time.perf_counter() - start < 20
+
+
+def test_slow_clients_are_dropped_while_valid_requests_are_served(serve, images):
+    limits = ServerLimits(read_timeout=3.0, workers=3)
+    url = serve(mean_reward, limits=limits)
+    parts = urllib.parse.urlsplit(url)
+    dropped: dict[str, tuple[float, bytes]] = {}
+
+    def slow(name: str, opening: bytes, trickle: bytes) -> None:
+        """Send ``opening``, then a byte of ``trickle`` every 0.1 s, until the server closes or answers."""
+        with socket.create_connection((parts.hostname, parts.port), timeout=10) as sock:
+            start = time.monotonic()
+            sock.sendall(opening)
+            sock.settimeout(0.1)
+            for byte in trickle:
+                try:
+                    dropped[name] = (time.monotonic() - start, sock.recv(65536))
+                    return
+                except TimeoutError:
+                    sock.sendall(bytes([byte]))
+                except ConnectionError:
+                    dropped[name] = (time.monotonic() - start, b"")
+                    return
+
+    half_headers = ("headers", b"POST /score HTTP/1.0\r\n", b"X" * 100)  # one header byte at a time, for 10 s
+    half_body = ("body", b"POST /score HTTP/1.0\r\nContent-Length: 1000\r\n\r\n{", b" " * 100)
+    threads = [threading.Thread(target=slow, args=spec) for spec in (half_headers, half_body)]
+    for thread in threads:
+        thread.start()
+    time.sleep(0.3)  # both hold a worker now
+    start = time.perf_counter()
+    assert torch.allclose(
+        RemoteReward(url, timeout=10, retries=0)(images[:2], ["a", "b"], [{}, {}])["score"],
+        images[:2].mean(dim=(1, 2, 3)),
+    )
+    assert time.perf_counter() - start < 2.5  # answered while both slow clients are still held
+    for thread in threads:
+        thread.join(timeout=15)
+    assert set(dropped) == {"headers", "body"}
+    for name, (seconds, _) in dropped.items():
+        assert 2.5 < seconds < 5, (name, seconds)  # dropped at read_timeout (3 s), not after the 10 s of trickle
+    assert b" 408 " in dropped["body"][1]  # a half-sent body is told why
+
+
+def trickling(interval: float) -> type[BaseHTTPRequestHandler]:
+    """A handler that reads the request, then sends a valid answer one byte every ``interval`` seconds."""
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):
+            self.rfile.read(int(self.headers["Content-Length"]))
+            body = json.dumps({"scores": {"score": [0.0] * 2}}).encode()
+            answer = b"HTTP/1.0 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+            try:
+                for byte in answer:
+                    self.wfile.write(bytes([byte]))
+                    time.sleep(interval)
+            except OSError:  # the client hung up: what the test wants
+                pass
+
+        def log_message(self, *args):
+            pass
+
+    return Handler
+
+
+def test_client_deadline_bounds_a_trickling_server(serve, images):
+    remote = RemoteReward(serve(handler=trickling(0.1)), timeout=1.0, retries=0)  # the answer takes 8 s in all
+    start = time.perf_counter()
+    with pytest.raises(RemoteRewardError, match=r"no answer within timeout=1.0 s"):
+        remote(images[:2], ["a", "b"], [{}, {}])
+    assert time.perf_counter() - start < 2  # not the 8 s the server takes to trickle its answer
+
+
+def test_health_check_fails_fast_naming_the_url():
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{free.getsockname()[1]}"
+    start = time.perf_counter()
+    with pytest.raises(RemoteRewardError, match=rf"{dead} failed its health check: cannot connect"):
+        build_reward_set("remote", kwargs={"remote": {"url": dead}})
+    with socket.socket() as hung:  # listening, never accepting: connects, and no answer ever comes
+        hung.bind(("127.0.0.1", 0))
+        hung.listen()
+        url = f"http://127.0.0.1:{hung.getsockname()[1]}"
+        with pytest.raises(RemoteRewardError, match=rf"{url} failed its health check: no answer within timeout=1.0"):
+            RemoteReward(url, timeout=1.0).check_health()
+    assert time.perf_counter() - start < 3
+
+
+def dying(posts: list) -> type[BaseHTTPRequestHandler]:
+    """A server that passes its health check, then drops every POST without an answer (and counts them)."""
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):
+            body = json.dumps({"status": "ok", "reward": "dying"}).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def do_POST(self):
+            self.rfile.read(int(self.headers["Content-Length"]))
+            posts.append(1)
+
+        def log_message(self, *args):
+            pass
+
+    return Handler
+
+
+def test_dead_server_fails_a_step_once_under_drop_group(serve, images):
+    posts: list = []
+    remote = {"url": serve(handler=dying(posts)), "retries": 1, "backoff": 0.1}
+    rewards = build_reward_set("remote", kwargs={"remote": remote}, failure_policy="drop_group")
+    prompts, groups = [f"p{i}" for i in range(6)], torch.arange(6)  # six groups: 14 attempts when retried per group
+    start = time.perf_counter()
+    result = rewards(images, prompts, [{}] * 6, group_ids=groups)
+    assert result.dropped_groups == 6 and not result.valid.any()
+    assert len(posts) == 2  # one attempt and the one retry, for the whole step
+    assert "given up on earlier in this step" in result.failures[-1]
+    assert time.perf_counter() - start < 1.5
+    rewards(images, prompts, [{}] * 6, group_ids=groups)
+    assert len(posts) == 4  # the next step has its own budget
+    with pytest.raises(RewardError, match="failed on every group of 3 batches in a row"):
+        rewards(images, prompts, [{}] * 6, group_ids=groups)
+    assert len(posts) == 6 and time.perf_counter() - start < 5
+
+
+def test_a_failing_group_is_still_retried_alone(serve, images):
+    calls = []
+
+    def picky(images, prompts, metadata):
+        calls.append(len(images))
+        if "bad" in prompts:
+            raise ValueError("cannot score 'bad'")
+        return mean_reward(images, prompts, metadata)
+
+    remote = RemoteReward(serve(picky), retries=2, backoff=5)  # a 500 is not retried: no backoff is slept
+    rewards = RewardSet([("remote", remote, 1.0)], failure_policy="drop_group")
+    result = rewards(images, ["a", "a", "bad", "bad", "c", "c"], [{}] * 6)
+    assert calls == [6, 2, 2, 2] and result.dropped_groups == 1
+    assert result.valid.tolist() == [True, True, False, False, True, True]
