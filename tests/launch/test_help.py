@@ -25,7 +25,7 @@ EXPECTED = {
         "pruning: ",
         "--learning_rate float  (default: 0.0005)",  # configs/tiny_shapes.yaml's: what the bare line runs
         "--height int  (default: 64)",
-        "one of: flow_grpo, awm",
+        "one of: awm, flow_grpo",
         "--save_lora bool  (default: true; true or false)",
         "without --config it runs the shipped default, configs/tiny_shapes.yaml",
     ],
