@@ -5,7 +5,7 @@
 
 One row per metric, three columns: the metric against GRPO step, wall-clock minutes and images generated
 (``train/images_seen``; evaluation records take the count of their step). Each run is one line, labelled by
-its folder name (or ``--label``). Metric keys are defined in the README's "Logged metrics" section.
+its folder name (or ``--label``). Metric keys are listed in docs/metrics.md.
 """
 
 from __future__ import annotations

@@ -352,7 +352,7 @@ class TrainingConfig(Section):
         "log-probs (Flow-GRPO, docs/design.md section 3). 'awm': advantage-weighted matching (Xue et al., 2025): the "
         "flow-matching error of each finished rollout's clean latents, noised afresh to each trained step's sigma, "
         "weighted by -advantage (rl/sde.py); no ratio or clip, any sampler (noise_level 0 allowed). On the tiny "
-        "model AWM gains more per step (README 'Flow-GRPO training').",
+        "model AWM gains more per step (docs/experiments.md, 'Flow-GRPO training').",
     )
     awm_error_power: float = option(
         0.25,

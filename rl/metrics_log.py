@@ -1,7 +1,7 @@
 """Metrics: accumulate as sums and counts on every process, reduce across processes, write JSONL (+ wandb).
 
-Keys are namespaced (``reward/<component>/mean``, ``policy/approx_kl``, ``time/<phase>_s``, ...; the README's
-metrics section defines each). Means are reduced as global sums over global counts, never as means of
+Keys are namespaced (``reward/<component>/mean``, ``policy/approx_kl``, ``time/<phase>_s``, ...; docs/metrics.md
+defines each). Means are reduced as global sums over global counts, never as means of
 per-process means. The JSONL file (``<output_dir>/metrics.jsonl``, one object per logged step) is always
 written; wandb is optional, offline by default, and never stops a run: any wandb error disables it with a
 warning.
