@@ -86,7 +86,7 @@ def test_ddp_ranks_hold_identical_lora_and_metrics_are_global(ddp_runs):
     assert [r["train/images_seen"] for r in two] == [8, 16] == [r["train/images_seen"] for r in one]
     # step 1 samples the same 8 rollouts (prompts and noise are functions of the global index) before any
     # update: the rewards reduced over two processes (sums and counts) equal the single process's
-    for key in ("reward/total/mean", "reward/total/std", "policy/ratio_first_inner"):
+    for key in ("reward/total/mean", "reward/total/std", "reward/group_std"):  # (AWM, the default: no ratio)
         assert two[0][key] == pytest.approx(one[0][key], abs=1e-6), key
     # the final evaluation (3 prompts: 2 on rank 0, 1 on rank 1) is the global mean over all 6 images
     final = [r for r in read_metrics(ddp_runs / "ddp" / "run" / "metrics.jsonl") if "final_eval/total/mean" in r]
