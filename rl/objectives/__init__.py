@@ -15,8 +15,9 @@ To add one (DiffusionNFT's, say): a file here with an :class:`Objective` subclas
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
 from typing import TYPE_CHECKING, ClassVar
+
+from rl.registry import registrar
 
 if TYPE_CHECKING:
     from rl.loss import LossOutput
@@ -65,17 +66,7 @@ class Objective:
             metrics.add("policy/kl_ref", float(out.kl_ref), count)
 
 
-def register(name: str) -> Callable[[type[Objective]], type[Objective]]:
-    """Class decorator: make an :class:`Objective` subclass selectable as ``policy_objective: name``."""
-
-    def add(cls: type[Objective]) -> type[Objective]:
-        if name in OBJECTIVES:
-            raise ValueError(f"objective {name!r} is registered twice ({OBJECTIVES[name].__name__}, {cls.__name__})")
-        cls.name = name
-        OBJECTIVES[name] = cls
-        return cls
-
-    return add
+register = registrar(OBJECTIVES, "objective")  # @register("name") makes an Objective subclass selectable
 
 
 from rl.objectives import awm, flow_grpo  # noqa: E402,F401  (registration)

@@ -26,6 +26,8 @@ from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
+from rl.registry import registrar
+
 if TYPE_CHECKING:
     from rewards.compose import RewardResult
     from rl.config import RunConfig
@@ -104,17 +106,7 @@ class Predictor:
         raise NotImplementedError
 
 
-def register(name: str) -> Callable[[type[Predictor]], type[Predictor]]:
-    """Class decorator: make a :class:`Predictor` subclass selectable as ``predictor: name``."""
-
-    def add(cls: type[Predictor]) -> type[Predictor]:
-        if name in PREDICTORS:
-            raise ValueError(f"predictor {name!r} is registered twice ({PREDICTORS[name].__name__}, {cls.__name__})")
-        cls.name = name
-        PREDICTORS[name] = cls
-        return cls
-
-    return add
+register = registrar(PREDICTORS, "predictor")  # @register("name") makes a Predictor subclass selectable
 
 
 def build_predictor(config: RunConfig, sampler: FluxSampler) -> Predictor:
