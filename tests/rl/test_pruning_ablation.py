@@ -95,24 +95,29 @@ def test_variant_overrides_parse_and_differ_only_in_pruning(tmp_path):
         variant_overrides("fast", tmp_path, 1.0, 0.0)
 
 
-@pytest.mark.slow
-def test_ablate_runs_three_variants_end_to_end(tiny_flux_pipeline, tmp_path):
-    """launch/ablate.py on the fixture: three real training runs of 2 steps each, then the report (~1-2 min)."""
+def fixture_ablation(pipeline, tmp_path):
+    """launch/ablate.py as a module, and the overrides that fit the tiny fixture (32 px, 4 steps, 2 x 4)."""
     import sys
     from pathlib import Path
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "launch"))
     import ablate
 
-    tiny_flux_pipeline.save_pretrained(tmp_path / "pipeline")
-    args = [
+    pipeline.save_pretrained(tmp_path / "pipeline")
+    return ablate, [
         "--pretrained", str(tmp_path / "pipeline"), "--max_sequence_length", "16", "--lora_rank", "4",
         "--lora_alpha", "8", "--height", "32", "--width", "32", "--num_steps", "4", "--prompts_per_step", "2",
         "--group_size", "4", "--train_batch_size", "4", "--progress_bar", "false", "--reward", "jpeg_compressibility",
-        "--prune_policy", "topk", "--probe_path", "init", "--capture_step", "1", "--probe_refresh_every", "1",
-        "--budget_minutes", "5", "--max_steps", "2", "--eval_every", "1", "--eval_prompts_count", "2",
-        "--out", str(tmp_path / "ablate"),
+        "--capture_step", "1", "--eval_every", "1", "--eval_prompts_count", "2", "--out", str(tmp_path / "ablate"),
     ]  # fmt: skip
+
+
+@pytest.mark.slow
+def test_ablate_runs_three_variants_end_to_end(tiny_flux_pipeline, tmp_path):
+    """launch/ablate.py on the fixture: three real training runs of 2 steps each, then the report (~1-2 min)."""
+    ablate, common = fixture_ablation(tiny_flux_pipeline, tmp_path)
+    args = [*common, "--prune_policy", "topk", "--probe_path", "init", "--probe_refresh_every", "1",
+            "--budget_minutes", "5", "--max_steps", "2"]  # fmt: skip
     report = ablate.main(args)
     rows = {row["variant"]: row for row in report["rows"]}
     assert set(rows) == {"pruned", "unpruned", "random"} and all(row["steps"] == 2 for row in rows.values())
@@ -166,21 +171,10 @@ def test_ablate_with_seeds_runs_in_parallel_and_resumes(tiny_flux_pipeline, tmp_
     """launch/ablate.py --seeds on the fixture: 2 variants x 2 seeds of 2 steps, two at a time, then a rerun that
     keeps the finished runs; the summary has every key the issue names."""
     import json
-    import sys
-    from pathlib import Path
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "launch"))
-    import ablate
-
-    tiny_flux_pipeline.save_pretrained(tmp_path / "pipeline")
-    args = [
-        "--pretrained", str(tmp_path / "pipeline"), "--max_sequence_length", "16", "--lora_rank", "4",
-        "--lora_alpha", "8", "--height", "32", "--width", "32", "--num_steps", "4", "--prompts_per_step", "2",
-        "--group_size", "4", "--train_batch_size", "4", "--progress_bar", "false", "--reward", "jpeg_compressibility",
-        "--capture_step", "1", "--budget_steps", "2", "--eval_every", "1", "--eval_prompts_count", "2",
-        "--seeds", "0", "1", "--jobs", "2", "--threads", "1", "--variants", "unpruned,pods",
-        "--out", str(tmp_path / "ablate"),
-    ]  # fmt: skip
+    ablate, common = fixture_ablation(tiny_flux_pipeline, tmp_path)
+    args = [*common, "--budget_steps", "2", "--seeds", "0", "1", "--jobs", "2", "--threads", "1",
+            "--variants", "unpruned,pods"]  # fmt: skip
     summary = ablate.main(args)
     for name in ("unpruned", "pods"):
         entry = summary["variants"][name]
