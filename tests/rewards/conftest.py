@@ -1,10 +1,15 @@
-"""Fixtures for the reward tests: a tiny random CLIP saved the way hub checkpoints are, built offline."""
+"""Fixtures for the reward tests: a tiny random CLIP saved the way hub checkpoints are, built offline, and
+reward servers on loopback."""
 
 from __future__ import annotations
+
+import threading
+from http.server import ThreadingHTTPServer
 
 import pytest
 import torch
 
+from rewards.server import ServerLimits, make_server
 from rewards.shapes import vocabulary
 from rl.tiny_flux import build_tokenizers
 
@@ -60,3 +65,24 @@ def images() -> torch.Tensor:
     """Six fixed 48x40 images in [0, 1] on an 8-bit grid (so PNG and PIL round trips are exact)."""
     generator = torch.Generator().manual_seed(0)
     return torch.randint(0, 256, (6, 3, 48, 40), generator=generator).float() / 255
+
+
+@pytest.fixture
+def serve():
+    """Start servers in threads; ``serve(reward, limits=...)`` or ``serve(handler=...)`` returns the base URL."""
+    servers = []
+
+    def start(reward=None, handler=None, limits: ServerLimits | None = None) -> str:
+        if handler is None:
+            server = make_server(reward, "test", limits=limits)
+        else:
+            server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+        servers.append(server)
+        host, port = server.server_address[:2]
+        return f"http://{host}:{port}"
+
+    yield start
+    for server in servers:
+        server.shutdown()
+        server.server_close()

@@ -11,7 +11,7 @@ import sys
 import threading
 import time
 import urllib.request
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import pytest
@@ -20,7 +20,6 @@ import torch
 from rewards.base import load_reward
 from rewards.compose import build_reward_set
 from rewards.remote import RemoteReward, RemoteRewardError, decode_images, encode_images
-from rewards.server import make_server
 
 ROOT = Path(__file__).resolve().parents[2]
 PROMPTS = [f"prompt {i}" for i in range(6)]
@@ -36,24 +35,6 @@ class Brightness:
     def __call__(self, images, prompts, metadata):
         self.batches.append(len(images))
         return {"score": images.mean(dim=(1, 2, 3)), "index": torch.tensor([float(m["index"]) for m in metadata])}
-
-
-@pytest.fixture
-def serve():
-    """Start servers in threads; ``serve(reward)`` or ``serve(handler=...)`` returns the base URL."""
-    servers = []
-
-    def start(reward=None, handler=None) -> str:
-        server = make_server(reward, "test") if handler is None else ThreadingHTTPServer(("127.0.0.1", 0), handler)
-        threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
-        servers.append(server)
-        host, port = server.server_address[:2]
-        return f"http://{host}:{port}"
-
-    yield start
-    for server in servers:
-        server.shutdown()
-        server.server_close()
 
 
 def canned(status: int, body: bytes, counter: list | None = None) -> type[BaseHTTPRequestHandler]:

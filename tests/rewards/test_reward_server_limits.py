@@ -20,7 +20,7 @@ import threading
 import time
 import urllib.parse
 import zlib
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import pytest
@@ -30,7 +30,7 @@ from PIL import Image
 from rewards.base import RewardError
 from rewards.compose import RewardSet, build_reward_set
 from rewards.remote import RemoteReward, RemoteRewardError, encode_images
-from rewards.server import PNG_SIGNATURE, ServerLimits, make_server
+from rewards.server import PNG_SIGNATURE, ServerLimits
 
 ROOT = Path(__file__).resolve().parents[2]
 TOKEN = "test-token-0123456789"
@@ -89,27 +89,6 @@ def peak_rss_mb(pid: int) -> float:
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) / 1024
     raise AssertionError("no VmHWM")
-
-
-@pytest.fixture
-def serve():
-    """Start servers in threads; ``serve(reward, limits=...)`` or ``serve(handler=...)`` returns the base URL."""
-    servers = []
-
-    def start(reward=None, handler=None, limits: ServerLimits | None = None) -> str:
-        if handler is None:
-            server = make_server(reward, "test", limits=limits)
-        else:
-            server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-        threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
-        servers.append(server)
-        host, port = server.server_address[:2]
-        return f"http://{host}:{port}"
-
-    yield start
-    for server in servers:
-        server.shutdown()
-        server.server_close()
 
 
 @pytest.fixture(scope="module")
