@@ -62,7 +62,13 @@ class RolloutRunner(Protocol):
         self, batch: PromptBatch, until_step: int | None = None, observer: StepObserver | None = None
     ) -> Rollouts: ...
 
-    def continue_rollouts(self, batch: PromptBatch, rollouts: Rollouts) -> Rollouts: ...
+    def continue_rollouts(
+        self,
+        batch: PromptBatch,
+        rollouts: Rollouts,
+        until_step: int | None = None,
+        observer: StepObserver | None = None,
+    ) -> Rollouts: ...
 
     def judge(self, batch: PromptBatch, prompt_index: torch.Tensor, latents: torch.Tensor) -> RewardResult: ...
 
@@ -228,7 +234,7 @@ class PrunedRollout:
     def sample_and_score(self, runner: RolloutRunner, batch: PromptBatch) -> tuple[ScoredRollouts, torch.Tensor]:
         """Sample to k, predict, prune, finish and score the survivors; returns them and their advantages ``[B']``."""
         p, sampler = self.pruning, runner.sampler
-        rollouts, rows, self.stage_steps = None, None, []
+        rollouts, self.stage_steps = None, []
         for index, (k, fraction, predictor) in enumerate(self.stages):
             observer = predictor.observer(sampler) if self.predicting else None
             if rollouts is None:
@@ -244,16 +250,15 @@ class PrunedRollout:
                 else:
                     prediction = Prediction(torch.zeros(len(rollouts)), PredictionCost(), float(sampler.sigmas[k - 1]))
                 runner.add_prediction_cost(prediction.cost)
+                scores = prediction.scores.cpu().float()
                 seed = [self.config.training.seed, runner.step, 4, *([index] if index else [])]
                 selection = select_survivors(
-                    prediction.scores.cpu().float(), group_ids, p.prune_policy, fraction, p.prune_explore,
-                    p.prune_threshold, p.prune_min_spread, seed,
+                    scores, group_ids, p.prune_policy, fraction, p.prune_explore, p.prune_threshold,
+                    p.prune_min_spread, seed,
                 )  # fmt: skip
-            scores = prediction.scores.cpu().float()
             self.stage_steps.append(
                 PrunedStep(scores, group_ids, selection, prediction.features, prediction.sigma, prediction.cost)
             )
-            rows = selection.survivors if rows is None else rows[selection.survivors]  # into the started rollouts
             rollouts = rollouts.select(selection.survivors)
         self.last = self.stage_steps[0] if len(self.stage_steps) == 1 else funnel_step(self.stage_steps)
         selection = self.last.selection
