@@ -198,8 +198,10 @@ class GRPOTrainer:
                 shutil.rmtree(self.output_dir)
                 self.info("overwrite_output_dir: cleared %s", self.output_dir)
             self.output_dir.mkdir(parents=True, exist_ok=True)
-        self.check_resumed_config()
-        if self.accelerator.is_main_process and resolve_resume(cfg.checkpoint.resume_from, self.output_dir) is None:
+        # once: resolving verifies the checkpoint's manifest (hashing every file), and three places need it
+        resume_path = resolve_resume(cfg.checkpoint.resume_from, self.output_dir)
+        self.check_resumed_config(resume_path)
+        if self.accelerator.is_main_process and resume_path is None:
             (self.output_dir / "config.yaml").write_text(yaml.safe_dump(cfg.flat(), sort_keys=False))
         self.log = MetricsLogger(
             self.output_dir,
@@ -210,7 +212,7 @@ class GRPOTrainer:
             cfg.flat(),
         )
         self.prompts_per_process = per_process(s.prompts_per_step, self.accelerator.num_processes)
-        self.resume()
+        self.resume(resume_path)
         self.info(
             "GRPO: %d processes x %d prompts x %d rollouts per step, %d trained steps of %d, %d LoRA parameters",
             self.accelerator.num_processes,
@@ -531,7 +533,7 @@ class GRPOTrainer:
             )
         return path
 
-    def check_resumed_config(self) -> None:
+    def check_resumed_config(self, resume_path: Path | None) -> None:
         """On resume, compare this config with the run's ``config.yaml``: keys that change what the run is are an
         error listing each old and new value (unless ``allow_config_change``); safe ones (budgets, evaluation,
         logging, checkpointing) are logged. Every resume appends its changes to ``config_history.jsonl``; the
@@ -541,7 +543,7 @@ class GRPOTrainer:
             ValueError: unsafe changes without ``allow_config_change``.
         """
         cfg, original = self.config, self.output_dir / "config.yaml"
-        if resolve_resume(cfg.checkpoint.resume_from, self.output_dir) is None or not original.is_file():
+        if resume_path is None or not original.is_file():
             return
         new = yaml.safe_load(yaml.safe_dump(cfg.flat()))  # the same normalisation as the file's
         safe, unsafe = resume_changes(yaml.safe_load(original.read_text()) or {}, new)
@@ -561,10 +563,10 @@ class GRPOTrainer:
             with (self.output_dir / "config_history.jsonl").open("a") as history:
                 history.write(json.dumps(record) + "\n")
 
-    def resume(self) -> None:
-        """Continue from ``resume_from`` (a checkpoint folder or ``latest``): weights, optimizer, EMA, probe, RNG,
-        step (= data position), pending metrics and the wall clock; the metrics file is cut back to that step."""
-        path = resolve_resume(self.config.checkpoint.resume_from, self.output_dir)
+    def resume(self, path: Path | None) -> None:
+        """Continue from checkpoint ``path`` (what ``resume_from`` resolved to; None: start fresh): weights,
+        optimizer, EMA, probe, RNG, step (= data position), pending metrics and the wall clock; the metrics file is
+        cut back to that step."""
         if path is None:
             if self.config.checkpoint.resume_from:
                 self.info("resume_from=%s: no checkpoint yet, starting fresh", self.config.checkpoint.resume_from)
