@@ -519,7 +519,7 @@ class CheckpointConfig(Section):
 
 @dataclasses.dataclass
 class PruningConfig(Section):
-    """Probe pruning (DESIGN.md section 5; rl/pruning.py, rl/pruned_rollout.py) and the online probe refresh."""
+    """Pruning (docs/design.md section 5; rl/pruning.py, rl/pruned_rollout.py) and the online probe refresh."""
 
     choices = {"prune_policy": POLICIES, "predictor": PREDICTORS, "prune_advantage": ADVANTAGE_MODES}
 
