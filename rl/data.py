@@ -93,10 +93,14 @@ class PromptSource:
         return [(int(i), self.items[int(i)]) for i in indices]
 
 
-def _read_lines(path: Path) -> list[str]:
+def _read_lines(path: Path) -> list[tuple[int, str]]:
+    """``(1-based line number, stripped text)`` of every non-blank line; the numbers count the blank ones, so a
+    message points at the line an editor shows. ``utf-8-sig`` drops the byte-order mark some editors write first.
+    """
     if not path.is_file():
         raise FileNotFoundError(f"prompt file {path} does not exist")
-    return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    lines = path.read_text(encoding="utf-8-sig").splitlines()
+    return [(number, line.strip()) for number, line in enumerate(lines, 1) if line.strip()]
 
 
 def load_prompt_source(spec: str, category_weights: str = "") -> PromptSource:
@@ -106,8 +110,8 @@ def load_prompt_source(spec: str, category_weights: str = "") -> PromptSource:
 
     Raises:
         FileNotFoundError: a missing prompt file.
-        ValueError: an unknown shapes split, an unsupported file type, a JSONL line without ``"prompt"``, or
-            an empty source.
+        ValueError: an unknown shapes split, an unsupported file type, a JSONL line that is not JSON or has no
+            ``"prompt"`` (named by file and line), or an empty source.
     """
     if spec.startswith("shapes:"):
         split = spec.partition(":")[2]
@@ -118,13 +122,22 @@ def load_prompt_source(spec: str, category_weights: str = "") -> PromptSource:
         return PromptSource(spec, items, shapes_split=split, category_weights=weights)
     path = Path(spec)
     if path.suffix == ".txt":
-        return PromptSource(spec, [Prompt(line, {}) for line in _read_lines(path)])
+        return PromptSource(spec, [Prompt(line, {}) for _, line in _read_lines(path)])
     if path.suffix == ".jsonl":
         items = []
-        for number, line in enumerate(_read_lines(path), 1):
-            record = json.loads(line)
+        for number, line in _read_lines(path):
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise ValueError(
+                    f"{path}:{number}: not valid JSON ({error.msg}, column {error.colno}); each line of a .jsonl "
+                    'prompt file must be one JSON object such as {"prompt": "a red square"}'
+                ) from None
             if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
-                raise ValueError(f"{path}:{number}: each JSONL line needs a string 'prompt' key")
+                raise ValueError(
+                    f"{path}:{number}: each JSONL line needs a string 'prompt' key, such as "
+                    '{"prompt": "a red square"}'
+                )
             items.append(Prompt(record["prompt"], record))
         return PromptSource(spec, items)
     raise ValueError(f"prompt source {spec!r}: expected 'shapes:train', 'shapes:test', a .txt or a .jsonl file")

@@ -61,6 +61,19 @@ def test_clear_errors(tmp_path):
         load_prompt_source("prompts.csv")
 
 
+def test_a_malformed_jsonl_line_is_named_by_file_and_line(tmp_path):
+    path = tmp_path / "prompts.jsonl"
+    path.write_text('{"prompt": "a cat"}\n\n{"prompt": "a dog",}\n')  # line 3 (after a blank line) is broken
+    with pytest.raises(ValueError, match=r"prompts\.jsonl:3: not valid JSON .*one JSON object such as"):
+        load_prompt_source(str(path))
+
+
+def test_a_byte_order_mark_is_accepted(tmp_path):
+    for name, text in (("bom.jsonl", '{"prompt": "a cat"}\n'), ("bom.txt", "a cat\n")):
+        (tmp_path / name).write_bytes(b"\xef\xbb\xbf" + text.encode())  # what Windows editors write first
+        assert [p.text for p in load_prompt_source(str(tmp_path / name)).items] == ["a cat"]
+
+
 def test_eval_subset_is_evenly_spaced_with_stable_indices():
     source = load_prompt_source("shapes:test")
     subset = source.eval_subset(8)
