@@ -846,6 +846,44 @@ def _unknown_key_error(key: str, where: str) -> ValueError:
     return ValueError(f"unknown config key {key!r} in {where}{hint}")
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key given twice in one mapping (PyYAML silently keeps the last one)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        first: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor` may be overridden key by key
+                continue
+            key = self.construct_object(key_node, deep=True)
+            mark = key_node.start_mark
+            if key in first:
+                raise ValueError(
+                    f"config file {mark.name}, line {mark.line + 1}: key {key!r} is given twice (first on line "
+                    f"{first[key]}) and YAML would silently keep the last; delete one of them"
+                )
+            first[key] = mark.line + 1
+        return super().construct_mapping(node, deep=deep)
+
+
+def load_yaml(path: Path) -> Any:
+    """A config file's YAML, with a duplicate key an error (it would silently take the last value).
+
+    Raises:
+        ValueError: a syntax error or a duplicate key, naming the file, the line and the problem.
+    """
+    try:
+        with path.open(encoding="utf-8") as handle:  # a stream, so marks carry the file's name
+            return yaml.load(handle, Loader=_UniqueKeyLoader)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f"{path}, line {mark.line + 1}" if mark else str(path)
+        problem = getattr(error, "problem", None) or str(error)
+        context, context_mark = getattr(error, "context", None), getattr(error, "context_mark", None)
+        if context and context_mark:  # where an unclosed bracket or quote began
+            problem += f" ({context} on line {context_mark.line + 1})"
+        raise ValueError(f"config file {where}: {problem}; fix the YAML there") from None
+
+
 def _check_keys(args: list[str]) -> None:
     """Reject unknown keys in the YAML file given by ``--config`` and among ``--flag`` overrides."""
     known = set(known_keys())
@@ -853,7 +891,7 @@ def _check_keys(args: list[str]) -> None:
         path = Path(args[args.index("--config") + 1])
         if not path.is_file():
             raise FileNotFoundError(f"config file {path} does not exist")
-        data = yaml.safe_load(path.read_text()) or {}
+        data = load_yaml(path) or {}
         if not isinstance(data, dict):
             raise ValueError(f"config file {path} must be a YAML mapping of keys to values")
         for key in data:
@@ -864,6 +902,28 @@ def _check_keys(args: list[str]) -> None:
             key = arg[2:].split("=", 1)[0]
             if key not in known:
                 raise _unknown_key_error(key, "the command line")
+
+
+def _join_negative_values(args: list[str]) -> list[str]:
+    """``--key -1e-4`` as ``--key=-1e-4``: argparse reads an argument starting with ``-`` as an option unless it
+    looks like a plain negative number (``-0.5``), so ``-1e-4`` ended in "expected one argument".
+    """
+    joined: list[str] = []
+    for arg in args:
+        previous = joined[-1] if joined else ""
+        if previous.startswith("--") and "=" not in previous and previous != "--config" and _is_negative_number(arg):
+            joined[-1] = f"{previous}={arg}"
+        else:
+            joined.append(arg)
+    return joined
+
+
+def _is_negative_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return text.startswith("-")
 
 
 def parse_config(args: list[str] | None = None, description: str = "") -> RunConfig:
@@ -879,7 +939,7 @@ def parse_config(args: list[str] | None = None, description: str = "") -> RunCon
 
     from rl.config_help import ConfigParser
 
-    args = list(sys.argv[1:] if args is None else args)
+    args = _join_negative_values(list(sys.argv[1:] if args is None else args))
     _check_keys(args)
     sections = RunConfig.sections()
     parser = ConfigParser(tuple(sections.values()), names=tuple(sections), description=description, allow_abbrev=False)

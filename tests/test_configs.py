@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from rl.config import RunConfig, known_keys, parse_config
+from rl.config import RunConfig, known_keys, load_yaml, parse_config
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN_CONFIGS = sorted(p for p in (ROOT / "configs").rglob("*.yaml") if "accelerate" not in p.relative_to(ROOT).parts)
@@ -63,6 +63,27 @@ def test_misspelt_cli_key_fails_naming_it(tmp_path):
         parse_config(["--grup_size", "4"])
     with pytest.raises(ValueError, match="'learning_rat'"):  # no silent argparse prefix matching
         parse_config(["--learning_rat", "1e-3"])
+
+
+def test_a_yaml_syntax_error_names_the_file_and_line(tmp_path):
+    path = _write(tmp_path, "group_size: 4\nreward: shapes: jpeg_compressibility\n")
+    with pytest.raises(ValueError, match=r"run\.yaml, line 2: mapping values are not allowed here; fix the YAML"):
+        parse_config(["--config", path])
+
+
+def test_a_duplicate_yaml_key_is_an_error_naming_it(tmp_path):
+    path = _write(tmp_path, "group_size: 4\nlearning_rate: 1.0e-4\n\ngroup_size: 8\n")  # PyYAML would take 8
+    with pytest.raises(ValueError, match=r"run\.yaml, line 4: key 'group_size' is given twice \(first on line 1\)"):
+        parse_config(["--config", path])
+    merged = _write(tmp_path, "base: &b {x: 1}\nother:\n  <<: *b\n  x: 2\n")  # overriding a merge key is no duplicate
+    assert load_yaml(Path(merged)) == {"base": {"x": 1}, "other": {"x": 2}}
+
+
+def test_a_negative_number_on_the_command_line_is_a_value():
+    # argparse took "-1e-4" for an option ("expected one argument"); as a value it reaches the range check
+    with pytest.raises(ValueError, match=r"learning_rate must be > 0, got -0\.0001"):
+        parse_config(["--learning_rate", "-1e-4"])
+    assert parse_config(["--seed", "-3", "--learning_rate", "2e-4"]).flat()["seed"] == -3
 
 
 def test_cli_overrides_yaml_and_types_are_checked(tmp_path):
