@@ -182,8 +182,9 @@ class SamplingConfig(Section):
     )
     prompts_per_step: int = option(
         16,
-        "Prompts per GRPO step over ALL processes (rounded up to a multiple of the process count; each process "
-        "owns whole groups, so any process count runs any config). Flow-GRPO FLUX: 48; the tiny model: 8-16.",
+        "Prompts per GRPO step over ALL processes, each trained once: every process owns whole groups (where the "
+        "count does not divide, the first processes own one more), so any process count up to prompts_per_step "
+        "runs any config. Flow-GRPO FLUX: 48; the tiny model: 8-16.",
     )
     group_size: int = option(
         8,

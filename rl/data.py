@@ -143,18 +143,21 @@ def load_prompt_source(spec: str, category_weights: str = "") -> PromptSource:
     raise ValueError(f"prompt source {spec!r}: expected 'shapes:train', 'shapes:test', a .txt or a .jsonl file")
 
 
-def per_process(n: int, num_processes: int) -> int:
-    """Prompts each process owns when ``n`` prompts are spread over ``num_processes`` (rounded up)."""
-    return -(-n // num_processes)
-
-
 def shard(items: list, process_index: int, num_processes: int) -> list:
     """This process's contiguous share of ``items``: whole items (prompt groups), never split.
 
-    ``len(items)`` must be a multiple of ``num_processes`` (use :func:`per_process` to size the batch), so
-    every process gets as many prompts and runs as many forward/backward passes.
+    The first ``len(items) % num_processes`` processes own one item more, so every item belongs to exactly one
+    process at any process count and a step trains the configured prompts, no more (processes with fewer
+    rollouts run zero-weight filler micro-batches, so their collectives still line up).
+
+    Raises:
+        ValueError: fewer items than processes (a process would own no prompt group).
     """
-    if len(items) % num_processes:
-        raise ValueError(f"{len(items)} prompts do not split evenly over {num_processes} processes")
-    size = len(items) // num_processes
-    return items[process_index * size : (process_index + 1) * size]
+    if len(items) < num_processes:
+        raise ValueError(
+            f"{len(items)} prompts per step over {num_processes} processes: each process owns whole prompt groups, "
+            f"so one would have none; set prompts_per_step >= {num_processes}"
+        )
+    size, extra = divmod(len(items), num_processes)
+    start = process_index * size + min(process_index, extra)
+    return items[start : start + size + (process_index < extra)]

@@ -306,7 +306,7 @@ class PrunedRollout:
         survivor_advantages = advantages[survivors]
         valid = survivor_advantages[scored.valid]
         runner.metrics.add("adv/abs_mean", float(valid.abs().mean()) if len(valid) else 0.0, float(len(valid)))
-        runner.metrics.add("adv/zero_frac", float((valid == 0).float().mean()) if len(valid) else 0.0)
+        runner.metrics.add("adv/zero_frac", float((valid == 0).float().mean()) if len(valid) else 0.0, len(valid))
         return advantages, rows
 
     def with_early_steps(

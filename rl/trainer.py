@@ -45,7 +45,7 @@ from rl.checkpoint import (
 )
 from rl.config import RunConfig, resume_changes
 from rl.cost import ComputeCounts, flux_equivalent
-from rl.data import load_prompt_source, per_process, shard
+from rl.data import load_prompt_source, shard
 from rl.distributed import build_accelerator, configure_deepspeed, whole_model_loading
 from rl.lora import LoraEMA, add_lora, disable_adapter, save_lora
 from rl.metrics_log import MetricsAccumulator, MetricsLogger
@@ -152,6 +152,7 @@ class GRPOTrainer:
         self.num_trained_steps = len(self.trained_steps(0, 1)[0])
         # one optimizer step per `gradient_accumulation_steps` micro-batches, each over all trained steps
         self.accelerator = build_accelerator(t.mixed_precision, t.gradient_accumulation_steps * self.num_trained_steps)
+        shard(range(s.prompts_per_step), 0, self.accelerator.num_processes)  # fewer prompts than processes: fail now
         # cheap, likely-to-fail pieces first: a missing prompt file or an unknown reward fails before the model loads
         self.train_prompts = load_prompt_source(s.prompts, s.prompt_category_weights)
         self.eval_prompts = load_prompt_source(cfg.eval.eval_prompts)
@@ -211,13 +212,14 @@ class GRPOTrainer:
             cfg.logging.run_name,
             cfg.flat(),
         )
-        self.prompts_per_process = per_process(s.prompts_per_step, self.accelerator.num_processes)
         self.resume(resume_path)
         self.info(
-            "GRPO: %d processes x %d prompts x %d rollouts per step, %d trained steps of %d, %d LoRA parameters",
-            self.accelerator.num_processes,
-            self.prompts_per_process,
+            "GRPO: %d prompts (whole groups, %d on this process) x %d rollouts per step over %d processes, "
+            "%d trained steps of %d, %d LoRA parameters",
+            s.prompts_per_step,
+            len(shard(range(s.prompts_per_step), self.accelerator.process_index, self.accelerator.num_processes)),
             s.group_size,
+            self.accelerator.num_processes,
             self.num_trained_steps,
             s.num_steps,
             sum(p.numel() for p in self.lora_params),
@@ -283,7 +285,7 @@ class GRPOTrainer:
         cfg, acc = self.config, self.accelerator
         group_size = cfg.started_group_size  # group_size, times prune_expand when pruning expands the group
         with self.phase("prompts"):
-            n_global = self.prompts_per_process * acc.num_processes
+            n_global = cfg.sampling.prompts_per_step  # split unevenly when it must be: see rl/data.py shard
             prompts = self.train_prompts.batch(self.state.step, n_global, cfg.training.seed)
             seeds = np.random.default_rng([cfg.training.seed, self.state.step, 1]).integers(2**62, size=(n_global, 1))
             seeds = seeds + np.arange(group_size)  # distinct per rollout, reproducible from (seed, step)
@@ -361,7 +363,8 @@ class GRPOTrainer:
         valid = result.valid.bool()
         if not torch.isfinite(result.total[valid]).all():
             raise ValueError("the reward returned non-finite totals for rollouts it marked valid")
-        self.metrics.add("reward/dropped", float((~valid).sum()), 1)
+        # one global total per step: every process adds the same reduced count once
+        self.metrics.add("reward/dropped", float(self.global_count(int((~valid).sum()))), 1)
         self.metrics.add_values("reward/total", result.total[valid])
         if valid.any():  # the contrast GRPO learns from (pruning's survivor selection aims to raise it)
             spread = group_std(result.total[valid].cpu(), group_ids[valid.cpu()])
@@ -385,7 +388,8 @@ class GRPOTrainer:
             rewards, scored.group_ids[valid], t.adv_std, t.adv_clip_max, batch_std=batch_std
         )
         self.metrics.add("adv/abs_mean", advantages[valid].abs().mean() if valid.any() else 0.0, float(valid.sum()))
-        self.metrics.add("adv/zero_frac", (advantages[valid] == 0).float().mean() if valid.any() else 0.0, 1)
+        zero = (advantages[valid] == 0).float().mean() if valid.any() else 0.0
+        self.metrics.add("adv/zero_frac", zero, float(valid.sum()))  # weighted by rollouts: processes differ
         return advantages
 
     def optimise(self, batch: PromptBatch, scored: ScoredRollouts, advantages: torch.Tensor) -> None:

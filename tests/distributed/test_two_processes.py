@@ -3,58 +3,11 @@
 Each run is the real entry script (through tests/distributed/worker.py, which dumps every rank's LoRA).
 """
 
-import os
-import socket
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
+from launching import CPU_2PROC, ROOT, finish, launch, ranks, run_args
 
 from rl.metrics_log import read_metrics
-
-ROOT = Path(__file__).resolve().parents[2]
-WORKER = Path(__file__).with_name("worker.py")
-ACCELERATE = Path(sys.executable).with_name("accelerate")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def run_args(pipeline_dir, output_dir):
-    """2 GRPO steps of the fixture, 2 prompts x 4 rollouts per step (one whole group per process)."""
-    return [
-        "--config", str(ROOT / "configs" / "tiny_shapes.yaml"), "--pretrained", str(pipeline_dir),
-        "--height", "32", "--width", "32", "--num_steps", "4", "--lora_rank", "4", "--lora_alpha", "8",
-        "--prompts_per_step", "2", "--group_size", "4", "--sample_batch_size", "8", "--train_batch_size", "4",
-        "--max_steps", "2", "--max_minutes", "0", "--eval_every", "0", "--eval_before_training", "false",
-        "--eval_num_prompts", "2", "--final_eval_num_prompts", "3", "--learning_rate", "1e-3",
-        "--reward", "jpeg_compressibility", "--save_lora", "false", "--output_dir", str(output_dir),
-        "--wandb_mode", "disabled", "--progress_bar", "false", "--mixed_precision", "no",
-    ]  # fmt: skip
-
-
-def launch(dump: Path, args: list[str], *launcher: str) -> subprocess.Popen:
-    """Start ``worker.py`` under ``accelerate launch <launcher...>`` (or plain python without a launcher)."""
-    dump.mkdir(parents=True)
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", WANDB_MODE="disabled")
-    if launcher:
-        command = [str(ACCELERATE), "launch", *launcher, "--main_process_port", str(free_port()), str(WORKER)]
-    else:
-        command = [sys.executable, str(WORKER)]
-    return subprocess.Popen(
-        [*command, str(dump), "--", *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
-
-
-def finish(process: subprocess.Popen, timeout: float = 600) -> None:
-    # generous: the first DeepSpeed launch on a machine compiles its CPU communication op (40 s to minutes)
-    output, _ = process.communicate(timeout=timeout)
-    assert process.returncode == 0, output[-4000:]
 
 
 @pytest.fixture(scope="module")
@@ -65,16 +18,11 @@ def ddp_runs(tmp_path_factory, tiny_flux_config):
 
     root = tmp_path_factory.mktemp("dist")
     build_tiny_flux_pipeline(vocabulary(), tiny_flux_config, seed=0).save_pretrained(root / "pipeline")
-    config = str(ROOT / "configs" / "accelerate" / "cpu_2proc.yaml")
-    two = launch(root / "ddp", run_args(root / "pipeline", root / "ddp" / "run"), "--config_file", config)
+    two = launch(root / "ddp", run_args(root / "pipeline", root / "ddp" / "run"), "--config_file", CPU_2PROC)
     one = launch(root / "single", run_args(root / "pipeline", root / "single" / "run"))
     finish(two)
     finish(one)
     return root
-
-
-def ranks(dump: Path) -> list[list[torch.Tensor]]:
-    return [torch.load(dump / f"rank{i}.pt") for i in range(2) if (dump / f"rank{i}.pt").is_file()]
 
 
 def test_ddp_ranks_hold_identical_lora_and_metrics_are_global(ddp_runs):

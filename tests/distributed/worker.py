@@ -1,10 +1,13 @@
-"""Run the real entry script in an ``accelerate launch`` process, then dump this rank's LoRA weights.
+"""Run the real entry script in an ``accelerate launch`` process, then dump what this rank trained.
 
     accelerate launch --config_file configs/accelerate/cpu_2proc.yaml tests/distributed/worker.py DUMP_DIR -- ARGS
 
-``DUMP_DIR/rank<i>.pt`` gets the live LoRA parameters (a list of tensors, the trainer's order) of rank i.
+``DUMP_DIR/rank<i>.pt`` gets the live LoRA parameters (a list of tensors, the trainer's order) of rank i;
+``DUMP_DIR/rank<i>.json`` per GRPO step the group ids of rank i's prompts and of its rollouts, and how many
+(trained step, inner epoch) samples of each rollout entered a loss with a non-zero weight.
 """
 
+import json
 import sys
 from pathlib import Path
 
@@ -14,13 +17,45 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "launch"))
 
-torch.set_num_threads(1)  # two ranks on two shared cores: more threads per rank only oversubscribe
+torch.set_num_threads(1)  # ranks on two shared cores: more threads per rank only oversubscribe
 
 import grpo_flux  # noqa: E402
+
+from rl.trainer import GRPOTrainer  # noqa: E402
+
+steps: list[dict] = []
+
+
+def recording_optimise(optimise):
+    def wrapped(self, batch, scored, advantages):
+        steps.append(
+            {
+                "step": self.state.step,
+                "prompt_groups": batch.group_ids.tolist(),
+                "rollout_groups": scored.group_ids.tolist(),
+                "trained": [0] * len(scored.group_ids),
+            }
+        )
+        return optimise(self, batch, scored, advantages)
+
+    return wrapped
+
+
+def recording_policy_loss(policy_loss):
+    def wrapped(self, embeds, rollouts, rows, step, advantages, weights):
+        for row, weight in zip(rows.tolist(), weights.tolist()):
+            steps[-1]["trained"][row] += weight > 0
+        return policy_loss(self, embeds, rollouts, rows, step, advantages, weights)
+
+    return wrapped
+
 
 if __name__ == "__main__":
     dump, separator, *args = sys.argv[1:]
     assert separator == "--", "usage: worker.py DUMP_DIR -- ARGS"
+    GRPOTrainer.optimise = recording_optimise(GRPOTrainer.optimise)
+    GRPOTrainer.policy_loss = recording_policy_loss(GRPOTrainer.policy_loss)
     trainer = grpo_flux.main(args)
     rank = trainer.accelerator.process_index
     torch.save([p.detach().cpu().clone() for p in trainer.lora_params], Path(dump) / f"rank{rank}.pt")
+    (Path(dump) / f"rank{rank}.json").write_text(json.dumps(steps))

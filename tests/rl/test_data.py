@@ -4,7 +4,7 @@ from collections import Counter
 import pytest
 
 from rewards.shapes import all_prompts
-from rl.data import load_prompt_source, per_process, shard
+from rl.data import load_prompt_source, shard
 
 
 def test_shapes_sources_carry_metadata_and_balance_categories():
@@ -83,10 +83,14 @@ def test_eval_subset_is_evenly_spaced_with_stable_indices():
     assert len(source.eval_subset(0)) == len(source)
 
 
-def test_sharding_gives_whole_prompts_to_each_process():
-    assert per_process(16, 3) == 6
+def test_sharding_gives_every_prompt_to_exactly_one_process_at_any_count():
     items = list(range(18))
-    shards = [shard(items, rank, 3) for rank in range(3)]
-    assert shards == [items[0:6], items[6:12], items[12:18]]
-    with pytest.raises(ValueError, match="evenly"):
-        shard(list(range(5)), 0, 2)
+    assert [shard(items, rank, 3) for rank in range(3)] == [items[0:6], items[6:12], items[12:18]]
+    for n in (5, 7, 16):
+        for processes in (1, 2, 3, 4, 5):
+            shards = [shard(list(range(n)), rank, processes) for rank in range(processes)]
+            assert sum(shards, []) == list(range(n))  # contiguous, each once, none added
+            assert max(map(len, shards)) - min(map(len, shards)) <= 1
+    assert [shard(list(range(5)), rank, 3) for rank in range(3)] == [[0, 1], [2, 3], [4]]
+    with pytest.raises(ValueError, match="prompts_per_step >= 3"):
+        shard(list(range(2)), 0, 3)
