@@ -74,13 +74,47 @@ def read_manifest(directory: str | Path) -> dict:
     return json.loads((Path(directory) / "manifest.json").read_text())
 
 
+def load_saved(path: str | Path, what: str, fix: str, map_location: str | torch.device = "cpu") -> dict:
+    """A dict this package wrote with ``torch.save`` (a probe, a shard), loaded with ``weights_only=True``.
+
+    Args:
+        path: the file.
+        what: what the file should be, for the message ("probe file").
+        fix: what to do about a damaged one, for the message.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: a truncated, corrupt or foreign file, naming it, the reason and ``fix``.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} {path} does not exist")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as error:  # damaged bytes end in EOFError, RuntimeError (zip), IndexError, KeyError, ...
+        detail = str(error).split(". ")[0].splitlines()[0] if str(error) else ""  # torch adds paragraphs of advice
+        raise ValueError(
+            f"{what} {path} cannot be read: it is truncated, damaged or no {what} ({type(error).__name__}"
+            f"{': ' + detail if detail else ''}); {fix}"
+        ) from None
+    if not isinstance(state, dict):
+        raise ValueError(f"{what} {path} holds a {type(state).__name__}, not this package's dict; {fix}")
+    return state
+
+
 def iter_shards(directory: str | Path) -> Iterator[dict]:
-    """Every complete shard of a collection, in index order."""
+    """Every complete shard of a collection, in index order.
+
+    Raises:
+        FileNotFoundError: no shards in ``directory``.
+        ValueError: a damaged shard (named: delete it and re-run the collection, which rewrites missing shards).
+    """
     paths = sorted(Path(directory).glob("shard_*.pt"))
     if not paths:
         raise FileNotFoundError(f"no shard_*.pt in {directory}")
+    fix = "delete it and re-run the same launch/probe_collect.py command, which collects missing shards again"
     for path in paths:
-        shard = torch.load(path, map_location="cpu", weights_only=True)
+        shard = load_saved(path, "probe data shard", fix)
         if shard.get("format_version") != SHARD_FORMAT_VERSION:
             raise ValueError(f"{path}: shard format {shard.get('format_version')}, expected {SHARD_FORMAT_VERSION}")
         yield shard

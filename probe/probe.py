@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from probe.capture import ProbeCapture, ProbeRecorder, attention_modules
+from probe.data import load_saved
 from probe.features import FeatureConfig, build_features
 from probe.model import ProbeCNN, ProbeModelConfig, group_mean
 
@@ -296,9 +297,11 @@ class Probe(nn.Module):
 
         Raises:
             FileNotFoundError: no such file.
+            ValueError: a damaged or truncated file (named, with what to do).
             ProbeMismatchError: the probe was trained for another model, step, step count or block layout.
         """
-        state = torch.load(Path(path), map_location=map_location, weights_only=True)
+        fix = "train it again with launch/probe_train.py, or point probe_path at another probe file"
+        state = load_saved(path, "probe file", fix, map_location=map_location)
         probe = cls.from_state(state)
         probe.check_compatible(transformer, capture_step, num_steps, source=str(path))
         return probe

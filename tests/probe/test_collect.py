@@ -76,3 +76,11 @@ def test_collect_resumes_after_interruption_and_trains(tiny_flux_pipeline, tmp_p
     probe.save(tmp_path / "probe.pt")
     loaded = Probe.load(tmp_path / "probe.pt", tiny_flux_pipeline.transformer, capture_step=2, num_steps=2)
     assert loaded.meta.blocks == (0, 1, 2) and loaded.meta.metrics == report.test
+
+
+def test_a_damaged_shard_is_named_with_what_to_do(tmp_path):
+    shard_path(tmp_path, 0).write_bytes(b"PK\x03\x04 cut short")  # a zip header and nothing more
+    with pytest.raises(
+        ValueError, match=r"probe data shard .*shard_00000\.pt cannot be read: .*re-run .*probe_collect"
+    ):
+        list(iter_shards(tmp_path))

@@ -70,6 +70,25 @@ def test_mismatches_are_clear_errors(tiny_flux_pipeline, tmp_path):
     assert transformer_fingerprint(renamed) == transformer_fingerprint(transformer)
 
 
+def test_a_damaged_probe_file_is_named_with_what_to_do(tiny_flux_pipeline, tmp_path):
+    _probe(tiny_flux_pipeline.transformer).save(tmp_path / "p.pt")
+    whole = (tmp_path / "p.pt").read_bytes()
+    damaged = {
+        "truncated.pt": whole[: len(whole) // 2],  # RuntimeError: failed finding central directory
+        "stop.pt": b"\x80\x02.",  # a pickle that stops at once: IndexError: pop from empty list
+        "empty.pt": b"",  # EOFError
+    }
+    for name, data in damaged.items():
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(ValueError, match=rf"probe file .*{name} cannot be read: .*probe_train\.py.*probe_path"):
+            Probe.load(tmp_path / name, tiny_flux_pipeline.transformer)
+    torch.save(torch.zeros(2), tmp_path / "tensor.pt")  # loads, but is no probe
+    with pytest.raises(ValueError, match=r"tensor\.pt holds a Tensor"):
+        Probe.load(tmp_path / "tensor.pt")
+    with pytest.raises(FileNotFoundError, match=r"probe file .*none\.pt does not exist"):
+        Probe.load(tmp_path / "none.pt")
+
+
 def test_group_relative_probe_needs_groups_and_is_batch_invariant(tiny_flux_pipeline, tmp_path):
     probe = _probe(tiny_flux_pipeline.transformer)
     config = dataclasses.replace(probe.model_config, group_relative=True)
