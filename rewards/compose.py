@@ -30,6 +30,7 @@ import json
 import logging
 import math
 import threading
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
@@ -53,6 +54,7 @@ class RewardResult:
         valid: ``[B]`` bool; False where the failure policy dropped the image's group.
         dropped_groups: how many groups were dropped (0 under the ``raise`` policy).
         failures: one message per failure behind the drops, naming the reward, the error and the prompt.
+        seconds: wall-clock seconds the scoring took (summed over concatenated results).
     """
 
     total: torch.Tensor
@@ -60,6 +62,25 @@ class RewardResult:
     valid: torch.Tensor
     dropped_groups: int = 0
     failures: list[str] = dataclasses.field(default_factory=list)
+    seconds: float = 0.0
+
+    @classmethod
+    def concatenate(cls, results: list[RewardResult]) -> RewardResult:
+        """The results of consecutive batches as one, in order (the trainer scores a step in chunks)."""
+        if len(results) == 1:
+            return results[0]
+        keys = {key: None for result in results for key in result.components}  # every key, first-seen order
+        return cls(
+            total=torch.cat([r.total for r in results]),
+            components={
+                key: torch.cat([r.components.get(key, torch.full_like(r.total, math.nan)) for r in results])
+                for key in keys
+            },
+            valid=torch.cat([r.valid for r in results]),
+            dropped_groups=sum(r.dropped_groups for r in results),
+            failures=[message for r in results for message in r.failures],
+            seconds=sum(r.seconds for r in results),
+        )
 
 
 def group_index(prompts: list[str], group_ids: torch.Tensor | None) -> torch.Tensor:
@@ -131,6 +152,7 @@ class RewardSet:
             RewardError: under the ``raise`` policy on any failure; always on malformed output; under
                 ``drop_group`` after ``max_failed_batches`` consecutive batches with nothing valid.
         """
+        started = time.perf_counter()
         batch = _check_inputs(images, prompts, metadata, group_ids)
         if batch == 0:  # e.g. every rollout pruned: nothing to score, nothing failed
             return RewardResult(torch.zeros(0), {}, torch.zeros(0, dtype=torch.bool))
@@ -153,7 +175,7 @@ class RewardSet:
         if len(dropped):
             logger.warning("reward: dropped %d of %d groups: %s", len(dropped), int(groups.max()) + 1, failures)
         self._count_failed_batch(bool(valid.any()), failures)
-        return RewardResult(total, components, valid, dropped_groups=len(dropped), failures=failures)
+        return RewardResult(total, components, valid, len(dropped), failures, seconds=time.perf_counter() - started)
 
     def submit(
         self,

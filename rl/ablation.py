@@ -69,7 +69,7 @@ VARIANTS: dict[str, list[str]] = {
     "funnel_preview": ["--prune_policy", "variance", "--prune_expand", "4", "--prune_funnel", "3:0.5,4:0.5",
                        "--predictor", "preview", *_NO_PROBE, *_PLAIN],
 }  # fmt: skip
-PHASES = ("prompts", "sample", "predict", "decode", "reward", "train", "probe_refresh")
+PHASES = ("prompts", "sample", "predict", "decode", "reward", "score_wait", "train", "probe_refresh")
 # per-step training figures averaged over a run: what selection bought (rl/pruned_rollout.py)
 SELECTION_METRICS = ("reward/group_std", "prune/flat_group_frac", "prune/predicted_std_gain", "prune/survivor_frac")
 

@@ -284,8 +284,20 @@ class RewardConfig(Section):
     )
     reward_workers: int = option(
         1,
-        "Threads of the reward pool: components and remote requests in parallel (remote rewards: 4-8). The step "
-        "waits for the scores; they do not yet overlap the next batch's sampling.",
+        "Threads of the reward pool: how many chunks of a step (see reward_overlap) are scored at once, e.g. "
+        "remote requests in flight together (remote rewards: 4-8). A component without a true thread_safe "
+        "attribute is still called by one thread at a time.",
+    )
+    reward_overlap: bool = option(
+        True,
+        "Score while sampling: the step's rollouts are denoised in chunks of whole prompt groups (each ending "
+        "where the rollouts so far fill whole sample_batch_size batches), and each finished chunk is decoded on "
+        "a worker thread and scored in the reward pool while the transformer denoises the next one, so a slow "
+        "reward (a VLM judge, a detector on another node) hides behind sampling instead of adding its time to "
+        "every step. false: each chunk is decoded and scored before the next is denoised. The same calls run "
+        "either way, so results are bit-identical (tests/rl/test_reward_overlap.py). Overlap needs two or more "
+        "chunks per process; the decode of one chunk shares the device with the next one's denoising. "
+        "Recommended: true. Measured in bench/RESULTS.md, 'Reward overlap'.",
     )
 
     def check(self) -> None:
@@ -816,9 +828,9 @@ class RunConfig:
 # what the run is (model, data, reward, sampler, objective, optimiser, LoRA, pruning), so resuming with another
 # value is refused unless --allow_config_change says otherwise (RunConfig.resume_changes).
 RESUME_SAFE_KEYS = frozenset(
-    {"max_steps", "max_minutes", "max_images_denoised", "reward_workers", "eval_every", "eval_num_prompts",
-     "eval_images_per_prompt", "final_eval_num_prompts", "final_eval_images_per_prompt", "eval_before_training",
-     "log_every", "wandb_mode", "wandb_project", "run_name", "progress_bar", "output_dir", "overwrite_output_dir",
+    {"max_steps", "max_minutes", "max_images_denoised", "reward_workers", "reward_overlap", "eval_every",
+     "eval_num_prompts", "eval_images_per_prompt", "final_eval_num_prompts", "final_eval_images_per_prompt",
+     "eval_before_training", "log_every", "wandb_mode", "wandb_project", "run_name", "progress_bar", "output_dir", "overwrite_output_dir",
      "save_every", "save_every_minutes", "save_total_limit", "resume_from", "save_lora", "save_ema", "allow_config_change"}
 )  # fmt: skip
 

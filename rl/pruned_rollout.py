@@ -5,8 +5,8 @@ Per GRPO step, in place of the trainer's ``rollout -> score -> advantages``::
     m G rollouts per prompt to capture step k (the predictor observing)     runner.rollout(until_step=k)
       -> predictor: [B] predicted final rewards and their cost              phase "predict" (rl/predictors/)
       -> survivors: rl.pruning.select_survivors (policy, exploration slice, group skipping)
-      -> survivors only continue to step T (re-batched, same noise as unpruned: rl/sampler.py)
-      -> decode + real reward on survivors only                             runner.score
+      -> survivors only continue to step T (re-batched, same noise as unpruned: rl/sampler.py), in chunks of
+         whole groups, each decoded and scored by the real reward while the next denoises  runner.finish_and_score
       -> advantages ("survivors" or "imputed")                              rl.pruning.pruned_advantages
       -> prune_train_early: pruned rollouts join the trained set for their steps < k (imputed advantages)
       -> what selection bought (survivors' real reward spread), the probe's online quality and buffer
@@ -72,7 +72,9 @@ class RolloutRunner(Protocol):
 
     def judge(self, batch: PromptBatch, prompt_index: torch.Tensor, latents: torch.Tensor) -> RewardResult: ...
 
-    def score(self, batch: PromptBatch, rollouts: Rollouts, result: RewardResult | None = None) -> ScoredRollouts: ...
+    def finish_and_score(
+        self, batch: PromptBatch, rollouts: Rollouts, result: RewardResult | None = None
+    ) -> ScoredRollouts: ...
 
     def advantages(self, scored: ScoredRollouts) -> torch.Tensor: ...
 
@@ -262,9 +264,8 @@ class PrunedRollout:
             rollouts = rollouts.select(selection.survivors)
         self.last = self.stage_steps[0] if len(self.stage_steps) == 1 else funnel_step(self.stage_steps)
         selection = self.last.selection
-        finished = runner.continue_rollouts(batch, rollouts)  # re-batched, order kept
         known = None if prediction.result is None else result_subset(prediction.result, selection.survivors)
-        scored = runner.score(batch, finished, known)
+        scored = runner.finish_and_score(batch, rollouts, known)  # re-batched, order kept, scored beside sampling
         if p.prune_advantage == "survivors":
             advantages = runner.advantages(scored)
         else:

@@ -93,6 +93,14 @@ class Rollouts:
     def __len__(self) -> int:
         return self.prompt_index.shape[0]
 
+    @classmethod
+    def concatenate(cls, parts: list[Rollouts]) -> Rollouts:
+        """Rollouts at the same step, one after another (the trainer finishes a step in chunks)."""
+        if len(parts) == 1:
+            return parts[0]
+        fields = ("prompt_index", "seeds", "states", "log_probs")
+        return cls(*(torch.cat([getattr(part, name) for part in parts]) for name in fields))
+
     def select(self, indices: torch.Tensor | list[int]) -> Rollouts:
         """The subset ``indices`` (e.g. the survivors of pruning), in that order."""
         indices = torch.as_tensor(indices, dtype=torch.long, device=self.prompt_index.device)

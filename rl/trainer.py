@@ -2,14 +2,16 @@
 
 One GRPO step, per process (each process owns whole prompt groups; nothing is split across processes)::
 
-    prompts -> encode once -> G SDE rollouts per prompt, recording (x_t, x_next, log p_old) per step
-      -> VAE-decode -> reward (thread pool) -> group advantages -> PPO-clipped loss (+ optional KL to the
-      adapter-disabled reference) over the trained steps -> AdamW steps through accelerate -> EMA -> log
+    prompts -> encode once -> G SDE rollouts per prompt, recording (x_t, x_next, log p_old) per step, in chunks
+      of whole groups; each finished chunk VAE-decoded (worker thread) and scored (reward pool) while the next
+      denoises -> group advantages -> PPO-clipped loss (+ optional KL to the adapter-disabled reference) over
+      the trained steps -> AdamW steps through accelerate -> EMA -> log
 
 Every phase is a method. With a pruning policy the sampling phase is ``rl/pruned_rollout.py``'s: it runs
 :meth:`GRPOTrainer.rollout` to step k (with an observer capturing attention), lets the probe pick survivors
-(``Rollouts.select``), finishes them with :meth:`GRPOTrainer.continue_rollouts` and scores only them. Everything device- and process-related
-goes through one ``accelerate.Accelerator``; metrics are reduced across processes as sums and counts.
+(``Rollouts.select``), and finishes and scores only them with :meth:`GRPOTrainer.finish_and_score`. Everything
+device- and process-related goes through one ``accelerate.Accelerator``; metrics are reduced across processes as
+sums and counts.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import signal
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -111,6 +114,28 @@ class TrainState:
         return ComputeCounts(self.transformer_calls, self.train_passes, self.decodes, self.reward_calls)
 
 
+def score_chunks(prompt_index: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
+    """Row indices ``[n_i]`` of consecutive chunks of whole prompt groups, in order.
+
+    A chunk ends after the first group that brings the rows so far to a multiple of ``batch_size`` (or at the end),
+    so the sampler's and the VAE's batches of ``batch_size`` rows are the same as over the whole step: in bf16 a
+    different batch shape changes the results. G = 8, batch 32: chunks of 4 groups; G = 24, batch 4: 1 group;
+    G = 4, batch 5: 5 groups.
+
+    Args:
+        prompt_index: ``[B]`` each rollout's prompt, each group's rows contiguous.
+        batch_size: rollouts per transformer call (``sample_batch_size``).
+    """
+    index = prompt_index.cpu()
+    group_ends = (torch.nonzero(index[1:] != index[:-1]).flatten() + 1).tolist() + [len(index)]
+    chunks, start = [], 0
+    for end in group_ends:
+        if end > start and (end % batch_size == 0 or end == len(index)):  # (an empty index: no chunk)
+            chunks.append(torch.arange(start, end))
+            start = end
+    return chunks
+
+
 def load_pipeline(config: RunConfig, device: torch.device) -> FluxPipeline:
     """The base FluxPipeline (hub id or local folder), frozen, on ``device``; bf16 weights under bf16 precision."""
     dtype = torch.bfloat16 if config.training.mixed_precision == "bf16" else torch.float32
@@ -136,6 +161,8 @@ class GRPOTrainer:
         self.metrics = MetricsAccumulator()
         self.phase_times: dict[str, float] = {}
         self._inner_phase_seconds: list[float] = []  # time of phases nested in each open phase (phase())
+        # decode and reward seconds of finished chunks, spent beside the main thread's phases (finish_and_score)
+        self.overlapped_times: dict[str, float] = {}
         self.step_images = 0
         self.base_eval: dict[str, float] = {}
         self.final_eval: dict[str, float] = {}
@@ -160,6 +187,8 @@ class GRPOTrainer:
         self.reward_set = build_reward_set(
             r.reward, r.reward_weights, r.reward_kwargs, r.reward_workers, failure_policy=r.reward_failure_policy
         )
+        # one thread, so the VAE decodes one chunk at a time and chunks reach the reward pool in order
+        self.decode_pool = ThreadPoolExecutor(1, thread_name_prefix="decode") if r.reward_overlap else None
         set_seed(t.seed)
         if torch.cuda.is_available():
             # cuDNN's attention backward returns NaN gradients from finite inputs under bf16 (measured on an H200
@@ -240,8 +269,8 @@ class GRPOTrainer:
                 batch = self.next_prompts()  # whole groups for this process, encoded once
                 try:
                     if self.pruner is None:
-                        rollouts = self.rollout(batch)  # SDE sampling with log-probs
-                        scored = self.score(batch, rollouts)  # decode + reward in a thread pool
+                        # SDE sampling with log-probs, chunk by chunk; each chunk's decode + reward beside the next
+                        scored = self.finish_and_score(batch, self.start(batch))
                         advantages = self.advantages(scored)  # per prompt group
                     else:  # to step k with capture, probe, prune, continue and score survivors only (+ refresh)
                         scored, advantages = self.pruner.sample_and_score(self, batch)
@@ -273,7 +302,9 @@ class GRPOTrainer:
         return self.final_eval
 
     def cleanup(self) -> None:
-        """Release the reward threads and the logger; end accelerate's trackers."""
+        """Release the decode and reward threads and the logger; end accelerate's trackers."""
+        if self.decode_pool is not None:
+            self.decode_pool.shutdown(wait=True)
         self.reward_set.close()
         self.log.close()
         self.accelerator.end_training()
@@ -302,12 +333,15 @@ class GRPOTrainer:
             initial_seeds=initial if cfg.sampling.same_initial_noise else None,
         )
 
+    def start(self, batch: PromptBatch) -> Rollouts:
+        """Every rollout of ``batch`` at step 0 (its initial noise)."""
+        return self.sampler.start(batch.prompt_index, batch.seeds, self.accelerator.device, batch.initial_seeds)
+
     def rollout(
         self, batch: PromptBatch, until_step: int | None = None, observer: StepObserver | None = None
     ) -> Rollouts:
         """Start every rollout of ``batch`` and sample it with the SDE sampler up to ``until_step`` (default: T)."""
-        start = self.sampler.start(batch.prompt_index, batch.seeds, self.accelerator.device, batch.initial_seeds)
-        return self.continue_rollouts(batch, start, until_step, observer)
+        return self.continue_rollouts(batch, self.start(batch), until_step, observer)
 
     def continue_rollouts(
         self,
@@ -322,16 +356,76 @@ class GRPOTrainer:
         would have followed had every rollout been continued.
         """
         until = self.sampler.num_steps if until_step is None else until_step
+        with self.sampling_bar(rollouts, until) as bar, self.phase("sample"), self.accelerator.autocast():
+            return self.sampler.advance(rollouts, batch.embeds, until, observer, progress=bar.update)
+
+    def sampling_bar(self, rollouts: Rollouts, until: int) -> tqdm:
+        """Count the transformer calls taking ``rollouts`` to step ``until`` (a collective) and show their progress."""
         total = len(rollouts) * (until - rollouts.step)
         calls = self.global_count(total)
         self.state.images_denoised += calls / self.sampler.num_steps
         self.state.transformer_calls += calls
-        with (
-            self.phase("sample"),
-            self.accelerator.autocast(),
-            tqdm(total=total, desc="sample", leave=False, disable=not self.show_bar) as bar,
-        ):
-            return self.sampler.advance(rollouts, batch.embeds, until, observer, progress=bar.update)
+        return tqdm(total=total, desc="sample", leave=False, disable=not self.show_bar)
+
+    def finish_and_score(
+        self, batch: PromptBatch, rollouts: Rollouts, result: RewardResult | None = None
+    ) -> ScoredRollouts:
+        """Denoise ``rollouts`` (all at one step) to T, decode and score them, chunk by chunk.
+
+        The chunks are whole prompt groups (:func:`score_chunks`: each ends where the rows so far fill whole
+        sampler batches, so every transformer and VAE call sees the rows it would see unchunked). With
+        ``reward_overlap`` a finished chunk is decoded on a worker thread and scored in the reward pool while the
+        transformer denoises the next chunk; without it, each chunk is decoded and scored before the next is
+        denoised. The calls are the same either way, so the results are bit-identical; the scores come back in
+        chunk order.
+
+        Args:
+            batch: the step's prompts (``rollouts.prompt_index`` points into them).
+            rollouts: the rollouts to finish, each group's rows contiguous (the unpruned step, or the survivors).
+            result: their reward, when a predictor already finished and scored them (the ``reward`` oracle).
+        """
+        if result is not None:
+            return self.score(batch, rollouts, result)
+        until = self.sampler.num_steps
+        self.count_judged(len(rollouts))
+        finished: list[Rollouts] = []
+        pending: list[Future[Future[RewardResult]]] = []
+        results: list[RewardResult] = []
+        with self.sampling_bar(rollouts, until) as bar:
+            for rows in score_chunks(rollouts.prompt_index, self.sampler.batch_size):
+                with self.phase("sample"), self.accelerator.autocast():
+                    done = self.sampler.advance(rollouts.select(rows), batch.embeds, until, progress=bar.update)
+                finished.append(done)
+                if self.decode_pool is None:
+                    with self.phase("score_wait"):
+                        results.append(self.decode_and_submit(batch, done).result())
+                else:
+                    pending.append(self.decode_pool.submit(self.decode_and_submit, batch, done))
+        with self.phase("score_wait"):  # what of the decoding and scoring sampling did not hide
+            results += [future.result().result() for future in pending]
+        result = RewardResult.concatenate(results)
+        self.overlapped_times["reward"] = self.overlapped_times.get("reward", 0.0) + result.seconds
+        return self.score(batch, Rollouts.concatenate(finished), result)
+
+    def decode_and_submit(self, batch: PromptBatch, rollouts: Rollouts) -> Future[RewardResult]:
+        """Decode finished ``rollouts`` and hand the images to the reward pool (the decode worker runs this).
+
+        Thread-safe for the one worker: no collective, no shared RNG (the VAE decodes deterministically), its
+        own autocast (autocast state is per thread); its seconds go to ``overlapped_times``.
+        """
+        started = time.perf_counter()
+        with self.accelerator.autocast():
+            images = self.sampler.decode(rollouts.latents)
+        self.overlapped_times["decode"] = self.overlapped_times.get("decode", 0.0) + time.perf_counter() - started
+        prompts = [batch.prompts[i] for i in rollouts.prompt_index.tolist()]
+        group_ids = batch.group_ids[rollouts.prompt_index.cpu()]
+        return self.reward_set.submit(images, [p.text for p in prompts], [p.metadata for p in prompts], group_ids)
+
+    def count_judged(self, rollouts: int) -> None:
+        """Count ``rollouts`` decodes and reward calls over every process (a collective)."""
+        count = self.global_count(rollouts)
+        self.state.decodes += count
+        self.state.reward_calls += count
 
     def judge(self, batch: PromptBatch, prompt_index: torch.Tensor, latents: torch.Tensor) -> RewardResult:
         """Decode packed ``latents`` of rollouts of prompts ``prompt_index`` and score them with the reward.
@@ -341,9 +435,7 @@ class GRPOTrainer:
         """
         prompts = [batch.prompts[i] for i in prompt_index.tolist()]
         group_ids = batch.group_ids[prompt_index.cpu()]
-        count = self.global_count(len(latents))
-        self.state.decodes += count
-        self.state.reward_calls += count
+        self.count_judged(len(latents))
         with self.phase("decode"), self.accelerator.autocast():
             images = self.sampler.decode(latents)
         with self.phase("reward"):
@@ -652,10 +744,11 @@ class GRPOTrainer:
 
     @contextlib.contextmanager
     def phase(self, name: str) -> Iterator[None]:
-        """Time a phase; the per-step total is logged as ``time/<name>_s``.
+        """Time a phase of the main thread; the per-step total is logged as ``time/<name>_s``.
 
         Times are exclusive: a phase opened inside another (a predictor's decode inside ``predict``) is charged
-        to itself only, so the phases of a step add up to its wall-clock.
+        to itself only, so the phases of a step add up to its wall-clock. Work beside them (the finished chunks'
+        decode and reward under ``reward_overlap``) is timed in ``overlapped_times`` instead.
         """
         started = time.perf_counter()
         self._inner_phase_seconds.append(0.0)
@@ -705,9 +798,12 @@ class GRPOTrainer:
         """Reduce this step's metrics across processes and write them every ``log_every`` steps."""
         # a checkpoint written after the previous step is logged here, but is no part of this step's time
         step_time = sum(seconds for name, seconds in self.phase_times.items() if name != "checkpoint")
-        for name, seconds in self.phase_times.items():
+        times = dict(self.phase_times)
+        for name, seconds in self.overlapped_times.items():  # beside the phases: not part of step_time
+            times[name] = times.get(name, 0.0) + seconds
+        for name, seconds in times.items():
             self.metrics.add(f"time/{name}_s", seconds)
-        self.phase_times = {}
+        self.phase_times, self.overlapped_times = {}, {}
         self.metrics.add("time/step_s", step_time)
         self.metrics.add("perf/images_per_s", self.step_images / max(step_time, 1e-9))
         self.step_images = 0
