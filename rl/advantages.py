@@ -98,3 +98,22 @@ def group_advantages(
     advantages = centred / (std + eps)
     advantages = torch.where(stats.std > 0, advantages, torch.zeros_like(advantages))
     return advantages.clamp(-adv_clip_max, adv_clip_max).float()
+
+
+def scale_advantages(advantages: torch.Tensor, adv_clip_max: float, scale_max: float) -> torch.Tensor:
+    """Clipped advantages ``[B]`` times ``scale_max / adv_clip_max``: into ``[-scale_max, scale_max]``.
+
+    AWM's reference code does this with ``scale_max = 1`` (its ``advantage_max``). A positive constant keeps every
+    advantage's sign and order; under Adam, which normalises the gradient's scale, what it changes is the weight of
+    the KL terms relative to the policy term (``adv_clip_max / scale_max`` times more) and the gradient clipping.
+    ``scale_max = 0`` returns the advantages unchanged.
+
+    Args:
+        advantages: ``[B]`` advantages already clipped to ``[-adv_clip_max, adv_clip_max]``
+            (:func:`group_advantages`).
+        adv_clip_max: their clip bound (> 0).
+        scale_max: the new bound (>= 0; 0: no scaling).
+    """
+    if scale_max == 0:
+        return advantages
+    return advantages * (scale_max / adv_clip_max)

@@ -74,9 +74,14 @@ class LoraEMA:
         self.shadow = [p.detach().float().clone() for p in self.parameters]
 
     @torch.no_grad()
-    def update(self) -> None:
-        """Fold the current parameters into the average (call after each optimizer step)."""
-        decay = min(self.decay, (1 + self.num_updates) / (10 + self.num_updates))
+    def update(self, decay: float | None = None) -> None:
+        """Fold the current parameters into the average (call after each optimizer step).
+
+        Args:
+            decay: this update's decay instead of the warmed-up ``self.decay`` (a caller with its own schedule).
+        """
+        if decay is None:
+            decay = min(self.decay, (1 + self.num_updates) / (10 + self.num_updates))
         self.num_updates += 1
         for shadow, param in zip(self.shadow, self.parameters):
             shadow.lerp_(param.detach().float(), 1 - decay)

@@ -23,13 +23,14 @@ class LossOutput:
     """The loss and its detached diagnostics.
 
     Attributes:
-        loss: scalar, ``policy_loss + kl_beta * kl_ref`` (differentiable).
+        loss: scalar, ``policy_loss + kl_beta * kl_ref (+ kl_ema_beta * kl_ema)`` (differentiable).
         policy_loss: scalar, detached clipped surrogate loss.
         kl_ref: scalar, detached mean KL to the reference (0 without a reference).
         approx_kl: scalar, detached ``mean((ratio - 1) - log_ratio)`` (Schulman's k3 estimator, as in cleanrl).
         clipfrac: scalar, detached fraction of samples with ``|ratio - 1| > clip_range``.
         ratio_mean, ratio_min, ratio_max: scalars, detached statistics of the ratio.
         count: weighted number of samples the means are over.
+        kl_ema: scalar, detached mean KL to an EMA of the policy (AWM's second KL); None where not computed.
     """
 
     loss: torch.Tensor
@@ -41,6 +42,7 @@ class LossOutput:
     ratio_min: torch.Tensor
     ratio_max: torch.Tensor
     count: torch.Tensor
+    kl_ema: torch.Tensor | None = None
 
 
 def _weighted_mean(values: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -120,8 +122,10 @@ def awm_loss(
     kl: torch.Tensor | None = None,
     kl_beta: float = 0.0,
     weights: torch.Tensor | None = None,
+    kl_ema: torch.Tensor | None = None,
+    kl_ema_beta: float = 0.0,
 ) -> LossOutput:
-    """Advantage-weighted matching: ``mean(-A * log q) (+ kl_beta * KL)``, the on-policy objective of AWM.
+    """Advantage-weighted matching: ``mean(-A * log q) (+ kl_beta * KL + kl_ema_beta * KL_ema)``, AWM on-policy.
 
     ``log q`` is minus the (concavely transformed) flow-matching error on the rollout's clean latents, so the
     gradient is that of the pretraining loss weighted by ``-A``: rollouts better than their group are fit, worse
@@ -134,15 +138,19 @@ def awm_loss(
         kl: ``[N]`` per-sample KL to the reference (differentiable) or None.
         kl_beta: weight of the KL term.
         weights: ``[N]`` sample weights (default all 1); weight 0 masks a sample out.
+        kl_ema: ``[N]`` per-sample KL to an EMA of the policy (differentiable) or None: AWM's reference code adds
+            it as an adaptive trust region.
+        kl_ema_beta: weight of that term.
 
     Returns:
-        :class:`LossOutput`.
+        :class:`LossOutput` (``kl_ema`` set when ``kl_ema`` is given).
     """
     log_prob = log_prob.float()
     advantages = advantages.detach().float()
     weights = torch.ones_like(log_prob) if weights is None else weights.detach().float()
     policy_loss = _weighted_mean(-advantages * log_prob, weights)
     loss, kl_ref = _with_kl(policy_loss, kl, kl_beta, weights)
+    loss, kl_to_ema = _with_kl(loss, kl_ema, kl_ema_beta, weights)
     one, zero = torch.ones((), device=log_prob.device), torch.zeros((), device=log_prob.device)
     return LossOutput(
         loss=loss,
@@ -154,4 +162,5 @@ def awm_loss(
         ratio_min=one,
         ratio_max=one,
         count=weights.sum(),
+        kl_ema=None if kl_ema is None else kl_to_ema.detach(),
     )

@@ -157,9 +157,37 @@ def matching_error(velocity: torch.Tensor, clean: torch.Tensor, noise: torch.Ten
     return ((velocity.float() - target) ** 2).mean(dim=tuple(range(1, velocity.ndim)))
 
 
-def matching_log_prob(error: torch.Tensor, power: float = 1.0) -> torch.Tensor:
+def matching_log_prob(
+    error: torch.Tensor, power: float = 1.0, sigma: float | torch.Tensor | None = None
+) -> torch.Tensor:
     """AWM's surrogate log-likelihood ``-e^p / p`` of flow-matching errors ``e`` ``[B]`` (see the module doc).
 
     The error is floored at 1e-12 so ``p < 1`` keeps a finite gradient at an exact fit.
+
+    Args:
+        error: ``[B]`` flow-matching errors (:func:`matching_error`).
+        power: ``p`` > 0.
+        sigma: the noise level (scalar or ``[B]``) each error was measured at; given, the log-likelihood is
+            multiplied by it, so low-noise steps weigh less (AWM's reference code does, ``awm_sigma_weight``).
     """
-    return -(error.float().clamp_min(1e-12) ** power) / power
+    log_prob = -(error.float().clamp_min(1e-12) ** power) / power
+    if sigma is None:
+        return log_prob
+    return log_prob * torch.as_tensor(sigma, dtype=torch.float32, device=log_prob.device)
+
+
+# Per-element form of AWM's KL terms in velocity space, as a multiple of the unit-variance Gaussian KL (v - v')^2 / 2:
+# "squared" is the plain squared difference (v - v')^2, AWM's reference code's kl_weight "Uniform".
+AWM_KL_FORMS = {"gaussian": 1.0, "squared": 2.0}
+
+
+def velocity_kl(velocity: torch.Tensor, other: torch.Tensor, form: str = "gaussian") -> torch.Tensor:
+    """``[B]`` AWM's KL between two velocity predictions ``[B, ...]``, mean-reduced, in form ``form``.
+
+    ``"gaussian"``: the KL of unit-variance Gaussians around the two predictions, ``mean((v - v')^2) / 2``
+    (:func:`kl_to_reference` with std 1). ``"squared"``: ``mean((v - v')^2)``, twice that.
+
+    Raises:
+        KeyError: an unknown ``form`` (the config checks it first).
+    """
+    return AWM_KL_FORMS[form] * kl_to_reference(velocity, other, torch.ones((), device=velocity.device))

@@ -55,6 +55,21 @@ class Objective:
         """The loss of rollouts ``rows`` at denoising steps ``step`` (``[b]``), weighted per sample."""
         raise NotImplementedError
 
+    @property
+    def reference_forwards(self) -> int:
+        """No-grad transformer forwards per trained (rollout, step) pair besides the policy's: the KL reference's."""
+        return int(self.trainer.config.training.kl_beta > 0)
+
+    def after_optimise(self) -> None:
+        """Called once per GRPO step after all its updates: where an objective advances state it keeps across steps."""
+
+    def state_dict(self) -> dict:
+        """The objective's own state that resume restores (none by default)."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore what :meth:`state_dict` returned."""
+
     def record(self, out: LossOutput, metrics: MetricsAccumulator, first_inner: bool) -> None:
         """Log the diagnostics of one micro-batch (the shared loss terms here; subclasses add their own)."""
         count = float(out.count)

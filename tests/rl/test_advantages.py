@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from rl.advantages import group_advantages, group_stats
+from rl.advantages import group_advantages, group_stats, scale_advantages
 
 # Three groups: {1, 2, 3}, {5, 5} (no spread) and {7} (a group of one).
 REWARDS = torch.tensor([1.0, 2.0, 3.0, 5.0, 5.0, 7.0])
@@ -57,3 +57,22 @@ def test_rejects_bad_input():
         group_advantages(torch.tensor([1.0, float("nan")]), torch.tensor([0, 0]))
     with pytest.raises(ValueError, match=r"\[B\]"):
         group_advantages(REWARDS, GROUPS[:3])
+
+
+def test_scaled_advantages_by_hand():
+    # AWM's reference: clip to 5, then x 1 / 5 -> [-1, 1]
+    advantages = torch.tensor([-5.0, -1.0, 0.0, 2.5, 5.0])
+    torch.testing.assert_close(scale_advantages(advantages, 5.0, 1.0), torch.tensor([-1.0, -0.2, 0.0, 0.5, 1.0]))
+    assert scale_advantages(advantages, 5.0, 0.0) is advantages  # 0: unscaled, today's default
+
+
+def test_scaled_advantages_lie_in_the_bound_and_keep_their_order():
+    generator = torch.Generator().manual_seed(0)
+    for clip, bound in ((5.0, 1.0), (2.0, 0.5), (1.0, 3.0)):
+        rewards = torch.randn(96, generator=generator) * torch.rand(96, generator=generator) * 4
+        groups = torch.arange(96) // 8
+        advantages = group_advantages(rewards, groups, adv_clip_max=clip, eps=1e-6)
+        scaled = scale_advantages(advantages, clip, bound)
+        assert scaled.abs().max() <= bound + 1e-6
+        assert torch.equal(scaled.sign(), advantages.sign())
+        assert torch.equal(torch.argsort(scaled, stable=True), torch.argsort(advantages, stable=True))

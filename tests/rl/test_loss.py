@@ -96,3 +96,18 @@ def test_awm_loss_kl_term_and_weights():
     assert math.isclose(out.loss.item(), 0.375, abs_tol=1e-6)
     empty = awm_loss(log_q.clone().requires_grad_(), ADVANTAGES, weights=torch.zeros(3))
     assert empty.loss.item() == 0.0 and empty.count.item() == 0
+
+
+def test_awm_loss_ema_kl_term_by_hand():
+    log_q = torch.tensor([-0.5, -0.2, -1.0])
+    kl = torch.tensor([0.5, 0.0, 1.0])
+    kl_ema = torch.tensor([0.2, 0.4, 0.0], requires_grad=True)
+    # policy loss -1.3 / 3 (above); kl_ref mean 0.5, kl_ema mean 0.2:
+    # loss = -1.3 / 3 + 0.1 * 0.5 + 1.0 * 0.2 = -0.183333
+    out = awm_loss(log_q, ADVANTAGES, kl=kl, kl_beta=0.1, kl_ema=kl_ema, kl_ema_beta=1.0)
+    assert math.isclose(out.kl_ema.item(), 0.2, abs_tol=1e-6)
+    assert math.isclose(out.kl_ref.item(), 0.5, abs_tol=1e-6)
+    assert math.isclose(out.loss.item(), -1.3 / 3 + 0.05 + 0.2, abs_tol=1e-6)
+    out.loss.backward()
+    torch.testing.assert_close(kl_ema.grad, torch.full((3,), 1 / 3))
+    assert awm_loss(log_q, ADVANTAGES).kl_ema is None  # not computed: nothing to log

@@ -3,7 +3,15 @@ import math
 import pytest
 import torch
 
-from rl.sde import forward_noise, kl_to_reference, matching_error, matching_log_prob, noise_std, sde_step
+from rl.sde import (
+    forward_noise,
+    kl_to_reference,
+    matching_error,
+    matching_log_prob,
+    noise_std,
+    sde_step,
+    velocity_kl,
+)
 
 
 def _filled(value, shape=(2, 3, 4)):
@@ -99,3 +107,44 @@ def test_matching_log_prob_by_hand():
     exact = torch.zeros(1, requires_grad=True)
     matching_log_prob(exact, 0.25).sum().backward()
     assert torch.isfinite(exact.grad).all()  # an exact fit (error 0) keeps a finite gradient
+
+
+def test_sigma_weighted_matching_log_prob_by_hand():
+    # AWM's reference multiplies each step's log-likelihood by its sigma: p = 0.5, errors [0.25, 4] -> [-1, -4];
+    # sigmas [0.5, 0.25] -> [-0.5, -1]; the gradient scales alike: -e^(p - 1) sigma = [-2 * 0.5, -0.5 * 0.25]
+    error = torch.tensor([0.25, 4.0], requires_grad=True)
+    log_q = matching_log_prob(error, 0.5, torch.tensor([0.5, 0.25]))
+    torch.testing.assert_close(log_q, torch.tensor([-0.5, -1.0]))
+    log_q.sum().backward()
+    torch.testing.assert_close(error.grad, torch.tensor([-1.0, -0.125]))
+
+
+def test_sigma_weighting_with_every_sigma_one_is_the_unweighted_log_prob():
+    error = torch.rand(64, generator=torch.Generator().manual_seed(0)) * 3
+    for power in (0.25, 0.5, 1.0):
+        assert torch.equal(matching_log_prob(error, power, torch.ones(64)), matching_log_prob(error, power))
+        assert torch.equal(matching_log_prob(error, power, 1.0), matching_log_prob(error, power))
+
+
+def test_velocity_kl_forms_by_hand():
+    # v - v' = 0.5 everywhere: gaussian (unit variance) 0.5^2 / 2 = 0.125; squared 0.5^2 = 0.25 (AWM's "Uniform")
+    torch.testing.assert_close(velocity_kl(_filled(0.75), _filled(0.25)), torch.full((2,), 0.125))
+    torch.testing.assert_close(velocity_kl(_filled(0.75), _filled(0.25), "squared"), torch.full((2,), 0.25))
+    # the gaussian form is the transition KL of kl_to_reference with std 1
+    torch.testing.assert_close(
+        velocity_kl(_filled(0.75), _filled(0.25)), kl_to_reference(_filled(0.75), _filled(0.25), torch.ones(()))
+    )
+
+
+def test_squared_kl_gradient_is_twice_the_gaussian():
+    generator = torch.Generator().manual_seed(1)
+    reference = torch.randn(3, 5, 4, generator=generator)
+    start = torch.randn(3, 5, 4, generator=generator)
+    grads = {}
+    for form in ("gaussian", "squared"):
+        velocity = start.clone().requires_grad_()
+        velocity_kl(velocity, reference, form).sum().backward()
+        grads[form] = velocity.grad
+    # d/dv mean((v - v')^2) / 2 = (v - v') / n: the reference code's KL pulls twice as hard at the same beta
+    torch.testing.assert_close(grads["gaussian"], (start - reference) / 20)
+    torch.testing.assert_close(grads["squared"], 2 * grads["gaussian"])
