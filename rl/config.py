@@ -31,6 +31,7 @@ from rl.objectives import OBJECTIVES
 from rl.predictors import PREDICTORS
 from rl.pruning import ADVANTAGE_MODES, POLICIES, PREDICTION_POLICIES, funnel_group_sizes, keep_count, parse_funnel
 from rl.schedule import LR_SCHEDULES
+from rl.sde import AWM_KL_FORMS
 
 logger = logging.getLogger(__name__)
 
@@ -236,6 +237,14 @@ class SamplingConfig(Section):
         "deterministic ODE (Flow-GRPO-Fast, MixGRPO), so the rollouts are the evaluation's sampler except where "
         "they are trained, and all of a rollout's randomness is credited to the trained steps.",
     )
+    train_first_step: bool = option(
+        True,
+        "Train the first denoising step (sigma = 1: pure noise in, so its prediction sees no image). false leaves "
+        "it out of whichever train_steps mode (the SDE noise of sde_window_only stays where it is). AWM's reference "
+        "code: false in its GenEval and OCR configs (time_type 'discrete_wo_init' draws from step 1 on: "
+        "train_sd3_awm.py lines 1197-1205; config/dgx_awm.py lines 88, 228), true in its PickScore one ('discrete', "
+        "lines 1172-1180).",
+    )
 
     @property
     def train_window(self) -> range:
@@ -329,6 +338,7 @@ class TrainingConfig(Section):
         "policy_objective": OBJECTIVES,
         "adv_std": ADV_STDS,
         "mixed_precision": PRECISIONS,
+        "awm_kl_form": AWM_KL_FORMS,
     }
 
     max_steps: int = option(100, "GRPO steps (each: sample, score, optimise). The tiny model improves in ~30-60.")
@@ -373,6 +383,32 @@ class TrainingConfig(Section):
         "advantage-weighted objective is unbounded and drifted (error 0.65 -> 3.7, held-out score back to the base "
         "in 160 tiny-model steps); p < 0.5 bounds it (rl/sde.py). AWM's code: 0.25.",
     )
+    awm_sigma_weight: bool = option(
+        False,
+        "policy_objective 'awm': multiply each trained step's log-likelihood by its sigma in (0, 1], so low-noise "
+        "steps weigh less. AWM's reference code: true (its 'ghuber' weighting, train_sd3_awm.py line 249, in every "
+        "config).",
+    )
+    awm_kl_form: str = option(
+        "gaussian",
+        "policy_objective 'awm': per-element form of the KL terms (kl_beta, awm_ema_kl_beta) between two velocity "
+        "predictions. 'gaussian': the KL of unit-variance Gaussians around them, (v - v')^2 / 2; 'squared': "
+        "(v - v')^2, twice that. AWM's reference code: 'squared' (kl_weight and kl_ema_weight 'Uniform', "
+        "train_sd3_awm.py lines 1337, 1346), so its beta 0.001 (GenEval) equals kl_beta 0.002 under 'gaussian'.",
+    )
+    awm_ema_kl_beta: float = option(
+        0.0,
+        "policy_objective 'awm': weight of a second KL, to an EMA of the policy's own LoRA (a trust region that "
+        "follows the policy); 0 skips its extra forward. AWM's reference code: 1 (ema_beta, train_sd3_awm.py lines "
+        "1276-1280, 1341-1350; computed there only when its KL to the reference is on, line 1330).",
+    )
+    awm_ema_kl_decay: float = option(
+        0.3,
+        "policy_objective 'awm' with awm_ema_kl_beta > 0: after each GRPO step the EMA becomes decay x EMA + "
+        "(1 - decay) x LoRA with decay = min(awm_ema_kl_decay, 0.001 x steps done), so it stays near the last "
+        "step's policy; in [0, 1). AWM's reference code: 0.3, ramped 0.001 per optimizer step, one per epoch in "
+        "its configs (kl_ema_decay_type 'linear', train_sd3_awm.py lines 1409-1419).",
+    )
     num_inner_epochs: int = option(1, "Passes over one GRPO step's samples (PPO epochs). Flow-GRPO: 1.")
     clip_range: float = option(
         1e-4,
@@ -390,6 +426,13 @@ class TrainingConfig(Section):
         "of the step over every process; Flow-GRPO's global_std, its default; robust to near-equal groups).",
     )
     adv_clip_max: float = option(5.0, "Advantages are clipped to [-adv_clip_max, adv_clip_max] (Flow-GRPO: 5).")
+    adv_scale_max: float = option(
+        0.0,
+        "When > 0, the clipped advantages are multiplied by adv_scale_max / adv_clip_max, into [-adv_scale_max, "
+        "adv_scale_max] with signs and order kept; 0: unscaled. Under AdamW a constant factor mostly reweighs the KL "
+        "terms against the policy term (rl/advantages.py). AWM's reference code: 1 (advantage_max after clipping to "
+        "5, train_sd3_awm.py lines 1293-1299).",
+    )
     ema_decay: float = option(
         0.9,
         "EMA of the LoRA weights per optimizer step (with the usual (1 + n) / (10 + n) warm-up); evaluation and "
@@ -406,8 +449,10 @@ class TrainingConfig(Section):
     def check(self) -> None:
         _positive(self, "max_steps", "learning_rate", "max_grad_norm", "train_batch_size", "awm_error_power")
         _positive(self, "gradient_accumulation_steps", "num_inner_epochs", "clip_range", "adv_clip_max")
-        if self.kl_beta < 0 or self.max_minutes < 0 or self.lr_warmup_steps < 0:
-            raise ValueError("kl_beta, max_minutes and lr_warmup_steps must be >= 0")
+        if min(self.kl_beta, self.max_minutes, self.lr_warmup_steps, self.awm_ema_kl_beta, self.adv_scale_max) < 0:
+            raise ValueError("kl_beta, max_minutes, lr_warmup_steps, awm_ema_kl_beta and adv_scale_max must be >= 0")
+        if not 0 <= self.awm_ema_kl_decay < 1:
+            raise ValueError(f"awm_ema_kl_decay must lie in [0, 1), got {self.awm_ema_kl_decay}")
         if not 0 <= self.ema_decay < 1:
             raise ValueError(f"ema_decay must lie in [0, 1), got {self.ema_decay}")
 
@@ -693,6 +738,21 @@ class RunConfig:
                 f"train window [{s.train_window.start}, {s.train_window.stop}) must lie in "
                 f"[0, num_steps - 1 = {s.num_steps - 1}): the last step is never trained (its log-prob is "
                 "ill-conditioned). Set train_window_start + train_window_size <= num_steps - 1."
+            )
+        if not s.train_first_step and (s.num_steps < 3 or (s.train_steps == "window" and list(s.train_window) == [0])):
+            raise ValueError(
+                f"train_first_step=false leaves no step to train (num_steps={s.num_steps}, train_steps="
+                f"{s.train_steps!r}, window {list(s.train_window)}): step 0 is left out and the last step is never "
+                "trained. Widen the window past step 0, set num_steps >= 3, or train_first_step=true."
+            )
+        t = self.training
+        changed = [
+            f.name for f in dataclasses.fields(t) if f.name.startswith("awm_") and getattr(t, f.name) != f.default
+        ]
+        if changed and t.policy_objective != "awm":
+            raise ValueError(
+                f"{', '.join(changed)} only act under policy_objective 'awm', not {t.policy_objective!r}: set "
+                "policy_objective: awm or leave them at their defaults."
             )
         if s.sde_window_only and s.train_steps != "window":
             raise ValueError(

@@ -37,7 +37,7 @@ from diffusers import FluxPipeline
 from tqdm.auto import tqdm
 
 from rewards.compose import RewardResult, build_reward_set
-from rl.advantages import group_advantages, group_std
+from rl.advantages import group_advantages, group_std, scale_advantages
 from rl.batches import PromptBatch, ScoredRollouts
 from rl.checkpoint import (
     load_checkpoint,
@@ -503,7 +503,7 @@ class GRPOTrainer:
             early = recorded < self.sampler.num_steps
             total = float(weights.sum())
             self.metrics.add("prune/early_trained_frac", float(weights[early].sum()) / max(total, 1.0), total)
-        advantages = advantages.to(device)
+        advantages = scale_advantages(advantages.to(device), t.adv_clip_max, t.adv_scale_max)
         factor = lr_factor(t.lr_schedule, self.state.step, t.max_steps, t.lr_warmup_steps)
         for group in self.optimizer.param_groups:
             group["lr"] = t.learning_rate * factor
@@ -537,10 +537,10 @@ class GRPOTrainer:
                             self.state.optimizer_steps += 1
                             if self.ema is not None:
                                 self.ema.update()
+        self.objective.after_optimise()
         passes = self.global_count(passes)
         self.state.train_passes += passes
-        if t.kl_beta > 0:  # each pass also ran the adapter-off reference forward
-            self.state.transformer_calls += passes
+        self.state.transformer_calls += passes * self.objective.reference_forwards  # the KL references' forwards
 
     def policy_loss(self, embeds, rollouts: Rollouts, rows, step, advantages, weights):
         """The objective's loss of rollouts ``rows`` at denoising steps ``step`` (rl/objectives/)."""
@@ -712,6 +712,7 @@ class GRPOTrainer:
             "ema": self.ema.state_dict() if self.ema else None,
             "base_eval": self.base_eval,
             "pruning": self.pruner.state_dict() if self.pruner is not None else None,
+            "objective": self.objective.state_dict(),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -721,6 +722,7 @@ class GRPOTrainer:
             self.ema.load_state_dict(state["ema"])
         if self.pruner is not None and state.get("pruning") is not None:
             self.pruner.load_state_dict(state["pruning"])
+        self.objective.load_state_dict(state.get("objective", {}))
 
     # ------------------------------------------------------------------ helpers
 
@@ -729,17 +731,18 @@ class GRPOTrainer:
 
         ``all_but_last``: 0..T-2. ``window``: ``[start, start + size)``. ``random``: a fresh sorted random
         ``train_fraction`` of 0..T-2 per rollout, seeded by ``(seed, step, stream)`` (stream: the process index,
-        so processes draw different subsets).
+        so processes draw different subsets). ``train_first_step: false`` leaves step 0 (sigma = 1) out of each.
         """
         s = self.config.sampling
-        trainable = s.num_steps - 1
+        first = 0 if s.train_first_step else 1
+        trainable = s.num_steps - 1 - first
         if s.train_steps == "all_but_last":
-            return torch.arange(trainable).expand(rows, -1)
+            return torch.arange(first, s.num_steps - 1).expand(rows, -1)
         if s.train_steps == "window":
-            return torch.tensor(s.train_window).expand(rows, -1)
+            return torch.tensor([k for k in s.train_window if k >= first]).expand(rows, -1)
         count = max(1, int(s.train_fraction * trainable))  # floor, as Flow-GRPO's and DanceGRPO's timestep_fraction
         rng = np.random.default_rng([self.config.training.seed, step, 3, stream])
-        picks = np.sort(np.stack([rng.permutation(trainable)[:count] for _ in range(rows)]), axis=1)
+        picks = np.sort(np.stack([rng.permutation(trainable)[:count] + first for _ in range(rows)]), axis=1)
         return torch.from_numpy(picks)
 
     @contextlib.contextmanager
