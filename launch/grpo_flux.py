@@ -8,7 +8,8 @@ Without --config it runs the shipped default, configs/tiny_shapes.yaml (the tiny
 FLUX.1-dev runs from its configs (configs/flux_dev_*.yaml). --KEY VALUE overrides the YAML.
 
 A user error (a config key or value, a missing or damaged file, a probe for another model or sampler, a used
-output_dir) prints one line naming it and the fix and exits 2; set GRPO_DEBUG=1 for the traceback.
+output_dir, a full disk at a checkpoint) prints one line naming it and the fix and exits 2; set GRPO_DEBUG=1 for
+the traceback.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from rl.checkpoint import CheckpointWriteError
 from rl.config import RunConfig, parse_config
 from rl.sampler import native_size_warning
 from rl.trainer import GRPOTrainer
@@ -73,7 +75,14 @@ def main(argv: list[str] | None = None) -> GRPOTrainer:
 
 
 # what a user can fix from the message alone; anything else is a bug and keeps its traceback
-USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, PermissionError)
+USER_ERRORS = (
+    ValueError,
+    FileNotFoundError,
+    FileExistsError,
+    NotADirectoryError,
+    PermissionError,
+    CheckpointWriteError,
+)
 
 
 def cli(argv: list[str] | None = None) -> int:

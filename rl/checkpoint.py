@@ -17,11 +17,13 @@ Layout of ``<output_dir>/checkpoints/step-<8 digits>/``::
 Atomicity: everything is written to ``checkpoints/.tmp-step-<n>`` and renamed to ``step-<n>`` only when every
 process has finished writing (a rename within one filesystem is atomic), so a ``step-*`` folder is always
 complete and "latest" (the highest-numbered one) is never a half-written checkpoint; a crash mid-save leaves a
-``.tmp-*`` folder that the next save removes. With several nodes, ``output_dir`` must be on a shared filesystem.
+``.tmp-*`` folder that the next save removes. A failed write (a full disk) removes its ``.tmp-*`` folder and
+raises :class:`CheckpointWriteError`. With several nodes, ``output_dir`` must be on a shared filesystem.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -34,6 +36,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.utils import SAFE_WEIGHTS_NAME
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from rl.distributed import is_deepspeed
@@ -190,6 +193,34 @@ def register_lora_only_hooks(accelerator: Accelerator, model: torch.nn.Module) -
     accelerator.register_load_state_pre_hook(load_hook)
 
 
+class CheckpointWriteError(OSError):
+    """Writing a checkpoint failed (a full disk, a quota); the run's earlier checkpoints are untouched."""
+
+
+def _is_write_failure(error: Exception) -> bool:
+    """Whether ``error`` is a failed write: an ``OSError``, or torch's and safetensors' writers, which report a full
+    disk without an errno (``enforce fail at inline_container.cc ... unexpected pos``, ``Error while serializing``).
+    """
+    text = str(error)
+    return (
+        isinstance(error, OSError)
+        or (isinstance(error, RuntimeError) and ("inline_container" in text or "PytorchStreamWriter" in text))
+        or (isinstance(error, SafetensorError) and "serializ" in text)
+    )
+
+
+def _write_error(error: Exception, final: Path) -> CheckpointWriteError:
+    full = getattr(error, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "No space left" in str(error)
+    what = "the disk is full" if full else "a write failed, as it does on a full disk"
+    free = shutil.disk_usage(final.parent).free / 2**20 if final.parent.is_dir() else float("nan")
+    return CheckpointWriteError(
+        f"could not write checkpoint {final}: {what} ({type(error).__name__}: {(str(error) or '?').splitlines()[0]}; "
+        f"{free:.0f} MiB free now). The partial checkpoint was removed and the earlier checkpoints in "
+        f"{final.parent} are intact. Free disk space (or lower save_total_limit, or use an output_dir on a larger "
+        f"disk), then continue with --resume_from latest."
+    )
+
+
 def save_checkpoint(
     accelerator: Accelerator,
     output_dir: str | Path,
@@ -209,24 +240,35 @@ def save_checkpoint(
         rank_state: this process's own state, written by every process.
         export_lora: called by every process with the ``lora`` folder to write the diffusers export into.
         keep: keep only the newest ``keep`` checkpoints (0: all).
+
+    Raises:
+        CheckpointWriteError: a write failed (a full disk, a quota); the partial folder is removed and the earlier
+            checkpoints are untouched. With several processes, one that fails alone leaves the others waiting.
     """
     root = Path(output_dir) / CHECKPOINTS
     final = root / checkpoint_name(step)
     tmp = root / f".tmp-{final.name}"
+    try:
+        if accelerator.is_main_process:
+            for stale in root.glob(".tmp-*"):  # interrupted saves
+                shutil.rmtree(stale)
+            tmp.mkdir(parents=True)
+        accelerator.wait_for_everyone()
+        extra = {"exclude_frozen_parameters": True} if is_deepspeed(accelerator) else {}
+        accelerator.save_state(str(tmp), **extra)
+        torch.save(rank_state, tmp / f"rank_{accelerator.process_index}.pt")
+        if accelerator.is_main_process:
+            torch.save(trainer_state, tmp / TRAINER_STATE)
+        export_lora(tmp / "lora")
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            write_manifest(tmp)  # last: a checkpoint whose files no longer match it is damaged
+    except Exception as error:
+        shutil.rmtree(tmp, ignore_errors=True)  # never used (not renamed), but it holds the disk space
+        if _is_write_failure(error):
+            raise _write_error(error, final) from error
+        raise
     if accelerator.is_main_process:
-        for stale in root.glob(".tmp-*"):  # interrupted saves
-            shutil.rmtree(stale)
-        tmp.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    extra = {"exclude_frozen_parameters": True} if is_deepspeed(accelerator) else {}
-    accelerator.save_state(str(tmp), **extra)
-    torch.save(rank_state, tmp / f"rank_{accelerator.process_index}.pt")
-    if accelerator.is_main_process:
-        torch.save(trainer_state, tmp / TRAINER_STATE)
-    export_lora(tmp / "lora")
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        write_manifest(tmp)  # last: a checkpoint whose files no longer match it is damaged
         if final.exists():  # the same step saved again after a resume: replace it, never half of it
             old = root / f".tmp-old-{final.name}"
             final.rename(old)

@@ -2,6 +2,9 @@
 
 import json
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -9,6 +12,7 @@ import torch
 from diffusers import FluxPipeline
 from safetensors.torch import load_file
 
+from rl.checkpoint import CheckpointWriteError
 from rl.metrics_log import read_metrics
 
 SCRIPT = Path(__file__).resolve().parents[2] / "launch" / "grpo_flux.py"
@@ -79,3 +83,35 @@ def test_a_user_error_is_one_line_and_exit_2(tmp_path, launch_script, capsys, mo
     monkeypatch.setenv("GRPO_DEBUG", "1")
     with pytest.raises(ValueError, match="learning_rat"):
         script.cli(["--learning_rat", "1e-3"])
+
+
+def test_a_config_error_through_the_command_line_is_one_line_and_exit_2(tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text("max_steps: 2\ngroup_size: 4\nmax_steps: 3\n")  # fails at config load: no model is loaded
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env.pop("GRPO_DEBUG", None)
+    done = subprocess.run(
+        [sys.executable, str(SCRIPT), "--config", str(config), "--output_dir", str(tmp_path / "run")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2, done.stderr[-2000:]
+    lines = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
+    assert "Traceback" not in done.stderr and len(lines) == 1
+    assert "run.yaml, line 3: key 'max_steps' is given twice (first on line 1)" in lines[0]
+
+
+def test_a_failed_checkpoint_write_is_a_user_error(launch_script, capsys, monkeypatch):
+    monkeypatch.delenv("GRPO_DEBUG", raising=False)
+    script = launch_script("grpo_flux")
+
+    def full_disk(argv):
+        raise CheckpointWriteError("could not write checkpoint out/checkpoints/step-00000004: the disk is full")
+
+    monkeypatch.setattr(script, "main", full_disk)
+    assert script.cli([]) == 2
+    assert (
+        capsys.readouterr().err == "error: could not write checkpoint out/checkpoints/step-00000004: the disk is full\n"
+    )

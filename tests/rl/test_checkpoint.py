@@ -1,5 +1,6 @@
 """Checkpoints: atomic layout, kill-and-resume continues the run exactly, the LoRA export loads in plain diffusers."""
 
+import errno
 import os
 import signal
 import subprocess
@@ -9,9 +10,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from accelerate import Accelerator
 from safetensors.torch import load_file
 
-from rl.checkpoint import list_checkpoints, resolve_resume
+from rl.checkpoint import CheckpointWriteError, checkpoint_damage, list_checkpoints, resolve_resume, save_checkpoint
 from rl.metrics_log import read_metrics
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -67,6 +69,35 @@ def test_resolve_resume_skips_interrupted_saves(tmp_path):
     assert resolve_resume(str(root / "step-00000002"), tmp_path) == root / "step-00000002"
     with pytest.raises(FileNotFoundError, match="resume_from='nowhere' is not a checkpoint folder"):
         resolve_resume("nowhere", tmp_path)
+
+
+@pytest.mark.parametrize(
+    "failure, message",
+    [
+        (OSError(errno.ENOSPC, "No space left on device"), "the disk is full"),
+        (RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534"), "a write failed"),
+    ],  # torch.save on a full disk raises the second: its writer loses the errno
+)
+def test_a_full_disk_keeps_the_earlier_checkpoints_and_says_so(tmp_path, monkeypatch, failure, message):
+    accelerator = Accelerator(cpu=True)
+    accelerator.prepare(torch.nn.Linear(2, 2))  # what save_state writes
+
+    def save(step):
+        return save_checkpoint(accelerator, tmp_path, step, {"step": step}, {}, export_lora=lambda path: path.mkdir())
+
+    earlier = save(1)
+
+    def full_disk(*args, **kwargs):
+        raise failure
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(CheckpointWriteError, match=rf"step-00000002: {message}.*earlier checkpoints in .* intact"):
+        save(2)
+    assert list_checkpoints(tmp_path) == [earlier] and checkpoint_damage(earlier) == []
+    assert not list((tmp_path / "checkpoints").glob(".tmp-*"))  # the partial one is gone, its space freed
+    monkeypatch.setattr(torch, "save", lambda *args, **kwargs: 1 / 0)  # a bug, not a write: keeps its traceback
+    with pytest.raises(ZeroDivisionError):
+        save(2)
 
 
 def test_sigkill_and_resume_matches_the_uninterrupted_run(pipeline_dir, tmp_path):
