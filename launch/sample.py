@@ -9,11 +9,23 @@ The LoRA folder is any trainer export (``<output_dir>/lora`` or ``checkpoints/st
 ``FluxPipeline.load_lora_weights``, adapter metadata (lora_alpha) included. Image j of a prompt uses seed
 ``seeds[j]`` with the trainer's own seed-to-noise mapping, so with the same steps and size the images equal the
 trainer's deterministic evaluation samples. Writes ``<prompt index>_<seed>.png`` per image and ``grid.png``.
+
+``--best_of N --keep K``: predictor-guided best-of-N (rl/seed_selection.py). Every prompt starts N seeds, a
+predictor reads them at ``--capture_step`` (``lookahead``, ``preview``: decode and ``--reward``; ``probe``: a probe
+file trained under this deterministic sampler, no reward), only the K predicted best are finished, and the best of
+them by the reward (by the prediction without one) is written as ``<prompt index>_best.png``; ``previews.png``
+shows every seed's x0 at the capture step (a row per prompt, survivors framed green, the chosen one blue) and
+``selection.json`` every prediction and the compute against full best-of-N::
+
+    python launch/sample.py --pretrained assets/tiny-flux-shapes --lora runs/tiny_shapes/lora \
+        --prompts shapes:test --max_prompts 8 --best_of 8 --keep 2 --predictor lookahead --capture_step 2 \
+        --reward shapes --out runs/tiny_shapes/best_of_8
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
@@ -26,9 +38,14 @@ import torch
 from diffusers import FluxPipeline
 from PIL import Image
 
+from rewards.compose import build_reward_set
+from rewards.shapes import all_prompts
 from rl.config_help import HelpFormatter
+from rl.data import Prompt, load_prompt_source
 from rl.metrics_log import image_grid
-from rl.sampler import FluxSampler
+from rl.predictors import PREDICTORS
+from rl.sampler import FluxSampler, encode_prompts
+from rl.seed_selection import SeedChoice, SeedSelector, full_best_of_n_cost, predictor_for
 
 
 def load(pretrained: str, lora: str | None, dtype: torch.dtype = torch.float32, device: str = "cpu") -> FluxPipeline:
@@ -75,12 +92,76 @@ def generate(
     return torch.cat(images)
 
 
+def read_prompts(texts: list[str], source: str | None, max_prompts: int) -> list[Prompt]:
+    """``--prompt`` texts (shapes-world metadata attached when a text is one of its prompts) then a ``--prompts``
+    source (a .txt or .jsonl file, or ``shapes:train`` / ``shapes:test``), at most ``max_prompts`` (0: all)."""
+    shapes = {spec.prompt: spec.to_dict() for spec in all_prompts("all")}
+    prompts = [Prompt(text, shapes.get(text, {})) for text in texts]
+    if source:
+        prompts += load_prompt_source(source).items
+    return prompts[:max_prompts] if max_prompts else prompts
+
+
+def framed(image: torch.Tensor, colour: tuple[float, float, float] | None, width: int = 2) -> torch.Tensor:
+    """``[3, H, W]`` with a ``width``-pixel border of ``colour`` (None: unchanged)."""
+    if colour is None:
+        return image
+    image = image.clone()
+    paint = torch.tensor(colour)[:, None, None]
+    image[:, :width], image[:, -width:] = paint, paint
+    image[:, :, :width], image[:, :, -width:] = paint, paint
+    return image
+
+
+def preview_grid(choices: list[SeedChoice]) -> torch.Tensor:
+    """``[P N, 3, H, W]`` every seed's preview, survivors framed green and the chosen one blue, prompt-major."""
+    tiles = []
+    for choice in choices:
+        for i, preview in enumerate(choice.previews):
+            colour = (0.1, 0.3, 1.0) if i == choice.chosen else (0.1, 0.8, 0.1) if i in choice.kept else None
+            tiles.append(framed(preview, colour))
+    return torch.stack(tiles)
+
+
+def best_of(args: argparse.Namespace, pipeline: FluxPipeline, prompts: list[Prompt], out: Path) -> None:
+    """``--best_of``: select, then write the chosen images, the preview grid and ``selection.json``."""
+    sampler = FluxSampler(pipeline, args.num_steps, 0.0, args.guidance_scale, args.height, args.width)
+    predictor = predictor_for(args.predictor, sampler, args.capture_step, args.lookahead_steps, args.probe_path or "")
+    reward = build_reward_set(args.reward) if args.reward else None
+    selector = SeedSelector(sampler, predictor, args.capture_step, reward)
+    embeds = encode_prompts(pipeline, [p.text for p in prompts], args.max_sequence_length)
+    choices = selector.select(embeds, args.seeds, args.keep, [p.metadata for p in prompts], previews=True)
+    for index, choice in enumerate(choices):
+        Image.fromarray(image_grid(choice.image[None], 1)).save(out / f"{index:03d}_best.png")
+    Image.fromarray(image_grid(preview_grid(choices), len(args.seeds))).save(out / "previews.png")
+    full = full_best_of_n_cost(args.num_steps, len(args.seeds))
+    spent = choices[0].cost
+    report = {
+        "predictor": args.predictor,
+        "capture_step": args.capture_step,
+        "best_of": len(args.seeds),
+        "keep": args.keep,
+        "reward": args.reward,
+        "cost_per_prompt": vars(spent),
+        "full_best_of_n_cost_per_prompt": vars(full),
+        "transformer_calls_vs_full": spent.transformer_calls / full.transformer_calls,
+        "prompts": [choice.to_dict() for choice in choices],
+    }
+    (out / "selection.json").write_text(json.dumps(report, indent=1))
+    print(
+        f"best of {len(args.seeds)} (kept {args.keep}) for {len(choices)} prompts: {spent.transformer_calls:g} "
+        f"transformer calls per prompt ({report['transformer_calls_vs_full']:.0%} of full best-of-"
+        f"{len(args.seeds)}); wrote <i>_best.png, previews.png and selection.json to {out}"
+    )
+
+
 def main(argv: list[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--pretrained", required=True, help="base FluxPipeline folder or hub id")
     parser.add_argument("--lora", help="LoRA folder (trainer export); omit for the base model")
     parser.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
-    parser.add_argument("--prompts", help="a text file, one prompt per line")
+    parser.add_argument("--prompts", help="a .txt (one prompt per line) or .jsonl file, or shapes:train / shapes:test")
+    parser.add_argument("--max_prompts", type=int, default=0, help="use at most this many prompts (0: all)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3], help="image j of a prompt uses seeds[j]")
     parser.add_argument("--num_steps", type=int, default=10, help="denoising steps")
     parser.add_argument("--height", type=int, default=64, help="image height in px (FLUX.1-dev: 512-1024)")
@@ -89,18 +170,32 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--max_sequence_length", type=int, default=16, help="FLUX.1-dev: 512; the tiny model: 16")
     parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="pipeline dtype (bf16 on GPUs)")
     parser.add_argument("--out", required=True, help="output folder")
+    best = parser.add_argument_group("best-of-N with early stopping (rl/seed_selection.py)")
+    best.add_argument("--best_of", type=int, default=0, help="N seeds per prompt (seeds 0..N-1); 0: plain sampling")
+    best.add_argument("--keep", type=int, default=1, help="K seeds finished per prompt, the predicted best")
+    best.add_argument("--predictor", default="lookahead", choices=sorted(PREDICTORS), help="what ranks the seeds")
+    best.add_argument("--capture_step", type=int, default=2, help="denoising steps every seed runs before the ranking")
+    best.add_argument("--lookahead_steps", type=int, default=2, help="Euler steps of the lookahead to sigma 0")
+    best.add_argument("--probe_path", help="probe file (--predictor probe), trained under noise level 0")
+    best.add_argument("--reward", help="reward spec (e.g. shapes); needed by preview and lookahead")
     args = parser.parse_args(argv)
-    prompts = list(args.prompt)
-    if args.prompts:
-        prompts += [line.strip() for line in Path(args.prompts).read_text().splitlines() if line.strip()]
+    prompts = read_prompts(args.prompt, args.prompts, args.max_prompts)
     if not prompts:
-        parser.error("give at least one --prompt or a --prompts file")
+        parser.error("give at least one --prompt or a --prompts source")
+    if args.best_of:
+        args.seeds = list(range(args.best_of))
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     pipeline = load(args.pretrained, args.lora, dtype, device)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.best_of:
+        best_of(args, pipeline, prompts, out)
+        return out
+    texts = [p.text for p in prompts]
     images = generate(
         pipeline,
-        prompts,
+        texts,
         args.seeds,
         args.num_steps,
         args.height,
@@ -108,8 +203,6 @@ def main(argv: list[str] | None = None) -> Path:
         args.guidance_scale,
         args.max_sequence_length,
     )
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     for i, image in enumerate(images):
         pixels = image_grid(image[None], 1)
         Image.fromarray(pixels).save(out / f"{i // len(args.seeds):03d}_{args.seeds[i % len(args.seeds)]}.png")

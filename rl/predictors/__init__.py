@@ -89,6 +89,7 @@ class Predictor:
 
     name: ClassVar[str]
     finishes_rollouts: ClassVar[bool] = False  # True: predicts from finished rollouts (no denoising saved)
+    scores_with_reward: ClassVar[bool] = False  # True: calls the real reward (inference must be given one)
 
     @classmethod
     def from_config(cls, config: RunConfig, sampler: FluxSampler) -> Predictor:

@@ -12,6 +12,7 @@ from rl.predictors import Prediction, PredictionCost, PredictionInputs, Predicto
 
 @register("reward")
 class RewardPredictor(Predictor):
+    scores_with_reward = True
     finishes_rollouts = True
 
     def predict(self, inputs: PredictionInputs) -> Prediction:

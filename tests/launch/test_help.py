@@ -36,12 +36,14 @@ EXPECTED = {
     "launch/probe_collect.py": ["--num_prompts int  (default: 400)", "--capture_steps list[int]"],
     "launch/probe_train.py": ["--capture_step int  (default: 2)", "--lr float"],
     "launch/reward_server.py": ["--reward str", "(required)", "--port int"],
-    "launch/sample.py": ["--pretrained str", "--dtype {fp32,bf16}", "(default: fp32)"],
+    "launch/sample.py": ["--pretrained str", "--dtype {fp32,bf16}", "(default: fp32)", "--best_of int", "--keep int"],
     "launch/train_tiny_flux.py": ["--vae_steps int", "(default: 1200)"],
     "bench/gpu_flux_dev.py": ["--resolution int", "--tiny"],
     "bench/predictor_quality.py": ["--probe str", "--threads int"],
     "bench/probe_quality.py": ["--run_config str", "--fit_steps int"],
+    "bench/reward_overlap.py": ["--seconds_per_image float  (default: 0.05)", "--smoke bool", "--rewards list[str]"],
     "bench/rollout_speed.py": ["--keep_fraction float  (default: 0.5)", "--memory bool"],
+    "bench/seed_selection.py": ["--best_of int [int ...]", "--probe_path str", "--smoke"],
     "bench/sampling_speed.py": ["--threads int [int ...]", "(default: [1, 2])"],
 }
 

@@ -1,0 +1,233 @@
+"""Predictor-guided best-of-N against full best-of-N on held-out prompts (the Diffusion Probe paper's seed selection).
+
+    python bench/seed_selection.py --lora runs/tiny_shapes/lora --probe_path assets/probe/tiny-flux-shapes-ode-step4.pt
+    python bench/seed_selection.py --smoke --out /tmp/seed_selection     # seconds: the test suite's check
+
+Per model (the base, and the base plus ``--lora``): seeds 0..N_max-1 of every held-out prompt are sampled to
+the end once with deterministic sampling (noise level 0, as inference), keeping every step's state, and the real
+reward scores every finished image. Each predictor then reads the rollouts at its capture step k, re-running
+only call k from the recorded state so its observer sees that call (the re-run reproduces the recorded state
+bit for bit: asserted). Selections are evaluated from these numbers: a single seed (the mean over seeds), full
+best-of-N (the best real reward among seeds 0..N-1), and predictor-pruned best-of-N keeping K
+(:func:`rl.seed_selection.keep_best`, then the survivors' best real reward, :func:`~rl.seed_selection.choose`);
+:class:`rl.seed_selection.SeedSelector` finishes exactly these trajectories (tests/rl/test_seed_selection.py).
+Compute per prompt is :func:`rl.seed_selection.selection_cost`.
+
+Writes ``<out>.json``, ``<out>.png`` (reward against transformer calls) and a section of bench/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers import FluxPipeline
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from bench.probe_quality import add_to_section
+from rewards.compose import build_reward_set
+from rewards.shapes import all_prompts
+from rl.config_help import HelpFormatter
+from rl.predictors import PredictionCost, PredictionInputs, reward_scores
+from rl.sampler import FluxSampler, Rollouts, encode_prompts
+from rl.seed_selection import choose, full_best_of_n_cost, keep_best, predictor_for, selection_cost
+
+SECTION = "Seed selection: predictor-guided best-of-N (bench/seed_selection.py)"
+
+
+def parse_predictor(spec: str) -> tuple[str, int, int]:
+    """``name@k`` or ``lookahead@k+n`` -> (name, capture step k, lookahead steps n)."""
+    name, _, where = spec.partition("@")
+    step, _, steps = where.partition("+")
+    return name, int(step), int(steps or 2)
+
+
+@torch.no_grad()
+def measure_model(
+    pipeline: FluxPipeline, args: argparse.Namespace, predictors: list[str]
+) -> tuple[np.ndarray, dict[str, np.ndarray], dict[str, PredictionCost]]:
+    """Real rewards ``[P, N]`` and, per predictor, predictions ``[P, N]`` and its cost per rollout."""
+    side = pipeline.vae.config.sample_size  # the model's native size (the shipped tiny model: 64 px)
+    sampler = FluxSampler(pipeline, args.num_steps, 0.0, 3.5, side, side, batch_size=32)
+    specs = list(all_prompts("test"))
+    specs = [specs[int(i)] for i in np.linspace(0, len(specs) - 1, args.num_prompts).round()]
+    embeds = encode_prompts(pipeline, [s.prompt for s in specs], args.max_sequence_length)
+    reward = build_reward_set(args.reward)
+    n = args.max_n
+    prompt_index = torch.arange(len(specs)).repeat_interleave(n)
+    texts = [specs[i].prompt for i in prompt_index.tolist()]
+    metadata = [specs[i].to_dict() for i in prompt_index.tolist()]
+
+    def score(latents: torch.Tensor):
+        return reward(sampler.decode(latents), texts, metadata)
+
+    full = sampler.advance(sampler.start(prompt_index, torch.arange(n).repeat(len(specs))), embeds, args.num_steps)
+    real = reward_scores(score(full.latents)).view(len(specs), n).numpy()
+    predictions, costs = {}, {}
+    for spec in predictors:
+        name, k, steps = parse_predictor(spec)
+        predictor = predictor_for(name, sampler, k, steps, args.probe_path if name == "probe" else "")
+        before = Rollouts(full.prompt_index, full.seeds, full.states[:, :k], full.log_probs[:, : k - 1])
+        observer = predictor.observer(sampler)
+        early = sampler.advance(before, embeds, k, observer)
+        if not torch.equal(early.latents, full.states[:, k]):
+            raise RuntimeError(f"{spec}: re-running call {k} did not reproduce the recorded state")
+        prediction = predictor.predict(PredictionInputs(sampler, embeds, early, observer, score))
+        predictions[spec] = prediction.scores.float().cpu().view(len(specs), n).numpy()
+        costs[spec] = PredictionCost(
+            prediction.cost.transformer_calls / len(early),
+            prediction.cost.decodes / len(early),
+            prediction.cost.reward_calls / len(early),
+        )
+    return real, predictions, costs
+
+
+def evaluate_selections(
+    real: np.ndarray, predictions: dict[str, np.ndarray], costs: dict[str, PredictionCost], args: argparse.Namespace
+) -> dict:
+    """Mean real reward and compute of single seed, full best-of-N and every predictor's (N, K)."""
+    num_steps = args.num_steps
+    single = float(real.mean())
+    full = {m: float(real[:, :m].max(axis=1).mean()) for m in range(1, real.shape[1] + 1)}
+    rows = []
+    for spec, predicted in predictions.items():
+        _, k, _ = parse_predictor(spec)
+        for n in args.best_of:
+            for keep in sorted({1, 2, max(1, n // 4)}):
+                chosen = []
+                for p in range(len(real)):
+                    kept = keep_best(torch.as_tensor(predicted[p, :n]), keep)
+                    chosen.append(real[p, choose(kept, torch.as_tensor(real[p, kept]))])
+                cost = selection_cost(num_steps, k, n, keep, costs[spec], scored=True)
+                full_cost = full_best_of_n_cost(num_steps, n)
+                reward = float(np.mean(chosen))
+                gain = full[n] - single
+                rows.append({
+                    "predictor": spec, "n": n, "keep": keep, "reward": reward,
+                    "gain_recovered": (reward - single) / gain if gain > 0 else float("nan"),
+                    "transformer_calls": cost.transformer_calls, "decodes": cost.decodes,
+                    "reward_calls": cost.reward_calls,
+                    "calls_vs_full": cost.transformer_calls / full_cost.transformer_calls,
+                })  # fmt: skip
+    speedups = {}
+    for spec in predictions:
+        for n in args.best_of:
+            reaching = [r["transformer_calls"] for r in rows if r["predictor"] == spec and r["reward"] >= full[n]]
+            speedups[f"{spec}/best_of_{n}"] = n * num_steps / min(reaching) if reaching else 0.0
+    return {"single_seed": single, "full_best_of": full, "rows": rows, "speedup_at_equal_reward": speedups}
+
+
+def plot(results: dict[str, dict], num_steps: int, path: Path) -> None:
+    """Mean reward against transformer calls per prompt: full best-of-m as a line, each predictor's (N, K) as dots."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, len(results), figsize=(6 * len(results), 4.5), squeeze=False)
+    for axis, (model, result) in zip(axes[0], results.items()):
+        full = result["full_best_of"]
+        m = sorted(int(key) for key in full)
+        axis.plot([i * num_steps for i in m], [full[i] for i in m], "k-o", ms=3, label="full best-of-m")
+        for spec in dict.fromkeys(r["predictor"] for r in result["rows"]):
+            rows = [r for r in result["rows"] if r["predictor"] == spec]
+            axis.scatter([r["transformer_calls"] for r in rows], [r["reward"] for r in rows], label=spec, s=18)
+        axis.set(title=model, xlabel="transformer calls per prompt", ylabel="mean held-out reward", xscale="log")
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+
+
+def markdown(results: dict[str, dict], args: argparse.Namespace, seconds: float) -> list[str]:
+    lines = [
+        "",
+        f"### {time.strftime('%Y-%m-%d')}: `python {' '.join(sys.argv)}`",
+        "",
+        f"{args.num_prompts} held-out prompts x seeds 0-{args.max_n - 1}, deterministic sampling ({args.num_steps} "
+        f"steps, noise 0, fp32), reward `{args.reward}`; {seconds:.0f} s on {args.threads or 'default'} thread(s). "
+        "`name@k`: the predictor read after k steps (preview: x0 of call k; lookahead: 2 Euler steps from step k). "
+        "Gain recovered = (reward - single seed) / (full best-of-N - single seed); calls per prompt include the "
+        "predictor's; decodes and reward calls are listed beside them.",
+    ]
+    for model, result in results.items():
+        full = result["full_best_of"]
+        fulls = ", ".join(f"best-of-{n} {full[n]:.3f} ({n * args.num_steps} calls)" for n in args.best_of)
+        lines += [
+            "",
+            f"**{model}**: single seed {result['single_seed']:.3f}; full {fulls}.",
+            "",
+            "| predictor | N | K | reward | gain recovered | transformer calls (vs full) | decodes | reward calls |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for r in result["rows"]:
+            lines.append(
+                f"| {r['predictor']} | {r['n']} | {r['keep']} | {r['reward']:.3f} | {r['gain_recovered']:.0%} | "
+                f"{r['transformer_calls']:g} ({r['calls_vs_full']:.2f}x) | {r['decodes']:g} | {r['reward_calls']:g} |"
+            )
+        speedups = ", ".join(f"{k} {v:.2f}x" for k, v in result["speedup_at_equal_reward"].items() if v)
+        lines += ["", f"Speedup in transformer calls at equal reward (reaching full best-of-N): {speedups or 'none'}."]
+    return lines
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0], formatter_class=HelpFormatter, allow_abbrev=False
+    )
+    parser.add_argument("--pretrained", default="assets/tiny-flux-shapes", help="base FluxPipeline folder")
+    parser.add_argument("--lora", help="a trainer's LoRA export: measured beside the base model")
+    parser.add_argument("--num_prompts", type=int, default=64, help="held-out prompts (spread over shapes:test)")
+    parser.add_argument("--max_n", type=int, default=16, help="seeds sampled per prompt (the largest N)")
+    parser.add_argument("--best_of", type=int, nargs="+", default=[4, 8, 16], help="N values; K is 1, 2 and N/4")
+    parser.add_argument(
+        "--predictors", default="preview@3,preview@4,lookahead@2,lookahead@3", help="comma-separated name@k[+n]"
+    )
+    parser.add_argument("--probe_path", help="a probe trained under noise level 0: adds probe@<its step>")
+    parser.add_argument("--reward", default="shapes", help="the real reward")
+    parser.add_argument("--num_steps", type=int, default=10, help="denoising steps")
+    parser.add_argument("--max_sequence_length", type=int, default=16, help="T5 tokens (the tiny model: 16)")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    parser.add_argument("--out", default="bench/seed_selection", help="writes <out>.json and <out>.png")
+    parser.add_argument("--results", default="bench/RESULTS.md", help="Markdown file of the section ('': none)")
+    parser.add_argument("--smoke", action="store_true", help="2 prompts x 4 seeds, N = 4, no RESULTS section")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.num_prompts, args.max_n, args.best_of, args.results = 2, 4, [4], ""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    predictors = [p for p in args.predictors.split(",") if p]
+    if args.probe_path:
+        from probe import Probe
+
+        predictors.append(f"probe@{Probe.load(args.probe_path).capture_step}")
+    started = time.perf_counter()
+    results = {}
+    models = {"base": None} | ({"base + LoRA": args.lora} if args.lora else {})
+    for model, lora in models.items():
+        pipeline = FluxPipeline.from_pretrained(args.pretrained, torch_dtype=torch.float32)
+        if lora:
+            pipeline.load_lora_weights(lora)
+        pipeline.set_progress_bar_config(disable=True)
+        real, predictions, costs = measure_model(pipeline, args, predictors)
+        results[model] = evaluate_selections(real, predictions, costs, args)
+    seconds = time.perf_counter() - started
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    report = {"command": " ".join(sys.argv), "args": vars(args), "seconds": seconds, "models": results}
+    out.with_suffix(".json").write_text(json.dumps(report, indent=1))
+    plot(results, args.num_steps, out.with_suffix(".png"))
+    lines = markdown(results, args, seconds) if not args.smoke else []
+    if args.results:
+        add_to_section(args.results, SECTION, lines)
+    print("\n".join(lines) or json.dumps({m: r["full_best_of"] for m, r in results.items()}))
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,139 @@
+"""Predictor-guided best-of-N (rl/seed_selection.py, launch/sample.py --best_of, bench/seed_selection.py)."""
+
+import json
+
+import pytest
+import torch
+
+from probe.probe import ProbeMismatchError
+from rewards.compose import build_reward_set
+from rewards.shapes import all_prompts
+from rl.predictors import PredictionCost
+from rl.sampler import FluxSampler, encode_prompts
+from rl.seed_selection import SeedSelector, choose, full_best_of_n_cost, keep_best, predictor_for, selection_cost
+
+SPECS = list(all_prompts("test"))[:2]
+
+
+def test_keep_best_takes_the_highest_predictions_best_first_ties_to_the_earlier_seed():
+    predicted = torch.tensor([0.2, 0.9, 0.5, 0.9, 0.1])
+    assert keep_best(predicted, 1) == [1]
+    assert keep_best(predicted, 3) == [1, 3, 2]  # 0.9 at seeds 1 and 3: the earlier first
+    assert keep_best(predicted, 5) == [1, 3, 2, 0, 4]
+    with pytest.raises(ValueError, match="keep=6"):
+        keep_best(predicted, 6)
+
+
+def test_choose_returns_the_survivor_with_the_best_score_ties_to_the_better_predicted():
+    assert choose([4, 2, 7], torch.tensor([0.1, 0.8, 0.3])) == 2
+    assert choose([4, 2, 7], torch.tensor([0.5, 0.5, 0.3])) == 4  # tie: 4 was predicted better (listed first)
+
+
+def test_selection_cost_counts_the_capture_the_predictor_and_the_survivors():
+    # T = 10, k = 3, N = 8, K = 2, a lookahead (2 calls, 1 decode, 1 reward call per rollout):
+    # calls 8*3 + 8*2 + 2*(10-3) = 54; decodes 8 + 2 = 10; reward calls 8 + 2 = 10
+    cost = selection_cost(10, 3, 8, 2, PredictionCost(2, 1, 1), scored=True)
+    assert (cost.transformer_calls, cost.decodes, cost.reward_calls) == (54, 10, 10)
+    # a probe (free) at k = 4 without a reward: 32 + 6 = 38 calls, one decode, no reward call
+    cost = selection_cost(10, 4, 8, 1, PredictionCost(), scored=False)
+    assert (cost.transformer_calls, cost.decodes, cost.reward_calls) == (38, 1, 0)
+    full = full_best_of_n_cost(10, 8)
+    assert (full.transformer_calls, full.decodes, full.reward_calls) == (80, 8, 8)
+
+
+def _sampler(pipeline, batch_size: int = 1, noise_level: float = 0.0) -> FluxSampler:
+    return FluxSampler(pipeline, 4, noise_level, 3.5, 32, 32, batch_size=batch_size)
+
+
+def test_survivors_are_the_predicted_best_and_bit_identical_to_sampling_those_seeds_alone(tiny_flux_pipeline):
+    # one rollout per transformer call: a rollout's arithmetic then cannot depend on its batch-mates (batched
+    # CPU kernels differ in the last bits, ~1e-5 in pixels: rl/seed_selection.py)
+    sampler = _sampler(tiny_flux_pipeline)
+    embeds = encode_prompts(tiny_flux_pipeline, [s.prompt for s in SPECS], 16)
+    reward = build_reward_set("shapes")
+    selector = SeedSelector(sampler, predictor_for("preview", sampler, 2), 2, reward)
+    seeds = [3, 11, 5, 8]
+    choices = selector.select(embeds, seeds, keep=2, metadata=[s.to_dict() for s in SPECS], previews=True)
+    for p, choice in enumerate(choices):
+        assert choice.kept == keep_best(choice.predicted, 2)
+        assert choice.chosen == choose(choice.kept, choice.kept_rewards)
+        assert choice.previews.shape == (4, 3, 32, 32)
+        for j, index in enumerate(choice.kept):
+            alone = sampler.advance(sampler.start(torch.tensor([p]), torch.tensor([seeds[index]])), embeds, 4)
+            assert torch.equal(sampler.decode(alone.latents)[0], choice.images[j])
+        assert choice.cost == selection_cost(4, 2, 4, 2, PredictionCost(0, 1, 1), scored=True)
+        assert json.loads(json.dumps(choice.to_dict()))["chosen_seed"] == seeds[choice.chosen]
+
+
+def test_the_reward_oracle_keeping_one_is_full_best_of_n(tiny_flux_pipeline):
+    sampler = _sampler(tiny_flux_pipeline, batch_size=8)
+    embeds = encode_prompts(tiny_flux_pipeline, [s.prompt for s in SPECS], 16)
+    reward = build_reward_set("shapes")
+    metadata = [s.to_dict() for s in SPECS]
+    oracle = SeedSelector(sampler, predictor_for("reward", sampler, 2), 2, reward).select(
+        embeds, [0, 1, 2], 1, metadata
+    )
+    everything = SeedSelector(sampler, predictor_for("lookahead", sampler, 2), 2, reward).select(
+        embeds, [0, 1, 2], 3, metadata
+    )
+    for best, full in zip(oracle, everything):
+        assert float(best.kept_rewards[0]) == pytest.approx(float(full.kept_rewards.max()))
+        assert best.cost.transformer_calls == 12  # every seed finished: N T, nothing more
+
+
+def test_refuses_what_cannot_work(tiny_flux_pipeline):
+    stochastic = _sampler(tiny_flux_pipeline, noise_level=0.7)
+    with pytest.raises(ValueError, match="noise_level 0"):
+        SeedSelector(stochastic, predictor_for("preview", stochastic, 2), 2, build_reward_set("shapes"))
+    sampler = _sampler(tiny_flux_pipeline)
+    with pytest.raises(ValueError, match="--predictor probe"):
+        SeedSelector(sampler, predictor_for("lookahead", sampler, 2), 2, reward=None)
+
+
+def test_a_probe_trained_under_the_trainers_sde_sampler_is_refused_for_deterministic_inference():
+    from diffusers import FluxPipeline
+
+    pipeline = FluxPipeline.from_pretrained("assets/tiny-flux-shapes")
+    sampler = FluxSampler(pipeline, 10, 0.0, 3.5, 64, 64)
+    with pytest.raises(ProbeMismatchError, match="noise_level"):
+        predictor_for("probe", sampler, 4, probe_path="assets/probe/tiny-flux-shapes-window-step4.pt", precision="bf16")
+
+
+def test_sample_cli_best_of_writes_the_chosen_images_the_preview_grid_and_the_predictions(
+    tiny_flux_pipeline, tmp_path, run_launch_script, capsys
+):
+    tiny_flux_pipeline.save_pretrained(tmp_path / "model")
+    run_launch_script(
+        "sample", "--pretrained", str(tmp_path / "model"), "--prompt", SPECS[0].prompt, "--prompt", SPECS[1].prompt,
+        "--height", "32", "--width", "32", "--num_steps", "4", "--best_of", "4", "--keep", "2",
+        "--predictor", "lookahead", "--capture_step", "2", "--reward", "shapes", "--out", str(tmp_path / "out"),
+    )  # fmt: skip
+    report = json.loads((tmp_path / "out" / "selection.json").read_text())
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "000_best.png", "001_best.png", "previews.png", "selection.json"
+    ]  # fmt: skip
+    # calls 4*2 + 4*2 (lookahead) + 2*2 = 20 of full best-of-4's 16: at T = 4 a lookahead costs more than it saves
+    assert report["cost_per_prompt"] == {"transformer_calls": 20.0, "decodes": 6.0, "reward_calls": 6.0}
+    assert report["full_best_of_n_cost_per_prompt"]["transformer_calls"] == 16
+    for prompt in report["prompts"]:
+        ranked = sorted(range(4), key=lambda i: (-prompt["predicted"][i], i))[:2]
+        assert prompt["kept_seeds"] == ranked and prompt["chosen_seed"] in ranked
+        assert prompt["kept_rewards"] is not None  # the shapes metadata was found for the shapes-world texts
+    assert "best of 4 (kept 2) for 2 prompts" in capsys.readouterr().out
+
+
+def test_bench_smoke_reports_every_selection_with_its_compute(tmp_path):
+    from bench.seed_selection import main
+
+    report = main(["--smoke", "--out", str(tmp_path / "seed_selection")])
+    result = report["models"]["base"]
+    rows = result["rows"]
+    assert {(r["predictor"], r["n"], r["keep"]) for r in rows} == {
+        (p, 4, k) for p in ("preview@3", "preview@4", "lookahead@2", "lookahead@3") for k in (1, 2)
+    }
+    full = result["full_best_of"]
+    for row in rows:  # a selection cannot beat the best of all N seeds
+        assert row["reward"] <= full[4] + 1e-9
+        assert row["calls_vs_full"] == pytest.approx(row["transformer_calls"] / 40)
+    assert full[1] <= full[2] <= full[4]
+    assert (tmp_path / "seed_selection.png").stat().st_size > 0
