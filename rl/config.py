@@ -977,28 +977,6 @@ def _check_keys(args: list[str]) -> None:
                 raise _unknown_key_error(key, "the command line")
 
 
-def _join_negative_values(args: list[str]) -> list[str]:
-    """``--key -1e-4`` as ``--key=-1e-4``: argparse reads an argument starting with ``-`` as an option unless it
-    looks like a plain negative number (``-0.5``), so ``-1e-4`` ended in "expected one argument".
-    """
-    joined: list[str] = []
-    for arg in args:
-        previous = joined[-1] if joined else ""
-        if previous.startswith("--") and "=" not in previous and previous != "--config" and _is_negative_number(arg):
-            joined[-1] = f"{previous}={arg}"
-        else:
-            joined.append(arg)
-    return joined
-
-
-def _is_negative_number(text: str) -> bool:
-    try:
-        float(text)
-    except ValueError:
-        return False
-    return text.startswith("-")
-
-
 def parse_config(args: list[str] | None = None, description: str = "") -> RunConfig:
     """Parse ``--config file.yaml`` and ``--key value`` overrides (command line wins) into a validated RunConfig.
 
@@ -1012,7 +990,7 @@ def parse_config(args: list[str] | None = None, description: str = "") -> RunCon
 
     from rl.config_help import ConfigParser
 
-    args = _join_negative_values(list(sys.argv[1:] if args is None else args))
+    args = list(sys.argv[1:] if args is None else args)
     _check_keys(args)
     sections = RunConfig.sections()
     parser = ConfigParser(tuple(sections.values()), names=tuple(sections), description=description, allow_abbrev=False)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import re
 import textwrap
 import typing
 from collections.abc import Sequence
@@ -72,6 +73,9 @@ class ConfigParser(TrlParser):
 
     def __init__(self, dataclass_types: Sequence[type], names: Sequence[str] | None = None, **kwargs: Any) -> None:
         super().__init__(tuple(dataclass_types), **kwargs)
+        # Python 3.11's argparse takes "--learning_rate -1e-4" for two options ("expected one argument"): its
+        # negative-number pattern knows only "-1" and "-0.5". Later argparse uses this one: a dash, then a digit.
+        self._negative_number_matcher = re.compile(r"-\.?\d")
         if names is None:
             names = ["options"] if len(dataclass_types) == 1 else [cls.__name__ for cls in dataclass_types]
         self.section_names = list(names)

@@ -84,6 +84,8 @@ def test_a_negative_number_on_the_command_line_is_a_value():
     with pytest.raises(ValueError, match=r"learning_rate must be > 0, got -0\.0001"):
         parse_config(["--learning_rate", "-1e-4"])
     assert parse_config(["--seed", "-3", "--learning_rate", "2e-4"]).flat()["seed"] == -3
+    weights = ["--reward", "shapes,jpeg_compressibility", "--reward_weights", "-1e-3", "1"]  # in a list too
+    assert parse_config(weights).reward.reward_weights == [-1e-3, 1.0]
 
 
 def test_cli_overrides_yaml_and_types_are_checked(tmp_path):
