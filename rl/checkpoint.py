@@ -197,15 +197,19 @@ class CheckpointWriteError(OSError):
     """Writing a checkpoint failed (a full disk, a quota); the run's earlier checkpoints are untouched."""
 
 
+# How torch.save's C++ writer reports a failed write (a full disk), without an errno: "[enforce fail at
+# inline_container.cc:672] . unexpected pos 576 vs 534", "PytorchStreamWriter failed writing file data/0: file write
+# failed", or at the end of the file "basic_ios::clear: iostream error".
+_TORCH_WRITE_FAILURES = ("inline_container", "PytorchStreamWriter", "iostream error")
+
+
 def _is_write_failure(error: Exception) -> bool:
-    """Whether ``error`` is a failed write: an ``OSError``, or torch's and safetensors' writers, which report a full
-    disk without an errno (``enforce fail at inline_container.cc ... unexpected pos``, ``Error while serializing``).
-    """
+    """Whether ``error`` is a failed write: an ``OSError``, or torch's or safetensors' writer failing."""
     text = str(error)
     return (
         isinstance(error, OSError)
-        or (isinstance(error, RuntimeError) and ("inline_container" in text or "PytorchStreamWriter" in text))
-        or (isinstance(error, SafetensorError) and "serializ" in text)
+        or (isinstance(error, RuntimeError) and any(marker in text for marker in _TORCH_WRITE_FAILURES))
+        or (isinstance(error, SafetensorError) and "Error while serializing" in text)
     )
 
 
