@@ -215,13 +215,15 @@ def _is_write_failure(error: Exception) -> bool:
 
 def _write_error(error: Exception, final: Path) -> CheckpointWriteError:
     full = getattr(error, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "No space left" in str(error)
-    what = "the disk is full" if full else "a write failed, as it does on a full disk"
-    free = shutil.disk_usage(final.parent).free / 2**20 if final.parent.is_dir() else float("nan")
+    other_os_error = isinstance(error, OSError) and not full  # a permission, a missing mount: its errno says which
+    what = "the disk is full" if full else "a write failed" if other_os_error else "a write failed, as on a full disk"
+    fix = "Fix that" if other_os_error else "Free disk space (or lower save_total_limit)"
+    existing = next(folder for folder in final.parents if folder.exists())  # checkpoints/ may not be made yet
+    free = shutil.disk_usage(existing).free / 2**20
     return CheckpointWriteError(
         f"could not write checkpoint {final}: {what} ({type(error).__name__}: {(str(error) or '?').splitlines()[0]}; "
         f"{free:.0f} MiB free now). The partial checkpoint was removed and the earlier checkpoints in "
-        f"{final.parent} are intact. Free disk space (or lower save_total_limit, or use an output_dir on a larger "
-        f"disk), then continue with --resume_from latest."
+        f"{final.parent} are intact. {fix} or use an output_dir elsewhere, then continue with --resume_from latest."
     )
 
 
