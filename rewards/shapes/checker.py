@@ -5,7 +5,10 @@ Method, in three stages that mirror GenEval's detector + colour classifier:
 1. **Colour segmentation.** A pixel is foreground when its HSV saturation exceeds ``SATURATION_MIN``
    (the background is white, grey smudges are not objects). Each foreground pixel takes the palette colour
    whose hue is nearest; connected regions (8-connected) of one colour are candidate objects, and regions
-   smaller than ``MIN_AREA_FRAC`` of the image are noise.
+   smaller than ``MIN_AREA_FRAC`` of the image are noise. Objects lie on a background: a region covering
+   more than ``MAX_AREA_FRAC`` of the image or more than ``MAX_BORDER_FRAC`` of its border pixels is a
+   filled canvas, a frame or a band, not an object (otherwise a canvas flooded with one colour would be
+   "a square" and earn full reward without drawing anything).
 2. **Shape classification.** Each region's mask is cropped to its bounding box, resized to
    ``TEMPLATE_SIZE`` squared and compared by soft IoU with templates drawn by the renderer; the best
    template names the shape. The IoU is kept as the detection's confidence.
@@ -36,6 +39,11 @@ from rewards.shapes.render import draw_shape
 
 SATURATION_MIN = 0.35
 MIN_AREA_FRAC = 0.005
+# The world's largest object (one square, 0.34 of the side, render.layout) covers 0.12 of the image and keeps
+# 3% of the side off every edge; an object the edge clips touches at most its own width, under 9% of the
+# border. A region past twice that area, or along a quarter of the border (one whole side), is background.
+MAX_AREA_FRAC = 0.25
+MAX_BORDER_FRAC = 0.25
 TEMPLATE_SIZE = 24
 POSITION_SHRINK = 0.1
 _EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
@@ -130,17 +138,20 @@ def detect(image: np.ndarray | torch.Tensor | Image.Image) -> list[Detection]:
     hue_distance = np.abs(hue[..., None] - _PALETTE_HUES)
     hue_distance = np.minimum(hue_distance, 1.0 - hue_distance)
     color_index = hue_distance.argmin(-1)
-    min_area = MIN_AREA_FRAC * height * width
+    min_area, max_area = MIN_AREA_FRAC * height * width, MAX_AREA_FRAC * height * width
+    max_border = MAX_BORDER_FRAC * (2 * (height + width) - 4)
     color_names = list(COLORS)
     detections = []
     for index, color in enumerate(color_names):
         labels, n_regions = ndimage.label(foreground & (color_index == index), structure=_EIGHT_CONNECTED)
         if n_regions == 0:
             continue
+        border = np.concatenate([labels[0], labels[-1], labels[1:-1, 0], labels[1:-1, -1]])
+        border_pixels = np.bincount(border, minlength=n_regions + 1)
         for region, region_slice in enumerate(ndimage.find_objects(labels), start=1):
             mask = labels[region_slice] == region
             area = int(mask.sum())
-            if area < min_area:
+            if not min_area <= area <= max_area or border_pixels[region] > max_border:
                 continue
             ys, xs = np.nonzero(mask)
             shape, confidence = _classify_shape(mask.astype(np.float32))
