@@ -10,8 +10,9 @@ Method, in three stages that mirror GenEval's detector + colour classifier:
    filled canvas, a frame or a band, not an object (otherwise a canvas flooded with one colour would be
    "a square" and earn full reward without drawing anything).
 2. **Shape classification.** Each region's mask is cropped to its bounding box, resized to
-   ``TEMPLATE_SIZE`` squared and compared by soft IoU with templates drawn by the renderer; the best
-   template names the shape. The IoU is kept as the detection's confidence.
+   ``TEMPLATE_SIZE`` squared and compared by soft IoU with templates drawn by the renderer, each shape in
+   two variants: as drawn, and grown by ``TEMPLATE_GROWTH`` (see ``_templates``); a shape's best variant
+   names it, the best shape wins. The IoU is kept as the detection's confidence.
 3. **Scoring.** For each required group (shape, count, optional colour) the detections of that shape are
    counted; ``credit = min(correct colour, count) / max(count, found)`` penalises missing, surplus and
    wrongly coloured objects alike. Objects of shapes the prompt does not name dilute the score. A relation
@@ -45,6 +46,10 @@ MIN_AREA_FRAC = 0.005
 MAX_AREA_FRAC = 0.25
 MAX_BORDER_FRAC = 0.25
 TEMPLATE_SIZE = 24
+# A third of a pixel on a 10-13 px object, two thirds on the largest (22 px): about what a rasterizer that fills
+# every pixel an edge touches adds around a shape drawn without anti-aliasing. 0.01-0.02 is under half a
+# template pixel and righted none of the misread crosses (see _templates).
+TEMPLATE_GROWTH = 0.03
 POSITION_SHRINK = 0.1
 _EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
 _PALETTE_HUES = np.array([colorsys.rgb_to_hsv(*(c / 255 for c in rgb))[0] for rgb in COLORS.values()])
@@ -74,14 +79,26 @@ class CheckResult:
 
 @lru_cache(maxsize=1)
 def _templates() -> torch.Tensor:
-    """Soft masks ``[len(SHAPES), T, T]`` of each shape filling its bounding box, drawn by the renderer."""
+    """Soft masks ``[2, len(SHAPES), T, T]`` of each shape filling its bounding box, drawn by the renderer.
+
+    Variant 0 is the shape as drawn; variant 1 is the shape drawn ``1 - 2 * TEMPLATE_GROWTH`` its size and
+    grown by ``TEMPLATE_GROWTH`` of the box on every side (rounded corners, thicker cross arms). Without
+    anti-aliasing a small cross's arms come out up to a pixel thicker than a third of its size, and the
+    as-drawn cross template then ranks below the circle's: 5% of 10-13 px crosses (17% at whole-pixel sizes
+    and centres) read as circles with variant 0 alone, none with both (tests/rewards/shapes/test_checker.py).
+    """
     big = TEMPLATE_SIZE * 8
-    masks = []
-    for shape in SHAPES:
-        image = Image.new("L", (big, big), 0)
-        draw_shape(ImageDraw.Draw(image), shape, big / 2, big / 2, big, 255)
-        masks.append(np.asarray(image.resize((TEMPLATE_SIZE, TEMPLATE_SIZE), Image.Resampling.BOX)) / 255.0)
-    return torch.tensor(np.stack(masks), dtype=torch.float32)
+    variants = []
+    for growth in (0.0, TEMPLATE_GROWTH):
+        masks = []
+        for shape in SHAPES:
+            image = Image.new("L", (big, big), 0)
+            draw_shape(ImageDraw.Draw(image), shape, big / 2, big / 2, big * (1 - 2 * growth), 255)
+            grown = ndimage.distance_transform_edt(np.asarray(image) == 0) <= growth * big
+            mask = Image.fromarray(grown.astype(np.uint8) * 255)
+            masks.append(np.asarray(mask.resize((TEMPLATE_SIZE, TEMPLATE_SIZE), Image.Resampling.BOX)) / 255.0)
+        variants.append(np.stack(masks))
+    return torch.tensor(np.stack(variants), dtype=torch.float32)
 
 
 def _to_hwc_float(image: np.ndarray | torch.Tensor | Image.Image) -> np.ndarray:
@@ -117,7 +134,8 @@ def _classify_shape(mask: np.ndarray) -> tuple[str, float]:
     crop = torch.tensor(mask, dtype=torch.float32)[None, None]
     resized = F.interpolate(crop, size=(TEMPLATE_SIZE, TEMPLATE_SIZE), mode="area")[0, 0]
     templates = _templates()
-    iou = torch.minimum(templates, resized).sum((1, 2)) / torch.maximum(templates, resized).sum((1, 2))
+    iou = torch.minimum(templates, resized).sum((2, 3)) / torch.maximum(templates, resized).sum((2, 3))
+    iou = iou.amax(0)
     best = int(iou.argmax())
     return SHAPES[best], float(iou[best])
 
