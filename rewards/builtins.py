@@ -11,11 +11,14 @@
 | ``hpsv2`` | HPSv2 / v2.1 | extra ``hpsv2`` |
 | ``ocr`` | OCR accuracy of quoted text | extra ``ocr`` |
 | ``remote`` | any reward behind ``launch/reward_server.py`` | a server URL |
+| ``slow`` | another reward after a fixed delay per image (a stand-in for a slow judge) | nothing |
 
 Model weights and optional packages load when a reward is built, not when this module is imported.
 """
 
 from __future__ import annotations
+
+import time
 
 import torch
 
@@ -24,7 +27,7 @@ import rewards.jpeg
 import rewards.ocr
 import rewards.packaged
 import rewards.remote  # noqa: F401  (each module registers its rewards)
-from rewards.base import register
+from rewards.base import load_reward, register
 from rewards.shapes import PromptSpec, check
 
 
@@ -43,3 +46,26 @@ class ShapesReward:
             "score": torch.tensor([r.score for r in results], dtype=torch.float32),
             "correct": torch.tensor([float(r.correct) for r in results], dtype=torch.float32),
         }
+
+
+@register("slow")
+class SlowReward:
+    """Another reward, called after sleeping ``seconds_per_image`` per image: a stand-in for a slow judge (a VLM, a
+    detector on another node) when measuring scoring beside sampling (``bench/reward_overlap.py``). The sleep holds
+    no CPU, as waiting on a remote judge holds none.
+
+    Args:
+        reward: the reward it wraps (a built-in name or ``package.module:Callable``); default the shapes checker.
+        seconds_per_image: the delay per image scored.
+        reward_kwargs: the wrapped reward's constructor arguments.
+    """
+
+    def __init__(self, reward: str = "shapes", seconds_per_image: float = 0.05, reward_kwargs: dict | None = None):
+        if seconds_per_image < 0:
+            raise ValueError(f"seconds_per_image must be >= 0, got {seconds_per_image}")
+        self.reward = load_reward(reward, **(reward_kwargs or {}))
+        self.seconds_per_image = seconds_per_image
+
+    def __call__(self, images: torch.Tensor, prompts: list[str], metadata: list[dict]) -> dict[str, torch.Tensor]:
+        time.sleep(self.seconds_per_image * len(images))
+        return self.reward(images, prompts, metadata)

@@ -1,8 +1,8 @@
 """A run's reward: a weighted sum of named components, evaluated off the training thread, with a failure policy.
 
-``RewardSet.submit`` returns a future, so the trainer can score one batch while it samples the next (a thread
-pool, as flow_grpo's multi-score does); ``RewardResult.components`` holds every component's every score for
-logging (``<component>/<key>``).
+``RewardSet.submit`` returns a future, so the trainer scores one chunk of a step while it samples the next
+(``GRPOTrainer.finish_and_score``; a thread pool, as flow_grpo's multi-score does); ``RewardResult.components``
+holds every component's every score for logging (``<component>/<key>``).
 
 Failure policy (``reward_failure_policy``), for a reward that raises or returns NaN/inf as its main score:
 

@@ -411,10 +411,14 @@ class GRPOTrainer:
         """Decode finished ``rollouts`` and hand the images to the reward pool (the decode worker runs this).
 
         Thread-safe for the one worker: no collective, no shared RNG (the VAE decodes deterministically), its
-        own autocast (autocast state is per thread); its seconds go to ``overlapped_times``.
+        own autocast and CUDA device (both are per thread); its seconds go to ``overlapped_times``.
         """
         started = time.perf_counter()
-        with self.accelerator.autocast():
+        device = self.accelerator.device
+        with (
+            torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext(),
+            self.accelerator.autocast(),
+        ):
             images = self.sampler.decode(rollouts.latents)
         self.overlapped_times["decode"] = self.overlapped_times.get("decode", 0.0) + time.perf_counter() - started
         prompts = [batch.prompts[i] for i in rollouts.prompt_index.tolist()]
