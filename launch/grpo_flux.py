@@ -26,6 +26,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from rl.checkpoint import CheckpointWriteError
 from rl.config import RunConfig, parse_config
+from rl.distributed import peers_lost_as_error
 from rl.sampler import native_size_warning
 from rl.trainer import GRPOTrainer
 
@@ -65,7 +66,9 @@ def main(argv: list[str] | None = None) -> GRPOTrainer:
     if warning and trainer.accelerator.is_main_process:
         logger.warning(warning)
     try:
-        trainer.train()
+        # a node that died or hangs: one message on the others, within distributed_timeout_s
+        with peers_lost_as_error(trainer.accelerator, config.training.distributed_timeout_s, trainer.output_dir):
+            trainer.train()
     finally:
         trainer.cleanup()
     if trainer.accelerator.is_main_process:  # the run's headline: held-out score before and after

@@ -169,7 +169,8 @@ def register_lora_only_hooks(accelerator: Accelerator, model: torch.nn.Module) -
     loading checks that every trainable weight is in the file (strictly: nothing silently stays at its init).
     Under DeepSpeed the engine saves itself (with ``exclude_frozen_parameters``, see :func:`save_checkpoint`).
     """
-    trainable = {name for name, param in model.named_parameters() if param.requires_grad}
+    # names as accelerate saves them: of the unwrapped model (a DDP wrapper would prefix every name "module.")
+    trainable = {name for name, param in accelerator.unwrap_model(model).named_parameters() if param.requires_grad}
 
     def save_hook(models, weights, output_dir):
         for i, state in enumerate(weights):
@@ -181,7 +182,7 @@ def register_lora_only_hooks(accelerator: Accelerator, model: torch.nn.Module) -
         (only,) = models
         path = Path(input_dir) / SAFE_WEIGHTS_NAME
         state = load_file(path)
-        missing, unexpected = only.load_state_dict(state, strict=False)
+        missing, unexpected = accelerator.unwrap_model(only).load_state_dict(state, strict=False)
         if unexpected or trainable - set(state):
             raise ValueError(
                 f"{path} does not match the model's LoRA: unexpected keys {sorted(unexpected)[:3]}, missing "

@@ -444,10 +444,18 @@ class TrainingConfig(Section):
         "CPUs with AVX512-BF16, where the tiny model's GRPO step is 1.3x faster). Latents and log-prob math are always "
         "fp32.",
     )
+    distributed_timeout_s: float = option(
+        1800.0,
+        "Seconds a collective (gradient all-reduce, metric reduction, barrier) waits for the other processes before "
+        "the run stops with an error naming this key: a node that died or hangs ends the others within this time "
+        "instead of never. Must exceed the longest stretch one process works while the others wait (the main "
+        "process's checkpoint write, an uneven evaluation). torch's default: 1800.",
+    )
     seed: int = option(0, "Seed of prompt order, rollout noise and LoRA initialisation.")
 
     def check(self) -> None:
         _positive(self, "max_steps", "learning_rate", "max_grad_norm", "train_batch_size", "awm_error_power")
+        _positive(self, "distributed_timeout_s")
         _positive(self, "gradient_accumulation_steps", "num_inner_epochs", "clip_range", "adv_clip_max")
         if min(self.kl_beta, self.max_minutes, self.lr_warmup_steps, self.awm_ema_kl_beta, self.adv_scale_max) < 0:
             raise ValueError("kl_beta, max_minutes, lr_warmup_steps, awm_ema_kl_beta and adv_scale_max must be >= 0")
@@ -891,7 +899,8 @@ RESUME_SAFE_KEYS = frozenset(
     {"max_steps", "max_minutes", "max_images_denoised", "reward_workers", "reward_overlap", "eval_every",
      "eval_num_prompts", "eval_images_per_prompt", "final_eval_num_prompts", "final_eval_images_per_prompt",
      "eval_before_training", "log_every", "wandb_mode", "wandb_project", "run_name", "progress_bar", "output_dir", "overwrite_output_dir",
-     "save_every", "save_every_minutes", "save_total_limit", "resume_from", "save_lora", "save_ema", "allow_config_change"}
+     "save_every", "save_every_minutes", "save_total_limit", "resume_from", "save_lora", "save_ema", "allow_config_change",
+     "distributed_timeout_s"}
 )  # fmt: skip
 
 

@@ -5,37 +5,75 @@ the run config here, so a shipped accelerate config never repeats run settings: 
 ``train_batch_size``, its accumulation window the trainer's (one optimizer step per ``gradient_accumulation_steps``
 micro-batches, each over all trained steps) and its gradient clipping ``max_grad_norm``. Without a GPU every
 process runs on the CPU over gloo: DeepSpeed would otherwise pick a backend the CPU build lacks.
+
+A collective waits at most ``distributed_timeout_s`` for the other processes; a process (node) that died or
+hangs then stops the others with one message (:func:`peers_lost_as_error`) instead of a wait without end.
 """
 
 from __future__ import annotations
 
 import contextlib
+import datetime
 import os
 from collections.abc import Iterator
+from pathlib import Path
 
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, InitProcessGroupKwargs, parse_flag_from_env
+from torch.distributed.constants import default_pg_timeout
 
 
-def build_accelerator(mixed_precision: str, gradient_accumulation_steps: int) -> Accelerator:
+def build_accelerator(
+    mixed_precision: str, gradient_accumulation_steps: int, timeout_s: float = default_pg_timeout.total_seconds()
+) -> Accelerator:
     """An Accelerator for the launch's distributed setup, on the CPU (gloo) when no GPU is visible.
 
     Args:
         mixed_precision: ``"no"`` or ``"bf16"``.
         gradient_accumulation_steps: backward passes per optimizer step (DeepSpeed's window is set to it).
+        timeout_s: longest wait of a collective for the other processes (``distributed_timeout_s``).
     """
     no_gpu = not torch.cuda.is_available()
     # accelerate ignores a DeepSpeed launch under cpu=True (it runs plain MULTI_CPU); DeepSpeed's own CPU
     # accelerator then places the processes, and a gloo process group connects them
     cpu = no_gpu and not parse_flag_from_env("ACCELERATE_USE_DEEPSPEED")
     launched = int(os.environ.get("WORLD_SIZE", "1"))  # processes started by accelerate launch / torchrun
+    timeout = datetime.timedelta(seconds=timeout_s)
+    # backend None on a GPU: accelerate's (or DeepSpeed's) own choice, NCCL
+    group = InitProcessGroupKwargs(backend="gloo" if no_gpu else None, timeout=timeout)
     return Accelerator(
         cpu=cpu,
         mixed_precision=mixed_precision,
         gradient_accumulation_steps=gradient_accumulation_steps,
-        kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")] if no_gpu and launched > 1 else None,
+        kwargs_handlers=[group] if launched > 1 else None,
     )
+
+
+# what gloo and NCCL say when the process at the other end of a collective is gone or silent
+PEER_FAILURES = ("Connection closed by peer", "Connection reset by peer", "Timed out", "timed out", "Broken pipe")
+
+
+@contextlib.contextmanager
+def peers_lost_as_error(accelerator: Accelerator, timeout_s: float, output_dir: str | Path) -> Iterator[None]:
+    """Inside the block a collective that fails because another process died or hung ends this one with a
+    message saying so and how to continue, instead of the backend's traceback.
+
+    Raises:
+        SystemExit: a collective's peer closed its connection or did not answer within ``timeout_s``.
+    """
+    try:
+        yield
+    except RuntimeError as error:  # torch's DistError subclasses it; gloo raises it plainly
+        lost = isinstance(error, torch.distributed.DistError) or any(s in str(error) for s in PEER_FAILURES)
+        if accelerator.num_processes == 1 or not lost:
+            raise
+        raise SystemExit(
+            f"process {accelerator.process_index} of {accelerator.num_processes}: another process of the run died "
+            f"or did not answer a collective within distributed_timeout_s={timeout_s:g} s "
+            f"({str(error).splitlines()[0][:200]}). Look at the other nodes' logs; to continue, relaunch every node "
+            f"with --resume_from latest (checkpoints in {Path(output_dir) / 'checkpoints'})."
+        ) from error
 
 
 def configure_deepspeed(accelerator: Accelerator, micro_batch_size: int, max_grad_norm: float) -> None:

@@ -178,7 +178,9 @@ class GRPOTrainer:
         s, t = cfg.sampling, cfg.training
         self.num_trained_steps = len(self.trained_steps(0, 1)[0])
         # one optimizer step per `gradient_accumulation_steps` micro-batches, each over all trained steps
-        self.accelerator = build_accelerator(t.mixed_precision, t.gradient_accumulation_steps * self.num_trained_steps)
+        self.accelerator = build_accelerator(
+            t.mixed_precision, t.gradient_accumulation_steps * self.num_trained_steps, t.distributed_timeout_s
+        )
         shard(range(s.prompts_per_step), 0, self.accelerator.num_processes)  # fewer prompts than processes: fail now
         # cheap, likely-to-fail pieces first: a missing prompt file or an unknown reward fails before the model loads
         self.train_prompts = load_prompt_source(s.prompts, s.prompt_category_weights)

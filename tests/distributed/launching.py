@@ -34,12 +34,15 @@ def run_args(pipeline_dir: Path, output_dir: Path) -> list[str]:
     ]  # fmt: skip
 
 
-def launch(dump: Path, args: list[str], *launcher: str) -> subprocess.Popen:
-    """Start ``worker.py`` under ``accelerate launch <launcher...>`` (or plain python without a launcher)."""
+def launch(dump: Path, args: list[str], *launcher: str, port: int | None = None) -> subprocess.Popen:
+    """Start ``worker.py`` under ``accelerate launch <launcher...>`` (or plain python without a launcher).
+
+    ``port``: the main process's port (every node of one run names the same); default a free one.
+    """
     dump.mkdir(parents=True)
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", WANDB_MODE="disabled")
     if launcher:
-        command = [str(ACCELERATE), "launch", *launcher, "--main_process_port", str(free_port()), str(WORKER)]
+        command = [str(ACCELERATE), "launch", *launcher, "--main_process_port", str(port or free_port()), str(WORKER)]
     else:
         command = [sys.executable, str(WORKER)]
     return subprocess.Popen(
@@ -47,10 +50,12 @@ def launch(dump: Path, args: list[str], *launcher: str) -> subprocess.Popen:
     )
 
 
-def finish(process: subprocess.Popen, timeout: float = 600) -> None:
+def finish(process: subprocess.Popen, timeout: float = 600) -> str:
+    """Wait for a successful exit; returns the process's output."""
     # generous: the first DeepSpeed launch on a machine compiles its CPU communication op (40 s to minutes)
     output, _ = process.communicate(timeout=timeout)
     assert process.returncode == 0, output[-4000:]
+    return output
 
 
 def ranks(dump: Path) -> list[list[torch.Tensor]]:
