@@ -134,7 +134,7 @@ def test_reward_kwargs_accepts_json_on_the_command_line():
         (["--train_fraction", "0"], "train_fraction"),
         (["--mixed_precision", "fp16"], "mixed_precision='fp16'"),
         (["--lr_schedule", "step"], "lr_schedule='step' is not one of"),
-        (["--lr_warmup_steps", "-1"], "lr_warmup_steps must be >= 0"),
+        (["--lr_warmup_steps", "-1"], "lr_warmup_steps.*must be >= 0"),
         (["--final_eval_images_per_prompt", "-1"], "final_eval_images_per_prompt must be >= 0"),
         (["--prompt_category_weights", "squares=2"], "prompt_category_weights: .*squares"),
         (["--prompt_category_weights", "position"], "prompt_category_weights: .*expected category=weight"),
