@@ -423,9 +423,7 @@ class GRPOTrainer:
         ):
             images = self.sampler.decode(rollouts.latents)
         self.overlapped_times["decode"] = self.overlapped_times.get("decode", 0.0) + time.perf_counter() - started
-        prompts = [batch.prompts[i] for i in rollouts.prompt_index.tolist()]
-        group_ids = batch.group_ids[rollouts.prompt_index.cpu()]
-        return self.reward_set.submit(images, [p.text for p in prompts], [p.metadata for p in prompts], group_ids)
+        return self.submit_images(batch, rollouts.prompt_index, images)
 
     def count_judged(self, rollouts: int) -> None:
         """Count ``rollouts`` decodes and reward calls over every process (a collective)."""
@@ -436,22 +434,29 @@ class GRPOTrainer:
     def judge(self, batch: PromptBatch, prompt_index: torch.Tensor, latents: torch.Tensor) -> RewardResult:
         """Decode packed ``latents`` of rollouts of prompts ``prompt_index`` and score them with the reward.
 
-        Finished rollouts (:meth:`score`) and predictors' previews (rl/predictors/) both come through here, so
-        the run's decode and reward-call counts include the previews.
+        Predictors' previews (rl/predictors/) and :meth:`score` without a result come through here; chunked
+        finished rollouts go through :meth:`finish_and_score`. Every path counts its decodes and reward calls.
         """
-        prompts = [batch.prompts[i] for i in prompt_index.tolist()]
-        group_ids = batch.group_ids[prompt_index.cpu()]
         self.count_judged(len(latents))
         with self.phase("decode"), self.accelerator.autocast():
             images = self.sampler.decode(latents)
         with self.phase("reward"):
-            future = self.reward_set.submit(images, [p.text for p in prompts], [p.metadata for p in prompts], group_ids)
-            return future.result()
+            return self.submit_images(batch, prompt_index, images).result()
+
+    def submit_images(
+        self, batch: PromptBatch, prompt_index: torch.Tensor, images: torch.Tensor
+    ) -> Future[RewardResult]:
+        """Hand decoded ``images`` of rollouts of prompts ``prompt_index`` to the reward pool, with their texts,
+        metadata and groups."""
+        prompts = [batch.prompts[i] for i in prompt_index.tolist()]
+        group_ids = batch.group_ids[prompt_index.cpu()]
+        return self.reward_set.submit(images, [p.text for p in prompts], [p.metadata for p in prompts], group_ids)
 
     def score(self, batch: PromptBatch, rollouts: Rollouts, result: RewardResult | None = None) -> ScoredRollouts:
         """Decode finished rollouts and score them (reward thread pool); log every reward component.
 
-        ``result``: their reward, when a predictor already scored them (the ``reward`` oracle): not scored twice.
+        ``result``: their reward, when it is known already (:meth:`finish_and_score`'s, or the ``reward``
+        oracle's): not scored twice. Without it the rollouts are decoded and scored in one piece.
         """
         group_ids = batch.group_ids[rollouts.prompt_index.cpu()]
         self.step_images += len(rollouts)
