@@ -80,11 +80,7 @@ def measure_model(
             raise RuntimeError(f"{spec}: re-running call {k} did not reproduce the recorded state")
         prediction = predictor.predict(PredictionInputs(sampler, embeds, early, observer, score))
         predictions[spec] = prediction.scores.float().cpu().view(len(specs), n).numpy()
-        costs[spec] = PredictionCost(
-            prediction.cost.transformer_calls / len(early),
-            prediction.cost.decodes / len(early),
-            prediction.cost.reward_calls / len(early),
-        )
+        costs[spec] = prediction.cost.per_rollout(len(early))
     return real, predictions, costs
 
 

@@ -212,7 +212,7 @@ class SeedSelector:
             survivor_prompts = [row_prompts[r] for r in rows.tolist()]
             survivor_meta = [row_meta[r] for r in rows.tolist()]
             rewards = reward_scores(self.reward(images, survivor_prompts, survivor_meta)).view(count, keep)
-        per_rollout = PredictionCost(*(value / (count * n) for value in dataclasses.astuple(prediction.cost)))
+        per_rollout = prediction.cost.per_rollout(count * n)
         per_prompt = selection_cost(
             self.sampler.num_steps, self.capture_step, n, keep, per_rollout, rewards is not None
         )

@@ -44,6 +44,10 @@ class PredictionCost:
     decodes: float = 0.0
     reward_calls: float = 0.0
 
+    def per_rollout(self, rollouts: int) -> PredictionCost:
+        """This cost of ``rollouts`` rollouts, per rollout (every predictor's cost is linear in the rollouts)."""
+        return PredictionCost(*(value / rollouts for value in dataclasses.astuple(self)))
+
 
 @dataclasses.dataclass
 class PredictionInputs:
