@@ -5,6 +5,7 @@ Layout of ``<output_dir>/checkpoints/step-<8 digits>/``::
     model.safetensors, optimizer.bin, random_states_<rank>.pkl   accelerate's save_state: the LoRA only (not the
                                                                 frozen base), AdamW, every process's RNG states
     pytorch_model/                                             instead of the two files above under DeepSpeed
+    model.safetensors, optimizer.pt                            under FSDP: the LoRA and AdamW gathered whole
     trainer_state.pt                                           GRPOTrainer.state_dict(): counters (= data
                                                                 position), EMA, probe and online buffer, extras
     rank_<rank>.pt                                             per-process state: metrics accumulated since the
@@ -35,11 +36,19 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from accelerate.checkpointing import load_accelerator_state, save_accelerator_state
 from accelerate.utils import SAFE_WEIGHTS_NAME
 from safetensors import SafetensorError
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
 
-from rl.distributed import is_deepspeed
+from rl.distributed import is_deepspeed, is_fsdp
 
 logger = logging.getLogger(__name__)
 
@@ -236,6 +245,8 @@ def save_checkpoint(
     rank_state: dict,
     export_lora: Callable[[Path], None],
     keep: int = 0,
+    model: torch.nn.Module | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
 ) -> Path:
     """Write a checkpoint atomically (a collective call: every process makes it). Returns its folder.
 
@@ -247,6 +258,7 @@ def save_checkpoint(
         rank_state: this process's own state, written by every process.
         export_lora: called by every process with the ``lora`` folder to write the diffusers export into.
         keep: keep only the newest ``keep`` checkpoints (0: all).
+        model, optimizer: the prepared ones; needed under FSDP (:func:`save_fsdp_state`).
 
     Raises:
         CheckpointWriteError: a write failed (a full disk, a quota); the partial folder is removed and the earlier
@@ -261,8 +273,11 @@ def save_checkpoint(
                 shutil.rmtree(stale)
             tmp.mkdir(parents=True)
         accelerator.wait_for_everyone()
-        extra = {"exclude_frozen_parameters": True} if is_deepspeed(accelerator) else {}
-        accelerator.save_state(str(tmp), **extra)
+        if is_fsdp(accelerator):
+            save_fsdp_state(accelerator, model, optimizer, tmp)
+        else:
+            extra = {"exclude_frozen_parameters": True} if is_deepspeed(accelerator) else {}
+            accelerator.save_state(str(tmp), **extra)
         torch.save(rank_state, tmp / f"rank_{accelerator.process_index}.pt")
         if accelerator.is_main_process:
             torch.save(trainer_state, tmp / TRAINER_STATE)
@@ -290,14 +305,23 @@ def save_checkpoint(
     return final
 
 
-def load_checkpoint(accelerator: Accelerator, path: str | Path) -> tuple[dict, dict]:
+def load_checkpoint(
+    accelerator: Accelerator,
+    path: str | Path,
+    model: torch.nn.Module | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+) -> tuple[dict, dict]:
     """Restore accelerate's state (LoRA, optimizer, RNG) from ``path``; return ``(trainer_state, rank_state)``.
 
     A process without a saved per-process state (the run resumes on more processes) starts it empty.
+    ``model``, ``optimizer``: the prepared ones; needed under FSDP (:func:`load_fsdp_state`).
     """
     path = Path(path)
-    extra = {"load_module_strict": False} if is_deepspeed(accelerator) else {}
-    accelerator.load_state(str(path), **extra)
+    if is_fsdp(accelerator):
+        load_fsdp_state(accelerator, model, optimizer, path)
+    else:
+        extra = {"load_module_strict": False} if is_deepspeed(accelerator) else {}
+        accelerator.load_state(str(path), **extra)
     trainer_state = load_state_file(path / TRAINER_STATE)
     rank_file = path / f"rank_{accelerator.process_index}.pt"
     rank_state = load_state_file(rank_file) if rank_file.is_file() else {}
@@ -318,3 +342,51 @@ def load_state_file(path: Path) -> dict:
             f"{path} holds objects other than tensors and plain values, so it was not written by this trainer (or "
             f"was tampered with); refusing to load it. Resume from another checkpoint. ({str(error).splitlines()[0]})"
         ) from None
+
+
+FSDP_OPTIMIZER = "optimizer.pt"
+
+
+def _fsdp_options(**kwargs) -> StateDictOptions:
+    # whole tensors (gathered from every process's slice), the trainable ones only: the LoRA, never the base
+    return StateDictOptions(full_state_dict=True, ignore_frozen_params=True, **kwargs)
+
+
+def save_fsdp_state(accelerator: Accelerator, model: torch.nn.Module, optimizer, folder: Path) -> None:
+    """Under FSDP: the LoRA and its optimizer state gathered whole (the main process writes them) and every
+    process's RNG states; the frozen base, which accelerate's FSDP saving would write in full, is left out.
+
+    A collective call. The files do not depend on the number of processes.
+    """
+    options = _fsdp_options(cpu_offload=True)  # whole tensors on the main process only, on the CPU
+    lora = get_model_state_dict(model, options=options)
+    moments = get_optimizer_state_dict(model, _inner(optimizer), options=options)
+    if accelerator.is_main_process:
+        save_file({k: v.contiguous() for k, v in lora.items()}, folder / SAFE_WEIGHTS_NAME)
+        torch.save(moments, folder / FSDP_OPTIMIZER)
+    save_accelerator_state(str(folder), [], [], [], [], accelerator.process_index, accelerator.step)  # RNG only
+
+
+def load_fsdp_state(accelerator: Accelerator, model: torch.nn.Module, optimizer, folder: Path) -> None:
+    """Restore what :func:`save_fsdp_state` wrote: every process reads the whole tensors and keeps its slices."""
+    lora = load_file(folder / SAFE_WEIGHTS_NAME)
+    options = _fsdp_options(strict=False)  # strict would ask for the frozen base too
+    result = set_model_state_dict(model, lora, options=options)
+    missing = [key for key in result.missing_keys if key in _trainable_names(model)]
+    if result.unexpected_keys or missing:
+        raise ValueError(
+            f"{folder / SAFE_WEIGHTS_NAME} does not match the model's LoRA: unexpected keys "
+            f"{sorted(result.unexpected_keys)[:3]}, missing trainable keys {missing[:3]} (same lora_rank?)"
+        )
+    moments = load_state_file(folder / FSDP_OPTIMIZER)
+    set_optimizer_state_dict(model, _inner(optimizer), moments, options=_fsdp_options())
+    load_accelerator_state(str(folder), [], [], [], [], accelerator.process_index)
+
+
+def _inner(optimizer):
+    """The torch optimizer inside accelerate's wrapper (the state-dict helpers match its parameters to the model)."""
+    return getattr(optimizer, "optimizer", optimizer)
+
+
+def _trainable_names(model: torch.nn.Module) -> set[str]:
+    return {name for name, param in model.named_parameters() if param.requires_grad}

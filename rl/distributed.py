@@ -1,10 +1,12 @@
-"""The Accelerator of a run: DDP, DeepSpeed ZeRO-2/3 and multi-node through one code path (docs/design.md section 8).
+"""The Accelerator of a run: DDP, DeepSpeed ZeRO-2/3, FSDP2 and multi-node through one code path (docs/design.md section 8).
 
 What the launch (``accelerate launch --config_file configs/accelerate/<x>.yaml``) leaves open is filled from
 the run config here, so a shipped accelerate config never repeats run settings: DeepSpeed's micro-batch size is
 ``train_batch_size``, its accumulation window the trainer's (one optimizer step per ``gradient_accumulation_steps``
 micro-batches, each over all trained steps) and its gradient clipping ``max_grad_norm``. Without a GPU every
-process runs on the CPU over gloo: DeepSpeed would otherwise pick a backend the CPU build lacks.
+process runs on the CPU over gloo: DeepSpeed would otherwise pick a backend the CPU build lacks, and accelerate
+selects its FSDP plugin only for GPU processes (an FSDP launch on CPU processes is given the plugin here; torch's
+FSDP2 shards over gloo as over NCCL).
 
 A collective waits at most ``distributed_timeout_s`` for the other processes; a process (node) that died or
 hangs then stops the others with one message (:func:`peers_lost_as_error`) instead of a wait without end.
@@ -19,7 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, FullyShardedDataParallelPlugin, PartialState
 from accelerate.utils import DistributedType, InitProcessGroupKwargs, parse_flag_from_env
 from torch.distributed.constants import default_pg_timeout
 
@@ -42,12 +44,21 @@ def build_accelerator(
     timeout = datetime.timedelta(seconds=timeout_s)
     # backend None on a GPU: accelerate's (or DeepSpeed's) own choice, NCCL
     group = InitProcessGroupKwargs(backend="gloo" if no_gpu else None, timeout=timeout)
-    return Accelerator(
+    accelerator = Accelerator(
         cpu=cpu,
         mixed_precision=mixed_precision,
         gradient_accumulation_steps=gradient_accumulation_steps,
         kwargs_handlers=[group] if launched > 1 else None,
     )
+    if cpu and launched > 1 and parse_flag_from_env("ACCELERATE_USE_FSDP"):
+        # the launch's fsdp_config reaches the plugin through the environment, as on a GPU
+        plugin = FullyShardedDataParallelPlugin()
+        if mixed_precision != "no":
+            plugin.set_mixed_precision(mixed_precision)
+        accelerator.state.fsdp_plugin = plugin
+        accelerator.state.distributed_type = DistributedType.FSDP
+        PartialState._shared_state["distributed_type"] = DistributedType.FSDP  # as accelerate's own selection does
+    return accelerator
 
 
 # what gloo and NCCL say when the process at the other end of a collective is gone or silent
@@ -145,3 +156,43 @@ def whole_model_loading(accelerator: Accelerator) -> Iterator[None]:
 
 def is_deepspeed(accelerator: Accelerator) -> bool:
     return accelerator.distributed_type == DistributedType.DEEPSPEED
+
+
+def is_fsdp(accelerator: Accelerator) -> bool:
+    return accelerator.distributed_type == DistributedType.FSDP
+
+
+def shards_parameters(accelerator: Accelerator) -> bool:
+    """Whether the transformer's parameters are split over the processes (FSDP, DeepSpeed ZeRO-3).
+
+    Then every forward is a collective (each process gathers the others' slices), so every process must run as
+    many transformer forwards as every other: :func:`check_even_work` holds the run to that.
+    """
+    if is_fsdp(accelerator):
+        return True
+    if not is_deepspeed(accelerator):
+        return False
+    return accelerator.state.deepspeed_plugin.deepspeed_config.get("zero_optimization", {}).get("stage") == 3
+
+
+def check_even_work(prompts_per_step: int, prune_policy: str, num_processes: int) -> None:
+    """Refuse settings that give processes of a sharded run different numbers of transformer forwards.
+
+    Whole prompt groups per process (never split) and each group's survivors counted per group make the work
+    even when the step's prompts divide evenly; the ``threshold`` policy keeps a number that depends on the
+    predictions. The evaluation pads its shares instead (``GRPOTrainer.evaluate``).
+
+    Raises:
+        ValueError: naming the setting and the fix.
+    """
+    if prompts_per_step % num_processes:
+        raise ValueError(
+            f"prompts_per_step={prompts_per_step} does not divide over {num_processes} processes: under FSDP and "
+            "ZeRO-3 every forward is a collective, so every process must sample as many groups. Use a multiple "
+            f"of {num_processes}."
+        )
+    if prune_policy == "threshold":
+        raise ValueError(
+            "prune_policy 'threshold' keeps a prediction-dependent number of rollouts per process, which FSDP and "
+            "ZeRO-3 cannot run (every forward is a collective): use 'variance', 'topk' or 'random'."
+        )

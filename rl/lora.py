@@ -17,6 +17,8 @@ from diffusers import FluxPipeline
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 
+from rl.sharded_lora import LoraWeights
+
 INIT_LORA_WEIGHTS = {"true": True, "false": False, "gaussian": "gaussian"}
 
 
@@ -63,15 +65,15 @@ class LoraEMA:
     ``EMAModel``), so early averages are not dominated by the initial weights.
 
     Args:
-        parameters: the parameters to average (their order is the state's order).
+        weights: the LoRA, read and written whole (rl/sharded_lora.py: also when the transformer is sharded).
         decay: the asymptotic decay in [0, 1).
     """
 
-    def __init__(self, parameters: list[torch.nn.Parameter], decay: float) -> None:
-        self.parameters = list(parameters)
+    def __init__(self, weights: LoraWeights, decay: float) -> None:
+        self.weights = weights
         self.decay = decay
         self.num_updates = 0
-        self.shadow = [p.detach().float().clone() for p in self.parameters]
+        self.shadow = [value.float().clone() for value in weights.read()]
 
     @torch.no_grad()
     def update(self, decay: float | None = None) -> None:
@@ -83,22 +85,18 @@ class LoraEMA:
         if decay is None:
             decay = min(self.decay, (1 + self.num_updates) / (10 + self.num_updates))
         self.num_updates += 1
-        for shadow, param in zip(self.shadow, self.parameters):
-            shadow.lerp_(param.detach().float(), 1 - decay)
+        for shadow, value in zip(self.shadow, self.weights.read()):
+            shadow.lerp_(value.float(), 1 - decay)
 
     @contextlib.contextmanager
     def average_parameters(self) -> Iterator[None]:
         """Inside the block the parameters hold the EMA values; the live values are restored after it."""
-        live = [p.detach().clone() for p in self.parameters]
-        with torch.no_grad():
-            for shadow, param in zip(self.shadow, self.parameters):
-                param.copy_(shadow)
+        live = [value.clone() for value in self.weights.read()]
+        self.weights.write(self.shadow)
         try:
             yield
         finally:
-            with torch.no_grad():
-                for saved, param in zip(live, self.parameters):
-                    param.copy_(saved)
+            self.weights.write(live)
 
     def state_dict(self) -> dict:
         return {"decay": self.decay, "num_updates": self.num_updates, "shadow": [s.clone() for s in self.shadow]}
@@ -108,18 +106,25 @@ class LoraEMA:
         self.shadow = [s.clone().float() for s in state["shadow"]]
 
 
-def save_lora(transformer: torch.nn.Module, directory: str | Path, is_main_process: bool = True) -> Path:
+def save_lora(
+    transformer: torch.nn.Module,
+    directory: str | Path,
+    is_main_process: bool = True,
+    lora_state: dict[str, torch.Tensor] | None = None,
+) -> Path:
     """Write the transformer's ``default`` LoRA in diffusers format, with its adapter metadata (lora_alpha).
 
     ``FluxPipeline.load_lora_weights(directory)`` on a fresh pipeline of the same base model reproduces it.
 
     Args:
-        transformer: the unwrapped (``accelerator.unwrap_model``) LoRA-carrying transformer; its current
-            parameter values are saved (wrap the call in ``LoraEMA.average_parameters`` to save the EMA).
+        transformer: the unwrapped (``accelerator.unwrap_model``) LoRA-carrying transformer.
         directory: output folder (created); holds ``pytorch_lora_weights.safetensors``.
+        lora_state: the whole LoRA by parameter name (``LoraWeights.state_dict``: gathered when the transformer
+            is sharded; the EMA's values inside ``LoraEMA.average_parameters``); default the transformer's own.
     """
     directory = Path(directory)
-    state = {k: v.detach().float().cpu().contiguous() for k, v in get_peft_model_state_dict(transformer).items()}
+    peft_state = get_peft_model_state_dict(transformer, state_dict=lora_state)
+    state = {k: v.detach().float().cpu().contiguous() for k, v in peft_state.items()}
     metadata = transformer.peft_config["default"].to_dict()
     FluxPipeline.save_lora_weights(
         directory,

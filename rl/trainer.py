@@ -49,7 +49,13 @@ from rl.checkpoint import (
 from rl.config import RunConfig, resume_changes
 from rl.cost import ComputeCounts, flux_equivalent
 from rl.data import load_prompt_source, shard
-from rl.distributed import build_accelerator, configure_deepspeed, whole_model_loading
+from rl.distributed import (
+    build_accelerator,
+    check_even_work,
+    configure_deepspeed,
+    shards_parameters,
+    whole_model_loading,
+)
 from rl.lora import LoraEMA, add_lora, disable_adapter, save_lora
 from rl.metrics_log import MetricsAccumulator, MetricsLogger
 from rl.objectives import OBJECTIVES
@@ -58,6 +64,7 @@ from rl.pruned_rollout import PrunedRollout
 from rl.pruning import trained_step_weights
 from rl.sampler import FluxSampler, Rollouts, StepObserver, encode_prompts
 from rl.schedule import lr_factor
+from rl.sharded_lora import LoraWeights
 
 logger = logging.getLogger(__name__)
 
@@ -182,6 +189,8 @@ class GRPOTrainer:
             t.mixed_precision, t.gradient_accumulation_steps * self.num_trained_steps, t.distributed_timeout_s
         )
         shard(range(s.prompts_per_step), 0, self.accelerator.num_processes)  # fewer prompts than processes: fail now
+        if shards_parameters(self.accelerator):
+            check_even_work(s.prompts_per_step, cfg.pruning.prune_policy, self.accelerator.num_processes)
         # cheap, likely-to-fail pieces first: a missing prompt file or an unknown reward fails before the model loads
         self.train_prompts = load_prompt_source(s.prompts, s.prompt_category_weights)
         self.eval_prompts = load_prompt_source(cfg.eval.eval_prompts)
@@ -214,7 +223,11 @@ class GRPOTrainer:
         configure_deepspeed(self.accelerator, t.train_batch_size, t.max_grad_norm)
         self.model, self.optimizer = self.accelerator.prepare(self.pipeline.transformer, optimizer)
         register_lora_only_hooks(self.accelerator, self.model)  # checkpoints hold the LoRA, not the frozen base
-        self.ema = LoraEMA(self.lora_params, t.ema_decay) if t.ema_decay > 0 else None
+        # FSDP replaces each parameter by its slice (a DTensor): the LoRA is read again from the prepared model
+        named = [(n, p) for n, p in self.accelerator.unwrap_model(self.model).named_parameters() if p.requires_grad]
+        self.lora_params = [p for _, p in named]
+        self.lora = LoraWeights(self.lora_params, [n for n, _ in named])  # read and written whole, also sharded
+        self.ema = LoraEMA(self.lora, t.ema_decay) if t.ema_decay > 0 else None
         size = dict(guidance_scale=s.guidance_scale, height=s.height, width=s.width, batch_size=s.sample_batch_size)
         self.sampler = FluxSampler(
             self.pipeline, s.num_steps, s.noise_level, **size, sde_steps=s.train_window if s.sde_window_only else None
@@ -577,7 +590,10 @@ class GRPOTrainer:
         """
         e, acc = self.config.eval, self.accelerator
         items = self.eval_prompts.eval_subset(e.final_eval_num_prompts if final else e.eval_num_prompts)
-        items = items[acc.process_index :: acc.num_processes]
+        counted = len(items[acc.process_index :: acc.num_processes])
+        # sharded: every process evaluates as many prompts (forwards are collectives); the padding is not counted
+        share = -(-len(items) // acc.num_processes) if shards_parameters(acc) else counted
+        items = (items[acc.process_index :: acc.num_processes] + items * share)[:share]
         per_image = e.final_images_per_prompt if final else e.eval_images_per_prompt
         metrics = MetricsAccumulator()
         sampler = self.eval_sampler
@@ -601,7 +617,8 @@ class GRPOTrainer:
                     key = "images/" + ("base_eval" if base else "final_eval" if final else "eval")
                     self.log.log_images(key, images, [p.text for p in prompts], self.state.step, columns=per_image * 4)
                 result = self.reward_set(images, [p.text for p in prompts], [p.metadata for p in prompts])
-                valid = result.valid.bool()
+                padding = (torch.arange(len(part)) + start >= counted).repeat_interleave(per_image)
+                valid = result.valid.bool() & ~padding
                 metrics.add_values("total", result.total[valid])
                 for key, values in result.components.items():
                     metrics.add_values(key, values[valid])
@@ -614,7 +631,10 @@ class GRPOTrainer:
         """Export the LoRA (EMA weights when enabled and ``save_ema``) in diffusers format."""
         use_ema = self.ema is not None and self.config.checkpoint.save_ema
         with self.ema.average_parameters() if use_ema else contextlib.nullcontext():
-            save_lora(self.accelerator.unwrap_model(self.model), directory, self.accelerator.is_main_process)
+            lora_state = self.lora.state_dict()  # every process: gathered whole when the transformer is sharded
+            save_lora(
+                self.accelerator.unwrap_model(self.model), directory, self.accelerator.is_main_process, lora_state
+            )
         self.accelerator.wait_for_everyone()
         self.info("saved LoRA to %s", directory)
 
@@ -637,6 +657,8 @@ class GRPOTrainer:
                 rank_state={"metrics": self.metrics.state(), "elapsed_s": time.time() - self.log.started},
                 export_lora=self.save,
                 keep=self.config.checkpoint.save_total_limit,
+                model=self.model,
+                optimizer=self.optimizer,
             )
         return path
 
@@ -686,7 +708,7 @@ class GRPOTrainer:
                     )
             self.log.resume(step=-1, elapsed_s=0.0)  # a fresh run in a used output_dir must not append to its log
             return
-        trainer_state, rank_state = load_checkpoint(self.accelerator, path)
+        trainer_state, rank_state = load_checkpoint(self.accelerator, path, self.model, self.optimizer)
         self.load_state_dict(trainer_state)
         self.metrics.load_state(rank_state.get("metrics", MetricsAccumulator().state()))
         elapsed = rank_state.get("elapsed_s", 0.0)

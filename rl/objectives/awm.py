@@ -33,7 +33,7 @@ class AWM(Objective):
         super().__init__(trainer)
         t = trainer.config.training
         # the LoRA's EMA that awm_ema_kl_beta holds the policy near; it starts at the initial weights
-        self.policy_ema = LoraEMA(trainer.lora_params, t.awm_ema_kl_decay) if t.awm_ema_kl_beta > 0 else None
+        self.policy_ema = LoraEMA(trainer.lora, t.awm_ema_kl_decay) if t.awm_ema_kl_beta > 0 else None
 
     @property
     def reference_forwards(self) -> int:

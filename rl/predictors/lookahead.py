@@ -38,6 +38,7 @@ def euler_to_clean(sampler, latents: torch.Tensor, embeds, prompt_index: torch.T
 @register("lookahead")
 class LookaheadPredictor(Predictor):
     scores_with_reward = True
+
     def __init__(self, capture_step: int, num_steps: int, steps: int) -> None:
         self.indices = lookahead_indices(capture_step, num_steps, steps)
 

@@ -44,6 +44,7 @@ class X0Recorder:
 @register("preview")
 class PreviewPredictor(Predictor):
     scores_with_reward = True
+
     def __init__(self, capture_step: int) -> None:
         self.call = capture_step
 

@@ -1,11 +1,13 @@
-"""Two CPU processes over gloo under ``accelerate launch``: DDP and DeepSpeed ZeRO-2 (docs/design.md sections 8, 10).
+"""Two CPU processes over gloo under ``accelerate launch``: DDP, DeepSpeed ZeRO-2 and FSDP2 (docs/design.md sections 8, 10).
 
 Each run is the real entry script (through tests/distributed/worker.py, which dumps every rank's LoRA).
 """
 
 import pytest
 import torch
+from diffusers import FluxPipeline
 from launching import CPU_2PROC, ROOT, finish, launch, ranks, run_args
+from safetensors.torch import load_file
 
 from rl.metrics_log import read_metrics
 
@@ -18,7 +20,8 @@ def ddp_runs(tmp_path_factory, tiny_flux_config):
 
     root = tmp_path_factory.mktemp("dist")
     build_tiny_flux_pipeline(vocabulary(), tiny_flux_config, seed=0).save_pretrained(root / "pipeline")
-    two = launch(root / "ddp", run_args(root / "pipeline", root / "ddp" / "run"), "--config_file", CPU_2PROC)
+    ddp_args = [*run_args(root / "pipeline", root / "ddp" / "run"), "--save_lora", "true"]
+    two = launch(root / "ddp", ddp_args, "--config_file", CPU_2PROC)
     one = launch(root / "single", run_args(root / "pipeline", root / "single" / "run"))
     finish(two)
     finish(one)
@@ -57,3 +60,43 @@ def test_deepspeed_zero2_on_two_cpu_processes(ddp_runs, tmp_path):
     records = [r for r in read_metrics(tmp_path / "ds" / "run" / "metrics.jsonl") if "reward/total/mean" in r]
     assert [r["train/optimizer_steps"] for r in records] == [1, 2]  # 4 rollouts per process, micro-batch 4
     assert all(r["train/grad_norm"] > 0 for r in records)  # DeepSpeed's own clipping reports the norm
+
+
+FSDP = ("--config_file", str(ROOT / "configs" / "accelerate" / "fsdp.yaml"), "--num_processes", "2")
+FSDP_CPU = (*FSDP, "--mixed_precision", "no")
+
+
+def test_fsdp_trains_as_ddp_exports_and_resumes_exactly(ddp_runs, tmp_path):
+    """FSDP2 shards the base and the LoRA; the LoRA is gathered for the EMA, the export and the checkpoint."""
+    run = tmp_path / "fsdp" / "run"
+    args = [*run_args(ddp_runs / "pipeline", run), "--save_lora", "true", "--save_every", "1"]
+    finish(launch(tmp_path / "fsdp", args, *FSDP_CPU))
+    rank0, rank1 = ranks(tmp_path / "fsdp")
+    ddp = ranks(ddp_runs / "ddp")[0]
+    assert all(torch.equal(a, b) for a, b in zip(rank0, rank1))
+    assert max((a - b).abs().max() for a, b in zip(rank0, ddp)) <= 1e-5
+    # the diffusers export (the EMA's weights) equals DDP's and loads into a fresh pipeline
+    exported = load_file(run / "lora" / "pytorch_lora_weights.safetensors")
+    reference = load_file(ddp_runs / "ddp" / "run" / "lora" / "pytorch_lora_weights.safetensors")
+    assert exported.keys() == reference.keys()
+    assert max((exported[k] - reference[k]).abs().max() for k in exported) <= 1e-5
+    pipeline = FluxPipeline.from_pretrained(ddp_runs / "pipeline")
+    pipeline.load_lora_weights(run / "lora")
+    # the final evaluation (3 prompts over 2 processes: rank 1 pads its share, uncounted) equals DDP's
+    final = [r for r in read_metrics(run / "metrics.jsonl") if "final_eval/total/mean" in r]
+    ddp_final = [r for r in read_metrics(ddp_runs / "ddp" / "run" / "metrics.jsonl") if "final_eval/total/mean" in r]
+    assert final[0]["final_eval/total/mean"] == pytest.approx(ddp_final[0]["final_eval/total/mean"], abs=1e-6)
+    # a checkpoint holds the LoRA, not the sharded base; resuming from step 1 ends where the whole run ended
+    step1 = run / "checkpoints" / "step-00000001"
+    assert (step1 / "model.safetensors").stat().st_size < 100_000
+    resumed = [*run_args(ddp_runs / "pipeline", run), "--resume_from", str(step1)]
+    finish(launch(tmp_path / "resumed", resumed, *FSDP_CPU))
+    assert all(torch.equal(a, b) for a, b in zip(ranks(tmp_path / "resumed")[0], rank0))
+
+
+def test_fsdp_refuses_uneven_work(ddp_runs, tmp_path):
+    args = [*run_args(ddp_runs / "pipeline", tmp_path / "run"), "--prompts_per_step", "3"]
+    process = launch(tmp_path / "uneven", args, *FSDP_CPU)
+    output, _ = process.communicate(timeout=600)
+    assert process.returncode != 0
+    assert "prompts_per_step=3 does not divide over 2 processes" in output

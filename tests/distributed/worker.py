@@ -2,7 +2,7 @@
 
     accelerate launch --config_file configs/accelerate/cpu_2proc.yaml tests/distributed/worker.py DUMP_DIR -- ARGS
 
-``DUMP_DIR/rank<i>.pt`` gets the live LoRA parameters (a list of tensors, the trainer's order) of rank i;
+``DUMP_DIR/rank<i>.pt`` gets the live LoRA parameters (a list of whole tensors, the trainer's order) of rank i;
 ``DUMP_DIR/rank<i>.json`` per GRPO step the group ids of rank i's prompts and of its rollouts, and how many
 (trained step, inner epoch) samples of each rollout entered a loss with a non-zero weight.
 """
@@ -50,12 +50,23 @@ def recording_policy_loss(policy_loss):
     return wrapped
 
 
+def dumping_cleanup(cleanup, dump: Path):
+    """Dump this rank's LoRA before the run ends its process group: read whole on every rank, also when FSDP or
+    ZeRO-3 holds slices (a collective: every rank reads)."""
+
+    def wrapped(self):
+        lora = [value.cpu().clone() for value in self.lora.read()]
+        torch.save(lora, dump / f"rank{self.accelerator.process_index}.pt")
+        return cleanup(self)
+
+    return wrapped
+
+
 if __name__ == "__main__":
     dump, separator, *args = sys.argv[1:]
     assert separator == "--", "usage: worker.py DUMP_DIR -- ARGS"
     GRPOTrainer.optimise = recording_optimise(GRPOTrainer.optimise)
     GRPOTrainer.policy_loss = recording_policy_loss(GRPOTrainer.policy_loss)
+    GRPOTrainer.cleanup = dumping_cleanup(GRPOTrainer.cleanup, Path(dump))
     trainer = grpo_flux.main(args)
-    rank = trainer.accelerator.process_index
-    torch.save([p.detach().cpu().clone() for p in trainer.lora_params], Path(dump) / f"rank{rank}.pt")
-    (Path(dump) / f"rank{rank}.json").write_text(json.dumps(steps))
+    (Path(dump) / f"rank{trainer.accelerator.process_index}.json").write_text(json.dumps(steps))

@@ -4,6 +4,7 @@ from diffusers import FluxPipeline
 from rl.config import FLUX_LORA_TARGETS
 from rl.lora import LoraEMA, add_lora, disable_adapter, save_lora
 from rl.sampler import FluxSampler, encode_prompts
+from rl.sharded_lora import LoraWeights
 
 
 def _sample(pipeline):
@@ -47,7 +48,7 @@ def test_saved_lora_reloads_in_diffusers_with_its_alpha(tiny_flux_pipeline, tmp_
 
 def test_ema_average_swap_and_state():
     param = torch.nn.Parameter(torch.zeros(2))
-    ema = LoraEMA([param], decay=0.9)
+    ema = LoraEMA(LoraWeights([param], ["w"]), decay=0.9)
     with torch.no_grad():
         param.fill_(1.0)
     ema.update()  # warm-up decay min(0.9, 1/10) = 0.1: shadow = 0.1 * 0 + 0.9 * 1 = 0.9
@@ -57,6 +58,6 @@ def test_ema_average_swap_and_state():
     with ema.average_parameters():
         torch.testing.assert_close(param.detach(), torch.full((2,), 0.981818), atol=1e-6, rtol=0)
     assert param.detach().tolist() == [1.0, 1.0]
-    other = LoraEMA([param], decay=0.5)
+    other = LoraEMA(LoraWeights([param], ["w"]), decay=0.5)
     other.load_state_dict(ema.state_dict())
     assert other.num_updates == 2 and other.decay == 0.9 and torch.equal(other.shadow[0], ema.shadow[0])
