@@ -98,18 +98,6 @@ def configure_deepspeed(accelerator: Accelerator, micro_batch_size: int, max_gra
     if accelerator.distributed_type != DistributedType.DEEPSPEED:
         return
     ds = accelerator.state.deepspeed_plugin.deepspeed_config
-    if ds.get("zero_optimization", {}).get("stage") == 3:
-        # measured on 2 CPU processes with every parameter partitioned (stage3_param_persistence_threshold 0):
-        # with the EMA off, 3 steps end within 3e-8 of DDP's LoRA. Two things block it: the EMA, the diffusers
-        # export and the checkpoint read the LoRA whole (partitioned, it is empty outside a gather), and each
-        # ZeRO-3 forward is a collective, so every process must run as many transformer forwards; uneven prompt
-        # or evaluation shares and pruning's per-process survivors break that (3 evaluation prompts over 2
-        # processes abort with gloo's "Received data size doesn't match expected size")
-        raise ValueError(
-            "DeepSpeed ZeRO-3 is not supported yet: it partitions the LoRA weights, which the EMA and the "
-            "diffusers LoRA export read whole. Use configs/accelerate/deepspeed_zero2.yaml (LoRA training "
-            "shards the optimizer state and gradients, the only trained state) or deepspeed_zero2_offload.yaml."
-        )
     wanted = {
         "train_micro_batch_size_per_gpu": micro_batch_size,
         "gradient_accumulation_steps": accelerator.gradient_accumulation_steps,

@@ -1,4 +1,4 @@
-"""DeepSpeed values are filled from the run config; contradictions and ZeRO-3 fail naming the reason."""
+"""DeepSpeed values are filled from the run config; contradictions fail naming them; sharded runs refuse uneven work."""
 
 from types import SimpleNamespace
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 from accelerate.utils import DistributedType
 
-from rl.distributed import configure_deepspeed
+from rl.distributed import check_even_work, configure_deepspeed, shards_parameters
 
 
 def fake_accelerator(ds_config: dict, accumulation: int = 6, processes: int = 2):
@@ -35,6 +35,11 @@ def test_contradicting_deepspeed_value_fails_naming_it():
         configure_deepspeed(fake_accelerator(ds), micro_batch_size=4, max_grad_norm=1.0)
 
 
-def test_zero3_is_refused_with_the_reason():
-    with pytest.raises(ValueError, match="ZeRO-3 is not supported yet.*deepspeed_zero2.yaml"):
-        configure_deepspeed(fake_accelerator({"zero_optimization": {"stage": 3}}), 4, 1.0)
+def test_zero3_shards_parameters_and_refuses_uneven_work():
+    assert shards_parameters(fake_accelerator({"zero_optimization": {"stage": 3}}))
+    assert not shards_parameters(fake_accelerator({"zero_optimization": {"stage": 2}}))
+    check_even_work(prompts_per_step=8, prune_policy="variance", num_processes=4)
+    with pytest.raises(ValueError, match="prompts_per_step=6 does not divide over 4 processes.*multiple of 4"):
+        check_even_work(prompts_per_step=6, prune_policy="none", num_processes=4)
+    with pytest.raises(ValueError, match="'threshold'.*'variance'"):
+        check_even_work(prompts_per_step=8, prune_policy="threshold", num_processes=4)
