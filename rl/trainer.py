@@ -57,6 +57,7 @@ from rl.distributed import (
     whole_model_loading,
 )
 from rl.lora import LoraEMA, add_lora, disable_adapter, save_lora
+from rl.memory import model_state_mib, peak_memory_mib
 from rl.metrics_log import MetricsAccumulator, MetricsLogger
 from rl.objectives import OBJECTIVES
 from rl.predictors import PredictionCost
@@ -322,6 +323,9 @@ class GRPOTrainer:
             self.decode_pool.shutdown(wait=True)
         self.reward_set.close()
         self.log.close()
+        # a process that tears its process group down while another still talks to it aborts ("terminate called
+        # without an active exception": the first two-process DDP run of bench/memory_per_rank.py did at exit)
+        self.accelerator.wait_for_everyone()
         self.accelerator.end_training()
 
     # ------------------------------------------------------------------ phases
@@ -843,6 +847,12 @@ class GRPOTrainer:
         self.metrics.add("time/step_s", step_time)
         self.metrics.add("perf/images_per_s", self.step_images / max(step_time, 1e-9))
         self.step_images = 0
+        memory = {
+            **model_state_mib(self.model, self.optimizer),
+            "memory/peak_mib": peak_memory_mib(self.accelerator.device),
+        }
+        for key, mib in memory.items():  # the largest process's
+            self.metrics.add_max(key, mib)
         bar.update(1)
         if self.state.step % self.config.logging.log_every:
             return

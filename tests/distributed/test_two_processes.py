@@ -114,6 +114,11 @@ def test_sharded_trains_as_ddp_exports_and_resumes_exactly(ddp_runs, tmp_path, s
     final = [r for r in read_metrics(run / "metrics.jsonl") if "final_eval/total/mean" in r]
     ddp_final = [r for r in read_metrics(ddp_runs / "ddp" / "run" / "metrics.jsonl") if "final_eval/total/mean" in r]
     assert final[0]["final_eval/total/mean"] == pytest.approx(ddp_final[0]["final_eval/total/mean"], abs=1e-6)
+    # each process stores half of the base and of the LoRA (rl/memory.py, logged per step)
+    sharded, whole = (next(r for r in read_metrics(folder / "metrics.jsonl") if "memory/frozen_mib" in r)
+                      for folder in (run, ddp_runs / "ddp" / "run"))  # fmt: skip
+    for key in ("memory/frozen_mib", "memory/lora_mib"):
+        assert 0.45 * whole[key] <= sharded[key] <= 0.55 * whole[key], key
     # a checkpoint holds the LoRA, not the sharded base; resuming from step 1 ends where the whole run ended
     step1 = run / "checkpoints" / "step-00000001"
     if sharding == "fsdp":  # the LoRA is 25 KB in fp32, the base 400 KB (DeepSpeed excludes it as under ZeRO-2)
