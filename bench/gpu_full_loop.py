@@ -1,0 +1,175 @@
+"""The whole trainer loop on a FLUX.1-dev-architecture transformer: steps with pruning, a checkpoint and a resume,
+per-phase times and peak memory, under DDP (one process), ZeRO-2 and ZeRO-3 on one GPU.
+
+The pipeline is FLUX.1-dev's transformer with random weights (bf16) beside a tiny VAE and one-layer text encoders
+whose widths match it (T5 4096, CLIP pooled 768), saved once to ``--work``; every mode then runs the real entry
+script (``launch/grpo_flux.py``, through ``accelerate launch`` for DeepSpeed) on the shapes prompts: ``--steps``
+GRPO steps of 2 prompts x 8 rollouts, half of each group kept after a preview at call 4 (Pro-GRPO's predictor; the
+attention probe needs one trained on this model's rollouts), a checkpoint at step ``--steps - 2``, then a resume
+from it to the end, compared with the uninterrupted run's LoRA. 1024 image tokens (256 px through the tiny VAE's
+4x downsampling) and 512 text tokens.
+
+    python bench/gpu_full_loop.py                    # on a GPU: writes bench/gpu_full_loop.json + RESULTS section
+    python bench/gpu_full_loop.py --smoke            # CPU, tiny transformer, DDP only, seconds: what the tests run
+
+Times are the trainer's own ``time/<phase>_s`` (mean over the steps after the first), memory its ``memory/*``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+import torch
+from diffusers import FluxTransformer2DModel
+from safetensors.torch import load_file
+from transformers import T5Config, T5EncoderModel
+
+from bench.gpu_flux_dev import FLUX_DEV, TINY, default_dtype
+from bench.probe_quality import add_to_section
+from rewards.shapes import vocabulary
+from rl.config_help import HelpFormatter
+from rl.metrics_log import read_metrics
+from rl.tiny_flux import TinyFluxConfig, build_tiny_flux_pipeline
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS_SECTION = "GPU: the full trainer loop on a FLUX.1-dev-architecture transformer (bench/gpu_full_loop.py)"
+MODES = {  # accelerate launch options of each mode on one process ([]: plain python)
+    "ddp": [],
+    "zero2": ["--config_file", str(ROOT / "configs/accelerate/deepspeed_zero2.yaml"), "--num_processes", "1"],
+    "zero3": ["--config_file", str(ROOT / "configs/accelerate/deepspeed_zero3.yaml"), "--num_processes", "1"],
+}
+PHASES = ("prompts", "sample", "predict", "decode", "reward", "score_wait", "train", "checkpoint")
+
+
+def build_pipeline_folder(folder: Path, transformer_config: dict, text_length: int, dtype: torch.dtype) -> None:
+    """Save a FluxPipeline: ``transformer_config`` with random weights, a tiny VAE, one-layer text encoders as wide
+    as the transformer reads (CLIP's hidden size is the pooled width, T5's the token width)."""
+    pooled, width = transformer_config["pooled_projection_dim"], transformer_config["joint_attention_dim"]
+    pipeline = build_tiny_flux_pipeline(
+        vocabulary(), TinyFluxConfig(text_length=text_length, text_dim=pooled, text_layers=1)
+    )
+    small = pipeline.text_encoder_2.config
+    pipeline.text_encoder_2 = T5EncoderModel(
+        T5Config(vocab_size=small.vocab_size, d_model=width, d_kv=64, d_ff=256, num_layers=1, num_heads=4,
+                 relative_attention_num_buckets=8, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
+    ).eval()  # fmt: skip
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    with torch.device(device), default_dtype(dtype):  # each layer's own initialiser, in place (seconds for 12B)
+        pipeline.transformer = FluxTransformer2DModel(**transformer_config).eval()
+    pipeline.to(dtype=dtype).save_pretrained(folder)
+
+
+def run_args(pipeline: Path, output: Path, steps: int, smoke: bool) -> list[str]:
+    size = ["--height", "64", "--width", "64", "--max_sequence_length", "16", "--num_steps", "6"] if smoke else [
+        "--height", "256", "--width", "256", "--max_sequence_length", "512", "--num_steps", "10"]  # fmt: skip
+    return [
+        "--config", str(ROOT / "configs" / "tiny_shapes.yaml"), "--pretrained", str(pipeline), *size,
+        "--mixed_precision", "no" if smoke else "bf16", "--lora_rank", "64", "--lora_alpha", "128",
+        "--prompts_per_step", "2", "--group_size", "8", "--sample_batch_size", "8", "--train_batch_size", "4",
+        "--prune_policy", "variance", "--prune_keep_fraction", "0.5", "--predictor", "preview", "--capture_step", "4",
+        "--probe_path", "", "--max_steps", str(steps), "--max_minutes", "0", "--save_every", str(steps - 2),
+        "--eval_every", "0", "--eval_before_training", "false", "--final_eval_num_prompts", "2",
+        "--final_eval_images_per_prompt", "1", "--wandb_mode", "disabled", "--progress_bar", "false",
+        "--output_dir", str(output),
+    ]  # fmt: skip
+
+
+def launch(mode: str, args: list[str]) -> None:
+    if MODES[mode]:
+        accelerate = str(Path(sys.executable).with_name("accelerate"))
+        command = [accelerate, "launch", *MODES[mode], str(ROOT / "launch" / "grpo_flux.py"), *args]
+    else:
+        command = [sys.executable, str(ROOT / "launch" / "grpo_flux.py"), *args]
+    done = subprocess.run(command, env=dict(os.environ, HF_HUB_OFFLINE="1"), capture_output=True, text=True)
+    if done.returncode:
+        raise RuntimeError(f"{mode} failed:\n{(done.stdout + done.stderr)[-4000:]}")
+
+
+def lora(folder: Path) -> dict[str, torch.Tensor]:
+    return load_file(folder / "lora" / "pytorch_lora_weights.safetensors")
+
+
+def run_mode(mode: str, pipeline: Path, work: Path, steps: int, smoke: bool) -> dict:
+    """The uninterrupted run, then a resume from its checkpoint at step ``steps - 2``; times, memory, equality."""
+    output = work / mode
+    shutil.rmtree(output, ignore_errors=True)
+    args = run_args(pipeline, output, steps, smoke)
+    launch(mode, args)
+    whole = lora(output)
+    records = [r for r in read_metrics(output / "metrics.jsonl") if "time/step_s" in r]
+    checkpoint = output / "checkpoints" / f"step-{steps - 2:08d}"
+    launch(mode, [*args, "--resume_from", str(checkpoint)])
+    resumed = lora(output)
+    after_first = records[1:] or records
+    return {
+        "steps": len(records),
+        "step_s": statistics.mean(r["time/step_s"] for r in after_first),
+        "phase_s": {p: statistics.mean(r.get(f"time/{p}_s", 0.0) for r in after_first) for p in PHASES},
+        "memory_mib": {k.split("/")[1]: max(r[k] for r in records) for k in records[-1] if k.startswith("memory/")},
+        "survivor_frac": statistics.mean(r.get("prune/survivor_frac", 1.0) for r in records),
+        "resume_max_abs_diff": max(float((whole[k] - resumed[k]).abs().max()) for k in whole),
+    }
+
+
+def report_lines(result: dict, command: str) -> list[str]:
+    lines = [
+        f"### {result['date'][:10]} on {result['device']}: `{command}`",
+        "",
+        f"{result['steps']} GRPO steps (2 prompts x 8 rollouts, half kept after a preview at call 4), then a resume "
+        f"from step {result['steps'] - 2}; seconds per step after the first; peak memory of the process.",
+        "",
+        "| mode | step s | " + " | ".join(f"{p} s" for p in PHASES) + " | peak GiB | resume max abs diff |",
+        "|---|---|" + "---|" * len(PHASES) + "---|---|",
+    ]
+    for mode, m in result["modes"].items():
+        phases = " | ".join(f"{m['phase_s'][p]:.2f}" for p in PHASES)
+        peak = m["memory_mib"].get("peak_mib", float("nan")) / 1024
+        lines.append(f"| {mode} | {m['step_s']:.2f} | {phases} | {peak:.1f} | {m['resume_max_abs_diff']:.2e} |")
+    return lines
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
+    parser.add_argument("--smoke", action="store_true", help="CPU, tiny transformer, DDP only (seconds)")
+    parser.add_argument("--steps", type=int, default=5, help="GRPO steps; the checkpoint is at steps - 2")
+    parser.add_argument("--modes", default="ddp,zero2,zero3", help="comma-separated, of: " + ", ".join(MODES))
+    parser.add_argument("--work", default="/tmp/gpu_full_loop", help="folder of the pipeline and the runs")
+    parser.add_argument("--out", default="bench/gpu_full_loop.json", help="JSON output")
+    parser.add_argument("--results", default="bench/RESULTS.md", help="Markdown file of the section ('': none)")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    if args.steps < 3:
+        raise SystemExit("--steps must be at least 3 (the checkpoint is at steps - 2)")
+    work = Path(args.work)
+    pipeline = work / "pipeline"
+    if not (pipeline / "model_index.json").is_file():
+        config, length = (TINY, 16) if args.smoke else (FLUX_DEV, 512)
+        build_pipeline_folder(pipeline, config, length, torch.float32 if args.smoke else torch.bfloat16)
+    modes = ["ddp"] if args.smoke else args.modes.split(",")
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
+    result = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "device": device, "steps": args.steps}
+    result["modes"] = {}
+    for mode in modes:
+        result["modes"][mode] = run_mode(mode, pipeline, work, args.steps, args.smoke)
+        print(mode, json.dumps(result["modes"][mode]), flush=True)
+    Path(args.out).write_text(json.dumps(result, indent=1))
+    if args.results:
+        add_to_section(args.results, RESULTS_SECTION, report_lines(result, "python bench/gpu_full_loop.py"))
+    return result
+
+
+if __name__ == "__main__":
+    main()
