@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from rewards.remote import RemoteRewardError
 from rl.checkpoint import CheckpointWriteError
 from rl.config import RunConfig, parse_config
 from rl.distributed import peers_lost_as_error
@@ -85,6 +86,7 @@ USER_ERRORS = (
     NotADirectoryError,
     PermissionError,
     CheckpointWriteError,
+    RemoteRewardError,  # the reward server is down or unreachable: its URL and how to start it
 )
 
 

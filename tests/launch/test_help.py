@@ -38,6 +38,7 @@ EXPECTED = {
     "launch/reward_server.py": ["--reward str", "(required)", "--port int"],
     "launch/sample.py": ["--pretrained str", "--dtype {fp32,bf16}", "(default: fp32)", "--best_of int", "--keep int"],
     "launch/train_tiny_flux.py": ["--vae_steps int", "(default: 1200)"],
+    "bench/fault_sweep.py": ["--only str", "--results str"],
     "bench/gpu_flux_dev.py": ["--resolution int", "--tiny"],
     "bench/gpu_full_loop.py": ["--smoke", "--modes", "--steps"],
     "bench/memory_per_rank.py": ["--skip_measure", "--port int"],

@@ -1,0 +1,244 @@
+"""Faults and bad inputs tried as a user would, each classified by what the user sees and what is lost.
+
+Every case runs the real entry script (``launch/grpo_flux.py``) as a subprocess on the shipped tiny model at tiny
+sizes, after an optional preparation (a finished run to resume or damage, a malformed file), and is judged:
+
+- ``clear error``: exit status 2, an ``error:`` message naming the expected thing, no traceback;
+- ``handled``: exit 0 and the check of the case holds (a resume that skips a damaged checkpoint, a reward failure
+  that drops a group, ...);
+- ``unclear error``: it stopped, but with a traceback or without naming the thing;
+- ``silent misbehaviour``: it ran on when it should not have, or its check failed;
+- ``work lost``: the case's check found finished steps missing.
+
+    python bench/fault_sweep.py            # about 5 minutes on 2 cores
+    python bench/fault_sweep.py --only yaml_duplicate_key,resume_changed_group
+
+Writes ``--out`` (JSON) and a section of ``--results``. The same faults are held by tests (named per case).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from bench.probe_quality import add_to_section
+from rl.config_help import HelpFormatter
+from rl.metrics_log import read_metrics
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS_SECTION = "Fault sweep: bad inputs, kills and damaged files (bench/fault_sweep.py)"
+TINY = ["--config", str(ROOT / "configs" / "tiny_shapes.yaml"), "--num_steps", "4", "--prompts_per_step", "2",
+        "--group_size", "4", "--sample_batch_size", "8", "--train_batch_size", "8", "--max_steps", "2",
+        "--max_minutes", "0", "--eval_every", "0", "--eval_before_training", "false", "--final_eval_num_prompts", "2",
+        "--final_eval_images_per_prompt", "1", "--save_lora", "false", "--wandb_mode", "disabled",
+        "--progress_bar", "false", "--save_every", "1"]  # fmt: skip
+
+
+@dataclasses.dataclass
+class Case:
+    """One fault: ``prepare(folder)`` returns the extra arguments; ``expect`` is the text the error must name
+    (a clear error expected) or None (the run must finish and ``check(folder)`` hold); ``test`` holds it in CI."""
+
+    name: str
+    fault: str
+    prepare: Callable[[Path], list[str]]
+    expect: str | None
+    test: str
+    check: Callable[[Path], bool] | None = None
+
+
+def run(args: list[str], timeout: float = 600) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", WANDB_MODE="disabled")
+    env.pop("GRPO_DEBUG", None)
+    base = TINY[2:] if "--config" in args else TINY  # a case's own config file replaces the tiny one
+    command = [sys.executable, str(ROOT / "launch" / "grpo_flux.py"), *base, *args]
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def finished_run(folder: Path) -> Path:
+    """A finished 2-step run with a checkpoint per step: what the resume cases start from."""
+    output = folder / "run"
+    done = run(["--output_dir", str(output)])
+    if done.returncode:
+        raise RuntimeError(f"the base run failed:\n{done.stderr[-3000:]}")
+    return output
+
+
+def steps_logged(output: Path) -> list[int]:
+    return sorted({r["step"] for r in read_metrics(output / "metrics.jsonl") if "reward/total/mean" in r})
+
+
+def _write(folder: Path, name: str, text: str | bytes) -> Path:
+    path = folder / name
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
+    return path
+
+
+def _damage_latest(folder: Path, file: str) -> list[str]:
+    output = finished_run(folder)
+    latest = output / "checkpoints" / "step-00000002" / file
+    latest.write_bytes(latest.read_bytes()[: max(1, latest.stat().st_size // 2)])
+    return ["--output_dir", str(output), "--resume_from", "latest", "--max_steps", "3"]
+
+
+def _malicious_state(folder: Path) -> list[str]:
+    import torch
+
+    output = finished_run(folder)
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {folder / 'pwned'}",))
+
+    for step in ("step-00000001", "step-00000002"):  # no intact checkpoint to fall back to
+        checkpoint = output / "checkpoints" / step
+        torch.save({"state": Payload()}, checkpoint / "trainer_state.pt")
+        (checkpoint / "manifest.json").unlink()  # so only loading can refuse it
+    return ["--output_dir", str(output), "--resume_from", "latest", "--max_steps", "3"]
+
+
+def _partial_metrics_line(folder: Path) -> list[str]:
+    output = finished_run(folder)
+    with (output / "metrics.jsonl").open("a") as log:
+        log.write('{"step": 3, "reward/to')
+    return ["--output_dir", str(output), "--resume_from", "latest", "--max_steps", "3"]
+
+
+def _resumed_to_3(folder: Path) -> bool:
+    return steps_logged(folder / "run") == [1, 2, 3]
+
+
+def _resume_changed(key: str, value: str) -> Callable[[Path], list[str]]:
+    def prepare(folder: Path) -> list[str]:
+        return ["--output_dir", str(finished_run(folder)), "--resume_from", "latest", f"--{key}", value]
+
+    return prepare
+
+
+CASES = [
+    Case("unknown_key", "a misspelt option", lambda f: ["--learning_rat", "1e-4"], "learning_rate",
+         "tests/test_configs.py"),
+    Case("negative_value", "a negative learning rate on the command line", lambda f: ["--learning_rate", "-1e-4"],
+         "learning_rate", "tests/test_configs.py"),
+    Case("bad_choice", "an unknown objective", lambda f: ["--policy_objective", "ppo"], "policy_objective",
+         "tests/test_configs.py"),
+    Case("missing_prompt_file", "a prompt file that does not exist", lambda f: ["--prompts", str(f / "none.txt")],
+         "none.txt", "tests/rl/test_data.py"),
+    Case("jsonl_bad_line", "a JSONL prompt file with a broken third line",
+         lambda f: ["--prompts", str(_write(f, "p.jsonl", '{"prompt": "a"}\n{"prompt": "b"}\n{"prompt": c}\n'))],
+         "p.jsonl:3", "tests/rl/test_data.py"),
+    Case("jsonl_bom", "a JSONL prompt file saved with a UTF-8 BOM",
+         lambda f: ["--prompts", str(_write(f, "b.jsonl", b'\xef\xbb\xbf{"prompt": "a red circle"}\n')),
+                    "--output_dir", str(f / "run")], None, "tests/rl/test_data.py",
+         lambda f: steps_logged(f / "run") == [1, 2]),
+    Case("corrupt_probe", "a probe file of random bytes",
+         lambda f: ["--probe_path", str(_write(f, "probe.pt", os.urandom(2048))), "--prune_policy", "variance",
+                    "--prune_keep_fraction", "0.5"], "probe.pt", "tests/probe/test_probe_io.py"),
+    Case("yaml_syntax", "a config file with a YAML syntax error",
+         lambda f: ["--config", str(_write(f, "bad.yaml", "learning_rate: 1e-4\ngroup_size: [4\n"))], "bad.yaml",
+         "tests/test_configs.py"),
+    Case("yaml_duplicate_key", "a config file setting a key twice",
+         lambda f: ["--config", str(_write(f, "dup.yaml", "learning_rate: 1e-4\nlearning_rate: 1e-3\n"))],
+         "learning_rate", "tests/test_configs.py"),
+    Case("used_output_dir", "a fresh run into a folder holding a run (no --resume_from)",
+         lambda f: ["--output_dir", str(finished_run(f))], "holds another run", "tests/rl/test_checkpoint.py"),
+    Case("resume_changed_group", "a resume with another group size", _resume_changed("group_size", "8"),
+         "group_size", "tests/rl/test_checkpoint.py"),
+    Case("resume_changed_seed", "a resume with another seed", _resume_changed("seed", "7"), "seed",
+         "tests/rl/test_checkpoint.py"),
+    Case("truncated_weights", "the latest checkpoint's model.safetensors cut in half",
+         lambda f: _damage_latest(f, "model.safetensors"), None, "tests/rl/test_checkpoint.py",
+         lambda f: steps_logged(f / "run") == [1, 2, 3]),
+    Case("truncated_state", "the latest checkpoint's trainer_state.pt cut in half",
+         lambda f: _damage_latest(f, "trainer_state.pt"), None, "tests/rl/test_checkpoint.py",
+         lambda f: steps_logged(f / "run") == [1, 2, 3]),
+    Case("malicious_state", "a checkpoint whose trainer_state.pt runs os.system when unpickled", _malicious_state,
+         "trainer_state.pt", "tests/rl/test_checkpoint.py", lambda f: not (f / "pwned").exists()),
+    Case("partial_metrics_line", "metrics.jsonl ending in half a line (a crash mid-write)", _partial_metrics_line,
+         None, "tests/rl/test_checkpoint.py", _resumed_to_3),
+    Case("reward_server_down", "a remote reward whose server is not running",
+         lambda f: ["--reward", "remote", "--reward_kwargs", '{"remote": {"url": "http://127.0.0.1:9"}}'],
+         "127.0.0.1:9", "tests/rewards/test_remote.py"),
+]  # fmt: skip
+
+
+def judge(case: Case, done: subprocess.CompletedProcess, folder: Path) -> str:
+    traceback = "Traceback (most recent call last)" in done.stderr
+    if case.expect is not None:
+        if done.returncode == 0:
+            return "silent misbehaviour"
+        named = case.expect in done.stderr
+        one_line = done.returncode == 2 and any(line.startswith("error:") for line in done.stderr.splitlines())
+        return "clear error" if named and one_line and not traceback else "unclear error"
+    if done.returncode != 0:
+        return "unclear error" if traceback else "silent misbehaviour"
+    if case.check is not None and not case.check(folder):
+        return "work lost" if "resume" in case.name or "truncated" in case.name else "silent misbehaviour"
+    return "handled"
+
+
+def sweep(cases: list[Case]) -> list[dict]:
+    rows = []
+    for case in cases:
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = Path(tmp)
+            done = run(case.prepare(folder))
+            outcome = judge(case, done, folder)
+            last = (done.stderr.strip().splitlines() or [""])[-1]
+            if case.expect is None:  # what the run warned about, if anything
+                warnings = [line for line in done.stderr.splitlines() if "WARNING" in line or "warning" in line]
+                last = warnings[-1] if warnings else "(finished)"
+            rows.append({"case": case.name, "fault": case.fault, "outcome": outcome, "message": last[-300:],
+                         "test": case.test, "exit": done.returncode})  # fmt: skip
+            print(f"{case.name}: {outcome} (exit {done.returncode}) {last[-160:]}", flush=True)
+            shutil.rmtree(folder, ignore_errors=True)
+    return rows
+
+
+def report_lines(rows: list[dict], command: str) -> list[str]:
+    counts = Counter(row["outcome"] for row in rows)
+    summary = ", ".join(f"{n} {outcome}" for outcome, n in counts.most_common())
+    lines = [f"### {datetime.date.today()}: `{command}`", "", f"{len(rows)} faults: {summary}.", "",
+             "| fault | outcome | what the user reads (last line) | held by |", "|---|---|---|---|"]  # fmt: skip
+    for row in rows:
+        message = row["message"].replace("|", "/").replace("\n", " ")
+        lines.append(f"| {row['fault']} | {row['outcome']} | {message[:220]} | `{row['test']}` |")
+    return lines
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
+    parser.add_argument("--only", default="", help="comma-separated case names (default: all): " +
+                        ", ".join(c.name for c in CASES))  # fmt: skip
+    parser.add_argument("--out", default="bench/fault_sweep.json", help="JSON output")
+    parser.add_argument("--results", default="bench/RESULTS.md", help="Markdown file of the section ('': none)")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    args = parse_args(argv)
+    names = set(args.only.split(",")) if args.only else {c.name for c in CASES}
+    unknown = names - {c.name for c in CASES}
+    if unknown:
+        raise SystemExit(f"unknown cases {sorted(unknown)}; choose from {[c.name for c in CASES]}")
+    rows = sweep([c for c in CASES if c.name in names])
+    Path(args.out).write_text(json.dumps(rows, indent=1))
+    if args.results:
+        add_to_section(args.results, RESULTS_SECTION, report_lines(rows, "python bench/fault_sweep.py"))
+    return rows
+
+
+if __name__ == "__main__":
+    main()
