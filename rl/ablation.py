@@ -45,6 +45,8 @@ _LOOKAHEAD = ["--predictor", "lookahead", "--capture_step", "3", "--lookahead_st
 _PROBE = ["--predictor", "probe", "--capture_step", "4"]  # probe_path: the one the command passes
 _RANDOM = ["--prune_policy", "random", "--prune_keep_fraction", "0.5", "--capture_step", "4", *_NO_PROBE]
 _EXPAND = ["--prune_expand", "2"]  # 2 G started, G trained
+_UNPRUNED_AWM = ["--prune_policy", "none", *_NO_PROBE, *_PLAIN, "--policy_objective", "awm"]
+_AWM_KL = ["--kl_beta", "0.001", "--awm_kl_form", "squared"]  # the reference's KL to the base model
 
 VARIANTS: dict[str, list[str]] = {
     # the run's own pruning settings (a probe-based policy; topk if the config says none)
@@ -68,6 +70,14 @@ VARIANTS: dict[str, list[str]] = {
     # Pro-GRPO's funnel: 4 G started, half kept after step 3 (first ODE call's input), half again after step 4
     "funnel_preview": ["--prune_policy", "variance", "--prune_expand", "4", "--prune_funnel", "3:0.5,4:0.5",
                        "--predictor", "preview", *_NO_PROBE, *_PLAIN],
+    # AWM's reference code, one difference at a time and all together (docs/design.md section 3); unpruned
+    "awm_sigma_weight": [*_UNPRUNED_AWM, "--awm_sigma_weight", "true"],
+    "awm_kl_squared": [*_UNPRUNED_AWM, *_AWM_KL],
+    "awm_kl_squared_ema": [*_UNPRUNED_AWM, *_AWM_KL, "--awm_ema_kl_beta", "1"],
+    "awm_adv_scale_1": [*_UNPRUNED_AWM, "--adv_scale_max", "1"],
+    "awm_no_sigma_one": [*_UNPRUNED_AWM, "--train_first_step", "false"],
+    "awm_reference": [*_UNPRUNED_AWM, "--awm_sigma_weight", "true", *_AWM_KL, "--awm_ema_kl_beta", "1",
+                      "--adv_scale_max", "1", "--train_first_step", "false"],
 }  # fmt: skip
 PHASES = ("prompts", "sample", "predict", "decode", "reward", "score_wait", "train", "probe_refresh")
 # per-step training figures averaged over a run: what selection bought (rl/pruned_rollout.py)

@@ -165,6 +165,8 @@ def test_every_variant_parses_under_the_default_config(tmp_path, variant):
     assert config.training.max_steps == 8
     if variant.startswith("expand") or variant == "pods":  # 2 G started, half kept
         assert config.started_group_size == 16 and config.pruning.prune_keep_fraction == 0.5
+    if variant.startswith("awm_"):  # the reference's AWM options are measured unpruned, under AWM
+        assert config.pruning.prune_policy == "none" and config.training.policy_objective == "awm"
 
 
 def test_ablate_with_seeds_runs_in_parallel_and_resumes(tiny_flux_pipeline, tmp_path):
