@@ -93,8 +93,8 @@ def run_commands(commands: dict[Path, list[str]], jobs: int, threads: int) -> No
         time.sleep(1.0)
 
 
-def main(argv: list[str] | None = None) -> dict:
-    args, passthrough = parse(argv)
+def plan(args: argparse.Namespace, passthrough: list[str]) -> dict[Path, list[str]]:
+    """Every run's folder and command line, each config parsed first (a bad key or value fails before any run)."""
     variants = [v for v in args.variants.split(",") if v]
     shared = [*passthrough, "--max_steps", str(args.max_steps), "--eval_every", str(args.eval_every)]
     shared += ["--eval_num_prompts", str(args.eval_prompts_count), "--final_eval_num_prompts"]
@@ -108,13 +108,21 @@ def main(argv: list[str] | None = None) -> dict:
             overrides = [*shared, *variant_overrides(variant, out, *budget)]
             if seed is not None:  # the final evaluation on the periodic one's seeds: one curve, comparable points
                 overrides += ["--seed", str(seed), "--final_eval_images_per_prompt", "0"]
-            config = parse_config(overrides)  # fail on a bad key or value before any run starts
+            config = parse_config(overrides)
             if variant == "pruned" and config.pruning.prune_policy in ("none", "random"):
                 raise SystemExit(
                     f"the pruned variant runs the config's prune_policy, here {config.pruning.prune_policy!r}: "
                     "pass --prune_policy topk|maxvar|threshold and --probe_path"
                 )
             commands[out / variant] = [sys.executable, str(ROOT / "launch" / "grpo_flux.py"), *overrides]
+    return commands
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args, passthrough = parse(argv)
+    variants = [v for v in args.variants.split(",") if v]
+    seeds = args.seeds if args.seeds is not None else [None]
+    commands = plan(args, passthrough)
     command = " ".join(["python launch/ablate.py", *(argv if argv is not None else sys.argv[1:])])
     if not args.report_only:
         run_commands(commands, args.jobs if args.seeds is not None else 1, args.threads)
