@@ -8,8 +8,8 @@
         --variants unpruned,keep_preview,keep_random,pods --out bench/ablation_expand_prune   # seeds, in parallel
 
 Every argument this script does not own is passed to each run (``launch/grpo_flux.py``, one process per run);
-the variants differ only in their pruning keys (rl/ablation.py, ``VARIANTS``). One seed: the runs go
-sequentially to ``<out>/<variant>/`` and the report is ``<out>/ablation.{json,md}`` with
+the variants differ only in their pruning keys or AWM's reference options (rl/ablation.py, ``VARIANTS``). One
+seed: the runs go sequentially to ``<out>/<variant>/`` and the report is ``<out>/ablation.{json,md}`` with
 ``reward_vs_wallclock.png`` and ``reward_vs_images.png``. ``--seeds``: ``<out>/seed<k>/<variant>/`` (``--seed k``),
 ``--jobs`` at a time with ``--threads`` torch threads each; finished runs are kept, so re-running the command
 resumes; the report is ``<out>/summary.{json,md}`` and ``reward_vs_cost.png`` (rl/ablation.py,
@@ -44,7 +44,9 @@ def parse(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]
         formatter_class=HelpFormatter,
         allow_abbrev=False,
     )
-    parser.add_argument("--variants", default="pruned,unpruned,random", help="comma-separated, run in this order")
+    parser.add_argument(
+        "--variants", default="pruned,unpruned,random", help="comma-separated, in this order (rl/ablation.py VARIANTS)"
+    )
     parser.add_argument("--budget_minutes", type=float, default=0.0, help="wall-clock budget per run (max_minutes)")
     parser.add_argument("--budget_images", type=float, default=0.0, help="denoised-image budget per run")
     parser.add_argument("--budget_steps", type=int, default=0, help="GRPO-step budget per run (max_steps)")
