@@ -34,6 +34,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from bench.probe_quality import add_to_section
+from rewards.shapes import all_prompts
 from rl.config_help import HelpFormatter
 from rl.metrics_log import read_metrics
 
@@ -44,6 +45,9 @@ TINY = ["--config", str(ROOT / "configs" / "tiny_shapes.yaml"), "--num_steps", "
         "--max_minutes", "0", "--eval_every", "0", "--eval_before_training", "false", "--final_eval_num_prompts", "2",
         "--final_eval_images_per_prompt", "1", "--save_lora", "false", "--wandb_mode", "disabled",
         "--progress_bar", "false", "--save_every", "1"]  # fmt: skip
+
+# a prompt with the metadata the shapes reward scores by (a JSONL record is the prompt plus its metadata)
+SHAPES_LINE = json.dumps({"prompt": all_prompts("train")[0].prompt, **all_prompts("train")[0].to_dict()}) + "\n"
 
 
 @dataclasses.dataclass
@@ -145,7 +149,7 @@ CASES = [
          lambda f: ["--prompts", str(_write(f, "p.jsonl", '{"prompt": "a"}\n{"prompt": "b"}\n{"prompt": c}\n'))],
          "p.jsonl:3", "tests/rl/test_data.py"),
     Case("jsonl_bom", "a JSONL prompt file saved with a UTF-8 BOM",
-         lambda f: ["--prompts", str(_write(f, "b.jsonl", b'\xef\xbb\xbf{"prompt": "a red circle"}\n')),
+         lambda f: ["--prompts", str(_write(f, "b.jsonl", b"\xef\xbb\xbf" + SHAPES_LINE.encode())),
                     "--output_dir", str(f / "run")], None, "tests/rl/test_data.py",
          lambda f: steps_logged(f / "run") == [1, 2]),
     Case("corrupt_probe", "a probe file of random bytes",

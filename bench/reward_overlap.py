@@ -43,10 +43,12 @@ import torch
 from accelerate.state import AcceleratorState, GradientState
 
 from bench.probe_quality import add_to_section
-from rl.config import RunConfig, parse_config
+from rl.batches import score_chunks
+from rl.config import RunConfig
 from rl.config_help import ConfigParser
+from rl.config_parse import parse_config
 from rl.metrics_log import read_metrics
-from rl.trainer import GRPOTrainer, score_chunks
+from rl.trainer import GRPOTrainer
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS_SECTION = "Reward overlap: scoring beside sampling (bench/reward_overlap.py)"

@@ -30,8 +30,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from rl.ablation import read_run, variant_overrides, write_report, write_seed_report
-from rl.config import parse_config
 from rl.config_help import HelpFormatter
+from rl.config_parse import parse_config
 from rl.cost import FLUX_DEV_COSTS
 
 ROOT = Path(__file__).resolve().parents[1]

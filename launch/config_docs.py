@@ -12,8 +12,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from rl.config import parse_config
 from rl.config_help import HelpFormatter, configuration_markdown
+from rl.config_parse import parse_config
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -24,9 +24,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from rewards.base import RewardError
 from rewards.remote import RemoteRewardError
 from rl.checkpoint import CheckpointWriteError
-from rl.config import RunConfig, parse_config
+from rl.config import RunConfig
+from rl.config_parse import parse_config
 from rl.distributed import peers_lost_as_error
 from rl.sampler import native_size_warning
 from rl.trainer import GRPOTrainer
@@ -86,7 +88,9 @@ USER_ERRORS = (
     NotADirectoryError,
     PermissionError,
     CheckpointWriteError,
-    RemoteRewardError,  # the reward server is down or unreachable: its URL and how to start it
+    # a reward that raised or returned NaN / a wrong shape (which reward, and the failure policy to set), or a
+    # reward server that is down (its URL and how to start it: RemoteRewardError)
+    RewardError,
 )
 
 
@@ -97,7 +101,10 @@ def cli(argv: list[str] | None = None) -> int:
     except USER_ERRORS as error:
         if os.environ.get("GRPO_DEBUG"):
             raise
-        print(f"error: {error}", file=sys.stderr)
+        # a reward's own bug needs its traceback: say how to get it
+        own_bug = isinstance(error, RewardError) and not isinstance(error, RemoteRewardError)
+        hint = " (GRPO_DEBUG=1 shows the reward's traceback)" if own_bug else ""
+        print(f"error: {error}{hint}", file=sys.stderr)
         return 2
     return 0
 

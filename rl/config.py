@@ -2,34 +2,29 @@
 
 A run is ``--config file.yaml`` plus ``--flag value`` overrides (TRL's convention); every option is a flat
 key documented once, here, in its field's ``help`` (meaning, valid values, recommended value, anchor).
-YAML files group keys under comments that match the sections below. :func:`parse_config` rejects unknown
-keys by name (in the YAML and on the command line, with a close-match suggestion) and values of the wrong
+YAML files group keys under comments that match the sections below. ``rl.config_parse.parse_config`` rejects
+unknown keys by name (in the YAML and on the command line, with a close-match suggestion) and values of the wrong
 type, then runs the cross-field checks of :meth:`RunConfig.validate`, which say what to set instead.
 Nothing here loads a model, a reward or a prompt file.
 
-To add a section (as the pruning issue added ``PruningConfig``): write a dataclass deriving
-from :class:`Section` with new, unique keys and add it as a field of :class:`RunConfig`.
+To add a section (as the pruning issue added ``PruningConfig``, rl/pruning_config.py): write a dataclass deriving
+from :class:`rl.config_base.Section` with new, unique keys and add it as a field of :class:`RunConfig`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import json
 import logging
-import types
 import typing
-from collections.abc import Collection
-from pathlib import Path
-from typing import Any, ClassVar
-
-import yaml
+from typing import Any
 
 from rewards.compose import FAILURE_POLICIES, parse_reward_spec
 from rewards.shapes import parse_category_weights
+from rl.config_base import Section, option, positive
 from rl.objectives import OBJECTIVES
-from rl.predictors import PREDICTORS
-from rl.pruning import ADVANTAGE_MODES, POLICIES, PREDICTION_POLICIES, funnel_group_sizes, keep_count, parse_funnel
+from rl.pruning import parse_funnel
+from rl.pruning_config import PruningConfig, validate_pruning
 from rl.schedule import LR_SCHEDULES
 from rl.sde import AWM_KL_FORMS
 
@@ -56,74 +51,6 @@ LORA_INITS = ("true", "false", "gaussian")
 PRECISIONS = ("no", "bf16")
 ADV_STDS = ("group", "batch")
 WANDB_MODES = ("offline", "online", "disabled")
-
-
-def option(default: Any, help: str) -> Any:
-    """A dataclass field with its documentation (``help``) in the metadata, as TRL and HfArgumentParser read it."""
-    if isinstance(default, list | dict):
-        return dataclasses.field(default_factory=lambda: type(default)(default), metadata={"help": help})
-    return dataclasses.field(default=default, metadata={"help": help})
-
-
-def _matches(value: Any, annotation: Any) -> bool:
-    """Whether ``value`` has the (simple) annotated type: str, int, float, bool, list[...], dict, unions."""
-    origin = typing.get_origin(annotation)
-    if origin in (typing.Union, types.UnionType):
-        return any(_matches(value, arm) for arm in typing.get_args(annotation))
-    if annotation is type(None):
-        return value is None
-    if origin is list:
-        (item,) = typing.get_args(annotation) or (Any,)
-        return isinstance(value, list) and all(_matches(v, item) for v in value)
-    if annotation is Any:
-        return True
-    if annotation is float:
-        return isinstance(value, int | float) and not isinstance(value, bool)
-    if annotation is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    return isinstance(value, origin or annotation)
-
-
-class Section:
-    """Base of every config section: type checks of YAML values (argparse converts only strings).
-
-    ``choices`` maps a string key to its valid values (a tuple, or a registry whose keys are the names, read
-    when a config is made so late registrations count); they are checked here and listed by ``--help``.
-    """
-
-    choices: ClassVar[dict[str, Collection[str]]] = {}
-
-    def __post_init__(self) -> None:
-        hints = typing.get_type_hints(type(self))
-        for field in dataclasses.fields(self):
-            name, annotation, value = field.name, hints[field.name], getattr(self, field.name)
-            if annotation is float and isinstance(value, int) and not isinstance(value, bool):
-                setattr(self, name, float(value))
-            elif not _matches(value, annotation):
-                raise ValueError(f"{name}: expected {annotation}, got {value!r} ({type(value).__name__})")
-        for name in self.choices:
-            _one_of(name, getattr(self, name), self.valid_values(name))
-        self.check()
-
-    @classmethod
-    def valid_values(cls, name: str) -> tuple[str, ...]:
-        """The valid values of key ``name`` (a registry's names sorted), or () when any value of its type is."""
-        allowed = cls.choices.get(name, ())
-        return tuple(sorted(allowed)) if isinstance(allowed, dict) else tuple(allowed)
-
-    def check(self) -> None:
-        """Single-section value checks; raise ValueError naming the key."""
-
-
-def _one_of(name: str, value: str, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise ValueError(f"{name}={value!r} is not one of {allowed}")
-
-
-def _positive(section: Section, *names: str) -> None:
-    for name in names:
-        if getattr(section, name) <= 0:
-            raise ValueError(f"{name} must be > 0, got {getattr(section, name)}")
 
 
 @dataclasses.dataclass
@@ -159,7 +86,7 @@ class ModelConfig(Section):
     )
 
     def check(self) -> None:
-        _positive(self, "max_sequence_length", "lora_rank", "lora_alpha")
+        positive(self, "max_sequence_length", "lora_rank", "lora_alpha")
         if not self.lora_target_modules:
             raise ValueError("lora_target_modules is empty: name at least one module suffix (e.g. attn.to_q)")
 
@@ -252,7 +179,7 @@ class SamplingConfig(Section):
         return range(self.train_window_start, self.train_window_start + self.train_window_size)
 
     def check(self) -> None:
-        _positive(self, "prompts_per_step", "group_size", "num_steps", "height", "width", "sample_batch_size")
+        positive(self, "prompts_per_step", "group_size", "num_steps", "height", "width", "sample_batch_size")
         if self.noise_level < 0:
             raise ValueError(f"noise_level must be >= 0, got {self.noise_level}")
         if not 0 < self.train_fraction <= 1:
@@ -310,7 +237,7 @@ class RewardConfig(Section):
     )
 
     def check(self) -> None:
-        _positive(self, "reward_workers")
+        positive(self, "reward_workers")
         if isinstance(self.reward_kwargs, str):
             try:
                 self.reward_kwargs = json.loads(self.reward_kwargs)
@@ -454,9 +381,9 @@ class TrainingConfig(Section):
     seed: int = option(0, "Seed of prompt order, rollout noise and LoRA initialisation.")
 
     def check(self) -> None:
-        _positive(self, "max_steps", "learning_rate", "max_grad_norm", "train_batch_size", "awm_error_power")
-        _positive(self, "distributed_timeout_s")
-        _positive(self, "gradient_accumulation_steps", "num_inner_epochs", "clip_range", "adv_clip_max")
+        positive(self, "max_steps", "learning_rate", "max_grad_norm", "train_batch_size", "awm_error_power")
+        positive(self, "distributed_timeout_s")
+        positive(self, "gradient_accumulation_steps", "num_inner_epochs", "clip_range", "adv_clip_max")
         if min(self.kl_beta, self.max_minutes, self.lr_warmup_steps, self.awm_ema_kl_beta, self.adv_scale_max) < 0:
             raise ValueError("kl_beta, max_minutes, lr_warmup_steps, awm_ema_kl_beta and adv_scale_max must be >= 0")
         if not 0 <= self.awm_ema_kl_decay < 1:
@@ -504,7 +431,7 @@ class EvalConfig(Section):
         return self.final_eval_images_per_prompt or self.eval_images_per_prompt
 
     def check(self) -> None:
-        _positive(self, "eval_images_per_prompt")
+        positive(self, "eval_images_per_prompt")
         counts = ("eval_every", "eval_num_steps", "eval_num_prompts", "final_eval_num_prompts",
                   "final_eval_images_per_prompt")  # fmt: skip
         if min(getattr(self, name) for name in counts) < 0:
@@ -538,7 +465,7 @@ class LoggingConfig(Section):
     progress_bar: bool = option(True, "Show tqdm progress bars (main process only).")
 
     def check(self) -> None:
-        _positive(self, "log_every")
+        positive(self, "log_every")
 
 
 @dataclasses.dataclass
@@ -584,109 +511,6 @@ class CheckpointConfig(Section):
 
 
 @dataclasses.dataclass
-class PruningConfig(Section):
-    """Pruning (docs/design.md section 5; rl/pruning.py, rl/pruned_rollout.py) and the online probe refresh."""
-
-    choices = {"prune_policy": POLICIES, "predictor": PREDICTORS, "prune_advantage": ADVANTAGE_MODES}
-
-    prune_policy: str = option(
-        "none",
-        "Which rollouts continue past capture_step: 'none' (all: the unpruned trainer), 'topk' (the best "
-        "predicted prune_keep_fraction of each group), 'variance' (the subset of maximal predicted variance, "
-        "exactly: PODS' rule; GRPO learns from contrast), 'maxvar' (alternately the best and worst predicted), "
-        "'random' (the ablation control: same cost, no predictor) or 'threshold' (predicted reward >= "
-        "prune_threshold, at least 2 per group).",
-    )
-    predictor: str = option(
-        "probe",
-        "What the policy selects by (rl/predictors/): 'probe' (the CNN on attention, probe_path; no reward "
-        "call), 'preview' (Pro-GRPO: the capture_step-th call's x0 decoded and scored by the reward), "
-        "'lookahead' (lookahead_steps Euler steps from the state after capture_step, decoded and scored) or "
-        "'reward' (every rollout finished and scored: the oracle; with prune_policy variance, PODS).",
-    )
-    lookahead_steps: int = option(2, "Euler steps of the 'lookahead' predictor from capture_step to sigma 0.")
-    prune_expand: int = option(
-        1,
-        "m: start m x group_size rollouts per prompt and prune them to round(prune_keep_fraction m G) "
-        "(expand-and-prune, Pro-GRPO; m = 2 with prune_keep_fraction 0.5 trains group_size per prompt). 1: "
-        "prune the group itself.",
-    )
-    prune_funnel: str = option(
-        "",
-        "Prune at several steps: 'k1:r1,k2:r2,...' (increasing steps; r of the rollouts still running survive each "
-        "stage; replaces capture_step and prune_keep_fraction). Pro-GRPO's 48 -> 24 -> 12: group_size 12, "
-        "prune_expand 4, '2:0.5,4:0.5'. Predictors preview and lookahead; survivors advantages. '': one stage.",
-    )
-    prune_keep_fraction: float = option(
-        0.5,
-        "r: survivors per started group = round(r m G), at least 2. Denoising costs k/T + r (1 - k/T) of an "
-        "unpruned step of the started group; the reward model runs on r of the finished images.",
-    )
-    capture_step: int = option(
-        2,
-        "k (1-based): rollouts stop after k denoising steps for the prediction ('probe': the call whose "
-        "attention it reads, must equal the probe's; 'preview': the call whose x0 it decodes; 'lookahead': "
-        "the state it starts from). Unused by 'reward'.",
-    )
-    probe_path: str = option(
-        "",
-        "Probe file (launch/probe_train.py; assets/probe/ for the shipped model), checked against the model, "
-        "capture_step and num_steps; 'init' starts from a randomly initialised probe (learnt online only; "
-        "benchmarks). Needed by every policy but 'none' and 'random'.",
-    )
-    prune_explore: int = option(
-        1,
-        "Rollouts per group kept at random regardless of the probe (they take survivor slots, the count is "
-        "unchanged), so the online refresh sees data the probe did not choose. 0: none.",
-    )
-    prune_threshold: float = option(0.5, "Cut of the 'threshold' policy, in reward units.")
-    prune_min_spread: float = option(
-        0.0,
-        "Skip whole groups whose predicted rewards have a population std below this (their advantages would "
-        "be ~0). 0: never skip. In reward units; try ~0.1 of the reward's typical within-group std.",
-    )
-    prune_advantage: str = option(
-        "survivors",
-        "'survivors' (group statistics over the survivors) or 'imputed' (pruned rollouts' calibrated "
-        "predictions take part in each group's mean and std).",
-    )
-    prune_train_early: bool = option(
-        False,
-        "Also train on pruned rollouts' recorded steps before capture_step (their trained steps < k), with their "
-        "imputed advantages; their later steps get zero weight. Needs a pruning policy and prune_advantage: "
-        "imputed. Costs training compute: pruned rollouts join the micro-batches. Off by default (ablated).",
-    )
-    probe_refresh_every: int = option(
-        0,
-        "Fine-tune the probe every N GRPO steps on the buffer of (features, real reward) of survivors; the "
-        "online PCC / within-group SRCC on the newest batch are logged before it sees that batch. 0: never.",
-    )
-    probe_refresh_steps: int = option(20, "Optimizer steps of each online refresh.")
-    probe_refresh_lr: float = option(3e-4, "AdamW learning rate of the online refresh (constant).")
-    probe_rank_weight: float = option(
-        1.0, "Weight of the within-group ranking term in the online refresh loss (0: MSE only)."
-    )
-    probe_buffer_size: int = option(
-        2048, "Most rollouts in the online refresh buffer (the oldest leave first); saved in checkpoints."
-    )
-    max_images_denoised: float = option(
-        0.0,
-        "Budget in denoised images (a rollout stopped at step k counts k/T); training stops once exceeded. "
-        "Compares pruned and unpruned runs at equal compute (launch/ablate.py). 0: none.",
-    )
-
-    def check(self) -> None:
-        _positive(self, "lookahead_steps", "prune_expand")
-        _positive(self, "capture_step", "probe_refresh_steps", "probe_refresh_lr", "probe_buffer_size")
-        if not 0 < self.prune_keep_fraction <= 1:
-            raise ValueError(f"prune_keep_fraction must lie in (0, 1], got {self.prune_keep_fraction}")
-        if min(self.prune_explore, self.probe_refresh_every, self.prune_min_spread, self.max_images_denoised) < 0:
-            raise ValueError(
-                "prune_explore, probe_refresh_every, prune_min_spread and max_images_denoised must be >= 0"
-            )
-
-
-@dataclasses.dataclass
 class RunConfig:
     """All sections of a run; each key lives in exactly one section."""
 
@@ -724,7 +548,7 @@ class RunConfig:
     def validate(self) -> None:
         """Cross-field checks. Raises ValueError stating the constraint, why, and what to set instead."""
         s, r = self.sampling, self.reward
-        self.validate_pruning()
+        validate_pruning(self)
         objective = OBJECTIVES[self.training.policy_objective]
         if s.noise_level == 0 and objective.needs.sde_noise:
             raise ValueError(
@@ -797,92 +621,6 @@ class RunConfig:
                 self.training.clip_range,
             )
 
-    def validate_funnel(self) -> None:
-        """A funnel prunes by fixed counts at increasing steps with a reward-based predictor, survivors only."""
-        p = self.pruning
-        stages = self.pruning_stages  # raises naming a malformed stage
-        if p.prune_policy not in ("topk", "maxvar", "variance", "random"):
-            raise ValueError(
-                f"prune_funnel needs a fixed-count policy (variance, topk, maxvar, random), not {p.prune_policy!r}"
-            )
-        if p.predictor in ("reward", "probe") and len(stages) > 1:
-            raise ValueError(
-                f"prune_funnel={p.prune_funnel!r} predicts at {len(stages)} steps; predictor={p.predictor!r} cannot "
-                "('reward' finishes every rollout, a probe file reads one step): use preview or lookahead."
-            )
-        if p.prune_advantage != "survivors" or p.prune_train_early:
-            raise ValueError(
-                "prune_funnel trains survivors only: set prune_advantage: survivors, prune_train_early: false"
-            )
-        sizes = funnel_group_sizes(self.started_group_size, stages)
-        if sizes[-1] < 2 or any(p.prune_explore > size for size in sizes):
-            raise ValueError(
-                f"prune_funnel={p.prune_funnel!r} leaves {sizes} rollouts per group from {self.started_group_size} "
-                f"started: the last stage needs >= 2 and every stage >= prune_explore={p.prune_explore}."
-            )
-
-    def validate_pruning(self) -> None:
-        """Cross-field checks of the pruning section against the sampling section."""
-        p, s = self.pruning, self.sampling
-        if p.prune_funnel:
-            self.validate_funnel()
-        if p.prune_policy == "none":
-            if p.prune_min_spread > 0:
-                raise ValueError(
-                    "prune_min_spread > 0 skips groups, but prune_policy='none' must train exactly like the unpruned "
-                    "trainer. Set a pruning policy (topk, maxvar, random, threshold) or prune_min_spread: 0."
-                )
-        elif p.predictor != "reward" and not 1 <= p.capture_step < s.num_steps:
-            raise ValueError(
-                f"capture_step={p.capture_step} must lie in [1, num_steps - 1 = {s.num_steps - 1}]: pruning stops "
-                "rollouts after step k, so k = T saves nothing. Set capture_step to ~0.2 num_steps (2 of 10)."
-            )
-        if p.prune_expand > 1 and p.prune_policy == "none":
-            raise ValueError(
-                f"prune_expand={p.prune_expand} starts more rollouts for a policy to prune, but prune_policy='none' "
-                "keeps them all: set a pruning policy (variance, topk, ...) or, for a larger unpruned group, "
-                "group_size instead."
-            )
-        if p.probe_refresh_every > 0 and p.predictor != "probe":
-            raise ValueError(
-                f"probe_refresh_every={p.probe_refresh_every} refreshes the probe, but predictor={p.predictor!r}: "
-                "set predictor: probe or probe_refresh_every: 0."
-            )
-        needs_prediction = p.prune_policy in PREDICTION_POLICIES or p.prune_advantage == "imputed"
-        needs_prediction = needs_prediction or p.probe_refresh_every > 0 or p.prune_min_spread > 0
-        if needs_prediction and p.predictor == "probe" and not p.probe_path:
-            raise ValueError(
-                f"prune_policy={p.prune_policy!r}, prune_advantage={p.prune_advantage!r}, probe_refresh_every="
-                f"{p.probe_refresh_every}, prune_min_spread={p.prune_min_spread} need predictions, and "
-                "predictor='probe' reads a probe: set probe_path to a probe file (launch/probe_train.py) or "
-                "'init', choose another predictor (preview, lookahead, reward), or use prune_policy 'random' / 'none'."
-            )
-        if p.prune_advantage == "imputed" and p.prune_policy == "none":
-            raise ValueError(
-                "prune_advantage='imputed' imputes pruned rollouts; with prune_policy='none' there are none"
-            )
-        if p.prune_train_early and (p.prune_policy == "none" or p.prune_advantage != "imputed"):
-            raise ValueError(
-                f"prune_train_early=true trains pruned rollouts' early steps with imputed advantages, but "
-                f"prune_policy={p.prune_policy!r}, prune_advantage={p.prune_advantage!r}: set a pruning policy "
-                "(topk, maxvar, random, threshold) and prune_advantage: imputed, or prune_train_early: false."
-            )
-        if p.prune_train_early and OBJECTIVES[self.training.policy_objective].needs.finished_images:
-            raise ValueError(
-                "prune_train_early=true trains pruned rollouts on the steps they recorded, but policy_objective="
-                f"{self.training.policy_objective!r} needs finished images, which pruned rollouts never have: set "
-                "prune_train_early: false or an objective that trains on transitions (flow_grpo)."
-            )
-        started = self.started_group_size
-        if p.prune_policy in ("topk", "maxvar", "variance", "random") and p.prune_explore > keep_count(
-            started, p.prune_keep_fraction
-        ):
-            raise ValueError(
-                f"prune_explore={p.prune_explore} exceeds the {keep_count(started, p.prune_keep_fraction)} "
-                f"survivors per group ({started} started, prune_keep_fraction={p.prune_keep_fraction}): "
-                "the policy would choose nothing. Lower prune_explore or raise prune_keep_fraction."
-            )
-
     def to_dict(self) -> dict[str, dict[str, Any]]:
         """``{section: {key: value}}`` (the YAML layout, with sections as top-level mappings)."""
         return {name: dataclasses.asdict(getattr(self, name)) for name in self.sections()}
@@ -890,118 +628,3 @@ class RunConfig:
     def flat(self) -> dict[str, Any]:
         """``{key: value}`` over all sections (a loadable YAML, and the wandb config)."""
         return {k: v for section in self.to_dict().values() for k, v in section.items()}
-
-
-# Keys a resumed run may change: budgets, evaluation cadence, logging and checkpointing. Any other key changes
-# what the run is (model, data, reward, sampler, objective, optimiser, LoRA, pruning), so resuming with another
-# value is refused unless --allow_config_change says otherwise (RunConfig.resume_changes).
-RESUME_SAFE_KEYS = frozenset(
-    {"max_steps", "max_minutes", "max_images_denoised", "reward_workers", "reward_overlap", "eval_every",
-     "eval_num_prompts", "eval_images_per_prompt", "final_eval_num_prompts", "final_eval_images_per_prompt",
-     "eval_before_training", "log_every", "wandb_mode", "wandb_project", "run_name", "progress_bar", "output_dir", "overwrite_output_dir",
-     "save_every", "save_every_minutes", "save_total_limit", "resume_from", "save_lora", "save_ema", "allow_config_change",
-     "distributed_timeout_s"}
-)  # fmt: skip
-
-
-def resume_changes(old: dict[str, Any], new: dict[str, Any]) -> tuple[dict, dict]:
-    """``(safe, unsafe)``: ``key -> (old, new)`` of every key whose value differs between two flat configs."""
-    changed = {k: (old.get(k), new.get(k)) for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)}
-    safe = {k: v for k, v in changed.items() if k in RESUME_SAFE_KEYS}
-    return safe, {k: v for k, v in changed.items() if k not in RESUME_SAFE_KEYS}
-
-
-def known_keys() -> dict[str, str]:
-    """Every config key -> its section name; raises if two sections share a key."""
-    keys: dict[str, str] = {}
-    for section, cls in RunConfig.sections().items():
-        for f in dataclasses.fields(cls):
-            if f.name in keys:
-                raise TypeError(f"config key {f.name!r} is defined in both {keys[f.name]} and {section}")
-            keys[f.name] = section
-    return keys
-
-
-def _unknown_key_error(key: str, where: str) -> ValueError:
-    close = difflib.get_close_matches(key, list(known_keys()), n=1)
-    hint = f"; did you mean {close[0]!r}?" if close else "; see rl/config.py for every key"
-    return ValueError(f"unknown config key {key!r} in {where}{hint}")
-
-
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """``yaml.SafeLoader`` that refuses a key given twice in one mapping (PyYAML silently keeps the last one)."""
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
-        first: dict[Any, int] = {}
-        for key_node, _ in node.value:
-            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor` may be overridden key by key
-                continue
-            key = self.construct_object(key_node, deep=True)
-            mark = key_node.start_mark
-            if key in first:
-                raise ValueError(
-                    f"config file {mark.name}, line {mark.line + 1}: key {key!r} is given twice (first on line "
-                    f"{first[key]}) and YAML would silently keep the last; delete one of them"
-                )
-            first[key] = mark.line + 1
-        return super().construct_mapping(node, deep=deep)
-
-
-def load_yaml(path: Path) -> Any:
-    """A config file's YAML, with a duplicate key an error (it would silently take the last value).
-
-    Raises:
-        ValueError: a syntax error or a duplicate key, naming the file, the line and the problem.
-    """
-    try:
-        with path.open(encoding="utf-8") as handle:  # a stream, so marks carry the file's name
-            return yaml.load(handle, Loader=_UniqueKeyLoader)
-    except yaml.YAMLError as error:
-        mark = getattr(error, "problem_mark", None)
-        where = f"{path}, line {mark.line + 1}" if mark else str(path)
-        problem = getattr(error, "problem", None) or str(error)
-        context, context_mark = getattr(error, "context", None), getattr(error, "context_mark", None)
-        if context and context_mark:  # where an unclosed bracket or quote began
-            problem += f" ({context} on line {context_mark.line + 1})"
-        raise ValueError(f"config file {where}: {problem}; fix the YAML there") from None
-
-
-def _check_keys(args: list[str]) -> None:
-    """Reject unknown keys in the YAML file given by ``--config`` and among ``--flag`` overrides."""
-    known = set(known_keys())
-    if "--config" in args:
-        path = Path(args[args.index("--config") + 1])
-        if not path.is_file():
-            raise FileNotFoundError(f"config file {path} does not exist")
-        data = load_yaml(path) or {}
-        if not isinstance(data, dict):
-            raise ValueError(f"config file {path} must be a YAML mapping of keys to values")
-        for key in data:
-            if key != "env" and key not in known:
-                raise _unknown_key_error(key, str(path))
-    for arg in args:
-        if arg.startswith("--") and arg not in ("--config", "--help"):
-            key = arg[2:].split("=", 1)[0]
-            if key not in known:
-                raise _unknown_key_error(key, "the command line")
-
-
-def parse_config(args: list[str] | None = None, description: str = "") -> RunConfig:
-    """Parse ``--config file.yaml`` and ``--key value`` overrides (command line wins) into a validated RunConfig.
-
-    ``--help`` (or ``-h``) prints ``description`` and every option by section (rl/config_help.py) and exits 0.
-
-    Raises:
-        ValueError: an unknown key (named, with a suggestion), a value of the wrong type, or a failed check.
-        FileNotFoundError: a missing config file.
-    """
-    import sys
-
-    from rl.config_help import ConfigParser
-
-    args = list(sys.argv[1:] if args is None else args)
-    _check_keys(args)
-    sections = RunConfig.sections()
-    parser = ConfigParser(tuple(sections.values()), names=tuple(sections), description=description, allow_abbrev=False)
-    parsed = parser.parse_args_and_config(args)
-    return RunConfig(**dict(zip(sections, parsed)))

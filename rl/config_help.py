@@ -2,7 +2,7 @@
 field's ``help``), type, default and valid values.
 
 :class:`ConfigParser` is ``trl.TrlParser`` with that help (``launch/grpo_flux.py`` through
-:func:`rl.config.parse_config`, and the dataclass-configured probe and bench scripts); the defaults it shows are
+:func:`rl.config_parse.parse_config`, and the dataclass-configured probe and bench scripts); the defaults it shows are
 the ones the command line would run with, so ``--config file.yaml --help`` lists the file's values.
 :class:`HelpFormatter` gives the plain argparse scripts the same type and default on every option.
 """
@@ -134,9 +134,9 @@ def configuration_markdown(shipped: dict[str, dict[str, Any]] | None = None) -> 
     lines = [
         "# Configuration",
         "",
-        "Generated from the config dataclasses of `rl/config.py` by `python launch/config_docs.py` (a test keeps it",
-        "current). A run is `--config file.yaml` plus `--key value` overrides; YAML files group keys by section.",
-        "`python launch/grpo_flux.py` without `--config` runs `configs/tiny_shapes.yaml` (its values in the",
+        "Generated from the config dataclasses of `rl/config.py` and `rl/pruning_config.py` by",
+        "`python launch/config_docs.py` (a test keeps it current). A run is `--config file.yaml` plus `--key value`",
+        "overrides; YAML files group keys by section. `python launch/grpo_flux.py` without `--config` runs `configs/tiny_shapes.yaml` (its values in the",
         "tiny column where they differ from the built-in default).",
     ]
     for name, cls in RunConfig.sections().items():

@@ -323,7 +323,7 @@ def trained_step_weights(
 
     Args:
         valid: ``[B]`` bool, rollouts the loss may use (the reward's failure policy drops the others).
-        steps: ``[B, K]`` denoising step of each sample (:meth:`rl.trainer.GRPOTrainer.trained_steps`).
+        steps: ``[B, K]`` denoising step of each sample (:func:`rl.batches.trained_steps`).
         recorded: ``[B]`` transitions each rollout recorded (T finished, k pruned), or None: all of them.
     """
     weights = valid.float()[:, None].expand(steps.shape)

@@ -23,9 +23,10 @@ import dataclasses
 import torch
 
 from rewards.compose import RewardResult, RewardSet
-from rl.config import PruningConfig, RunConfig, TrainingConfig
+from rl.config import RunConfig, TrainingConfig
 from rl.predictors import PredictionCost, PredictionInputs, Predictor, build_predictor, reward_scores
 from rl.predictors.preview import X0Recorder
+from rl.pruning_config import PruningConfig
 from rl.sampler import FluxSampler, PromptEmbeddings, StepObserver
 
 

@@ -22,8 +22,6 @@ import json
 import logging
 import math
 import shutil
-import signal
-import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -38,7 +36,7 @@ from tqdm.auto import tqdm
 
 from rewards.compose import RewardResult, build_reward_set
 from rl.advantages import group_advantages, group_std, scale_advantages
-from rl.batches import PromptBatch, ScoredRollouts
+from rl.batches import PromptBatch, ScoredRollouts, score_chunks, trained_steps
 from rl.checkpoint import (
     load_checkpoint,
     must_clear_output_dir,
@@ -46,7 +44,7 @@ from rl.checkpoint import (
     resolve_resume,
     save_checkpoint,
 )
-from rl.config import RunConfig, resume_changes
+from rl.config import RunConfig
 from rl.cost import ComputeCounts, flux_equivalent
 from rl.data import load_prompt_source, shard
 from rl.distributed import (
@@ -63,41 +61,13 @@ from rl.objectives import OBJECTIVES
 from rl.predictors import PredictionCost
 from rl.pruned_rollout import PrunedRollout
 from rl.pruning import trained_step_weights
+from rl.resume_policy import check_resumed_config
 from rl.sampler import FluxSampler, Rollouts, StepObserver, encode_prompts
 from rl.schedule import lr_factor
 from rl.sharded_lora import LoraWeights
+from rl.stop_signals import StopSignals
 
 logger = logging.getLogger(__name__)
-
-
-class StopSignals:
-    """SIGTERM and SIGINT (preemption, Ctrl-C) ask the loop to checkpoint and stop after the current step; a
-    second signal stops at once. Handlers are installed for the ``with`` block only (main thread only)."""
-
-    SIGNALS = (signal.SIGTERM, signal.SIGINT)
-
-    def __init__(self) -> None:
-        self.received: int | None = None
-        self.previous: dict[int, object] = {}
-
-    @property
-    def name(self) -> str:
-        return signal.Signals(self.received).name if self.received is not None else ""
-
-    def handle(self, number: int, frame) -> None:
-        if self.received is not None:  # the second one: no more waiting
-            raise SystemExit(f"{signal.Signals(number).name} again: stopping now, without a checkpoint")
-        self.received = number
-        logger.warning("%s: finishing this step, then checkpointing and stopping", signal.Signals(number).name)
-
-    def __enter__(self) -> StopSignals:
-        if threading.current_thread() is threading.main_thread():
-            self.previous = {number: signal.signal(number, self.handle) for number in self.SIGNALS}
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for number, handler in self.previous.items():
-            signal.signal(number, handler)
 
 
 @dataclasses.dataclass
@@ -120,28 +90,6 @@ class TrainState:
     @property
     def compute(self) -> ComputeCounts:
         return ComputeCounts(self.transformer_calls, self.train_passes, self.decodes, self.reward_calls)
-
-
-def score_chunks(prompt_index: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
-    """Row indices ``[n_i]`` of consecutive chunks of whole prompt groups, in order.
-
-    A chunk ends after the first group that brings the rows so far to a multiple of ``batch_size`` (or at the end),
-    so the sampler's and the VAE's batches of ``batch_size`` rows are the same as over the whole step: in bf16 a
-    different batch shape changes the results. G = 8, batch 32: chunks of 4 groups; G = 24, batch 4: 1 group;
-    G = 4, batch 5: 5 groups.
-
-    Args:
-        prompt_index: ``[B]`` each rollout's prompt, each group's rows contiguous.
-        batch_size: rollouts per transformer call (``sample_batch_size``).
-    """
-    index = prompt_index.cpu()
-    group_ends = (torch.nonzero(index[1:] != index[:-1]).flatten() + 1).tolist() + [len(index)]
-    chunks, start = [], 0
-    for end in group_ends:
-        if end > start and (end % batch_size == 0 or end == len(index)):  # (an empty index: no chunk)
-            chunks.append(torch.arange(start, end))
-            start = end
-    return chunks
 
 
 def load_pipeline(config: RunConfig, device: torch.device) -> FluxPipeline:
@@ -184,7 +132,7 @@ class GRPOTrainer:
         """Accelerator, pipeline + LoRA, optimizer, EMA, samplers, prompt sources, reward, logger."""
         cfg = self.config
         s, t = cfg.sampling, cfg.training
-        self.num_trained_steps = len(self.trained_steps(0, 1)[0])
+        self.num_trained_steps = len(trained_steps(s, t.seed, 0, 1)[0])
         # one optimizer step per `gradient_accumulation_steps` micro-batches, each over all trained steps
         self.accelerator = build_accelerator(
             t.mixed_precision, t.gradient_accumulation_steps * self.num_trained_steps, t.distributed_timeout_s
@@ -246,7 +194,12 @@ class GRPOTrainer:
             self.output_dir.mkdir(parents=True, exist_ok=True)
         # once: resolving verifies the checkpoint's manifest (hashing every file), and three places need it
         resume_path = resolve_resume(cfg.checkpoint.resume_from, self.output_dir)
-        self.check_resumed_config(resume_path)
+        if resume_path is not None:  # changes what the run is: an error; safe ones: logged (rl/resume_policy.py)
+            changes = check_resumed_config(
+                self.output_dir, cfg.flat(), cfg.checkpoint.allow_config_change, self.accelerator.is_main_process
+            )
+            for key, (old, value) in changes.items():
+                self.info("resume changes %s: %r -> %r", key, old, value)
         if self.accelerator.is_main_process and resume_path is None:
             (self.output_dir / "config.yaml").write_text(yaml.safe_dump(cfg.flat(), sort_keys=False))
         self.log = MetricsLogger(
@@ -524,7 +477,9 @@ class GRPOTrainer:
         t, acc = self.config.training, self.accelerator
         rollouts = scored.rollouts
         device = rollouts.states.device
-        steps = self.trained_steps(self.state.step, len(rollouts), stream=acc.process_index).to(device)
+        steps = trained_steps(
+            self.config.sampling, self.config.training.seed, self.state.step, len(rollouts), acc.process_index
+        ).to(device)
         recorded = scored.recorded.to(device) if scored.recorded is not None else None
         weights = trained_step_weights(scored.valid.to(device), steps, recorded)
         if recorded is not None:
@@ -666,36 +621,6 @@ class GRPOTrainer:
             )
         return path
 
-    def check_resumed_config(self, resume_path: Path | None) -> None:
-        """On resume, compare this config with the run's ``config.yaml``: keys that change what the run is are an
-        error listing each old and new value (unless ``allow_config_change``); safe ones (budgets, evaluation,
-        logging, checkpointing) are logged. Every resume appends its changes to ``config_history.jsonl``; the
-        original ``config.yaml`` stays as it was.
-
-        Raises:
-            ValueError: unsafe changes without ``allow_config_change``.
-        """
-        cfg, original = self.config, self.output_dir / "config.yaml"
-        if resume_path is None or not original.is_file():
-            return
-        new = yaml.safe_load(yaml.safe_dump(cfg.flat()))  # the same normalisation as the file's
-        safe, unsafe = resume_changes(yaml.safe_load(original.read_text()) or {}, new)
-        listed = "; ".join(f"{k}: {old!r} -> {value!r}" for k, (old, value) in unsafe.items())
-        if unsafe and not cfg.checkpoint.allow_config_change:
-            raise ValueError(
-                f"resuming {self.output_dir} with a config that changes what the run is ({listed}). Resume with the "
-                "run's own values, start a new output_dir, or pass --allow_config_change true."
-            )
-        for key, (old, value) in {**safe, **unsafe}.items():
-            self.info("resume changes %s: %r -> %r", key, old, value)
-        if self.accelerator.is_main_process:
-            record = {
-                "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                "changes": {k: list(v) for k, v in {**safe, **unsafe}.items()},
-            }
-            with (self.output_dir / "config_history.jsonl").open("a") as history:
-                history.write(json.dumps(record) + "\n")
-
     def resume(self, path: Path | None) -> None:
         """Continue from checkpoint ``path`` (what ``resume_from`` resolved to; None: start fresh): weights,
         optimizer, EMA, probe, RNG, step (= data position), pending metrics and the wall clock; the metrics file is
@@ -762,25 +687,6 @@ class GRPOTrainer:
         self.objective.load_state_dict(state.get("objective", {}))
 
     # ------------------------------------------------------------------ helpers
-
-    def trained_steps(self, step: int, rows: int, stream: int = 0) -> torch.Tensor:
-        """``[rows, K]`` denoising steps each rollout trains on; the last step (T - 1) never is.
-
-        ``all_but_last``: 0..T-2. ``window``: ``[start, start + size)``. ``random``: a fresh sorted random
-        ``train_fraction`` of 0..T-2 per rollout, seeded by ``(seed, step, stream)`` (stream: the process index,
-        so processes draw different subsets). ``train_first_step: false`` leaves step 0 (sigma = 1) out of each.
-        """
-        s = self.config.sampling
-        first = 0 if s.train_first_step else 1
-        trainable = s.num_steps - 1 - first
-        if s.train_steps == "all_but_last":
-            return torch.arange(first, s.num_steps - 1).expand(rows, -1)
-        if s.train_steps == "window":
-            return torch.tensor([k for k in s.train_window if k >= first]).expand(rows, -1)
-        count = max(1, int(s.train_fraction * trainable))  # floor, as Flow-GRPO's and DanceGRPO's timestep_fraction
-        rng = np.random.default_rng([self.config.training.seed, step, 3, stream])
-        picks = np.sort(np.stack([rng.permutation(trainable)[:count] + first for _ in range(rows)]), axis=1)
-        return torch.from_numpy(picks)
 
     @contextlib.contextmanager
     def phase(self, name: str) -> Iterator[None]:

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from rl.config import RunConfig, known_keys, load_yaml, parse_config
+from rl.config import RunConfig
+from rl.config_parse import known_keys, load_yaml, parse_config
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN_CONFIGS = sorted(p for p in (ROOT / "configs").rglob("*.yaml") if "accelerate" not in p.relative_to(ROOT).parts)

@@ -3,7 +3,7 @@
 import sys
 from pathlib import Path
 
-from rl.config import known_keys
+from rl.config_parse import known_keys
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "launch"))

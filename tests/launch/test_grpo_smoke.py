@@ -115,3 +115,27 @@ def test_a_failed_checkpoint_write_is_a_user_error(launch_script, capsys, monkey
     assert (
         capsys.readouterr().err == "error: could not write checkpoint out/checkpoints/step-00000004: the disk is full\n"
     )
+
+
+def test_a_failing_reward_stops_with_one_line_naming_it_after_a_checkpoint(tiny_flux_pipeline, tmp_path, launch_script,
+                                                                            capsys, monkeypatch):  # fmt: skip
+    # found by bench/fault_sweep.py: a plain JSONL prompt file has no shapes metadata, so the shapes reward raises
+    monkeypatch.delenv("GRPO_DEBUG", raising=False)
+    tiny_flux_pipeline.save_pretrained(tmp_path / "base")
+    (tmp_path / "plain.jsonl").write_text('{"prompt": "a red circle"}\n')
+    out = tmp_path / "run"
+    code = launch_script("grpo_flux").cli(
+        [
+            "--pretrained", str(tmp_path / "base"), "--height", "32", "--width", "32", "--num_steps", "4",
+            "--lora_rank", "4", "--lora_alpha", "8", "--prompts_per_step", "2", "--group_size", "2",
+            "--sample_batch_size", "4", "--train_batch_size", "4", "--max_steps", "2", "--eval_before_training",
+            "false", "--prompts", str(tmp_path / "plain.jsonl"), "--output_dir", str(out), "--wandb_mode",
+            "disabled", "--progress_bar", "false", "--mixed_precision", "no",
+        ]
+    )  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("error: reward 'shapes' raised ValueError") and "reward_failure_policy" in last
+    assert last.endswith("(GRPO_DEBUG=1 shows the reward's traceback)")
+    assert (out / "checkpoints" / "step-00000000").is_dir()  # the failed step's run is kept, resumable

@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from rl.config import parse_config
 from rl.config_help import ConfigParser
+from rl.config_parse import parse_config
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY_RUN = ["--max_steps", "1", "--prompts_per_step", "2", "--eval_every", "0", "--eval_before_training", "false",

@@ -8,7 +8,7 @@ import torch
 
 from probe.probe import Probe, ProbeMismatchError, sampler_signature
 from probe.train import collection_sampler
-from rl.config import parse_config
+from rl.config_parse import parse_config
 from rl.predictors.probe_cnn import ProbePredictor
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -7,7 +7,8 @@ import torch
 from test_pruning_trainer import make_trainer
 from test_trainer import one_step, pipeline_dir
 
-from rl.config import parse_config
+from rl.batches import trained_steps
+from rl.config_parse import parse_config
 from rl.loss import awm_loss
 from rl.objectives import OBJECTIVES, Needs, Objective, register
 
@@ -172,7 +173,7 @@ def test_adv_scale_max_scales_the_policy_loss(pipeline_dir, tmp_path):
 )
 def test_train_first_step_false_never_trains_sigma_one(pipeline_dir, tmp_path, mode, expected):
     trainer = make_trainer(pipeline_dir, tmp_path, *AWM, *mode, "--train_first_step", "false")
-    steps = trainer.trained_steps(0, 8)
+    steps = trained_steps(trainer.config.sampling, trainer.config.training.seed, 0, 8)
     assert (steps >= 1).all() and (steps <= 2).all()  # 4 steps: 0 (sigma 1) left out, 3 (the last) never trained
     if expected is not None:
         assert steps[:1].tolist() == expected

@@ -12,7 +12,7 @@ from test_pruning_trainer import make_trainer, pruned_step
 from test_trainer import pipeline_dir
 
 from rewards.compose import RewardResult
-from rl.config import parse_config
+from rl.config_parse import parse_config
 from rl.cost import ComputeCounts, OperationCosts, flux_equivalent
 from rl.predictors import PREDICTORS, Predictor, build_predictor, register, reward_scores
 from rl.predictors.lookahead import euler_to_clean, lookahead_indices

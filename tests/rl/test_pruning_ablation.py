@@ -14,7 +14,7 @@ from rl.ablation import (
     write_report,
     write_seed_report,
 )
-from rl.config import parse_config
+from rl.config_parse import parse_config
 
 
 def write_run(directory, step_seconds, images_per_step, evals, final, calls_per_step=100.0):

@@ -9,7 +9,7 @@ from accelerate.state import AcceleratorState, GradientState
 from test_trainer import lora_state, one_step, pipeline_dir, tiny_args
 from test_trainer import make_trainer as make_one_trainer
 
-from rl.config import parse_config
+from rl.config_parse import parse_config
 from rl.pruned_rollout import ProbeBuffer
 from rl.trainer import GRPOTrainer
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from test_trainer import lora_state, make_trainer, pipeline_dir
 
-from rl.trainer import score_chunks
+from rl.batches import score_chunks
 
 __all__ = ["pipeline_dir"]  # fixture used by name
 

@@ -7,7 +7,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from rl.config import parse_config
+from rl.batches import trained_steps
+from rl.config_parse import parse_config
 from rl.sde import matching_log_prob
 from rl.trainer import GRPOTrainer, ScoredRollouts
 
@@ -89,21 +90,6 @@ def test_recorded_log_probs_equal_rescored_ones_before_an_update(pipeline_dir, t
             ratio = torch.exp(scored.log_prob - rollouts.log_probs[rows, step])
             assert (ratio - 1).abs().max() <= 1e-6
     trainer.cleanup()
-
-
-def test_trained_step_selection(pipeline_dir, tmp_path):
-    def trainer_with(*extra):
-        return GRPOTrainer(parse_config(tiny_args(pipeline_dir, tmp_path, "--num_steps", "10", *extra)))
-
-    assert trainer_with().trained_steps(0, 2).tolist() == [list(range(9))] * 2  # all but the last (9)
-    window = trainer_with("--train_steps", "window", "--train_window_start", "1", "--train_window_size", "3")
-    assert window.trained_steps(5, 1).tolist() == [[1, 2, 3]]
-    random = trainer_with("--train_steps", "random", "--train_fraction", "0.5")
-    steps = random.trained_steps(3, 50)
-    assert steps.shape == (50, 4)  # int(0.5 * 9 trainable steps) = 4
-    assert steps.max() < 9 and (steps[:, 1:] > steps[:, :-1]).all()
-    assert len({tuple(row) for row in steps.tolist()}) > 10  # a fresh subset per rollout
-    assert torch.equal(steps, random.trained_steps(3, 50)) and not torch.equal(steps, random.trained_steps(4, 50))
 
 
 def test_sde_window_only_samples_the_window_with_noise_and_the_rest_with_the_ode(pipeline_dir, tmp_path):
@@ -233,7 +219,9 @@ def test_learning_rate_follows_the_schedule(pipeline_dir, tmp_path):
 
 def _matching_errors(trainer, scored, batch) -> torch.Tensor:
     """``[B, trained steps]`` AWM flow-matching error of each rollout at its trained steps, current weights."""
-    steps = trainer.trained_steps(trainer.state.step, len(scored.rollouts))
+    steps = trained_steps(
+        trainer.config.sampling, trainer.config.training.seed, trainer.state.step, len(scored.rollouts)
+    )
     with torch.no_grad():
         columns = [
             trainer.sampler.matching_error(scored.rollouts, steps[:, c], batch.embeds, model=trainer.model)[0]

@@ -1,0 +1,64 @@
+"""What a resumed run may change: the config it resumes with against the one the run started with.
+
+Budgets, evaluation cadence, logging and checkpointing may change (:data:`RESUME_SAFE_KEYS`); any other key
+changes what the run is, so resuming with another value is an error unless ``allow_config_change`` says
+otherwise. Each resume appends its changes to ``config_history.jsonl``; the run's ``config.yaml`` stays as it was.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+# Keys a resumed run may change: budgets, evaluation cadence, logging and checkpointing. Any other key changes
+# what the run is (model, data, reward, sampler, objective, optimiser, LoRA, pruning), so resuming with another
+# value is refused unless --allow_config_change says otherwise (RunConfig.resume_changes).
+RESUME_SAFE_KEYS = frozenset(
+    {"max_steps", "max_minutes", "max_images_denoised", "reward_workers", "reward_overlap", "eval_every",
+     "eval_num_prompts", "eval_images_per_prompt", "final_eval_num_prompts", "final_eval_images_per_prompt",
+     "eval_before_training", "log_every", "wandb_mode", "wandb_project", "run_name", "progress_bar", "output_dir", "overwrite_output_dir",
+     "save_every", "save_every_minutes", "save_total_limit", "resume_from", "save_lora", "save_ema", "allow_config_change",
+     "distributed_timeout_s"}
+)  # fmt: skip
+
+
+def resume_changes(old: dict[str, Any], new: dict[str, Any]) -> tuple[dict, dict]:
+    """``(safe, unsafe)``: ``key -> (old, new)`` of every key whose value differs between two flat configs."""
+    changed = {k: (old.get(k), new.get(k)) for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)}
+    safe = {k: v for k, v in changed.items() if k in RESUME_SAFE_KEYS}
+    return safe, {k: v for k, v in changed.items() if k not in RESUME_SAFE_KEYS}
+
+
+def check_resumed_config(output_dir: Path, config: dict[str, Any], allow_change: bool, record: bool) -> dict:
+    """Compare ``config`` (flat) with ``output_dir/config.yaml``; ``key -> (old, new)`` of every change.
+
+    Args:
+        output_dir: the run folder being resumed.
+        config: the resuming run's flat config.
+        allow_change: accept changes of keys outside :data:`RESUME_SAFE_KEYS`.
+        record: append the changes to ``config_history.jsonl`` (the main process does).
+
+    Raises:
+        ValueError: changes outside :data:`RESUME_SAFE_KEYS` without ``allow_change``, each with its old and new value.
+    """
+    original = output_dir / "config.yaml"
+    if not original.is_file():
+        return {}
+    new = yaml.safe_load(yaml.safe_dump(config))  # the same normalisation as the file's
+    safe, unsafe = resume_changes(yaml.safe_load(original.read_text()) or {}, new)
+    if unsafe and not allow_change:
+        listed = "; ".join(f"{k}: {old!r} -> {value!r}" for k, (old, value) in unsafe.items())
+        raise ValueError(
+            f"resuming {output_dir} with a config that changes what the run is ({listed}). Resume with the run's own "
+            "values, start a new output_dir, or pass --allow_config_change true."
+        )
+    changes = {**safe, **unsafe}
+    if record:
+        entry = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "changes": {k: list(v) for k, v in changes.items()}}
+        with (output_dir / "config_history.jsonl").open("a") as history:
+            history.write(json.dumps(entry) + "\n")
+    return changes

@@ -1,0 +1,39 @@
+"""Preemption and Ctrl-C as a clean stop: the loop checkpoints after the current step and exits."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+
+logger = logging.getLogger(__name__)
+
+
+class StopSignals:
+    """SIGTERM and SIGINT (preemption, Ctrl-C) ask the loop to checkpoint and stop after the current step; a
+    second signal stops at once. Handlers are installed for the ``with`` block only (main thread only)."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self.previous: dict[int, object] = {}
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.received).name if self.received is not None else ""
+
+    def handle(self, number: int, frame) -> None:
+        if self.received is not None:  # the second one: no more waiting
+            raise SystemExit(f"{signal.Signals(number).name} again: stopping now, without a checkpoint")
+        self.received = number
+        logger.warning("%s: finishing this step, then checkpointing and stopping", signal.Signals(number).name)
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            self.previous = {number: signal.signal(number, self.handle) for number in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for number, handler in self.previous.items():
+            signal.signal(number, handler)

@@ -1,0 +1,29 @@
+"""Which denoising steps each rollout trains (rl/batches.py trained_steps): a pure function of the sampling config."""
+
+import torch
+
+from rl.batches import trained_steps
+from rl.config import SamplingConfig
+
+
+def test_all_but_last_trains_every_step_but_the_last():
+    assert trained_steps(SamplingConfig(num_steps=10), 0, 0, 2).tolist() == [list(range(9))] * 2
+
+
+def test_window_trains_its_steps_and_train_first_step_false_drops_sigma_one():
+    window = SamplingConfig(num_steps=10, train_steps="window", train_window_start=0, train_window_size=3)
+    assert trained_steps(window, 0, 5, 1).tolist() == [[0, 1, 2]]
+    window.train_first_step = False
+    assert trained_steps(window, 0, 5, 1).tolist() == [[1, 2]]
+
+
+def test_random_draws_a_fresh_sorted_subset_per_rollout_seeded_by_seed_step_and_stream():
+    sampling = SamplingConfig(num_steps=10, train_steps="random", train_fraction=0.5)
+    steps = trained_steps(sampling, 0, 3, 50)
+    assert steps.shape == (50, 4)  # int(0.5 * 9 trainable steps) = 4
+    assert steps.max() < 9 and (steps[:, 1:] > steps[:, :-1]).all()
+    assert len({tuple(row) for row in steps.tolist()}) > 10  # a fresh subset per rollout
+    assert torch.equal(steps, trained_steps(sampling, 0, 3, 50))
+    for other in ((0, 4, 50, 0), (1, 3, 50, 0), (0, 3, 50, 1)):  # another step, seed or process draws anew
+        seed, step, rows, stream = other
+        assert not torch.equal(steps, trained_steps(sampling, seed, step, rows, stream))
