@@ -130,7 +130,7 @@ def run_config_defaults(path: str) -> dict:
     Keys are ``launch/probe_collect.py``'s options (``reward_kwargs`` as JSON text, ``sde_steps`` empty for
     every step), so a probe collected with them ranks exactly the rollouts that run makes.
     """
-    from rl.config import parse_config
+    from rl.config_parse import parse_config
 
     config = parse_config(["--config", path])
     m, s, r = config.model, config.sampling, config.reward
