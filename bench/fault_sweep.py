@@ -207,7 +207,11 @@ def sweep(cases: list[Case]) -> list[dict]:
             outcome = judge(case, done, folder)
             last = (done.stderr.strip().splitlines() or [""])[-1]
             if case.expect is None:  # what the run warned about, if anything
-                warnings = [line for line in done.stderr.splitlines() if "WARNING" in line or "warning" in line]
+                warnings = [  # the run's own warnings, not the libraries' import-time notices
+                    line
+                    for line in done.stderr.splitlines()
+                    if ("WARNING" in line or "warning" in line) and not line.startswith("[transformers]")
+                ]
                 last = warnings[-1] if warnings else "(finished)"
             rows.append({"case": case.name, "fault": case.fault, "outcome": outcome, "message": last[-300:],
                          "test": case.test, "exit": done.returncode})  # fmt: skip
