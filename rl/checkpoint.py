@@ -338,9 +338,12 @@ def load_state_file(path: Path) -> dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
+        # name what the file asks for, not torch's advice to load it unsafely
+        blocked = re.search(r"GLOBAL (\S+)", str(error))
+        asks = f" (it asks for {blocked.group(1)})" if blocked else ""
         raise ValueError(
-            f"{path} holds objects other than tensors and plain values, so it was not written by this trainer (or "
-            f"was tampered with); refusing to load it. Resume from another checkpoint. ({str(error).splitlines()[0]})"
+            f"{path} holds objects other than tensors and plain values{asks}, so it was not written by this trainer "
+            "(or was tampered with); refusing to load it. Resume from another checkpoint."
         ) from None
 
 

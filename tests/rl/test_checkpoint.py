@@ -193,9 +193,11 @@ def test_a_crafted_state_file_is_refused_without_running_code(tmp_path):
     marker = tmp_path / "pwned"
     crafted = tmp_path / "trainer_state.pt"
     torch.save({"state": {"step": 3}, "evil": _Payload(marker)}, crafted)
-    with pytest.raises(ValueError, match="trainer_state.pt holds objects other than tensors"):
+    with pytest.raises(ValueError, match="trainer_state.pt holds objects other than tensors") as refused:
         load_state_file(crafted)
     assert not marker.exists()
+    assert "system)" in str(refused.value)  # names what it asks for (posix.system / nt.system)
+    assert "weights_only" not in str(refused.value)  # and never advises loading it unsafely
     plain = tmp_path / "plain.pt"
     torch.save({"state": {"step": 3}, "ema": [torch.ones(2)], "meta": ("a", 1.0)}, plain)
     assert load_state_file(plain)["state"]["step"] == 3
