@@ -237,6 +237,25 @@ def _write_error(error: Exception, final: Path) -> CheckpointWriteError:
     )
 
 
+def _agree(accelerator: Accelerator, failure: Exception | None, final: Path, tmp: Path) -> None:
+    """Raise on every process if any failed the phase just run (a collective: every process calls it)."""
+    failed = [accelerator.process_index] if failure is not None else []
+    if accelerator.num_processes > 1:
+        flags = accelerator.gather(torch.tensor([int(failure is not None)], device=accelerator.device))
+        failed = flags.nonzero().flatten().tolist()
+    if not failed:
+        return
+    shutil.rmtree(tmp, ignore_errors=True)  # never used (not renamed), but it holds the disk space
+    if failure is None:
+        raise CheckpointWriteError(
+            f"could not write checkpoint {final}: process {', '.join(map(str, failed))} failed (its own message says "
+            f"why). The partial checkpoint was removed and the earlier checkpoints in {final.parent} are intact."
+        )
+    if _is_write_failure(failure):
+        raise _write_error(failure, final) from failure
+    raise failure
+
+
 def save_checkpoint(
     accelerator: Accelerator,
     output_dir: str | Path,
@@ -256,23 +275,28 @@ def save_checkpoint(
         step: the GRPO step just completed.
         trainer_state: process-independent state (``GRPOTrainer.state_dict()``), written by the main process.
         rank_state: this process's own state, written by every process.
-        export_lora: called by every process with the ``lora`` folder to write the diffusers export into.
+        export_lora: called by every process with the ``lora`` folder to write the diffusers export into; it must
+            not wait for the other processes (a failed one would never come).
         keep: keep only the newest ``keep`` checkpoints (0: all).
         model, optimizer: the prepared ones; needed under FSDP (:func:`save_fsdp_state`).
 
     Raises:
         CheckpointWriteError: a write failed (a full disk, a quota); the partial folder is removed and the earlier
-            checkpoints are untouched. With several processes, one that fails alone leaves the others waiting.
+            checkpoints are untouched. Every process raises, the ones that did not fail naming those that did:
+            the processes agree on success after each phase instead of waiting at a barrier (under FSDP and
+            ZeRO-3 the saving itself is collective, and a failure inside it is caught by ``distributed_timeout_s``).
     """
     root = Path(output_dir) / CHECKPOINTS
     final = root / checkpoint_name(step)
     tmp = root / f".tmp-{final.name}"
-    try:
+
+    def prepare() -> None:
         if accelerator.is_main_process:
             for stale in root.glob(".tmp-*"):  # interrupted saves
                 shutil.rmtree(stale)
             tmp.mkdir(parents=True)
-        accelerator.wait_for_everyone()
+
+    def write() -> None:
         if is_fsdp(accelerator):
             save_fsdp_state(accelerator, model, optimizer, tmp)
         else:
@@ -282,14 +306,18 @@ def save_checkpoint(
         if accelerator.is_main_process:
             torch.save(trainer_state, tmp / TRAINER_STATE)
         export_lora(tmp / "lora")
-        accelerator.wait_for_everyone()
+
+    def seal() -> None:
         if accelerator.is_main_process:
             write_manifest(tmp)  # last: a checkpoint whose files no longer match it is damaged
-    except Exception as error:
-        shutil.rmtree(tmp, ignore_errors=True)  # never used (not renamed), but it holds the disk space
-        if _is_write_failure(error):
-            raise _write_error(error, final) from error
-        raise
+
+    for phase in (prepare, write, seal):
+        failure = None
+        try:
+            phase()
+        except Exception as error:  # every process must reach the agreement below, the failed one included
+            failure = error
+        _agree(accelerator, failure, final, tmp)
     if accelerator.is_main_process:
         if final.exists():  # the same step saved again after a resume: replace it, never half of it
             old = root / f".tmp-old-{final.name}"

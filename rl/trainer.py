@@ -587,15 +587,19 @@ class GRPOTrainer:
         return metrics.reduce(acc)
 
     def save(self, directory: Path) -> None:
-        """Export the LoRA (EMA weights when enabled and ``save_ema``) in diffusers format."""
+        """Export the LoRA (EMA weights when enabled and ``save_ema``) in diffusers format; every process waits."""
+        self.export_lora(directory)
+        self.accelerator.wait_for_everyone()
+        self.info("saved LoRA to %s", directory)
+
+    def export_lora(self, directory: Path) -> None:
+        """:meth:`save` without the wait: inside a checkpoint the processes agree on success afterwards instead."""
         use_ema = self.ema is not None and self.config.checkpoint.save_ema
         with self.ema.average_parameters() if use_ema else contextlib.nullcontext():
             lora_state = self.lora.state_dict()  # every process: gathered whole when the transformer is sharded
             save_lora(
                 self.accelerator.unwrap_model(self.model), directory, self.accelerator.is_main_process, lora_state
             )
-        self.accelerator.wait_for_everyone()
-        self.info("saved LoRA to %s", directory)
 
     def checkpoint_due(self) -> bool:
         """Every ``save_every`` steps, or ``save_every_minutes`` after the last save (agreed over processes)."""
@@ -614,7 +618,7 @@ class GRPOTrainer:
                 self.state.step,
                 trainer_state=self.state_dict(),
                 rank_state={"metrics": self.metrics.state(), "elapsed_s": time.time() - self.log.started},
-                export_lora=self.save,
+                export_lora=self.export_lora,
                 keep=self.config.checkpoint.save_total_limit,
                 model=self.model,
                 optimizer=self.optimizer,

@@ -34,13 +34,16 @@ def run_args(pipeline_dir: Path, output_dir: Path) -> list[str]:
     ]  # fmt: skip
 
 
-def launch(dump: Path, args: list[str], *launcher: str, port: int | None = None) -> subprocess.Popen:
+def launch(
+    dump: Path, args: list[str], *launcher: str, port: int | None = None, env: dict[str, str] | None = None
+) -> subprocess.Popen:
     """Start ``worker.py`` under ``accelerate launch <launcher...>`` (or plain python without a launcher).
 
-    ``port``: the main process's port (every node of one run names the same); default a free one.
+    ``port``: the main process's port (every node of one run names the same); default a free one. ``env``: extra
+    environment variables (``FAIL_CHECKPOINT_RANK``: see worker.py).
     """
     dump.mkdir(parents=True)
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", WANDB_MODE="disabled")
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", WANDB_MODE="disabled", **(env or {}))
     if launcher:
         command = [str(ACCELERATE), "launch", *launcher, "--main_process_port", str(port or free_port()), str(WORKER)]
     else:

@@ -4,6 +4,7 @@ Each run is the real entry script (through tests/distributed/worker.py, which du
 """
 
 import json
+import time
 
 import pytest
 import torch
@@ -134,3 +135,20 @@ def test_fsdp_refuses_uneven_work(ddp_runs, tmp_path):
     output, _ = process.communicate(timeout=600)
     assert process.returncode != 0
     assert "prompts_per_step=3 does not divide over 2 processes" in output
+
+
+def test_a_checkpoint_write_failing_on_one_process_stops_both_at_once(ddp_runs, tmp_path):
+    """Rank 1's disk fills during a checkpoint: both processes exit with one line each within a minute, not after
+    distributed_timeout_s (600 s here) waiting for the other, and no partial checkpoint is left."""
+    run = tmp_path / "run"
+    args = [*run_args(ddp_runs / "pipeline", run), "--save_every", "1", "--distributed_timeout_s", "600"]
+    started = time.time()
+    process = launch(tmp_path / "dump", args, "--config_file", CPU_2PROC, env={"FAIL_CHECKPOINT_RANK": "1"})
+    output, _ = process.communicate(timeout=600)
+    assert process.returncode != 0 and time.time() - started < 300, output[-3000:]
+    errors = [line for line in output.splitlines() if line.startswith("error: could not write checkpoint")]
+    # one line each, no traceback of ours (accelerate's launcher prints its own for a failed child)
+    assert len(errors) == 2 and "rl/checkpoint.py" not in output, output[-3000:]
+    assert any("the disk is full" in line for line in errors)  # rank 1: its own failure
+    assert any("process 1 failed" in line for line in errors)  # rank 0: which process, and that it was not written
+    assert not list((run / "checkpoints").glob("*"))

@@ -2,12 +2,17 @@
 
     accelerate launch --config_file configs/accelerate/cpu_2proc.yaml tests/distributed/worker.py DUMP_DIR -- ARGS
 
+With ``FAIL_CHECKPOINT_RANK=i`` rank i's checkpoint writes fail as on a full disk, and the script runs as on the
+command line (``grpo_flux.cli``: user errors as one line, the exit status).
+
 ``DUMP_DIR/rank<i>.pt`` gets the live LoRA parameters (a list of whole tensors, the trainer's order) of rank i;
 ``DUMP_DIR/rank<i>.json`` per GRPO step the group ids of rank i's prompts and of its rollouts, and how many
 (trained step, inner epoch) samples of each rollout entered a loss with a non-zero weight.
 """
 
+import errno
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -62,9 +67,21 @@ def dumping_cleanup(cleanup, dump: Path):
     return wrapped
 
 
+def failing_export(export_lora, rank: int):
+    def wrapped(self, directory):
+        if self.accelerator.process_index == rank:
+            raise OSError(errno.ENOSPC, "No space left on device", str(directory))
+        return export_lora(self, directory)
+
+    return wrapped
+
+
 if __name__ == "__main__":
     dump, separator, *args = sys.argv[1:]
     assert separator == "--", "usage: worker.py DUMP_DIR -- ARGS"
+    if "FAIL_CHECKPOINT_RANK" in os.environ:
+        GRPOTrainer.export_lora = failing_export(GRPOTrainer.export_lora, int(os.environ["FAIL_CHECKPOINT_RANK"]))
+        raise SystemExit(grpo_flux.cli(args))
     GRPOTrainer.optimise = recording_optimise(GRPOTrainer.optimise)
     GRPOTrainer.policy_loss = recording_policy_loss(GRPOTrainer.policy_loss)
     GRPOTrainer.cleanup = dumping_cleanup(GRPOTrainer.cleanup, Path(dump))

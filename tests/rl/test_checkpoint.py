@@ -46,8 +46,9 @@ def finish(process: subprocess.Popen) -> None:
 
 
 def comparable(records):
-    """Logged values that must match between runs: everything but timings."""
-    skip = ("wall_s", "time/", "perf/")
+    """Logged values that must match between runs: everything but timings and the process's peak memory (its
+    resident set on a CPU, which differs between two processes of the same run)."""
+    skip = ("wall_s", "time/", "perf/", "memory/peak_mib")
     return [{k: v for k, v in r.items() if not k.startswith(skip)} for r in records]
 
 
