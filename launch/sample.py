@@ -45,7 +45,7 @@ from rl.data import Prompt, load_prompt_source
 from rl.metrics_log import image_grid
 from rl.predictors import PREDICTORS
 from rl.sampler import FluxSampler, encode_prompts
-from rl.seed_selection import SeedChoice, SeedSelector, full_best_of_n_cost, predictor_for
+from rl.seed_selection import SeedSelector, full_best_of_n_cost, predictor_for, preview_grid
 
 
 def load(pretrained: str, lora: str | None, dtype: torch.dtype = torch.float32, device: str = "cpu") -> FluxPipeline:
@@ -100,27 +100,6 @@ def read_prompts(texts: list[str], source: str | None, max_prompts: int) -> list
     if source:
         prompts += load_prompt_source(source).items
     return prompts[:max_prompts] if max_prompts else prompts
-
-
-def framed(image: torch.Tensor, colour: tuple[float, float, float] | None, width: int = 2) -> torch.Tensor:
-    """``[3, H, W]`` with a ``width``-pixel border of ``colour`` (None: unchanged)."""
-    if colour is None:
-        return image
-    image = image.clone()
-    paint = torch.tensor(colour)[:, None, None]
-    image[:, :width], image[:, -width:] = paint, paint
-    image[:, :, :width], image[:, :, -width:] = paint, paint
-    return image
-
-
-def preview_grid(choices: list[SeedChoice]) -> torch.Tensor:
-    """``[P N, 3, H, W]`` every seed's preview, survivors framed green and the chosen one blue, prompt-major."""
-    tiles = []
-    for choice in choices:
-        for i, preview in enumerate(choice.previews):
-            colour = (0.1, 0.3, 1.0) if i == choice.chosen else (0.1, 0.8, 0.1) if i in choice.kept else None
-            tiles.append(framed(preview, colour))
-    return torch.stack(tiles)
 
 
 def best_of(args: argparse.Namespace, pipeline: FluxPipeline, prompts: list[Prompt], out: Path) -> None:

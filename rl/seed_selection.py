@@ -259,3 +259,24 @@ def selection_cost(
 def full_best_of_n_cost(num_steps: int, n: int) -> PredictionCost:
     """What plain best-of-N costs per prompt: every seed finished, decoded and scored."""
     return PredictionCost(float(n * num_steps), float(n), float(n))
+
+
+def framed(image: torch.Tensor, colour: tuple[float, float, float] | None, width: int = 2) -> torch.Tensor:
+    """``[3, H, W]`` with a ``width``-pixel border of ``colour`` (None: unchanged)."""
+    if colour is None:
+        return image
+    image = image.clone()
+    paint = torch.tensor(colour)[:, None, None]
+    image[:, :width], image[:, -width:] = paint, paint
+    image[:, :, :width], image[:, :, -width:] = paint, paint
+    return image
+
+
+def preview_grid(choices: list[SeedChoice]) -> torch.Tensor:
+    """``[P N, 3, H, W]`` every seed's preview, survivors framed green and the chosen one blue, prompt-major."""
+    tiles = []
+    for choice in choices:
+        for i, preview in enumerate(choice.previews):
+            colour = (0.1, 0.3, 1.0) if i == choice.chosen else (0.1, 0.8, 0.1) if i in choice.kept else None
+            tiles.append(framed(preview, colour))
+    return torch.stack(tiles)

@@ -10,7 +10,16 @@ from rewards.compose import build_reward_set
 from rewards.shapes import all_prompts
 from rl.predictors import PredictionCost
 from rl.sampler import FluxSampler, encode_prompts
-from rl.seed_selection import SeedSelector, choose, full_best_of_n_cost, keep_best, predictor_for, selection_cost
+from rl.seed_selection import (
+    SeedChoice,
+    SeedSelector,
+    choose,
+    full_best_of_n_cost,
+    keep_best,
+    predictor_for,
+    preview_grid,
+    selection_cost,
+)
 
 SPECS = list(all_prompts("test"))[:2]
 
@@ -137,3 +146,16 @@ def test_bench_smoke_reports_every_selection_with_its_compute(tmp_path):
         assert row["calls_vs_full"] == pytest.approx(row["transformer_calls"] / 40)
     assert full[1] <= full[2] <= full[4]
     assert (tmp_path / "seed_selection.png").stat().st_size > 0
+
+
+def test_preview_grid_frames_survivors_green_and_the_chosen_seed_blue():
+    previews = torch.full((4, 3, 8, 8), 0.5)
+    choice = SeedChoice("a square", [0, 1, 2, 3], torch.zeros(4), kept=[2, 0], kept_rewards=None, chosen=0,
+                        images=torch.zeros(2, 3, 8, 8), cost=PredictionCost(0, 0, 0), previews=previews)  # fmt: skip
+    grid = preview_grid([choice, choice])
+    assert grid.shape == (8, 3, 8, 8)  # prompt-major: both prompts' 4 seeds
+    corner = grid[:, :, 0, 0]  # the border's colour; the inside is untouched
+    assert torch.allclose(corner[0], torch.tensor([0.1, 0.3, 1.0]))  # chosen: blue
+    assert torch.allclose(corner[2], torch.tensor([0.1, 0.8, 0.1]))  # kept: green
+    assert torch.equal(corner[1], torch.full((3,), 0.5)) and torch.equal(corner[3], corner[1])  # pruned: none
+    assert torch.equal(grid[:, :, 2:-2, 2:-2], previews.repeat(2, 1, 1, 1)[:, :, 2:-2, 2:-2])
