@@ -47,7 +47,8 @@ TINY = ["--config", str(ROOT / "configs" / "tiny_shapes.yaml"), "--num_steps", "
         "--progress_bar", "false", "--save_every", "1"]  # fmt: skip
 
 # a prompt with the metadata the shapes reward scores by (a JSONL record is the prompt plus its metadata)
-SHAPES_LINE = json.dumps({"prompt": all_prompts("train")[0].prompt, **all_prompts("train")[0].to_dict()}) + "\n"
+SHAPES_PROMPT = all_prompts("train")[0]
+SHAPES_LINE = json.dumps({"prompt": SHAPES_PROMPT.prompt, **SHAPES_PROMPT.to_dict()}) + "\n"
 
 
 @dataclasses.dataclass

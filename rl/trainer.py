@@ -477,9 +477,8 @@ class GRPOTrainer:
         t, acc = self.config.training, self.accelerator
         rollouts = scored.rollouts
         device = rollouts.states.device
-        steps = trained_steps(
-            self.config.sampling, self.config.training.seed, self.state.step, len(rollouts), acc.process_index
-        ).to(device)
+        steps = trained_steps(self.config.sampling, t.seed, self.state.step, len(rollouts), acc.process_index)
+        steps = steps.to(device)
         recorded = scored.recorded.to(device) if scored.recorded is not None else None
         weights = trained_step_weights(scored.valid.to(device), steps, recorded)
         if recorded is not None:
