@@ -2,7 +2,7 @@
 
     python launch/ablate.py --config configs/tiny_shapes.yaml --budget_minutes 20 \\
         --prune_policy topk --probe_path assets/probe/<probe>.pt --capture_step 2
-    python launch/ablate.py --config ... --budget_images 4000 --variants pruned,unpruned   # equal compute
+    python launch/ablate.py --config ... --budget_flux_compute 39000 --variants keep_random,unpruned   # equal compute
     python launch/ablate.py --out runs/ablate --report_only                               # re-read finished runs
     python launch/ablate.py --config configs/tiny_shapes.yaml --seeds 0 1 2 --jobs 2 --budget_steps 24 \
         --variants unpruned,keep_preview,keep_random,pods --out bench/ablation_expand_prune   # seeds, in parallel
@@ -29,7 +29,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from rl.ablation import read_run, variant_overrides, write_report, write_seed_report
+from rl.ablation import Budget, read_run, variant_overrides, write_report, write_seed_report
 from rl.config_help import HelpFormatter
 from rl.config_parse import parse_config
 from rl.cost import FLUX_DEV_COSTS
@@ -50,6 +50,12 @@ def parse(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]
     parser.add_argument("--budget_minutes", type=float, default=0.0, help="wall-clock budget per run (max_minutes)")
     parser.add_argument("--budget_images", type=float, default=0.0, help="denoised-image budget per run")
     parser.add_argument("--budget_steps", type=int, default=0, help="GRPO-step budget per run (max_steps)")
+    parser.add_argument(
+        "--budget_flux_compute",
+        type=float,
+        default=0.0,
+        help="compute budget per run in FLUX.1-dev transformer forwards (max_flux_compute; rl/cost.py)",
+    )
     parser.add_argument("--max_steps", type=int, default=100_000, help="step cap; the budget normally stops first")
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="run every variant with each seed")
     parser.add_argument("--jobs", type=int, default=1, help="runs at a time (with --seeds)")
@@ -106,8 +112,8 @@ def plan(args: argparse.Namespace, passthrough: list[str]) -> dict[Path, list[st
     for seed in seeds:
         out = Path(args.out) if seed is None else Path(args.out) / f"seed{seed}"
         for variant in variants:
-            budget = (args.budget_minutes, args.budget_images, args.budget_steps)
-            overrides = [*shared, *variant_overrides(variant, out, *budget)]
+            budget = Budget(args.budget_minutes, args.budget_images, args.budget_steps, args.budget_flux_compute)
+            overrides = [*shared, *variant_overrides(variant, out, budget)]
             if seed is not None:  # the final evaluation on the periodic one's seeds: one curve, comparable points
                 overrides += ["--seed", str(seed), "--final_eval_images_per_prompt", "0"]
             config = parse_config(overrides)

@@ -84,9 +84,38 @@ PHASES = ("prompts", "sample", "predict", "decode", "reward", "score_wait", "tra
 SELECTION_METRICS = ("reward/group_std", "prune/flat_group_frac", "prune/predicted_std_gain", "prune/survivor_frac")
 
 
-def variant_overrides(
-    variant: str, output_dir: str | Path, budget_minutes: float, budget_images: float, budget_steps: int = 0
-) -> list[str]:
+@dataclasses.dataclass(frozen=True)
+class Budget:
+    """What every run of an ablation may spend; the first limit reached stops it (0: no limit of that kind).
+
+    ``flux_compute`` (FLUX.1-dev transformer forwards, rl/cost.py) is the budget for time-to-target comparisons:
+    it charges a pruned run for what it really runs, lookahead calls and training passes included.
+    """
+
+    minutes: float = 0.0
+    images: float = 0.0
+    steps: int = 0
+    flux_compute: float = 0.0
+
+    def overrides(self) -> list[str]:
+        """The run-config overrides that set this budget.
+
+        Raises:
+            ValueError: when every limit is 0.
+        """
+        if max(self.minutes, self.images, self.steps, self.flux_compute) <= 0:
+            raise ValueError(
+                "give a budget: --budget_minutes (wall-clock), --budget_images (denoised images), --budget_steps "
+                "or --budget_flux_compute (FLUX.1-dev transformer forwards)"
+            )
+        budget = ["--max_minutes", str(self.minutes), "--max_images_denoised", str(self.images)]
+        budget += ["--max_flux_compute", str(self.flux_compute)]
+        if self.steps > 0:
+            budget += ["--max_steps", str(self.steps)]
+        return budget
+
+
+def variant_overrides(variant: str, output_dir: str | Path, budget: Budget) -> list[str]:
     """Command-line overrides of one variant: its pruning keys, its folder, the shared budget, per-step logging.
 
     Raises:
@@ -94,14 +123,8 @@ def variant_overrides(
     """
     if variant not in VARIANTS:
         raise ValueError(f"unknown variant {variant!r}; choose from {sorted(VARIANTS)}")
-    if budget_minutes <= 0 and budget_images <= 0 and budget_steps <= 0:
-        raise ValueError(
-            "give a budget: --budget_minutes (wall-clock), --budget_images (denoised images) or --budget_steps"
-        )
-    budget = ["--max_minutes", str(budget_minutes), "--max_images_denoised", str(budget_images)]
-    if budget_steps > 0:
-        budget += ["--max_steps", str(budget_steps)]
-    return [*VARIANTS[variant], *budget, "--output_dir", str(Path(output_dir) / variant), "--log_every", "1"]
+    limits = budget.overrides()
+    return [*VARIANTS[variant], *limits, "--output_dir", str(Path(output_dir) / variant), "--log_every", "1"]
 
 
 @dataclasses.dataclass

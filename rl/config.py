@@ -272,6 +272,12 @@ class TrainingConfig(Section):
     max_minutes: float = option(
         0.0, "Wall-clock budget in minutes; training stops (and still evaluates and saves) once exceeded. 0: none."
     )
+    max_flux_compute: float = option(
+        0.0,
+        "Compute budget in FLUX.1-dev transformer forwards (rl/cost.py prices every call, training pass, decode and "
+        "reward call); training stops once exceeded. Compares pruned and unpruned runs at equal compute "
+        "(launch/ablate.py --budget_flux_compute). 0: none.",
+    )
     learning_rate: float = option(
         1e-4, "AdamW learning rate of the LoRA. Flow-GRPO: 3e-4 (FLUX and SD3.5); the tiny model: 1e-4..1e-3."
     )
@@ -384,8 +390,11 @@ class TrainingConfig(Section):
         positive(self, "max_steps", "learning_rate", "max_grad_norm", "train_batch_size", "awm_error_power")
         positive(self, "distributed_timeout_s")
         positive(self, "gradient_accumulation_steps", "num_inner_epochs", "clip_range", "adv_clip_max")
-        if min(self.kl_beta, self.max_minutes, self.lr_warmup_steps, self.awm_ema_kl_beta, self.adv_scale_max) < 0:
-            raise ValueError("kl_beta, max_minutes, lr_warmup_steps, awm_ema_kl_beta and adv_scale_max must be >= 0")
+        limits = (self.kl_beta, self.max_minutes, self.max_flux_compute, self.lr_warmup_steps, self.awm_ema_kl_beta)
+        if min(*limits, self.adv_scale_max) < 0:
+            raise ValueError(
+                "kl_beta, max_minutes, max_flux_compute, lr_warmup_steps, awm_ema_kl_beta and adv_scale_max must be >= 0"
+            )
         if not 0 <= self.awm_ema_kl_decay < 1:
             raise ValueError(f"awm_ema_kl_decay must lie in [0, 1), got {self.awm_ema_kl_decay}")
         if not 0 <= self.ema_decay < 1:

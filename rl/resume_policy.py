@@ -18,7 +18,7 @@ import yaml
 # what the run is (model, data, reward, sampler, objective, optimiser, LoRA, pruning), so resuming with another
 # value is refused unless --allow_config_change says otherwise (check_resumed_config).
 RESUME_SAFE_KEYS = frozenset(
-    {"max_steps", "max_minutes", "max_images_denoised", "reward_workers", "reward_overlap", "eval_every",
+    {"max_steps", "max_minutes", "max_flux_compute", "max_images_denoised", "reward_workers", "reward_overlap", "eval_every",
      "eval_num_prompts", "eval_images_per_prompt", "final_eval_num_prompts", "final_eval_images_per_prompt",
      "eval_before_training", "log_every", "wandb_mode", "wandb_project", "run_name", "progress_bar", "output_dir", "overwrite_output_dir",
      "save_every", "save_every_minutes", "save_total_limit", "resume_from", "save_lora", "save_ema", "allow_config_change",

@@ -92,6 +92,14 @@ class TrainState:
         return ComputeCounts(self.transformer_calls, self.train_passes, self.decodes, self.reward_calls)
 
 
+def budget_spent(config: RunConfig, state: TrainState) -> bool:
+    """Whether the run has spent its steps, denoised images or FLUX.1-dev compute (the wall-clock is separate)."""
+    images, compute = config.pruning.max_images_denoised, config.training.max_flux_compute
+    out_of_images = images > 0 and state.images_denoised >= images
+    out_of_compute = compute > 0 and flux_equivalent(state.compute) >= compute
+    return state.step >= config.training.max_steps or out_of_images or out_of_compute
+
+
 def load_pipeline(config: RunConfig, device: torch.device) -> FluxPipeline:
     """The base FluxPipeline (hub id or local folder), frozen, on ``device``; bf16 weights under bf16 precision."""
     dtype = torch.bfloat16 if config.training.mixed_precision == "bf16" else torch.float32
@@ -727,9 +735,7 @@ class GRPOTrainer:
 
     @property
     def finished(self) -> bool:
-        budget = self.config.pruning.max_images_denoised
-        out_of_images = budget > 0 and self.state.images_denoised >= budget
-        return self.state.step >= self.config.training.max_steps or out_of_images or self.out_of_time()
+        return budget_spent(self.config, self.state) or self.out_of_time()
 
     @property
     def show_bar(self) -> bool:

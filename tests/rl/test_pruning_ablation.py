@@ -7,6 +7,7 @@ import pytest
 
 from rl.ablation import (
     VARIANTS,
+    Budget,
     read_run,
     seed_summary,
     summary_table,
@@ -79,7 +80,8 @@ def test_unfinished_runs_and_missed_targets(tmp_path):
 def test_variant_overrides_parse_and_differ_only_in_pruning(tmp_path):
     base = ["--prune_policy", "topk", "--probe_path", "init", "--capture_step", "2"]
     configs = {
-        v: parse_config([*base, *variant_overrides(v, tmp_path, 10.0, 0.0)]) for v in ("pruned", "unpruned", "random")
+        v: parse_config([*base, *variant_overrides(v, tmp_path, Budget(minutes=10.0))])
+        for v in ("pruned", "unpruned", "random")
     }
     assert configs["pruned"].pruning.prune_policy == "topk" and configs["unpruned"].pruning.prune_policy == "none"
     assert configs["random"].pruning.prune_policy == "random" and configs["random"].pruning.probe_path == ""
@@ -88,11 +90,13 @@ def test_variant_overrides_parse_and_differ_only_in_pruning(tmp_path):
     # a pruned run training early steps on imputed advantages: the controls switch both off
     early = [*base, "--prune_advantage", "imputed", "--prune_train_early", "true"]
     for v in ("unpruned", "random"):
-        assert not parse_config([*early, *variant_overrides(v, tmp_path, 10.0, 0.0)]).pruning.prune_train_early
+        assert not parse_config(
+            [*early, *variant_overrides(v, tmp_path, Budget(minutes=10.0))]
+        ).pruning.prune_train_early
     with pytest.raises(ValueError, match="budget"):
-        variant_overrides("pruned", tmp_path, 0.0, 0.0)
+        variant_overrides("pruned", tmp_path, Budget())
     with pytest.raises(ValueError, match="unknown variant"):
-        variant_overrides("fast", tmp_path, 1.0, 0.0)
+        variant_overrides("fast", tmp_path, Budget(minutes=1.0))
 
 
 def fixture_ablation(pipeline, tmp_path):
@@ -161,7 +165,7 @@ def test_seed_summary_means_bands_and_speedups_on_every_axis(tmp_path):
 def test_every_variant_parses_under_the_default_config(tmp_path, variant):
     probe = "assets/probe/tiny-flux-shapes-window-step4.pt"
     args = ["--config", "configs/tiny_shapes.yaml", "--probe_path", probe, "--prune_policy", "topk"]
-    config = parse_config([*args, "--capture_step", "4", *variant_overrides(variant, tmp_path, 0.0, 0.0, 8)])
+    config = parse_config([*args, "--capture_step", "4", *variant_overrides(variant, tmp_path, Budget(steps=8))])
     assert config.training.max_steps == 8
     if variant.startswith("expand") or variant == "pods":  # 2 G started, half kept
         assert config.started_group_size == 16 and config.pruning.prune_keep_fraction == 0.5
