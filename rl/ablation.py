@@ -57,6 +57,8 @@ VARIANTS: dict[str, list[str]] = {
                "--probe_refresh_every", "0", "--prune_min_spread", "0", "--prune_train_early", "false"],
     # the expand-and-prune study (bench/ablation_expand_prune): variance-optimal selection by each predictor
     "unpruned_g16": ["--prune_policy", "none", *_NO_PROBE, *_PLAIN, "--group_size", "16"],
+    # the group keep-half trains, never started larger: what selection must beat, not only the full group
+    "unpruned_g4": ["--prune_policy", "none", *_NO_PROBE, *_PLAIN, "--group_size", "4"],
     "pods": [*_HALF, *_EXPAND, "--predictor", "reward", *_NO_PROBE, *_PLAIN],  # 2G finished, best-variance G
     "keep_oracle": [*_HALF, "--predictor", "reward", *_NO_PROBE, *_PLAIN],  # the ceiling of keeping half
     "keep_preview": [*_HALF, *_PREVIEW, *_PLAIN],
