@@ -390,8 +390,8 @@ class TrainingConfig(Section):
         positive(self, "max_steps", "learning_rate", "max_grad_norm", "train_batch_size", "awm_error_power")
         positive(self, "distributed_timeout_s")
         positive(self, "gradient_accumulation_steps", "num_inner_epochs", "clip_range", "adv_clip_max")
-        limits = (self.kl_beta, self.max_minutes, self.max_flux_compute, self.lr_warmup_steps, self.awm_ema_kl_beta)
-        if min(*limits, self.adv_scale_max) < 0:
+        nonnegative = (self.kl_beta, self.max_minutes, self.max_flux_compute, self.lr_warmup_steps)
+        if min(*nonnegative, self.awm_ema_kl_beta, self.adv_scale_max) < 0:
             raise ValueError(
                 "kl_beta, max_minutes, max_flux_compute, lr_warmup_steps, awm_ema_kl_beta and adv_scale_max must be >= 0"
             )

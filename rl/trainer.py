@@ -45,7 +45,7 @@ from rl.checkpoint import (
     save_checkpoint,
 )
 from rl.config import RunConfig
-from rl.cost import ComputeCounts, flux_equivalent
+from rl.cost import flux_equivalent
 from rl.data import load_prompt_source, shard
 from rl.distributed import (
     build_accelerator,
@@ -66,38 +66,9 @@ from rl.sampler import FluxSampler, Rollouts, StepObserver, encode_prompts
 from rl.schedule import lr_factor
 from rl.sharded_lora import LoraWeights
 from rl.stop_signals import StopSignals
+from rl.train_state import TrainState, budget_spent
 
 logger = logging.getLogger(__name__)
-
-
-@dataclasses.dataclass
-class TrainState:
-    """Progress counters: with the EMA, everything resume needs besides accelerate's own state.
-
-    Prompts and rollout noise are pure functions of ``(seed, step)``, so ``step`` is the data position too.
-    """
-
-    step: int = 0
-    images_seen: int = 0
-    optimizer_steps: int = 0
-    images_denoised: float = 0.0  # full-image equivalents: a rollout stopped at step k of T counts k / T
-    # operation counts over every process (rl/cost.py prices them in FLUX.1-dev transformer forwards)
-    transformer_calls: float = 0.0
-    train_passes: float = 0.0
-    decodes: float = 0.0
-    reward_calls: float = 0.0
-
-    @property
-    def compute(self) -> ComputeCounts:
-        return ComputeCounts(self.transformer_calls, self.train_passes, self.decodes, self.reward_calls)
-
-
-def budget_spent(config: RunConfig, state: TrainState) -> bool:
-    """Whether the run has spent its steps, denoised images or FLUX.1-dev compute (the wall-clock is separate)."""
-    images, compute = config.pruning.max_images_denoised, config.training.max_flux_compute
-    out_of_images = images > 0 and state.images_denoised >= images
-    out_of_compute = compute > 0 and flux_equivalent(state.compute) >= compute
-    return state.step >= config.training.max_steps or out_of_images or out_of_compute
 
 
 def load_pipeline(config: RunConfig, device: torch.device) -> FluxPipeline:

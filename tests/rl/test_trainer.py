@@ -10,7 +10,8 @@ from safetensors.torch import load_file
 from rl.batches import trained_steps
 from rl.config_parse import parse_config
 from rl.sde import matching_log_prob
-from rl.trainer import GRPOTrainer, ScoredRollouts, TrainState, budget_spent
+from rl.train_state import TrainState, budget_spent
+from rl.trainer import GRPOTrainer, ScoredRollouts
 
 
 class HalfNanReward:
@@ -310,7 +311,6 @@ def test_resume_refuses_changes_to_what_the_run_is_and_logs_safe_ones(pipeline_d
 
 def test_budget_spent_stops_at_each_limit_and_prices_compute_in_flux_forwards():
     """Steps, denoised images and FLUX.1-dev compute each end a run; a 0 limit never does."""
-
     config = parse_config(["--max_steps", "10", "--max_flux_compute", "100", "--max_images_denoised", "0"])
     # 40 forwards + 20 training passes x 3 + 10 decodes x 0.05 + 10 reward calls x 0.01 = 100.6 forwards
     spent = TrainState(step=3, transformer_calls=40, train_passes=20, decodes=10, reward_calls=10)
