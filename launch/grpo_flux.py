@@ -104,7 +104,9 @@ def cli(argv: list[str] | None = None) -> int:
         # a reward's own bug needs its traceback: say how to get it
         own_bug = isinstance(error, RewardError) and not isinstance(error, RemoteRewardError)
         hint = " (GRPO_DEBUG=1 shows the reward's traceback)" if own_bug else ""
-        print(f"error: {error}{hint}", file=sys.stderr)
+        # one write with its newline: print writes the text and the newline apart, so two processes failing
+        # together (a checkpoint write failing on every rank) could run their lines into one on a shared stderr
+        sys.stderr.write(f"error: {error}{hint}\n")
         return 2
     return 0
 
