@@ -9,7 +9,7 @@ the trainer's) and scores every shipped predictor on it:
 - ``oracle``: the real final rewards (the ceiling).
 
 Per predictor: PCC and within-group Spearman against the final reward (what selection needs), its cost per
-rollout, and for keeping half of each group (8 of 16) by ``topk``, ``variance`` (rl/pruning.py) or at random:
+rollout, and for keeping half of each group (8 of 16) by ``topk``, ``variance`` (rl/prune_policies/) or at random:
 the kept rollouts' real reward std relative to a random half and to the whole group::
 
     python launch/probe_collect.py --config configs/tiny_shapes.yaml --prompts shapes:test --num_prompts 64 \\
@@ -40,7 +40,7 @@ from probe.train import evaluate
 from rewards.compose import build_reward_set
 from rl.config_help import HelpFormatter
 from rl.predictors.lookahead import euler_to_clean, lookahead_indices
-from rl.pruning import max_variance_subset
+from rl.prune_policies.variance import max_variance_subset
 from rl.sampler import FluxSampler, encode_prompts
 
 SECTION = "Predictors under the trainer's sampler (bench/predictor_quality.py)"

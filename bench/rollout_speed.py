@@ -47,7 +47,8 @@ from rl.config import RunConfig
 from rl.config_help import ConfigParser
 from rl.data import load_prompt_source
 from rl.predictors.probe_cnn import init_probe_for
-from rl.pruning import keep_count, select_survivors
+from rl.prune_policies import keep_count
+from rl.pruning import select_survivors
 from rl.sampler import FluxSampler, encode_prompts
 
 RESULTS_SECTION = "Rollout speed, pruned vs unpruned (bench/rollout_speed.py)"

@@ -43,7 +43,8 @@ from rl.config import RunConfig
 from rl.metrics_log import MetricsAccumulator
 from rl.predictors import Prediction, PredictionCost, PredictionInputs, Predictor, build_predictor
 from rl.predictors.probe_cnn import ProbePredictor
-from rl.pruning import PREDICTION_POLICIES, Selection, calibrate, impute_rewards, pruned_advantages, select_survivors
+from rl.prune_policies import PRUNE_POLICIES
+from rl.pruning import Selection, calibrate, impute_rewards, pruned_advantages, select_survivors
 from rl.sampler import FluxSampler, Rollouts, StepObserver
 
 
@@ -191,7 +192,9 @@ class PrunedRollout:
         self.predictor = predictors[0]  # the probe (single stage only) the refresh trains and checkpoints keep
         # the random control reads no prediction and pays no predictor's cost; a probe, which costs almost
         # nothing, always predicts (its online quality is logged and its buffer filled under every policy)
-        reads = p.prune_policy in PREDICTION_POLICIES or p.prune_advantage == "imputed" or p.prune_min_spread > 0
+        reads = (
+            PRUNE_POLICIES[p.prune_policy].reads_predictions or p.prune_advantage == "imputed" or p.prune_min_spread > 0
+        )
         self.predicting = type(self.predictor) is not Predictor and (
             reads or isinstance(self.predictor, ProbePredictor)
         )

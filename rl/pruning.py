@@ -1,19 +1,9 @@
 """Probe pruning of GRPO groups: which rollouts continue past the capture step, and their advantages.
 
 Pure functions on tensors (docs/design.md section 5); :mod:`rl.pruned_rollout` runs them inside the trainer.
-Every group of G rollouts of one prompt reaches capture step k together; the probe predicts each rollout's
-final reward; :func:`select_survivors` picks who is denoised to the end, decoded and scored:
-
-- ``none``: everyone (exactly the unpruned trainer).
-- ``topk``: the ``n = keep_count(G, r)`` best predicted.
-- ``maxvar``: the predicted extremes, alternately best, worst, 2nd best, 2nd worst, ...: GRPO learns from
-  the contrast inside a group, which a group of near-equal survivors does not have.
-- ``variance``: the subset of maximal predicted variance, exactly (:func:`max_variance_subset`, PODS' rule:
-  the optimum is the i best plus the n - i worst for some i; Xu et al. 2025, arXiv 2504.13818). Unlike
-  ``maxvar`` it takes an uneven split when the predictions are skewed (one outlier and many alike).
-- ``random``: ``n`` uniformly random rollouts (the ablation control: same cost, no probe).
-- ``threshold``: as many rollouts as are predicted at least ``threshold`` (reward units), at least two per
-  group (fewer has no contrast), the best predicted first; the surviving count varies.
+Every group of G rollouts of one prompt reaches capture step k together; the predictor predicts each rollout's
+final reward; :func:`select_survivors` picks who is denoised to the end, decoded and scored, by a registered
+pruning policy (rl/prune_policies/: ``none``, ``topk``, ``maxvar``, ``variance``, ``random``, ``threshold``).
 
 Options, applied to every policy but ``none``:
 
@@ -38,17 +28,14 @@ Advantage modes (:func:`pruned_advantages`):
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import numpy as np
 import torch
 
 from rl.advantages import group_advantages
+from rl.prune_policies import build_policy, keep_count
 
-POLICIES = ("none", "topk", "maxvar", "variance", "random", "threshold")
-PREDICTION_POLICIES = ("topk", "maxvar", "variance", "threshold")  # the policies that read predictions
 ADVANTAGE_MODES = ("survivors", "imputed")
-MIN_SURVIVORS = 2  # a group needs two scored rollouts for a nonzero advantage
 
 
 @dataclasses.dataclass
@@ -74,41 +61,6 @@ class Selection:
         return len(torch.unique(group_ids[self.skipped]))
 
 
-def keep_count(group_size: int, keep_fraction: float) -> int:
-    """Survivors per group of the fixed-count policies: ``round(r G)`` (halves up), at least 2, at most G."""
-    return min(group_size, max(MIN_SURVIVORS, math.floor(keep_fraction * group_size + 0.5)))
-
-
-def _ranked(members: np.ndarray, predicted: np.ndarray) -> np.ndarray:
-    """``members`` from best to worst predicted (ties: lower index first)."""
-    return members[np.argsort(-predicted[members], kind="stable")]
-
-
-def _alternate_extremes(ranked: np.ndarray, count: int) -> np.ndarray:
-    """The first ``count`` of best, worst, 2nd best, 2nd worst, ... of a best-first ranking."""
-    order = [ranked[i // 2] if i % 2 == 0 else ranked[-1 - i // 2] for i in range(len(ranked))]
-    return np.asarray(order[:count], dtype=ranked.dtype)
-
-
-def max_variance_subset(scores: np.ndarray, count: int) -> np.ndarray:
-    """Indices of the ``count`` entries of ``scores`` with the largest population variance, ascending.
-
-    The optimum is the i largest plus the ``count - i`` smallest for some i (PODS, arXiv 2504.13818, Thm 1:
-    swapping any middle value for a more extreme one never lowers the variance), so sorting and trying the
-    ``count + 1`` splits is exact in O(n log n + count n). Ties between splits go to the smaller i (fewer best).
-    """
-    if not 0 <= count <= len(scores):
-        raise ValueError(f"cannot choose {count} of {len(scores)} scores")
-    order = np.argsort(-scores, kind="stable")
-    best, best_variance = order[:0], -1.0
-    for top in range(count + 1):
-        chosen = np.concatenate([order[:top], order[len(order) - (count - top) :]])
-        variance = float(scores[chosen].var()) if count else 0.0
-        if variance > best_variance + 1e-12:
-            best, best_variance = chosen, variance
-    return np.sort(best)
-
-
 def select_survivors(
     predicted: torch.Tensor,
     group_ids: torch.Tensor,
@@ -124,7 +76,7 @@ def select_survivors(
     Args:
         predicted: ``[B]`` probe predictions (ignored by ``none`` and ``random`` except for group skipping).
         group_ids: ``[B]`` group (prompt) of each rollout; a group's members need not be contiguous.
-        policy: one of :data:`POLICIES`.
+        policy: a registered policy's name (rl/prune_policies/).
         keep_fraction: r of the fixed-count policies (:func:`keep_count`).
         explore: rollouts per group kept at random regardless of the prediction (capped at the keep count).
         threshold: the ``threshold`` policy's cut, in reward units.
@@ -134,17 +86,14 @@ def select_survivors(
     Raises:
         ValueError: for an unknown policy, mismatched shapes or a keep fraction outside (0, 1].
     """
-    if policy not in POLICIES:
-        raise ValueError(f"prune_policy={policy!r} is not one of {POLICIES}")
+    rule = build_policy(policy, keep_fraction, threshold)
     if predicted.shape != group_ids.shape or predicted.ndim != 1:
         raise ValueError(f"predicted {tuple(predicted.shape)} and group_ids {tuple(group_ids.shape)} must both be [B]")
-    if not 0 < keep_fraction <= 1:
-        raise ValueError(f"keep_fraction must lie in (0, 1], got {keep_fraction}")
     size = len(predicted)
     keep = np.zeros(size, dtype=bool)
     explored = np.zeros(size, dtype=bool)
     skipped = np.zeros(size, dtype=bool)
-    if policy == "none":
+    if not rule.prunes:
         keep[:] = True
         return Selection(torch.from_numpy(keep), torch.from_numpy(explored), torch.from_numpy(skipped))
     scores = predicted.detach().double().cpu().numpy()
@@ -160,23 +109,11 @@ def select_survivors(
         if skip:
             skipped[members] = True
             continue
-        if policy == "threshold":
-            count = max(min(MIN_SURVIVORS, len(members)), int((scores[members] >= threshold).sum()))
-        else:
-            count = keep_count(len(members), keep_fraction)
+        count = rule.count(members, scores)
         slice_ = rng.choice(members, size=min(explore, count), replace=False)
         explored[slice_] = keep[slice_] = True
         rest = members[~np.isin(members, slice_)]
-        need = count - len(slice_)
-        if policy == "random":
-            chosen = rng.choice(rest, size=need, replace=False)
-        elif policy == "maxvar":
-            chosen = _alternate_extremes(_ranked(rest, scores), need)
-        elif policy == "variance":
-            chosen = rest[max_variance_subset(scores[rest], need)]
-        else:  # topk, and threshold: the best `need` of the rest are exactly those above the cut (or the top-up)
-            chosen = _ranked(rest, scores)[:need]
-        keep[chosen] = True
+        keep[rule.choose(rest, scores, count - len(slice_), rng)] = True
     return Selection(torch.from_numpy(keep), torch.from_numpy(explored), torch.from_numpy(skipped))
 
 

@@ -12,7 +12,8 @@ from typing import TYPE_CHECKING
 from rl.config_base import Section, option, positive
 from rl.objectives import OBJECTIVES
 from rl.predictors import PREDICTORS
-from rl.pruning import ADVANTAGE_MODES, POLICIES, PREDICTION_POLICIES, funnel_group_sizes, keep_count
+from rl.prune_policies import PRUNE_POLICIES, keep_count
+from rl.pruning import ADVANTAGE_MODES, funnel_group_sizes
 
 if TYPE_CHECKING:
     from rl.config import RunConfig
@@ -20,9 +21,9 @@ if TYPE_CHECKING:
 
 @dataclasses.dataclass
 class PruningConfig(Section):
-    """Pruning (docs/design.md section 5; rl/pruning.py, rl/pruned_rollout.py) and the online probe refresh."""
+    """Pruning (docs/design.md section 5; rl/pruning.py, rl/prune_policies/, rl/pruned_rollout.py) and the online probe refresh."""
 
-    choices = {"prune_policy": POLICIES, "predictor": PREDICTORS, "prune_advantage": ADVANTAGE_MODES}
+    choices = {"prune_policy": PRUNE_POLICIES, "predictor": PREDICTORS, "prune_advantage": ADVANTAGE_MODES}
 
     prune_policy: str = option(
         "none",
@@ -125,10 +126,9 @@ def validate_funnel(config: RunConfig) -> None:
     """A funnel prunes by fixed counts at increasing steps with a reward-based predictor, survivors only."""
     p = config.pruning
     stages = config.pruning_stages  # raises naming a malformed stage
-    if p.prune_policy not in ("topk", "maxvar", "variance", "random"):
-        raise ValueError(
-            f"prune_funnel needs a fixed-count policy (variance, topk, maxvar, random), not {p.prune_policy!r}"
-        )
+    if not PRUNE_POLICIES[p.prune_policy].fixed_count:
+        fixed = ", ".join(name for name, policy in PRUNE_POLICIES.items() if policy.fixed_count)
+        raise ValueError(f"prune_funnel needs a fixed-count policy ({fixed}), not {p.prune_policy!r}")
     if p.predictor in ("reward", "probe") and len(stages) > 1:
         raise ValueError(
             f"prune_funnel={p.prune_funnel!r} predicts at {len(stages)} steps; predictor={p.predictor!r} cannot "
@@ -171,7 +171,7 @@ def validate_pruning(config: RunConfig) -> None:
             f"probe_refresh_every={p.probe_refresh_every} refreshes the probe, but predictor={p.predictor!r}: "
             "set predictor: probe or probe_refresh_every: 0."
         )
-    needs_prediction = p.prune_policy in PREDICTION_POLICIES or p.prune_advantage == "imputed"
+    needs_prediction = PRUNE_POLICIES[p.prune_policy].reads_predictions or p.prune_advantage == "imputed"
     needs_prediction = needs_prediction or p.probe_refresh_every > 0 or p.prune_min_spread > 0
     if needs_prediction and p.predictor == "probe" and not p.probe_path:
         raise ValueError(
@@ -195,9 +195,7 @@ def validate_pruning(config: RunConfig) -> None:
             "prune_train_early: false or an objective that trains on transitions (flow_grpo)."
         )
     started = config.started_group_size
-    if p.prune_policy in ("topk", "maxvar", "variance", "random") and p.prune_explore > keep_count(
-        started, p.prune_keep_fraction
-    ):
+    if PRUNE_POLICIES[p.prune_policy].fixed_count and p.prune_explore > keep_count(started, p.prune_keep_fraction):
         raise ValueError(
             f"prune_explore={p.prune_explore} exceeds the {keep_count(started, p.prune_keep_fraction)} "
             f"survivors per group ({started} started, prune_keep_fraction={p.prune_keep_fraction}): "

@@ -7,15 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from rl.pruning import (
-    calibrate,
-    impute_rewards,
-    keep_count,
-    max_variance_subset,
-    pruned_advantages,
-    select_survivors,
-    trained_step_weights,
-)
+from rl.config_parse import parse_config
+from rl.prune_policies import PRUNE_POLICIES, PrunePolicy, keep_count, register
+from rl.prune_policies.variance import max_variance_subset
+from rl.pruning import calibrate, impute_rewards, pruned_advantages, select_survivors, trained_step_weights
 
 # two groups of 4, deliberately interleaved: group 7 = rows 0, 2, 4, 6; group 3 = rows 1, 3, 5, 7
 GROUPS = torch.tensor([7, 3, 7, 3, 7, 3, 7, 3])
@@ -198,3 +193,24 @@ def test_variance_policy_keeps_the_max_variance_half_of_each_group():
     # group 7: 0.1, 0.9, 0.5, 0.3 -> {0.1, 0.9} (rows 0, 2); group 3: 0.4, 0.2, 0.8, 0.6 -> {0.2, 0.8} (rows 3, 5)
     selection = select_survivors(PREDICTED, GROUPS, "variance", keep_fraction=0.5)
     assert torch.nonzero(selection.keep).flatten().tolist() == [0, 2, 3, 5]
+
+
+def test_a_new_policy_is_one_registered_class_that_the_config_and_the_selection_use():
+    @register("worst_for_test")
+    class Worst(PrunePolicy):  # keeps the worst predicted: the opposite of topk
+        def choose(self, rest, scores, need, rng):
+            return rest[np.argsort(scores[rest], kind="stable")[:need]]
+
+    try:
+        # group 7 worst two: rows 0 (0.1), 6 (0.3); group 3: rows 3 (0.2), 1 (0.4)
+        assert kept(select_survivors(PREDICTED, GROUPS, "worst_for_test", 0.5)) == [0, 1, 3, 6]
+        config = parse_config(["--prune_policy", "worst_for_test", "--predictor", "preview", "--capture_step", "2"])
+        assert config.pruning.prune_policy == "worst_for_test"
+        funnel = ["--predictor", "preview", "--prune_expand", "4", "--prune_funnel", "2:0.5,4:0.5"]
+        assert parse_config(["--prune_policy", "worst_for_test", *funnel]).pruning_stages == [(2, 0.5), (4, 0.5)]
+        with pytest.raises(ValueError, match="fixed-count policy .*worst_for_test"):  # the funnel lists it
+            parse_config(["--prune_policy", "threshold", *funnel])
+    finally:
+        del PRUNE_POLICIES["worst_for_test"]
+    with pytest.raises(ValueError, match="worst_for_test"):
+        select_survivors(PREDICTED, GROUPS, "worst_for_test")
