@@ -102,6 +102,7 @@ class GRPOTrainer:
         self.base_eval: dict[str, float] = {}
         self.final_eval: dict[str, float] = {}
         self.summary: dict = {}
+        self.saved_step = -1  # the step of the newest checkpoint written or resumed from (-1: none)
         self.last_eval = math.nan
         self.started = time.time()
 
@@ -128,6 +129,25 @@ class GRPOTrainer:
         )
         # one thread, so the VAE decodes one chunk at a time and chunks reach the reward pool in order
         self.decode_pool = ThreadPoolExecutor(1, thread_name_prefix="decode") if r.reward_overlap else None
+        # the run folder before the model: a used folder or a changed config must fail in seconds, not after loading
+        self.output_dir = Path(cfg.logging.output_dir)
+        clear = must_clear_output_dir(self.output_dir, cfg.checkpoint.resume_from, cfg.logging.overwrite_output_dir)
+        self.accelerator.wait_for_everyone()  # every process has looked before the main one clears
+        if self.accelerator.is_main_process:
+            if clear:
+                shutil.rmtree(self.output_dir)
+                self.info("overwrite_output_dir: cleared %s", self.output_dir)
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+        # once: resolving verifies the checkpoint's manifest (hashing every file), and three places need it
+        resume_path = resolve_resume(cfg.checkpoint.resume_from, self.output_dir)
+        if resume_path is not None:  # changes what the run is: an error; safe ones: logged (rl/resume_policy.py)
+            changes = check_resumed_config(
+                self.output_dir, cfg.flat(), cfg.checkpoint.allow_config_change, self.accelerator.is_main_process
+            )
+            for key, (old, value) in changes.items():
+                self.info("resume changes %s: %r -> %r", key, old, value)
+        if self.accelerator.is_main_process and resume_path is None:
+            (self.output_dir / "config.yaml").write_text(yaml.safe_dump(cfg.flat(), sort_keys=False))
         set_seed(t.seed)
         if torch.cuda.is_available():
             # cuDNN's attention backward returns NaN gradients from finite inputs under bf16 (measured on an H200
@@ -163,24 +183,6 @@ class GRPOTrainer:
         self.eval_sampler = FluxSampler(self.pipeline, cfg.eval.eval_num_steps or s.num_steps, 0.0, **size)
         self.pruner = PrunedRollout.from_config(cfg, self.sampler, self.accelerator)  # None: unpruned
         self.objective = OBJECTIVES[cfg.training.policy_objective](self)  # rl/objectives/
-        self.output_dir = Path(cfg.logging.output_dir)
-        clear = must_clear_output_dir(self.output_dir, cfg.checkpoint.resume_from, cfg.logging.overwrite_output_dir)
-        self.accelerator.wait_for_everyone()  # every process has looked before the main one clears
-        if self.accelerator.is_main_process:
-            if clear:
-                shutil.rmtree(self.output_dir)
-                self.info("overwrite_output_dir: cleared %s", self.output_dir)
-            self.output_dir.mkdir(parents=True, exist_ok=True)
-        # once: resolving verifies the checkpoint's manifest (hashing every file), and three places need it
-        resume_path = resolve_resume(cfg.checkpoint.resume_from, self.output_dir)
-        if resume_path is not None:  # changes what the run is: an error; safe ones: logged (rl/resume_policy.py)
-            changes = check_resumed_config(
-                self.output_dir, cfg.flat(), cfg.checkpoint.allow_config_change, self.accelerator.is_main_process
-            )
-            for key, (old, value) in changes.items():
-                self.info("resume changes %s: %r -> %r", key, old, value)
-        if self.accelerator.is_main_process and resume_path is None:
-            (self.output_dir / "config.yaml").write_text(yaml.safe_dump(cfg.flat(), sort_keys=False))
         self.log = MetricsLogger(
             self.output_dir,
             self.accelerator.is_main_process,
@@ -207,6 +209,8 @@ class GRPOTrainer:
     def train(self) -> dict[str, float]:
         """Run GRPO steps until ``max_steps`` or the time budget; evaluate and save. Returns the final eval."""
         cfg = self.config
+        if self.state.step > 0 and self.finished and self.load_finished_summary():
+            return self.final_eval  # a relaunch of a finished run: nothing to redo
         if cfg.eval.eval_before_training and self.state.step == 0:  # the same prompts and seeds as the final eval
             self.base_eval = self.evaluate(final=True, base=True)
             self.log_eval(self.base_eval, prefix="base_eval")
@@ -237,11 +241,15 @@ class GRPOTrainer:
                     self.save_checkpoint()
                 if stop:
                     bar.close()
+                    again = "" if cfg.checkpoint.resume_from == "latest" else " plus --resume_from latest"
                     raise SystemExit(
                         f"stopped by {signals.name} after step {self.state.step}: checkpoint written to "
-                        f"{self.output_dir / 'checkpoints'}; continue with the same command plus --resume_from latest"
+                        f"{self.output_dir / 'checkpoints'}; continue with the same command{again}"
                     )
         bar.close()
+        c = cfg.checkpoint
+        if (c.save_every or c.save_every_minutes) and self.saved_step != self.state.step:
+            self.save_checkpoint()  # the trained end: a relaunch, or a signal during the final eval, resumes here
         self.final_eval = self.evaluate(final=True)
         self.log_eval(self.final_eval, prefix="final_eval")
         self.write_summary()
@@ -588,7 +596,7 @@ class GRPOTrainer:
 
     def save_checkpoint(self) -> Path:
         """Write a full checkpoint of this step (rl/checkpoint.py: atomic, with the diffusers LoRA export)."""
-        self.last_save = time.time()
+        self.last_save, self.saved_step = time.time(), self.state.step
         with self.phase("checkpoint"):
             path = save_checkpoint(
                 self.accelerator,
@@ -625,7 +633,24 @@ class GRPOTrainer:
         elapsed = rank_state.get("elapsed_s", 0.0)
         self.started = time.time() - elapsed  # max_minutes budgets the whole run, not each resumed piece
         self.log.resume(self.state.step, elapsed)
+        self.saved_step = self.state.step
         self.info("resumed from %s at step %d", path, self.state.step)
+
+    def load_finished_summary(self) -> bool:
+        """Whether ``output_dir`` holds this run finished at the resumed step (``summary.json`` of that step); if so
+        the summary and final evaluation are loaded from it."""
+        path = self.output_dir / "summary.json"
+        summary = json.loads(path.read_text()) if path.is_file() else {}
+        if summary.get("steps") != self.state.step:
+            return False
+        self.summary, self.final_eval = summary, summary["final"]
+        self.info(
+            "%s holds this run, finished at step %d (summary.json): nothing to do. A new run: another output_dir "
+            "(--output_dir) or --overwrite_output_dir true --resume_from ''",
+            self.output_dir,
+            self.state.step,
+        )
+        return True
 
     def write_summary(self) -> dict:
         """Write ``<output_dir>/summary.json``: base vs final held-out scores (same prompts, seeds and sampler).

@@ -133,3 +133,21 @@ def test_the_short_readme_commands_run_with_tiny_overrides(tmp_path):
     metrics = str(run / "metrics.jsonl")
     _run([plot[0], plot[1], metrics, metrics, "--out", str(tmp_path / "curves.png")], ROOT)
     assert (tmp_path / "curves.png").stat().st_size > 0
+
+
+def test_a_readme_training_line_that_changes_the_run_writes_to_its_own_folder(monkeypatch):
+    """The shipped configs resume whatever their output_dir holds, so a README line that trains something other
+    than its config's run (another reward, pruning, ...) names its own output_dir: after `make train` it would
+    otherwise be refused as a changed resume."""
+    monkeypatch.chdir(ROOT)
+    folders = []
+    for command in COMMANDS:
+        script, args, _ = script_and_args(command)
+        if script != "launch/grpo_flux.py" or "--help" in args:
+            continue
+        config = parse_config(args)
+        shipped = parse_config(args[: args.index("--config") + 2]) if "--config" in args else parse_config([])
+        if config.flat() != shipped.flat():
+            assert "--output_dir" in args, " ".join(command)
+            folders.append(config.logging.output_dir)
+    assert len(folders) == len(set(folders)) >= 3

@@ -204,12 +204,13 @@ def test_a_crafted_state_file_is_refused_without_running_code(tmp_path):
     assert load_state_file(plain)["state"]["step"] == 3
 
 
-def test_sigterm_checkpoints_and_the_same_command_resumes(pipeline_dir, tmp_path):
+def test_sigterm_checkpoints_and_the_same_command_resumes_then_reports_the_finished_run(pipeline_dir, tmp_path):
     """Preemption: SIGTERM mid-run writes a checkpoint and exits saying how to go on; the shipped config's own
-    command plus --resume_from latest then finishes the run (no save_every: the signal alone saved it)."""
+    command (it sets resume_from: latest) then finishes the run, and once more reports it finished without redoing
+    anything (no save_every: the signal and the trained end alone saved it)."""
     run = tmp_path / "run"
-    args = tiny_run_args(pipeline_dir, run, "--save_every", "0", "--max_steps", "50", "--eval_every", "0")
-    process = start([*args, "--resume_from", "latest"])
+    command = tiny_run_args(pipeline_dir, run, "--save_every", "0", "--max_steps", "12", "--eval_every", "0")
+    process = start(command)
     deadline = time.time() + 240
     while not (run / "metrics.jsonl").is_file() or '"train/step": 1' not in (run / "metrics.jsonl").read_text():
         assert process.poll() is None and time.time() < deadline, "the run ended before its first step"
@@ -217,13 +218,21 @@ def test_sigterm_checkpoints_and_the_same_command_resumes(pipeline_dir, tmp_path
     process.send_signal(signal.SIGTERM)
     output, _ = process.communicate(timeout=240)
     assert process.returncode == 1 and "stopped by SIGTERM after step" in output
+    assert output.rstrip().endswith("continue with the same command")  # no flag to add: the config resumes
     saved = list_checkpoints(run)
     assert len(saved) == 1 and not (run / "lora").exists()  # a checkpoint, not a finished run
     stopped_at = int(saved[0].name.split("-")[1])
-    resumed = start([*args, "--resume_from", "latest", "--max_steps", str(stopped_at + 1)])
-    finish(resumed)
+    assert stopped_at < 12
+    finish(start(command))
     steps = [r["train/step"] for r in read_metrics(run / "metrics.jsonl") if "train/step" in r]
-    assert steps == list(range(1, stopped_at + 2))
+    assert steps == list(range(1, 13))
+    assert list_checkpoints(run)[-1].name == "step-00000012"  # the trained end, before the final evaluation
+    summary, log = (run / "summary.json").read_text(), (run / "metrics.jsonl").read_text()
+    again = start(command)
+    output, _ = again.communicate(timeout=240)
+    assert again.returncode == 0 and "finished at step 12 (summary.json): nothing to do" in output
+    assert (run / "summary.json").read_text() == summary
+    assert (run / "metrics.jsonl").read_text() == log  # the final evaluation's records included
 
 
 def test_a_damaged_latest_checkpoint_is_named_and_the_previous_one_used(tmp_path, caplog):
