@@ -212,18 +212,19 @@ _STEP_STATE: contextvars.ContextVar[dict | None] = contextvars.ContextVar("rewar
 
 
 @contextlib.contextmanager
-def scoring_step() -> Iterator[dict]:
-    """State shared by every reward call of one scoring step: a batch, with any group-by-group retries.
+def scoring_step(shared: dict | None = None) -> Iterator[dict]:
+    """State shared by every reward call of one scoring step, with any group-by-group retries.
 
-    The reward set opens one per batch; a reward that budgets something per step (the remote client its retries)
-    opens one too, which joins the set's when one is open, so a reward called on its own makes each call a step.
-    The state is per thread, so batches scored concurrently each have their own.
+    The reward set opens one per batch, or one per training step shared by the batches its threads score
+    (``shared``: :meth:`rewards.compose.RewardSet.step`); a reward that budgets something per step (the remote
+    client its retries) opens one too, which joins the open one, so a reward called on its own makes each call a
+    step. The state is per thread unless ``shared`` hands several threads the same dict.
     """
     state = _STEP_STATE.get()
     if state is not None:
         yield state
         return
-    token = _STEP_STATE.set({})
+    token = _STEP_STATE.set({} if shared is None else shared)
     try:
         yield _STEP_STATE.get()
     finally:

@@ -16,9 +16,10 @@ Failure policy (``reward_failure_policy``), for a reward that raises or returns 
 A reward returning something malformed (not a dict of ``[B]`` scores) is a bug, not a transient failure: it
 always raises.
 
-A batch is one :func:`~rewards.base.scoring_step`: a reward that retries (the remote client) has one retry budget
-for the batch and its group-by-group retries, so a server that is down fails the batch once instead of once per
-group. A component with a ``check_health()`` method is checked by :func:`build_reward_set`, so a reward server
+A training step is one :func:`~rewards.base.scoring_step` (:meth:`RewardSet.step`; a batch scored outside one is
+its own): a reward that retries (the remote client) has one retry budget for every batch of the step, on every
+worker thread, and their group-by-group retries, so a server that is down fails the step once instead of once per
+batch or group, and ``max_failed_batches`` counts steps lost entirely. A component with a ``check_health()`` method is checked by :func:`build_reward_set`, so a reward server
 that is down or refuses the token stops the run at setup, before the model loads.
 """
 
@@ -31,6 +32,7 @@ import logging
 import math
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
@@ -100,7 +102,8 @@ class RewardSet:
             (a lock per component), so rewards need not be thread-safe; a reward with a true ``thread_safe``
             attribute (the remote client) is called concurrently, so several requests can be in flight.
         failure_policy: ``"raise"`` or ``"drop_group"`` (see the module docstring).
-        max_failed_batches: under ``drop_group``, stop after this many consecutive batches lost entirely.
+        max_failed_batches: under ``drop_group``, stop after this many consecutive steps (:meth:`step`; outside
+            one, batches) lost entirely.
     """
 
     def __init__(
@@ -127,6 +130,7 @@ class RewardSet:
         self._main_keys: dict[str, list[str]] = {}
         self._failed_in_a_row = 0
         self._state_lock = threading.Lock()
+        self._open_step: _Step | None = None
         self._pool = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="reward")
 
     @property
@@ -140,7 +144,7 @@ class RewardSet:
         metadata: list[dict],
         group_ids: torch.Tensor | None = None,
     ) -> RewardResult:
-        """Score a batch on the calling thread.
+        """Score a batch on the calling thread (inside :meth:`step`, as part of that step).
 
         Args:
             images: ``[B, 3, H, W]`` float in [0, 1].
@@ -152,6 +156,22 @@ class RewardSet:
             RewardError: under the ``raise`` policy on any failure; always on malformed output; under
                 ``drop_group`` after ``max_failed_batches`` consecutive batches with nothing valid.
         """
+        return self._score_batch(self._open_step, images, prompts, metadata, group_ids)
+
+    @contextlib.contextmanager
+    def step(self) -> Iterator[None]:
+        """One training step: every batch scored inside it, by :meth:`__call__` or :meth:`submit`, shares one
+        :func:`~rewards.base.scoring_step` (one retry budget per reward) and the step, not each batch, counts toward
+        ``max_failed_batches``. Leave it only once its submitted batches are done."""
+        step = self._open_step = _Step()
+        try:
+            yield
+        finally:
+            self._open_step = None
+        if step.batches:
+            self._count_failed(step.any_valid, step.failures, "steps")
+
+    def _score_batch(self, step, images, prompts, metadata, group_ids) -> RewardResult:
         started = time.perf_counter()
         batch = _check_inputs(images, prompts, metadata, group_ids)
         if batch == 0:  # e.g. every rollout pruned: nothing to score, nothing failed
@@ -161,7 +181,8 @@ class RewardSet:
         ok = torch.ones(batch, dtype=torch.bool)
         components: dict[str, torch.Tensor] = {}
         failures: list[str] = []
-        with scoring_step():  # one retry budget per reward for the batch and its group-by-group retries
+        # one retry budget per reward for the step (or this batch) and its group-by-group retries
+        with scoring_step(None if step is None else step.shared):
             for name, reward, weight in self.components:
                 scores, failed, messages = self._score(name, reward, images, prompts, metadata, groups)
                 for key, value in scores.items():
@@ -174,7 +195,10 @@ class RewardSet:
         total = torch.where(valid, total, torch.full_like(total, math.nan))
         if len(dropped):
             logger.warning("reward: dropped %d of %d groups: %s", len(dropped), int(groups.max()) + 1, failures)
-        self._count_failed_batch(bool(valid.any()), failures)
+        if step is None:
+            self._count_failed(bool(valid.any()), failures, "batches")
+        else:
+            step.add(bool(valid.any()), failures)
         return RewardResult(total, components, valid, len(dropped), failures, seconds=time.perf_counter() - started)
 
     def submit(
@@ -187,7 +211,7 @@ class RewardSet:
         """Score on a worker thread; ``images`` are copied to the CPU first so sampling can reuse the GPU."""
         images = images.detach().to("cpu", torch.float32, copy=True)
         group_ids = None if group_ids is None else torch.as_tensor(group_ids).detach().cpu().clone()
-        return self._pool.submit(self, images, list(prompts), list(metadata), group_ids)
+        return self._pool.submit(self._score_batch, self._open_step, images, list(prompts), list(metadata), group_ids)
 
     def close(self) -> None:
         """Wait for pending batches, then release the threads and any component with a ``close()``."""
@@ -265,14 +289,31 @@ class RewardSet:
             )
         return failed, [f"{problem}; group dropped"]
 
-    def _count_failed_batch(self, any_valid: bool, failures: list[str]) -> None:
+    def _count_failed(self, any_valid: bool, failures: list[str], unit: str) -> None:
         with self._state_lock:
             self._failed_in_a_row = 0 if any_valid else self._failed_in_a_row + 1
             if self._failed_in_a_row >= self.max_failed_batches:
                 raise RewardError(
-                    f"the rewards {self.names} failed on every group of {self._failed_in_a_row} batches in a row "
+                    f"the rewards {self.names} failed on every group of {self._failed_in_a_row} {unit} in a row "
                     f"(last: {failures[:3]}); nothing is left to train on. Fix the reward (or its server)."
                 )
+
+
+@dataclasses.dataclass
+class _Step:
+    """What the batches of one :meth:`RewardSet.step` share and add up (they may run on several threads)."""
+
+    shared: dict = dataclasses.field(default_factory=dict)  # the scoring_step state: the rewards' retry budgets
+    batches: int = 0
+    any_valid: bool = False
+    failures: list[str] = dataclasses.field(default_factory=list)
+    lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
+
+    def add(self, any_valid: bool, failures: list[str]) -> None:
+        with self.lock:
+            self.batches += 1
+            self.any_valid |= any_valid
+            self.failures += failures
 
 
 def _check_inputs(images, prompts, metadata, group_ids) -> int:

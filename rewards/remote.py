@@ -13,8 +13,8 @@ A server started with a token (``$REWARD_SERVER_TOKEN``) answers only requests c
 :class:`RemoteReward` (registered as ``remote``) is the client: it sends batches of ``batch_size`` images,
 gives each request ``timeout`` seconds in all (connecting, sending, and every byte of the answer) and retries
 connection failures, timeouts and HTTP 429/502/503/504 with exponential backoff (``backoff``, 2x, 4x, ...
-seconds). ``retries`` is a budget per scoring step (:func:`~rewards.base.scoring_step`: one batch of the reward
-set, with its group-by-group retries), and a server given up on is not asked again in that step, so a server
+seconds). ``retries`` is a budget per scoring step (:func:`~rewards.base.scoring_step`: a training step of the
+reward set, every batch its threads score and their group-by-group retries), and a server given up on is not asked again in that step, so a server
 that is down costs one failed step, not one per group. :meth:`RemoteReward.check_health`, called when the reward
 set is built, fails the run at setup when the server is down, refuses the token or takes fewer images per request
 than ``batch_size``. Images travel as 8-bit PNG, so the server scores exactly what ``to_pil`` would give a local
@@ -34,6 +34,7 @@ import json
 import logging
 import os
 import socket
+import threading
 import time
 import urllib.parse
 
@@ -135,12 +136,25 @@ class _NoAnswer(Exception):
     """A request got no HTTP answer (connection failed or timed out); the message says which."""
 
 
+_BUDGET_LOCK = threading.Lock()
+
+
 @dataclasses.dataclass
 class _StepBudget:
-    """What one scoring step has left of a client's retries, and why it gave the server up, once it has."""
+    """What one scoring step has left of a client's retries, and why it gave the server up, once it has (the
+    reward set's threads share it within a training step)."""
 
     retries: int
     gave_up: str = ""
+    lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
+
+    def take_retry(self) -> bool:
+        """Spend one retry if one is left."""
+        with self.lock:
+            if not self.retries:
+                return False
+            self.retries -= 1
+            return True
 
 
 @register("remote")
@@ -152,7 +166,8 @@ class RemoteReward:
         timeout: seconds one request (a batch of ``batch_size`` images) may take in all, from connecting to the
             last byte of the answer.
         retries: further attempts after a connection failure, a timeout or HTTP 429/502/503/504; a budget per
-            scoring step (a batch of the reward set, with its group-by-group retries), not per request.
+            scoring step (a training step of the reward set: all its batches and group-by-group retries), not per
+            request.
         backoff: seconds before the first retry; doubled for each next one.
         batch_size: images per request; at most the server's ``--max_images``.
         headers: extra HTTP headers (e.g. for a proxy in front of the server).
@@ -187,7 +202,8 @@ class RemoteReward:
     def __call__(self, images: torch.Tensor, prompts: list[str], metadata: list[dict]) -> dict[str, torch.Tensor]:
         chunks: dict[str, list[torch.Tensor]] = {}
         with scoring_step() as step:  # joins the reward set's step; called alone, this call is the step
-            budget = step.setdefault(self, _StepBudget(self.retries))
+            with _BUDGET_LOCK:  # the step's threads must all find the same budget
+                budget = step.setdefault(self, _StepBudget(self.retries))
             for start in range(0, len(images), self.batch_size):
                 stop = start + self.batch_size
                 scores = self._score(images[start:stop], prompts[start:stop], metadata[start:stop], budget)
@@ -266,9 +282,8 @@ class RemoteReward:
                         "(the client does not retry this)."
                     )
                 problem = f"HTTP {status}: {_detail(raw, status)}"
-            if not budget.retries:
+            if not budget.take_retry():
                 break
-            budget.retries -= 1
             logger.warning("remote reward %s: attempt %d failed (%s); retrying", self.url, attempts, problem)
             time.sleep(self.backoff * 2 ** (attempts - 1))
         budget.gave_up = problem

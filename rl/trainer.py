@@ -220,12 +220,13 @@ class GRPOTrainer:
             while not self.finished:
                 batch = self.next_prompts()  # whole groups for this process, encoded once
                 try:
-                    if self.pruner is None:
-                        # SDE sampling with log-probs, chunk by chunk; each chunk's decode + reward beside the next
-                        scored = self.finish_and_score(batch, self.start(batch))
-                        advantages = self.advantages(scored)  # per prompt group
-                    else:  # to step k with capture, probe, prune, continue and score survivors only (+ refresh)
-                        scored, advantages = self.pruner.sample_and_score(self, batch)
+                    with self.reward_set.step():  # one retry budget for the step's batches; a step lost counts once
+                        if self.pruner is None:
+                            # SDE sampling with log-probs, chunk by chunk; each chunk's decode + reward beside the next
+                            scored = self.finish_and_score(batch, self.start(batch))
+                            advantages = self.advantages(scored)  # per prompt group
+                        else:  # to step k with capture, probe, prune, continue and score survivors only (+ refresh)
+                            scored, advantages = self.pruner.sample_and_score(self, batch)
                 except Exception:  # a reward that stops the run: nothing of this step is applied yet
                     if self.accelerator.num_processes == 1:  # several would wait on the others' collectives
                         self.info("the step failed: checkpointing the %d steps done first", self.state.step)

@@ -345,3 +345,27 @@ def test_a_failing_group_is_still_retried_alone(serve, images):
     result = rewards(images, ["a", "a", "bad", "bad", "c", "c"], [{}] * 6)
     assert calls == [6, 2, 2, 2] and result.dropped_groups == 1
     assert result.valid.tolist() == [True, True, False, False, True, True]
+
+
+def test_a_training_step_of_several_batches_on_several_threads_has_one_retry_budget(serve, images):
+    """What the trainer does: a step's chunks are submitted to the reward pool (two threads here) inside
+    ``RewardSet.step()``. A dead server costs the step its retries plus one first attempt per request in flight
+    (at most retries + threads), not a budget per chunk (8) or per group, and a step lost entirely counts once
+    toward max_failed_batches, however many chunks it had."""
+    posts: list = []
+    remote = {"url": serve(handler=dying(posts)), "retries": 1, "backoff": 0.1}
+    rewards = build_reward_set("remote", max_workers=2, kwargs={"remote": remote}, failure_policy="drop_group")
+    prompts, groups = [f"p{i}" for i in range(6)], torch.arange(6)
+    start = time.perf_counter()
+    for _ in range(2):
+        before = len(posts)
+        with rewards.step():
+            chunks = [rewards.submit(images, prompts, [{}] * 6, group_ids=groups) for _ in range(4)]
+            results = [chunk.result() for chunk in chunks]
+        assert all(r.dropped_groups == 6 for r in results)
+        assert 2 <= len(posts) - before <= 3  # one retry for the step, on top of the first attempts in flight
+    with pytest.raises(RewardError, match="failed on every group of 3 steps in a row"):
+        with rewards.step():
+            [rewards.submit(images, prompts, [{}] * 6, group_ids=groups).result() for _ in range(4)]
+    assert len(posts) <= 9 and time.perf_counter() - start < 5
+    rewards.close()
