@@ -15,7 +15,7 @@ Modules, in data-flow order:
 - :mod:`probe.data`, :mod:`probe.collect`, :mod:`probe.train`: collected shards, the dataset, collection,
   and :func:`fit` (also the online refresh).
 
-API for pruned GRPO (issue 5). Import from the submodules (``from probe.probe import Probe``): under pytest's
+API for pruned GRPO (rl/pruned_rollout.py). Import from the submodules (``from probe.probe import Probe``): under pytest's
 default import mode the test folder ``tests/probe`` shadows this ``__init__`` (``from probe import Probe`` then
 fails unless pytest runs with ``pythonpath = ["."]``)::
 

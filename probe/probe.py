@@ -129,7 +129,7 @@ class Probe(nn.Module):
         feature_mean, feature_std: ``[C]`` input standardisation (zeros / ones if omitted).
         reward_mean, reward_std: output scale.
 
-    Typical use inside a sampler loop (issue 5's pruned GRPO)::
+    Typical use inside a sampler loop (pruned GRPO, rl/pruned_rollout.py)::
 
         probe = Probe.load("assets/probe/tiny-flux-shapes-step2.pt", pipeline.transformer,
                            capture_step=2, num_steps=sampler.num_steps)

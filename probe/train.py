@@ -3,8 +3,9 @@
 :func:`init_probe` builds a :class:`probe.probe.Probe` whose input and output standardisation come from a
 dataset; :func:`fit` trains it for a number of steps on batches of whole prompt groups (so the ranking term
 always has pairs) and returns a log; :func:`evaluate` computes :func:`probe.metrics.probe_metrics`. The same
-:func:`fit` serves issue 5's online refresh: a few steps on a :class:`probe.data.ProbeDataset` built from a
-buffer of (features, real reward, group id), keeping the probe's normalisation fixed.
+:func:`fit` serves the pruned trainer's online refresh (``probe_refresh_every``): a few steps on a
+:class:`probe.data.ProbeDataset` built from a buffer of (features, real reward, group id), keeping the probe's
+normalisation fixed.
 """
 
 from __future__ import annotations

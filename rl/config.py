@@ -313,8 +313,8 @@ class TrainingConfig(Section):
     awm_error_power: float = option(
         0.25,
         "policy_objective 'awm': the log-likelihood is -error^p / p. 1 is the plain flow-matching error, whose "
-        "advantage-weighted objective is unbounded and drifted (error 0.65 -> 3.7, held-out score back to the base "
-        "in 160 tiny-model steps); p < 0.5 bounds it (rl/sde.py). AWM's code: 0.25.",
+        "advantage-weighted objective is unbounded and drifts (measured in docs/experiments.md, 'Flow-GRPO "
+        "training'); p < 0.5 bounds it (rl/sde.py). AWM's code: 0.25.",
     )
     awm_sigma_weight: bool = option(
         False,
@@ -374,8 +374,8 @@ class TrainingConfig(Section):
     mixed_precision: str = option(
         "no",
         "'no' (fp32) or 'bf16' (frozen weights in bf16, LoRA in fp32, autocast; recommended on GPUs and on "
-        "CPUs with AVX512-BF16, where the tiny model's GRPO step is 1.3x faster). Latents and log-prob math are always "
-        "fp32.",
+        "CPUs with AVX512-BF16, where the tiny model's GRPO step is faster: docs/experiments.md, 'Flow-GRPO "
+        "training'). Latents and log-prob math are always fp32.",
     )
     distributed_timeout_s: float = option(
         1800.0,

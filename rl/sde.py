@@ -24,8 +24,8 @@ Its gradient, weighted by the advantage, pulls the velocity toward the rollout's
 positive and away where it is negative, with the clean image as the target instead of the next noisy latent.
 With ``p = 1`` (plain error) and advantages summing to 0 within a group, the objective is unbounded: scaling the
 velocity by c changes every error by c^2 |v|^2 alike, which the advantages cancel, and leaves a term linear in c,
-so training drifts without limit (on the tiny model the error grew from 0.65 to 3.7 in 160 steps and the
-held-out score fell back to the base's). A concave ``p < 1/2`` bounds it (the advantage-weighted sum then decays
+so training drifts without limit (on the tiny model the matching error grew several-fold and the held-out score
+fell back to the base's: docs/experiments.md, "Flow-GRPO training"). A concave ``p < 1/2`` bounds it (the advantage-weighted sum then decays
 like c^(2p - 1)); AWM's reference code uses p = 1/4 ("generalized Huber").
 """
 

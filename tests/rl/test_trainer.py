@@ -2,6 +2,7 @@
 
 import json
 import math
+import time
 
 import pytest
 import torch
@@ -320,3 +321,18 @@ def test_budget_spent_stops_at_each_limit_and_prices_compute_in_flux_forwards():
     unlimited = parse_config(["--max_steps", "10"])
     assert not budget_spent(unlimited, TrainState(step=9, transformer_calls=1e9, images_denoised=1e9))
     assert budget_spent(parse_config(["--max_images_denoised", "8"]), TrainState(images_denoised=8.0))
+
+
+def test_a_checkpoint_is_due_by_steps_or_after_save_every_minutes(pipeline_dir, tmp_path):
+    trainer = make_trainer(pipeline_dir, tmp_path, "--save_every_minutes", "0.5", "--save_every", "3")
+    trainer.last_save = time.time()
+    trainer.state.step = 2
+    assert not trainer.checkpoint_due()
+    trainer.last_save -= 31  # half a minute since the last save
+    assert trainer.checkpoint_due()
+    trainer.last_save, trainer.state.step = time.time(), 3
+    assert trainer.checkpoint_due()  # every save_every steps
+    trainer.config.checkpoint.save_every_minutes, trainer.config.checkpoint.save_every = 0, 0
+    trainer.last_save -= 10**6
+    assert not trainer.checkpoint_due()  # both off: never
+    trainer.cleanup()
