@@ -188,11 +188,13 @@ def validate_pruning(config: RunConfig) -> None:
             f"prune_policy={p.prune_policy!r}, prune_advantage={p.prune_advantage!r}: set a pruning policy "
             "(topk, maxvar, random, threshold) and prune_advantage: imputed, or prune_train_early: false."
         )
-    if p.prune_train_early and OBJECTIVES[config.training.policy_objective].needs.finished_images:
+    needs = OBJECTIVES[config.training.policy_objective].needs
+    if p.prune_train_early and (needs.finished_images or not needs.transitions):
         raise ValueError(
             "prune_train_early=true trains pruned rollouts on the steps they recorded, but policy_objective="
-            f"{config.training.policy_objective!r} needs finished images, which pruned rollouts never have: set "
-            "prune_train_early: false or an objective that trains on transitions (flow_grpo)."
+            f"{config.training.policy_objective!r} trains on finished images, which pruned rollouts never have, not "
+            "on recorded transitions: set prune_train_early: false or an objective that trains on transitions "
+            "(flow_grpo)."
         )
     started = config.started_group_size
     if PRUNE_POLICIES[p.prune_policy].fixed_count and p.prune_explore > keep_count(started, p.prune_keep_fraction):

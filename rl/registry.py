@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import importlib
+import pkgutil
+from collections.abc import Callable, Iterable
 from typing import TypeVar
 
 Unit = TypeVar("Unit", bound=type)
@@ -22,3 +24,10 @@ def registrar(registry: dict[str, type], kind: str) -> Callable[[str], Callable[
         return add
 
     return register
+
+
+def import_units(package: str, path: Iterable[str]) -> None:
+    """Import every module of ``package`` (its ``__name__`` and ``__path__``) so each registers its units: adding a
+    unit is adding its file, with no import to write."""
+    for module in pkgutil.iter_modules(path):
+        importlib.import_module(f"{package}.{module.name}")

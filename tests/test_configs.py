@@ -118,7 +118,7 @@ def test_reward_kwargs_accepts_json_on_the_command_line():
         (
             ["--policy_objective", "awm", "--prune_policy", "random", "--prune_advantage", "imputed"]
             + ["--probe_path", "init", "--prune_train_early", "true"],
-            "prune_train_early=true .*policy_objective='awm' needs finished images",
+            "prune_train_early=true .*policy_objective='awm' trains on finished images",
         ),
         (["--group_size", "1"], "group_size=1.*Set group_size >= 2"),
         (["--num_steps", "1"], "num_steps >= 2"),

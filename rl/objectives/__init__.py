@@ -9,7 +9,7 @@ declarations (rl/config.py), so a metric an objective does not compute is never 
 - ``awm`` (:mod:`rl.objectives.awm`): advantage-weighted matching on the finished images, noised afresh.
 
 To add one (DiffusionNFT's, say): a file here with an :class:`Objective` subclass decorated
-``@register("name")``, an import at the bottom of this file, and its tests (docs/design.md section 3).
+``@register("name")`` and its tests (docs/design.md section 3); every module here is imported, so it registers.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 from typing import TYPE_CHECKING, ClassVar
 
-from rl.registry import registrar
+from rl.registry import import_units, registrar
 
 if TYPE_CHECKING:
     from rl.loss import LossOutput
@@ -84,4 +84,4 @@ class Objective:
 register = registrar(OBJECTIVES, "objective")  # @register("name") makes an Objective subclass selectable
 
 
-from rl.objectives import awm, flow_grpo  # noqa: E402,F401  (registration)
+import_units(__name__, __path__)  # every module here registers its units

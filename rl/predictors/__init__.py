@@ -15,7 +15,7 @@ run's compute (rl/cost.py). Shipped:
   PODS, arXiv 2504.13818). Its scores are the real rewards, so the trainer reuses them for the survivors.
 
 To add one: a file here with a :class:`Predictor` subclass decorated ``@register("name")`` whose
-``from_config(config, sampler)`` builds it, an import at the bottom of this file, and its tests.
+``from_config(config, sampler)`` builds it, and its tests (every module here is imported, so it registers).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
-from rl.registry import registrar
+from rl.registry import import_units, registrar
 
 if TYPE_CHECKING:
     from rewards.compose import RewardResult
@@ -130,4 +130,4 @@ def reward_scores(result: RewardResult) -> torch.Tensor:
     return torch.where(valid, total, torch.full_like(total, floor))
 
 
-from rl.predictors import lookahead, preview, probe_cnn, reward  # noqa: E402,F401  (registration)
+import_units(__name__, __path__)  # every module here registers its units

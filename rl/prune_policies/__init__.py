@@ -17,8 +17,8 @@ need). Shipped:
   (fewer has no contrast), the best predicted first; the surviving count varies.
 
 To add one: a file here with a :class:`PrunePolicy` subclass decorated ``@register("name")`` that implements
-:meth:`PrunePolicy.choose` (and :meth:`PrunePolicy.count` if its count is not ``keep_count``), an import at the
-bottom of this file, and its tests; ``--prune_policy name`` then selects it.
+:meth:`PrunePolicy.choose` (and :meth:`PrunePolicy.count` if its count is not ``keep_count``), and its tests;
+every module here is imported, so ``--prune_policy name`` then selects it.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from rl.registry import registrar
+from rl.registry import import_units, registrar
 
 MIN_SURVIVORS = 2  # a group needs two scored rollouts for a nonzero advantage
 PRUNE_POLICIES: dict[str, type[PrunePolicy]] = {}
@@ -81,5 +81,4 @@ def build_policy(name: str, keep_fraction: float = 0.5, threshold: float = 0.0) 
     return PRUNE_POLICIES[name](keep_fraction, threshold)
 
 
-# the shipped policies register themselves on import
-from rl.prune_policies import above_threshold, keep_all, maxvar, random_pick, topk, variance  # noqa: E402, F401
+import_units(__name__, __path__)  # every module here registers its units
