@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from bench.probe_quality import add_to_section
 from probe import Probe, load_dataset, probe_metrics
 from probe.data import read_manifest
-from probe.train import evaluate
+from probe.train import collection_sampler, evaluate
 from rewards.compose import build_reward_set
 from rl.config_help import HelpFormatter
 from rl.predictors.lookahead import euler_to_clean, lookahead_indices
@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> dict:
     steps = sorted(int(k) for k in shards[0]["captures"])
     lookaheads = [(k - 1, n) for k in steps for n in (2,)]
     predictions = reward_predictions(manifest, shards, lookaheads)
-    probe = Probe.load(args.probe)
+    probe = Probe.load(args.probe, sampler=collection_sampler(manifest))  # the data's sampler must be the probe's
     probe_data = load_dataset(data, probe.capture_step, probe.feature_config)
     probe_scores = probe.predict(probe_data.features, probe_data.sigma, probe_data.group).detach().numpy()
     predictions[f"probe@{probe.capture_step}"] = probe_scores

@@ -286,6 +286,7 @@ class Probe(nn.Module):
         capture_step: int | None = None,
         num_steps: int | None = None,
         map_location: str | torch.device = "cpu",
+        sampler: dict | None = None,
     ) -> Probe:
         """Load a probe file, checking it against what it will be used with.
 
@@ -294,16 +295,19 @@ class Probe(nn.Module):
             transformer: the model the probe will read (its config fingerprint and block count are checked).
             capture_step: the step the caller will capture at (must equal the probe's).
             num_steps: the sampler's T (must equal the probe's: sigmas at step k depend on it).
+            sampler: the :func:`sampler_signature` of the sampler whose states it will read (:meth:`check_sampler`).
 
         Raises:
             FileNotFoundError: no such file.
             ValueError: a damaged or truncated file (named, with what to do).
-            ProbeMismatchError: the probe was trained for another model, step, step count or block layout.
+            ProbeMismatchError: the probe was trained for another model, step, step count, block layout or sampler.
         """
         fix = "train it again with launch/probe_train.py, or point probe_path at another probe file"
         state = load_saved(path, "probe file", fix, map_location=map_location)
         probe = cls.from_state(state)
         probe.check_compatible(transformer, capture_step, num_steps, source=str(path))
+        if sampler is not None:
+            probe.check_sampler(sampler, source=str(path))
         return probe
 
     def recorded_sampler(self) -> dict:

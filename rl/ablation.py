@@ -83,7 +83,13 @@ VARIANTS: dict[str, list[str]] = {
 }  # fmt: skip
 PHASES = ("prompts", "sample", "predict", "decode", "reward", "score_wait", "train", "probe_refresh")
 # per-step training figures averaged over a run: what selection bought (rl/pruned_rollout.py)
-SELECTION_METRICS = ("reward/group_std", "prune/flat_group_frac", "prune/predicted_std_gain", "prune/survivor_frac")
+SELECTION_METRICS = (
+    "reward/group_std",  # the trained groups' real reward spread
+    "prune/explore_reward_std",  # the same over the random exploration slice (prune_explore >= 2): the baseline
+    "prune/flat_group_frac",
+    "prune/predicted_std_gain",
+    "prune/survivor_frac",
+)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -3,8 +3,8 @@
 Wall-clock on the tiny model misprices operations against FLUX.1-dev: there a VAE decode costs about three
 transformer calls, on FLUX.1-dev a small fraction of one. So the trainer counts operations
 (:class:`ComputeCounts`) and :func:`flux_equivalent` prices them with FLUX.1-dev's per-operation costs in
-units of one transformer forward, estimated from FLOP counts (no GPU measurement yet; bench/RESULTS.md,
-"Cost model"), at 512 x 512 (1,024 image + 512 text tokens), batch 1:
+units of one transformer forward, estimated from FLOP counts (no GPU measurement yet; every ablation summary
+records the costs it priced with, ``cost_model``), at 512 x 512 (1,024 image + 512 text tokens), batch 1:
 
 - transformer forward: 2 x 11.9e9 parameters x 1,536 tokens + attention (4 x 1,536^2 x 3,072 x 57 blocks)
   ~ 38 TFLOPs = **1**.

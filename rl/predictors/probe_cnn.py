@@ -52,8 +52,8 @@ class ProbePredictor(Predictor):
         p = config.pruning
         if p.probe_path == "init":
             return cls(init_probe_for(sampler, config, config.training.seed))
-        probe = Probe.load(p.probe_path, sampler.transformer, p.capture_step, sampler.num_steps)
-        probe.check_sampler(sampler_signature(sampler, config.training.mixed_precision), source=p.probe_path)
+        signature = sampler_signature(sampler, config.training.mixed_precision)
+        probe = Probe.load(p.probe_path, sampler.transformer, p.capture_step, sampler.num_steps, sampler=signature)
         return cls(probe)
 
     def observer(self, sampler):

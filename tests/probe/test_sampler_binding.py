@@ -35,6 +35,9 @@ def test_every_difference_is_named():
     for expected in ("noise_level: 0.9 -> 0.0", "sde_steps: [0, 1, 2] -> [0, 1, 2, 3", "precision: 'bf16' -> 'no'"):
         assert expected in message
     assert "launch/probe_collect.py --config" in message
+    with pytest.raises(ProbeMismatchError, match="noise_level: 0.9 -> 0.0"):  # Probe.load checks it when told
+        Probe.load(WINDOW_PROBE, sampler=other)
+    assert Probe.load(WINDOW_PROBE, sampler=trainer_signature()).capture_step == 4
 
 
 def test_a_probe_from_before_the_record_is_taken_as_all_step_sde():

@@ -164,3 +164,16 @@ def test_funnel_config_errors_name_the_fix():
         parse_config([*VARIANCE, "--predictor", "reward", "--prune_funnel", "2:0.5,4:0.5"])
     with pytest.raises(ValueError, match=r"leaves \[4, 2\] rollouts per group from 8 started"):
         parse_config([*VARIANCE, "--predictor", "preview", "--prune_funnel", "2:0.5,4:0.5", "--prune_explore", "3"])
+
+
+def test_the_exploration_slice_logs_the_real_reward_spread_of_an_unselected_subset(pipeline_dir, tmp_path):
+    """What selection buys is read beside an unselected baseline: prune/explore_reward_std is the mean over groups
+    of the population std of the random explorers' real rewards (the oracle's predictions are those rewards)."""
+    extra = ("--predictor", "reward", "--prune_expand", "2", "--prune_explore", "2")
+    trainer = make_trainer(pipeline_dir, tmp_path, *VARIANCE[:-4], *extra, "--probe_path", "")
+    metrics = pruned_step(trainer)
+    last = trainer.pruner.last
+    explore = last.selection.explore
+    stds = [last.predicted[explore & (last.group_ids == g)].double().std(unbiased=False) for g in (0, 1)]
+    assert int(explore.sum()) == 4 and metrics["prune/explore_reward_std"] == pytest.approx(float(sum(stds) / 2))
+    trainer.cleanup()
