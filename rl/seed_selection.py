@@ -4,7 +4,9 @@ Per prompt: start N seeds with deterministic sampling (noise level 0, as ``FluxP
 capture step k, let a predictor (rl/predictors/: ``probe``, ``preview``, ``lookahead``) predict each one's final
 reward, keep the K predicted best, finish only those and return the best of them by the real reward when one is
 given (by the prediction otherwise). The survivors continue from their own states with their own seeds' noise,
-so each finished image is bit-identical to sampling that seed alone (tests/rl/test_seed_selection.py).
+so each finished image is the one sampling that seed alone gives: bit-identical when each transformer call holds
+one rollout (``batch_size`` 1; tests/rl/test_seed_selection.py), and within the last bits otherwise, since batched
+CPU and GPU kernels may round a rollout differently beside other batch-mates (~1e-5 in pixels on the tiny model).
 
 Compute per prompt (T steps; the predictor adds its own, :class:`rl.predictors.PredictionCost`)::
 

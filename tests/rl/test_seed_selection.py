@@ -159,3 +159,16 @@ def test_preview_grid_frames_survivors_green_and_the_chosen_seed_blue():
     assert torch.allclose(corner[2], torch.tensor([0.1, 0.8, 0.1]))  # kept: green
     assert torch.equal(corner[1], torch.full((3,), 0.5)) and torch.equal(corner[3], corner[1])  # pruned: none
     assert torch.equal(grid[:, :, 2:-2, 2:-2], previews.repeat(2, 1, 1, 1)[:, :, 2:-2, 2:-2])
+
+
+def test_without_a_reward_the_best_predicted_survivor_is_returned_and_nothing_is_scored(tiny_flux_pipeline):
+    sampler = _sampler(tiny_flux_pipeline, batch_size=4)
+    embeds = encode_prompts(tiny_flux_pipeline, [s.prompt for s in SPECS], 512)  # a fresh probe's text length
+    torch.manual_seed(0)  # the random probe's weights
+    selector = SeedSelector(sampler, predictor_for("probe", sampler, 2, probe_path="init"), 2, reward=None)
+    for choice in selector.select(embeds, [0, 1, 2, 3], keep=2):
+        assert choice.kept == keep_best(choice.predicted, 2) and choice.chosen == choice.kept[0]
+        assert choice.kept_rewards is None and choice.images.shape == (2, 3, 32, 32)
+        # a probe costs nothing: 4 seeds x 2 steps + 2 survivors x 2 steps, 2 decodes, no reward call
+        assert choice.cost == selection_cost(4, 2, 4, 2, PredictionCost(), scored=False)
+        assert (choice.cost.transformer_calls, choice.cost.reward_calls) == (12, 0)
