@@ -491,7 +491,7 @@ class CheckpointConfig(Section):
     save_every_minutes: float = option(
         10.0,
         "Also write a checkpoint when this many minutes of training passed since the last one (0: by steps only). "
-        "The default keeps a killed run's loss under 10 minutes for well under 2% of a run's time; SIGTERM and "
+        "The default keeps a killed run's loss under 10 minutes at a small cost (bench/RESULTS.md, 'Checkpoint cost'); SIGTERM and "
         "SIGINT (preemption, Ctrl-C) and a run-stopping reward failure always write one before exiting.",
     )
     save_total_limit: int = option(
