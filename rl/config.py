@@ -491,11 +491,14 @@ class CheckpointConfig(Section):
     save_every_minutes: float = option(
         10.0,
         "Also write a checkpoint when this many minutes of training passed since the last one (0: by steps only). "
-        "The default keeps a killed run's loss under 10 minutes at a small cost (bench/RESULTS.md, 'Checkpoint cost'); SIGTERM and "
-        "SIGINT (preemption, Ctrl-C) and a run-stopping reward failure always write one before exiting.",
+        "The default keeps a killed run's loss under 10 minutes at a small cost (bench/RESULTS.md, 'Checkpoint "
+        "cost'); SIGTERM and SIGINT (preemption, Ctrl-C) and a run-stopping reward failure always write one before "
+        "exiting.",
     )
     save_total_limit: int = option(
-        0, "Keep only the newest N checkpoints (0: keep all). A checkpoint of FLUX.1-dev with r=64 is ~1-2 GB."
+        0,
+        "Keep only the newest N checkpoints (0: keep all). A checkpoint of FLUX.1-dev with r=64 is ~3.6 GB "
+        "(projected: bench/RESULTS.md, 'Checkpoint cost').",
     )
     resume_from: str | None = option(
         None,
