@@ -638,18 +638,19 @@ class GRPOTrainer:
         self.info("resumed from %s at step %d", path, self.state.step)
 
     def load_finished_summary(self) -> bool:
-        """Whether ``output_dir`` holds this run finished at the resumed step (``summary.json`` of that step); if so
-        the summary and final evaluation are loaded from it."""
+        """Whether ``output_dir`` holds this run finished at or after the resumed step (its ``summary.json``; a run
+        written before the trained end was checkpointed resumes from an earlier step); if so the summary and final
+        evaluation are loaded from it."""
         path = self.output_dir / "summary.json"
         summary = json.loads(path.read_text()) if path.is_file() else {}
-        if summary.get("steps") != self.state.step:
+        if summary.get("steps", -1) < self.state.step:
             return False
         self.summary, self.final_eval = summary, summary["final"]
         self.info(
             "%s holds this run, finished at step %d (summary.json): nothing to do. A new run: another output_dir "
             "(--output_dir) or --overwrite_output_dir true --resume_from ''",
             self.output_dir,
-            self.state.step,
+            summary["steps"],
         )
         return True
 
