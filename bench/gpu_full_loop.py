@@ -4,13 +4,14 @@ per-phase times and peak memory, under DDP (one process), ZeRO-2 and ZeRO-3 on o
 The pipeline is FLUX.1-dev's transformer with random weights (bf16) beside a tiny VAE and one-layer text encoders
 whose widths match it (T5 4096, CLIP pooled 768), saved once to ``--work``; every mode then runs the real entry
 script (``launch/grpo_flux.py``, through ``accelerate launch`` for DeepSpeed) on the shapes prompts: ``--steps``
-GRPO steps of 2 prompts x 8 rollouts, half of each group kept after a preview at call 4 (Pro-GRPO's predictor; the
-attention probe needs one trained on this model's rollouts), a checkpoint at step ``--steps - 2``, then a resume
+GRPO steps of 2 prompts x 8 rollouts, half of each group kept at step 4 by ``--predictor`` (default the attention
+probe, freshly initialised: random weights cost what trained ones do, and no probe is trained for this model; or
+``preview``, ``lookahead``), a checkpoint at step ``--steps - 2``, then a resume
 from it to the end, compared with the uninterrupted run's LoRA. 1024 image tokens (256 px through the tiny VAE's
 4x downsampling) and 512 text tokens.
 
     python bench/gpu_full_loop.py                    # on a GPU: writes bench/gpu_full_loop.json + RESULTS section
-    python bench/gpu_full_loop.py --smoke            # CPU, tiny transformer, DDP only, seconds: what the tests run
+    python bench/gpu_full_loop.py --smoke            # CPU, tiny transformer, DDP (--modes: also ZeRO): the tests
 
 Times are the trainer's own ``time/<phase>_s`` (mean over the steps after the first), memory its ``memory/*``.
 """
@@ -69,15 +70,15 @@ def build_pipeline_folder(folder: Path, transformer_config: dict, text_length: i
     pipeline.to(dtype=dtype).save_pretrained(folder)
 
 
-def run_args(pipeline: Path, output: Path, steps: int, smoke: bool) -> list[str]:
+def run_args(pipeline: Path, output: Path, steps: int, smoke: bool, predictor: str = "probe") -> list[str]:
     size = ["--height", "64", "--width", "64", "--max_sequence_length", "16", "--num_steps", "6"] if smoke else [
         "--height", "256", "--width", "256", "--max_sequence_length", "512", "--num_steps", "10"]  # fmt: skip
     return [
         "--config", str(ROOT / "configs" / "tiny_shapes.yaml"), "--pretrained", str(pipeline), *size,
         "--mixed_precision", "no" if smoke else "bf16", "--lora_rank", "64", "--lora_alpha", "128",
         "--prompts_per_step", "2", "--group_size", "8", "--sample_batch_size", "8", "--train_batch_size", "4",
-        "--prune_policy", "variance", "--prune_keep_fraction", "0.5", "--predictor", "preview", "--capture_step", "4",
-        "--probe_path", "", "--max_steps", str(steps), "--max_minutes", "0", "--save_every", str(steps - 2),
+        "--prune_policy", "variance", "--prune_keep_fraction", "0.5", "--predictor", predictor, "--capture_step", "4",
+        "--probe_path", "init" if predictor == "probe" else "", "--max_steps", str(steps), "--max_minutes", "0", "--save_every", str(steps - 2),
         "--eval_every", "0", "--eval_before_training", "false", "--final_eval_num_prompts", "2",
         "--final_eval_images_per_prompt", "1", "--wandb_mode", "disabled", "--progress_bar", "false",
         "--output_dir", str(output),
@@ -99,11 +100,11 @@ def lora(folder: Path) -> dict[str, torch.Tensor]:
     return load_file(folder / "lora" / "pytorch_lora_weights.safetensors")
 
 
-def run_mode(mode: str, pipeline: Path, work: Path, steps: int, smoke: bool) -> dict:
+def run_mode(mode: str, pipeline: Path, work: Path, steps: int, smoke: bool, predictor: str) -> dict:
     """The uninterrupted run, then a resume from its checkpoint at step ``steps - 2``; times, memory, equality."""
     output = work / mode
     shutil.rmtree(output, ignore_errors=True)
-    args = run_args(pipeline, output, steps, smoke)
+    args = run_args(pipeline, output, steps, smoke, predictor)
     launch(mode, args)
     whole = lora(output)
     records = [r for r in read_metrics(output / "metrics.jsonl") if "time/step_s" in r]
@@ -125,7 +126,8 @@ def report_lines(result: dict, command: str) -> list[str]:
     lines = [
         f"### {result['date'][:10]} on {result['device']}: `{command}`",
         "",
-        f"{result['steps']} GRPO steps (2 prompts x 8 rollouts, half kept after a preview at call 4), then a resume "
+        f"{result['steps']} GRPO steps (2 prompts x 8 rollouts, half kept at step 4 by the {result['predictor']}), "
+        "then a resume "
         f"from step {result['steps'] - 2}; seconds per step after the first; peak memory of the process.",
         "",
         "| mode | step s | " + " | ".join(f"{p} s" for p in PHASES) + " | peak GiB | resume max abs diff |",
@@ -140,9 +142,12 @@ def report_lines(result: dict, command: str) -> list[str]:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
-    parser.add_argument("--smoke", action="store_true", help="CPU, tiny transformer, DDP only (seconds)")
+    parser.add_argument("--smoke", action="store_true", help="CPU, tiny transformer (seconds per mode)")
     parser.add_argument("--steps", type=int, default=5, help="GRPO steps; the checkpoint is at steps - 2")
-    parser.add_argument("--modes", default="ddp,zero2,zero3", help="comma-separated, of: " + ", ".join(MODES))
+    parser.add_argument(
+        "--modes", default=None, help="comma-separated, of: " + ", ".join(MODES) + " (default: all; --smoke: ddp)"
+    )
+    parser.add_argument("--predictor", default="probe", choices=("probe", "preview", "lookahead"), help="what prunes")
     parser.add_argument("--work", default="/tmp/gpu_full_loop", help="folder of the pipeline and the runs")
     parser.add_argument("--out", default="bench/gpu_full_loop.json", help="JSON output")
     parser.add_argument("--results", default="bench/RESULTS.md", help="Markdown file of the section ('': none)")
@@ -158,12 +163,13 @@ def main(argv: list[str] | None = None) -> dict:
     if not (pipeline / "model_index.json").is_file():
         config, length = (TINY, 16) if args.smoke else (FLUX_DEV, 512)
         build_pipeline_folder(pipeline, config, length, torch.float32 if args.smoke else torch.bfloat16)
-    modes = ["ddp"] if args.smoke else args.modes.split(",")
+    modes = (args.modes or ("ddp" if args.smoke else ",".join(MODES))).split(",")
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
     result = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "device": device, "steps": args.steps}
+    result["predictor"] = args.predictor
     result["modes"] = {}
     for mode in modes:
-        result["modes"][mode] = run_mode(mode, pipeline, work, args.steps, args.smoke)
+        result["modes"][mode] = run_mode(mode, pipeline, work, args.steps, args.smoke, args.predictor)
         print(mode, json.dumps(result["modes"][mode]), flush=True)
     Path(args.out).write_text(json.dumps(result, indent=1))
     if args.results:
