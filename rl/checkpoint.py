@@ -24,6 +24,7 @@ raises :class:`CheckpointWriteError`. With several nodes, ``output_dir`` must be
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
@@ -31,7 +32,7 @@ import logging
 import pickle
 import re
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -256,6 +257,50 @@ def _agree(accelerator: Accelerator, failure: Exception | None, final: Path, tmp
     raise failure
 
 
+class _DeferredWrites:
+    """DeepSpeed's checkpoint engine with its writes' failures remembered instead of raised (the first one)."""
+
+    def __init__(self, inner) -> None:
+        self.inner = inner
+        self.failure: Exception | None = None
+
+    def __getattr__(self, name: str):
+        return getattr(self.inner, name)
+
+    def _guard(self, write: Callable, *args, **kwargs):
+        try:
+            return write(*args, **kwargs)
+        except Exception as error:  # a full disk on this process: the others still wait in the save's collectives
+            self.failure = self.failure or error
+            return None
+
+    def makedirs(self, *args, **kwargs):
+        return self._guard(self.inner.makedirs, *args, **kwargs)
+
+    def save(self, *args, **kwargs):
+        return self._guard(self.inner.save, *args, **kwargs)
+
+    def commit(self, *args, **kwargs):
+        return self._guard(self.inner.commit, *args, **kwargs)
+
+    def raise_first(self) -> None:
+        if self.failure is not None:
+            raise self.failure
+
+
+@contextlib.contextmanager
+def deferred_write_failures(engine) -> Iterator[_DeferredWrites]:
+    """Within the block, ``engine``'s (a ``DeepSpeedEngine``'s) checkpoint writes never raise: a failed one is
+    kept for :meth:`_DeferredWrites.raise_first`. DeepSpeed's ``save_checkpoint`` ends in a barrier; a process
+    whose write raised would leave it early and the others would wait there until ``distributed_timeout_s``."""
+    deferred = _DeferredWrites(engine.checkpoint_engine)
+    engine.checkpoint_engine = deferred
+    try:
+        yield deferred
+    finally:
+        engine.checkpoint_engine = deferred.inner
+
+
 def save_checkpoint(
     accelerator: Accelerator,
     output_dir: str | Path,
@@ -283,8 +328,8 @@ def save_checkpoint(
     Raises:
         CheckpointWriteError: a write failed (a full disk, a quota); the partial folder is removed and the earlier
             checkpoints are untouched. Every process raises, the ones that did not fail naming those that did:
-            the processes agree on success after each phase instead of waiting at a barrier (under FSDP and
-            ZeRO-3 the saving itself is collective, and a failure inside it is caught by ``distributed_timeout_s``).
+            the processes agree on success after each phase instead of waiting at a barrier (DeepSpeed's own
+            collective save holds a failed write until it is through: :func:`deferred_write_failures`).
     """
     root = Path(output_dir) / CHECKPOINTS
     final = root / checkpoint_name(step)
@@ -299,9 +344,14 @@ def save_checkpoint(
     def write() -> None:
         if is_fsdp(accelerator):
             save_fsdp_state(accelerator, model, optimizer, tmp)
+        elif is_deepspeed(accelerator):
+            # DeepSpeed's save is collective (barriers, ZeRO-3 gathers): a write failing inside it is held until
+            # the save is through on every process, then raised, so the agreement below sees it at once
+            with deferred_write_failures(model) as deferred:
+                accelerator.save_state(str(tmp), exclude_frozen_parameters=True, save_latest=False)
+            deferred.raise_first()
         else:
-            extra = {"exclude_frozen_parameters": True} if is_deepspeed(accelerator) else {}
-            accelerator.save_state(str(tmp), **extra)
+            accelerator.save_state(str(tmp))
         torch.save(rank_state, tmp / f"rank_{accelerator.process_index}.pt")
         if accelerator.is_main_process:
             torch.save(trainer_state, tmp / TRAINER_STATE)

@@ -149,6 +149,24 @@ def test_zero3_reads_the_lora_whole_for_the_kl_reference_and_the_probe_as_ddp_do
         assert all(r["prune/survivor_frac"] == 0.5 for r in records)
 
 
+def test_a_write_failing_inside_deepspeeds_collective_save_stops_both_at_once(ddp_runs, tmp_path):
+    """ZeRO-2: rank 1's optimizer shard cannot be written inside DeepSpeed's save_checkpoint, which ends in a
+    barrier. The failure is held until the save is through, so both processes exit with one line each long before
+    distributed_timeout_s (600 s), and no partial checkpoint is left."""
+    run = tmp_path / "run"
+    args = [*run_args(ddp_runs / "pipeline", run), "--save_every", "1", "--distributed_timeout_s", "600"]
+    config = str(ROOT / "configs" / "accelerate" / "deepspeed_zero2.yaml")
+    launcher = ("--config_file", config, "--num_processes", "2", "--mixed_precision", "no")
+    started = time.time()
+    process = launch(tmp_path / "dump", args, *launcher, env={"FAIL_DEEPSPEED_SAVE_RANK": "1"})
+    output, _ = process.communicate(timeout=600)
+    assert process.returncode != 0 and time.time() - started < 300, output[-3000:]
+    errors = [line for line in output.splitlines() if line.startswith("error: could not write checkpoint")]
+    assert len(errors) == 2, output[-3000:]
+    assert any("the disk is full" in line for line in errors) and any("process 1 failed" in line for line in errors)
+    assert not list((run / "checkpoints").glob("*"))
+
+
 def test_fsdp_refuses_uneven_work(ddp_runs, tmp_path):
     args = [*run_args(ddp_runs / "pipeline", tmp_path / "run"), "--prompts_per_step", "3"]
     process = launch(tmp_path / "uneven", args, *FSDP_CPU)

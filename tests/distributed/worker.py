@@ -2,8 +2,9 @@
 
     accelerate launch --config_file configs/accelerate/cpu_2proc.yaml tests/distributed/worker.py DUMP_DIR -- ARGS
 
-With ``FAIL_CHECKPOINT_RANK=i`` rank i's checkpoint writes fail as on a full disk, and the script runs as on the
-command line (``grpo_flux.cli``: user errors as one line, the exit status).
+With ``FAIL_CHECKPOINT_RANK=i`` rank i's checkpoint writes fail as on a full disk (``FAIL_DEEPSPEED_SAVE_RANK=i``:
+its writes inside DeepSpeed's own collective save), and the script runs as on the command line (``grpo_flux.cli``:
+user errors as one line, the exit status).
 
 ``DUMP_DIR/rank<i>.pt`` gets the live LoRA parameters (a list of whole tensors, the trainer's order) of rank i;
 ``DUMP_DIR/rank<i>.json`` per GRPO step the group ids of rank i's prompts and of its rollouts, and how many
@@ -76,11 +77,21 @@ def failing_export(export_lora, rank: int):
     return wrapped
 
 
+def failing_deepspeed_save(self, state_dict, path):
+    raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+
 if __name__ == "__main__":
     dump, separator, *args = sys.argv[1:]
     assert separator == "--", "usage: worker.py DUMP_DIR -- ARGS"
     if "FAIL_CHECKPOINT_RANK" in os.environ:
         GRPOTrainer.export_lora = failing_export(GRPOTrainer.export_lora, int(os.environ["FAIL_CHECKPOINT_RANK"]))
+        raise SystemExit(grpo_flux.cli(args))
+    if os.environ.get("FAIL_DEEPSPEED_SAVE_RANK") == os.environ.get("RANK"):
+        from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+        TorchCheckpointEngine.save = failing_deepspeed_save
+    if "FAIL_DEEPSPEED_SAVE_RANK" in os.environ:
         raise SystemExit(grpo_flux.cli(args))
     GRPOTrainer.optimise = recording_optimise(GRPOTrainer.optimise)
     GRPOTrainer.policy_loss = recording_policy_loss(GRPOTrainer.policy_loss)
