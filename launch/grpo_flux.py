@@ -29,7 +29,7 @@ from rewards.remote import RemoteRewardError
 from rl.checkpoint import CheckpointWriteError
 from rl.config import RunConfig
 from rl.config_parse import parse_config
-from rl.distributed import peers_lost_as_error
+from rl.distributed import PeerFailedError, peers_lost_as_error
 from rl.sampler import native_size_warning
 from rl.trainer import GRPOTrainer
 
@@ -91,6 +91,7 @@ USER_ERRORS = (
     # a reward that raised or returned NaN / a wrong shape (which reward, and the failure policy to set), or a
     # reward server that is down (its URL and how to start it: RemoteRewardError)
     RewardError,
+    PeerFailedError,  # another process failed the step and says why; this one checkpointed with it
 )
 
 

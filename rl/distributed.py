@@ -61,6 +61,10 @@ def build_accelerator(
     return accelerator
 
 
+class PeerFailedError(RuntimeError):
+    """Another process of the run failed a step (its own message says why); this one stopped with it."""
+
+
 # what gloo and NCCL say when the process at the other end of a collective is gone or silent
 PEER_FAILURES = ("Connection closed by peer", "Connection reset by peer", "Timed out", "timed out", "Broken pipe")
 

@@ -48,6 +48,7 @@ from rl.config import RunConfig
 from rl.cost import flux_equivalent
 from rl.data import load_prompt_source, shard
 from rl.distributed import (
+    PeerFailedError,
     build_accelerator,
     check_even_work,
     configure_deepspeed,
@@ -103,6 +104,7 @@ class GRPOTrainer:
         self.final_eval: dict[str, float] = {}
         self.summary: dict = {}
         self.saved_step = -1  # the step of the newest checkpoint written or resumed from (-1: none)
+        self.step_failure: Exception | None = None  # a chunk's failed reward, held to the end of the step
         self.last_eval = math.nan
         self.started = time.time()
 
@@ -219,19 +221,26 @@ class GRPOTrainer:
         with StopSignals() as signals:
             while not self.finished:
                 batch = self.next_prompts()  # whole groups for this process, encoded once
+                failure = self.step_failure = None
                 try:
                     with self.reward_set.step():  # one retry budget for the step's batches; a step lost counts once
                         if self.pruner is None:
                             # SDE sampling with log-probs, chunk by chunk; each chunk's decode + reward beside the next
                             scored = self.finish_and_score(batch, self.start(batch))
-                            advantages = self.advantages(scored)  # per prompt group
                         else:  # to step k with capture, probe, prune, continue and score survivors only (+ refresh)
                             scored, advantages = self.pruner.sample_and_score(self, batch)
-                except Exception:  # a reward that stops the run: nothing of this step is applied yet
-                    if self.accelerator.num_processes == 1:  # several would wait on the others' collectives
-                        self.info("the step failed: checkpointing the %d steps done first", self.state.step)
-                        self.save_checkpoint()
-                    raise
+                except Exception as error:  # a reward that stops the run: nothing of this step is applied yet
+                    failure = error
+                failure = self.step_failure or failure
+                # unpruned, a chunk's failed reward is held until the step's collectives are through, so every
+                # process gets here and they agree; the pruned phase's predictors raise where they score, and a
+                # failed process's peers can only wait for distributed_timeout_s
+                if self.pruner is None or self.accelerator.num_processes == 1:
+                    self.stop_if_the_step_failed(failure)
+                elif failure is not None:
+                    raise failure
+                if self.pruner is None:
+                    advantages = self.advantages(scored)  # per prompt group
                 self.optimise(batch, scored, advantages)  # PPO-clipped loss over the trained steps
                 self.state.step += 1
                 self.log_step(bar)
@@ -242,10 +251,9 @@ class GRPOTrainer:
                     self.save_checkpoint()
                 if stop:
                     bar.close()
-                    again = "" if cfg.checkpoint.resume_from == "latest" else " plus --resume_from latest"
                     raise SystemExit(
                         f"stopped by {signals.name} after step {self.state.step}: checkpoint written to "
-                        f"{self.output_dir / 'checkpoints'}; continue with the same command{again}"
+                        f"{self.output_dir / 'checkpoints'}; continue with {self.relaunch}"
                     )
         bar.close()
         c = cfg.checkpoint
@@ -358,14 +366,25 @@ class GRPOTrainer:
                 finished.append(done)
                 if self.decode_pool is None:
                     with self.phase("score_wait"):
-                        results.append(self.decode_and_submit(batch, done).result())
+                        results.append(self.held_result(self.decode_and_submit(batch, done), len(done)))
                 else:
                     pending.append(self.decode_pool.submit(self.decode_and_submit, batch, done))
         with self.phase("score_wait"):  # what of the decoding and scoring sampling did not hide
-            results += [future.result().result() for future in pending]
+            results += [self.held_result(future.result(), len(done)) for future, done in zip(pending, finished)]
         result = RewardResult.concatenate(results)
         self.overlapped_times["reward"] = self.overlapped_times.get("reward", 0.0) + result.seconds
         return self.score(batch, Rollouts.concatenate(finished), result)
+
+    def held_result(self, future: Future[RewardResult], rollouts: int) -> RewardResult:
+        """A chunk's reward; a reward that failed the run is held in ``step_failure`` (the first) and the chunk comes
+        back all invalid, so this process makes the step's remaining collectives with the others and they can
+        agree to stop together (:meth:`stop_if_the_step_failed`)."""
+        try:
+            return future.result()
+        except Exception as error:
+            self.step_failure = self.step_failure or error
+            nan = torch.full((rollouts,), math.nan)
+            return RewardResult(nan, {}, torch.zeros(rollouts, dtype=torch.bool), failures=[str(error)])
 
     def decode_and_submit(self, batch: PromptBatch, rollouts: Rollouts) -> Future[RewardResult]:
         """Decode finished ``rollouts`` and hand the images to the reward pool (the decode worker runs this).
@@ -724,6 +743,28 @@ class GRPOTrainer:
     def add_prediction_cost(self, cost: PredictionCost) -> None:
         """Count a predictor's extra transformer calls (its decodes and reward calls went through :meth:`judge`)."""
         self.state.transformer_calls += self.global_count(int(cost.transformer_calls))
+
+    def stop_if_the_step_failed(self, failure: Exception | None) -> None:
+        """Every process calls it: if the step failed on any (a reward that stops the run), all checkpoint the steps
+        done, then the failed ones raise their error and the others say which process failed."""
+        failed = self.global_count(int(failure is not None))
+        if not failed:
+            return
+        self.info("the step failed on %d process(es): checkpointing the %d steps done first", failed, self.state.step)
+        self.save_checkpoint()
+        if failure is not None:
+            raise failure
+        raise PeerFailedError(
+            f"step {self.state.step + 1} failed on another process (its message says why); the {self.state.step} "
+            f"steps done are checkpointed in {self.output_dir / 'checkpoints'}: fix the cause, then continue with "
+            f"{self.relaunch}"
+        )
+
+    @property
+    def relaunch(self) -> str:
+        """How a user continues this run from its newest checkpoint."""
+        resumes = self.config.checkpoint.resume_from == "latest"
+        return "the same command" + ("" if resumes else " plus --resume_from latest")
 
     def global_count(self, count: int) -> int:
         """``count`` summed over every process (a collective call: every process must make it)."""

@@ -167,6 +167,26 @@ def test_a_write_failing_inside_deepspeeds_collective_save_stops_both_at_once(dd
     assert not list((run / "checkpoints").glob("*"))
 
 
+def test_a_reward_failing_on_one_process_checkpoints_on_both_then_both_stop(ddp_runs, tmp_path):
+    """Rank 1's reward fails in step 2: both processes checkpoint step 1 together, rank 1 prints the reward's error
+    and rank 0 which process failed, both within seconds; the same command then resumes from step 1."""
+    run = tmp_path / "run"
+    args = [*run_args(ddp_runs / "pipeline", run), "--distributed_timeout_s", "600"]
+    started = time.time()
+    process = launch(tmp_path / "dump", args, "--config_file", CPU_2PROC, env={"FAIL_REWARD_RANK": "1"})
+    output, _ = process.communicate(timeout=600)
+    assert process.returncode != 0 and time.time() - started < 300, output[-3000:]
+    errors = [line for line in output.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 2, output[-3000:]
+    assert any("the judge is down" in line for line in errors)
+    assert any("step 2 failed on another process" in line and "continue with the same command" in line
+               for line in errors)  # fmt: skip
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["step-00000001"]
+    finish(launch(tmp_path / "resumed", args, "--config_file", CPU_2PROC))
+    steps = [r["train/step"] for r in read_metrics(run / "metrics.jsonl") if "train/step" in r]
+    assert steps == [1, 2]
+
+
 def test_fsdp_refuses_uneven_work(ddp_runs, tmp_path):
     args = [*run_args(ddp_runs / "pipeline", tmp_path / "run"), "--prompts_per_step", "3"]
     process = launch(tmp_path / "uneven", args, *FSDP_CPU)

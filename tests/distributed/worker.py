@@ -3,7 +3,8 @@
     accelerate launch --config_file configs/accelerate/cpu_2proc.yaml tests/distributed/worker.py DUMP_DIR -- ARGS
 
 With ``FAIL_CHECKPOINT_RANK=i`` rank i's checkpoint writes fail as on a full disk (``FAIL_DEEPSPEED_SAVE_RANK=i``:
-its writes inside DeepSpeed's own collective save), and the script runs as on the command line (``grpo_flux.cli``:
+its writes inside DeepSpeed's own collective save; ``FAIL_REWARD_RANK=i``: its reward fails in the second GRPO step),
+and the script runs as on the command line (``grpo_flux.cli``:
 user errors as one line, the exit status).
 
 ``DUMP_DIR/rank<i>.pt`` gets the live LoRA parameters (a list of whole tensors, the trainer's order) of rank i;
@@ -15,6 +16,7 @@ import errno
 import json
 import os
 import sys
+from concurrent.futures import Future
 from pathlib import Path
 
 import torch
@@ -27,6 +29,7 @@ torch.set_num_threads(1)  # ranks on two shared cores: more threads per rank onl
 
 import grpo_flux  # noqa: E402
 
+from rewards.base import RewardError  # noqa: E402
 from rl.trainer import GRPOTrainer  # noqa: E402
 
 steps: list[dict] = []
@@ -77,6 +80,19 @@ def failing_export(export_lora, rank: int):
     return wrapped
 
 
+def failing_second_step(submit_images):
+    """The reward pool's answer in the second GRPO step: the error a reward that stops the run raises."""
+
+    def wrapped(self, batch, prompt_index, images):
+        if self.state.step != 1:
+            return submit_images(self, batch, prompt_index, images)
+        failed = Future()
+        failed.set_exception(RewardError("reward 'flaky' raised ValueError: the judge is down (prompt 'p')"))
+        return failed
+
+    return wrapped
+
+
 def failing_deepspeed_save(self, state_dict, path):
     raise OSError(errno.ENOSPC, "No space left on device", str(path))
 
@@ -87,11 +103,14 @@ if __name__ == "__main__":
     if "FAIL_CHECKPOINT_RANK" in os.environ:
         GRPOTrainer.export_lora = failing_export(GRPOTrainer.export_lora, int(os.environ["FAIL_CHECKPOINT_RANK"]))
         raise SystemExit(grpo_flux.cli(args))
-    if os.environ.get("FAIL_DEEPSPEED_SAVE_RANK") == os.environ.get("RANK"):
+    rank = os.environ.get("RANK", "0")
+    if os.environ.get("FAIL_DEEPSPEED_SAVE_RANK") == rank:
         from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
 
         TorchCheckpointEngine.save = failing_deepspeed_save
-    if "FAIL_DEEPSPEED_SAVE_RANK" in os.environ:
+    if os.environ.get("FAIL_REWARD_RANK") == rank:
+        GRPOTrainer.submit_images = failing_second_step(GRPOTrainer.submit_images)
+    if "FAIL_DEEPSPEED_SAVE_RANK" in os.environ or "FAIL_REWARD_RANK" in os.environ:
         raise SystemExit(grpo_flux.cli(args))
     GRPOTrainer.optimise = recording_optimise(GRPOTrainer.optimise)
     GRPOTrainer.policy_loss = recording_policy_loss(GRPOTrainer.policy_loss)
