@@ -126,6 +126,17 @@ def _partial_metrics_line(folder: Path) -> list[str]:
     return _resume_to_3(output)
 
 
+def _relaunch_finished(folder: Path) -> list[str]:
+    """The shipped config resumes its output_dir: run again, a finished run is reported, not redone."""
+    output = finished_run(folder)
+    shutil.copyfile(output / "summary.json", folder / "summary.before.json")
+    return ["--output_dir", str(output)]
+
+
+def _not_redone(folder: Path) -> bool:
+    return (folder / "run" / "summary.json").read_bytes() == (folder / "summary.before.json").read_bytes()
+
+
 def _resumed_to_3(folder: Path) -> bool:
     return steps_logged(folder / "run") == [1, 2, 3]
 
@@ -162,12 +173,15 @@ CASES = [
     Case("yaml_duplicate_key", "a config file setting a key twice",
          lambda f: ["--config", str(_write(f, "dup.yaml", "learning_rate: 1e-4\nlearning_rate: 1e-3\n"))],
          "learning_rate", "tests/test_configs.py"),
-    Case("used_output_dir", "a fresh run into a folder holding a run (no --resume_from)",
-         lambda f: ["--output_dir", str(finished_run(f))], "holds another run", "tests/rl/test_checkpoint.py"),
+    Case("used_output_dir", "a fresh run (resume_from unset) into a folder holding a run",
+         lambda f: ["--output_dir", str(finished_run(f)), "--resume_from", ""], "holds another run",
+         "tests/rl/test_trainer.py"),
+    Case("relaunch_finished", "the same command again after the run finished", _relaunch_finished, None,
+         "tests/rl/test_checkpoint.py", _not_redone),
     Case("resume_changed_group", "a resume with another group size", _resume_changed("group_size", "8"),
-         "group_size", "tests/rl/test_checkpoint.py"),
+         "group_size", "tests/rl/test_trainer.py"),
     Case("resume_changed_seed", "a resume with another seed", _resume_changed("seed", "7"), "seed",
-         "tests/rl/test_checkpoint.py"),
+         "tests/rl/test_trainer.py"),
     Case("truncated_weights", "the latest checkpoint's model.safetensors cut in half",
          lambda f: _damage_latest(f, "model.safetensors"), None, "tests/rl/test_checkpoint.py",
          _resumed_to_3),
@@ -177,7 +191,7 @@ CASES = [
     Case("malicious_state", "a checkpoint whose trainer_state.pt runs os.system when unpickled", _malicious_state,
          "trainer_state.pt", "tests/rl/test_checkpoint.py", lambda f: not (f / "pwned").exists()),
     Case("partial_metrics_line", "metrics.jsonl ending in half a line (a crash mid-write)", _partial_metrics_line,
-         None, "tests/rl/test_checkpoint.py", _resumed_to_3),
+         None, "tests/rl/test_metrics_log.py", _resumed_to_3),
     Case("reward_server_down", "a remote reward whose server is not running",
          lambda f: ["--reward", "remote", "--reward_kwargs", '{"remote": {"url": "http://127.0.0.1:9"}}'],
          "127.0.0.1:9", "tests/rewards/test_remote.py"),
