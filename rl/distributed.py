@@ -69,6 +69,13 @@ class PeerFailedError(RuntimeError):
 PEER_FAILURES = ("Connection closed by peer", "Connection reset by peer", "Timed out", "timed out", "Broken pipe")
 
 
+def is_lost_peer(error: BaseException) -> bool:
+    """Whether ``error`` is a collective failing because another process died or did not answer."""
+    if not isinstance(error, RuntimeError):
+        return False
+    return isinstance(error, torch.distributed.DistError) or any(s in str(error) for s in PEER_FAILURES)
+
+
 @contextlib.contextmanager
 def peers_lost_as_error(accelerator: Accelerator, timeout_s: float, output_dir: str | Path) -> Iterator[None]:
     """Inside the block a collective that fails because another process died or hung ends this one with a
@@ -80,8 +87,7 @@ def peers_lost_as_error(accelerator: Accelerator, timeout_s: float, output_dir: 
     try:
         yield
     except RuntimeError as error:  # torch's DistError subclasses it; gloo raises it plainly
-        lost = isinstance(error, torch.distributed.DistError) or any(s in str(error) for s in PEER_FAILURES)
-        if accelerator.num_processes == 1 or not lost:
+        if accelerator.num_processes == 1 or not is_lost_peer(error):
             raise
         raise SystemExit(
             f"process {accelerator.process_index} of {accelerator.num_processes}: another process of the run died "

@@ -52,6 +52,7 @@ from rl.distributed import (
     build_accelerator,
     check_even_work,
     configure_deepspeed,
+    is_lost_peer,
     shards_parameters,
     whole_model_loading,
 )
@@ -230,6 +231,8 @@ class GRPOTrainer:
                         else:  # to step k with capture, probe, prune, continue and score survivors only (+ refresh)
                             scored, advantages = self.pruner.sample_and_score(self, batch)
                 except Exception as error:  # a reward that stops the run: nothing of this step is applied yet
+                    if is_lost_peer(error):  # another process is gone: no agreement to wait for
+                        raise
                     failure = error
                 failure = self.step_failure or failure
                 # unpruned, a chunk's failed reward is held until the step's collectives are through, so every
