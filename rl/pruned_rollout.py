@@ -9,8 +9,10 @@ Per GRPO step, in place of the trainer's ``rollout -> score -> advantages``::
          whole groups, each decoded and scored by the real reward while the next denoises  runner.finish_and_score
       -> advantages ("survivors" or "imputed")                              rl.pruning.pruned_advantages
       -> prune_train_early: pruned rollouts join the trained set for their steps < k (imputed advantages)
-      -> what selection bought (survivors' real reward spread), the probe's online quality and buffer
-      -> every probe_refresh_every steps: fine-tune the probe on the buffer  phase "probe_refresh"
+      -> what selection bought (survivors' real reward spread), the probe's online quality
+    once every process agrees the step stands (no reward failed anywhere)   commit
+      -> the survivors join the probe's buffer; every probe_refresh_every steps the probe is fine-tuned on it
+                                                                            phase "probe_refresh"
 
 m is ``prune_expand`` (expand-and-prune, Pro-GRPO); the ``reward`` predictor finishes every rollout (k = T) and
 its rewards are the survivors' (PODS). With ``prune_policy: none`` every rollout survives and the step is
@@ -174,7 +176,8 @@ def funnel_step(stages: list[PrunedStep]) -> PrunedStep:
 
 
 class PrunedRollout:
-    """The trainer's rollout phase with pruning; the trainer calls :meth:`sample_and_score` once per step.
+    """The trainer's rollout phase with pruning; the trainer calls :meth:`sample_and_score` once per step, then
+    :meth:`commit` once the step stands.
 
     Args:
         config: the run's config (its ``pruning`` section drives everything here).
@@ -204,6 +207,7 @@ class PrunedRollout:
             for (k, r), predictor in zip(stages, predictors)
         ]
         self.buffer = ProbeBuffer(p.probe_buffer_size)
+        self.pending: ProbeDataset | None = None  # the step's survivors, until the step is committed
         self.last: PrunedStep | None = None
         self.stage_steps: list[PrunedStep] = []
 
@@ -275,9 +279,6 @@ class PrunedRollout:
             every, imputed = self.imputed_advantages(runner, scored)
             advantages = every[selection.survivors]
         self.record(runner, scored, len(early))
-        if p.probe_refresh_every and (runner.step + 1) % p.probe_refresh_every == 0:
-            with runner.phase("probe_refresh"):
-                self.refresh(runner.step)
         if p.prune_train_early:  # the config requires prune_advantage: imputed
             pruned = torch.nonzero(imputed & ~selection.keep).flatten()
             return self.with_early_steps(scored, advantages, early, pruned, every, sampler.num_steps)
@@ -363,7 +364,8 @@ class PrunedRollout:
     # ------------------------------------------------------------------ online probe
 
     def record(self, runner: RolloutRunner, scored: ScoredRollouts, started: int) -> None:
-        """Log the step's pruning figures, what selection bought and the probe's online quality; fill the buffer.
+        """Log the step's pruning figures, what selection bought and the probe's online quality; hold the survivors
+        for the buffer (:meth:`commit`).
 
         What selection bought: the survivors' real reward std inside a group (the trainer's ``reward/group_std``,
         what GRPO learns from) beside ``prune/explore_reward_std``, the same over the random exploration slice
@@ -416,7 +418,19 @@ class PrunedRollout:
             for key in ("pcc", "within_group_srcc", "top_half_recall"):
                 if math.isfinite(online[key]):
                     metrics.add(f"probe/{key}_online", online[key])
-        self.buffer.add(local)
+        self.pending = local
+
+    def commit(self, runner: RolloutRunner) -> None:
+        """Apply what the step taught the probe: its survivors join the buffer, and every ``probe_refresh_every``
+        steps the probe is fine-tuned on it. The trainer calls this only once every process agreed the step stands
+        (a reward failed nowhere), so a checkpoint written on a failure holds no part of the failed step."""
+        if self.pending is not None:
+            self.buffer.add(self.pending)
+            self.pending = None
+        every = self.pruning.probe_refresh_every
+        if every and (runner.step + 1) % every == 0:
+            with runner.phase("probe_refresh"):
+                self.refresh(runner.step)
 
     def refresh(self, step: int) -> list[dict]:
         """Fine-tune the probe on the buffer (normalisation fixed; seeded by the step, identical on every process)."""

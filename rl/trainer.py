@@ -234,16 +234,13 @@ class GRPOTrainer:
                     if is_lost_peer(error):  # another process is gone: no agreement to wait for
                         raise
                     failure = error
-                failure = self.step_failure or failure
-                # unpruned, a chunk's failed reward is held until the step's collectives are through, so every
-                # process gets here and they agree; the pruned phase's predictors raise where they score, and a
-                # failed process's peers can only wait for distributed_timeout_s
-                if self.pruner is None or self.accelerator.num_processes == 1:
-                    self.stop_if_the_step_failed(failure)
-                elif failure is not None:
-                    raise failure
+                # a failed reward (a chunk's, or a predictor's preview) is held until the step's collectives are
+                # through, so every process gets here and they agree before anything of the step is applied
+                self.stop_if_the_step_failed(self.step_failure or failure)
                 if self.pruner is None:
                     advantages = self.advantages(scored)  # per prompt group
+                else:
+                    self.pruner.commit(self)  # the survivors join the probe's buffer (and refresh it when due)
                 self.optimise(batch, scored, advantages)  # PPO-clipped loss over the trained steps
                 self.state.step += 1
                 self.log_step(bar)
@@ -379,7 +376,7 @@ class GRPOTrainer:
         return self.score(batch, Rollouts.concatenate(finished), result)
 
     def held_result(self, future: Future[RewardResult], rollouts: int) -> RewardResult:
-        """A chunk's reward; a reward that failed the run is held in ``step_failure`` (the first) and the chunk comes
+        """A chunk's or a preview's reward; a reward that failed the run is held in ``step_failure`` (the first) and the chunk comes
         back all invalid, so this process makes the step's remaining collectives with the others and they can
         agree to stop together (:meth:`stop_if_the_step_failed`)."""
         try:
@@ -421,7 +418,7 @@ class GRPOTrainer:
         with self.phase("decode"), self.accelerator.autocast():
             images = self.sampler.decode(latents)
         with self.phase("reward"):
-            return self.submit_images(batch, prompt_index, images).result()
+            return self.held_result(self.submit_images(batch, prompt_index, images), len(latents))
 
     def submit_images(
         self, batch: PromptBatch, prompt_index: torch.Tensor, images: torch.Tensor

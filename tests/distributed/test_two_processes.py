@@ -167,11 +167,17 @@ def test_a_write_failing_inside_deepspeeds_collective_save_stops_both_at_once(dd
     assert not list((run / "checkpoints").glob("*"))
 
 
-def test_a_reward_failing_on_one_process_checkpoints_on_both_then_both_stop(ddp_runs, tmp_path):
-    """Rank 1's reward fails in step 2: both processes checkpoint step 1 together, rank 1 prints the reward's error
-    and rank 0 which process failed, both within seconds; the same command then resumes from step 1."""
+PREVIEW_PRUNED = ("--prune_policy", "variance", "--predictor", "preview", "--capture_step", "2",
+                  "--prune_keep_fraction", "0.5", "--prune_explore", "0", "--probe_path", "")  # fmt: skip
+
+
+@pytest.mark.parametrize("pruning", [(), PREVIEW_PRUNED], ids=["unpruned", "preview_pruned"])
+def test_a_reward_failing_on_one_process_checkpoints_on_both_then_both_stop(ddp_runs, tmp_path, pruning):
+    """Rank 1's reward fails in step 2 (pruned: already in the predictor's preview): both processes checkpoint
+    step 1 together, rank 1 prints the reward's error and rank 0 which process failed, both within seconds; the
+    same command then resumes from step 1."""
     run = tmp_path / "run"
-    args = [*run_args(ddp_runs / "pipeline", run), "--distributed_timeout_s", "600"]
+    args = [*run_args(ddp_runs / "pipeline", run), "--distributed_timeout_s", "600", *pruning]
     started = time.time()
     process = launch(tmp_path / "dump", args, "--config_file", CPU_2PROC, env={"FAIL_REWARD_RANK": "1"})
     output, _ = process.communicate(timeout=600)

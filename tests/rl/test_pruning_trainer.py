@@ -30,6 +30,7 @@ def pruned_step(trainer: GRPOTrainer) -> dict[str, float]:
     """One GRPO step through the pruned phase; returns its reduced metrics."""
     batch = trainer.next_prompts()
     scored, advantages = trainer.pruner.sample_and_score(trainer, batch)
+    trainer.pruner.commit(trainer)
     trainer.optimise(batch, scored, advantages)
     return trainer.metrics.reduce(trainer.accelerator)
 
