@@ -50,6 +50,7 @@ from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransfo
 from probe.capture import ProbeRecorder
 from rl.config import RunConfig
 from rl.config_help import HelpFormatter
+from rl.config_parse import parse_config
 from rl.distributed import build_accelerator
 from rl.lora import add_lora, disable_adapter
 from rl.loss import grpo_loss
@@ -57,6 +58,7 @@ from rl.sampler import FluxSampler, PromptEmbeddings, Rollouts
 from rl.sde import kl_to_reference
 from rl.tiny_flux import FLUX_DEV_SCHEDULER
 
+FLUX_DEV_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "flux_dev_geneval.yaml"
 RESULTS_SECTION = "GPU path: FLUX.1-dev-sized transformer, random weights, bf16"
 
 # black-forest-labs/FLUX.1-dev transformer/config.json (its scheduler: rl.tiny_flux.FLUX_DEV_SCHEDULER)
@@ -204,9 +206,11 @@ def measure(args: argparse.Namespace) -> dict:
         # as rl.trainer.GRPOTrainer.setup: cuDNN's attention backward returns NaN gradients under bf16
         torch.backends.cuda.enable_cudnn_sdp(False)
     defaults = RunConfig()
-    s, m, t = defaults.sampling, defaults.model, defaults.training
+    s, t = defaults.sampling, defaults.training
+    flux_dev = parse_config(["--config", str(FLUX_DEV_CONFIG)])  # FLUX.1-dev's image size, text length, LoRA
+    m = flux_dev.model
     model_config = TINY if args.tiny else FLUX_DEV
-    resolution = args.resolution or (64 if args.tiny else s.height)
+    resolution = args.resolution or (64 if args.tiny else flux_dev.sampling.height)
     text_length = args.text_length or (16 if args.tiny else m.max_sequence_length)
     num_steps = args.num_steps or s.num_steps
     capture_step = args.capture_step or defaults.pruning.capture_step

@@ -72,7 +72,9 @@ def measure_model(
     predictions, costs = {}, {}
     for spec in predictors:
         name, k, steps = parse_predictor(spec)
-        predictor = predictor_for(name, sampler, k, steps, args.probe_path if name == "probe" else "")
+        predictor = predictor_for(
+            name, sampler, k, steps, args.probe_path if name == "probe" else "", text_length=args.max_sequence_length
+        )
         before = Rollouts(full.prompt_index, full.seeds, full.states[:, :k], full.log_probs[:, : k - 1])
         observer = predictor.observer(sampler)
         early = sampler.advance(before, embeds, k, observer)

@@ -105,7 +105,10 @@ def read_prompts(texts: list[str], source: str | None, max_prompts: int) -> list
 def best_of(args: argparse.Namespace, pipeline: FluxPipeline, prompts: list[Prompt], out: Path) -> None:
     """``--best_of``: select, then write the chosen images, the preview grid and ``selection.json``."""
     sampler = FluxSampler(pipeline, args.num_steps, 0.0, args.guidance_scale, args.height, args.width)
-    predictor = predictor_for(args.predictor, sampler, args.capture_step, args.lookahead_steps, args.probe_path or "")
+    predictor = predictor_for(
+        args.predictor, sampler, args.capture_step, args.lookahead_steps, args.probe_path or "",
+        text_length=args.max_sequence_length,
+    )  # fmt: skip
     reward = build_reward_set(args.reward) if args.reward else None
     selector = SeedSelector(sampler, predictor, args.capture_step, reward)
     embeds = encode_prompts(pipeline, [p.text for p in prompts], args.max_sequence_length)

@@ -5,7 +5,8 @@ key documented once, here, in its field's ``help`` (meaning, valid values, recom
 YAML files group keys under comments that match the sections below. ``rl.config_parse.parse_config`` rejects
 unknown keys by name (in the YAML and on the command line, with a close-match suggestion) and values of the wrong
 type, then runs the cross-field checks of :meth:`RunConfig.validate`, which say what to set instead.
-Nothing here loads a model, a reward or a prompt file.
+Nothing here loads a model, a reward or a prompt file. The defaults fit the default model (the shipped tiny one:
+its image size, text length and LoRA shape); FLUX.1-dev's settings live in its configs (configs/flux_dev_*.yaml).
 
 To add a section (as the pruning issue added ``PruningConfig``, rl/pruning_config.py): write a dataclass deriving
 from :class:`rl.config_base.Section` with new, unique keys and add it as a field of :class:`RunConfig`.
@@ -66,12 +67,12 @@ class ModelConfig(Section):
     )
     revision: str | None = option(None, "Hub revision (branch, tag or commit) of `pretrained`; None: the default.")
     max_sequence_length: int = option(
-        512,
-        "T5 tokens per prompt. FLUX.1-dev: 512 (256 is enough for short prompts and faster); the tiny model: 16.",
+        16,
+        "T5 tokens per prompt. The tiny model: 16; FLUX.1-dev: 512 (256 is enough for short prompts and faster).",
     )
-    lora_rank: int = option(64, "LoRA rank r. FLUX.1-dev: 64 (Flow-GRPO); the tiny model: 8-32.")
+    lora_rank: int = option(16, "LoRA rank r. The tiny model: 8-32; FLUX.1-dev: 64 (Flow-GRPO).")
     lora_alpha: float = option(
-        128.0, "LoRA alpha; the update is scaled by alpha / r. FLUX.1-dev: 128 (Flow-GRPO); usually 2 r."
+        32.0, "LoRA alpha; the update is scaled by alpha / r. Usually 2 r: FLUX.1-dev 128 (Flow-GRPO)."
     )
     lora_target_modules: list[str] = option(
         FLUX_LORA_TARGETS,
@@ -131,14 +132,14 @@ class SamplingConfig(Section):
         3.5, "FLUX's distilled guidance value (guidance embedding). FLUX.1-dev: 3.5; ignored by models without it."
     )
     height: int = option(
-        512,
+        64,
         "Image height in pixels, a multiple of twice the VAE's downscale factor (16 for FLUX.1-dev). Keep it within "
         "2x of the model's native size (its VAE's sample_size: 1024 for FLUX.1-dev, 64 for the tiny model); farther "
-        "off, the launcher warns naming both sizes (rl/sampler.py native_size_warning). Flow-GRPO on FLUX.1-dev: 512; "
-        "the tiny model: 64.",
+        "off, the launcher warns naming both sizes (rl/sampler.py native_size_warning). The tiny model: 64; "
+        "Flow-GRPO on FLUX.1-dev: 512.",
     )
     width: int = option(
-        512, "Image width in pixels; as height (a multiple of twice the VAE's downscale factor, within 2x of native)."
+        64, "Image width in pixels; as height (a multiple of twice the VAE's downscale factor, within 2x of native)."
     )
     sample_batch_size: int = option(
         16, "Rollouts per transformer call while sampling (a memory knob; results do not depend on it)."

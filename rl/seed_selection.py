@@ -25,7 +25,7 @@ import dataclasses
 import torch
 
 from rewards.compose import RewardResult, RewardSet
-from rl.config import RunConfig, TrainingConfig
+from rl.config import ModelConfig, RunConfig, TrainingConfig
 from rl.predictors import PredictionCost, PredictionInputs, Predictor, build_predictor, reward_scores
 from rl.predictors.preview import X0Recorder
 from rl.pruning_config import PruningConfig
@@ -122,8 +122,12 @@ def predictor_for(
     lookahead_steps: int = 2,
     probe_path: str = "",
     precision: str = "no",
+    text_length: int = 16,
 ) -> Predictor:
     """A registered predictor (``probe``, ``preview``, ``lookahead``, ...) for inference with ``sampler``.
+
+    ``text_length``: the T5 tokens of the prompt embeddings it will see (a fresh ``probe_path: init`` probe captures
+    that many; a probe file carries its own).
 
     Built through the registry as training builds it, so a probe file is checked against this sampler (a
     probe trained under the trainer's SDE sampler is refused for deterministic inference, naming each
@@ -132,7 +136,11 @@ def predictor_for(
     pruning = PruningConfig(
         predictor=name, capture_step=capture_step, lookahead_steps=lookahead_steps, probe_path=probe_path
     )
-    config = RunConfig(pruning=pruning, training=TrainingConfig(mixed_precision=precision))
+    config = RunConfig(
+        model=ModelConfig(max_sequence_length=text_length),
+        pruning=pruning,
+        training=TrainingConfig(mixed_precision=precision),
+    )
     return build_predictor(config, sampler)
 
 

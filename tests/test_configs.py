@@ -48,6 +48,22 @@ def test_the_bare_launch_line_runs_the_default_config(launch_script, caplog):
     assert launcher.run_config(["--config", str(ROOT / "configs" / "flux_dev_pickscore.yaml")]).sampling.height == 512
 
 
+SHAPE_KEYS = ("height", "width", "max_sequence_length", "lora_rank", "lora_alpha")
+
+
+def test_the_defaults_fit_the_default_model_and_flux_dev_sizes_live_in_its_configs():
+    """A config that names no size renders the default (tiny, 64 px) model at its own size; the FLUX.1-dev
+    configs set FLUX.1-dev's sizes themselves, so no default carries them."""
+    defaults, tiny = RunConfig().flat(), parse_config(["--config", str(ROOT / "configs" / "tiny_shapes.yaml")]).flat()
+    assert defaults["pretrained"] == tiny["pretrained"]
+    assert {key: defaults[key] for key in SHAPE_KEYS} == {key: tiny[key] for key in SHAPE_KEYS}
+    for path in sorted((ROOT / "configs").glob("flux_dev_*.yaml")):
+        written = yaml.safe_load(path.read_text())
+        assert {key: written[key] for key in SHAPE_KEYS} == {
+            "height": 512, "width": 512, "max_sequence_length": 512, "lora_rank": 64, "lora_alpha": 128
+        }, path.name  # fmt: skip
+
+
 def _write(tmp_path, text):
     path = tmp_path / "run.yaml"
     path.write_text(text)

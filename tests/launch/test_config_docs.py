@@ -15,7 +15,7 @@ def test_configuration_doc_is_current_and_lists_every_key(tmp_path):
     text = (ROOT / "docs" / "configuration.md").read_text()
     assert all(f"| `{key}` |" in text for key in known_keys())
     # the tiny column shows the shipped config where it differs from the built-in default
-    assert "| `height` | `int` | `512` | `64` |" in text
+    assert "| `learning_rate` | `float` | `0.0001` | `0.0005` |" in text
     stale = tmp_path / "configuration.md"
     stale.write_text("old\n")
     assert config_docs.main(["--check", "--out", str(stale)]) == 1

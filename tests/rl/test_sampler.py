@@ -134,7 +134,7 @@ def test_a_size_far_from_the_native_one_warns_naming_both():
     config = Path(__file__).resolve().parents[2] / "assets" / "tiny-flux-shapes" / "vae" / "config.json"
     native = json.loads(config.read_text())["sample_size"]
     assert native == 64
-    warning = native_size_warning(512, 512, native)  # the FLUX.1-dev default size on the tiny model: 8x off
+    warning = native_size_warning(512, 512, native)  # FLUX.1-dev's training size on the tiny model: 8x off
     assert warning is not None and "512 x 512" in warning and "native 64 x 64" in warning
     assert native_size_warning(64, 128, native) is None  # within 2x either way: fine
     assert native_size_warning(32, 64, native) is None

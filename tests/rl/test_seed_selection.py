@@ -163,9 +163,11 @@ def test_preview_grid_frames_survivors_green_and_the_chosen_seed_blue():
 
 def test_without_a_reward_the_best_predicted_survivor_is_returned_and_nothing_is_scored(tiny_flux_pipeline):
     sampler = _sampler(tiny_flux_pipeline, batch_size=4)
-    embeds = encode_prompts(tiny_flux_pipeline, [s.prompt for s in SPECS], 512)  # a fresh probe's text length
+    embeds = encode_prompts(tiny_flux_pipeline, [s.prompt for s in SPECS], 24)
     torch.manual_seed(0)  # the random probe's weights
-    selector = SeedSelector(sampler, predictor_for("probe", sampler, 2, probe_path="init"), 2, reward=None)
+    selector = SeedSelector(
+        sampler, predictor_for("probe", sampler, 2, probe_path="init", text_length=24), 2, reward=None
+    )
     for choice in selector.select(embeds, [0, 1, 2, 3], keep=2):
         assert choice.kept == keep_best(choice.predicted, 2) and choice.chosen == choice.kept[0]
         assert choice.kept_rewards is None and choice.images.shape == (2, 3, 32, 32)
