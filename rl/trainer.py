@@ -376,9 +376,9 @@ class GRPOTrainer:
         return self.score(batch, Rollouts.concatenate(finished), result)
 
     def held_result(self, future: Future[RewardResult], rollouts: int) -> RewardResult:
-        """A chunk's or a preview's reward; a reward that failed the run is held in ``step_failure`` (the first) and the chunk comes
-        back all invalid, so this process makes the step's remaining collectives with the others and they can
-        agree to stop together (:meth:`stop_if_the_step_failed`)."""
+        """A chunk's or a preview's reward; a reward that failed the run is held in ``step_failure`` (the first) and
+        the rollouts come back all invalid, so this process makes the step's remaining collectives with the others
+        and they can agree to stop together (:meth:`stop_if_the_step_failed`)."""
         try:
             return future.result()
         except Exception as error:
