@@ -9,7 +9,8 @@ reward scores every finished image. Each predictor then reads the rollouts at it
 only call k from the recorded state so its observer sees that call (the re-run reproduces the recorded state
 bit for bit: asserted). Selections are evaluated from these numbers: a single seed (the mean over seeds), full
 best-of-N (the best real reward among seeds 0..N-1), and predictor-pruned best-of-N keeping K
-(:func:`rl.seed_selection.keep_best`, then the survivors' best real reward, :func:`~rl.seed_selection.choose`);
+(:func:`rl.seed_selection.keep_best`, then the survivors' best real reward, :func:`~rl.seed_selection.choose`),
+and funnels ``a>b`` that rank again at b's step among a's survivors (:func:`funnel_survivors`);
 :class:`rl.seed_selection.SeedSelector` finishes exactly these trajectories (tests/rl/test_seed_selection.py).
 Compute per prompt is :func:`rl.seed_selection.selection_cost`.
 
@@ -86,35 +87,56 @@ def measure_model(
     return real, predictions, costs
 
 
+def stage_keeps(n: int, stages: int) -> list[list[int]]:
+    """The (N, K) settings measured: K in 1, 2, N/4 for one stage; a two-stage funnel keeps N/4, 3N/8 or N/2
+    at its first stage and 1 or 2 (fewer) at its second."""
+    finals = sorted({1, 2, max(1, n // 4)})
+    if stages == 1:
+        return [[k] for k in finals]
+    firsts = sorted({max(1, round(n * f)) for f in (0.25, 0.375, 0.5)})
+    return [[first, k] for first in firsts for k in (1, 2) if k < first]
+
+
+def funnel_survivors(predicted: list[np.ndarray], keeps: list[int]) -> list[int]:
+    """One prompt's survivors (indices into its seeds): each stage keeps the predicted best of the stage before's
+    survivors, ties to the earlier seed, as :class:`rl.seed_selection.SeedSelector` does."""
+    alive = list(range(len(predicted[0])))
+    for scores, keep in zip(predicted, keeps):
+        alive = sorted(alive)
+        alive = [alive[i] for i in keep_best(torch.as_tensor(scores[alive]), keep)]
+    return alive
+
+
 def evaluate_selections(
     real: np.ndarray, predictions: dict[str, np.ndarray], costs: dict[str, PredictionCost], args: argparse.Namespace
 ) -> dict:
-    """Mean real reward and compute of single seed, full best-of-N and every predictor's (N, K)."""
+    """Mean real reward and compute of single seed, full best-of-N and every predictor's (or funnel's) (N, K)."""
     num_steps = args.num_steps
     single = float(real.mean())
     full = {m: float(real[:, :m].max(axis=1).mean()) for m in range(1, real.shape[1] + 1)}
     rows = []
-    for spec, predicted in predictions.items():
-        _, k, _ = parse_predictor(spec)
+    for spec in args.selections:
+        stages = spec.split(">")
+        steps = [parse_predictor(stage)[1] for stage in stages]
         for n in args.best_of:
-            for keep in sorted({1, 2, max(1, n // 4)}):
+            for keeps in stage_keeps(n, len(stages)):
                 chosen = []
                 for p in range(len(real)):
-                    kept = keep_best(torch.as_tensor(predicted[p, :n]), keep)
+                    kept = funnel_survivors([predictions[stage][p, :n] for stage in stages], keeps)
                     chosen.append(real[p, choose(kept, torch.as_tensor(real[p, kept]))])
-                cost = selection_cost(num_steps, k, n, keep, costs[spec], scored=True)
+                cost = selection_cost(num_steps, steps, n, keeps, [costs[stage] for stage in stages], scored=True)
                 full_cost = full_best_of_n_cost(num_steps, n)
                 reward = float(np.mean(chosen))
                 gain = full[n] - single
                 rows.append({
-                    "predictor": spec, "n": n, "keep": keep, "reward": reward,
+                    "predictor": spec, "n": n, "keep": keeps[-1], "stage_keeps": keeps, "reward": reward,
                     "gain_recovered": (reward - single) / gain if gain > 0 else float("nan"),
                     "transformer_calls": cost.transformer_calls, "decodes": cost.decodes,
                     "reward_calls": cost.reward_calls,
                     "calls_vs_full": cost.transformer_calls / full_cost.transformer_calls,
                 })  # fmt: skip
     speedups = {}
-    for spec in predictions:
+    for spec in args.selections:
         for n in args.best_of:
             reaching = [r["transformer_calls"] for r in rows if r["predictor"] == spec and r["reward"] >= full[n]]
             speedups[f"{spec}/best_of_{n}"] = n * num_steps / min(reaching) if reaching else 0.0
@@ -150,7 +172,8 @@ def markdown(results: dict[str, dict], args: argparse.Namespace, seconds: float)
         "",
         f"{args.num_prompts} held-out prompts x seeds 0-{args.max_n - 1}, deterministic sampling ({args.num_steps} "
         f"steps, noise 0, fp32), reward `{args.reward}`; {seconds:.0f} s on {args.threads or 'default'} thread(s). "
-        "`name@k`: the predictor read after k steps (preview: x0 of call k; lookahead: 2 Euler steps from step k). "
+        "`name@k`: the predictor read after k steps (preview: x0 of call k; lookahead: 2 Euler steps from step k); "
+        "`a>b`: a funnel, K `K1>K2` the survivors of each stage. "
         "Gain recovered = (reward - single seed) / (full best-of-N - single seed); calls per prompt include the "
         "predictor's; decodes and reward calls are listed beside them.",
     ]
@@ -166,7 +189,7 @@ def markdown(results: dict[str, dict], args: argparse.Namespace, seconds: float)
         ]
         for r in result["rows"]:
             lines.append(
-                f"| {r['predictor']} | {r['n']} | {r['keep']} | {r['reward']:.3f} | {r['gain_recovered']:.0%} | "
+                f"| {r['predictor']} | {r['n']} | {'>'.join(map(str, r['stage_keeps']))} | {r['reward']:.3f} | {r['gain_recovered']:.0%} | "
                 f"{r['transformer_calls']:g} ({r['calls_vs_full']:.2f}x) | {r['decodes']:g} | {r['reward_calls']:g} |"
             )
         speedups = ", ".join(f"{k} {v:.2f}x" for k, v in result["speedup_at_equal_reward"].items() if v)
@@ -184,7 +207,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--max_n", type=int, default=16, help="seeds sampled per prompt (the largest N)")
     parser.add_argument("--best_of", type=int, nargs="+", default=[4, 8, 16], help="N values; K is 1, 2 and N/4")
     parser.add_argument(
-        "--predictors", default="preview@3,preview@4,lookahead@2,lookahead@3", help="comma-separated name@k[+n]"
+        "--predictors",
+        default="preview@3,preview@4,lookahead@2,lookahead@3,preview@3>preview@5",
+        help="comma-separated name@k[+n], or funnels of them: name@k>name@k",
     )
     parser.add_argument("--probe_path", help="a probe trained under noise level 0: adds probe@<its step>")
     parser.add_argument("--reward", default="shapes", help="the real reward")
@@ -199,11 +224,12 @@ def main(argv: list[str] | None = None) -> dict:
         args.num_prompts, args.max_n, args.best_of, args.results = 2, 4, [4], ""
     if args.threads:
         torch.set_num_threads(args.threads)
-    predictors = [p for p in args.predictors.split(",") if p]
+    args.selections = [p for p in args.predictors.split(",") if p]
     if args.probe_path:
         from probe import Probe
 
-        predictors.append(f"probe@{Probe.load(args.probe_path).capture_step}")
+        args.selections.append(f"probe@{Probe.load(args.probe_path).capture_step}")
+    predictors = list(dict.fromkeys(stage for spec in args.selections for stage in spec.split(">")))
     started = time.perf_counter()
     results = {}
     models = {"base": None} | ({"base + LoRA": args.lora} if args.lora else {})

@@ -12,10 +12,11 @@ trainer's deterministic evaluation samples. Writes ``<prompt index>_<seed>.png``
 
 ``--best_of N --keep K``: predictor-guided best-of-N (rl/seed_selection.py). Every prompt starts N seeds, a
 predictor reads them at ``--capture_step`` (``lookahead``, ``preview``: decode and ``--reward``; ``probe``: a probe
-file trained under this deterministic sampler, no reward), only the K predicted best are finished, and the best of
-them by the reward (by the prediction without one) is written as ``<prompt index>_best.png``; ``previews.png``
-shows every seed's x0 at the capture step (a row per prompt, survivors framed green, the chosen one blue) and
-``selection.json`` every prediction and the compute against full best-of-N::
+file trained under this deterministic sampler, no reward), only the K predicted best are finished (a funnel,
+``--capture_step 3 5 --keep 3 2``, ranks again at each step, among the survivors of the step before), and the
+best of them by the reward (by the prediction without one) is written as ``<prompt index>_best.png``;
+``previews.png`` shows every seed's x0 at the capture step (a row per prompt, survivors framed green, the chosen
+one blue) and ``selection.json`` every prediction and the compute against full best-of-N::
 
     python launch/sample.py --pretrained assets/tiny-flux-shapes --lora runs/tiny_shapes/lora \
         --prompts shapes:test --max_prompts 8 --best_of 8 --keep 2 --predictor lookahead --capture_step 2 \
@@ -42,54 +43,11 @@ from rewards.compose import build_reward_set
 from rewards.shapes import all_prompts
 from rl.config_help import HelpFormatter
 from rl.data import Prompt, load_prompt_source
+from rl.inference import generate, load
 from rl.metrics_log import image_grid
 from rl.predictors import PREDICTORS
 from rl.sampler import FluxSampler, encode_prompts
 from rl.seed_selection import SeedSelector, full_best_of_n_cost, predictor_for, preview_grid
-
-
-def load(pretrained: str, lora: str | None, dtype: torch.dtype = torch.float32, device: str = "cpu") -> FluxPipeline:
-    """The base pipeline with the LoRA (when given) loaded the plain-diffusers way."""
-    pipeline = FluxPipeline.from_pretrained(pretrained, torch_dtype=dtype)
-    if lora is not None:
-        pipeline.load_lora_weights(lora)
-    pipeline.set_progress_bar_config(disable=True)
-    return pipeline.to(device)
-
-
-@torch.no_grad()
-def generate(
-    pipeline: FluxPipeline,
-    prompts: list[str],
-    seeds: list[int],
-    num_steps: int,
-    height: int,
-    width: int,
-    guidance_scale: float = 3.5,
-    max_sequence_length: int = 512,
-) -> torch.Tensor:
-    """``[len(prompts) * len(seeds), 3, H, W]`` images in [0, 1], prompt-major, from ``pipeline(...)`` itself.
-
-    The initial latents come from the trainer's seed-to-noise mapping (:meth:`rl.sampler.FluxSampler.start`).
-    """
-    sampler = FluxSampler(pipeline, num_steps, 0.0, guidance_scale=guidance_scale, height=height, width=width)
-    device = pipeline.transformer.device
-    images = []
-    for prompt in prompts:
-        seed_tensor = torch.tensor(seeds)
-        latents = sampler.start(torch.zeros(len(seeds), dtype=torch.long), seed_tensor, device).states[:, 0]
-        out = pipeline(
-            prompt=[prompt] * len(seeds),
-            latents=latents.to(pipeline.transformer.dtype),
-            num_inference_steps=num_steps,
-            guidance_scale=guidance_scale,
-            height=height,
-            width=width,
-            max_sequence_length=max_sequence_length,
-            output_type="pt",
-        ).images
-        images.append(out.float().cpu())
-    return torch.cat(images)
 
 
 def read_prompts(texts: list[str], source: str | None, max_prompts: int) -> list[Prompt]:
@@ -105,12 +63,13 @@ def read_prompts(texts: list[str], source: str | None, max_prompts: int) -> list
 def best_of(args: argparse.Namespace, pipeline: FluxPipeline, prompts: list[Prompt], out: Path) -> None:
     """``--best_of``: select, then write the chosen images, the preview grid and ``selection.json``."""
     sampler = FluxSampler(pipeline, args.num_steps, 0.0, args.guidance_scale, args.height, args.width)
-    predictor = predictor_for(
-        args.predictor, sampler, args.capture_step, args.lookahead_steps, args.probe_path or "",
-        text_length=args.max_sequence_length,
-    )  # fmt: skip
+    predictors = [
+        predictor_for(args.predictor, sampler, k, args.lookahead_steps, args.probe_path or "",
+                      text_length=args.max_sequence_length)
+        for k in args.capture_step
+    ]  # fmt: skip
     reward = build_reward_set(args.reward) if args.reward else None
-    selector = SeedSelector(sampler, predictor, args.capture_step, reward)
+    selector = SeedSelector(sampler, predictors, args.capture_step, reward)
     embeds = encode_prompts(pipeline, [p.text for p in prompts], args.max_sequence_length)
     choices = selector.select(embeds, args.seeds, args.keep, [p.metadata for p in prompts], previews=True)
     for index, choice in enumerate(choices):
@@ -131,7 +90,7 @@ def best_of(args: argparse.Namespace, pipeline: FluxPipeline, prompts: list[Prom
     }
     (out / "selection.json").write_text(json.dumps(report, indent=1))
     print(
-        f"best of {len(args.seeds)} (kept {args.keep}) for {len(choices)} prompts: {spent.transformer_calls:g} "
+        f"best of {len(args.seeds)} (kept {'/'.join(map(str, args.keep))}) for {len(choices)} prompts: {spent.transformer_calls:g} "
         f"transformer calls per prompt ({report['transformer_calls_vs_full']:.0%} of full best-of-"
         f"{len(args.seeds)}); wrote <i>_best.png, previews.png and selection.json to {out}"
     )
@@ -154,9 +113,15 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--out", required=True, help="output folder")
     best = parser.add_argument_group("best-of-N with early stopping (rl/seed_selection.py)")
     best.add_argument("--best_of", type=int, default=0, help="N seeds per prompt (seeds 0..N-1); 0: plain sampling")
-    best.add_argument("--keep", type=int, default=1, help="K seeds finished per prompt, the predicted best")
+    best.add_argument(
+        "--keep", type=int, nargs="+", default=[1],
+        help="K seeds finished per prompt, the predicted best; a funnel: the survivors of each stage, e.g. 3 2",
+    )  # fmt: skip
     best.add_argument("--predictor", default="lookahead", choices=sorted(PREDICTORS), help="what ranks the seeds")
-    best.add_argument("--capture_step", type=int, default=2, help="denoising steps every seed runs before the ranking")
+    best.add_argument(
+        "--capture_step", type=int, nargs="+", default=[2],
+        help="denoising steps every seed runs before the ranking; a funnel: one per stage, e.g. 3 5",
+    )  # fmt: skip
     best.add_argument("--lookahead_steps", type=int, default=2, help="Euler steps of the lookahead to sigma 0")
     best.add_argument("--probe_path", help="probe file (--predictor probe), trained under noise level 0")
     best.add_argument("--reward", help="reward spec (e.g. shapes); needed by preview and lookahead")

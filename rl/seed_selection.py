@@ -8,11 +8,16 @@ so each finished image is the one sampling that seed alone gives: bit-identical 
 one rollout (``batch_size`` 1; tests/rl/test_seed_selection.py), and within the last bits otherwise, since batched
 CPU and GPU kernels may round a rollout differently beside other batch-mates (~1e-5 in pixels on the tiny model).
 
-Compute per prompt (T steps; the predictor adds its own, :class:`rl.predictors.PredictionCost`)::
+A funnel prunes more than once (Pro-GRPO's 48 -> 24 -> 12, arXiv 2512.15347): capture steps k_1 < k_2 < ...
+keeping K_1 > K_2 > ... seeds, each stage ranking only the previous stage's survivors, a later (more accurate)
+prediction paid for by fewer seeds. Compute per prompt (T steps; each predictor adds its own,
+:class:`rl.predictors.PredictionCost`; one stage: N_1 = N, K_1 = K)::
 
-    transformer calls = N k + predictor calls + K (T - k)       full best-of-N: N T
-    decodes           = predictor decodes + K                   full best-of-N: N
-    reward calls      = predictor reward calls + K (0 without)  full best-of-N: N
+    transformer calls = sum_i N_i (k_i - k_(i-1) + predictor calls) + K_last (T - k_last)    full best-of-N: N T
+    decodes           = sum_i N_i predictor decodes + K_last                                 full best-of-N: N
+    reward calls      = sum_i N_i predictor reward calls + K_last (0 without a reward)       full best-of-N: N
+
+with N_i the seeds alive at stage i (N, then K_1, K_2, ...) and k_0 = 0.
 
 Measured on the shipped model: bench/RESULTS.md, "Seed selection" (``bench/seed_selection.py``).
 """
@@ -21,6 +26,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
+from collections.abc import Sequence
+from typing import TypeVar
 
 import torch
 
@@ -31,6 +39,8 @@ from rl.predictors.preview import X0Recorder
 from rl.pruning_config import PruningConfig
 from rl.sampler import FluxSampler, PromptEmbeddings, StepObserver
 
+T = TypeVar("T")
+
 
 @dataclasses.dataclass
 class SeedChoice:
@@ -39,14 +49,16 @@ class SeedChoice:
     Attributes:
         prompt: the prompt text.
         seeds: the N seeds started.
-        predicted: ``[N]`` each seed's predicted final reward at the capture step.
-        kept: indices into ``seeds`` of the K survivors, best predicted first.
+        predicted: ``[N]`` each seed's predicted final reward at the (first) capture step.
+        kept: indices into ``seeds`` of the K survivors (of the last stage), best predicted first.
         kept_rewards: ``[K]`` the survivors' real rewards (None without a reward).
         chosen: index into ``seeds`` of the returned image.
         images: ``[K, 3, H, W]`` the survivors' finished images in [0, 1], in ``kept`` order.
         cost: what this prompt cost (transformer calls, decodes, reward calls).
         previews: ``[N, 3, H, W]`` every seed's x0 preview at the capture step (decoded for display only, not
             in ``cost``), or None.
+        later_predicted: a funnel's later stages: per stage ``[N]`` the predictions of the seeds still alive there
+            (NaN for those stopped before).
     """
 
     prompt: str
@@ -58,6 +70,7 @@ class SeedChoice:
     images: torch.Tensor
     cost: PredictionCost
     previews: torch.Tensor | None = None
+    later_predicted: list[torch.Tensor] = dataclasses.field(default_factory=list)
 
     @property
     def image(self) -> torch.Tensor:
@@ -67,7 +80,7 @@ class SeedChoice:
     def to_dict(self) -> dict:
         """JSON-ready: seeds, predictions, survivors, their rewards, the choice and the cost."""
         rewards = None if self.kept_rewards is None else [float(r) for r in self.kept_rewards]
-        return {
+        report = {
             "prompt": self.prompt,
             "seeds": self.seeds,
             "predicted": [float(p) for p in self.predicted],
@@ -76,6 +89,11 @@ class SeedChoice:
             "chosen_seed": self.seeds[self.chosen],
             "cost": dataclasses.asdict(self.cost),
         }
+        if self.later_predicted:  # null: stopped before that stage
+            report["later_predicted"] = [
+                [None if math.isnan(p) else float(p) for p in stage.tolist()] for stage in self.later_predicted
+            ]
+        return report
 
 
 class ObserverPair:
@@ -144,46 +162,59 @@ def predictor_for(
     return build_predictor(config, sampler)
 
 
+def as_list(value: T | Sequence[T]) -> list[T]:
+    """One stage's value, or a funnel's values, as a list."""
+    return list(value) if isinstance(value, Sequence) else [value]
+
+
 class SeedSelector:
-    """Best-of-N sampling with early stopping by a predictor (see the module docstring).
+    """Best-of-N sampling with early stopping by a predictor, once or as a funnel (see the module docstring).
 
     Args:
         sampler: a deterministic :class:`FluxSampler` (``noise_level`` 0), the pipeline with or without a LoRA.
         predictor: what ranks the seeds at the capture step; ``preview`` and ``lookahead`` score with ``reward``.
+            A funnel: one per stage.
         capture_step: k, the denoising steps every seed runs before the prediction (the ``reward`` oracle
-            finishes every seed: T whatever is given).
+            finishes every seed: T whatever is given). A funnel: one per stage, increasing.
         reward: the real reward (the returned image is the survivors' best by it), or None.
 
     Raises:
-        ValueError: a stochastic sampler, a capture step outside [1, T], or a reward-based predictor without
-            a reward.
+        ValueError: a stochastic sampler, capture steps outside [1, T] or not increasing, as many predictors
+            as capture steps, or a reward-based predictor without a reward.
     """
 
     def __init__(
-        self, sampler: FluxSampler, predictor: Predictor, capture_step: int, reward: RewardSet | None = None
+        self,
+        sampler: FluxSampler,
+        predictor: Predictor | Sequence[Predictor],
+        capture_step: int | Sequence[int],
+        reward: RewardSet | None = None,
     ) -> None:
         if sampler.noise_level != 0:
             raise ValueError(
                 f"seed selection samples deterministically (a seed names one image), got noise_level="
                 f"{sampler.noise_level}: build the sampler with noise_level 0"
             )
-        if predictor.finishes_rollouts:
-            capture_step = sampler.num_steps
-        if not 1 <= capture_step <= sampler.num_steps:
-            raise ValueError(f"capture_step={capture_step} must lie in [1, T={sampler.num_steps}]")
-        self.sampler, self.predictor, self.capture_step, self.reward = sampler, predictor, capture_step, reward
-        if predictor.scores_with_reward and reward is None:
-            raise ValueError(
-                f"the {predictor.name!r} predictor scores decoded previews with the real reward: give a reward "
-                "(--reward), or use --predictor probe, which needs none"
-            )
+        predictors, steps = as_list(predictor), as_list(capture_step)
+        if len(predictors) != len(steps):
+            raise ValueError(f"{len(predictors)} predictors for {len(steps)} capture steps: give one per stage")
+        steps = [sampler.num_steps if p.finishes_rollouts else k for p, k in zip(predictors, steps)]
+        if not all(1 <= k <= sampler.num_steps for k in steps) or sorted(set(steps)) != steps:
+            raise ValueError(f"capture_step={steps} must increase within [1, T={sampler.num_steps}]")
+        for p in predictors:
+            if p.scores_with_reward and reward is None:
+                raise ValueError(
+                    f"the {p.name!r} predictor scores decoded previews with the real reward: give a reward "
+                    "(--reward), or use --predictor probe, which needs none"
+                )
+        self.sampler, self.predictors, self.capture_steps, self.reward = sampler, predictors, steps, reward
 
     @torch.no_grad()
     def select(
         self,
         embeds: PromptEmbeddings,
         seeds: list[int],
-        keep: int,
+        keep: int | Sequence[int],
         metadata: list[dict] | None = None,
         previews: bool = False,
     ) -> list[SeedChoice]:
@@ -192,78 +223,108 @@ class SeedSelector:
         Args:
             embeds: the prompts (all of them are sampled together, in batches of the sampler's batch size).
             seeds: the N seeds of every prompt.
-            keep: K, survivors finished per prompt.
+            keep: K, survivors finished per prompt. A funnel: the survivors of each stage, decreasing.
             metadata: per prompt, what the reward needs (the shapes world's specs), default ``{}``.
-            previews: also decode every seed's x0 at the capture step (``x - sigma v`` of call k) for display.
+            previews: also decode every seed's x0 at the (first) capture step (``x - sigma v`` of call k) for
+                display.
+
+        Raises:
+            ValueError: not one ``keep`` per stage, or keeps not decreasing within [1, N].
         """
-        prompts = embeds.prompts
+        prompts, keeps = embeds.prompts, as_list(keep)
         metadata = metadata or [{} for _ in prompts]
         count, n = len(prompts), len(seeds)
+        if len(keeps) != len(self.capture_steps):
+            raise ValueError(f"keep={keeps}: give one per capture step {self.capture_steps}")
+        if sorted(set(keeps), reverse=True) != keeps or not 1 <= keeps[-1] <= keeps[0] <= n:
+            raise ValueError(f"keep={keeps} must decrease within [1, N={n}]")
         device = next(self.sampler.transformer.parameters()).device
         prompt_index = torch.arange(count).repeat_interleave(n)
         row_prompts = [prompts[i] for i in prompt_index.tolist()]
         row_meta = [metadata[i] for i in prompt_index.tolist()]
-        started = self.sampler.start(prompt_index, torch.tensor(seeds).repeat(count), device)
-        observer = self.predictor.observer(self.sampler)
-        recorder = X0Recorder(self.capture_step - 1) if previews else None
-        early = self.sampler.advance(started, embeds, self.capture_step, ObserverPair(observer, recorder))
+        rollouts = self.sampler.start(prompt_index, torch.tensor(seeds).repeat(count), device)
+        alive = list(range(count * n))  # the rows (prompt p, seed i: p n + i) of ``rollouts``, in its order
+        recorder = X0Recorder(self.capture_steps[0] - 1) if previews else None
+        predicted, costs = [], []
+        for stage, (predictor, step, kept_per_prompt) in enumerate(zip(self.predictors, self.capture_steps, keeps)):
+            observer = predictor.observer(self.sampler)
+            watch = ObserverPair(observer, recorder if stage == 0 else None)
+            rollouts = self.sampler.advance(rollouts, embeds, step, watch)
 
-        def score_latents(latents: torch.Tensor) -> RewardResult:
-            images = self.sampler.decode(latents)
-            return self.reward(images, row_prompts, row_meta)
+            def score_latents(latents: torch.Tensor, rows: list[int] = alive) -> RewardResult:
+                images = self.sampler.decode(latents)
+                return self.reward(images, [row_prompts[r] for r in rows], [row_meta[r] for r in rows])
 
-        prediction = self.predictor.predict(PredictionInputs(self.sampler, embeds, early, observer, score_latents))
-        predicted = prediction.scores.float().cpu().view(count, n)
-        kept = [keep_best(predicted[p], keep) for p in range(count)]
-        rows = torch.tensor([p * n + i for p in range(count) for i in kept[p]])
-        finished = self.sampler.advance(early.select(rows), embeds, self.sampler.num_steps)
+            inputs = PredictionInputs(self.sampler, embeds, rollouts, observer, score_latents)
+            prediction = predictor.predict(inputs)
+            costs.append(prediction.cost.per_rollout(len(alive)))
+            scores = torch.full((count * n,), math.nan)
+            scores[alive] = prediction.scores.float().cpu()
+            predicted.append(scores.view(count, n))
+            positions = {row: j for j, row in enumerate(alive)}
+            survivors = []  # positions in ``rollouts``, prompt-major, best predicted first
+            for p in range(count):
+                candidates = sorted(row for row in alive if row // n == p)  # seed order: ties to the earlier seed
+                ranked = keep_best(scores[candidates], kept_per_prompt)
+                survivors += [positions[candidates[r]] for r in ranked]
+            rollouts = rollouts.select(torch.tensor(survivors))
+            alive = [alive[j] for j in survivors]
+        finished = self.sampler.advance(rollouts, embeds, self.sampler.num_steps)
         images = self.sampler.decode(finished.latents)
+        keep = keeps[-1]
+        kept = [[row % n for row in alive[p * keep : (p + 1) * keep]] for p in range(count)]
         rewards = None
         if self.reward is not None:
-            survivor_prompts = [row_prompts[r] for r in rows.tolist()]
-            survivor_meta = [row_meta[r] for r in rows.tolist()]
-            rewards = reward_scores(self.reward(images, survivor_prompts, survivor_meta)).view(count, keep)
-        per_rollout = prediction.cost.per_rollout(count * n)
-        per_prompt = selection_cost(
-            self.sampler.num_steps, self.capture_step, n, keep, per_rollout, rewards is not None
-        )
+            rewards = self.reward(images, [row_prompts[r] for r in alive], [row_meta[r] for r in alive])
+            rewards = reward_scores(rewards).view(count, keep)
+        per_prompt = selection_cost(self.sampler.num_steps, self.capture_steps, n, keeps, costs, rewards is not None)
         shown = None
         if recorder is not None:
             shown = self.sampler.decode(recorder.x0().to(device))
             shown = shown.view(count, n, *shown.shape[1:])
         choices = []
         for p in range(count):
-            scores = rewards[p] if rewards is not None else predicted[p, kept[p]]
+            scores = rewards[p] if rewards is not None else predicted[-1][p, kept[p]]
             choices.append(
                 SeedChoice(
                     prompt=prompts[p],
                     seeds=list(seeds),
-                    predicted=predicted[p],
+                    predicted=predicted[0][p],
                     kept=kept[p],
                     kept_rewards=None if rewards is None else rewards[p],
                     chosen=choose(kept[p], scores),
                     images=images.view(count, keep, *images.shape[1:])[p],
                     cost=dataclasses.replace(per_prompt),
                     previews=None if shown is None else shown[p],
+                    later_predicted=[stage[p] for stage in predicted[1:]],
                 )
             )
         return choices
 
 
 def selection_cost(
-    num_steps: int, capture_step: int, n: int, keep: int, predictor_cost: PredictionCost, scored: bool
+    num_steps: int,
+    capture_step: int | Sequence[int],
+    n: int,
+    keep: int | Sequence[int],
+    predictor_cost: PredictionCost | Sequence[PredictionCost],
+    scored: bool,
 ) -> PredictionCost:
-    """What best-of-``n`` keeping ``keep`` costs per prompt (the module docstring's formula).
+    """What best-of-``n`` keeping ``keep`` costs per prompt (the module docstring's formula); a funnel: one capture
+    step, keep and predictor cost per stage.
 
     Args:
         predictor_cost: the predictor's cost per rollout.
         scored: the survivors are scored by the real reward.
     """
-    return PredictionCost(
-        n * capture_step + n * predictor_cost.transformer_calls + keep * (num_steps - capture_step),
-        n * predictor_cost.decodes + keep,
-        n * predictor_cost.reward_calls + (keep if scored else 0),
-    )
+    calls = decodes = reward_calls = 0.0
+    alive, done = n, 0
+    for step, kept, cost in zip(as_list(capture_step), as_list(keep), as_list(predictor_cost), strict=True):
+        calls += alive * (step - done + cost.transformer_calls)
+        decodes += alive * cost.decodes
+        reward_calls += alive * cost.reward_calls
+        alive, done = kept, step
+    return PredictionCost(calls + alive * (num_steps - done), decodes + alive, reward_calls + (alive if scored else 0))
 
 
 def full_best_of_n_cost(num_steps: int, n: int) -> PredictionCost:

@@ -18,12 +18,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import logging
 import math
 import shutil
 import time
-from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -56,14 +54,17 @@ from rl.distributed import (
     shards_parameters,
     whole_model_loading,
 )
+from rl.evaluation import HeldOutEvaluator
 from rl.lora import LoraEMA, add_lora, disable_adapter, save_lora
 from rl.memory import model_state_mib, peak_memory_mib
 from rl.metrics_log import MetricsAccumulator, MetricsLogger
 from rl.objectives import OBJECTIVES
+from rl.phase_timer import PhaseTimer
 from rl.predictors import PredictionCost
 from rl.pruned_rollout import PrunedRollout
 from rl.pruning import trained_step_weights
 from rl.resume_policy import check_resumed_config
+from rl.run_summary import finished_summary, held_out_summary, write_summary
 from rl.sampler import FluxSampler, Rollouts, StepObserver, encode_prompts
 from rl.schedule import lr_factor
 from rl.sharded_lora import LoraWeights
@@ -96,10 +97,7 @@ class GRPOTrainer:
         self.config = config
         self.state = TrainState()
         self.metrics = MetricsAccumulator()
-        self.phase_times: dict[str, float] = {}
-        self._inner_phase_seconds: list[float] = []  # time of phases nested in each open phase (phase())
-        # decode and reward seconds of finished chunks, spent beside the main thread's phases (finish_and_score)
-        self.overlapped_times: dict[str, float] = {}
+        self.timer = PhaseTimer()  # time/<phase>_s; finished chunks' decode and reward are timed beside the phases
         self.step_images = 0
         self.base_eval: dict[str, float] = {}
         self.final_eval: dict[str, float] = {}
@@ -183,7 +181,17 @@ class GRPOTrainer:
         self.sampler = FluxSampler(
             self.pipeline, s.num_steps, s.noise_level, **size, sde_steps=s.train_window if s.sde_window_only else None
         )
-        self.eval_sampler = FluxSampler(self.pipeline, cfg.eval.eval_num_steps or s.num_steps, 0.0, **size)
+        eval_sampler = FluxSampler(self.pipeline, cfg.eval.eval_num_steps or s.num_steps, 0.0, **size)
+        self.evaluator = HeldOutEvaluator(
+            self.accelerator,
+            self.pipeline,
+            eval_sampler,
+            self.eval_prompts,
+            self.reward_set,
+            cfg.eval,
+            m.max_sequence_length,
+            self.show_bar,
+        )
         self.pruner = PrunedRollout.from_config(cfg, self.sampler, self.accelerator)  # None: unpruned
         self.objective = OBJECTIVES[cfg.training.policy_objective](self)  # rl/objectives/
         self.log = MetricsLogger(
@@ -372,7 +380,7 @@ class GRPOTrainer:
         with self.phase("score_wait"):  # what of the decoding and scoring sampling did not hide
             results += [self.held_result(future.result(), len(done)) for future, done in zip(pending, finished)]
         result = RewardResult.concatenate(results)
-        self.overlapped_times["reward"] = self.overlapped_times.get("reward", 0.0) + result.seconds
+        self.timer.add_beside("reward", result.seconds)
         return self.score(batch, Rollouts.concatenate(finished), result)
 
     def held_result(self, future: Future[RewardResult], rollouts: int) -> RewardResult:
@@ -390,7 +398,7 @@ class GRPOTrainer:
         """Decode finished ``rollouts`` and hand the images to the reward pool (the decode worker runs this).
 
         Thread-safe for the one worker: no collective, no shared RNG (the VAE decodes deterministically), its
-        own autocast and CUDA device (both are per thread); its seconds go to ``overlapped_times``.
+        own autocast and CUDA device (both are per thread); its seconds are timed beside the phases.
         """
         started = time.perf_counter()
         device = self.accelerator.device
@@ -399,7 +407,7 @@ class GRPOTrainer:
             self.accelerator.autocast(),
         ):
             images = self.sampler.decode(rollouts.latents)
-        self.overlapped_times["decode"] = self.overlapped_times.get("decode", 0.0) + time.perf_counter() - started
+        self.timer.add_beside("decode", time.perf_counter() - started)
         return self.submit_images(batch, rollouts.prompt_index, images)
 
     def count_judged(self, rollouts: int) -> None:
@@ -541,56 +549,20 @@ class GRPOTrainer:
 
     # ------------------------------------------------------------------ evaluation and saving
 
-    @torch.no_grad()
     def evaluate(self, final: bool = False, base: bool = False) -> dict[str, float]:
-        """Deterministic (noise level 0) samples of held-out prompts, fixed seeds, EMA weights; mean rewards.
-
-        Image j of prompt p (its index in the eval source) uses seed ``1000 p + j``, as launch/eval_shapes.py,
-        so a final evaluation over every prompt reproduces that script's score.
-
-        Args:
-            final: evaluate ``final_eval_num_prompts`` prompts x ``final_eval_images_per_prompt`` seeds (the
-                base and final evaluations) rather than the periodic ``eval_num_prompts`` x ``eval_images_per_prompt``.
-            base: evaluate the base model (LoRA disabled) instead of the (EMA) LoRA weights.
-        """
-        e, acc = self.config.eval, self.accelerator
-        items = self.eval_prompts.eval_subset(e.final_eval_num_prompts if final else e.eval_num_prompts)
-        counted = len(items[acc.process_index :: acc.num_processes])
-        # sharded: every process evaluates as many prompts (forwards are collectives); the padding is not counted
-        share = -(-len(items) // acc.num_processes) if shards_parameters(acc) else counted
-        items = (items[acc.process_index :: acc.num_processes] + items * share)[:share]
-        per_image = e.final_images_per_prompt if final else e.eval_images_per_prompt
-        metrics = MetricsAccumulator()
-        sampler = self.eval_sampler
-        chunk = max(1, sampler.batch_size // per_image)
+        """Held-out mean rewards (rl/evaluation.py) of the EMA weights (the current ones without EMA), or of the
+        base model (LoRA disabled) with ``base``; ``final``: the base and final evaluations' prompts and seeds."""
         if base:
             weights = self.reference_weights()
         else:
             weights = self.ema.average_parameters() if self.ema is not None else contextlib.nullcontext()
-        with self.phase("eval"), weights, acc.autocast():
-            for start in tqdm(range(0, len(items), chunk), desc="eval", leave=False, disable=not self.show_bar):
-                part = items[start : start + chunk]
-                embeds = encode_prompts(self.pipeline, [p.text for _, p in part], self.config.model.max_sequence_length)
-                prompt_index = torch.arange(len(part)).repeat_interleave(per_image)
-                seeds = torch.tensor([index * 1000 + j for index, _ in part for j in range(per_image)])
-                done = sampler.advance(
-                    sampler.start(prompt_index, seeds, acc.device), embeds.to(acc.device), sampler.num_steps
-                )
-                images = sampler.decode(done.latents)
-                prompts = [part[i][1] for i in prompt_index.tolist()]
-                if start == 0:  # a grid of the first images (main process's share) in samples/ and wandb
-                    key = "images/" + ("base_eval" if base else "final_eval" if final else "eval")
-                    self.log.log_images(key, images, [p.text for p in prompts], self.state.step, columns=per_image * 4)
-                result = self.reward_set(images, [p.text for p in prompts], [p.metadata for p in prompts])
-                padding = (torch.arange(len(part)) + start >= counted).repeat_interleave(per_image)
-                valid = result.valid.bool() & ~padding
-                metrics.add_values("total", result.total[valid])
-                for key, values in result.components.items():
-                    metrics.add_values(key, values[valid])
-                for prompt, score, ok in zip(prompts, result.total.tolist(), valid.tolist()):
-                    if ok and "tag" in prompt.metadata:
-                        metrics.add(f"tag/{prompt.metadata['tag']}/mean", score)
-        return metrics.reduce(acc)
+        key = "images/" + ("base_eval" if base else "final_eval" if final else "eval")
+
+        def log_images(images: torch.Tensor, captions: list[str], columns: int) -> None:
+            self.log.log_images(key, images, captions, self.state.step, columns=columns)
+
+        with self.phase("eval"), weights:
+            return self.evaluator(final, log_images)
 
     def save(self, directory: Path) -> None:
         """Export the LoRA (EMA weights when enabled and ``save_ema``) in diffusers format; every process waits."""
@@ -657,12 +629,10 @@ class GRPOTrainer:
         self.info("resumed from %s at step %d", path, self.state.step)
 
     def load_finished_summary(self) -> bool:
-        """Whether ``output_dir`` holds this run finished at or after the resumed step (its ``summary.json``; a run
-        written before the trained end was checkpointed resumes from an earlier step); if so the summary and final
-        evaluation are loaded from it."""
-        path = self.output_dir / "summary.json"
-        summary = json.loads(path.read_text()) if path.is_file() else {}
-        if summary.get("steps", -1) < self.state.step:
+        """Whether ``output_dir`` holds this run finished at or after the resumed step; if so its summary and final
+        evaluation are loaded from ``summary.json``."""
+        summary = finished_summary(self.output_dir, self.state.step)
+        if summary is None:
             return False
         self.summary, self.final_eval = summary, summary["final"]
         self.info(
@@ -674,25 +644,20 @@ class GRPOTrainer:
         return True
 
     def write_summary(self) -> dict:
-        """Write ``<output_dir>/summary.json``: base vs final held-out scores (same prompts, seeds and sampler).
-
-        ``delta`` holds ``final - base`` of every mean (e.g. ``total/mean``: the reward's held-out gain).
-        """
-        cfg = self.config
-        base, final = self.base_eval, self.final_eval
-        self.summary = {
-            "steps": self.state.step,
-            "images_seen": self.state.images_seen,
-            "minutes": round((time.time() - self.started) / 60, 3),
-            "eval_prompts": cfg.eval.eval_prompts,
-            "eval_num_prompts": len(self.eval_prompts.eval_subset(cfg.eval.final_eval_num_prompts)),
-            "eval_images_per_prompt": cfg.eval.final_images_per_prompt,
-            "base": base,
-            "final": final,
-            "delta": {k: final[k] - base[k] for k in final if k in base and k.endswith("/mean")},
-        }
+        """Write ``<output_dir>/summary.json`` (rl/run_summary.py): base vs final held-out scores."""
+        e = self.config.eval
+        self.summary = held_out_summary(
+            self.state.step,
+            self.state.images_seen,
+            (time.time() - self.started) / 60,
+            e.eval_prompts,
+            len(self.eval_prompts.eval_subset(e.final_eval_num_prompts)),
+            e.final_images_per_prompt,
+            self.base_eval,
+            self.final_eval,
+        )
         if self.accelerator.is_main_process:
-            (self.output_dir / "summary.json").write_text(json.dumps(self.summary, indent=1))
+            write_summary(self.output_dir, self.summary)
         return self.summary
 
     def state_dict(self) -> dict:
@@ -716,24 +681,9 @@ class GRPOTrainer:
 
     # ------------------------------------------------------------------ helpers
 
-    @contextlib.contextmanager
-    def phase(self, name: str) -> Iterator[None]:
-        """Time a phase of the main thread; the per-step total is logged as ``time/<name>_s``.
-
-        Times are exclusive: a phase opened inside another (a predictor's decode inside ``predict``) is charged
-        to itself only, so the phases of a step add up to its wall-clock. Work beside them (the finished chunks'
-        decode and reward under ``reward_overlap``) is timed in ``overlapped_times`` instead.
-        """
-        started = time.perf_counter()
-        self._inner_phase_seconds.append(0.0)
-        try:
-            yield
-        finally:
-            elapsed = time.perf_counter() - started
-            inner = self._inner_phase_seconds.pop()
-            self.phase_times[name] = self.phase_times.get(name, 0.0) + elapsed - inner
-            if self._inner_phase_seconds:
-                self._inner_phase_seconds[-1] += elapsed
+    def phase(self, name: str) -> contextlib.AbstractContextManager:
+        """Time a phase of the main thread as ``time/<name>_s`` (exclusive of phases inside it: rl/phase_timer.py)."""
+        return self.timer.phase(name)
 
     @property
     def step(self) -> int:
@@ -791,13 +741,9 @@ class GRPOTrainer:
     def log_step(self, bar: tqdm) -> None:
         """Reduce this step's metrics across processes and write them every ``log_every`` steps."""
         # a checkpoint written after the previous step is logged here, but is no part of this step's time
-        step_time = sum(seconds for name, seconds in self.phase_times.items() if name != "checkpoint")
-        times = dict(self.phase_times)
-        for name, seconds in self.overlapped_times.items():  # beside the phases: not part of step_time
-            times[name] = times.get(name, 0.0) + seconds
+        step_time, times = self.timer.take(excluded=("checkpoint",))
         for name, seconds in times.items():
             self.metrics.add(f"time/{name}_s", seconds)
-        self.phase_times, self.overlapped_times = {}, {}
         self.metrics.add("time/step_s", step_time)
         self.metrics.add("perf/images_per_s", self.step_images / max(step_time, 1e-9))
         self.step_images = 0
@@ -830,7 +776,7 @@ class GRPOTrainer:
     def log_eval(self, metrics: dict[str, float], prefix: str = "eval") -> None:
         """Write evaluation metrics as ``<prefix>/<key>`` (e.g. ``eval/shapes/score/mean``)."""
         record = {f"{prefix}/{key}": value for key, value in metrics.items()}
-        record[f"time/{prefix}_s"] = self.phase_times.pop("eval", 0.0)
+        record[f"time/{prefix}_s"] = self.timer.pop("eval")
         self.last_eval = metrics.get("total/mean", math.nan)
         self.log.log(record, self.state.step)
         self.info("%s at step %d: total %.4f", prefix, self.state.step, metrics.get("total/mean", math.nan))

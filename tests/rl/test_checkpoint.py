@@ -14,6 +14,7 @@ from accelerate import Accelerator
 from safetensors.torch import load_file
 
 from rl.checkpoint import CheckpointWriteError, checkpoint_damage, list_checkpoints, resolve_resume, save_checkpoint
+from rl.inference import generate, load
 from rl.metrics_log import read_metrics
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -149,7 +150,7 @@ def test_exported_lora_reproduces_the_trainers_samples_in_plain_diffusers(pipeli
     )
     # the trainer's own deterministic samples (EMA weights, as exported) of two prompts x two seeds
     prompts, seeds = ["a red circle", "two blue squares"], [3, 7]
-    sampler = trainer.eval_sampler
+    sampler = trainer.evaluator.sampler
     with torch.no_grad(), trainer.ema.average_parameters():
         from rl.sampler import encode_prompts
 
@@ -165,10 +166,10 @@ def test_exported_lora_reproduces_the_trainers_samples_in_plain_diffusers(pipeli
          "--out", str(tmp_path / "samples")]
     )  # fmt: skip
     assert (out / "grid.png").is_file() and (out / "001_7.png").is_file()
-    fresh = sample.load(str(pipeline_dir), str(tmp_path / "run" / "lora"))
-    plain = sample.generate(fresh, prompts, seeds, num_steps=4, height=32, width=32, max_sequence_length=16)
+    fresh = load(str(pipeline_dir), str(tmp_path / "run" / "lora"))
+    plain = generate(fresh, prompts, seeds, num_steps=4, height=32, width=32, max_sequence_length=16)
     assert (plain - own).abs().max() <= 1e-4
-    base = sample.generate(sample.load(str(pipeline_dir), None), prompts, seeds, 4, 32, 32, max_sequence_length=16)
+    base = generate(load(str(pipeline_dir), None), prompts, seeds, 4, 32, 32, max_sequence_length=16)
     assert (base - own).abs().max() > 1e-3  # the LoRA matters: the check above is not vacuous
     # the checkpoint's copy of the export is the same file content
     x = load_file(tmp_path / "run" / "lora" / "pytorch_lora_weights.safetensors")

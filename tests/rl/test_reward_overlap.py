@@ -112,6 +112,6 @@ def test_a_chunk_is_scored_while_the_next_denoises(pipeline_dir, tmp_path, monke
     metrics = trainer.metrics.reduce(trainer.accelerator)
     assert scored.valid.all() and metrics["reward/total/mean"] == pytest.approx(float(scored.rewards.mean()))
     # decoding and scoring are timed where they ran, beside the main thread's phases; its wait is a phase
-    assert trainer.overlapped_times["decode"] > 0 and trainer.overlapped_times["reward"] > 0
-    assert {"sample", "score_wait"} <= set(trainer.phase_times) and "decode" not in trainer.phase_times
+    assert trainer.timer.beside["decode"] > 0 and trainer.timer.beside["reward"] > 0
+    assert {"sample", "score_wait"} <= set(trainer.timer.phases) and "decode" not in trainer.timer.phases
     trainer.cleanup()

@@ -1,7 +1,9 @@
 """Predictor-guided best-of-N (rl/seed_selection.py, launch/sample.py --best_of, bench/seed_selection.py)."""
 
 import json
+import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -50,6 +52,16 @@ def test_selection_cost_counts_the_capture_the_predictor_and_the_survivors():
     assert (full.transformer_calls, full.decodes, full.reward_calls) == (80, 8, 8)
 
 
+def test_a_funnels_cost_charges_each_stage_only_for_the_seeds_alive_there():
+    # 8 seeds to step 3, previews (1 decode + 1 reward call each), keep 3; those 3 on to step 5, previews, keep 1;
+    # it finishes: calls 8*3 + 3*2 + 1*5 = 35; decodes and reward calls 8 + 3 + 1 = 12 each
+    preview = PredictionCost(0, 1, 1)
+    cost = selection_cost(10, [3, 5], 8, [3, 1], [preview, preview], scored=True)
+    assert (cost.transformer_calls, cost.decodes, cost.reward_calls) == (35, 12, 12)
+    # one stage given as lists is the one-stage cost
+    assert selection_cost(10, [3], 8, [2], [preview], True) == selection_cost(10, 3, 8, 2, preview, True)
+
+
 def _sampler(pipeline, batch_size: int = 1, noise_level: float = 0.0) -> FluxSampler:
     return FluxSampler(pipeline, 4, noise_level, 3.5, 32, 32, batch_size=batch_size)
 
@@ -72,6 +84,48 @@ def test_survivors_are_the_predicted_best_and_bit_identical_to_sampling_those_se
             assert torch.equal(sampler.decode(alone.latents)[0], choice.images[j])
         assert choice.cost == selection_cost(4, 2, 4, 2, PredictionCost(0, 1, 1), scored=True)
         assert json.loads(json.dumps(choice.to_dict()))["chosen_seed"] == seeds[choice.chosen]
+
+
+def test_a_funnel_ranks_only_the_survivors_of_the_stage_before_and_finishes_them_exactly(tiny_flux_pipeline):
+    sampler = _sampler(tiny_flux_pipeline)
+    embeds = encode_prompts(tiny_flux_pipeline, [s.prompt for s in SPECS], 16)
+    reward, metadata = build_reward_set("shapes"), [s.to_dict() for s in SPECS]
+    previews = [predictor_for("preview", sampler, 1), predictor_for("preview", sampler, 3)]
+    seeds = [3, 11, 5, 8, 2]
+    funnel = SeedSelector(sampler, previews, [1, 3], reward).select(embeds, seeds, [3, 2], metadata)
+    # keeping every seed at the first stage is the single prune at the second: same survivors, same images
+    wide = SeedSelector(sampler, previews, [1, 3], reward).select(embeds, seeds, [5, 2], metadata)
+    single = SeedSelector(sampler, predictor_for("preview", sampler, 3), 3, reward).select(embeds, seeds, 2, metadata)
+    for p, (choice, everyone, once) in enumerate(zip(funnel, wide, single)):
+        first = keep_best(choice.predicted, 3)
+        later = choice.later_predicted[0]
+        assert torch.isnan(later[[i for i in range(5) if i not in first]]).all()  # stopped at stage 1
+        assert choice.kept == keep_best(torch.where(later.isnan(), -math.inf, later), 2)  # among stage 1's three
+        assert set(choice.kept) <= set(first)
+        assert choice.cost == selection_cost(4, [1, 3], 5, [3, 2], [PredictionCost(0, 1, 1)] * 2, scored=True)
+        assert everyone.kept == once.kept and torch.equal(everyone.images, once.images)
+        assert torch.equal(everyone.later_predicted[0], once.predicted)
+        for j, index in enumerate(choice.kept):  # each survivor: the image its seed gives alone
+            alone = sampler.advance(sampler.start(torch.tensor([p]), torch.tensor([seeds[index]])), embeds, 4)
+            assert torch.equal(sampler.decode(alone.latents)[0], choice.images[j])
+        report = json.loads(json.dumps(choice.to_dict()))
+        assert sum(value is None for value in report["later_predicted"][0]) == 2
+
+
+def test_a_funnel_must_narrow_as_it_goes(tiny_flux_pipeline):
+    sampler = _sampler(tiny_flux_pipeline)
+    reward = build_reward_set("shapes")
+    preview = predictor_for("preview", sampler, 2)
+    with pytest.raises(ValueError, match="must increase"):
+        SeedSelector(sampler, [preview, preview], [3, 2], reward)
+    with pytest.raises(ValueError, match="one per stage"):
+        SeedSelector(sampler, [preview], [1, 2], reward)
+    selector = SeedSelector(sampler, [preview, preview], [1, 2], reward)
+    embeds = encode_prompts(tiny_flux_pipeline, [SPECS[0].prompt], 16)
+    with pytest.raises(ValueError, match="must decrease"):
+        selector.select(embeds, [0, 1, 2, 3], [2, 2])
+    with pytest.raises(ValueError, match="one per capture step"):
+        selector.select(embeds, [0, 1, 2, 3], 2)
 
 
 def test_the_reward_oracle_keeping_one_is_full_best_of_n(tiny_flux_pipeline):
@@ -131,15 +185,45 @@ def test_sample_cli_best_of_writes_the_chosen_images_the_preview_grid_and_the_pr
     assert "best of 4 (kept 2) for 2 prompts" in capsys.readouterr().out
 
 
+def test_sample_cli_runs_a_funnel(tiny_flux_pipeline, tmp_path, run_launch_script, capsys):
+    tiny_flux_pipeline.save_pretrained(tmp_path / "model")
+    run_launch_script(
+        "sample", "--pretrained", str(tmp_path / "model"), "--prompt", SPECS[0].prompt, "--height", "32",
+        "--width", "32", "--num_steps", "4", "--best_of", "4", "--keep", "3", "1", "--predictor", "preview",
+        "--capture_step", "1", "3", "--reward", "shapes", "--out", str(tmp_path / "out"),
+    )  # fmt: skip
+    report = json.loads((tmp_path / "out" / "selection.json").read_text())
+    # calls 4*1 + 3*2 + 1*1 = 11; decodes 4 + 3 previews + 1 image
+    assert report["cost_per_prompt"] == {"transformer_calls": 11.0, "decodes": 8.0, "reward_calls": 8.0}
+    (prompt,) = report["prompts"]
+    first = sorted(range(4), key=lambda i: (-prompt["predicted"][i], i))[:3]
+    assert prompt["kept_seeds"] == [prompt["chosen_seed"]] and prompt["chosen_seed"] in first
+    assert [i for i, value in enumerate(prompt["later_predicted"][0]) if value is not None] == sorted(first)
+    assert "best of 4 (kept 3/1) for 1 prompts" in capsys.readouterr().out
+
+
+def test_the_benchs_funnel_keeps_what_the_selector_keeps():
+    from bench.seed_selection import funnel_survivors, stage_keeps
+
+    first, second = np.array([0.9, 0.1, 0.5, 0.5, 0.7]), np.array([0.0, 9.0, 0.2, 0.3, 0.1])
+    # stage 1 keeps seeds 0, 4 and 2 (0.5 tied with seed 3: the earlier); stage 2 ranks only those: 2, then 4
+    assert funnel_survivors([first, second], [3, 2]) == [2, 4]
+    assert funnel_survivors([first], [2]) == keep_best(torch.as_tensor(first), 2) == [0, 4]
+    assert stage_keeps(8, 1) == [[1], [2]] and stage_keeps(16, 1) == [[1], [2], [4]]
+    assert stage_keeps(8, 2) == [[2, 1], [3, 1], [3, 2], [4, 1], [4, 2]]
+
+
 def test_bench_smoke_reports_every_selection_with_its_compute(tmp_path):
     from bench.seed_selection import main
 
     report = main(["--smoke", "--out", str(tmp_path / "seed_selection")])
     result = report["models"]["base"]
     rows = result["rows"]
-    assert {(r["predictor"], r["n"], r["keep"]) for r in rows} == {
-        (p, 4, k) for p in ("preview@3", "preview@4", "lookahead@2", "lookahead@3") for k in (1, 2)
-    }
+    assert {(r["predictor"], r["n"], tuple(r["stage_keeps"])) for r in rows} == {
+        (p, 4, (k,)) for p in ("preview@3", "preview@4", "lookahead@2", "lookahead@3") for k in (1, 2)
+    } | {("preview@3>preview@5", 4, (2, 1))}  # the funnel: 4 seeds to step 3, 2 of them to 5, 1 finished
+    funnel = next(r for r in rows if ">" in r["predictor"])
+    assert funnel["transformer_calls"] == 4 * 3 + 2 * 2 + 1 * 5 and funnel["decodes"] == 4 + 2 + 1
     full = result["full_best_of"]
     for row in rows:  # a selection cannot beat the best of all N seeds
         assert row["reward"] <= full[4] + 1e-9

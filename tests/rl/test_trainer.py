@@ -100,7 +100,7 @@ def test_sde_window_only_samples_the_window_with_noise_and_the_rest_with_the_ode
     assert plain.sampler.sde_steps == frozenset(range(10))
     plain.cleanup()
     fast = make_trainer(pipeline_dir, tmp_path / "b", *window, "--sde_window_only", "true")
-    assert fast.sampler.sde_steps == {1, 2, 3} and fast.eval_sampler.noise_level == 0
+    assert fast.sampler.sde_steps == {1, 2, 3} and fast.evaluator.sampler.noise_level == 0
     record = one_step(fast)
     assert abs(record["policy/ratio_first_inner"] - 1) <= 1e-6
     fast.cleanup()
@@ -112,13 +112,13 @@ def test_evaluation_is_deterministic_and_uses_the_eval_prompts(pipeline_dir, tmp
         "--final_eval_images_per_prompt", "3",
     )  # fmt: skip
     scored = []  # the prompt of every image the evaluations score
-    reward_set = trainer.reward_set
+    reward_set = trainer.evaluator.reward
 
     def counting_reward(images, prompts, metadata):
         scored.extend(prompts)
         return reward_set(images, prompts, metadata)
 
-    trainer.reward_set = counting_reward
+    trainer.evaluator.reward = counting_reward
     first, second = trainer.evaluate(), trainer.evaluate()
     assert first == second
     assert {"total/mean", "shapes/score/mean", "jpeg_compressibility/score/mean"} <= set(first)
@@ -127,7 +127,7 @@ def test_evaluation_is_deterministic_and_uses_the_eval_prompts(pipeline_dir, tmp
     scored.clear()
     trainer.evaluate(final=True)
     assert len(scored) == 2 * 3 and len(set(scored)) == 2  # the final evaluation: 2 prompts x 3 seeds
-    trainer.reward_set = reward_set
+    trainer.evaluator.reward = reward_set
     trainer.cleanup()
 
 
