@@ -129,20 +129,22 @@ def test_sharded_trains_as_ddp_exports_and_resumes_exactly(ddp_runs, tmp_path, s
     assert all(torch.equal(a, b) for a, b in zip(ranks(tmp_path / "resumed")[0], rank0))
 
 
-def test_zero3_reads_the_lora_whole_for_the_kl_reference_and_the_probe_as_ddp_does(ddp_runs, tmp_path):
+@pytest.mark.parametrize("sharding", ["fsdp", "zero3"])
+def test_sharded_reads_the_lora_whole_for_the_kl_reference_and_the_probe_as_ddp_does(ddp_runs, tmp_path, sharding):
     """The two reads of the sharded model the plain case leaves out: the adapter-off reference forward of the KL
     term and the probe's attention capture on the gathered forward (probe pruning, keep 2 of 4). Both runs side
-    by side, the same config; ZeRO-3 ends where DDP ends."""
+    by side, the same config; FSDP2 and ZeRO-3 end where DDP ends."""
     extra = ("--kl_beta", "0.01", "--prune_policy", "variance", "--predictor", "probe", "--probe_path", "init",
              "--capture_step", "2", "--prune_keep_fraction", "0.5", "--prune_explore", "0")  # fmt: skip
     runs = {}
-    for name, launcher in (("ddp", ("--config_file", CPU_2PROC)), ("zero3", zero3_launch(tmp_path / "config"))):
+    sharded = FSDP_CPU if sharding == "fsdp" else zero3_launch(tmp_path / "config")
+    for name, launcher in (("ddp", ("--config_file", CPU_2PROC)), (sharding, sharded)):
         args = [*run_args(ddp_runs / "pipeline", tmp_path / name / "run"), *extra]
         runs[name] = launch(tmp_path / name, args, *launcher)  # each on a free port
     for process in runs.values():
         finish(process)
-    ddp, zero3 = ranks(tmp_path / "ddp")[0], ranks(tmp_path / "zero3")[0]
-    assert max((a - b).abs().max() for a, b in zip(zero3, ddp)) <= 1e-5
+    ddp, shards = ranks(tmp_path / "ddp")[0], ranks(tmp_path / sharding)[0]
+    assert max((a - b).abs().max() for a, b in zip(shards, ddp)) <= 1e-5
     for name in runs:
         records = [r for r in read_metrics(tmp_path / name / "run" / "metrics.jsonl") if "policy/kl_ref" in r]
         assert len(records) == 2 and all(r["policy/kl_ref"] >= 0 for r in records)
