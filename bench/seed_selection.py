@@ -88,12 +88,12 @@ def measure_model(
 
 
 def stage_keeps(n: int, stages: int) -> list[list[int]]:
-    """The (N, K) settings measured: K in 1, 2, N/4 for one stage; a two-stage funnel keeps N/4, 3N/8 or N/2
-    at its first stage and 1 or 2 (fewer) at its second."""
+    """The (N, K) settings measured: K in 1, 2, N/4 for one stage; a two-stage funnel keeps N/4, 3N/8, N/2 or
+    5N/8 at its first stage and 1 or 2 (fewer) at its second."""
     finals = sorted({1, 2, max(1, n // 4)})
     if stages == 1:
         return [[k] for k in finals]
-    firsts = sorted({max(1, round(n * f)) for f in (0.25, 0.375, 0.5)})
+    firsts = sorted({max(1, round(n * f)) for f in (0.25, 0.375, 0.5, 0.625)})
     return [[first, k] for first in firsts for k in (1, 2) if k < first]
 
 
@@ -218,6 +218,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--out", default="bench/seed_selection", help="writes <out>.json and <out>.png")
     parser.add_argument("--results", default="bench/RESULTS.md", help="Markdown file of the section ('': none)")
+    parser.add_argument("--raw", help="also write every real reward and prediction ([P, N] per model) to this .npz")
     parser.add_argument("--smoke", action="store_true", help="2 prompts x 4 seeds, N = 4, no RESULTS section")
     args = parser.parse_args(argv)
     if args.smoke:
@@ -231,7 +232,7 @@ def main(argv: list[str] | None = None) -> dict:
         args.selections.append(f"probe@{Probe.load(args.probe_path).capture_step}")
     predictors = list(dict.fromkeys(stage for spec in args.selections for stage in spec.split(">")))
     started = time.perf_counter()
-    results = {}
+    results, raw = {}, {}
     models = {"base": None} | ({"base + LoRA": args.lora} if args.lora else {})
     for model, lora in models.items():
         pipeline = FluxPipeline.from_pretrained(args.pretrained, torch_dtype=torch.float32)
@@ -239,6 +240,7 @@ def main(argv: list[str] | None = None) -> dict:
             pipeline.load_lora_weights(lora)
         pipeline.set_progress_bar_config(disable=True)
         real, predictions, costs = measure_model(pipeline, args, predictors)
+        raw |= {f"{model}/real": real} | {f"{model}/{spec}": values for spec, values in predictions.items()}
         results[model] = evaluate_selections(real, predictions, costs, args)
     seconds = time.perf_counter() - started
     out = Path(args.out)
@@ -246,6 +248,8 @@ def main(argv: list[str] | None = None) -> dict:
     report = {"command": " ".join(sys.argv), "args": vars(args), "seconds": seconds, "models": results}
     out.with_suffix(".json").write_text(json.dumps(report, indent=1))
     plot(results, args.num_steps, out.with_suffix(".png"))
+    if args.raw:
+        np.savez(args.raw, **raw)
     lines = markdown(results, args, seconds) if not args.smoke else []
     if args.results:
         add_to_section(args.results, SECTION, lines)

@@ -210,7 +210,7 @@ def test_the_benchs_funnel_keeps_what_the_selector_keeps():
     assert funnel_survivors([first, second], [3, 2]) == [2, 4]
     assert funnel_survivors([first], [2]) == keep_best(torch.as_tensor(first), 2) == [0, 4]
     assert stage_keeps(8, 1) == [[1], [2]] and stage_keeps(16, 1) == [[1], [2], [4]]
-    assert stage_keeps(8, 2) == [[2, 1], [3, 1], [3, 2], [4, 1], [4, 2]]
+    assert stage_keeps(8, 2) == [[2, 1], [3, 1], [3, 2], [4, 1], [4, 2], [5, 1], [5, 2]]
 
 
 def test_bench_smoke_reports_every_selection_with_its_compute(tmp_path):
