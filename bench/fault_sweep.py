@@ -10,7 +10,7 @@ sizes, after an optional preparation (a finished run to resume or damage, a malf
 - ``silent misbehaviour``: it ran on when it should not have, or its check failed;
 - ``work lost``: the case's check found finished steps missing.
 
-    python bench/fault_sweep.py            # about 5 minutes on 2 cores
+    python bench/fault_sweep.py            # about 10 minutes on 2 cores
     python bench/fault_sweep.py --only yaml_duplicate_key,resume_changed_group
 
 Writes ``--out`` (JSON) and a section of ``--results``. The same faults are held by tests (named per case).
@@ -24,9 +24,11 @@ import datetime
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import time
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -64,11 +66,19 @@ class Case:
     check: Callable[[Path], bool] | None = None
 
 
-def run(args: list[str], timeout: float = 600) -> subprocess.CompletedProcess:
+def command_and_env(args: list[str], folder: Path | None = None) -> tuple[list[str], dict[str, str]]:
+    """The entry script's command line at tiny sizes, and its environment (``folder`` on PYTHONPATH: a case's
+    own reward module)."""
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", WANDB_MODE="disabled")
     env.pop("GRPO_DEBUG", None)
+    if folder is not None:
+        env["PYTHONPATH"] = os.pathsep.join([str(folder), str(ROOT), env.get("PYTHONPATH", "")])
     base = TINY[2:] if "--config" in args else TINY  # a case's own config file replaces the tiny one
-    command = [sys.executable, str(ROOT / "launch" / "grpo_flux.py"), *base, *args]
+    return [sys.executable, str(ROOT / "launch" / "grpo_flux.py"), *base, *args], env
+
+
+def run(args: list[str], folder: Path | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+    command, env = command_and_env(args, folder)
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
 
 
@@ -141,6 +151,75 @@ def _resumed_to_3(folder: Path) -> bool:
     return steps_logged(folder / "run") == [1, 2, 3]
 
 
+# a user's reward module, each function a way a reward can go wrong (the case folder is on PYTHONPATH)
+SWEEP_REWARDS = """
+import torch
+
+
+def raises(images, prompts, metadata):
+    raise RuntimeError("the judge model ran out of memory")
+
+
+def nan(images, prompts, metadata):
+    return {"score": torch.full((len(images),), float("nan"))}
+
+
+def nan_first(images, prompts, metadata):  # one NaN per batch: drop_group drops that image's group
+    scores = torch.rand(len(images))
+    scores[0] = float("nan")
+    return {"score": scores}
+
+
+def short(images, prompts, metadata):
+    return {"score": torch.zeros(len(images) - 1)}
+
+
+def bare_tensor(images, prompts, metadata):
+    return torch.zeros(len(images))
+"""
+
+
+def _reward(name: str, *extra: str) -> Callable[[Path], list[str]]:
+    def prepare(folder: Path) -> list[str]:
+        _write(folder, "sweep_rewards.py", SWEEP_REWARDS)
+        return ["--reward", f"sweep_rewards:{name}", "--output_dir", str(folder / "run"), *extra]
+
+    return prepare
+
+
+def _dropped_and_finished(folder: Path) -> bool:
+    records = [r for r in read_metrics(folder / "run" / "metrics.jsonl") if "reward/dropped" in r]
+    return steps_logged(folder / "run") == [1, 2] and all(r["reward/dropped"] > 0 for r in records)
+
+
+def _interrupted(sig: signal.Signals) -> Callable[[Path], list[str]]:
+    """A 4-step run stopped by ``sig`` once its first checkpoint is written; the case is the same command again."""
+
+    def prepare(folder: Path) -> list[str]:
+        args = ["--output_dir", str(folder / "run"), "--max_steps", "4"]
+        command, env = command_and_env(args)
+        first = folder / "run" / "checkpoints" / "step-00000001"
+        with subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) as job:
+            deadline = time.monotonic() + 600
+            while not first.is_dir() and job.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.2)
+            job.send_signal(sig)
+            stderr = job.communicate(timeout=600)[1]
+        last = (stderr.strip().splitlines() or [""])[-1]
+        (folder / "interrupted.json").write_text(json.dumps({"exit": job.returncode, "last": last}))
+        return args
+
+    return prepare
+
+
+def _every_step_once(folder: Path) -> bool:
+    """The relaunch finished the run and the log holds each of its 4 steps exactly once."""
+    steps = [r["step"] for r in read_metrics(folder / "run" / "metrics.jsonl") if "reward/total/mean" in r]
+    interrupted = json.loads((folder / "interrupted.json").read_text())
+    told = interrupted["exit"] == -signal.SIGKILL or "stopped by SIGTERM" in interrupted["last"]
+    return steps == [1, 2, 3, 4] and told
+
+
 def _resume_changed(key: str, value: str) -> Callable[[Path], list[str]]:
     def prepare(folder: Path) -> list[str]:
         return ["--output_dir", str(finished_run(folder)), "--resume_from", "latest", f"--{key}", value]
@@ -195,6 +274,37 @@ CASES = [
     Case("reward_server_down", "a remote reward whose server is not running",
          lambda f: ["--reward", "remote", "--reward_kwargs", '{"remote": {"url": "http://127.0.0.1:9"}}'],
          "127.0.0.1:9", "tests/rewards/test_remote.py"),
+    Case("missing_model", "a model folder that does not exist", lambda f: ["--pretrained", str(f / "flux")],
+         "--pretrained", "tests/rl/test_checkpoint.py"),
+    Case("model_folder_without_index", "a model folder without model_index.json",
+         lambda f: ["--pretrained", str(f)], "model_index.json", "tests/rl/test_checkpoint.py"),
+    Case("output_dir_is_a_file", "an output_dir that is a file",
+         lambda f: ["--output_dir", str(_write(f, "notes.txt", "mine"))], "is a file", "tests/rl/test_checkpoint.py"),
+    Case("output_dir_not_creatable", "an output_dir that cannot be created",
+         lambda f: ["--output_dir", str(_write(f, "notes.txt", "mine") / "run")], "cannot create output_dir",
+         "tests/rl/test_checkpoint.py"),
+    Case("unknown_reward", "a reward name that does not exist", lambda f: ["--reward", "pickscor"], "pickscor",
+         "tests/rewards/test_reward_base.py"),
+    Case("group_of_one", "a group size of 1 (no contrast to learn from)", lambda f: ["--group_size", "1"],
+         "group_size", "tests/test_configs.py"),
+    Case("probe_other_sampler", "a probe trained under deterministic sampling, loaded by the SDE trainer",
+         lambda f: ["--prune_policy", "variance", "--prune_keep_fraction", "0.5", "--predictor", "probe",
+                    "--probe_path", str(ROOT / "assets" / "probe" / "tiny-flux-shapes-ode-step4.pt"),
+                    "--capture_step", "4", "--num_steps", "10"], "noise_level", "tests/probe/test_sampler_binding.py"),
+    Case("reward_raises", "a reward that raises", _reward("raises"), "ran out of memory",
+         "tests/rewards/test_compose.py"),
+    Case("reward_nan", "a reward returning NaN", _reward("nan"), "non-finite", "tests/rewards/test_compose.py"),
+    Case("reward_nan_drop_group", "a reward returning one NaN per batch under reward_failure_policy: drop_group",
+         _reward("nan_first", "--reward_failure_policy", "drop_group"), None, "tests/rl/test_trainer.py",
+         _dropped_and_finished),
+    Case("reward_wrong_shape", "a reward returning one score too few", _reward("short"), "shape (7,)",
+         "tests/rewards/test_compose.py"),
+    Case("reward_bare_tensor", "a reward returning a tensor, not a dict of named scores", _reward("bare_tensor"),
+         "dict of named scores", "tests/rewards/test_compose.py"),
+    Case("sigterm_relaunch", "SIGTERM after the first checkpoint, then the same command again",
+         _interrupted(signal.SIGTERM), None, "tests/rl/test_checkpoint.py", _every_step_once),
+    Case("sigkill_relaunch", "SIGKILL after the first checkpoint, then the same command again",
+         _interrupted(signal.SIGKILL), None, "tests/rl/test_checkpoint.py", _every_step_once),
 ]  # fmt: skip
 
 
@@ -209,7 +319,8 @@ def judge(case: Case, done: subprocess.CompletedProcess, folder: Path) -> str:
     if done.returncode != 0:
         return "unclear error" if traceback else "silent misbehaviour"
     if case.check is not None and not case.check(folder):
-        return "work lost" if "resume" in case.name or "truncated" in case.name else "silent misbehaviour"
+        lost = any(word in case.name for word in ("resume", "truncated", "relaunch"))
+        return "work lost" if lost else "silent misbehaviour"
     return "handled"
 
 
@@ -218,7 +329,7 @@ def sweep(cases: list[Case]) -> list[dict]:
     for case in cases:
         with tempfile.TemporaryDirectory() as tmp:
             folder = Path(tmp)
-            done = run(case.prepare(folder))
+            done = run(case.prepare(folder), folder)
             outcome = judge(case, done, folder)
             last = (done.stderr.strip().splitlines() or [""])[-1]
             if case.expect is None:  # what the run warned about, if anything

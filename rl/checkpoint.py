@@ -160,7 +160,12 @@ def must_clear_output_dir(output_dir: str | Path, resume_from: str | None, overw
 
     Raises:
         FileExistsError: a fresh run in a folder holding another run, naming the folder and the three ways on.
+        NotADirectoryError: ``output_dir`` is a file.
     """
+    if Path(output_dir).exists() and not Path(output_dir).is_dir():
+        raise NotADirectoryError(
+            f"output_dir {output_dir} is a file, not a folder: set --output_dir to a folder (created when missing)"
+        )
     if resume_from or not holds_a_run(output_dir):
         return False
     if not overwrite:
@@ -170,6 +175,21 @@ def must_clear_output_dir(output_dir: str | Path, resume_from: str | None, overw
             "--overwrite_output_dir true."
         )
     return True
+
+
+def make_output_dir(output_dir: Path) -> None:
+    """Create the run folder (the main process does).
+
+    Raises:
+        PermissionError: it cannot be created (no permission, a read-only filesystem), naming it.
+    """
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise PermissionError(
+            f"cannot create output_dir {output_dir} ({error.strerror or error}): set --output_dir to a folder you "
+            "can write to"
+        ) from error
 
 
 def register_lora_only_hooks(accelerator: Accelerator, model: torch.nn.Module) -> None:

@@ -37,6 +37,7 @@ from rl.advantages import group_advantages, group_std, scale_advantages
 from rl.batches import PromptBatch, ScoredRollouts, score_chunks, trained_steps
 from rl.checkpoint import (
     load_checkpoint,
+    make_output_dir,
     must_clear_output_dir,
     register_lora_only_hooks,
     resolve_resume,
@@ -77,7 +78,15 @@ logger = logging.getLogger(__name__)
 def load_pipeline(config: RunConfig, device: torch.device) -> FluxPipeline:
     """The base FluxPipeline (hub id or local folder), frozen, on ``device``; bf16 weights under bf16 precision."""
     dtype = torch.bfloat16 if config.training.mixed_precision == "bf16" else torch.float32
-    pipeline = FluxPipeline.from_pretrained(config.model.pretrained, revision=config.model.revision, torch_dtype=dtype)
+    name = config.model.pretrained
+    try:
+        pipeline = FluxPipeline.from_pretrained(name, revision=config.model.revision, torch_dtype=dtype)
+    except (OSError, ValueError) as error:  # diffusers' message names the path but neither the option nor the fix
+        raise FileNotFoundError(
+            f"cannot load the model pretrained={name!r}: {error} Set --pretrained to a FluxPipeline folder (one "
+            "holding model_index.json, e.g. assets/tiny-flux-shapes) or a hub id such as black-forest-labs/FLUX.1-dev "
+            "(downloaded, or in the local cache when offline)"
+        ) from error
     pipeline.set_progress_bar_config(disable=True)
     for module in (pipeline.transformer, pipeline.vae, pipeline.text_encoder, pipeline.text_encoder_2):
         # eval mode throughout, training included: any dropout would make re-scored log-probs differ from the
@@ -138,7 +147,7 @@ class GRPOTrainer:
             if clear:
                 shutil.rmtree(self.output_dir)
                 self.info("overwrite_output_dir: cleared %s", self.output_dir)
-            self.output_dir.mkdir(parents=True, exist_ok=True)
+            make_output_dir(self.output_dir)
         # once: resolving verifies the checkpoint's manifest (hashing every file), and three places need it
         resume_path = resolve_resume(cfg.checkpoint.resume_from, self.output_dir)
         if resume_path is not None:  # changes what the run is: an error; safe ones: logged (rl/resume_policy.py)

@@ -13,7 +13,15 @@ import torch
 from accelerate import Accelerator
 from safetensors.torch import load_file
 
-from rl.checkpoint import CheckpointWriteError, checkpoint_damage, list_checkpoints, resolve_resume, save_checkpoint
+from rl.checkpoint import (
+    CheckpointWriteError,
+    checkpoint_damage,
+    list_checkpoints,
+    make_output_dir,
+    must_clear_output_dir,
+    resolve_resume,
+    save_checkpoint,
+)
 from rl.inference import generate, load
 from rl.metrics_log import read_metrics
 
@@ -255,3 +263,25 @@ def test_a_damaged_latest_checkpoint_is_named_and_the_previous_one_used(tmp_path
         resolve_resume(str(latest), tmp_path)
     (root / "step-00000001" / "trainer_state.pt").unlink()
     assert resolve_resume("latest", tmp_path) is None  # nothing intact: a fresh start
+
+
+def test_an_output_dir_that_is_a_file_or_cannot_be_made_is_named_with_the_fix(tmp_path):
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("mine")
+    with pytest.raises(NotADirectoryError, match=r"notes.txt is a file, not a folder: set --output_dir"):
+        must_clear_output_dir(a_file, resume_from="latest", overwrite=False)
+    assert a_file.read_text() == "mine"  # untouched
+    with pytest.raises(PermissionError, match=r"cannot create output_dir .*notes.txt/run .*--output_dir"):
+        make_output_dir(a_file / "run")
+    make_output_dir(tmp_path / "a" / "b")
+    assert (tmp_path / "a" / "b").is_dir()
+
+
+def test_a_model_that_is_not_there_names_the_option_and_what_it_takes(tmp_path):
+    from rl.config import ModelConfig, RunConfig
+    from rl.trainer import load_pipeline
+
+    for missing in (tmp_path / "none", tmp_path):  # no folder; a folder without model_index.json
+        config = RunConfig(model=ModelConfig(pretrained=str(missing)))
+        with pytest.raises(FileNotFoundError, match=r"pretrained='.*'.*Set --pretrained to a FluxPipeline folder"):
+            load_pipeline(config, torch.device("cpu"))
