@@ -178,7 +178,7 @@ def check_even_work(prompts_per_step: int, prune_policy: str, num_processes: int
 
     Whole prompt groups per process (never split) and each group's survivors counted per group make the work
     even when the step's prompts divide evenly; the ``threshold`` policy keeps a number that depends on the
-    predictions. The evaluation pads its shares instead (``GRPOTrainer.evaluate``).
+    predictions. The evaluation pads its shares instead (``rl/evaluation.py``).
 
     Raises:
         ValueError: naming the setting and the fix.

@@ -39,7 +39,7 @@ from rl.predictors.preview import X0Recorder
 from rl.pruning_config import PruningConfig
 from rl.sampler import FluxSampler, PromptEmbeddings, StepObserver
 
-T = TypeVar("T")
+Item = TypeVar("Item")
 
 
 @dataclasses.dataclass
@@ -162,7 +162,7 @@ def predictor_for(
     return build_predictor(config, sampler)
 
 
-def as_list(value: T | Sequence[T]) -> list[T]:
+def as_list(value: Item | Sequence[Item]) -> list[Item]:
     """One stage's value, or a funnel's values, as a list."""
     return list(value) if isinstance(value, Sequence) else [value]
 
@@ -179,8 +179,8 @@ class SeedSelector:
         reward: the real reward (the returned image is the survivors' best by it), or None.
 
     Raises:
-        ValueError: a stochastic sampler, capture steps outside [1, T] or not increasing, as many predictors
-            as capture steps, or a reward-based predictor without a reward.
+        ValueError: a stochastic sampler, capture steps outside [1, T] or not increasing, not one predictor per
+            capture step, or a reward-based predictor without a reward.
     """
 
     def __init__(
