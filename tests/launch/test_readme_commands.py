@@ -7,6 +7,7 @@ option, config or script breaks this test instead of a newcomer's first try. Par
 """
 
 import argparse
+import json
 import re
 import runpy
 import shlex
@@ -123,11 +124,11 @@ def test_the_short_readme_commands_run_with_tiny_overrides(tmp_path):
     sample = [str(tmp_path / "samples") if word == "samples/" else word for word in sample]
     _run(sample, ROOT)
     assert len(list((tmp_path / "samples").glob("000_*.png"))) == 4  # --seeds 0 1 2 3
-    best = [*sample[:-2], "--out", str(tmp_path / "best"), "--best_of", "8", "--keep", "1", "--predictor",
-            "preview", "--capture_step", "4", "--reward", "shapes"]  # fmt: skip
-    assert "finish only the best" in (ROOT / "README.md").read_text()  # the README's best-of-N addition
-    _run(best, ROOT)
-    assert (tmp_path / "best" / "selection.json").is_file()
+    addition = "--best_of 8 --predictor preview\n--capture_step 3 5 --keep 3 2 --reward shapes"
+    assert addition in (ROOT / "README.md").read_text()  # the README's best-of-N funnel, as written there
+    _run([*sample[:-2], "--out", str(tmp_path / "best"), *addition.split()], ROOT)
+    report = json.loads((tmp_path / "best" / "selection.json").read_text())
+    assert report["best_of"] == 8 and all(len(p["kept_seeds"]) == 2 for p in report["prompts"])
 
     plot = _readme("launch/plot.py")
     metrics = str(run / "metrics.jsonl")
