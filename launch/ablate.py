@@ -104,6 +104,11 @@ def run_commands(commands: dict[Path, list[str]], jobs: int, threads: int) -> No
 def plan(args: argparse.Namespace, passthrough: list[str]) -> dict[Path, list[str]]:
     """Every run's folder and command line, each config parsed first (a bad key or value fails before any run)."""
     variants = [v for v in args.variants.split(",") if v]
+    if args.seeds is not None and "unpruned" not in variants:  # found after an hour of runs: fail before them
+        raise SystemExit(
+            "--variants must include unpruned: every variant's time to target is measured against unpruned's mean "
+            "final reward (add it to --variants)"
+        )
     shared = [*passthrough, "--max_steps", str(args.max_steps), "--eval_every", str(args.eval_every)]
     shared += ["--eval_num_prompts", str(args.eval_prompts_count), "--final_eval_num_prompts"]
     shared += [str(args.eval_prompts_count), "--eval_before_training", "true"]

@@ -194,3 +194,11 @@ def test_ablate_with_seeds_runs_in_parallel_and_resumes(tiny_flux_pipeline, tmp_
     log = (tmp_path / "ablate" / "seed0" / "pods" / "metrics.jsonl").stat().st_mtime
     ablate.main(args)  # everything finished before: nothing runs again
     assert (tmp_path / "ablate" / "seed0" / "pods" / "metrics.jsonl").stat().st_mtime == log
+
+
+def test_a_seeded_ablation_without_its_baseline_stops_before_any_run(tiny_flux_pipeline, tmp_path):
+    ablate, common = fixture_ablation(tiny_flux_pipeline, tmp_path)
+    args = [*common, "--budget_steps", "2", "--seeds", "0", "--variants", "keep_oracle"]
+    with pytest.raises(SystemExit, match="--variants must include unpruned"):
+        ablate.main(args)
+    assert not (tmp_path / "ablate").exists()  # nothing ran
