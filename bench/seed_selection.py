@@ -37,7 +37,7 @@ from rewards.shapes import all_prompts
 from rl.config_help import HelpFormatter
 from rl.predictors import PredictionCost, PredictionInputs, reward_scores
 from rl.sampler import FluxSampler, Rollouts, encode_prompts
-from rl.seed_selection import choose, full_best_of_n_cost, keep_best, predictor_for, selection_cost
+from rl.seed_selection import choose, full_best_of_n_cost, keep_best_of, predictor_for, selection_cost
 
 SECTION = "Seed selection: predictor-guided best-of-N (bench/seed_selection.py)"
 
@@ -99,11 +99,10 @@ def stage_keeps(n: int, stages: int) -> list[list[int]]:
 
 def funnel_survivors(predicted: list[np.ndarray], keeps: list[int]) -> list[int]:
     """One prompt's survivors (indices into its seeds): each stage keeps the predicted best of the stage before's
-    survivors, ties to the earlier seed, as :class:`rl.seed_selection.SeedSelector` does."""
+    survivors (:func:`rl.seed_selection.keep_best_of`, as :class:`rl.seed_selection.SeedSelector` ranks them)."""
     alive = list(range(len(predicted[0])))
     for scores, keep in zip(predicted, keeps):
-        alive = sorted(alive)
-        alive = [alive[i] for i in keep_best(torch.as_tensor(scores[alive]), keep)]
+        alive = keep_best_of(torch.as_tensor(scores), alive, keep)
     return alive
 
 

@@ -127,6 +127,13 @@ def keep_best(predicted: torch.Tensor, keep: int) -> list[int]:
     return order[:keep]
 
 
+def keep_best_of(predicted: torch.Tensor, alive: list[int], keep: int) -> list[int]:
+    """The ``keep`` seeds of ``alive`` (indices into ``predicted`` ``[N]``) predicted best, best first; ties go to
+    the earlier seed (a funnel's later stage ranks only the survivors of the stage before)."""
+    alive = sorted(alive)
+    return [alive[i] for i in keep_best(predicted[alive], keep)]
+
+
 def choose(kept: list[int], kept_scores: torch.Tensor) -> int:
     """The survivor with the highest score (real reward, or prediction without one); ties: the better predicted."""
     best = max(range(len(kept)), key=lambda j: (float(kept_scores[j]), -j))
@@ -243,39 +250,35 @@ class SeedSelector:
         row_prompts = [prompts[i] for i in prompt_index.tolist()]
         row_meta = [metadata[i] for i in prompt_index.tolist()]
         rollouts = self.sampler.start(prompt_index, torch.tensor(seeds).repeat(count), device)
-        alive = list(range(count * n))  # the rows (prompt p, seed i: p n + i) of ``rollouts``, in its order
+        kept = [list(range(n)) for _ in range(count)]  # per prompt, its seeds alive, in the order of ``rollouts``
         recorder = X0Recorder(self.capture_steps[0] - 1) if previews else None
         predicted, costs = [], []
         for stage, (predictor, step, kept_per_prompt) in enumerate(zip(self.predictors, self.capture_steps, keeps)):
+            rows = [p * n + i for p in range(count) for i in kept[p]]  # rows of ``rollouts``, prompt p, seed i
             observer = predictor.observer(self.sampler)
             watch = ObserverPair(observer, recorder if stage == 0 else None)
             rollouts = self.sampler.advance(rollouts, embeds, step, watch)
 
-            def score_latents(latents: torch.Tensor, rows: list[int] = alive) -> RewardResult:
+            def score_latents(latents: torch.Tensor, rows: list[int] = rows) -> RewardResult:
                 images = self.sampler.decode(latents)
                 return self.reward(images, [row_prompts[r] for r in rows], [row_meta[r] for r in rows])
 
             inputs = PredictionInputs(self.sampler, embeds, rollouts, observer, score_latents)
             prediction = predictor.predict(inputs)
-            costs.append(prediction.cost.per_rollout(len(alive)))
+            costs.append(prediction.cost.per_rollout(len(rows)))
             scores = torch.full((count * n,), math.nan)
-            scores[alive] = prediction.scores.float().cpu()
+            scores[rows] = prediction.scores.float().cpu()
             predicted.append(scores.view(count, n))
-            positions = {row: j for j, row in enumerate(alive)}
-            survivors = []  # positions in ``rollouts``, prompt-major, best predicted first
-            for p in range(count):
-                candidates = sorted(row for row in alive if row // n == p)  # seed order: ties to the earlier seed
-                ranked = keep_best(scores[candidates], kept_per_prompt)
-                survivors += [positions[candidates[r]] for r in ranked]
-            rollouts = rollouts.select(torch.tensor(survivors))
-            alive = [alive[j] for j in survivors]
+            position = {row: j for j, row in enumerate(rows)}
+            kept = [keep_best_of(predicted[-1][p], kept[p], kept_per_prompt) for p in range(count)]
+            rollouts = rollouts.select(torch.tensor([position[p * n + i] for p in range(count) for i in kept[p]]))
         finished = self.sampler.advance(rollouts, embeds, self.sampler.num_steps)
         images = self.sampler.decode(finished.latents)
         keep = keeps[-1]
-        kept = [[row % n for row in alive[p * keep : (p + 1) * keep]] for p in range(count)]
+        survivors = [p * n + i for p in range(count) for i in kept[p]]
         rewards = None
         if self.reward is not None:
-            rewards = self.reward(images, [row_prompts[r] for r in alive], [row_meta[r] for r in alive])
+            rewards = self.reward(images, [row_prompts[r] for r in survivors], [row_meta[r] for r in survivors])
             rewards = reward_scores(rewards).view(count, keep)
         per_prompt = selection_cost(self.sampler.num_steps, self.capture_steps, n, keeps, costs, rewards is not None)
         shown = None
