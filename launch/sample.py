@@ -140,19 +140,11 @@ def main(argv: list[str] | None = None) -> Path:
         best_of(args, pipeline, prompts, out)
         return out
     texts = [p.text for p in prompts]
-    images = generate(
-        pipeline,
-        texts,
-        args.seeds,
-        args.num_steps,
-        args.height,
-        args.width,
-        args.guidance_scale,
-        args.max_sequence_length,
-    )
+    images = generate(pipeline, texts, args.seeds, args.num_steps, args.height, args.width, args.guidance_scale,
+                      args.max_sequence_length)  # fmt: skip
     for i, image in enumerate(images):
-        pixels = image_grid(image[None], 1)
-        Image.fromarray(pixels).save(out / f"{i // len(args.seeds):03d}_{args.seeds[i % len(args.seeds)]}.png")
+        prompt_index, seed = divmod(i, len(args.seeds))
+        Image.fromarray(image_grid(image[None], 1)).save(out / f"{prompt_index:03d}_{args.seeds[seed]}.png")
     Image.fromarray(image_grid(images, len(args.seeds))).save(out / "grid.png")
     print(f"wrote {len(images)} images and grid.png to {out}")
     return out
