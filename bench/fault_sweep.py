@@ -1,7 +1,7 @@
 """Faults and bad inputs tried as a user would, each classified by what the user sees and what is lost.
 
-Every case runs the real entry script (``launch/grpo_flux.py``) as a subprocess on the shipped tiny model at tiny
-sizes, after an optional preparation (a finished run to resume or damage, a malformed file), and is judged:
+Every trainer case runs the real entry script (``launch/grpo_flux.py``) as a subprocess on the shipped tiny model
+at tiny sizes, after an optional preparation (a finished run to resume or damage, a malformed file), and is judged:
 
 - ``clear error``: exit status 2, an ``error:`` message naming the expected thing, no traceback;
 - ``handled``: exit 0 and the check of the case holds (a resume that skips a damaged checkpoint, a reward failure
@@ -9,6 +9,9 @@ sizes, after an optional preparation (a finished run to resume or damage, a malf
 - ``unclear error``: it stopped, but with a traceback or without naming the thing;
 - ``silent misbehaviour``: it ran on when it should not have, or its check failed;
 - ``work lost``: the case's check found finished steps missing.
+
+The reward server and client cases (``bench/server_faults.py``: hostile requests against
+``launch/reward_server.py``, broken servers against the remote client) follow, judged the same way.
 
     python bench/fault_sweep.py            # about 10 minutes on 2 cores
     python bench/fault_sweep.py --only yaml_duplicate_key,resume_changed_group
@@ -36,6 +39,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from bench.probe_quality import add_to_section
+from bench.server_faults import NET_CASES, net_sweep
 from rewards.shapes import all_prompts
 from rl.config_help import HelpFormatter
 from rl.metrics_log import read_metrics
@@ -360,7 +364,7 @@ def report_lines(rows: list[dict], command: str) -> list[str]:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     parser.add_argument("--only", default="", help="comma-separated case names (default: all): " +
-                        ", ".join(c.name for c in CASES))  # fmt: skip
+                        ", ".join(c.name for c in [*CASES, *NET_CASES]))  # fmt: skip
     parser.add_argument("--out", default="bench/fault_sweep.json", help="JSON output")
     parser.add_argument("--results", default="bench/RESULTS.md", help="Markdown file of the section ('': none)")
     return parser.parse_args(argv)
@@ -368,11 +372,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> list[dict]:
     args = parse_args(argv)
-    names = set(args.only.split(",")) if args.only else {c.name for c in CASES}
-    unknown = names - {c.name for c in CASES}
+    every = [c.name for c in [*CASES, *NET_CASES]]
+    names = set(args.only.split(",")) if args.only else set(every)
+    unknown = names - set(every)
     if unknown:
-        raise SystemExit(f"unknown cases {sorted(unknown)}; choose from {[c.name for c in CASES]}")
-    rows = sweep([c for c in CASES if c.name in names])
+        raise SystemExit(f"unknown cases {sorted(unknown)}; choose from {every}")
+    rows = sweep([c for c in CASES if c.name in names]) + net_sweep([c for c in NET_CASES if c.name in names])
     Path(args.out).write_text(json.dumps(rows, indent=1))
     if args.results:
         add_to_section(args.results, RESULTS_SECTION, report_lines(rows, "python bench/fault_sweep.py"))

@@ -1,10 +1,12 @@
-"""The fault sweep's verdicts on hand-made outcomes, and two real cases end to end (a clear error each)."""
+"""The fault sweep's verdicts on hand-made outcomes, and real cases end to end: two trainer cases, and server and
+client cases against a real reward server."""
 
 import json
 import subprocess
 from pathlib import Path
 
 from bench.fault_sweep import CASES, Case, judge, main, report_lines
+from bench.server_faults import NET_CASES, refusal
 
 
 def _done(code: int, stderr: str) -> subprocess.CompletedProcess:
@@ -30,8 +32,9 @@ def test_judge_by_hand(tmp_path: Path):
 
 def test_every_case_names_a_test_that_exists():
     root = Path(__file__).resolve().parents[2]
-    assert len({case.name for case in CASES}) == len(CASES)
-    assert all((root / case.test).is_file() for case in CASES), [c.test for c in CASES if not (root / c.test).is_file()]
+    cases = [*CASES, *NET_CASES]
+    assert len({case.name for case in cases}) == len(cases)
+    assert all((root / case.test).is_file() for case in cases), [c.test for c in cases if not (root / c.test).is_file()]
 
 
 def test_two_real_cases_are_clear_errors(tmp_path: Path):
@@ -41,3 +44,20 @@ def test_two_real_cases_are_clear_errors(tmp_path: Path):
     assert json.loads((tmp_path / "f.json").read_text()) == rows
     table = report_lines(rows, "python bench/fault_sweep.py")
     assert "2 faults: 2 clear error." in table
+
+
+def test_refusals_judged_by_hand():
+    assert refusal(413, {"error": "9 images; at most --max_images 8"}, 413, "--max_images") == (
+        "clear error", "HTTP 413: 9 images; at most --max_images 8")  # fmt: skip
+    assert refusal(500, {"error": "Traceback"}, 413, "--max_images")[0] == "unclear error"  # the wrong status
+    assert refusal(413, {"error": "too big"}, 413, "--max_images")[0] == "unclear error"  # names no limit
+    assert refusal(200, {"scores": {}}, 413, "--max_images")[0] == "silent misbehaviour"  # accepted
+
+
+def test_server_and_client_cases_against_a_real_server(tmp_path: Path):
+    names = "server_deep_json,server_no_token,server_fifty_clients,client_trickling_server"
+    rows = main(["--only", names, "--out", str(tmp_path / "f.json"), "--results", ""])
+    assert {row["case"]: row["outcome"] for row in rows} == {
+        "server_deep_json": "clear error", "server_no_token": "clear error", "server_fifty_clients": "handled",
+        "client_trickling_server": "clear error"}  # fmt: skip
+    assert rows[0]["message"] == "HTTP 400: JSON nested deeper than --max_json_depth 32"

@@ -8,108 +8,47 @@ bounded; a trickling server, a hung one and a dead one against the client, each 
 from __future__ import annotations
 
 import base64
-import http.client
 import io
 import json
-import os
 import socket
-import struct
-import subprocess
-import sys
 import threading
 import time
 import urllib.parse
-import zlib
-from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import pytest
 import torch
 from PIL import Image
 
+from bench.server_faults import (
+    AUTH,
+    AUTH_LINE,
+    BOMB_SIDE,
+    TOKEN,
+    dying,
+    peak_rss_mb,
+    png_bomb,
+    post,
+    raw_exchange,
+    score_body,
+    trickling,
+)
+from bench.server_faults import script_server as start_script_server
 from rewards.base import RewardError
 from rewards.compose import RewardSet, build_reward_set
-from rewards.remote import RemoteReward, RemoteRewardError, encode_images
-from rewards.server import PNG_SIGNATURE, ServerLimits
-
-ROOT = Path(__file__).resolve().parents[2]
-TOKEN = "test-token-0123456789"
-BOMB_SIDE = 12000  # 144 M pixels: below PIL's own bomb error (179 M), so only the server's limit stops it
+from rewards.remote import RemoteReward, RemoteRewardError
+from rewards.server import ServerLimits
 
 
 def mean_reward(images, prompts, metadata):
     return {"score": images.mean(dim=(1, 2, 3))}
 
 
-def png_bomb(side: int) -> bytes:
-    """A valid PNG of ``side`` x ``side`` black pixels: 420 KB for 12000, decoding to 432 MB (1.7 GB as floats)."""
-    compressor = zlib.compressobj(9)
-    rows = bytes(1 + 3 * side) * 100  # filter byte 0, then black RGB; 100 rows a call
-    data = b"".join([compressor.compress(rows) for _ in range(side // 100)] + [compressor.flush()])
-
-    def chunk(kind: bytes, payload: bytes) -> bytes:
-        return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
-
-    header = struct.pack(">IIBBBBB", side, side, 8, 2, 0, 0, 0)  # 8-bit RGB
-    return PNG_SIGNATURE + chunk(b"IHDR", header) + chunk(b"IDAT", data) + chunk(b"IEND", b"")
-
-
-def post(url: str, body: bytes, headers: dict | None = None, path: str = "/score") -> tuple[int, dict]:
-    """POST through http.client (no retries): status and the JSON answer."""
-    parts = urllib.parse.urlsplit(url)
-    connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=20)
-    try:
-        connection.request("POST", path, body=body, headers={"Content-Type": "application/json", **(headers or {})})
-        response = connection.getresponse()
-        return response.status, json.loads(response.read())
-    finally:
-        connection.close()
-
-
-def raw_exchange(url: str, request: bytes) -> tuple[int, dict]:
-    """Send bytes as they are and read the answer until the server closes: status and JSON body."""
-    parts = urllib.parse.urlsplit(url)
-    with socket.create_connection((parts.hostname, parts.port), timeout=10) as sock:
-        sock.sendall(request)
-        answer = b""
-        while chunk := sock.recv(65536):
-            answer += chunk
-    head, _, body = answer.partition(b"\r\n\r\n")
-    return int(head.split()[1]), json.loads(body)
-
-
-def score_body(images: torch.Tensor) -> bytes:
-    prompts = [f"p{i}" for i in range(len(images))]
-    return json.dumps({"images": encode_images(images), "prompts": prompts}).encode()
-
-
-def peak_rss_mb(pid: int) -> float:
-    """The process's peak resident memory so far (VmHWM), in MB."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    raise AssertionError("no VmHWM")
-
-
 @pytest.fixture(scope="module")
 def script_server():
-    """``launch/reward_server.py`` with a token and small limits, in its own process: ``(url, pid)``."""
-    command = [sys.executable, str(ROOT / "launch" / "reward_server.py"), "--reward", "jpeg_incompressibility"]
-    limits = ["--max_body_mb", "1", "--max_images", "8", "--read_timeout", "3", "--workers", "4"]
-    env = {**os.environ, "REWARD_SERVER_TOKEN": TOKEN}
-    process = subprocess.Popen(
-        [*command, "--port", "0", *limits], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env
-    )
-    try:
-        line = process.stdout.readline()
-        assert line.startswith("serving jpeg_incompressibility on http://127.0.0.1:"), line
-        yield line.split()[-1], process.pid
-    finally:
-        process.terminate()
-        process.wait(timeout=10)
-
-
-AUTH = {"Authorization": f"Bearer {TOKEN}"}
+    """``launch/reward_server.py`` with a token and small limits (1 MiB, 8 images, 3 s, 4 workers): ``(url, pid)``."""
+    with start_script_server() as server:
+        yield server
 
 
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads peak memory from /proc")
@@ -132,16 +71,15 @@ def test_decompression_bomb_is_refused_from_its_header(script_server, images):
 
 def test_oversized_and_malformed_bodies_are_refused(script_server, images):
     url, _ = script_server
-    auth = f"Authorization: Bearer {TOKEN}\r\n".encode()
     status, answer = post(url, b"x" * (2 * 2**20), AUTH)  # sent whole: the server discards it and answers
     assert status == 413 and "a body of 2097152 bytes; the server takes at most 1048576" in answer["error"]
     start = time.perf_counter()  # a 10 GB claim is refused from the header, without waiting for a byte of it
-    status, answer = raw_exchange(url, b"POST /score HTTP/1.0\r\n" + auth + b"Content-Length: 10000000000\r\n\r\n")
+    status, answer = raw_exchange(url, b"POST /score HTTP/1.0\r\n" + AUTH_LINE + b"Content-Length: 10000000000\r\n\r\n")
     assert status == 413 and time.perf_counter() - start < 2
-    assert raw_exchange(url, b"POST /score HTTP/1.0\r\n" + auth + b"\r\n")[0] == 411
+    assert raw_exchange(url, b"POST /score HTTP/1.0\r\n" + AUTH_LINE + b"\r\n")[0] == 411
     for length in (b"-1", b"abc", b"1e3"):
         status, answer = raw_exchange(
-            url, b"POST /score HTTP/1.0\r\n" + auth + b"Content-Length: " + length + b"\r\n\r\n"
+            url, b"POST /score HTTP/1.0\r\n" + AUTH_LINE + b"Content-Length: " + length + b"\r\n\r\n"
         )
         assert status == 400 and "Content-Length must be a non-negative integer" in answer["error"]
     status, answer = post(url, b"[" * 100_000 + b"]" * 100_000, AUTH)
@@ -247,27 +185,6 @@ def test_slow_clients_are_dropped_while_valid_requests_are_served(serve, images)
     assert b" 408 " in dropped["body"][1]  # a half-sent body is told why
 
 
-def trickling(interval: float) -> type[BaseHTTPRequestHandler]:
-    """A handler that reads the request, then sends a valid answer one byte every ``interval`` seconds."""
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self):
-            self.rfile.read(int(self.headers["Content-Length"]))
-            body = json.dumps({"scores": {"score": [0.0] * 2}}).encode()
-            answer = b"HTTP/1.0 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
-            try:
-                for byte in answer:
-                    self.wfile.write(bytes([byte]))
-                    time.sleep(interval)
-            except OSError:  # the client hung up: what the test wants
-                pass
-
-        def log_message(self, *args):
-            pass
-
-    return Handler
-
-
 def test_client_deadline_bounds_a_trickling_server(serve, images):
     remote = RemoteReward(serve(handler=trickling(0.1)), timeout=1.0, retries=0)  # the answer takes 8 s in all
     start = time.perf_counter()
@@ -290,27 +207,6 @@ def test_health_check_fails_fast_naming_the_url():
         with pytest.raises(RemoteRewardError, match=rf"{url} failed its health check: no answer within timeout=1.0"):
             RemoteReward(url, timeout=1.0).check_health()
     assert time.perf_counter() - start < 3
-
-
-def dying(posts: list) -> type[BaseHTTPRequestHandler]:
-    """A server that passes its health check, then drops every POST without an answer (and counts them)."""
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self):
-            body = json.dumps({"status": "ok", "reward": "dying"}).encode()
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def do_POST(self):
-            self.rfile.read(int(self.headers["Content-Length"]))
-            posts.append(1)
-
-        def log_message(self, *args):
-            pass
-
-    return Handler
 
 
 def test_dead_server_fails_a_step_once_under_drop_group(serve, images):
