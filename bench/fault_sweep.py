@@ -68,6 +68,7 @@ class Case:
     expect: str | None
     test: str
     check: Callable[[Path], bool] | None = None
+    elsewhere: bool = False  # launched from the case folder instead of the current one (the repository root)
 
 
 def command_and_env(args: list[str], folder: Path | None = None) -> tuple[list[str], dict[str, str]]:
@@ -81,9 +82,11 @@ def command_and_env(args: list[str], folder: Path | None = None) -> tuple[list[s
     return [sys.executable, str(ROOT / "launch" / "grpo_flux.py"), *base, *args], env
 
 
-def run(args: list[str], folder: Path | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+def run(
+    args: list[str], folder: Path | None = None, timeout: float = 600, cwd: Path | None = None
+) -> subprocess.CompletedProcess:
     command, env = command_and_env(args, folder)
-    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout, cwd=cwd)
 
 
 def finished_run(folder: Path) -> Path:
@@ -240,6 +243,11 @@ CASES = [
          "tests/test_configs.py"),
     Case("missing_prompt_file", "a prompt file that does not exist", lambda f: ["--prompts", str(f / "none.txt")],
          "none.txt", "tests/rl/test_data.py"),
+    Case("empty_prompt_file", "a prompt file of blank lines",
+         lambda f: ["--prompts", str(_write(f, "empty.txt", "\n\n"))], "contains no prompts", "tests/rl/test_data.py"),
+    Case("jsonl_without_metadata", "a JSONL prompt file without the shapes world's tags, under the shapes reward",
+         lambda f: ["--prompts", str(_write(f, "bare.jsonl", '{"prompt": "a red square"}\n')),
+                    "--output_dir", str(f / "run")], "shapes-world metadata", "tests/rewards/test_reward_base.py"),
     Case("jsonl_bad_line", "a JSONL prompt file with a broken third line",
          lambda f: ["--prompts", str(_write(f, "p.jsonl", '{"prompt": "a"}\n{"prompt": "b"}\n{"prompt": c}\n'))],
          "p.jsonl:3", "tests/rl/test_data.py"),
@@ -250,6 +258,26 @@ CASES = [
     Case("corrupt_probe", "a probe file of random bytes",
          lambda f: ["--probe_path", str(_write(f, "probe.pt", os.urandom(2048))), "--prune_policy", "variance",
                     "--prune_keep_fraction", "0.5"], "probe.pt", "tests/probe/test_probe_io.py"),
+    Case("missing_config", "a config file that does not exist", lambda f: ["--config", str(f / "run.yaml")],
+         "run.yaml", "tests/rl/test_paths.py"),
+    Case("config_not_a_mapping", "a config file holding a YAML list",
+         lambda f: ["--config", str(_write(f, "list.yaml", "- learning_rate: 1.0e-4\n"))], "YAML mapping",
+         "tests/rl/test_paths.py"),
+    Case("launched_elsewhere", "the shipped config launched from another folder (its model path is relative)",
+         lambda f: [], "launch from the repository root", "tests/rl/test_paths.py", elsewhere=True),
+    Case("reward_kwargs_not_json", "reward_kwargs that is not JSON", lambda f: ["--reward_kwargs", "{url: x}"],
+         "reward_kwargs", "tests/test_configs.py"),
+    Case("reward_weights_count", "three reward weights for two rewards",
+         lambda f: ["--reward", "shapes,jpeg_compressibility", "--reward_weights", "1", "2", "3"],
+         "one weight per component", "tests/test_configs.py"),
+    Case("size_off_the_latent_grid", "an image height the latent grid cannot split (70 px)",
+         lambda f: ["--height", "70", "--output_dir", str(f / "run")], "multiples of", "tests/rl/test_sampler.py"),
+    Case("capture_step_out_of_range", "a pruning capture step past the last denoising step",
+         lambda f: ["--prune_policy", "variance", "--predictor", "preview", "--capture_step", "9"], "capture_step=9",
+         "tests/test_configs.py"),
+    Case("resume_from_not_a_checkpoint", "resume_from naming a folder that is no checkpoint",
+         lambda f: ["--resume_from", str(f), "--output_dir", str(f / "run")], "not a checkpoint folder",
+         "tests/rl/test_checkpoint.py"),
     Case("yaml_syntax", "a config file with a YAML syntax error",
          lambda f: ["--config", str(_write(f, "bad.yaml", "learning_rate: 1e-4\ngroup_size: [4\n"))], "bad.yaml",
          "tests/test_configs.py"),
@@ -333,7 +361,7 @@ def sweep(cases: list[Case]) -> list[dict]:
     for case in cases:
         with tempfile.TemporaryDirectory() as tmp:
             folder = Path(tmp)
-            done = run(case.prepare(folder), folder)
+            done = run(case.prepare(folder), folder, cwd=folder if case.elsewhere else None)
             outcome = judge(case, done, folder)
             last = (done.stderr.strip().splitlines() or [""])[-1]
             if case.expect is None:  # what the run warned about, if anything

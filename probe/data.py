@@ -33,6 +33,7 @@ import torch
 
 from probe.capture import ProbeCapture
 from probe.features import FeatureConfig, build_features, feature_config
+from rl.paths import repository_hint
 
 SHARD_FORMAT_VERSION = 1
 
@@ -88,7 +89,7 @@ def load_saved(path: str | Path, what: str, fix: str, map_location: str | torch.
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{what} {path} does not exist")
+        raise FileNotFoundError(f"{what} {path} does not exist{repository_hint(path)}")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as error:  # damaged bytes end in EOFError, RuntimeError (zip), IndexError, KeyError, ...

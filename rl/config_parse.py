@@ -15,6 +15,7 @@ from typing import Any
 import yaml
 
 from rl.config import RunConfig
+from rl.paths import repository_hint
 
 
 def known_keys() -> dict[str, str]:
@@ -78,7 +79,7 @@ def _check_keys(args: list[str]) -> None:
     if "--config" in args:
         path = Path(args[args.index("--config") + 1])
         if not path.is_file():
-            raise FileNotFoundError(f"config file {path} does not exist")
+            raise FileNotFoundError(f"config file {path} does not exist{repository_hint(path)}")
         data = load_yaml(path) or {}
         if not isinstance(data, dict):
             raise ValueError(f"config file {path} must be a YAML mapping of keys to values")

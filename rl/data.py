@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from rewards.shapes import all_prompts, parse_category_weights, sample_prompts
+from rl.paths import repository_hint
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,7 +99,7 @@ def _read_lines(path: Path) -> list[tuple[int, str]]:
     message points at the line an editor shows. ``utf-8-sig`` drops the byte-order mark some editors write first.
     """
     if not path.is_file():
-        raise FileNotFoundError(f"prompt file {path} does not exist")
+        raise FileNotFoundError(f"prompt file {path} does not exist{repository_hint(path)}")
     lines = path.read_text(encoding="utf-8-sig").splitlines()
     return [(number, line.strip()) for number, line in enumerate(lines, 1) if line.strip()]
 

@@ -60,6 +60,7 @@ from rl.lora import LoraEMA, add_lora, disable_adapter, save_lora
 from rl.memory import model_state_mib, peak_memory_mib
 from rl.metrics_log import MetricsAccumulator, MetricsLogger
 from rl.objectives import OBJECTIVES
+from rl.paths import repository_hint
 from rl.phase_timer import PhaseTimer
 from rl.predictors import PredictionCost
 from rl.pruned_rollout import PrunedRollout
@@ -79,6 +80,8 @@ def load_pipeline(config: RunConfig, device: torch.device) -> FluxPipeline:
     """The base FluxPipeline (hub id or local folder), frozen, on ``device``; bf16 weights under bf16 precision."""
     dtype = torch.bfloat16 if config.training.mixed_precision == "bf16" else torch.float32
     name = config.model.pretrained
+    if hint := repository_hint(name):  # else diffusers tries the hub and says so at length
+        raise FileNotFoundError(f"the model folder pretrained={name!r} does not exist{hint}")
     try:
         pipeline = FluxPipeline.from_pretrained(name, revision=config.model.revision, torch_dtype=dtype)
     except (OSError, ValueError) as error:  # diffusers' message names the path but neither the option nor the fix

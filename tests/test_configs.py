@@ -137,6 +137,10 @@ def test_reward_kwargs_accepts_json_on_the_command_line():
             "prune_train_early=true .*policy_objective='awm' trains on finished images",
         ),
         (["--group_size", "1"], "group_size=1.*Set group_size >= 2"),
+        (
+            ["--prune_policy", "variance", "--predictor", "preview", "--capture_step", "10"],
+            r"capture_step=10 must lie in \[1, num_steps - 1 = 9\]",
+        ),
         (["--num_steps", "1"], "num_steps >= 2"),
         (
             ["--train_steps", "window", "--num_steps", "4", "--train_window_start", "2", "--train_window_size", "2"],

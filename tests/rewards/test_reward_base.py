@@ -133,3 +133,9 @@ def test_require_tells_a_broken_install_from_a_missing_one(tmp_path, monkeypatch
     monkeypatch.syspath_prepend(str(tmp_path))
     with pytest.raises(MissingExtraError, match="installed but fails to import .*no_such_helper.*own environment"):
         require("broken_extra_pkg", extra="fancy", what="fancy", broken_hint="Use its own environment.")
+
+
+def test_the_shapes_reward_names_missing_metadata(images):
+    # a .jsonl prompt file without the shapes world's tags: the reward says what it needs instead of scoring 0
+    with pytest.raises(ValueError, match="the shapes reward needs shapes-world metadata"):
+        load_reward("shapes")(images[:2], ["a red square", "a circle"], [{}, {}])

@@ -140,3 +140,10 @@ def test_a_size_far_from_the_native_one_warns_naming_both():
     assert native_size_warning(32, 64, native) is None
     assert "16 x 64" in native_size_warning(16, 64, native)  # one side 4x below is enough
     assert native_size_warning(512, 512, 1024) is None  # FLUX.1-dev at Flow-GRPO's 512 px
+
+
+def test_a_size_the_latent_grid_cannot_split_is_an_error_naming_it(tiny_flux_pipeline):
+    factor = tiny_flux_pipeline.vae_scale_factor * 2  # one latent pixel per VAE factor, packed 2 x 2
+    height, width = 4 * factor + 2, 4 * factor
+    with pytest.raises(ValueError, match=rf"must be multiples of {factor} for this VAE, got {height}x{width}"):
+        FluxSampler(tiny_flux_pipeline, num_steps=4, noise_level=0.0, guidance_scale=3.5, height=height, width=width)
