@@ -99,7 +99,11 @@ def finished_run(folder: Path) -> Path:
 
 
 def steps_logged(output: Path) -> list[int]:
-    return sorted({r["step"] for r in read_metrics(output / "metrics.jsonl") if "reward/total/mean" in r})
+    return steps_logged_in(output / "metrics.jsonl")
+
+
+def steps_logged_in(log: Path) -> list[int]:
+    return sorted({r["step"] for r in read_metrics(log) if "reward/total/mean" in r})
 
 
 def _write(folder: Path, name: str, text: str | bytes) -> Path:
@@ -134,6 +138,20 @@ def _malicious_state(folder: Path) -> list[str]:
         torch.save({"state": Payload()}, checkpoint / "trainer_state.pt")
         (checkpoint / "manifest.json").unlink()  # so only loading can refuse it
     return _resume_to_3(output)
+
+
+def _damage_every_checkpoint(folder: Path) -> list[str]:
+    output = finished_run(folder)
+    for checkpoint in (output / "checkpoints").glob("step-*"):
+        weights = checkpoint / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:100])
+    return _resume_to_3(output)
+
+
+def _restarted_keeping_the_old_log(folder: Path) -> bool:
+    """Nothing intact to resume: the run starts over (steps 1-3 logged once) and the old log is kept aside."""
+    kept = list((folder / "run").glob("metrics.before-*.jsonl"))
+    return steps_logged(folder / "run") == [1, 2, 3] and len(kept) == 1 and steps_logged_in(kept[0]) == [1, 2]
 
 
 def _partial_metrics_line(folder: Path) -> list[str]:
@@ -213,7 +231,7 @@ def _interrupted(sig: signal.Signals) -> Callable[[Path], list[str]]:
             job.send_signal(sig)
             stderr = job.communicate(timeout=600)[1]
         last = (stderr.strip().splitlines() or [""])[-1]
-        (folder / "interrupted.json").write_text(json.dumps({"exit": job.returncode, "last": last}))
+        (folder / "interrupted.json").write_text(json.dumps({"exit": job.returncode, "last": last, "signal": sig.name}))
         return args
 
     return prepare
@@ -223,7 +241,7 @@ def _every_step_once(folder: Path) -> bool:
     """The relaunch finished the run and the log holds each of its 4 steps exactly once."""
     steps = [r["step"] for r in read_metrics(folder / "run" / "metrics.jsonl") if "reward/total/mean" in r]
     interrupted = json.loads((folder / "interrupted.json").read_text())
-    told = interrupted["exit"] == -signal.SIGKILL or "stopped by SIGTERM" in interrupted["last"]
+    told = interrupted["exit"] == -signal.SIGKILL or f"stopped by {interrupted['signal']}" in interrupted["last"]
     return steps == [1, 2, 3, 4] and told
 
 
@@ -299,6 +317,8 @@ CASES = [
     Case("truncated_state", "the latest checkpoint's trainer_state.pt cut in half",
          lambda f: _damage_latest(f, "trainer_state.pt"), None, "tests/rl/test_checkpoint.py",
          _resumed_to_3),
+    Case("every_checkpoint_damaged", "every checkpoint's model.safetensors cut short, then a resume",
+         _damage_every_checkpoint, None, "tests/rl/test_trainer.py", _restarted_keeping_the_old_log),
     Case("malicious_state", "a checkpoint whose trainer_state.pt runs os.system when unpickled", _malicious_state,
          "trainer_state.pt", "tests/rl/test_checkpoint.py", lambda f: not (f / "pwned").exists()),
     Case("partial_metrics_line", "metrics.jsonl ending in half a line (a crash mid-write)", _partial_metrics_line,
@@ -335,6 +355,8 @@ CASES = [
          "dict of named scores", "tests/rewards/test_compose.py"),
     Case("sigterm_relaunch", "SIGTERM after the first checkpoint, then the same command again",
          _interrupted(signal.SIGTERM), None, "tests/rl/test_checkpoint.py", _every_step_once),
+    Case("sigint_relaunch", "Ctrl-C (SIGINT) after the first checkpoint, then the same command again",
+         _interrupted(signal.SIGINT), None, "tests/rl/test_stop_signals.py", _every_step_once),
     Case("sigkill_relaunch", "SIGKILL after the first checkpoint, then the same command again",
          _interrupted(signal.SIGKILL), None, "tests/rl/test_checkpoint.py", _every_step_once),
 ]  # fmt: skip
