@@ -1,0 +1,139 @@
+"""Every preview funnel for best-of-N within a compute budget, picked on half the prompts and scored on the other.
+
+Reads the real rewards and preview predictions that ``bench/seed_selection.py --raw`` keeps ([P, N_max] per model
+and predictor), enumerates every funnel of 1 to ``--max_stages`` preview stages (capture steps increasing, survivors
+decreasing) whose transformer calls per prompt stay within ``--budget`` of full best-of-N's, and ranks them by the
+share of full best-of-N's gain over one seed they recover on the even-indexed prompts; the odd-indexed prompts,
+which played no part in the pick, give the number to quote. This is the ceiling of preview-guided selection at
+that budget on these prompts, whatever funnel a user would configure::
+
+    python bench/seed_selection.py --num_prompts 256 --predictors preview@1,preview@2,preview@3,preview@4,\
+preview@5,preview@6,preview@7,preview@8 --lora runs/tiny_shapes/lora --raw runs/previews.npz --results ''
+    python bench/funnel_search.py --raw runs/previews.npz --n 8 --budget 0.5
+
+Selection and cost are the seed-selection bench's own (:func:`bench.seed_selection.funnel_survivors`,
+:func:`rl.seed_selection.selection_cost`; a preview costs no transformer call, one decode and one reward call).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from bench.probe_quality import add_to_section
+from bench.seed_selection import funnel_survivors
+from rl.config_help import HelpFormatter
+from rl.predictors import PredictionCost
+from rl.seed_selection import choose, full_best_of_n_cost, selection_cost
+
+SECTION = "Seed selection: every preview funnel within half the compute (bench/funnel_search.py)"
+PREVIEW_COST = PredictionCost(0.0, 1.0, 1.0)
+
+
+def gain_recovered(real: np.ndarray, predictions: list[np.ndarray], keeps: list[int]) -> float:
+    """(mean reward of the funnel's pick - one seed) / (full best-of-N - one seed) over the rows of ``real``
+    ``[P, N]``; the funnel's last survivors are finished and the best by the real reward is returned."""
+    chosen = []
+    for p in range(len(real)):
+        kept = funnel_survivors([stage[p] for stage in predictions], keeps)
+        chosen.append(real[p, choose(kept, torch.as_tensor(real[p, kept]))])
+    single, full = real.mean(), real.max(axis=1).mean()
+    return float((np.mean(chosen) - single) / (full - single))
+
+
+def funnels(steps: list[int], n: int, max_stages: int, num_steps: int, max_calls: float):
+    """Every ``(capture steps, keeps, transformer calls)`` within ``max_calls`` per prompt."""
+    for stages in range(1, max_stages + 1):
+        for capture in itertools.combinations(steps, stages):
+            for keeps in itertools.combinations(range(n - 1, 0, -1), stages):
+                cost = selection_cost(num_steps, list(capture), n, list(keeps), [PREVIEW_COST] * stages, True)
+                if cost.transformer_calls <= max_calls:
+                    yield list(capture), list(keeps), cost.transformer_calls
+
+
+def search(raw: dict[str, np.ndarray], model: str, args: argparse.Namespace) -> dict:
+    """Every funnel's gain on the pick half, the held-out half and all prompts; sorted by the pick half."""
+    real = raw[f"{model}/real"][:, : args.n]
+    steps = sorted(int(key.split("@")[1]) for key in raw if key.startswith(f"{model}/preview@"))
+    previews = {k: raw[f"{model}/preview@{k}"][:, : args.n] for k in steps}
+    pick, held_out = np.arange(0, len(real), 2), np.arange(1, len(real), 2)
+    max_calls = args.budget * full_best_of_n_cost(args.num_steps, args.n).transformer_calls
+    rows = []
+    for capture, keeps, calls in funnels(steps, args.n, args.max_stages, args.num_steps, max_calls):
+        stage_previews = [previews[k] for k in capture]
+        gains = [gain_recovered(real[rows_], [s[rows_] for s in stage_previews], keeps) for rows_ in (pick, held_out)]
+        rows.append({
+            "funnel": ">".join(f"preview@{k}" for k in capture), "keeps": keeps, "transformer_calls": calls,
+            "gain_pick": gains[0], "gain_held_out": gains[1],
+            "gain_all": gain_recovered(real, stage_previews, keeps),
+        })  # fmt: skip
+    rows.sort(key=lambda r: -r["gain_pick"])
+    return {"prompts": len(real), "preview_steps": steps, "max_calls": max_calls, "funnels": rows}
+
+
+def markdown(results: dict[str, dict], args: argparse.Namespace) -> list[str]:
+    models = ", ".join(f"{m}: {r['prompts']} prompts" for m, r in results.items())
+    steps = next(iter(results.values()))["preview_steps"]
+    lines = [
+        "",
+        f"### {time.strftime('%Y-%m-%d')}: `python {' '.join(sys.argv)}`",
+        "",
+        f"Best-of-{args.n}, every funnel of 1-{args.max_stages} preview stages (previews after steps "
+        f"{', '.join(map(str, steps))}) within {args.budget:.2f}x of full best-of-{args.n}'s transformer calls "
+        f"({models}); picked on the even-indexed prompts, quoted on the odd ones. The {args.top} best by the pick "
+        "half, then the best of each number of stages:",
+    ]
+    for model, result in results.items():
+        rows = result["funnels"]
+        lines += ["", f"**{model}** ({len(rows)} funnels within the budget)", "",
+                  "| funnel | keeps | calls | gain, pick half | gain, held-out half | gain, all |",
+                  "|---|---|---|---|---|---|"]  # fmt: skip
+        best_per_depth = [next(r for r in rows if r["funnel"].count(">") == d) for d in range(args.max_stages)]
+        for row in rows[: args.top] + [r for r in best_per_depth if r not in rows[: args.top]]:
+            lines.append(
+                f"| {row['funnel']} | {'>'.join(map(str, row['keeps']))} | {row['transformer_calls']:.0f} | "
+                f"{row['gain_pick']:.0%} | {row['gain_held_out']:.0%} | {row['gain_all']:.0%} |"
+            )
+    return lines
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=HelpFormatter)
+    parser.add_argument("--raw", nargs="+", required=True, help="npz files of bench/seed_selection.py --raw")
+    parser.add_argument("--n", type=int, default=8, help="best-of-N: the seeds started per prompt")
+    parser.add_argument("--budget", type=float, default=0.5, help="transformer calls, as a share of full best-of-N")
+    parser.add_argument("--max_stages", type=int, default=4, help="most preview stages in a funnel")
+    parser.add_argument("--num_steps", type=int, default=10, help="denoising steps of the sampled rollouts")
+    parser.add_argument("--top", type=int, default=5, help="funnels listed per model in the Markdown")
+    parser.add_argument("--out", default="bench/funnel_search.json", help="JSON output")
+    parser.add_argument("--results", default="bench/RESULTS.md", help="Markdown file of the section ('': none)")
+    args = parser.parse_args(argv)
+    raw: dict[str, np.ndarray] = {}
+    for path in args.raw:  # several runs of the same prompts and seeds: their predictors side by side
+        with np.load(path) as file:
+            for key in file.files:
+                if key.endswith("/real") and key in raw and not np.array_equal(raw[key], file[key]):
+                    raise SystemExit(f"{path}: {key} differs from an earlier file's (other prompts, seeds or model)")
+                raw[key] = file[key]
+    models = [key.removesuffix("/real") for key in raw if key.endswith("/real")]
+    results = {model: search(raw, model, args) for model in models}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps({"args": vars(args), "models": results}, indent=1))
+    lines = markdown(results, args)
+    if args.results:
+        add_to_section(args.results, SECTION, lines)
+    print("\n".join(lines))
+    return results
+
+
+if __name__ == "__main__":
+    main()
