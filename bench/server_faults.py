@@ -247,25 +247,34 @@ def _slow_clients(url: str, pid: int) -> tuple[str, str]:
     return ("handled" if status == 200 and told == 4 and waited < 6 else "silent misbehaviour"), message
 
 
-def _fifty_clients(url: str, pid: int) -> tuple[str, str]:
-    barrier, results = threading.Barrier(50), []
+def concurrent_clients(
+    url: str, images: torch.Tensor, headers: dict | None = None, count: int = 50
+) -> tuple[list, float]:
+    """``count`` remote clients released at once, client i scoring image ``i % len(images)`` with no retry (a reset
+    connection shows): per client its scores or the exception, and the seconds until every one was done."""
+    barrier, results = threading.Barrier(count), [None] * count
 
     def client(index: int) -> None:
-        remote = RemoteReward(url, batch_size=8, timeout=30, retries=0, headers=AUTH)  # no retry: a reset shows
+        remote = RemoteReward(url, batch_size=8, timeout=30, retries=0, headers=headers)
         barrier.wait()
         try:
-            results.append(remote(IMAGES[index % 8 : index % 8 + 1], ["p"], [{}])["score"].shape == (1,))
-        except Exception:  # a reset connection, a timeout: that client was not served
-            results.append(False)
+            results[index] = remote(images[index % len(images)][None], ["p"], [{}])["score"]
+        except Exception as error:  # a reset connection, a timeout: that client was not served
+            results[index] = error
 
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(50)]
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(count)]
     start = time.perf_counter()
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join(timeout=60)
-    answered = sum(results)
-    message = f"{answered} of 50 concurrent clients answered in {time.perf_counter() - start:.1f} s"
+    return results, time.perf_counter() - start
+
+
+def _fifty_clients(url: str, pid: int) -> tuple[str, str]:
+    results, seconds = concurrent_clients(url, IMAGES, AUTH)
+    answered = sum(isinstance(r, torch.Tensor) and r.shape == (1,) for r in results)
+    message = f"{answered} of 50 concurrent clients answered in {seconds:.1f} s"
     return ("handled" if answered == 50 else "silent misbehaviour"), message
 
 
