@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from bench.probe_quality import add_to_section
 from bench.seed_selection import funnel_survivors
+from probe.metrics import probe_metrics
 from rl.config_help import HelpFormatter
 from rl.predictors import PredictionCost
 from rl.seed_selection import choose, full_best_of_n_cost, selection_cost
@@ -77,7 +78,9 @@ def search(raw: dict[str, np.ndarray], model: str, args: argparse.Namespace) -> 
             "gain_all": gain_recovered(real, stage_previews, keeps),
         })  # fmt: skip
     rows.sort(key=lambda r: -r["gain_pick"])
-    return {"prompts": len(real), "preview_steps": steps, "max_calls": max_calls, "funnels": rows}
+    groups = np.repeat(np.arange(len(real)), args.n)
+    srcc = {k: probe_metrics(previews[k].ravel(), real.ravel(), groups)["within_group_srcc"] for k in steps}
+    return {"prompts": len(real), "preview_steps": steps, "preview_srcc": srcc, "max_calls": max_calls, "funnels": rows}
 
 
 def markdown(results: dict[str, dict], args: argparse.Namespace) -> list[str]:
@@ -94,7 +97,9 @@ def markdown(results: dict[str, dict], args: argparse.Namespace) -> list[str]:
     ]
     for model, result in results.items():
         rows = result["funnels"]
-        lines += ["", f"**{model}** ({len(rows)} funnels within the budget)", "",
+        srcc = ", ".join(f"{v:.2f}" for v in result["preview_srcc"].values())
+        lines += ["", f"**{model}** ({len(rows)} funnels within the budget; the preview's within-prompt Spearman "
+                  f"correlation with the final reward after each step: {srcc})", "",
                   "| funnel | keeps | calls | gain, pick half | gain, held-out half | gain, all |",
                   "|---|---|---|---|---|---|"]  # fmt: skip
         best_per_depth = [next(r for r in rows if r["funnel"].count(">") == d) for d in range(args.max_stages)]
@@ -114,7 +119,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--max_stages", type=int, default=4, help="most preview stages in a funnel")
     parser.add_argument("--num_steps", type=int, default=10, help="denoising steps of the sampled rollouts")
     parser.add_argument("--top", type=int, default=5, help="funnels listed per model in the Markdown")
-    parser.add_argument("--out", default="bench/funnel_search.json", help="JSON output")
+    parser.add_argument(
+        "--out", default="bench/funnel_search.json", help="JSON output (the 100 best funnels per model)"
+    )
     parser.add_argument("--results", default="bench/RESULTS.md", help="Markdown file of the section ('': none)")
     args = parser.parse_args(argv)
     raw: dict[str, np.ndarray] = {}
@@ -127,7 +134,8 @@ def main(argv: list[str] | None = None) -> dict:
     models = [key.removesuffix("/real") for key in raw if key.endswith("/real")]
     results = {model: search(raw, model, args) for model in models}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"args": vars(args), "models": results}, indent=1))
+    kept = {m: r | {"funnels": r["funnels"][:100], "count": len(r["funnels"])} for m, r in results.items()}
+    Path(args.out).write_text(json.dumps({"args": vars(args), "models": kept}, indent=1))  # the 100 best per model
     lines = markdown(results, args)
     if args.results:
         add_to_section(args.results, SECTION, lines)

@@ -43,4 +43,5 @@ def test_the_search_picks_on_even_prompts_and_quotes_the_odd_ones(tmp_path):
     assert best["gain_held_out"] == gain_recovered(real[1::2], [s[1::2] for s in stages], best["keeps"])
     assert best["gain_pick"] == gain_recovered(real[0::2], [s[0::2] for s in stages], best["keeps"])
     assert min(r["gain_pick"] for r in rows) < 1  # the noisy preview alone, keeping one, misses sometimes
-    assert json.loads((tmp_path / "s.json").read_text())["models"]["base"]["funnels"][0] == best
+    written = json.loads((tmp_path / "s.json").read_text())["models"]["base"]
+    assert written["funnels"][0] == best and written["count"] == len(rows)
