@@ -121,9 +121,8 @@ def script_server(reward: str = "jpeg_incompressibility", token: str = TOKEN) ->
 
 
 @contextlib.contextmanager
-def stub_server(handler: type[BaseHTTPRequestHandler]) -> Iterator[str]:
-    """A plain HTTP server with ``handler`` on a loopback port, in a thread: its base URL."""
-    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+def served_in_thread(server: ThreadingHTTPServer) -> Iterator[str]:
+    """``server`` serving in a thread while the block runs: its base URL; shut down and closed after."""
     threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
     try:
         host, port = server.server_address[:2]
@@ -131,6 +130,11 @@ def stub_server(handler: type[BaseHTTPRequestHandler]) -> Iterator[str]:
     finally:
         server.shutdown()
         server.server_close()
+
+
+def stub_server(handler: type[BaseHTTPRequestHandler]) -> contextlib.AbstractContextManager[str]:
+    """A plain HTTP server with ``handler`` on a loopback port, in a thread: its base URL."""
+    return served_in_thread(ThreadingHTTPServer(("127.0.0.1", 0), handler))
 
 
 def trickling(interval: float) -> type[BaseHTTPRequestHandler]:

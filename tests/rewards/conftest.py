@@ -3,12 +3,12 @@ reward servers on loopback."""
 
 from __future__ import annotations
 
-import threading
-from http.server import ThreadingHTTPServer
+import contextlib
 
 import pytest
 import torch
 
+from bench.server_faults import served_in_thread, stub_server
 from rewards.server import ServerLimits, make_server
 from rewards.shapes import vocabulary
 from rl.tiny_flux import build_tokenizers
@@ -70,19 +70,11 @@ def images() -> torch.Tensor:
 @pytest.fixture
 def serve():
     """Start servers in threads; ``serve(reward, limits=...)`` or ``serve(handler=...)`` returns the base URL."""
-    servers = []
+    with contextlib.ExitStack() as servers:
 
-    def start(reward=None, handler=None, limits: ServerLimits | None = None) -> str:
-        if handler is None:
-            server = make_server(reward, "test", limits=limits)
-        else:
-            server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-        threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
-        servers.append(server)
-        host, port = server.server_address[:2]
-        return f"http://{host}:{port}"
+        def start(reward=None, handler=None, limits: ServerLimits | None = None) -> str:
+            if handler is not None:
+                return servers.enter_context(stub_server(handler))
+            return servers.enter_context(served_in_thread(make_server(reward, "test", limits=limits)))
 
-    yield start
-    for server in servers:
-        server.shutdown()
-        server.server_close()
+        yield start
