@@ -11,7 +11,7 @@ that budget on these prompts, whatever funnel a user would configure::
 preview@5,preview@6,preview@7,preview@8 --lora runs/tiny_shapes/lora --raw runs/previews.npz --results ''
     python bench/funnel_search.py --raw runs/previews.npz --n 8 --budget 0.5
 
-Selection and cost are the seed-selection bench's own (:func:`bench.seed_selection.funnel_survivors`,
+Selection and cost are the seed-selection bench's own (:func:`bench.seed_selection.funnel_picks`,
 :func:`rl.seed_selection.selection_cost`; a preview costs no transformer call, one decode and one reward call).
 """
 
@@ -25,30 +25,29 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from bench.probe_quality import add_to_section
-from bench.seed_selection import funnel_survivors
+from bench.seed_selection import funnel_picks
 from probe.metrics import probe_metrics
 from rl.config_help import HelpFormatter
 from rl.predictors import PredictionCost
-from rl.seed_selection import choose, full_best_of_n_cost, selection_cost
+from rl.seed_selection import full_best_of_n_cost, selection_cost
 
 SECTION = "Seed selection: every preview funnel within half the compute (bench/funnel_search.py)"
 PREVIEW_COST = PredictionCost(0.0, 1.0, 1.0)
 
 
-def gain_recovered(real: np.ndarray, predictions: list[np.ndarray], keeps: list[int]) -> float:
-    """(mean reward of the funnel's pick - one seed) / (full best-of-N - one seed) over the rows of ``real``
-    ``[P, N]``; the funnel's last survivors are finished and the best by the real reward is returned."""
-    chosen = []
-    for p in range(len(real)):
-        kept = funnel_survivors([stage[p] for stage in predictions], keeps)
-        chosen.append(real[p, choose(kept, torch.as_tensor(real[p, kept]))])
+def gain_of(real: np.ndarray, picks: np.ndarray) -> float:
+    """(mean of ``picks`` ``[P]`` - one seed) / (full best-of-N - one seed) over the rows of ``real`` ``[P, N]``."""
     single, full = real.mean(), real.max(axis=1).mean()
-    return float((np.mean(chosen) - single) / (full - single))
+    return float((picks.mean() - single) / (full - single))
+
+
+def gain_recovered(real: np.ndarray, predictions: list[np.ndarray], keeps: list[int]) -> float:
+    """The share of full best-of-N's gain over one seed that a funnel recovers on the prompts of ``real``."""
+    return gain_of(real, funnel_picks(real, predictions, keeps))
 
 
 def funnels(steps: list[int], n: int, max_stages: int, num_steps: int, max_calls: float):
@@ -70,12 +69,11 @@ def search(raw: dict[str, np.ndarray], model: str, args: argparse.Namespace) -> 
     max_calls = args.budget * full_best_of_n_cost(args.num_steps, args.n).transformer_calls
     rows = []
     for capture, keeps, calls in funnels(steps, args.n, args.max_stages, args.num_steps, max_calls):
-        stage_previews = [previews[k] for k in capture]
-        gains = [gain_recovered(real[rows_], [s[rows_] for s in stage_previews], keeps) for rows_ in (pick, held_out)]
+        picks = funnel_picks(real, [previews[k] for k in capture], keeps)  # once: every half reads its prompts
         rows.append({
             "funnel": ">".join(f"preview@{k}" for k in capture), "keeps": keeps, "transformer_calls": calls,
-            "gain_pick": gains[0], "gain_held_out": gains[1],
-            "gain_all": gain_recovered(real, stage_previews, keeps),
+            "gain_pick": gain_of(real[pick], picks[pick]), "gain_held_out": gain_of(real[held_out], picks[held_out]),
+            "gain_all": gain_of(real, picks),
         })  # fmt: skip
     rows.sort(key=lambda r: -r["gain_pick"])
     groups = np.repeat(np.arange(len(real)), args.n)

@@ -106,6 +106,16 @@ def funnel_survivors(predicted: list[np.ndarray], keeps: list[int]) -> list[int]
     return alive
 
 
+def funnel_picks(real: np.ndarray, predicted: list[np.ndarray], keeps: list[int]) -> np.ndarray:
+    """``[P]`` the real reward of the image a funnel returns for each prompt of ``real`` ``[P, N]``: its last
+    survivors (predictions ``[P, N]`` per stage) are finished and the best by the real reward is returned."""
+    chosen = []
+    for p in range(len(real)):
+        kept = funnel_survivors([stage[p] for stage in predicted], keeps)
+        chosen.append(real[p, choose(kept, torch.as_tensor(real[p, kept]))])
+    return np.array(chosen)
+
+
 def evaluate_selections(
     real: np.ndarray, predictions: dict[str, np.ndarray], costs: dict[str, PredictionCost], args: argparse.Namespace
 ) -> dict:
@@ -119,10 +129,7 @@ def evaluate_selections(
         steps = [parse_predictor(stage)[1] for stage in stages]
         for n in args.best_of:
             for keeps in stage_keeps(n, len(stages)):
-                chosen = []
-                for p in range(len(real)):
-                    kept = funnel_survivors([predictions[stage][p, :n] for stage in stages], keeps)
-                    chosen.append(real[p, choose(kept, torch.as_tensor(real[p, kept]))])
+                chosen = funnel_picks(real[:, :n], [predictions[stage][:, :n] for stage in stages], keeps)
                 cost = selection_cost(num_steps, steps, n, keeps, [costs[stage] for stage in stages], scored=True)
                 full_cost = full_best_of_n_cost(num_steps, n)
                 reward = float(np.mean(chosen))
