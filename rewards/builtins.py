@@ -33,7 +33,10 @@ from rewards.shapes import PromptSpec, check
 
 @register("shapes")
 class ShapesReward:
-    """The shapes world's GenEval-like checker: ``score`` (partial credit in [0, 1]) and ``correct`` (0/1).
+    """The shapes world's GenEval-like checker: ``score`` (partial credit in [0, 1]), ``correct`` (0/1) and the
+    score's parts (``rewards.shapes.checker``): ``objects`` (the named objects' credit in [0, 1]), ``extras``
+    (objects of unnamed shapes) and ``relation`` (1 where the prompt's relation holds, 0 where it fails or no
+    relation is asked, so a column never holds NaN, which reads as a failed score).
 
     Needs each image's metadata in the shapes world's format (``rewards.shapes.grammar``).
     """
@@ -45,6 +48,9 @@ class ShapesReward:
         return {
             "score": torch.tensor([r.score for r in results], dtype=torch.float32),
             "correct": torch.tensor([float(r.correct) for r in results], dtype=torch.float32),
+            "objects": torch.tensor([r.object_credit for r in results], dtype=torch.float32),
+            "extras": torch.tensor([float(r.extras) for r in results], dtype=torch.float32),
+            "relation": torch.tensor([float(bool(r.relation_ok)) for r in results], dtype=torch.float32),
         }
 
 

@@ -21,6 +21,8 @@ Method, in three stages that mirror GenEval's detector + colour classifier:
 
 ``score = (sum_g count_g * credit_g + relation_ok) / (sum_g count_g + extras + has_relation)``, in [0, 1].
 ``correct`` is GenEval's strict flag: exact counts, right colours, no extras, relation satisfied.
+The score's parts are kept too (a probe learns from them as auxiliary targets, ``probe/model.py``):
+``object_credit = sum_g count_g * credit_g / sum_g count_g`` and ``extras``, the objects of unnamed shapes.
 """
 
 from __future__ import annotations
@@ -69,12 +71,16 @@ class Detection:
 
 @dataclasses.dataclass(frozen=True)
 class CheckResult:
-    """Outcome of checking one image: ``score`` in [0, 1] with partial credit and GenEval's strict ``correct``."""
+    """Outcome of checking one image: ``score`` in [0, 1] with partial credit, GenEval's strict ``correct``, and
+    the score's parts: ``object_credit`` in [0, 1], ``extras`` (objects of unnamed shapes), ``relation_ok`` (None
+    without a relation)."""
 
     score: float
     correct: bool
     detections: tuple[Detection, ...]
     relation_ok: bool | None
+    object_credit: float
+    extras: int
 
 
 @lru_cache(maxsize=1)
@@ -212,6 +218,7 @@ def score_detections(spec: PromptSpec, detections: list[Detection]) -> CheckResu
         required += obj.count
         correct &= len(found) == obj.count and len(right_color) == obj.count
         representatives.append(right_color[0] if right_color else (found[0] if found else None))
+    object_credit = earned / required
     relation_ok: bool | None = None
     has_relation = 0
     for obj_index, obj in enumerate(spec.include):
@@ -224,7 +231,7 @@ def score_detections(spec: PromptSpec, detections: list[Detection]) -> CheckResu
         earned += float(relation_ok)
         correct &= relation_ok
     score = earned / (required + extras + has_relation)
-    return CheckResult(score=score, correct=bool(correct), detections=tuple(detections), relation_ok=relation_ok)
+    return CheckResult(score, bool(correct), tuple(detections), relation_ok, object_credit, extras)
 
 
 def check(image: np.ndarray | torch.Tensor | Image.Image, spec: PromptSpec) -> CheckResult:

@@ -15,6 +15,7 @@ from rewards.shapes import (
     CATEGORIES,
     COLORS,
     SHAPES,
+    Detection,
     ObjectSpec,
     PromptSpec,
     all_prompts,
@@ -24,6 +25,8 @@ from rewards.shapes import (
     render,
     sample_prompts,
 )
+from rewards.base import load_reward
+from rewards.shapes.checker import score_detections
 from rewards.shapes.grammar import TEST_PROMPTS_PER_CATEGORY, vocabulary
 
 
@@ -153,3 +156,28 @@ def test_partial_credit_for_counts_colours_extras_and_relations():
     assert result.relation_ok is False and result.score == pytest.approx(2 / 3)
     # a blank image earns nothing; float CHW tensors are accepted
     assert check(torch.ones(3, 64, 64), spec).score == 0.0
+
+
+def test_score_parts_add_up_to_the_score_and_the_reward_returns_them():
+    spec = next(s for s in all_prompts() if s.prompt == "two red circles")
+
+    def detection(shape: str, color: str) -> Detection:
+        return Detection(shape, color, center=(10.0, 10.0), box=(5, 5, 15, 15), area=80, confidence=0.9)
+
+    # one red circle, one blue circle, one square: credit 2 * 1/2 of 2 objects, one extra
+    result = score_detections(spec, [detection("circle", "red"), detection("circle", "blue"), detection("square", "red")])
+    assert result.object_credit == pytest.approx(0.5) and result.extras == 1
+    assert result.score == pytest.approx((2 * result.object_credit) / (2 + 1)) and result.relation_ok is None
+    # the wrong relation costs the relation only: every object is there
+    left = next(s for s in all_prompts() if s.prompt == "a red circle left of a blue square")
+    right = next(s for s in all_prompts() if s.prompt == "a red circle right of a blue square")
+    scores = load_reward("shapes")(
+        torch.stack([torch.from_numpy(render(right, 64, 0).copy()).permute(2, 0, 1).float() / 255] * 2),
+        [left.prompt, spec.prompt],
+        [left.to_dict(), spec.to_dict()],
+    )
+    assert set(scores) == {"score", "correct", "objects", "extras", "relation"}
+    assert scores["objects"][0] == 1.0 and scores["relation"][0] == 0.0 and scores["extras"][0] == 0.0
+    assert scores["score"][0] == pytest.approx(2 / 3)
+    # a prompt without a relation reads 0 there, never NaN; one of two red circles, the square an extra
+    assert scores["relation"][1] == 0.0 and scores["objects"][1] == 0.5 and scores["extras"][1] == 1.0
