@@ -8,6 +8,7 @@ feature set, metrics) and a metrics JSON beside it::
     python launch/probe_train.py --train_data runs/probe/train --test_data runs/probe/test \\
         --capture_step 2 --out assets/probe/tiny-flux-shapes-step2.pt
     python launch/probe_train.py ... --features attention --rank_weight 0   # an ablation
+    python launch/probe_train.py ... --aux_targets shapes/objects shapes/extras shapes/relation  # auxiliary heads
 """
 
 from __future__ import annotations
@@ -44,6 +45,13 @@ class TrainArgs:
     lr: float = _option(1e-3, "AdamW learning rate (cosine decay)")
     weight_decay: float = _option(1e-4, "AdamW weight decay")
     rank_weight: float = _option(1.0, "weight of the within-group pairwise ranking loss (0: MSE only)")
+    aux_targets: list[str] = _option(
+        None,
+        "reward components the probe also learns to predict, one auxiliary head each (e.g. shapes/objects "
+        "shapes/extras shapes/relation); only training reads them",
+        list,
+    )
+    aux_weight: float = _option(0.5, "weight of the auxiliary heads' MSE")
     low_score_weight: float = _option(2.0, "MSE weight of rollouts below the low_score_quantile (oversampling)")
     low_score_quantile: float = _option(0.25, "reward quantile defining low scores")
     select_metric: str | None = _option("within_group_srcc", "validation metric that picks the checkpoint")
@@ -68,6 +76,7 @@ def main() -> None:
         lr=args.lr,
         weight_decay=args.weight_decay,
         rank_weight=args.rank_weight,
+        aux_weight=args.aux_weight,
         low_score_quantile=args.low_score_quantile,
         low_score_weight=args.low_score_weight,
         eval_every=args.eval_every,
@@ -83,6 +92,7 @@ def main() -> None:
         model_kwargs={"width": args.width, "group_relative": args.group_relative},
         val_fraction=args.val_fraction,
         reward_key=args.reward_key,
+        aux_keys=args.aux_targets,
         progress=True,
     )
     out = Path(args.out)

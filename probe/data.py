@@ -152,6 +152,7 @@ class ProbeDataset:
         reward: ``[N]`` real final reward.
         group: ``[N]`` prompt-group id (rollouts of one prompt draw, different noise).
         prompts: N prompt strings (the split key).
+        aux: ``[N, A]`` reward parts the probe's auxiliary heads learn (``load_dataset``'s ``aux_keys``), or None.
     """
 
     features: torch.Tensor
@@ -159,6 +160,7 @@ class ProbeDataset:
     reward: torch.Tensor
     group: torch.Tensor
     prompts: list[str]
+    aux: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return self.reward.shape[0]
@@ -206,6 +208,7 @@ class ProbeDataset:
             self.reward[indices],
             self.group[indices],
             [self.prompts[i] for i in indices.tolist()],
+            None if self.aux is None else self.aux[indices],
         )
 
     def split_by_prompt(self, fraction: float, seed: int = 0) -> tuple[ProbeDataset, ProbeDataset]:
@@ -229,6 +232,7 @@ class ProbeDataset:
             torch.cat([p.reward for p in parts]),
             torch.cat([p.group for p in parts]),
             [prompt for p in parts for prompt in p.prompts],
+            None if any(p.aux is None for p in parts) else torch.cat([p.aux for p in parts]),
         )
 
 
@@ -237,6 +241,7 @@ def load_dataset(
     capture_step: int,
     features: FeatureConfig | str,
     reward_key: str | None = None,
+    aux_keys: tuple[str, ...] | list[str] = (),
 ) -> ProbeDataset:
     """Features at one capture step for every rollout of one or more collections.
 
@@ -245,6 +250,10 @@ def load_dataset(
         capture_step: which stored capture to read.
         features: feature set (preset name or config).
         reward_key: a component (``"shapes/score"``) instead of the weighted total.
+        aux_keys: components kept as the dataset's ``aux`` columns (auxiliary targets).
+
+    Raises:
+        KeyError: a component the collection does not hold (naming those it holds).
     """
     config = feature_config(features)
     directories = [directories] if isinstance(directories, str | Path) else list(directories)
@@ -254,7 +263,8 @@ def load_dataset(
         largest = -1
         for shard in iter_shards(directory):
             capture = shard_capture(shard, capture_step)
-            reward = shard["reward"] if reward_key is None else shard["components"][reward_key]
+            reward = shard["reward"] if reward_key is None else _component(shard, reward_key, directory)
+            aux = [_component(shard, key, directory).float() for key in aux_keys]
             group = shard["group"].long()
             largest = max(largest, int(group.max()))
             parts.append(
@@ -264,7 +274,17 @@ def load_dataset(
                     reward=reward.float(),
                     group=group + group_offset,
                     prompts=list(shard["prompts"]),
+                    aux=torch.stack(aux, dim=1) if aux else None,
                 )
             )
         group_offset += largest + 1
     return ProbeDataset.concatenate(parts)
+
+
+def _component(shard: dict, key: str, directory: str | Path) -> torch.Tensor:
+    if key not in shard["components"]:
+        raise KeyError(
+            f"{directory} holds no reward component {key!r}; it has {sorted(shard['components'])} (a component "
+            "added to the reward later needs a new collection)"
+        )
+    return shard["components"][key]

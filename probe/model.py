@@ -7,7 +7,9 @@ rollout. The timestep is the capture call's sigma, so one network can serve seve
 :func:`probe_loss`: weighted MSE, where rollouts with low rewards weigh more (the paper oversamples low
 scores; a per-sample weight ``w`` is the same objective in expectation as drawing that sample ``w`` times as
 often, without breaking up prompt groups in a batch), plus an optional within-group pairwise ranking term
-(RankNet's logistic loss on score differences of rollouts of the same prompt).
+(RankNet's logistic loss on score differences of rollouts of the same prompt), plus :func:`aux_loss` when the
+network has auxiliary heads: they predict the reward's parts (``shapes/objects``, ``shapes/extras``, ...), a
+denser signal about what the features must show than the one total; only training reads them.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ class ProbeModelConfig:
             prompt): ranking inside a GRPO group depends only on these deviations, which between-prompt
             differences otherwise dwarf. Needs group ids wherever the probe predicts (GRPO has them: the
             whole group reaches step k together).
+        aux_outputs: auxiliary heads, one per reward part the network also learns to predict (0: none).
     """
 
     in_channels: int
@@ -42,6 +45,7 @@ class ProbeModelConfig:
     time_dim: int = 64
     dropout: float = 0.1
     group_relative: bool = False
+    aux_outputs: int = 0
 
     def to_dict(self) -> dict:
         data = dataclasses.asdict(self)
@@ -86,7 +90,8 @@ class ProbeCNN(nn.Module):
     """Residual CNN with FiLM timestep conditioning: ``(features [B, C, h, w], sigma [B]) -> [B]``.
 
     A 1x1 stem to ``width``; stages of :class:`FiLMResBlock` at halving resolutions (average pooling between
-    stages, widths doubling); global mean and max pooling; a two-layer head to one scalar.
+    stages, widths doubling); global mean and max pooling; a two-layer head to one scalar (and ``aux_outputs``
+    more, sharing the head's hidden layer, read by :meth:`forward_with_aux`).
     """
 
     def __init__(self, config: ProbeModelConfig) -> None:
@@ -107,11 +112,15 @@ class ProbeCNN(nn.Module):
                 channels = out
             self.stages.append(blocks)
         self.head = nn.Sequential(
-            nn.Linear(2 * channels, channels), nn.SiLU(), nn.Dropout(config.dropout), nn.Linear(channels, 1)
+            nn.Linear(2 * channels, channels), nn.SiLU(), nn.Dropout(config.dropout), nn.Linear(channels, 1 + config.aux_outputs)
         )
 
     def forward(self, features: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         """Scores ``[B]`` (in the units the network was trained on; see :class:`probe.probe.Probe`)."""
+        return self.forward_with_aux(features, sigma)[0]
+
+    def forward_with_aux(self, features: torch.Tensor, sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scores ``[B]`` and the auxiliary heads' predictions ``[B, aux_outputs]``."""
         t = self.time(timestep_embedding(sigma.expand(features.shape[0]), self.config.time_dim))
         x = self.stem(features)
         for index, blocks in enumerate(self.stages):
@@ -120,7 +129,8 @@ class ProbeCNN(nn.Module):
             for block in blocks:
                 x = block(x, t)
         pooled = torch.cat([x.mean(dim=(2, 3)), x.amax(dim=(2, 3))], dim=1)
-        return self.head(pooled).squeeze(-1)
+        out = self.head(pooled)
+        return out[:, 0], out[:, 1:]
 
 
 def group_mean(x: torch.Tensor, group: torch.Tensor) -> torch.Tensor:
@@ -158,6 +168,15 @@ def pairwise_ranking_loss(
         return scores.sum() * 0.0, 0
     difference = scores[:, None] - scores[None, :]
     return F.softplus(-difference[pairs]).mean(), count
+
+
+def aux_loss(predicted: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean squared error of the auxiliary heads ``[B, A]`` against standardised reward parts ``[B, A]``, each
+    part weighing the same; NaN targets (a part a reward did not return) are left out."""
+    known = torch.isfinite(target)
+    if not known.any():
+        return predicted.sum() * 0.0
+    return (predicted[known] - target[known]).square().mean()
 
 
 def probe_loss(

@@ -206,8 +206,14 @@ class Probe(nn.Module):
             sigma: the capture's sigma, scalar or ``[B]``.
             group: ``[B]`` group ids (needed by group-relative probes; a batch must hold whole groups).
         """
+        return self.forward_with_aux(features, sigma, group)[0]
+
+    def forward_with_aux(
+        self, features: torch.Tensor, sigma: torch.Tensor | float, group: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`forward`'s scores ``[B]`` and the auxiliary heads' ``[B, aux_outputs]`` (standardised parts)."""
         sigma = torch.as_tensor(sigma, dtype=torch.float32, device=features.device).reshape(-1)
-        return self.network(self.network_input(features, group), sigma)
+        return self.network.forward_with_aux(self.network_input(features, group), sigma)
 
     @torch.no_grad()
     def predict(

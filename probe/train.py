@@ -23,7 +23,7 @@ from tqdm import tqdm
 from probe.data import ProbeDataset, load_dataset, read_manifest
 from probe.features import FeatureConfig, feature_config
 from probe.metrics import probe_metrics
-from probe.model import ProbeModelConfig, group_mean, low_score_weights, probe_loss
+from probe.model import ProbeModelConfig, aux_loss, group_mean, low_score_weights, probe_loss
 from probe.probe import Probe, ProbeMeta
 
 logger = logging.getLogger(__name__)
@@ -39,6 +39,8 @@ class FitConfig:
         lr: AdamW learning rate (cosine-decayed to 0 over ``steps``; constant when ``cosine`` is False).
         weight_decay: AdamW weight decay.
         rank_weight: weight of the within-group pairwise ranking term (0: MSE only).
+        aux_weight: weight of the auxiliary heads' MSE on the data's reward parts (used when the data has
+            ``aux`` columns and the network as many heads; the online buffer has none).
         low_score_quantile: rollouts whose reward is below this quantile of the training rewards ...
         low_score_weight: ... weigh this much in the MSE (the paper's low-score oversampling; 1 disables).
         grad_clip: max gradient norm.
@@ -53,6 +55,7 @@ class FitConfig:
     lr: float = 1e-3
     weight_decay: float = 1e-4
     rank_weight: float = 0.0
+    aux_weight: float = 0.5
     low_score_quantile: float = 0.25
     low_score_weight: float = 2.0
     grad_clip: float = 1.0
@@ -130,6 +133,7 @@ def fit(
     target = (data.reward.float() - probe.reward_mean.cpu()) / probe.reward_std.cpu()
     threshold = float(torch.quantile(target, config.low_score_quantile))
     weights = low_score_weights(target, threshold, config.low_score_weight)
+    aux_target = _standardised_aux(data, probe.model_config.aux_outputs) if config.aux_weight else None
     optimizer = torch.optim.AdamW(probe.network.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: 0.5 * (1 + np.cos(np.pi * min(s, config.steps) / config.steps)) if config.cosine else 1.0
@@ -141,10 +145,14 @@ def fit(
     for step in bar:
         rows = next_batch()
         features = data.features[rows].to(device)
-        scores = probe(features, data.sigma[rows].to(device), data.group[rows].to(device))
+        scores, aux = probe.forward_with_aux(features, data.sigma[rows].to(device), data.group[rows].to(device))
         loss, parts = probe_loss(
             scores, target[rows].to(device), data.group[rows].to(device), weights[rows].to(device), config.rank_weight
         )
+        if aux_target is not None:
+            aux_part = aux_loss(aux, aux_target[rows].to(device))
+            loss = loss + config.aux_weight * aux_part
+            parts["aux"] = aux_part.item()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(probe.network.parameters(), config.grad_clip)
@@ -170,6 +178,23 @@ def fit(
         logger.info("kept the weights with the best %s (%.4f)", config.select_metric, best[0])
     probe.eval()
     return log
+
+
+def _standardised_aux(data: ProbeDataset, heads: int) -> torch.Tensor | None:
+    """The data's reward parts ``[N, A]``, each standardised over the data, for the network's ``heads``
+    auxiliary heads; None when either side has none.
+
+    Raises:
+        ValueError: if the data holds another number of parts than the network has heads.
+    """
+    if data.aux is None or heads == 0:
+        return None
+    if data.aux.shape[1] != heads:
+        raise ValueError(f"the data has {data.aux.shape[1]} auxiliary targets, the probe {heads} auxiliary heads")
+    aux = data.aux.float()
+    mean = aux.nanmean(dim=0)
+    std = (aux - mean).square().nanmean(dim=0).sqrt().clamp(min=1e-6)
+    return (aux - mean) / std
 
 
 @dataclasses.dataclass
@@ -271,14 +296,17 @@ def train_from_collections(
     model_kwargs: dict | None = None,
     val_fraction: float = 0.1,
     reward_key: str | None = None,
+    aux_keys: tuple[str, ...] | list[str] = (),
     progress: bool = False,
 ) -> tuple[Probe, TrainReport]:
-    """:func:`train_probe` on collections written by ``launch/probe_collect.py`` (test: other prompts).
+    """:func:`train_probe` on collections written by ``launch/probe_collect.py`` (test: other prompts), with one
+    auxiliary head per component in ``aux_keys``.
 
     Raises:
         ValueError: if the collections disagree on the model, step count, blocks or noise level.
     """
     meta = collection_meta([*train_dirs, *test_dirs], capture_step, reward_key)
-    train = load_dataset(train_dirs, capture_step, features, reward_key)
+    train = load_dataset(train_dirs, capture_step, features, reward_key, aux_keys)
     test = load_dataset(test_dirs, capture_step, features, reward_key) if test_dirs else None
+    model_kwargs = {**(model_kwargs or {}), "aux_outputs": len(aux_keys)}
     return train_probe(train, test, features, meta, fit_config, model_kwargs, val_fraction, progress)

@@ -1,5 +1,8 @@
 """The API pruned GRPO uses (probe/__init__.py): capture at step k, features, predict, online refresh."""
 
+import dataclasses
+import math
+
 import pytest
 import torch
 
@@ -71,6 +74,27 @@ def test_online_refresh_learns_within_group_order_and_keeps_normalisation():
     assert log[-1]["step"] == 200 and log[-1]["pairs"] > 0
     assert all(torch.equal(value, buffers[name]) for name, value in probe.named_buffers())
     assert not probe.training
+
+
+def test_auxiliary_heads_learn_the_reward_parts_and_the_online_buffer_needs_none():
+    data = _synthetic(64, seed=3)
+    part = data.features[:, 1].mean((1, 2))  # a reward part the total does not show: channel 1
+    data = dataclasses.replace(data, aux=torch.stack([part, torch.full_like(part, math.nan)], dim=1))
+    config = FeatureConfig(attention_stats=(), token_slots=0, x0=True)
+    meta = ProbeMeta("synthetic", "", 2, 10, (0,), (4, 4), 16, 0.9, "shapes")
+    torch.manual_seed(0)
+    model = {"width": 8, "blocks_per_stage": (1,), "dropout": 0.0, "aux_outputs": 2}
+    probe = init_probe(data, config, meta, model)
+    log = fit(probe, data, FitConfig(steps=300, batch_groups=8, lr=3e-3, aux_weight=1.0, cosine=False))
+    # standardised units: the part's variance is 1 (0.85 after 50 steps, 0.11 after 300); the NaN part adds nothing
+    assert log[-1]["aux"] < 0.25
+    with torch.no_grad():
+        _, aux = probe.forward_with_aux(data.features, data.sigma, data.group)
+    assert torch.corrcoef(torch.stack([aux[:, 0], part]))[0, 1] > 0.9
+    buffer = dataclasses.replace(data, aux=None)  # the online refresh's buffer holds no parts
+    assert "aux" not in fit(probe, buffer, FitConfig(steps=2, batch_groups=8))[-1]
+    with pytest.raises(ValueError, match="1 auxiliary targets, the probe 2 auxiliary heads"):
+        fit(probe, dataclasses.replace(data, aux=data.aux[:, :1]), FitConfig(steps=1))
 
 
 def test_dataset_from_tensors_and_split_by_prompt():

@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import torch
 
 from probe.data import read_manifest
@@ -26,9 +27,9 @@ def test_collect_then_train_from_the_command_line(tiny_flux_pipeline, tmp_path, 
     ]
 
     out = tmp_path / "probe" / "p.pt"
-    run_launch_script("probe_train", "--train_data", str(tmp_path / "train"), "--test_data", str(tmp_path / "test"),
-                      "--steps", "3", "--eval_every", "1", "--val_fraction", "0.5", "--width", "8",
-                      "--out", str(out))  # fmt: skip
+    data = ["--train_data", str(tmp_path / "train"), "--test_data", str(tmp_path / "test")]
+    run_launch_script("probe_train", *data, "--steps", "3", "--eval_every", "1", "--val_fraction", "0.5",
+                      "--width", "8", "--aux_targets", "shapes/objects", "shapes/extras", "--out", str(out))  # fmt: skip
     summary = json.loads(out.with_suffix(".json").read_text())
     assert summary["test_rollouts"] == 4 and summary["train_rollouts"] == 2
     assert summary["auc_label"].startswith("real reward > median")
@@ -37,3 +38,6 @@ def test_collect_then_train_from_the_command_line(tiny_flux_pipeline, tmp_path, 
     assert probe.meta.capture_step == 2 and probe.meta.blocks == (0, 1, 2) and probe.feature_config.x0
     assert "held-out (4 rollouts)" in capsys.readouterr().out
     assert torch.load(out, weights_only=True)["format_version"] == 1
+    assert probe.model_config.aux_outputs == 2 and summary["args"]["aux_targets"] == ["shapes/objects", "shapes/extras"]
+    with pytest.raises(KeyError, match="no reward component 'shapes/colour'; it has .*'shapes/objects'"):
+        run_launch_script("probe_train", *data, "--aux_targets", "shapes/colour", "--out", str(out))

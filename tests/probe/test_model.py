@@ -6,6 +6,7 @@ import torch
 from probe.model import (
     ProbeCNN,
     ProbeModelConfig,
+    aux_loss,
     group_mean,
     low_score_weights,
     pairwise_ranking_loss,
@@ -57,3 +58,17 @@ def test_group_mean_by_hand():
     x = torch.tensor([[1.0], [3.0], [10.0], [5.0]])
     means = group_mean(x, torch.tensor([7, 7, 2, 7]))
     assert means.flatten().tolist() == [3.0, 3.0, 10.0, 3.0]  # (1 + 3 + 5) / 3 and 10 alone
+
+
+def test_auxiliary_heads_share_the_network_and_their_loss_by_hand():
+    torch.manual_seed(0)
+    net = ProbeCNN(ProbeModelConfig(in_channels=3, width=8, time_dim=16, aux_outputs=2)).eval()
+    x = torch.randn(4, 3, 4, 4)
+    scores, aux = net.forward_with_aux(x, torch.tensor(0.7))
+    assert aux.shape == (4, 2) and torch.equal(scores, net(x, torch.tensor(0.7)))
+    # a probe without heads keeps the one-output head that probe files written before them hold
+    assert ProbeCNN(ProbeModelConfig(in_channels=3)).head[-1].out_features == 1
+    # ((1 - 0)^2 + (0 - 2)^2) / 2; the NaN target (a part a reward did not return) is left out
+    loss = aux_loss(torch.tensor([[1.0, 0.0], [5.0, 5.0]]), torch.tensor([[0.0, 2.0], [math.nan, math.nan]]))
+    assert loss.item() == pytest.approx(2.5)
+    assert aux_loss(torch.ones(1, 1), torch.tensor([[math.nan]])).item() == 0.0
