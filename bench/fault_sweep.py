@@ -41,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from bench.probe_quality import add_to_section
 from bench.server_faults import NET_CASES, net_sweep
 from rewards.shapes import all_prompts
+from rl.checkpoint import checkpoint_damage
 from rl.config_help import HelpFormatter
 from rl.metrics_log import read_metrics
 
@@ -67,8 +68,13 @@ class Case:
     prepare: Callable[[Path], list[str]]
     expect: str | None
     test: str
-    check: Callable[[Path], bool] | None = None
+    check: Callable[[Path], bool] | None = None  # with ``expect`` too: what the error must not have lost
     elsewhere: bool = False  # launched from the case folder instead of the current one (the repository root)
+    cleanup: Callable[[Path], None] | None = None  # before the case folder is removed
+
+
+class CaseNotRun(Exception):
+    """``prepare`` cannot set the fault up on this machine (the reason is reported instead of an outcome)."""
 
 
 def command_and_env(args: list[str], folder: Path | None = None) -> tuple[list[str], dict[str, str]]:
@@ -245,6 +251,29 @@ def _every_step_once(folder: Path) -> bool:
     return steps == [1, 2, 3, 4] and told
 
 
+FULL_DISK_BYTES = 6 * 2**20  # the run's config and log and one checkpoint (about 4 MB here), not a second
+
+
+def _full_disk(folder: Path) -> list[str]:
+    """A run whose output_dir is on a 6 MiB tmpfs: the step-2 checkpoint finds the disk full."""
+    disk = folder / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={FULL_DISK_BYTES}", "tmpfs", str(disk)],
+                             capture_output=True, text=True)  # fmt: skip
+    if mounted.returncode:
+        raise CaseNotRun(f"mounting a small tmpfs needs root: {mounted.stderr.strip()[-120:]}")
+    return ["--output_dir", str(disk / "run")]
+
+
+def _unmount(folder: Path) -> None:
+    subprocess.run(["umount", str(folder / "disk")], capture_output=True)
+
+
+def _first_checkpoint_intact(folder: Path) -> bool:
+    first = folder / "disk" / "run" / "checkpoints" / "step-00000001"
+    return (first / "manifest.json").is_file() and checkpoint_damage(first) == []
+
+
 def _resume_changed(key: str, value: str) -> Callable[[Path], list[str]]:
     def prepare(folder: Path) -> list[str]:
         return ["--output_dir", str(finished_run(folder)), "--resume_from", "latest", f"--{key}", value]
@@ -323,6 +352,8 @@ CASES = [
          "trainer_state.pt", "tests/rl/test_checkpoint.py", lambda f: not (f / "pwned").exists()),
     Case("partial_metrics_line", "metrics.jsonl ending in half a line (a crash mid-write)", _partial_metrics_line,
          None, "tests/rl/test_metrics_log.py", _resumed_to_3),
+    Case("full_disk", "the output_dir's disk fills during the second checkpoint", _full_disk,
+         "could not write checkpoint", "tests/rl/test_checkpoint.py", _first_checkpoint_intact, cleanup=_unmount),
     Case("reward_server_down", "a remote reward whose server is not running",
          lambda f: ["--reward", "remote", "--reward_kwargs", '{"remote": {"url": "http://127.0.0.1:9"}}'],
          "127.0.0.1:9", "tests/rewards/test_remote.py"),
@@ -369,6 +400,8 @@ def judge(case: Case, done: subprocess.CompletedProcess, folder: Path) -> str:
             return "silent misbehaviour"
         named = case.expect in done.stderr
         one_line = done.returncode == 2 and any(line.startswith("error:") for line in done.stderr.splitlines())
+        if case.check is not None and not case.check(folder):
+            return "work lost"
         return "clear error" if named and one_line and not traceback else "unclear error"
     if done.returncode != 0:
         return "unclear error" if traceback else "silent misbehaviour"
@@ -383,8 +416,19 @@ def sweep(cases: list[Case]) -> list[dict]:
     for case in cases:
         with tempfile.TemporaryDirectory() as tmp:
             folder = Path(tmp)
-            done = run(case.prepare(folder), folder, cwd=folder if case.elsewhere else None)
-            outcome = judge(case, done, folder)
+            try:
+                args = case.prepare(folder)
+            except CaseNotRun as reason:
+                rows.append({"case": case.name, "fault": case.fault, "outcome": "not run", "message": str(reason),
+                             "test": case.test, "exit": None})  # fmt: skip
+                print(f"{case.name}: not run: {reason}", flush=True)
+                continue
+            try:
+                done = run(args, folder, cwd=folder if case.elsewhere else None)
+                outcome = judge(case, done, folder)
+            finally:
+                if case.cleanup is not None:
+                    case.cleanup(folder)
             last = (done.stderr.strip().splitlines() or [""])[-1]
             if case.expect is None:  # what the run warned about, if anything
                 warnings = [  # the run's own warnings, not the libraries' import-time notices

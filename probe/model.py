@@ -112,7 +112,10 @@ class ProbeCNN(nn.Module):
                 channels = out
             self.stages.append(blocks)
         self.head = nn.Sequential(
-            nn.Linear(2 * channels, channels), nn.SiLU(), nn.Dropout(config.dropout), nn.Linear(channels, 1 + config.aux_outputs)
+            nn.Linear(2 * channels, channels),
+            nn.SiLU(),
+            nn.Dropout(config.dropout),
+            nn.Linear(channels, 1 + config.aux_outputs),
         )
 
     def forward(self, features: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:

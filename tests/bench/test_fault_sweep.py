@@ -5,7 +5,7 @@ import json
 import subprocess
 from pathlib import Path
 
-from bench.fault_sweep import CASES, Case, judge, main, report_lines
+from bench.fault_sweep import CASES, Case, CaseNotRun, judge, main, report_lines, sweep
 from bench.server_faults import NET_CASES, refusal
 
 
@@ -28,6 +28,19 @@ def test_judge_by_hand(tmp_path: Path):
     assert judge(_case(None, check=lambda f: False, name="resume_x"), _done(0, ""), tmp_path) == "work lost"
     assert judge(_case(None, check=lambda f: False), _done(0, ""), tmp_path) == "silent misbehaviour"
     assert judge(_case(None), _done(1, traceback), tmp_path) == "unclear error"
+    # a clear error that lost what came before it (the full disk took the first checkpoint with it)
+    assert judge(_case("disk is full", check=lambda f: False), _done(2, "error: the disk is full"), tmp_path) == (
+        "work lost"
+    )
+
+
+def test_a_fault_this_machine_cannot_set_up_is_reported_not_run():
+    def needs_root(folder: Path) -> list[str]:
+        raise CaseNotRun("mounting a small tmpfs needs root")
+
+    rows = sweep([Case("full_disk", "a full disk", needs_root, "the disk is full", "tests/x.py")])
+    assert rows == [{"case": "full_disk", "fault": "a full disk", "outcome": "not run",
+                     "message": "mounting a small tmpfs needs root", "test": "tests/x.py", "exit": None}]  # fmt: skip
 
 
 def test_every_case_names_a_test_that_exists():

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from rewards.base import load_reward
 from rewards.shapes import (
     CATEGORIES,
     COLORS,
@@ -25,7 +26,6 @@ from rewards.shapes import (
     render,
     sample_prompts,
 )
-from rewards.base import load_reward
 from rewards.shapes.checker import score_detections
 from rewards.shapes.grammar import TEST_PROMPTS_PER_CATEGORY, vocabulary
 
@@ -165,7 +165,9 @@ def test_score_parts_add_up_to_the_score_and_the_reward_returns_them():
         return Detection(shape, color, center=(10.0, 10.0), box=(5, 5, 15, 15), area=80, confidence=0.9)
 
     # one red circle, one blue circle, one square: credit 2 * 1/2 of 2 objects, one extra
-    result = score_detections(spec, [detection("circle", "red"), detection("circle", "blue"), detection("square", "red")])
+    result = score_detections(
+        spec, [detection("circle", "red"), detection("circle", "blue"), detection("square", "red")]
+    )
     assert result.object_credit == pytest.approx(0.5) and result.extras == 1
     assert result.score == pytest.approx((2 * result.object_credit) / (2 + 1)) and result.relation_ok is None
     # the wrong relation costs the relation only: every object is there
