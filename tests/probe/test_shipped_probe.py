@@ -14,6 +14,18 @@ PROBE = ROOT / "assets" / "probe" / "tiny-flux-shapes-step2.pt"
 PIPELINE = ROOT / "assets" / "tiny-flux-shapes"
 
 
+def _predicts_from_a_real_capture(probe: Probe, sampler: FluxSampler, pipeline) -> None:
+    """Two prompts x two seeds run to the probe's capture step; the probe scores each (groups: the prompts)."""
+    embeds = encode_prompts(pipeline, ["a red circle", "two blue squares"], max_sequence_length=16)
+    prompt_index = torch.tensor([0, 0, 1, 1])
+    recorder = probe.recorder(sampler)
+    early = sampler.advance(
+        sampler.start(prompt_index, torch.arange(4)), embeds, until_step=probe.capture_step, observer=recorder
+    )
+    predicted = probe.score(recorder.result(early), embeds.token_mask[prompt_index], group=prompt_index)
+    assert predicted.shape == (4,) and torch.isfinite(predicted).all()
+
+
 @pytest.mark.skipif(not PROBE.exists(), reason="no shipped probe (launch/probe_train.py writes it)")
 def test_shipped_probe_fits_the_shipped_model():
     from diffusers import FluxPipeline
@@ -28,12 +40,7 @@ def test_shipped_probe_fits_the_shipped_model():
         Probe.load(PROBE, pipeline.transformer, capture_step=3, num_steps=10)
 
     sampler = FluxSampler(pipeline, num_steps=10, noise_level=0.9, guidance_scale=3.5, height=64, width=64)
-    embeds = encode_prompts(pipeline, ["a red circle", "two blue squares"], max_sequence_length=16)
-    prompt_index = torch.tensor([0, 0, 1, 1])
-    recorder = probe.recorder(sampler)
-    early = sampler.advance(sampler.start(prompt_index, torch.arange(4)), embeds, until_step=2, observer=recorder)
-    predicted = probe.score(recorder.result(early), embeds.token_mask[prompt_index], group=prompt_index)
-    assert predicted.shape == (4,) and torch.isfinite(predicted).all()
+    _predicts_from_a_real_capture(probe, sampler, pipeline)
 
 
 def test_the_large_window_probe_ranks_under_the_trainers_sampler():
@@ -52,10 +59,4 @@ def test_the_large_window_probe_ranks_under_the_trainers_sampler():
     summary = json.loads(path.with_suffix(".json").read_text())
     assert summary["test"] == probe.meta.metrics and summary["train_rollouts"] > 50_000
     assert probe.meta.metrics["within_group_srcc"] > 0.34  # the shipped probe of 4k rollouts: 0.164
-
-    embeds = encode_prompts(pipeline, ["a red circle", "two blue squares"], max_sequence_length=16)
-    prompt_index = torch.tensor([0, 0, 1, 1])
-    recorder = probe.recorder(sampler)
-    early = sampler.advance(sampler.start(prompt_index, torch.arange(4)), embeds, until_step=4, observer=recorder)
-    predicted = probe.score(recorder.result(early), embeds.token_mask[prompt_index], group=prompt_index)
-    assert predicted.shape == (4,) and torch.isfinite(predicted).all()
+    _predicts_from_a_real_capture(probe, sampler, pipeline)
