@@ -68,9 +68,10 @@ class Case:
     prepare: Callable[[Path], list[str]]
     expect: str | None
     test: str
-    check: Callable[[Path], bool] | None = None  # with ``expect`` too: what the error must not have lost
+    check: Callable[[Path], bool] | None = None  # with ``expect`` too: what the error must not have lost or done
     elsewhere: bool = False  # launched from the case folder instead of the current one (the repository root)
     cleanup: Callable[[Path], None] | None = None  # before the case folder is removed
+    failed_check: str = "silent misbehaviour"  # the outcome when ``check`` fails: "work lost" where it counts steps
 
 
 class CaseNotRun(Exception):
@@ -281,6 +282,8 @@ def _resume_changed(key: str, value: str) -> Callable[[Path], list[str]]:
     return prepare
 
 
+LOST = "work lost"
+
 CASES = [
     Case("unknown_key", "a misspelt option", lambda f: ["--learning_rat", "1e-4"], "learning_rate",
          "tests/test_configs.py"),
@@ -335,25 +338,27 @@ CASES = [
          lambda f: ["--output_dir", str(finished_run(f)), "--resume_from", ""], "holds another run",
          "tests/rl/test_trainer.py"),
     Case("relaunch_finished", "the same command again after the run finished", _relaunch_finished, None,
-         "tests/rl/test_checkpoint.py", _not_redone),
+         "tests/rl/test_checkpoint.py", _not_redone, failed_check=LOST),
     Case("resume_changed_group", "a resume with another group size", _resume_changed("group_size", "8"),
          "group_size", "tests/rl/test_trainer.py"),
     Case("resume_changed_seed", "a resume with another seed", _resume_changed("seed", "7"), "seed",
          "tests/rl/test_trainer.py"),
     Case("truncated_weights", "the latest checkpoint's model.safetensors cut in half",
          lambda f: _damage_latest(f, "model.safetensors"), None, "tests/rl/test_checkpoint.py",
-         _resumed_to_3),
+         _resumed_to_3, failed_check=LOST),
     Case("truncated_state", "the latest checkpoint's trainer_state.pt cut in half",
          lambda f: _damage_latest(f, "trainer_state.pt"), None, "tests/rl/test_checkpoint.py",
-         _resumed_to_3),
+         _resumed_to_3, failed_check=LOST),
     Case("every_checkpoint_damaged", "every checkpoint's model.safetensors cut short, then a resume",
-         _damage_every_checkpoint, None, "tests/rl/test_trainer.py", _restarted_keeping_the_old_log),
+         _damage_every_checkpoint, None, "tests/rl/test_trainer.py", _restarted_keeping_the_old_log,
+         failed_check=LOST),
     Case("malicious_state", "a checkpoint whose trainer_state.pt runs os.system when unpickled", _malicious_state,
          "trainer_state.pt", "tests/rl/test_checkpoint.py", lambda f: not (f / "pwned").exists()),
     Case("partial_metrics_line", "metrics.jsonl ending in half a line (a crash mid-write)", _partial_metrics_line,
-         None, "tests/rl/test_metrics_log.py", _resumed_to_3),
+         None, "tests/rl/test_metrics_log.py", _resumed_to_3, failed_check=LOST),
     Case("full_disk", "the output_dir's disk fills during the second checkpoint", _full_disk,
-         "could not write checkpoint", "tests/rl/test_checkpoint.py", _first_checkpoint_intact, cleanup=_unmount),
+         "could not write checkpoint", "tests/rl/test_checkpoint.py", _first_checkpoint_intact, cleanup=_unmount,
+         failed_check=LOST),
     Case("reward_server_down", "a remote reward whose server is not running",
          lambda f: ["--reward", "remote", "--reward_kwargs", '{"remote": {"url": "http://127.0.0.1:9"}}'],
          "127.0.0.1:9", "tests/rewards/test_remote.py"),
@@ -385,11 +390,11 @@ CASES = [
     Case("reward_bare_tensor", "a reward returning a tensor, not a dict of named scores", _reward("bare_tensor"),
          "dict of named scores", "tests/rewards/test_compose.py"),
     Case("sigterm_relaunch", "SIGTERM after the first checkpoint, then the same command again",
-         _interrupted(signal.SIGTERM), None, "tests/rl/test_checkpoint.py", _every_step_once),
+         _interrupted(signal.SIGTERM), None, "tests/rl/test_checkpoint.py", _every_step_once, failed_check=LOST),
     Case("sigint_relaunch", "Ctrl-C (SIGINT) after the first checkpoint, then the same command again",
-         _interrupted(signal.SIGINT), None, "tests/rl/test_stop_signals.py", _every_step_once),
+         _interrupted(signal.SIGINT), None, "tests/rl/test_stop_signals.py", _every_step_once, failed_check=LOST),
     Case("sigkill_relaunch", "SIGKILL after the first checkpoint, then the same command again",
-         _interrupted(signal.SIGKILL), None, "tests/rl/test_checkpoint.py", _every_step_once),
+         _interrupted(signal.SIGKILL), None, "tests/rl/test_checkpoint.py", _every_step_once, failed_check=LOST),
 ]  # fmt: skip
 
 
@@ -401,13 +406,12 @@ def judge(case: Case, done: subprocess.CompletedProcess, folder: Path) -> str:
         named = case.expect in done.stderr
         one_line = done.returncode == 2 and any(line.startswith("error:") for line in done.stderr.splitlines())
         if case.check is not None and not case.check(folder):
-            return "work lost"
+            return case.failed_check
         return "clear error" if named and one_line and not traceback else "unclear error"
     if done.returncode != 0:
         return "unclear error" if traceback else "silent misbehaviour"
     if case.check is not None and not case.check(folder):
-        lost = any(word in case.name for word in ("resume", "truncated", "relaunch"))
-        return "work lost" if lost else "silent misbehaviour"
+        return case.failed_check
     return "handled"
 
 

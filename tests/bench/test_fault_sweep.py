@@ -13,8 +13,8 @@ def _done(code: int, stderr: str) -> subprocess.CompletedProcess:
     return subprocess.CompletedProcess([], code, stdout="", stderr=stderr)
 
 
-def _case(expect: str | None, check=None, name: str = "case") -> Case:
-    return Case(name, "a fault", lambda folder: [], expect, "tests/x.py", check)
+def _case(expect: str | None, check=None, failed_check: str = "silent misbehaviour") -> Case:
+    return Case("case", "a fault", lambda folder: [], expect, "tests/x.py", check, failed_check=failed_check)
 
 
 def test_judge_by_hand(tmp_path: Path):
@@ -25,12 +25,15 @@ def test_judge_by_hand(tmp_path: Path):
     assert judge(named, _done(1, traceback), tmp_path) == "unclear error"
     assert judge(named, _done(0, ""), tmp_path) == "silent misbehaviour"  # it should have stopped
     assert judge(_case(None), _done(0, ""), tmp_path) == "handled"
-    assert judge(_case(None, check=lambda f: False, name="resume_x"), _done(0, ""), tmp_path) == "work lost"
+    assert judge(_case(None, check=lambda f: False, failed_check="work lost"), _done(0, ""), tmp_path) == "work lost"
     assert judge(_case(None, check=lambda f: False), _done(0, ""), tmp_path) == "silent misbehaviour"
     assert judge(_case(None), _done(1, traceback), tmp_path) == "unclear error"
     # a clear error that lost what came before it (the full disk took the first checkpoint with it)
-    assert judge(_case("disk is full", check=lambda f: False), _done(2, "error: the disk is full"), tmp_path) == (
-        "work lost"
+    full_disk = _case("disk is full", check=lambda f: False, failed_check="work lost")
+    assert judge(full_disk, _done(2, "error: the disk is full"), tmp_path) == "work lost"
+    # a clear error after the fault did harm of another kind (the malicious checkpoint's code ran)
+    assert judge(_case("state.pt", check=lambda f: False), _done(2, "error: state.pt"), tmp_path) == (
+        "silent misbehaviour"
     )
 
 
