@@ -43,10 +43,11 @@ SECTION = "Seed selection: predictor-guided best-of-N (bench/seed_selection.py)"
 
 
 def parse_predictor(spec: str) -> tuple[str, int, int]:
-    """``name@k`` or ``lookahead@k+n`` -> (name, capture step k, lookahead steps n)."""
+    """``name@k`` or ``name@k+n`` -> (name, capture step k, Euler steps n of a lookahead (default 2) or preview
+    (default 1))."""
     name, _, where = spec.partition("@")
     step, _, steps = where.partition("+")
-    return name, int(step), int(steps or 2)
+    return name, int(step), int(steps or (2 if name == "lookahead" else 1))
 
 
 @torch.no_grad()
@@ -73,9 +74,8 @@ def measure_model(
     predictions, costs = {}, {}
     for spec in predictors:
         name, k, steps = parse_predictor(spec)
-        predictor = predictor_for(
-            name, sampler, k, steps, args.probe_path if name == "probe" else "", text_length=args.max_sequence_length
-        )
+        probe = args.probe_path if name == "probe" else ""
+        predictor = predictor_for(name, sampler, k, steps, probe, steps, text_length=args.max_sequence_length)
         before = Rollouts(full.prompt_index, full.seeds, full.states[:, :k], full.log_probs[:, : k - 1])
         observer = predictor.observer(sampler)
         early = sampler.advance(before, embeds, k, observer)
@@ -179,6 +179,7 @@ def markdown(results: dict[str, dict], args: argparse.Namespace, seconds: float)
         f"{args.num_prompts} held-out prompts x seeds 0-{args.max_n - 1}, deterministic sampling ({args.num_steps} "
         f"steps, noise 0, fp32), reward `{args.reward}`; {seconds:.0f} s on {args.threads or 'default'} thread(s). "
         "`name@k`: the predictor read after k steps (preview: x0 of call k; lookahead: 2 Euler steps from step k); "
+        "`name@k+n`: in n Euler steps (a preview's first one is call k's own); "
         "`a>b`: a funnel, K `K1>K2` the survivors of each stage. "
         "Gain recovered = (reward - single seed) / (full best-of-N - single seed); calls per prompt include the "
         "predictor's; decodes and reward calls are listed beside them.",
@@ -215,7 +216,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument(
         "--predictors",
         default="preview@3,preview@4,lookahead@2,lookahead@3,preview@3>preview@5",
-        help="comma-separated name@k[+n], or funnels of them: name@k>name@k",
+        help="comma-separated name@k[+n] (n: Euler steps of a lookahead or preview), or funnels: name@k>name@k",
     )
     parser.add_argument("--probe_path", help="a probe trained under noise level 0: adds probe@<its step>")
     parser.add_argument("--reward", default="shapes", help="the real reward")

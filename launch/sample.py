@@ -63,10 +63,13 @@ def read_prompts(texts: list[str], source: str | None, max_prompts: int) -> list
 def best_of(args: argparse.Namespace, pipeline: FluxPipeline, prompts: list[Prompt], out: Path) -> None:
     """``--best_of``: select, then write the chosen images, the preview grid and ``selection.json``."""
     sampler = FluxSampler(pipeline, args.num_steps, 0.0, args.guidance_scale, args.height, args.width)
+    preview_steps = args.preview_steps * len(args.capture_step) if len(args.preview_steps) == 1 else args.preview_steps
+    if len(preview_steps) != len(args.capture_step):
+        raise SystemExit(f"error: --preview_steps {args.preview_steps}: give one, or one per --capture_step")
     predictors = [
-        predictor_for(args.predictor, sampler, k, args.lookahead_steps, args.probe_path or "",
+        predictor_for(args.predictor, sampler, k, args.lookahead_steps, args.probe_path or "", steps,
                       text_length=args.max_sequence_length)
-        for k in args.capture_step
+        for k, steps in zip(args.capture_step, preview_steps)
     ]  # fmt: skip
     reward = build_reward_set(args.reward) if args.reward else None
     selector = SeedSelector(sampler, predictors, args.capture_step, reward)
@@ -123,6 +126,10 @@ def main(argv: list[str] | None = None) -> Path:
         help="denoising steps every seed runs before the ranking; a funnel: one per stage, e.g. 3 5",
     )  # fmt: skip
     best.add_argument("--lookahead_steps", type=int, default=2, help="Euler steps of the lookahead to sigma 0")
+    best.add_argument(
+        "--preview_steps", type=int, nargs="+", default=[1],
+        help="Euler steps of the preview to sigma 0 (1: the call's x0; n: n - 1 transformer calls); one per stage",
+    )  # fmt: skip
     best.add_argument("--probe_path", help="probe file (--predictor probe), trained under noise level 0")
     best.add_argument("--reward", help="reward spec (e.g. shapes); needed by preview and lookahead")
     args = parser.parse_args(argv)

@@ -36,11 +36,18 @@ class PruningConfig(Section):
     predictor: str = option(
         "probe",
         "What the policy selects by (rl/predictors/): 'probe' (the CNN on attention, probe_path; no reward "
-        "call), 'preview' (Pro-GRPO: the capture_step-th call's x0 decoded and scored by the reward), "
+        "call), 'preview' (Pro-GRPO: the capture_step-th call's x0, in preview_steps Euler steps, decoded and "
+        "scored by the reward), "
         "'lookahead' (lookahead_steps Euler steps from the state after capture_step, decoded and scored) or "
         "'reward' (every rollout finished and scored: the oracle; with prune_policy variance, PODS).",
     )
     lookahead_steps: int = option(2, "Euler steps of the 'lookahead' predictor from capture_step to sigma 0.")
+    preview_steps: int = option(
+        1,
+        "Euler steps of the 'preview' from the capture_step-th call's input to sigma 0. 1: its x0 (no transformer "
+        "call); n > 1: the first step reuses that call's velocity and each further one is a transformer call, so "
+        "it reads what 'lookahead' with n steps from capture_step - 1 reads, one call cheaper.",
+    )
     prune_expand: int = option(
         1,
         "m: start m x group_size rollouts per prompt and prune them to round(prune_keep_fraction m G) "
@@ -112,7 +119,7 @@ class PruningConfig(Section):
     )
 
     def check(self) -> None:
-        positive(self, "lookahead_steps", "prune_expand")
+        positive(self, "lookahead_steps", "preview_steps", "prune_expand")
         positive(self, "capture_step", "probe_refresh_steps", "probe_refresh_lr", "probe_buffer_size")
         if not 0 < self.prune_keep_fraction <= 1:
             raise ValueError(f"prune_keep_fraction must lie in (0, 1], got {self.prune_keep_fraction}")

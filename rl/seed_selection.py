@@ -146,6 +146,7 @@ def predictor_for(
     capture_step: int,
     lookahead_steps: int = 2,
     probe_path: str = "",
+    preview_steps: int = 1,
     precision: str = "no",
     text_length: int = 16,
 ) -> Predictor:
@@ -159,7 +160,11 @@ def predictor_for(
     difference).
     """
     pruning = PruningConfig(
-        predictor=name, capture_step=capture_step, lookahead_steps=lookahead_steps, probe_path=probe_path
+        predictor=name,
+        capture_step=capture_step,
+        lookahead_steps=lookahead_steps,
+        probe_path=probe_path,
+        preview_steps=preview_steps,
     )
     config = RunConfig(
         model=ModelConfig(max_sequence_length=text_length),

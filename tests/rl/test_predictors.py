@@ -91,10 +91,12 @@ def test_flux_equivalent_prices_each_operation():
     assert flux_equivalent(counts, OperationCosts(decode=3.0)) == pytest.approx(100 + 30 + 60 + 0.2)
 
 
-@pytest.mark.parametrize("predictor", ["preview", "lookahead", "reward"])
+@pytest.mark.parametrize("predictor", ["preview", "preview+2", "lookahead", "reward"])
 def test_expand_and_prune_trains_group_size_per_prompt_and_counts_its_cost(pipeline_dir, tmp_path, predictor):
     """Expand 2: 2 prompts x 8 started, capture after 1 of 4 steps, the 4 of max predicted variance finish."""
-    extra = ("--predictor", predictor, "--capture_step", "1", "--prune_expand", "2", "--lookahead_steps", "2")
+    predictor, _, preview_steps = predictor.partition("+")
+    extra = ("--predictor", predictor, "--capture_step", "1", "--prune_expand", "2", "--lookahead_steps", "2",
+             "--preview_steps", preview_steps or "1")  # fmt: skip
     trainer = make_trainer(pipeline_dir, tmp_path, *VARIANCE, *extra, "--learning_rate", "1e-3")
     metrics = pruned_step(trainer)
     last, state = trainer.pruner.last, trainer.state
@@ -102,6 +104,8 @@ def test_expand_and_prune_trains_group_size_per_prompt_and_counts_its_cost(pipel
     assert torch.equal(torch.bincount(last.group_ids[last.selection.keep]), torch.tensor([4, 4]))
     if predictor == "reward":  # every rollout finished and scored once: the survivors' rewards are reused
         assert state.transformer_calls == 16 * 4 and state.decodes == 16 and state.reward_calls == 16
+    elif predictor == "preview" and preview_steps:  # call 1's velocity to sigma 0.5, one more call to 0
+        assert state.transformer_calls == 16 * 1 + 16 * 1 + 8 * 3 and state.decodes == 16 + 8
     elif predictor == "preview":  # the first call's x0 decoded and scored, then the survivors' finals
         assert state.transformer_calls == 16 * 1 + 8 * 3 and state.decodes == 16 + 8
     else:  # two Euler steps from step 1 (indices 1 -> 2/3 -> 4) per started rollout

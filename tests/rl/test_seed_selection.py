@@ -144,6 +144,27 @@ def test_the_reward_oracle_keeping_one_is_full_best_of_n(tiny_flux_pipeline):
         assert best.cost.transformer_calls == 12  # every seed finished: N T, nothing more
 
 
+def test_a_longer_preview_reads_what_the_lookahead_from_the_step_before_reads_one_call_cheaper(tiny_flux_pipeline):
+    # preview@3 in 2 Euler steps starts with call 3's own velocity: the lookahead from step 2 makes that call again
+    sampler = _sampler(tiny_flux_pipeline, batch_size=8)
+    embeds = encode_prompts(tiny_flux_pipeline, [s.prompt for s in SPECS], 16)
+    reward, metadata, seeds = build_reward_set("shapes"), [s.to_dict() for s in SPECS], [0, 1, 2, 3]
+    preview = predictor_for("preview", sampler, 3, preview_steps=2)
+    lookahead = predictor_for("lookahead", sampler, 2, lookahead_steps=2)
+    assert preview.indices == lookahead.indices == [2, 3, 4]
+    by_preview = SeedSelector(sampler, preview, 3, reward).select(embeds, seeds, 2, metadata)
+    by_lookahead = SeedSelector(sampler, lookahead, 2, reward).select(embeds, seeds, 2, metadata)
+    for a, b in zip(by_preview, by_lookahead):
+        assert torch.allclose(a.predicted, b.predicted, atol=1e-5) and a.kept == b.kept
+        assert torch.allclose(a.images, b.images, atol=1e-5)
+    # 4 seeds x (3 calls + 1 more for the preview) + 2 x 1 = 18; the lookahead: 4 x (2 + 2) + 2 x 2 = 20
+    assert by_preview[0].cost.transformer_calls == 18 and by_lookahead[0].cost.transformer_calls == 20
+    # one Euler step is the plain x0 preview, at no transformer call: 4 x 3 + 2 x 1
+    plain = predictor_for("preview", sampler, 3, preview_steps=1)
+    assert plain.indices == []
+    assert SeedSelector(sampler, plain, 3, reward).select(embeds, seeds, 2, metadata)[0].cost.transformer_calls == 14
+
+
 def test_refuses_what_cannot_work(tiny_flux_pipeline):
     stochastic = _sampler(tiny_flux_pipeline, noise_level=0.7)
     with pytest.raises(ValueError, match="noise_level 0"):
