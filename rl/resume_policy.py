@@ -26,19 +26,33 @@ RESUME_SAFE_KEYS = frozenset(
 )  # fmt: skip
 
 
-def resume_changes(old: dict[str, Any], new: dict[str, Any]) -> tuple[dict, dict]:
-    """``(safe, unsafe)``: ``key -> (old, new)`` of every key whose value differs between two flat configs."""
-    changed = {k: (old.get(k), new.get(k)) for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)}
+def resume_changes(
+    old: dict[str, Any], new: dict[str, Any], defaults: dict[str, Any] | None = None
+) -> tuple[dict, dict]:
+    """``(safe, unsafe)``: ``key -> (old, new)`` of every key whose value differs between two flat configs.
+
+    A key the old config lacks (the run started before the key existed) is unchanged while the new value is the
+    key's default in ``defaults``: a key is added with the default that keeps the behaviour it did not have.
+    """
+    defaults = defaults or {}
+    changed = {
+        k: (old.get(k), new.get(k))
+        for k in sorted(set(old) | set(new))
+        if old.get(k) != new.get(k) and not (k not in old and k in defaults and new.get(k) == defaults[k])
+    }
     safe = {k: v for k, v in changed.items() if k in RESUME_SAFE_KEYS}
     return safe, {k: v for k, v in changed.items() if k not in RESUME_SAFE_KEYS}
 
 
-def check_resumed_config(output_dir: Path, config: dict[str, Any], allow_change: bool, record: bool) -> dict:
+def check_resumed_config(
+    output_dir: Path, config: dict[str, Any], allow_change: bool, record: bool, defaults: dict[str, Any] | None = None
+) -> dict:
     """Compare ``config`` (flat) with ``output_dir/config.yaml``; ``key -> (old, new)`` of every change.
 
     Args:
         output_dir: the run folder being resumed.
         config: the resuming run's flat config.
+        defaults: every key's default (flat): a key added since the run started is no change at its default.
         allow_change: accept changes of keys outside :data:`RESUME_SAFE_KEYS`.
         record: append the changes to ``config_history.jsonl`` (the main process does).
 
@@ -49,7 +63,8 @@ def check_resumed_config(output_dir: Path, config: dict[str, Any], allow_change:
     if not original.is_file():
         return {}
     new = yaml.safe_load(yaml.safe_dump(config))  # the same normalisation as the file's
-    safe, unsafe = resume_changes(yaml.safe_load(original.read_text()) or {}, new)
+    defaults = yaml.safe_load(yaml.safe_dump(defaults or {}))
+    safe, unsafe = resume_changes(yaml.safe_load(original.read_text()) or {}, new, defaults)
     if unsafe and not allow_change:
         listed = "; ".join(f"{k}: {old!r} -> {value!r}" for k, (old, value) in unsafe.items())
         raise ValueError(

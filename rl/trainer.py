@@ -155,7 +155,11 @@ class GRPOTrainer:
         resume_path = resolve_resume(cfg.checkpoint.resume_from, self.output_dir)
         if resume_path is not None:  # changes what the run is: an error; safe ones: logged (rl/resume_policy.py)
             changes = check_resumed_config(
-                self.output_dir, cfg.flat(), cfg.checkpoint.allow_config_change, self.accelerator.is_main_process
+                self.output_dir,
+                cfg.flat(),
+                cfg.checkpoint.allow_config_change,
+                self.accelerator.is_main_process,
+                defaults=RunConfig().flat(),
             )
             for key, (old, value) in changes.items():
                 self.info("resume changes %s: %r -> %r", key, old, value)

@@ -6,6 +6,7 @@ import time
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 from rl.batches import trained_steps
@@ -308,6 +309,28 @@ def test_resume_refuses_changes_to_what_the_run_is_and_logs_safe_ones(pipeline_d
     assert (tmp_path / "run" / "config.yaml").read_text() == original  # the original stays
     trainer = make_trainer(pipeline_dir, tmp_path, *resume, "--group_size", "2", "--allow_config_change", "true")
     trainer.cleanup()
+    # a run started before a key existed resumes at that key's default (here: its config.yaml loses one)
+    config = yaml.safe_load(original)
+    del config["preview_steps"]
+    (tmp_path / "run" / "config.yaml").write_text(yaml.safe_dump(config))
+    make_trainer(pipeline_dir, tmp_path, *resume).cleanup()
+    with pytest.raises(ValueError, match=r"preview_steps: None -> 2"):
+        make_trainer(pipeline_dir, tmp_path, *resume, "--preview_steps", "2")
+
+
+def test_a_key_added_since_the_run_started_is_no_change_at_its_default():
+    from rl.resume_policy import resume_changes
+
+    old = {"group_size": 4, "seed": 3}  # written before preview_steps existed
+    defaults = {"group_size": 16, "seed": 0, "preview_steps": 1}
+    assert resume_changes(old, {"group_size": 4, "seed": 3, "preview_steps": 1}, defaults) == ({}, {})
+    assert resume_changes(old, {"group_size": 4, "seed": 3, "preview_steps": 2}, defaults) == (
+        {},
+        {"preview_steps": (None, 2)},
+    )
+    # a key the old run set keeps counting at any value, and without defaults nothing is presumed
+    assert resume_changes(old, {"group_size": 16, "seed": 3}, defaults)[1] == {"group_size": (4, 16)}
+    assert resume_changes(old, {"group_size": 4, "seed": 3, "preview_steps": 1})[1] == {"preview_steps": (None, 1)}
 
 
 def test_budget_spent_stops_at_each_limit_and_prices_compute_in_flux_forwards():
