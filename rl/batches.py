@@ -28,6 +28,7 @@ class PromptBatch:
         group_ids: ``[P]`` position of each prompt in the step's global batch: its rollouts' group id.
         seeds: ``[B]`` per-rollout noise seeds.
         initial_seeds: ``[B]`` seeds of the initial noise (shared within a group), or None (= ``seeds``).
+        step_texts: every process's prompt texts of the step, by group id (prompt skipping records groups by them).
     """
 
     prompts: list[Prompt]
@@ -36,6 +37,7 @@ class PromptBatch:
     group_ids: torch.Tensor
     seeds: torch.Tensor
     initial_seeds: torch.Tensor | None
+    step_texts: list[str] = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass

@@ -115,6 +115,15 @@ class SamplingConfig(Section):
         "count does not divide, the first processes own one more), so any process count up to prompts_per_step "
         "runs any config. Flow-GRPO FLUX: 48; the tiny model: 8-16.",
     )
+    prompt_skip_after: int = option(
+        0,
+        "GRESO's pre-rollout skipping (arXiv 2506.02177; rl/prompt_skip.py): a prompt whose last N groups in a row "
+        "had all-equal rewards is skipped (its slot redrawn) with probability 1 - prompt_skip_explore. Pays with "
+        "binary rewards, where many groups are flat. 0: never skip.",
+    )
+    prompt_skip_explore: float = option(
+        0.2, "The probability a skippable prompt is trained anyway, so one that became learnable is seen again."
+    )
     group_size: int = option(
         8,
         "Rollouts per prompt (G); advantages are relative within a group. Flow-GRPO FLUX: 24; the tiny model: "
@@ -185,6 +194,11 @@ class SamplingConfig(Section):
             raise ValueError(f"noise_level must be >= 0, got {self.noise_level}")
         if not 0 < self.train_fraction <= 1:
             raise ValueError(f"train_fraction must lie in (0, 1], got {self.train_fraction}")
+        if self.prompt_skip_after < 0 or not 0 <= self.prompt_skip_explore <= 1:
+            raise ValueError(
+                f"prompt_skip_after must be >= 0 (0: never skip) and prompt_skip_explore in [0, 1], got "
+                f"{self.prompt_skip_after} and {self.prompt_skip_explore}"
+            )
         if self.prompt_category_weights:
             if not self.prompts.startswith("shapes:"):
                 raise ValueError(f"prompt_category_weights needs a shapes:* prompt source, not {self.prompts!r}")

@@ -12,7 +12,8 @@ from rl.cost import ComputeCounts, flux_equivalent
 class TrainState:
     """Progress counters: with the EMA, everything resume needs besides accelerate's own state.
 
-    Prompts and rollout noise are pure functions of ``(seed, step)``, so ``step`` is the data position too.
+    Prompts and rollout noise are pure functions of ``(seed, step)`` (with prompt skipping, also of the flat-prompt
+    history, which the checkpoint keeps), so ``step`` is the data position too.
     """
 
     step: int = 0

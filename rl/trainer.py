@@ -63,6 +63,7 @@ from rl.objectives import OBJECTIVES
 from rl.paths import repository_hint
 from rl.phase_timer import PhaseTimer
 from rl.predictors import PredictionCost
+from rl.prompt_skip import FlatPromptHistory, flat_groups
 from rl.pruned_rollout import PrunedRollout
 from rl.pruning import trained_step_weights
 from rl.resume_policy import check_resumed_config
@@ -135,6 +136,9 @@ class GRPOTrainer:
             check_even_work(s.prompts_per_step, cfg.pruning.prune_policy, self.accelerator.num_processes)
         # cheap, likely-to-fail pieces first: a missing prompt file or an unknown reward fails before the model loads
         self.train_prompts = load_prompt_source(s.prompts, s.prompt_category_weights)
+        self.prompt_history = (
+            FlatPromptHistory(s.prompt_skip_after, s.prompt_skip_explore) if s.prompt_skip_after else None
+        )
         self.eval_prompts = load_prompt_source(cfg.eval.eval_prompts)
         r = cfg.reward
         self.reward_set = build_reward_set(
@@ -265,6 +269,8 @@ class GRPOTrainer:
                     advantages = self.advantages(scored)  # per prompt group
                 else:
                     self.pruner.commit(self)  # the survivors join the probe's buffer (and refresh it when due)
+                if self.prompt_history is not None:
+                    self.record_prompt_spread(batch, scored)
                 self.optimise(batch, scored, advantages)  # PPO-clipped loss over the trained steps
                 self.state.step += 1
                 self.log_step(bar)
@@ -309,7 +315,12 @@ class GRPOTrainer:
         group_size = cfg.started_group_size  # group_size, times prune_expand when pruning expands the group
         with self.phase("prompts"):
             n_global = cfg.sampling.prompts_per_step  # split unevenly when it must be: see rl/data.py shard
-            prompts = self.train_prompts.batch(self.state.step, n_global, cfg.training.seed)
+            if self.prompt_history is None:
+                prompts = self.train_prompts.batch(self.state.step, n_global, cfg.training.seed)
+            else:  # GRESO: prompts whose latest groups were flat give their slot to further draws
+                prompts, skipped = self.prompt_history.draw(self.train_prompts, self.state.step, n_global,
+                                                            cfg.training.seed)  # fmt: skip
+                self.metrics.add("prompts/skipped", float(skipped), 1)  # the same on every process
             seeds = np.random.default_rng([cfg.training.seed, self.state.step, 1]).integers(2**62, size=(n_global, 1))
             seeds = seeds + np.arange(group_size)  # distinct per rollout, reproducible from (seed, step)
             mine = shard(list(range(n_global)), acc.process_index, acc.num_processes)
@@ -323,7 +334,21 @@ class GRPOTrainer:
             group_ids=torch.tensor(mine),
             seeds=torch.from_numpy(seeds[mine]).flatten(),
             initial_seeds=initial if cfg.sampling.same_initial_noise else None,
+            step_texts=[prompt.text for prompt in prompts],
         )
+
+    def record_prompt_spread(self, batch: PromptBatch, scored: ScoredRollouts) -> None:
+        """Tell the prompt history which of the step's groups (every process's) were flat (a collective call)."""
+        flat = flat_groups(scored.rewards.float().cpu().numpy(), scored.group_ids.cpu().numpy(),
+                           scored.valid.cpu().numpy())  # fmt: skip
+        known = torch.zeros(2, len(batch.step_texts), device=self.accelerator.device)  # [seen, flat] per group
+        for group, is_flat in flat.items():
+            known[0, group], known[1, group] = 1.0, float(is_flat)
+        if self.accelerator.num_processes > 1:  # each group lives on one process: the sum is its own value
+            known = self.accelerator.reduce(known, "sum")
+        seen = torch.nonzero(known[0]).flatten().tolist()
+        self.prompt_history.record([batch.step_texts[g] for g in seen], [bool(known[1, g]) for g in seen])
+        self.metrics.add("prompts/flat_groups", float(known[1].sum()) / max(len(seen), 1), 1)
 
     def start(self, batch: PromptBatch) -> Rollouts:
         """Every rollout of ``batch`` at step 0 (its initial noise)."""
@@ -684,6 +709,7 @@ class GRPOTrainer:
             "base_eval": self.base_eval,
             "pruning": self.pruner.state_dict() if self.pruner is not None else None,
             "objective": self.objective.state_dict(),
+            "prompt_history": self.prompt_history.state_dict() if self.prompt_history is not None else None,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -694,6 +720,8 @@ class GRPOTrainer:
         if self.pruner is not None and state.get("pruning") is not None:
             self.pruner.load_state_dict(state["pruning"])
         self.objective.load_state_dict(state.get("objective", {}))
+        if self.prompt_history is not None and state.get("prompt_history") is not None:
+            self.prompt_history.load_state_dict(state["prompt_history"])
 
     # ------------------------------------------------------------------ helpers
 

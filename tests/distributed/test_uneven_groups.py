@@ -3,7 +3,7 @@
 5 divides by neither 2 nor 3, so the processes own 3 + 2 and 2 + 2 + 1 prompt groups. Every group lives on one
 process, every prompt of the step is trained once (no prompt added to even the shares out, none dropped), and
 the logged metrics are global sums over global counts: a mean of per-process means would differ between the
-uneven shares.
+uneven shares. Prompt skipping is on, so step 2's draw depends on step 1's groups gathered from every process.
 """
 
 import pytest
@@ -30,6 +30,7 @@ def runs(tmp_path_factory, tiny_flux_config):
             "--prompts_per_step", str(PROMPTS), "--group_size", str(GROUP), "--sample_batch_size", "10",
             "--train_batch_size", "2", "--num_steps", "3", "--train_window_size", str(TRAINED_STEPS),
             "--final_eval_num_prompts", "2", "--final_eval_images_per_prompt", "1",
+            "--prompt_skip_after", "1", "--prompt_skip_explore", "0",  # step 2's draw reads step 1's groups
         ]  # fmt: skip
         launcher = ("--config_file", CPU_2PROC, "--num_processes", str(processes)) if processes > 1 else ()
         started.append(launch(dump, args, *launcher))
@@ -46,6 +47,8 @@ def test_every_group_lives_on_one_process_and_is_trained_once(runs, processes):
         shares = [rank[step]["prompt_groups"] for rank in records]
         assert sorted(sum(shares, [])) == list(range(PROMPTS))  # each prompt on exactly one process, none added
         assert max(map(len, shares)) - min(map(len, shares)) <= 1
+        # every process drew the same prompts: the skipping history is global, not a process's own
+        assert all(rank[step]["step_texts"] == records[0][step]["step_texts"] for rank in records)
         for rank in records:
             record = rank[step]
             # all G rollouts of a group on the process that owns its prompt
@@ -67,5 +70,7 @@ def test_metrics_are_global_sums_over_global_counts(runs):
     # before any update, so its reduced metrics agree although 3 + 2 and 2 + 2 + 1 groups were scored apart
     one = logged[1][0]
     for processes in (2, 3):
-        for key in ("reward/total/mean", "reward/total/std", "reward/group_std", "adv/abs_mean", "adv/zero_frac"):
+        keys = ("reward/total/mean", "reward/total/std", "reward/group_std", "adv/abs_mean", "adv/zero_frac",
+                "prompts/flat_groups")  # fmt: skip
+        for key in keys:
             assert logged[processes][0][key] == pytest.approx(one[key], abs=1e-6), (processes, key)

@@ -41,6 +41,7 @@ def recording_optimise(optimise):
             {
                 "step": self.state.step,
                 "prompt_groups": batch.group_ids.tolist(),
+                "step_texts": batch.step_texts,
                 "rollout_groups": scored.group_ids.tolist(),
                 "trained": [0] * len(scored.group_ids),
             }
