@@ -53,6 +53,9 @@ VARIANTS: dict[str, list[str]] = {
     "pruned": [],
     "unpruned": ["--prune_policy", "none", "--probe_path", "", "--probe_refresh_every", "0",
                  "--prune_advantage", "survivors", "--prune_train_early", "false"],
+    # GRESO's pre-rollout skipping of prompts whose last group was flat (rl/prompt_skip.py), else unpruned
+    "skip_flat": ["--prune_policy", "none", "--probe_path", "", "--probe_refresh_every", "0",
+                  "--prune_advantage", "survivors", "--prune_train_early", "false", "--prompt_skip_after", "1"],
     "random": ["--prune_policy", "random", "--probe_path", "", "--prune_advantage", "survivors",
                "--probe_refresh_every", "0", "--prune_min_spread", "0", "--prune_train_early", "false"],
     # the expand-and-prune study (bench/ablation_expand_prune): variance-optimal selection by each predictor
