@@ -36,6 +36,8 @@ from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
+import yaml
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from bench.probe_quality import add_to_section
@@ -128,6 +130,16 @@ def _damage_latest(folder: Path, file: str) -> list[str]:
     output = finished_run(folder)
     latest = output / "checkpoints" / "step-00000002" / file
     latest.write_bytes(latest.read_bytes()[: max(1, latest.stat().st_size // 2)])
+    return _resume_to_3(output)
+
+
+def _written_before_new_keys(folder: Path) -> list[str]:
+    """A finished run whose config.yaml predates keys this version has (as after an upgrade), resumed."""
+    output = finished_run(folder)
+    config = yaml.safe_load((output / "config.yaml").read_text())
+    for key in ("preview_steps", "prompt_skip_after", "prompt_skip_explore"):
+        del config[key]
+    (output / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     return _resume_to_3(output)
 
 
@@ -352,6 +364,11 @@ CASES = [
     Case("every_checkpoint_damaged", "every checkpoint's model.safetensors cut short, then a resume",
          _damage_every_checkpoint, None, "tests/rl/test_trainer.py", _restarted_keeping_the_old_log,
          failed_check=LOST),
+    Case("resume_after_upgrade", "a resume of a run whose config.yaml lacks keys added since it started",
+         _written_before_new_keys, None, "tests/rl/test_trainer.py", _resumed_to_3, failed_check=LOST),
+    Case("prompt_skip_explore_out_of_range", "a prompt skipping probability of 1.5",
+         lambda f: ["--prompt_skip_after", "1", "--prompt_skip_explore", "1.5"], "prompt_skip_explore",
+         "tests/rl/test_prompt_skip.py"),
     Case("malicious_state", "a checkpoint whose trainer_state.pt runs os.system when unpickled", _malicious_state,
          "trainer_state.pt", "tests/rl/test_checkpoint.py", lambda f: not (f / "pwned").exists()),
     Case("partial_metrics_line", "metrics.jsonl ending in half a line (a crash mid-write)", _partial_metrics_line,
