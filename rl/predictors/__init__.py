@@ -8,7 +8,8 @@ run's compute (rl/cost.py). Shipped:
 
 - ``probe``: the CNN on attention maps and x0 features at capture step k (probe/); no reward call.
 - ``preview``: the x0 prediction ``x - sigma v`` of the k-th transformer call, decoded and scored by the real
-  reward (Pro-GRPO's proxy, arXiv 2512.15347); no extra transformer call.
+  reward (Pro-GRPO's proxy, arXiv 2512.15347); no extra transformer call. With ``preview_steps`` n > 1 it reaches
+  sigma 0 in n Euler steps from that call's input, the first on its own velocity (n - 1 calls).
 - ``lookahead``: from the state after step k, ``lookahead_steps`` Euler steps to sigma 0 on the schedule's
   own sigmas, decoded and scored by the real reward.
 - ``reward``: every rollout finished, decoded and scored (the oracle; with the ``variance`` policy this is
