@@ -37,6 +37,7 @@ from bench.seed_selection import funnel_picks, parse_predictor
 from probe.metrics import probe_metrics
 from rl.config_help import HelpFormatter
 from rl.predictors import PredictionCost
+from rl.predictors.lookahead import lookahead_indices
 from rl.seed_selection import full_best_of_n_cost, selection_cost
 
 SECTION = "Seed selection: every preview funnel within half the compute (bench/funnel_search.py)"
@@ -50,14 +51,16 @@ class Stage(NamedTuple):
     calls: int
 
 
-def as_stage(spec: str) -> Stage | None:
-    """A raw predictor as a preview stage (``lookahead@k+n`` read as ``preview@(k+1)+n``); None: not a preview."""
+def as_stage(spec: str, num_steps: int) -> Stage | None:
+    """A raw predictor as a preview stage (``lookahead@k+n`` read as ``preview@(k+1)+n``); None: not a preview.
+    Its calls are the preview's own (n - 1, fewer where n Euler steps do not fit before T)."""
     name, step, steps = parse_predictor(spec)
     if name == "lookahead":
         step += 1
     elif name != "preview":
         return None
-    return Stage(f"preview@{step}" + (f"+{steps}" if steps > 1 else ""), step, steps - 1)
+    calls = len(lookahead_indices(step - 1, num_steps, steps)) - 2 if steps > 1 else 0
+    return Stage(f"preview@{step}" + (f"+{steps}" if steps > 1 else ""), step, calls)
 
 
 def gain_of(real: np.ndarray, picks: np.ndarray) -> float:
@@ -87,7 +90,8 @@ def search(raw: dict[str, np.ndarray], model: str, args: argparse.Namespace) -> 
     real = raw[f"{model}/real"][:, : args.n]
     previews: dict[Stage, np.ndarray] = {}
     for key in raw:
-        stage = as_stage(key.split("/", 1)[1]) if key.startswith(f"{model}/") and "@" in key else None
+        spec = key.split("/", 1)[1]
+        stage = as_stage(spec, args.num_steps) if key.startswith(f"{model}/") and "@" in spec else None
         if stage is not None and stage not in previews:  # a preview measured as such and as a lookahead: once
             previews[stage] = raw[key][:, : args.n]
     stages = sorted(previews, key=lambda stage: (stage.step, stage.calls))
@@ -156,6 +160,10 @@ def main(argv: list[str] | None = None) -> dict:
             for key in file.files:
                 if args.models and key.split("/", 1)[0] not in args.models:
                     continue
+                if file[key].shape[1] < args.n:
+                    raise SystemExit(
+                        f"error: {path}: {key} holds {file[key].shape[1]} seeds per prompt, fewer than --n {args.n}"
+                    )
                 value = file[key][:, : args.n]  # runs of more seeds hold these N first
                 if key.endswith("/real") and key in raw and not np.array_equal(raw[key], value):
                     raise SystemExit(f"{path}: {key} differs from an earlier file's (other prompts, seeds or model)")

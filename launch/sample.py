@@ -64,8 +64,6 @@ def best_of(args: argparse.Namespace, pipeline: FluxPipeline, prompts: list[Prom
     """``--best_of``: select, then write the chosen images, the preview grid and ``selection.json``."""
     sampler = FluxSampler(pipeline, args.num_steps, 0.0, args.guidance_scale, args.height, args.width)
     preview_steps = args.preview_steps * len(args.capture_step) if len(args.preview_steps) == 1 else args.preview_steps
-    if len(preview_steps) != len(args.capture_step):
-        raise SystemExit(f"error: --preview_steps {args.preview_steps}: give one, or one per --capture_step")
     predictors = [
         predictor_for(args.predictor, sampler, k, args.lookahead_steps, args.probe_path or "", steps,
                       text_length=args.max_sequence_length)
@@ -133,6 +131,10 @@ def main(argv: list[str] | None = None) -> Path:
     best.add_argument("--probe_path", help="probe file (--predictor probe), trained under noise level 0")
     best.add_argument("--reward", help="reward spec (e.g. shapes); needed by preview and lookahead")
     args = parser.parse_args(argv)
+    if args.preview_steps != [1] and args.predictor != "preview":
+        parser.error(f"--preview_steps is the preview's; --predictor {args.predictor} does not read it")
+    if min(args.preview_steps) < 1 or len(args.preview_steps) not in (1, len(args.capture_step)):
+        parser.error(f"--preview_steps {args.preview_steps}: one value >= 1, or one per --capture_step")
     prompts = read_prompts(args.prompt, args.prompts, args.max_prompts)
     if not prompts:
         parser.error("give at least one --prompt or a --prompts source")

@@ -194,11 +194,10 @@ class SamplingConfig(Section):
             raise ValueError(f"noise_level must be >= 0, got {self.noise_level}")
         if not 0 < self.train_fraction <= 1:
             raise ValueError(f"train_fraction must lie in (0, 1], got {self.train_fraction}")
-        if self.prompt_skip_after < 0 or not 0 <= self.prompt_skip_explore <= 1:
-            raise ValueError(
-                f"prompt_skip_after must be >= 0 (0: never skip) and prompt_skip_explore in [0, 1], got "
-                f"{self.prompt_skip_after} and {self.prompt_skip_explore}"
-            )
+        if self.prompt_skip_after < 0:
+            raise ValueError(f"prompt_skip_after must be >= 0 (0: never skip), got {self.prompt_skip_after}")
+        if not 0 <= self.prompt_skip_explore <= 1:
+            raise ValueError(f"prompt_skip_explore must lie in [0, 1], got {self.prompt_skip_explore}")
         if self.prompt_category_weights:
             if not self.prompts.startswith("shapes:"):
                 raise ValueError(f"prompt_category_weights needs a shapes:* prompt source, not {self.prompts!r}")

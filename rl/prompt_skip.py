@@ -10,7 +10,9 @@ graded reward few are (the shapes world's: 5% of groups in a ``make train`` run)
 
 The history is a function of the run's past groups, which every process records alike (from the globally gathered
 flat flags), and the draws are seeded by ``(seed, step)``, so a resumed run (the history is in its checkpoint)
-picks the same prompts as an uninterrupted one.
+picks the same prompts as an uninterrupted one. Under pruning a group's flatness is read on its trained survivors,
+so the policies that keep the predicted best (``topk``, ``threshold``), whose survivors of a mixed group can all
+score alike, are refused with it.
 """
 
 from __future__ import annotations
@@ -56,16 +58,21 @@ class FlatPromptHistory:
         """The ``n`` prompts of ``step`` and how many draws were skipped (not trained this step).
 
         Candidates come in rounds: the step's own batch first (what a run without skipping trains), then further
-        batches of the source; each skippable candidate is kept with probability ``explore``. After
-        :data:`DRAW_ROUNDS` rounds the skipped ones fill what is still missing, in draw order.
+        batches of the source, of which only prompts not yet drawn this step count; each skippable candidate is
+        kept with probability ``explore``. After :data:`DRAW_ROUNDS` rounds the skipped ones fill what is still
+        missing, in draw order.
         """
         rng = np.random.default_rng([seed, step, 3])
         kept: list[Prompt] = []
         skipped: list[Prompt] = []
+        seen: set[str] = set()
         for round_index in range(DRAW_ROUNDS):
             for prompt in source.batch(step, n, seed + round_index * 7919):  # round 0: the step's own batch
                 if len(kept) == n:
                     break
+                if round_index and prompt.text in seen:  # a refill brings new prompts, not a second try
+                    continue
+                seen.add(prompt.text)
                 if self.skippable(prompt.text) and rng.random() >= self.explore:
                     skipped.append(prompt)
                 else:
@@ -83,11 +90,13 @@ class FlatPromptHistory:
 
 
 def flat_groups(rewards: np.ndarray, group_ids: np.ndarray, valid: np.ndarray) -> dict[int, bool]:
-    """Per group id with at least two valid rewards: whether its valid rewards are all equal (within
-    :data:`FLAT_SPREAD`). Groups with fewer valid rewards say nothing about the prompt and are left out."""
+    """Per group id with at least two valid, finite rewards: whether they are all equal (within
+    :data:`FLAT_SPREAD`). Groups with fewer say nothing about the prompt and are left out (pruned rollouts that
+    ``prune_train_early`` trains carry NaN rewards)."""
     flat = {}
+    known = valid & np.isfinite(rewards)
     for group in np.unique(group_ids):
-        values = rewards[(group_ids == group) & valid]
+        values = rewards[(group_ids == group) & known]
         if len(values) >= 2:
             flat[int(group)] = bool(values.max() - values.min() <= FLAT_SPREAD)
     return flat

@@ -167,6 +167,12 @@ def validate_pruning(config: RunConfig) -> None:
             f"capture_step={p.capture_step} must lie in [1, num_steps - 1 = {s.num_steps - 1}]: pruning stops "
             "rollouts after step k, so k = T saves nothing. Set capture_step to ~0.2 num_steps (2 of 10)."
         )
+    if s.prompt_skip_after and p.prune_policy in ("topk", "threshold"):
+        raise ValueError(
+            f"prompt_skip_after={s.prompt_skip_after} reads a group's flatness on its survivors, and "
+            f"prune_policy={p.prune_policy!r} keeps the predicted best, which can score alike in a group that was "
+            "not flat: use prune_policy variance (or none), or prompt_skip_after: 0."
+        )
     if p.prune_expand > 1 and p.prune_policy == "none":
         raise ValueError(
             f"prune_expand={p.prune_expand} starts more rollouts for a policy to prune, but prune_policy='none' "

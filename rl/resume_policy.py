@@ -16,7 +16,8 @@ import yaml
 
 # Keys a resumed run may change: budgets, evaluation cadence, logging and checkpointing. Any other key changes
 # what the run is (model, data, reward, sampler, objective, optimiser, LoRA, pruning), so resuming with another
-# value is refused unless --allow_config_change says otherwise (check_resumed_config).
+# value is refused unless --allow_config_change says otherwise (check_resumed_config). A key added later must default
+# to the behaviour before it: a run that started without it resumes at that default (resume_changes).
 RESUME_SAFE_KEYS = frozenset(
     {"max_steps", "max_minutes", "max_flux_compute", "max_images_denoised", "reward_workers", "reward_overlap", "eval_every",
      "eval_num_prompts", "eval_images_per_prompt", "final_eval_num_prompts", "final_eval_images_per_prompt",

@@ -346,6 +346,7 @@ class GRPOTrainer:
             known[0, group], known[1, group] = 1.0, float(is_flat)
         if self.accelerator.num_processes > 1:  # each group lives on one process: the sum is its own value
             known = self.accelerator.reduce(known, "sum")
+        known = known.cpu()
         seen = torch.nonzero(known[0]).flatten().tolist()
         self.prompt_history.record([batch.step_texts[g] for g in seen], [bool(known[1, g]) for g in seen])
         self.metrics.add("prompts/flat_groups", float(known[1].sum()) / max(len(seen), 1), 1)

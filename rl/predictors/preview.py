@@ -6,8 +6,9 @@ call per rollout. Under the trainer's windowed sampler (SDE on steps 0-2, ODE af
 that determines the final image (bench/RESULTS.md, "Predictors").
 
 With ``preview_steps`` n > 1 the preview reaches sigma 0 in n Euler steps on the schedule's own sigmas, the
-first one with call k's own velocity: it reads exactly what ``lookahead`` with n steps from the state after
-step k - 1 reads, for n - 1 transformer calls instead of n, and the rollout has moved one step further.
+first one with call k's own velocity: it reads what ``lookahead`` with n steps from the state after step k - 1
+reads (the same up to precision: the trainer makes call k under its autocast, the further calls outside it, as
+the lookahead makes all of its), for n - 1 transformer calls instead of n, and the rollout has moved one step on.
 """
 
 from __future__ import annotations

@@ -28,10 +28,12 @@ def test_funnels_stay_within_the_budget_and_cost_what_the_formula_says():
 
 
 def test_a_lookahead_is_read_as_the_longer_preview_one_step_later():
-    assert as_stage("lookahead@3+2") == Stage("preview@4+2", 4, 1)
-    assert as_stage("lookahead@2") == Stage("preview@3+2", 3, 1)  # the lookahead's default: 2 Euler steps
-    assert as_stage("preview@4") == Stage("preview@4", 4, 0) and as_stage("preview@3+3") == Stage("preview@3+3", 3, 2)
-    assert as_stage("probe@4") is None
+    assert as_stage("lookahead@3+2", 10) == Stage("preview@4+2", 4, 1)
+    assert as_stage("lookahead@2", 10) == Stage("preview@3+2", 3, 1)  # the lookahead's default: 2 Euler steps
+    assert as_stage("preview@4", 10) == Stage("preview@4", 4, 0)
+    assert as_stage("preview@3+3", 10) == Stage("preview@3+3", 3, 2)
+    assert as_stage("preview@9+3", 10) == Stage("preview@9+3", 9, 1)  # from step 8 only 2 Euler steps fit
+    assert as_stage("probe@4", 10) is None
 
 
 def test_gain_recovered_is_one_for_a_perfect_preview_and_zero_for_the_worst():
@@ -69,6 +71,8 @@ def test_files_of_more_seeds_merge_on_their_first_n_and_models_can_be_chosen(tmp
     np.savez(tmp_path / "a.npz", **{"base/real": real, "base/preview@3": real, "lora/real": real})
     np.savez(tmp_path / "b.npz", **{"base/real": real[:, :4], "base/preview@4": real[:, :4], "lora/real": -real})
     common = ["--n", "4", "--num_steps", "4", "--budget", "1.0", "--max_stages", "1", "--results", ""]
+    with pytest.raises(SystemExit, match="holds 4 seeds per prompt, fewer than --n 8"):
+        main(["--raw", str(tmp_path / "b.npz"), "--out", str(tmp_path / "s.json"), *common[2:], "--n", "8"])
     with pytest.raises(SystemExit, match="lora/real differs"):
         main(["--raw", str(tmp_path / "a.npz"), str(tmp_path / "b.npz"), "--out", str(tmp_path / "s.json"), *common])
     results = main(["--raw", str(tmp_path / "a.npz"), str(tmp_path / "b.npz"), "--models", "base",

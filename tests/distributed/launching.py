@@ -34,6 +34,13 @@ def run_args(pipeline_dir: Path, output_dir: Path) -> list[str]:
     ]  # fmt: skip
 
 
+def half_flat_reward(images: torch.Tensor, prompts: list[str], metadata: list[dict]) -> dict[str, torch.Tensor]:
+    """A test reward (``--reward launching:half_flat_reward``): 0.5 for every prompt of even length, so each of
+    its groups is flat; the image's mean brightness for the others."""
+    flat = torch.tensor([len(prompt) % 2 == 0 for prompt in prompts])
+    return {"score": torch.where(flat, torch.full((len(prompts),), 0.5), images.float().mean(dim=(1, 2, 3)).cpu())}
+
+
 def launch(
     dump: Path, args: list[str], *launcher: str, port: int | None = None, env: dict[str, str] | None = None
 ) -> subprocess.Popen:

@@ -22,6 +22,10 @@ def runs(tmp_path_factory, tiny_flux_config):
     from rl.tiny_flux import build_tiny_flux_pipeline
 
     root = tmp_path_factory.mktemp("uneven")
+    # 6 prompts, 3 of even length (flat under the test reward): step 2 draws some of step 1's flat ones again
+    (root / "prompts.txt").write_text(
+        "a red circle\na blue square\ntwo red stars\na cat\none big red circle\na green ring\n"
+    )
     build_tiny_flux_pipeline(vocabulary(), tiny_flux_config, seed=0).save_pretrained(root / "pipeline")
     dumps = {processes: root / f"p{processes}" for processes in (1, 2, 3)}
     started = []
@@ -31,6 +35,7 @@ def runs(tmp_path_factory, tiny_flux_config):
             "--train_batch_size", "2", "--num_steps", "3", "--train_window_size", str(TRAINED_STEPS),
             "--final_eval_num_prompts", "2", "--final_eval_images_per_prompt", "1",
             "--prompt_skip_after", "1", "--prompt_skip_explore", "0",  # step 2's draw reads step 1's groups
+            "--prompts", str(root / "prompts.txt"), "--reward", "launching:half_flat_reward",
         ]  # fmt: skip
         launcher = ("--config_file", CPU_2PROC, "--num_processes", str(processes)) if processes > 1 else ()
         started.append(launch(dump, args, *launcher))
@@ -66,6 +71,8 @@ def test_metrics_are_global_sums_over_global_counts(runs):
     }
     for records in logged.values():
         assert [r["train/images_seen"] for r in records] == [PROMPTS * GROUP, 2 * PROMPTS * GROUP]
+        # step 1's flat prompts, known on every process, were skipped when step 2 drew them
+        assert records[0]["prompts/flat_groups"] > 0 and records[1]["prompts/skipped"] > 0
     # step 1 samples the same 10 rollouts at every scale (prompts and noise are functions of the global index)
     # before any update, so its reduced metrics agree although 3 + 2 and 2 + 2 + 1 groups were scored apart
     one = logged[1][0]

@@ -65,13 +65,13 @@ def test_lookahead_lands_on_the_schedule_and_euler_is_exact_for_constant_velocit
 
 def test_x0_recorder_keeps_one_call_in_row_order():
     recorder = X0Recorder(step=1)
-    latents, velocity = torch.ones(4, 2, 3), torch.full((4, 2, 3), 2.0)
-    recorder.after_forward(0, torch.arange(4), latents, velocity, 0.9)  # another call: ignored
-    recorder.after_forward(1, torch.tensor([2, 3]), latents[2:] * 3, velocity[2:], 0.5)
-    recorder.after_forward(1, torch.tensor([0, 1]), latents[:2], velocity[:2], 0.5)
-    x0 = recorder.x0()
-    assert recorder.sigma == 0.5 and torch.allclose(x0[:2], torch.zeros(2, 2, 3))
-    assert torch.allclose(x0[2:], torch.full((2, 2, 3), 2.0))  # 3 - 0.5 * 2
+    latents, velocity = torch.randn(4, 2, 3), torch.randn(4, 2, 3)
+    recorder.after_forward(0, torch.arange(4), latents + 1, velocity + 1, 0.9)  # another call: ignored
+    recorder.after_forward(1, torch.tensor([3, 1]), latents[[3, 1]], velocity[[3, 1]], 0.5)  # chunks out of order
+    recorder.after_forward(1, torch.tensor([0, 2]), latents[[0, 2]], velocity[[0, 2]], 0.5)
+    recorded_latents, recorded_velocity = recorder.call()
+    assert torch.equal(recorded_latents, latents) and torch.equal(recorded_velocity, velocity)
+    assert recorder.sigma == 0.5 and torch.allclose(recorder.x0(), latents - 0.5 * velocity)
     with pytest.raises(RuntimeError, match="never ran call 3"):
         X0Recorder(step=2).x0()
 

@@ -57,7 +57,17 @@ def test_when_every_prompt_is_skippable_the_step_is_still_full():
     history.record([p.text for p in source.items], [True] * 3)
     prompts, skipped = history.draw(source, 0, 2, 0)
     assert prompts == source.batch(0, 2, 0)  # the skipped ones, in draw order, fill what is missing
-    assert skipped == 8 * 2 - 2  # every round's draws, less the two trained
+    assert skipped == 1  # the third prompt, drawn by a refill; refills never bring a prompt twice
+
+
+def test_refills_bring_prompts_not_drawn_yet_this_step():
+    source = _source(6)
+    history = FlatPromptHistory(1, explore=0.0)
+    history.record(["prompt 0", "prompt 1", "prompt 2"], [True] * 3)
+    for step in range(20):  # a step's own batch holds 3 distinct prompts of the 6 (one pass: 2 steps)
+        texts = [p.text for p in history.draw(source, step, 3, 0)[0]]
+        assert len(set(texts)) == 3  # the refills bring none twice
+        assert not any(history.skippable(text) for text in texts)  # 3 others exist: none skippable is needed
 
 
 def test_flat_groups_read_valid_rewards_and_leave_out_groups_of_fewer_than_two():
@@ -65,13 +75,17 @@ def test_flat_groups_read_valid_rewards_and_leave_out_groups_of_fewer_than_two()
     groups = np.array([0, 0, 0, 1, 1, 2, 2, 3])
     valid = np.array([True, True, True, True, True, True, False, True])
     assert flat_groups(rewards, groups, valid) == {0: True, 1: False}  # group 2: one valid; group 3: one row
+    rewards[2] = np.nan  # a pruned rollout trained early (prune_train_early): valid, no reward
+    assert flat_groups(rewards, groups, valid) == {0: True, 1: False}
 
 
 def test_config_checks_name_the_keys():
     with pytest.raises(ValueError, match="prompt_skip_after must be >= 0"):
         parse_config(["--prompt_skip_after", "-1"])
-    with pytest.raises(ValueError, match="prompt_skip_explore in \\[0, 1\\]"):
-        parse_config(["--prompt_skip_explore", "1.5"])
+    with pytest.raises(ValueError, match="prompt_skip_explore must lie in \\[0, 1\\], got 1.5"):
+        parse_config(["--prompt_skip_after", "1", "--prompt_skip_explore", "1.5"])
+    with pytest.raises(ValueError, match="prune_policy='topk' keeps the predicted best"):
+        parse_config(["--prompt_skip_after", "1", "--prune_policy", "topk", "--predictor", "preview"])
 
 
 def test_the_trainer_records_flat_groups_skips_them_and_checkpoints_the_history(pipeline_dir, tmp_path):  # noqa: F811

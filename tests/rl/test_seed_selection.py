@@ -221,6 +221,19 @@ def test_sample_cli_runs_a_funnel(tiny_flux_pipeline, tmp_path, run_launch_scrip
     assert prompt["kept_seeds"] == [prompt["chosen_seed"]] and prompt["chosen_seed"] in first
     assert [i for i, value in enumerate(prompt["later_predicted"][0]) if value is not None] == sorted(first)
     assert "best of 4 (kept 3/1) for 1 prompts" in capsys.readouterr().out
+    # the second stage's preview in 2 Euler steps: one more call for each of its 3 seeds
+    run_launch_script(
+        "sample", "--pretrained", str(tmp_path / "model"), "--prompt", SPECS[0].prompt, "--height", "32",
+        "--width", "32", "--num_steps", "4", "--best_of", "4", "--keep", "3", "1", "--predictor", "preview",
+        "--capture_step", "1", "3", "--preview_steps", "1", "2", "--reward", "shapes", "--out", str(tmp_path / "two"),
+    )  # fmt: skip
+    report = json.loads((tmp_path / "two" / "selection.json").read_text())
+    assert report["cost_per_prompt"]["transformer_calls"] == 14.0
+    for wrong in (["--preview_steps", "2", "--predictor", "lookahead"], ["--preview_steps", "1", "2", "3"]):
+        with pytest.raises(SystemExit) as stopped:
+            run_launch_script("sample", "--pretrained", str(tmp_path / "model"), "--prompt", "p", "--best_of", "4",
+                              "--capture_step", "1", "3", "--keep", "3", "1", "--reward", "shapes", *wrong)  # fmt: skip
+        assert stopped.value.code == 2 and "--preview_steps" in capsys.readouterr().err
 
 
 def test_the_benchs_funnel_keeps_what_the_selector_keeps():
