@@ -18,10 +18,15 @@ score alike, are refused with it.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import torch
 
 from rl.data import Prompt, PromptSource
+
+if TYPE_CHECKING:
+    from rl.batches import ScoredRollouts
 
 FLAT_SPREAD = 1e-6  # max - min of a group's rewards at or below this: no contrast (advantages ~0)
 DRAW_ROUNDS = 8  # further draws tried per step before skippable prompts are taken anyway
@@ -50,6 +55,21 @@ class FlatPromptHistory:
                 self.streaks[text] = self.streaks.get(text, 0) + 1
             else:
                 self.streaks.pop(text, None)
+
+    def record_step(self, accelerator: Any, step_texts: Sequence[str], scored: ScoredRollouts) -> float:
+        """Record every process's groups of a step (a collective call: each process passes its own ``scored``,
+        group ids indexing ``step_texts``); returns the share of the step's groups that were flat."""
+        flat = flat_groups(scored.rewards.float().cpu().numpy(), scored.group_ids.cpu().numpy(),
+                           scored.valid.cpu().numpy())  # fmt: skip
+        known = torch.zeros(2, len(step_texts), device=accelerator.device)  # [seen, flat] per group
+        for group, is_flat in flat.items():
+            known[0, group], known[1, group] = 1.0, float(is_flat)
+        if accelerator.num_processes > 1:  # each group lives on one process: the sum is its own value
+            known = accelerator.reduce(known, "sum")
+        known = known.cpu()
+        seen = torch.nonzero(known[0]).flatten().tolist()
+        self.record([step_texts[g] for g in seen], [bool(known[1, g]) for g in seen])
+        return float(known[1].sum()) / max(len(seen), 1)
 
     def skippable(self, text: str) -> bool:
         return self.streaks.get(text, 0) >= self.after

@@ -14,6 +14,8 @@ from typing import Any
 
 import yaml
 
+from rl.config import RunConfig
+
 # Keys a resumed run may change: budgets, evaluation cadence, logging and checkpointing. Any other key changes
 # what the run is (model, data, reward, sampler, objective, optimiser, LoRA, pruning), so resuming with another
 # value is refused unless --allow_config_change says otherwise (check_resumed_config). A key added later must default
@@ -45,15 +47,12 @@ def resume_changes(
     return safe, {k: v for k, v in changed.items() if k not in RESUME_SAFE_KEYS}
 
 
-def check_resumed_config(
-    output_dir: Path, config: dict[str, Any], allow_change: bool, record: bool, defaults: dict[str, Any] | None = None
-) -> dict:
+def check_resumed_config(output_dir: Path, config: dict[str, Any], allow_change: bool, record: bool) -> dict:
     """Compare ``config`` (flat) with ``output_dir/config.yaml``; ``key -> (old, new)`` of every change.
 
     Args:
         output_dir: the run folder being resumed.
         config: the resuming run's flat config.
-        defaults: every key's default (flat): a key added since the run started is no change at its default.
         allow_change: accept changes of keys outside :data:`RESUME_SAFE_KEYS`.
         record: append the changes to ``config_history.jsonl`` (the main process does).
 
@@ -64,7 +63,7 @@ def check_resumed_config(
     if not original.is_file():
         return {}
     new = yaml.safe_load(yaml.safe_dump(config))  # the same normalisation as the file's
-    defaults = yaml.safe_load(yaml.safe_dump(defaults or {}))
+    defaults = yaml.safe_load(yaml.safe_dump(RunConfig().flat()))  # a key added since the run began: its default
     safe, unsafe = resume_changes(yaml.safe_load(original.read_text()) or {}, new, defaults)
     if unsafe and not allow_change:
         listed = "; ".join(f"{k}: {old!r} -> {value!r}" for k, (old, value) in unsafe.items())

@@ -63,7 +63,7 @@ from rl.objectives import OBJECTIVES
 from rl.paths import repository_hint
 from rl.phase_timer import PhaseTimer
 from rl.predictors import PredictionCost
-from rl.prompt_skip import FlatPromptHistory, flat_groups
+from rl.prompt_skip import FlatPromptHistory
 from rl.pruned_rollout import PrunedRollout
 from rl.pruning import trained_step_weights
 from rl.resume_policy import check_resumed_config
@@ -159,11 +159,7 @@ class GRPOTrainer:
         resume_path = resolve_resume(cfg.checkpoint.resume_from, self.output_dir)
         if resume_path is not None:  # changes what the run is: an error; safe ones: logged (rl/resume_policy.py)
             changes = check_resumed_config(
-                self.output_dir,
-                cfg.flat(),
-                cfg.checkpoint.allow_config_change,
-                self.accelerator.is_main_process,
-                defaults=RunConfig().flat(),
+                self.output_dir, cfg.flat(), cfg.checkpoint.allow_config_change, self.accelerator.is_main_process
             )
             for key, (old, value) in changes.items():
                 self.info("resume changes %s: %r -> %r", key, old, value)
@@ -269,8 +265,9 @@ class GRPOTrainer:
                     advantages = self.advantages(scored)  # per prompt group
                 else:
                     self.pruner.commit(self)  # the survivors join the probe's buffer (and refresh it when due)
-                if self.prompt_history is not None:
-                    self.record_prompt_spread(batch, scored)
+                if self.prompt_history is not None:  # which of the step's groups were flat (a collective call)
+                    flat_share = self.prompt_history.record_step(self.accelerator, batch.step_texts, scored)
+                    self.metrics.add("prompts/flat_groups", flat_share, 1)
                 self.optimise(batch, scored, advantages)  # PPO-clipped loss over the trained steps
                 self.state.step += 1
                 self.log_step(bar)
@@ -336,20 +333,6 @@ class GRPOTrainer:
             initial_seeds=initial if cfg.sampling.same_initial_noise else None,
             step_texts=[prompt.text for prompt in prompts],
         )
-
-    def record_prompt_spread(self, batch: PromptBatch, scored: ScoredRollouts) -> None:
-        """Tell the prompt history which of the step's groups (every process's) were flat (a collective call)."""
-        flat = flat_groups(scored.rewards.float().cpu().numpy(), scored.group_ids.cpu().numpy(),
-                           scored.valid.cpu().numpy())  # fmt: skip
-        known = torch.zeros(2, len(batch.step_texts), device=self.accelerator.device)  # [seen, flat] per group
-        for group, is_flat in flat.items():
-            known[0, group], known[1, group] = 1.0, float(is_flat)
-        if self.accelerator.num_processes > 1:  # each group lives on one process: the sum is its own value
-            known = self.accelerator.reduce(known, "sum")
-        known = known.cpu()
-        seen = torch.nonzero(known[0]).flatten().tolist()
-        self.prompt_history.record([batch.step_texts[g] for g in seen], [bool(known[1, g]) for g in seen])
-        self.metrics.add("prompts/flat_groups", float(known[1].sum()) / max(len(seen), 1), 1)
 
     def start(self, batch: PromptBatch) -> Rollouts:
         """Every rollout of ``batch`` at step 0 (its initial noise)."""

@@ -95,9 +95,9 @@ def test_the_trainer_records_flat_groups_skips_them_and_checkpoints_the_history(
     scored = trainer.score(batch, trainer.rollout(batch))
     scored.rewards[scored.group_ids == 0] = 0.5  # group 0 flat; group 1 keeps its jpeg compressibilities
     scored.rewards[scored.group_ids == 1] = torch.arange(4.0)
-    trainer.record_prompt_spread(batch, scored)
+    flat_share = trainer.prompt_history.record_step(trainer.accelerator, batch.step_texts, scored)
     assert trainer.prompt_history.streaks == {batch.step_texts[0]: 1}
-    assert trainer.metrics.reduce(trainer.accelerator)["prompts/flat_groups"] == 0.5
+    assert flat_share == 0.5  # logged as prompts/flat_groups (tests/distributed/test_uneven_groups.py)
     # step 1's own prompts all known flat: both slots go to further draws
     seed = trainer.config.training.seed
     own = trainer.train_prompts.batch(1, 2, seed)
