@@ -1,0 +1,196 @@
+"""The trainer's persistent side: the run folder, checkpoints, resume, the summary and the stop on a failed step.
+
+A mixin of :class:`rl.trainer.GRPOTrainer` (docs/design.md section 8): it reads the trainer's accelerator, model,
+optimizer, EMA, pruner, objective and prompt history, and keeps the loop in ``rl/trainer.py`` to the training
+itself. The file formats and their checks live in ``rl/checkpoint.py``, ``rl/resume_policy.py`` and
+``rl/run_summary.py``; this module only calls them at the right moments.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import shutil
+import time
+from pathlib import Path
+
+import yaml
+
+from rl.checkpoint import load_checkpoint, make_output_dir, must_clear_output_dir, resolve_resume, save_checkpoint
+from rl.distributed import PeerFailedError
+from rl.lora import save_lora
+from rl.metrics_log import MetricsAccumulator
+from rl.resume_policy import check_resumed_config
+from rl.run_summary import finished_summary, held_out_summary, write_summary
+from rl.train_state import TrainState
+
+logger = logging.getLogger("rl.trainer")
+
+
+class TrainerPersistence:
+    """Saving, resuming and summarising a :class:`rl.trainer.GRPOTrainer` run."""
+
+    def prepare_output_dir(self) -> Path | None:
+        """Make (or, with ``overwrite_output_dir``, clear) the run folder and check a resume against it; returns the
+        checkpoint to resume (None: a fresh run, whose config.yaml is written now)."""
+        cfg = self.config
+        self.output_dir = Path(cfg.logging.output_dir)
+        clear = must_clear_output_dir(self.output_dir, cfg.checkpoint.resume_from, cfg.logging.overwrite_output_dir)
+        self.accelerator.wait_for_everyone()  # every process has looked before the main one clears
+        if self.accelerator.is_main_process:
+            if clear:
+                shutil.rmtree(self.output_dir)
+                self.info("overwrite_output_dir: cleared %s", self.output_dir)
+            make_output_dir(self.output_dir)
+        # once: resolving verifies the checkpoint's manifest (hashing every file), and three places need it
+        resume_path = resolve_resume(cfg.checkpoint.resume_from, self.output_dir)
+        if resume_path is not None:  # changes what the run is: an error; safe ones: logged (rl/resume_policy.py)
+            changes = check_resumed_config(
+                self.output_dir, cfg.flat(), cfg.checkpoint.allow_config_change, self.accelerator.is_main_process
+            )
+            for key, (old, value) in changes.items():
+                self.info("resume changes %s: %r -> %r", key, old, value)
+        if self.accelerator.is_main_process and resume_path is None:
+            (self.output_dir / "config.yaml").write_text(yaml.safe_dump(cfg.flat(), sort_keys=False))
+        return resume_path
+
+    def save(self, directory: Path) -> None:
+        """Export the LoRA (EMA weights when enabled and ``save_ema``) in diffusers format; every process waits."""
+        self.export_lora(directory)
+        self.accelerator.wait_for_everyone()
+        self.info("saved LoRA to %s", directory)
+
+    def export_lora(self, directory: Path) -> None:
+        """:meth:`save` without the wait: inside a checkpoint the processes agree on success afterwards instead."""
+        use_ema = self.ema is not None and self.config.checkpoint.save_ema
+        with self.ema.average_parameters() if use_ema else contextlib.nullcontext():
+            lora_state = self.lora.state_dict()  # every process: gathered whole when the transformer is sharded
+            save_lora(
+                self.accelerator.unwrap_model(self.model), directory, self.accelerator.is_main_process, lora_state
+            )
+
+    def checkpoint_due(self) -> bool:
+        """Every ``save_every`` steps, or ``save_every_minutes`` after the last save (agreed over processes)."""
+        c = self.config.checkpoint
+        by_steps = bool(c.save_every) and self.state.step % c.save_every == 0
+        by_time = c.save_every_minutes > 0 and time.time() - self.last_save >= 60 * c.save_every_minutes
+        return self.global_count(int(by_steps or by_time)) > 0
+
+    def save_checkpoint(self) -> Path:
+        """Write a full checkpoint of this step (rl/checkpoint.py: atomic, with the diffusers LoRA export)."""
+        self.last_save, self.saved_step = time.time(), self.state.step
+        with self.phase("checkpoint"):
+            path = save_checkpoint(
+                self.accelerator,
+                self.output_dir,
+                self.state.step,
+                trainer_state=self.state_dict(),
+                rank_state={"metrics": self.metrics.state(), "elapsed_s": time.time() - self.log.started},
+                export_lora=self.export_lora,
+                keep=self.config.checkpoint.save_total_limit,
+                model=self.model,
+                optimizer=self.optimizer,
+            )
+        return path
+
+    def resume(self, path: Path | None) -> None:
+        """Continue from checkpoint ``path`` (what ``resume_from`` resolved to; None: start fresh): weights,
+        optimizer, EMA, probe, RNG, step (= data position), pending metrics and the wall clock; the metrics file is
+        cut back to that step."""
+        if path is None:
+            if self.config.checkpoint.resume_from:
+                self.info("resume_from=%s: no checkpoint yet, starting fresh", self.config.checkpoint.resume_from)
+                log = self.output_dir / "metrics.jsonl"
+                if self.accelerator.is_main_process and log.is_file() and log.stat().st_size > 0:
+                    kept = log.with_name(f"metrics.before-{time.strftime('%Y%m%d-%H%M%S')}.jsonl")
+                    shutil.copyfile(log, kept)  # the run it cannot resume is restarted, its log kept
+                    logger.warning(
+                        "no checkpoint to resume in %s: its earlier log is kept as %s", self.output_dir, kept
+                    )
+            self.log.resume(step=-1, elapsed_s=0.0)  # a fresh run in a used output_dir must not append to its log
+            return
+        trainer_state, rank_state = load_checkpoint(self.accelerator, path, self.model, self.optimizer)
+        self.load_state_dict(trainer_state)
+        self.metrics.load_state(rank_state.get("metrics", MetricsAccumulator().state()))
+        elapsed = rank_state.get("elapsed_s", 0.0)
+        self.started = time.time() - elapsed  # max_minutes budgets the whole run, not each resumed piece
+        self.log.resume(self.state.step, elapsed)
+        self.saved_step = self.state.step
+        self.info("resumed from %s at step %d", path, self.state.step)
+
+    def load_finished_summary(self) -> bool:
+        """Whether ``output_dir`` holds this run finished at or after the resumed step; if so its summary and final
+        evaluation are loaded from ``summary.json``."""
+        summary = finished_summary(self.output_dir, self.state.step)
+        if summary is None:
+            return False
+        self.summary, self.final_eval = summary, summary["final"]
+        self.info(
+            "%s holds this run, finished at step %d (summary.json): nothing to do. A new run: another output_dir "
+            "(--output_dir) or --overwrite_output_dir true --resume_from ''",
+            self.output_dir,
+            summary["steps"],
+        )
+        return True
+
+    def write_summary(self) -> dict:
+        """Write ``<output_dir>/summary.json`` (rl/run_summary.py): base vs final held-out scores."""
+        e = self.config.eval
+        self.summary = held_out_summary(
+            self.state.step,
+            self.state.images_seen,
+            (time.time() - self.started) / 60,
+            e.eval_prompts,
+            len(self.eval_prompts.eval_subset(e.final_eval_num_prompts)),
+            e.final_images_per_prompt,
+            self.base_eval,
+            self.final_eval,
+        )
+        if self.accelerator.is_main_process:
+            write_summary(self.output_dir, self.summary)
+        return self.summary
+
+    def state_dict(self) -> dict:
+        """Trainer state beyond accelerate's (model, optimizer): counters, the EMA and the base evaluation."""
+        return {
+            "state": dataclasses.asdict(self.state),
+            "ema": self.ema.state_dict() if self.ema else None,
+            "base_eval": self.base_eval,
+            "pruning": self.pruner.state_dict() if self.pruner is not None else None,
+            "objective": self.objective.state_dict(),
+            "prompt_history": self.prompt_history.state_dict() if self.prompt_history is not None else None,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.state = TrainState(**state["state"])
+        self.base_eval = state.get("base_eval", {})
+        if self.ema is not None and state["ema"] is not None:
+            self.ema.load_state_dict(state["ema"])
+        if self.pruner is not None and state.get("pruning") is not None:
+            self.pruner.load_state_dict(state["pruning"])
+        self.objective.load_state_dict(state.get("objective", {}))
+        if self.prompt_history is not None and state.get("prompt_history") is not None:
+            self.prompt_history.load_state_dict(state["prompt_history"])
+
+    def stop_if_the_step_failed(self, failure: Exception | None) -> None:
+        """Every process calls it: if the step failed on any (a reward that stops the run), all checkpoint the steps
+        done, then the failed ones raise their error and the others say which process failed."""
+        failed = self.global_count(int(failure is not None))
+        if not failed:
+            return
+        self.info("the step failed on %d process(es): checkpointing the %d steps done first", failed, self.state.step)
+        self.save_checkpoint()
+        if failure is not None:
+            raise failure
+        raise PeerFailedError(
+            f"step {self.state.step + 1} failed on another process (its message says why); the {self.state.step} "
+            f"steps done are checkpointed in {self.output_dir / 'checkpoints'}: fix the cause, then continue with "
+            f"{self.relaunch}"
+        )
+
+    @property
+    def relaunch(self) -> str:
+        """How a user continues this run from its newest checkpoint."""
+        resumes = self.config.checkpoint.resume_from == "latest"
+        return "the same command" + ("" if resumes else " plus --resume_from latest")
