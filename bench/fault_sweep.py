@@ -74,6 +74,7 @@ class Case:
     elsewhere: bool = False  # launched from the case folder instead of the current one (the repository root)
     cleanup: Callable[[Path], None] | None = None  # before the case folder is removed
     failed_check: str = "silent misbehaviour"  # the outcome when ``check`` fails: "work lost" where it counts steps
+    warns: str | None = None  # with ``expect`` None: a run that must finish must also say this (a loud warning)
 
 
 class CaseNotRun(Exception):
@@ -236,18 +237,24 @@ def _dropped_and_finished(folder: Path) -> bool:
     return steps_logged(folder / "run") == [1, 2] and all(r["reward/dropped"] > 0 for r in records)
 
 
-def _interrupted(sig: signal.Signals) -> Callable[[Path], list[str]]:
-    """A 4-step run stopped by ``sig`` once its first checkpoint is written; the case is the same command again."""
+def _interrupted(sig: signal.Signals, at: str = "step-00000001", twice: bool = False) -> Callable[[Path], list[str]]:
+    """A 4-step run stopped by ``sig`` once ``checkpoints/<at>`` appears (the first checkpoint; a ``.tmp-*`` name:
+    inside a checkpoint's write), ``twice``: the signal again 50 ms later; the case is the same command again."""
 
     def prepare(folder: Path) -> list[str]:
         args = ["--output_dir", str(folder / "run"), "--max_steps", "4"]
         command, env = command_and_env(args)
-        first = folder / "run" / "checkpoints" / "step-00000001"
+        first = folder / "run" / "checkpoints" / at
         with subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) as job:
             deadline = time.monotonic() + 600
             while not first.is_dir() and job.poll() is None and time.monotonic() < deadline:
-                time.sleep(0.2)
+                time.sleep(0.002)  # a checkpoint's write takes a few hundred ms here
+            if job.poll() is not None:
+                raise CaseNotRun(f"the run ended before {first.name} appeared")
             job.send_signal(sig)
+            if twice:
+                time.sleep(0.05)
+                job.send_signal(sig)
             stderr = job.communicate(timeout=600)[1]
         last = (stderr.strip().splitlines() or [""])[-1]
         (folder / "interrupted.json").write_text(json.dumps({"exit": job.returncode, "last": last, "signal": sig.name}))
@@ -260,8 +267,52 @@ def _every_step_once(folder: Path) -> bool:
     """The relaunch finished the run and the log holds each of its 4 steps exactly once."""
     steps = [r["step"] for r in read_metrics(folder / "run" / "metrics.jsonl") if "reward/total/mean" in r]
     interrupted = json.loads((folder / "interrupted.json").read_text())
-    told = interrupted["exit"] == -signal.SIGKILL or f"stopped by {interrupted['signal']}" in interrupted["last"]
+    told = interrupted["exit"] == -signal.SIGKILL or any(
+        f"{interrupted['signal']} {what}" in interrupted["last"] for what in ("after step", "again: stopping now")
+    )
     return steps == [1, 2, 3, 4] and told
+
+
+_LIVE_RUNS: dict[Path, subprocess.Popen] = {}  # a case's first launch, still running during its second
+
+
+def _second_launch(folder: Path) -> list[str]:
+    """A long run (the shipped ``resume_from: latest``) past its first checkpoint; the case is the same command
+    launched again beside it (a scheduler retrying a job that still runs, or a second terminal)."""
+    args = ["--output_dir", str(folder / "run"), "--max_steps", "1000"]
+    command, env = command_and_env(args)
+    first = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    _LIVE_RUNS[folder] = first
+    deadline = time.monotonic() + 600
+    while not (folder / "run" / "checkpoints" / "step-00000001").is_dir() and first.poll() is None:
+        if time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    return args
+
+
+def _first_launch_unmixed(folder: Path) -> bool:
+    """The first launch ran on alone: stopped by SIGTERM after the second's refusal, it checkpoints its last step
+    and its log holds each of its steps once."""
+    first = _LIVE_RUNS.pop(folder)
+    if first.poll() is not None:
+        return False  # it ended before the second launch: the case tested nothing
+    first.send_signal(signal.SIGTERM)
+    stderr = first.communicate(timeout=600)[1]
+    steps = steps_logged(folder / "run")
+    saved = sorted(p.name for p in (folder / "run" / "checkpoints").iterdir())
+    return (
+        "stopped by SIGTERM" in stderr
+        and steps == list(range(1, len(steps) + 1))
+        and saved[-1].endswith(f"{len(steps):08d}")
+    )
+
+
+def _stop_first_launch(folder: Path) -> None:
+    first = _LIVE_RUNS.pop(folder, None)
+    if first is not None:
+        first.kill()
+        first.communicate()
 
 
 FULL_DISK_BYTES = 6 * 2**20  # the run's config and log and one checkpoint (about 4 MB here), not a second
@@ -346,6 +397,27 @@ CASES = [
     Case("yaml_duplicate_key", "a config file setting a key twice",
          lambda f: ["--config", str(_write(f, "dup.yaml", "learning_rate: 1e-4\nlearning_rate: 1e-3\n"))],
          "learning_rate", "tests/test_configs.py"),
+    Case("two_config_files", "--config given twice",
+         lambda f: ["--config", str(ROOT / "configs" / "tiny_shapes.yaml"), "--config",
+                    str(_write(f, "more.yaml", "max_steps: 2\n"))], "--config is given more than once",
+         "tests/test_configs.py"),
+    Case("not_a_number", "a word where a number goes", lambda f: ["--group_size", "eight"], "invalid int value",
+         "tests/test_configs.py"),
+    Case("prompt_file_not_utf8", "a prompt file saved as Latin-1",
+         lambda f: ["--prompts", str(_write(f, "p.txt", "a red square\na caf\u00e9 sign\n".encode("latin-1")))],
+         "p.txt:2: not UTF-8", "tests/rl/test_data.py"),
+    Case("prompt_file_is_a_folder", "a prompt path that is a folder",
+         lambda f: (f / "p.txt").mkdir() or ["--prompts", str(f / "p.txt")], "is a folder", "tests/rl/test_data.py"),
+    Case("missing_eval_prompts", "an evaluation prompt file that does not exist",
+         lambda f: ["--eval_prompts", str(f / "held_out.txt")], "held_out.txt", "tests/rl/test_data.py"),
+    Case("missing_probe", "a probe file that does not exist",
+         lambda f: ["--probe_path", str(f / "probe.pt"), "--prune_policy", "variance", "--prune_keep_fraction", "0.5"],
+         "probe.pt", "tests/launch/test_grpo_smoke.py"),
+    Case("reward_plugin_not_importable", "a reward plugin whose module is not on PYTHONPATH",
+         lambda f: ["--reward", "my_rewards.judge:Judge"], "cannot import module 'my_rewards.judge'",
+         "tests/launch/test_grpo_smoke.py"),
+    Case("far_from_native_size", "512 px images from the 64 px tiny model", lambda f: ["--height", "512", "--width",
+         "512", "--max_steps", "1"], None, "tests/rl/test_sampler.py", warns="native 64 x 64 px"),
     Case("used_output_dir", "a fresh run (resume_from unset) into a folder holding a run",
          lambda f: ["--output_dir", str(finished_run(f)), "--resume_from", ""], "holds another run",
          "tests/rl/test_trainer.py"),
@@ -406,10 +478,19 @@ CASES = [
          "tests/rewards/test_compose.py"),
     Case("reward_bare_tensor", "a reward returning a tensor, not a dict of named scores", _reward("bare_tensor"),
          "dict of named scores", "tests/rewards/test_compose.py"),
+    Case("second_launch_same_output_dir", "the same command launched again while the first still runs",
+         _second_launch, "in use by another run", "tests/rl/test_run_lock.py", _first_launch_unmixed,
+         cleanup=_stop_first_launch, failed_check=LOST),
     Case("sigterm_relaunch", "SIGTERM after the first checkpoint, then the same command again",
          _interrupted(signal.SIGTERM), None, "tests/rl/test_checkpoint.py", _every_step_once, failed_check=LOST),
     Case("sigint_relaunch", "Ctrl-C (SIGINT) after the first checkpoint, then the same command again",
          _interrupted(signal.SIGINT), None, "tests/rl/test_stop_signals.py", _every_step_once, failed_check=LOST),
+    Case("sigkill_mid_checkpoint", "SIGKILL inside the second checkpoint's write, then the same command again",
+         _interrupted(signal.SIGKILL, at=".tmp-step-00000002"), None, "tests/rl/test_checkpoint.py",
+         _every_step_once, failed_check=LOST),
+    Case("sigterm_twice", "SIGTERM twice (the second 50 ms after the first), then the same command again",
+         _interrupted(signal.SIGTERM, twice=True), None, "tests/rl/test_stop_signals.py", _every_step_once,
+         failed_check=LOST),
     Case("sigkill_relaunch", "SIGKILL after the first checkpoint, then the same command again",
          _interrupted(signal.SIGKILL), None, "tests/rl/test_checkpoint.py", _every_step_once, failed_check=LOST),
 ]  # fmt: skip
@@ -429,6 +510,8 @@ def judge(case: Case, done: subprocess.CompletedProcess, folder: Path) -> str:
         return "unclear error" if traceback else "silent misbehaviour"
     if case.check is not None and not case.check(folder):
         return case.failed_check
+    if case.warns is not None and case.warns not in done.stderr:
+        return "silent misbehaviour"
     return "handled"
 
 

@@ -12,7 +12,8 @@ as a user would (a token, 1 MiB bodies, 8 images, a 3 s read timeout, 4 workers)
 - ``work lost``: the server stopped answering valid requests after the fault.
 
 Client cases run the remote reward client (``rewards/remote.py``) against stub servers on loopback: one that
-trickles its answer, one that drops every request, one that never answers. The helpers are shared with
+trickles its answer, one that drops every request, one that never answers, and hostile ones answering JSON
+nested past Python's recursion limit, 4 GiB (announced or not), NaN scores, an HTML page or HTTP 500. The helpers are shared with
 ``tests/rewards/test_reward_server_limits.py``, which holds each case with tighter assertions.
 """
 
@@ -179,6 +180,36 @@ def dying(posts: list) -> type[BaseHTTPRequestHandler]:
     return Handler
 
 
+def hostile(status: int, body: bytes, announced: int | None = None) -> type[BaseHTTPRequestHandler]:
+    """A server that passes its health check, then answers every POST with ``status`` and ``body``; ``announced``
+    bytes of zeros instead, when given (announced in Content-Length, or with ``announced < 0`` sent unannounced
+    until the client hangs up)."""
+
+    class Handler(BaseHTTPRequestHandler):
+        do_GET = dying([]).do_GET
+
+        def do_POST(self):
+            self.rfile.read(int(self.headers["Content-Length"]))
+            self.send_response(status)
+            if announced is None or announced > 0:
+                self.send_header("Content-Length", str(len(body) if announced is None else announced))
+            self.end_headers()
+            try:
+                if announced is None:
+                    self.wfile.write(body)
+                    return
+                zeros = b"0" * 2**20
+                for _ in range(abs(announced) // len(zeros)):
+                    self.wfile.write(zeros)
+            except OSError:  # the client hung up: what a bound on the answer does
+                pass
+
+        def log_message(self, *args):
+            pass
+
+    return Handler
+
+
 @dataclasses.dataclass
 class NetCase:
     """One fault against the server (``run(url, pid)``) or the client (``run(None, None)``): returns the outcome
@@ -302,6 +333,17 @@ def _trickling_server(url: None, pid: None) -> tuple[str, str]:
         return _client_error(lambda: remote(IMAGES[:2], ["a", "b"], [{}, {}]), "no answer within timeout=1.0 s", 2)
 
 
+def _hostile_answer(handler: type[BaseHTTPRequestHandler], expected: str):
+    """A client case: the remote reward, through the reward set as the trainer calls it, against ``handler``."""
+
+    def run(url: None, pid: None) -> tuple[str, str]:
+        with stub_server(handler) as stub:
+            rewards = build_reward_set("remote", kwargs={"remote": {"url": stub, "timeout": 5.0, "retries": 0}})
+            return _client_error(lambda: rewards(IMAGES[:2], ["a", "b"], [{}, {}]), expected, 5)
+
+    return run
+
+
 def _hung_server(url: None, pid: None) -> tuple[str, str]:
     with socket.socket() as hung:  # listening, never accepting: connects, and no answer ever comes
         hung.bind(("127.0.0.1", 0))
@@ -362,6 +404,24 @@ NET_CASES = [
     NetCase("server_fifty_clients", "50 clients at once (4 workers)", _fifty_clients, SERVER_TEST),
     NetCase("client_trickling_server", "a server answering one byte every 0.1 s (client timeout 1 s)",
             _trickling_server, SERVER_TEST, server=False),
+    NetCase("client_deep_json_answer", "a server answering JSON nested 100,000 deep",
+            _hostile_answer(hostile(200, b"[" * 100_000 + b"]" * 100_000), "nested too deep"), SERVER_TEST,
+            server=False),
+    NetCase("client_huge_answer", "a server announcing a 4 GiB answer",
+            _hostile_answer(hostile(200, b"", announced=2**32), "4294967296 bytes (its Content-Length)"), SERVER_TEST,
+            server=False),
+    NetCase("client_unannounced_huge_answer", "a server streaming 4 GiB with no Content-Length",
+            _hostile_answer(hostile(200, b"", announced=-(2**32)), "unannounced length"), SERVER_TEST, server=False),
+    NetCase("client_nan_answer", "a server answering NaN and infinite scores",
+            _hostile_answer(hostile(200, b'{"scores": {"score": [NaN, 1e999]}}'), "non-finite"),
+            "tests/rewards/test_compose.py",
+            server=False),
+    NetCase("client_html_answer", "a URL answering an HTML page (a proxy's login page)",
+            _hostile_answer(hostile(200, b"<html>sign in</html>"), "not JSON"), "tests/rewards/test_remote.py",
+            server=False),
+    NetCase("client_http_500", "a server answering HTTP 500",
+            _hostile_answer(hostile(500, b'{"error": "CUDA out of memory"}'), "CUDA out of memory"),
+            "tests/rewards/test_remote.py", server=False),
     NetCase("client_hung_server", "a server that accepts and never answers, at the health check",
             _hung_server, SERVER_TEST, server=False),
     NetCase("client_dead_server_drop_group", "a server dying after its health check, under drop_group",

@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from rewards.base import RewardError
+from rewards.base import RewardError, RewardImportError
 from rewards.remote import RemoteRewardError
 from rl.checkpoint import CheckpointWriteError
 from rl.config import RunConfig
@@ -91,6 +91,7 @@ USER_ERRORS = (
     # a reward that raised or returned NaN / a wrong shape (which reward, and the failure policy to set), or a
     # reward server that is down (its URL and how to start it: RemoteRewardError)
     RewardError,
+    RewardImportError,  # a reward plugin off PYTHONPATH or a missing optional package: the module and the fix
     PeerFailedError,  # another process failed the step and says why; this one checkpointed with it
 )
 

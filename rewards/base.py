@@ -47,7 +47,12 @@ class RewardOutputError(RewardError):
     """A reward returned something that is not a dict of ``[B]`` scores: a bug, never dropped by policy."""
 
 
-class MissingExtraError(ImportError):
+class RewardImportError(ImportError):
+    """A reward's module cannot be imported (a plugin off PYTHONPATH, a missing optional package); the message
+    names the module and the fix, so the trainer prints it as one line."""
+
+
+class MissingExtraError(RewardImportError):
     """A built-in reward needs an optional dependency that is not installed."""
 
 
@@ -93,7 +98,7 @@ def import_object(path: str, what: str = "object") -> Any:
 
     Raises:
         ValueError: for a malformed path or a missing attribute.
-        ImportError: when the module cannot be imported.
+        RewardImportError: when the module cannot be imported.
     """
     module_name, _, attribute = path.partition(":")
     if not module_name or not attribute:
@@ -101,7 +106,7 @@ def import_object(path: str, what: str = "object") -> Any:
     try:
         module = importlib.import_module(module_name)
     except ImportError as error:
-        raise ImportError(
+        raise RewardImportError(
             f"cannot import module {module_name!r} of {what} {path!r}: {error}. Is the module on PYTHONPATH "
             "(or installed) in the environment that runs the trainer?"
         ) from error

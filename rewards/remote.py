@@ -49,6 +49,9 @@ logger = logging.getLogger(__name__)
 RETRY_STATUS = (429, 502, 503, 504)
 TOKEN_ENV = "REWARD_SERVER_TOKEN"
 HEALTH_TIMEOUT = 10.0  # seconds: a health check that fails, fails at setup in seconds, not after a long timeout
+# a batch's scores are a few KB: an answer past this is a mis-pointed URL or a hostile server, and reading it whole
+# (4 GB streamed over loopback within the default timeout, before this bound) would fill the trainer's memory
+MAX_ANSWER_BYTES = 16 * 2**20
 
 
 class RemoteRewardError(RewardError):
@@ -236,7 +239,7 @@ class RemoteReward:
                 f"{self._hint(status) or 'Is the URL a reward server (launch/reward_server.py)?'}"
             )
         try:
-            answer = json.loads(raw)
+            answer = parse_json(raw)
             max_images = answer.get("limits", {}).get("max_images", self.batch_size)
         except (ValueError, AttributeError) as error:
             raise RemoteRewardError(
@@ -316,13 +319,24 @@ class RemoteReward:
             connection.sock.settimeout(max(deadline - time.monotonic(), 1e-3))  # sending counts against it too
             connection.request(method, self._parts.path + path, body=body, headers=self.headers)
             response = connection.getresponse()
-            return response.status, response.read()
+            if response.length is not None and response.length > MAX_ANSWER_BYTES:
+                raise self._too_large(f"{response.length} bytes (its Content-Length)")
+            raw = response.read(MAX_ANSWER_BYTES + 1)  # a chunked or unannounced answer is cut off here
+            if len(raw) > MAX_ANSWER_BYTES:
+                raise self._too_large("unannounced length")
+            return response.status, raw
         except (OSError, http.client.HTTPException) as error:
             if time.monotonic() >= deadline or isinstance(error, TimeoutError):
                 raise _NoAnswer(f"no answer within timeout={timeout} s") from error
             raise _NoAnswer(f"connection failed ({type(error).__name__}: {error})") from error
         finally:
             connection.close()
+
+    def _too_large(self, size: str) -> RemoteRewardError:
+        return RemoteRewardError(
+            f"remote reward at {self.url} sent an answer of {size}, more than the {MAX_ANSWER_BYTES} bytes the "
+            "client reads (a batch's scores take a few KB). Is the URL a reward server (launch/reward_server.py)?"
+        )
 
     def _hint(self, status: int) -> str:
         """What to do about an answer the client does not retry; empty when the server's message says it all."""
@@ -336,8 +350,8 @@ class RemoteReward:
     def _parse(self, raw: bytes, batch_size: int) -> dict[str, torch.Tensor]:
         fix = f'expected {{"scores": {{"<key>": [{batch_size} numbers]}}}}'
         try:
-            answer = json.loads(raw)
-        except (ValueError, UnicodeDecodeError) as error:
+            answer = parse_json(raw)
+        except ValueError as error:
             raise RemoteRewardError(
                 f"remote reward at {self.url} sent a malformed answer (not JSON: {error}; starts {raw[:80]!r}); {fix}. "
                 "Is the URL a reward server (launch/reward_server.py)?"
@@ -352,9 +366,17 @@ class RemoteReward:
             raise RemoteRewardError(f"remote reward at {self.url} sent a malformed answer: {error}; {fix}") from error
 
 
+def parse_json(raw: bytes) -> object:
+    """``json.loads``, with JSON nested past Python's recursion limit (a hostile server's) a ValueError too."""
+    try:
+        return json.loads(raw)
+    except RecursionError as error:
+        raise ValueError("nested too deep") from error
+
+
 def _detail(raw: bytes, status: int) -> str:
     """The ``error`` of a JSON error body, else the status's standard phrase."""
     try:
-        return str(json.loads(raw)["error"])
+        return str(parse_json(raw)["error"])
     except Exception:
         return http.client.responses.get(status, "unknown status")

@@ -16,7 +16,7 @@ import re
 import textwrap
 import typing
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 from trl import TrlParser
 
@@ -79,6 +79,11 @@ class ConfigParser(TrlParser):
         if names is None:
             names = ["options"] if len(dataclass_types) == 1 else [cls.__name__ for cls in dataclass_types]
         self.section_names = list(names)
+
+    def error(self, message: str) -> NoReturn:
+        """One line naming the option and the value, as the trainer's own errors (argparse prints its whole usage
+        first: dozens of lines before the one that matters)."""
+        self.exit(2, f"error: {message}; {self.prog} --help lists every option with its type and valid values\n")
 
     def format_help(self) -> str:
         """Usage, the description, then per section its docstring's first line and each option's entry."""

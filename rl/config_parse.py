@@ -76,6 +76,11 @@ def load_yaml(path: Path) -> Any:
 def _check_keys(args: list[str]) -> None:
     """Reject unknown keys in the YAML file given by ``--config`` and among ``--flag`` overrides."""
     known = set(known_keys())
+    if args.count("--config") > 1:  # the second would otherwise end in a parser error naming neither
+        raise ValueError(
+            "--config is given more than once; one config file per run: put the other file's keys on the command "
+            "line as --key value overrides"
+        )
     if "--config" in args:
         path = Path(args[args.index("--config") + 1])
         if not path.is_file():

@@ -98,9 +98,19 @@ def _read_lines(path: Path) -> list[tuple[int, str]]:
     """``(1-based line number, stripped text)`` of every non-blank line; the numbers count the blank ones, so a
     message points at the line an editor shows. ``utf-8-sig`` drops the byte-order mark some editors write first.
     """
+    if path.is_dir():
+        raise FileNotFoundError(f"prompt file {path} is a folder: point the option at a .txt or .jsonl file in it")
     if not path.is_file():
         raise FileNotFoundError(f"prompt file {path} does not exist{repository_hint(path)}")
-    lines = path.read_text(encoding="utf-8-sig").splitlines()
+    raw = path.read_bytes()
+    try:
+        lines = raw.decode("utf-8-sig").splitlines()
+    except UnicodeDecodeError as error:
+        line = raw[: error.start].count(b"\n") + 1
+        raise ValueError(
+            f"{path}:{line}: not UTF-8 (byte 0x{raw[error.start]:02x}); save the prompt file as UTF-8 (e.g. iconv -f "
+            "latin1 -t utf-8)"
+        ) from error
     return [(number, line.strip()) for number, line in enumerate(lines, 1) if line.strip()]
 
 
@@ -110,8 +120,8 @@ def load_prompt_source(spec: str, category_weights: str = "") -> PromptSource:
     ``category_weights`` (``"position=2.5 color_attr=2.5"``) weights a shapes source's training draws.
 
     Raises:
-        FileNotFoundError: a missing prompt file.
-        ValueError: an unknown shapes split, an unsupported file type, a JSONL line that is not JSON or has no
+        FileNotFoundError: a missing prompt file (or a folder).
+        ValueError: a file that is not UTF-8 (named by file and line), an unknown shapes split, an unsupported file type, a JSONL line that is not JSON or has no
             ``"prompt"`` (named by file and line), or an empty source.
     """
     if spec.startswith("shapes:"):

@@ -58,6 +58,7 @@ from rl.predictors import PredictionCost
 from rl.prompt_skip import FlatPromptHistory
 from rl.pruned_rollout import PrunedRollout
 from rl.pruning import trained_step_weights
+from rl.run_lock import release_output_dir
 from rl.sampler import FluxSampler, Rollouts, StepObserver, encode_prompts
 from rl.schedule import lr_factor
 from rl.sharded_lora import LoraWeights
@@ -273,6 +274,7 @@ class GRPOTrainer(TrainerPersistence):
             self.decode_pool.shutdown(wait=True)
         self.reward_set.close()
         self.log.close()
+        release_output_dir(self.output_dir)
         # a process that tears its process group down while another still talks to it aborts ("terminate called
         # without an active exception": the first two-process DDP run of bench/memory_per_rank.py did at exit)
         self.accelerator.wait_for_everyone()

@@ -16,12 +16,14 @@ import time
 from pathlib import Path
 
 import yaml
+from accelerate.utils import broadcast_object_list
 
 from rl.checkpoint import load_checkpoint, make_output_dir, must_clear_output_dir, resolve_resume, save_checkpoint
 from rl.distributed import PeerFailedError
 from rl.lora import save_lora
 from rl.metrics_log import MetricsAccumulator
 from rl.resume_policy import check_resumed_config
+from rl.run_lock import OutputDirInUseError, clear_output_dir, lock_output_dir
 from rl.run_summary import finished_summary, held_out_summary, write_summary
 from rl.train_state import TrainState
 
@@ -38,11 +40,21 @@ class TrainerPersistence:
         self.output_dir = Path(cfg.logging.output_dir)
         clear = must_clear_output_dir(self.output_dir, cfg.checkpoint.resume_from, cfg.logging.overwrite_output_dir)
         self.accelerator.wait_for_everyone()  # every process has looked before the main one clears
+        refusal = [""]
         if self.accelerator.is_main_process:
-            if clear:
-                shutil.rmtree(self.output_dir)
-                self.info("overwrite_output_dir: cleared %s", self.output_dir)
             make_output_dir(self.output_dir)
+            try:  # before anything is cleared or written: a second launch into a live run's folder stops here
+                lock_output_dir(self.output_dir)
+            except OutputDirInUseError as error:
+                refusal = [str(error)]
+            else:
+                if clear:
+                    clear_output_dir(self.output_dir)
+                    self.info("overwrite_output_dir: cleared %s", self.output_dir)
+        if self.accelerator.num_processes > 1:
+            broadcast_object_list(refusal)  # every process stops, not only the main one
+        if refusal[0]:
+            raise OutputDirInUseError(refusal[0])
         # once: resolving verifies the checkpoint's manifest (hashing every file), and three places need it
         resume_path = resolve_resume(cfg.checkpoint.resume_from, self.output_dir)
         if resume_path is not None:  # changes what the run is: an error; safe ones: logged (rl/resume_policy.py)

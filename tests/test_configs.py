@@ -75,6 +75,12 @@ def test_misspelt_yaml_key_fails_naming_it(tmp_path):
         parse_config(["--config", _write(tmp_path, "lerning_rate: 1.0e-4\n")])
 
 
+def test_two_config_files_are_refused_naming_the_option(tmp_path):
+    config = _write(tmp_path, "max_steps: 2\n")
+    with pytest.raises(ValueError, match="--config is given more than once"):  # was the parser's "not used" list
+        parse_config(["--config", config, "--config", config])
+
+
 def test_misspelt_cli_key_fails_naming_it(tmp_path):
     with pytest.raises(ValueError, match=r"'grup_size'.*command line.*did you mean 'group_size'"):
         parse_config(["--grup_size", "4"])
@@ -116,6 +122,14 @@ def test_cli_overrides_yaml_and_types_are_checked(tmp_path):
         parse_config(["--config", _write(tmp_path, "group_size: 4.5\n")])
     with pytest.raises(ValueError, match="pretrained: expected"):
         parse_config(["--config", _write(tmp_path, "pretrained: 12\n")])
+
+
+def test_a_value_of_the_wrong_type_on_the_command_line_is_one_line(capsys):
+    with pytest.raises(SystemExit) as stopped:
+        parse_config(["--group_size", "eight"])
+    assert stopped.value.code == 2
+    err = capsys.readouterr().err  # argparse printed its whole usage first (found by bench/fault_sweep.py)
+    assert err.count("\n") == 1 and err.startswith("error: argument --group_size/--group-size: invalid int value")
 
 
 def test_reward_kwargs_accepts_json_on_the_command_line():

@@ -12,6 +12,7 @@ import torch
 from diffusers import FluxPipeline
 from safetensors.torch import load_file
 
+from rewards.base import load_reward
 from rl.checkpoint import CheckpointWriteError
 from rl.metrics_log import read_metrics
 
@@ -101,6 +102,19 @@ def test_a_config_error_through_the_command_line_is_one_line_and_exit_2(tmp_path
     lines = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
     assert "Traceback" not in done.stderr and len(lines) == 1
     assert "run.yaml, line 3: key 'max_steps' is given twice (first on line 1)" in lines[0]
+
+
+def test_a_reward_plugin_that_cannot_be_imported_is_a_user_error(launch_script, capsys, monkeypatch):
+    monkeypatch.delenv("GRPO_DEBUG", raising=False)
+    script = launch_script("grpo_flux")
+
+    def plugin_off_the_path(argv):
+        load_reward("no_such_module_xyz:Reward")
+
+    monkeypatch.setattr(script, "main", plugin_off_the_path)
+    assert script.cli([]) == 2  # a traceback and exit 1 before (found by bench/fault_sweep.py)
+    err = capsys.readouterr().err
+    assert err.startswith("error: cannot import module 'no_such_module_xyz'") and err.count("\n") == 1
 
 
 def test_a_failed_checkpoint_write_is_a_user_error(launch_script, capsys, monkeypatch):

@@ -12,6 +12,7 @@ import torch
 from rewards.base import (
     REGISTRY,
     MissingExtraError,
+    RewardImportError,
     RewardOutputError,
     check_scores,
     load_reward,
@@ -77,7 +78,7 @@ def test_dotted_path_errors_say_what_is_wrong(user_module):
         load_reward(f"{user_module}:redness", scale=1)
     with pytest.raises(ValueError, match="has no attribute 'Missing'"):
         load_reward(f"{user_module}:Missing")
-    with pytest.raises(ImportError, match="cannot import module 'no_such_module_xyz'.*PYTHONPATH"):
+    with pytest.raises(RewardImportError, match="cannot import module 'no_such_module_xyz'.*PYTHONPATH"):
         load_reward("no_such_module_xyz:Reward")
     with pytest.raises(ValueError, match="must look like 'package.module:Callable'"):
         load_reward(":Reward")

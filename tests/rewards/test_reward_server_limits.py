@@ -27,6 +27,7 @@ from bench.server_faults import (
     TOKEN,
     concurrent_clients,
     dying,
+    hostile,
     peak_rss_mb,
     png_bomb,
     post,
@@ -176,6 +177,26 @@ def test_client_deadline_bounds_a_trickling_server(serve, images):
     with pytest.raises(RemoteRewardError, match=r"no answer within timeout=1.0 s"):
         remote(images[:2], ["a", "b"], [{}, {}])
     assert time.perf_counter() - start < 2  # not the 8 s the server takes to trickle its answer
+
+
+@pytest.mark.parametrize(
+    ("handler", "expected"),
+    [
+        (hostile(200, b"[" * 100_000 + b"]" * 100_000), "not JSON: nested too deep"),  # was a RecursionError
+        (hostile(200, b'{"scores": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"), "nested too deep"),
+        (hostile(200, b"", announced=2**32), "an answer of 4294967296 bytes \\(its Content-Length\\)"),
+        (hostile(200, b"", announced=-(2**32)), "an answer of unannounced length, more than the 16777216 bytes"),
+    ],
+    ids=["deep_json", "deep_json_in_scores", "huge_announced", "huge_unannounced"],
+)
+def test_a_hostile_answer_is_a_clear_error_in_bounded_memory_and_time(serve, images, handler, expected):
+    """Before the bound the client read a 4 GiB answer whole (18 s on loopback) and raised a bare RecursionError
+    on deep JSON; now each is a RemoteRewardError naming the URL, and is not retried."""
+    url = serve(handler=handler)
+    start = time.perf_counter()
+    with pytest.raises(RemoteRewardError, match=rf"{url} sent .*{expected}"):
+        RemoteReward(url, timeout=30.0, retries=2, backoff=5.0)(images[:2], ["a", "b"], [{}, {}])
+    assert time.perf_counter() - start < 3  # neither 4 GiB read nor a retry's 5 s backoff
 
 
 def test_health_check_fails_fast_naming_the_url():

@@ -74,6 +74,15 @@ def test_a_byte_order_mark_is_accepted(tmp_path):
         assert [p.text for p in load_prompt_source(str(tmp_path / name)).items] == ["a cat"]
 
 
+def test_a_file_that_is_not_utf8_or_a_folder_is_named(tmp_path):
+    (tmp_path / "latin1.txt").write_bytes("a cat\na caf\u00e9 sign\n".encode("latin-1"))  # found by the fault sweep
+    with pytest.raises(ValueError, match=r"latin1\.txt:2: not UTF-8 \(byte 0xe9\); save the prompt file as UTF-8"):
+        load_prompt_source(str(tmp_path / "latin1.txt"))
+    (tmp_path / "prompts.txt").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"prompts\.txt is a folder"):
+        load_prompt_source(str(tmp_path / "prompts.txt"))
+
+
 def test_eval_subset_is_evenly_spaced_with_stable_indices():
     source = load_prompt_source("shapes:test")
     subset = source.eval_subset(8)
