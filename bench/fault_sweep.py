@@ -338,6 +338,11 @@ def _first_checkpoint_intact(folder: Path) -> bool:
     return (first / "manifest.json").is_file() and checkpoint_damage(first) == []
 
 
+def _latest_checkpoint_intact(folder: Path) -> bool:
+    saved = sorted((folder / "run" / "checkpoints").glob("step-*"))
+    return bool(saved) and checkpoint_damage(saved[-1]) == []
+
+
 def _resume_changed(key: str, value: str) -> Callable[[Path], list[str]]:
     def prepare(folder: Path) -> list[str]:
         return ["--output_dir", str(finished_run(folder)), "--resume_from", "latest", f"--{key}", value]
@@ -481,6 +486,9 @@ CASES = [
     Case("second_launch_same_output_dir", "the same command launched again while the first still runs",
          _second_launch, "in use by another run", "tests/rl/test_run_lock.py", _first_launch_unmixed,
          cleanup=_stop_first_launch, failed_check=LOST),
+    Case("diverging_learning_rate", "a learning rate of 1e12 (the LoRA diverges, its gradients turn NaN)",
+         lambda f: ["--output_dir", str(f / "run"), "--learning_rate", "1e12", "--max_steps", "8"],
+         "NaN or infinite in every update", "tests/rl/test_trainer.py", _latest_checkpoint_intact),
     Case("sigterm_relaunch", "SIGTERM after the first checkpoint, then the same command again",
          _interrupted(signal.SIGTERM), None, "tests/rl/test_checkpoint.py", _every_step_once, failed_check=LOST),
     Case("sigint_relaunch", "Ctrl-C (SIGINT) after the first checkpoint, then the same command again",

@@ -31,7 +31,7 @@ from rl.config import RunConfig
 from rl.config_parse import parse_config
 from rl.distributed import PeerFailedError, peers_lost_as_error
 from rl.sampler import native_size_warning
-from rl.trainer import GRPOTrainer
+from rl.trainer import GRPOTrainer, NonFiniteGradientError
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = "configs/tiny_shapes.yaml"  # what `make train` runs: it needs nothing but this checkout
@@ -93,6 +93,7 @@ USER_ERRORS = (
     RewardError,
     RewardImportError,  # a reward plugin off PYTHONPATH or a missing optional package: the module and the fix
     PeerFailedError,  # another process failed the step and says why; this one checkpointed with it
+    NonFiniteGradientError,  # diverged: checkpointed (no bad update applied); the message names the fixes
 )
 
 

@@ -25,6 +25,7 @@ class TrainState:
     train_passes: float = 0.0
     decodes: float = 0.0
     reward_calls: float = 0.0
+    nonfinite_steps: int = 0  # steps in a row whose every update was skipped for a NaN/inf gradient
 
     @property
     def compute(self) -> ComputeCounts:

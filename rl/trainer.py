@@ -68,6 +68,12 @@ from rl.trainer_persistence import TrainerPersistence
 
 logger = logging.getLogger(__name__)
 
+NONFINITE_STEPS_TO_STOP = 3  # steps in a row whose every update had a NaN/inf gradient: the run has diverged
+
+
+class NonFiniteGradientError(ArithmeticError):
+    """Training diverged: every update of several steps in a row had a non-finite gradient (none was applied)."""
+
 
 def load_pipeline(config: RunConfig, device: torch.device) -> FluxPipeline:
     """The base FluxPipeline (hub id or local folder), frozen, on ``device``; bf16 weights under bf16 precision."""
@@ -507,7 +513,7 @@ class GRPOTrainer(TrainerPersistence):
             group["lr"] = t.learning_rate * factor
         most = int(acc.gather(torch.tensor([len(rollouts)], device=acc.device)).max())
         updates = math.ceil(most / (t.train_batch_size * t.gradient_accumulation_steps))
-        updated, passes = False, 0
+        updated, passes, skipped = False, 0, 0
         with self.phase("train"):
             for epoch in range(t.num_inner_epochs):
                 order = torch.from_numpy(np.random.default_rng([t.seed, self.state.step, epoch, 2]).permutation(most))
@@ -520,25 +526,51 @@ class GRPOTrainer(TrainerPersistence):
                         chunk_weights = weights[rows, column] if len(chunk) else torch.zeros(1, device=device)
                         if recorded is not None:  # an unrecorded step (weight 0) re-scores the last recorded one
                             step = torch.minimum(step, recorded[rows] - 1)
+                        finite = True
                         with acc.accumulate(self.model):
                             out = self.policy_loss(batch.embeds, rollouts, rows, step, advantages, chunk_weights)
                             acc.backward(out.loss)
                             if acc.sync_gradients:
                                 grad_norm = acc.clip_grad_norm_(self.lora_params, t.max_grad_norm)
                                 if grad_norm is not None:  # DeepSpeed clips inside its step and may report none
-                                    self.metrics.add("train/grad_norm", float(grad_norm))
-                            self.optimizer.step()
+                                    # the norm of the reduced gradient: every process skips the same updates
+                                    finite = math.isfinite(float(grad_norm))
+                                    if finite:
+                                        self.metrics.add("train/grad_norm", float(grad_norm))
+                            if finite:  # a NaN/inf gradient would make the LoRA and AdamW's moments NaN for good
+                                self.optimizer.step()
                             self.optimizer.zero_grad()
                         self.objective.record(out, self.metrics, first_inner=not updated)
-                        if acc.sync_gradients:
+                        if acc.sync_gradients and not finite:
+                            skipped += 1
+                        elif acc.sync_gradients:
                             updated = True
                             self.state.optimizer_steps += 1
                             if self.ema is not None:
                                 self.ema.update()
         self.objective.after_optimise()
+        self.count_skipped_updates(skipped, updated)
         passes = self.global_count(passes)
         self.state.train_passes += passes
         self.state.transformer_calls += passes * self.objective.reference_forwards  # the KL references' forwards
+
+    def count_skipped_updates(self, skipped: int, updated: bool) -> None:
+        """Log updates skipped for a non-finite gradient; after ``NONFINITE_STEPS_TO_STOP`` steps in a row with no
+        update at all, stop (checkpointing the intact LoRA first) instead of training on nothing."""
+        self.metrics.add("train/skipped_updates", skipped)
+        if skipped and self.accelerator.is_main_process:
+            logger.warning("step %d: %d update(s) skipped for a non-finite gradient", self.state.step + 1, skipped)
+        self.state.nonfinite_steps = 0 if updated or not skipped else self.state.nonfinite_steps + 1
+        if self.state.nonfinite_steps >= NONFINITE_STEPS_TO_STOP:
+            self.stop_if_the_step_failed(
+                NonFiniteGradientError(
+                    f"the gradient was NaN or infinite in every update of the last {self.state.nonfinite_steps} "
+                    f"steps (to step {self.state.step + 1}), so none of them was applied; the run is checkpointed. "
+                    "Lower learning_rate or adv_clip_max, or try mixed_precision no, and continue from this checkpoint "
+                    f"or an earlier one in {self.output_dir / 'checkpoints'} with --resume_from <checkpoint folder> "
+                    "--allow_config_change true"
+                )
+            )
 
     def policy_loss(self, embeds, rollouts: Rollouts, rows, step, advantages, weights):
         """The objective's loss of rollouts ``rows`` at denoising steps ``step`` (rl/objectives/)."""

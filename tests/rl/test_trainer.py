@@ -1,5 +1,6 @@
 """The GRPO trainer on the tiny random FLUX fixture: exact ratios, step selection, rewards, evaluation."""
 
+import dataclasses
 import json
 import math
 import time
@@ -11,9 +12,10 @@ from safetensors.torch import load_file
 
 from rl.batches import trained_steps
 from rl.config_parse import parse_config
+from rl.metrics_log import MetricsAccumulator
 from rl.sde import matching_log_prob
 from rl.train_state import TrainState, budget_spent
-from rl.trainer import GRPOTrainer, ScoredRollouts
+from rl.trainer import GRPOTrainer, NonFiniteGradientError, ScoredRollouts
 
 
 class HalfNanReward:
@@ -358,4 +360,35 @@ def test_a_checkpoint_is_due_by_steps_or_after_save_every_minutes(pipeline_dir, 
     trainer.config.checkpoint.save_every_minutes, trainer.config.checkpoint.save_every = 0, 0
     trainer.last_save -= 10**6
     assert not trainer.checkpoint_due()  # both off: never
+    trainer.cleanup()
+
+
+def test_a_non_finite_gradient_skips_the_update_and_three_steps_of_them_stop_the_run(pipeline_dir, tmp_path):
+    trainer = make_trainer(pipeline_dir, tmp_path)
+    loss, poisoned = trainer.objective.loss, [True]
+
+    def nan_loss(*args):  # what bf16 cuDNN attention did on an H200: NaN gradients from finite inputs
+        out = loss(*args)
+        return dataclasses.replace(out, loss=out.loss * math.nan) if poisoned[0] else out
+
+    trainer.objective.loss = nan_loss
+    before = lora_state(trainer)
+    metrics = one_step(trainer)
+    assert metrics["train/skipped_updates"] > 0 and trainer.state.optimizer_steps == 0
+    assert all(torch.equal(a, b) for a, b in zip(before, lora_state(trainer)))  # before the guard: all NaN
+    moments = [v for state in trainer.optimizer.state.values() for v in state.values() if torch.is_tensor(v)]
+    assert all(torch.isfinite(m).all() for m in moments)
+    poisoned[0] = False
+    trainer.state.step, trainer.metrics = 1, MetricsAccumulator()  # as log_step starts each step afresh
+    assert one_step(trainer)["train/skipped_updates"] == 0 and trainer.state.nonfinite_steps == 0
+    assert not all(torch.equal(a, b) for a, b in zip(before, lora_state(trainer)))  # training goes on
+    poisoned[0] = True
+    for step in (2, 3):
+        trainer.state.step = step
+        one_step(trainer)
+    trainer.state.step = 4
+    with pytest.raises(NonFiniteGradientError, match=r"NaN or infinite in every update of the last 3 steps"):
+        one_step(trainer)
+    saved = load_file(tmp_path / "run" / "checkpoints" / "step-00000004" / "model.safetensors")
+    assert saved and all(torch.isfinite(v).all() for v in saved.values())  # checkpointed, intact
     trainer.cleanup()
