@@ -10,6 +10,7 @@ any way, SIGKILL included, so a lock is never stale. The file names the holder, 
 from __future__ import annotations
 
 import fcntl
+import logging
 import os
 import shutil
 import socket
@@ -17,6 +18,8 @@ import time
 from pathlib import Path
 
 LOCK_NAME = ".run.lock"
+
+logger = logging.getLogger(__name__)
 
 _HELD: dict[Path, int] = {}  # the locks this process holds: a second trainer in one process (tests) re-enters
 
@@ -37,7 +40,13 @@ def lock_output_dir(output_dir: Path) -> None:
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+    except OSError as error:
+        if not isinstance(error, BlockingIOError):  # a filesystem without locks (some Lustre mounts): run unguarded
+            os.close(fd)
+            logger.warning(
+                "output_dir %s cannot be locked (%s): a second launch into it will not be detected", output_dir, error
+            )
+            return
         holder = os.read(fd, 512).decode(errors="replace").strip() or "a process that has not named itself yet"
         os.close(fd)
         raise OutputDirInUseError(

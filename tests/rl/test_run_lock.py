@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import signal
 import subprocess
 import sys
@@ -66,3 +68,12 @@ def test_a_second_run_into_a_live_runs_folder_stops_before_writing(pipeline_dir,
         holder.wait()
     assert sorted(p.name for p in run.iterdir()) == [LOCK_NAME, "metrics.jsonl"]  # nothing kept aside or cleared
     assert (run / "metrics.jsonl").read_text() == '{"step": 1}\n'
+
+
+def test_a_filesystem_without_locks_runs_unguarded_with_a_warning(tmp_path, monkeypatch, caplog):
+    def no_locks(fd, operation):
+        raise OSError(errno.ENOLCK, "No locks available")  # what flock says on some Lustre and NFS mounts
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    lock_output_dir(tmp_path)  # no error: the run goes on
+    assert "cannot be locked" in caplog.text and "will not be detected" in caplog.text
