@@ -95,6 +95,8 @@ def command_and_env(args: list[str], folder: Path | None = None) -> tuple[list[s
 def run(
     args: list[str], folder: Path | None = None, timeout: float = 600, cwd: Path | None = None
 ) -> subprocess.CompletedProcess:
+    if folder is not None and "--output_dir" not in args:  # never the shipped config's runs/ in the repository:
+        args = [*args, "--output_dir", str(folder / "run")]  # a case that trains would leave a run a later one resumes
     command, env = command_and_env(args, folder)
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout, cwd=cwd)
 

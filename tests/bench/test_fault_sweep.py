@@ -5,7 +5,7 @@ import json
 import subprocess
 from pathlib import Path
 
-from bench.fault_sweep import CASES, Case, CaseNotRun, judge, main, report_lines, sweep
+from bench.fault_sweep import CASES, Case, CaseNotRun, judge, main, report_lines, run, sweep
 from bench.server_faults import NET_CASES, refusal
 
 
@@ -35,6 +35,21 @@ def test_judge_by_hand(tmp_path: Path):
     assert judge(_case("state.pt", check=lambda f: False), _done(2, "error: state.pt"), tmp_path) == (
         "silent misbehaviour"
     )
+
+
+def test_a_warning_a_finished_run_must_print_is_judged(tmp_path: Path):
+    loud = Case("case", "a fault", lambda folder: [], None, "tests/x.py", warns="native 64 x 64 px")
+    assert judge(loud, _done(0, "WARNING ... this pipeline's native 64 x 64 px ..."), tmp_path) == "handled"
+    assert judge(loud, _done(0, ""), tmp_path) == "silent misbehaviour"  # finished without a word
+
+
+def test_a_case_without_an_output_dir_writes_in_its_own_folder(tmp_path: Path, monkeypatch):
+    commands = []
+    monkeypatch.setattr(subprocess, "run", lambda command, **kwargs: commands.append(command))
+    run(["--height", "512"], tmp_path)  # the shipped config's runs/tiny_shapes would be resumed by later cases
+    run(["--output_dir", str(tmp_path / "mine")], tmp_path)
+    assert commands[0][-2:] == ["--output_dir", str(tmp_path / "run")]
+    assert commands[1].count("--output_dir") == 1
 
 
 def test_a_fault_this_machine_cannot_set_up_is_reported_not_run():
