@@ -11,8 +11,9 @@ Every argument this script does not own is passed to each run (``launch/grpo_flu
 the variants differ only in their pruning keys or AWM's reference options (rl/ablation.py, ``VARIANTS``). One
 seed: the runs go sequentially to ``<out>/<variant>/`` and the report is ``<out>/ablation.{json,md}`` with
 ``reward_vs_wallclock.png`` and ``reward_vs_images.png``. ``--seeds``: ``<out>/seed<k>/<variant>/`` (``--seed k``),
-``--jobs`` at a time with ``--threads`` torch threads each; finished runs are kept, so re-running the command
-resumes; the report is ``<out>/summary.{json,md}`` and ``reward_vs_cost.png`` (rl/ablation.py,
+``--jobs`` at a time with ``--threads`` torch threads each; finished runs are kept and unfinished ones resume
+from their checkpoints, so re-running the command resumes (a run folder of another config is an error, never
+mixed in); the report is ``<out>/summary.{json,md}`` and ``reward_vs_cost.png`` (rl/ablation.py,
 :func:`~rl.ablation.seed_summary`).
 """
 
@@ -21,7 +22,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -31,8 +31,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from rl.ablation import Budget, read_run, variant_overrides, write_report, write_seed_report
 from rl.config_help import HelpFormatter
-from rl.config_parse import parse_config
+from rl.config_parse import parse_config, with_default_config
 from rl.cost import FLUX_DEV_COSTS
+from rl.resume_policy import result_changes
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -82,8 +83,7 @@ def run_commands(commands: dict[Path, list[str]], jobs: int, threads: int) -> No
             read_run(run_dir.name, run_dir)
             print(f"=== {run_dir}: finished before, kept", flush=True)
         except (FileNotFoundError, ValueError):
-            shutil.rmtree(run_dir, ignore_errors=True)  # an unfinished run starts again
-            pending.append((run_dir, command))
+            pending.append((run_dir, command))  # an unfinished run resumes from its newest checkpoint
     while pending or running:
         while pending and len(running) < max(jobs, 1):
             run_dir, command = pending.pop(0)
@@ -109,11 +109,20 @@ def plan(args: argparse.Namespace, passthrough: list[str]) -> dict[Path, list[st
             "--variants must include unpruned: every variant's time to target is measured against unpruned's mean "
             "final reward (add it to --variants)"
         )
-    shared = [*passthrough, "--max_steps", str(args.max_steps), "--eval_every", str(args.eval_every)]
+    # each run's command as the launcher would complete it, so the config checked here is the one each run runs
+    shared = [
+        *with_default_config(passthrough),
+        "--max_steps",
+        str(args.max_steps),
+        "--eval_every",
+        str(args.eval_every),
+    ]
     shared += ["--eval_num_prompts", str(args.eval_prompts_count), "--final_eval_num_prompts"]
     shared += [str(args.eval_prompts_count), "--eval_before_training", "true"]
+    shared += ["--resume_from", "latest"]  # a run killed midway continues from its checkpoint, not from step 0
     seeds = args.seeds if args.seeds is not None else [None]
     commands: dict[Path, list[str]] = {}
+    conflicts = []
     for seed in seeds:
         out = Path(args.out) if seed is None else Path(args.out) / f"seed{seed}"
         for variant in variants:
@@ -128,6 +137,14 @@ def plan(args: argparse.Namespace, passthrough: list[str]) -> dict[Path, list[st
                     "pass --prune_policy topk|maxvar|threshold and --probe_path"
                 )
             commands[out / variant] = [sys.executable, str(ROOT / "launch" / "grpo_flux.py"), *overrides]
+            if changed := result_changes(out / variant, config.flat()):
+                listed = "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changed.items())
+                conflicts.append(f"{out / variant} ({listed})")
+    if conflicts and not args.report_only:  # a kept or resumed run of another config would mix into the summary
+        raise SystemExit(
+            f"{len(conflicts)} run folder(s) hold a run of another config: {'; '.join(conflicts)}. Choose another "
+            "--out, or delete those folders to run them again"
+        )
     return commands
 
 

@@ -28,13 +28,11 @@ from rewards.base import RewardError, RewardImportError
 from rewards.remote import RemoteRewardError
 from rl.checkpoint import CheckpointWriteError
 from rl.config import RunConfig
-from rl.config_parse import parse_config
+from rl.config_parse import DEFAULT_RUN_CONFIG, parse_config, with_default_config
 from rl.distributed import PeerFailedError, peers_lost_as_error
 from rl.sampler import native_size_warning
 from rl.trainer import GRPOTrainer, NonFiniteGradientError
 
-ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_CONFIG = "configs/tiny_shapes.yaml"  # what `make train` runs: it needs nothing but this checkout
 logger = logging.getLogger("grpo_flux")
 
 
@@ -45,15 +43,13 @@ def run_config(argv: list[str] | None = None) -> RunConfig:
     render; the bare launch line runs what ``make train`` runs instead, and says so in its first log line.
     """
     args = list(sys.argv[1:] if argv is None else argv)
-    if "--config" not in args:
-        if "--help" not in args and "-h" not in args:
-            logger.info(
-                "no --config given: running the shipped default %s (the tiny model and shapes world); pass "
-                "--config configs/<...>.yaml for FLUX.1-dev",
-                DEFAULT_CONFIG,
-            )
-        args = ["--config", str(ROOT / DEFAULT_CONFIG), *args]
-    return parse_config(args, description=__doc__)
+    if "--config" not in args and "--help" not in args and "-h" not in args:
+        logger.info(
+            "no --config given: running the shipped default %s (the tiny model and shapes world); pass "
+            "--config configs/<...>.yaml for FLUX.1-dev",
+            DEFAULT_RUN_CONFIG,
+        )
+    return parse_config(with_default_config(args), description=__doc__)
 
 
 def main(argv: list[str] | None = None) -> GRPOTrainer:

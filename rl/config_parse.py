@@ -15,7 +15,16 @@ from typing import Any
 import yaml
 
 from rl.config import RunConfig
-from rl.paths import repository_hint
+from rl.paths import REPOSITORY, repository_hint
+
+# what a launch without --config runs (`make train`'s): the dataclass defaults are sized for FLUX.1-dev (512 px,
+# 512 tokens, rank 64), which the shipped tiny model cannot render
+DEFAULT_RUN_CONFIG = "configs/tiny_shapes.yaml"
+
+
+def with_default_config(args: list[str]) -> list[str]:
+    """``args``, led by ``--config <the shipped default>`` when they name no config file (``--help`` too)."""
+    return args if "--config" in args else ["--config", str(REPOSITORY / DEFAULT_RUN_CONFIG), *args]
 
 
 def known_keys() -> dict[str, str]:

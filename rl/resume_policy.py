@@ -29,6 +29,15 @@ RESUME_SAFE_KEYS = frozenset(
 )  # fmt: skip
 
 
+# Of those, the keys that change nothing a run computes (logging, checkpoint cadence, how rewards are scheduled:
+# results stay bit-identical): an ablation keeps a finished run when only these differ (result_changes).
+RESULT_NEUTRAL_KEYS = frozenset(
+    {"reward_workers", "reward_overlap", "log_every", "wandb_mode", "wandb_project", "run_name", "progress_bar",
+     "output_dir", "overwrite_output_dir", "save_every", "save_every_minutes", "save_total_limit", "resume_from",
+     "save_lora", "allow_config_change", "distributed_timeout_s"}
+)  # fmt: skip
+
+
 def resume_changes(
     old: dict[str, Any], new: dict[str, Any], defaults: dict[str, Any] | None = None
 ) -> tuple[dict, dict]:
@@ -59,12 +68,7 @@ def check_resumed_config(output_dir: Path, config: dict[str, Any], allow_change:
     Raises:
         ValueError: changes outside :data:`RESUME_SAFE_KEYS` without ``allow_change``, each with its old and new value.
     """
-    original = output_dir / "config.yaml"
-    if not original.is_file():
-        return {}
-    new = yaml.safe_load(yaml.safe_dump(config))  # the same normalisation as the file's
-    defaults = yaml.safe_load(yaml.safe_dump(RunConfig().flat()))  # a key added since the run began: its default
-    safe, unsafe = resume_changes(yaml.safe_load(original.read_text()) or {}, new, defaults)
+    safe, unsafe = changes_to_run(output_dir, config)
     if unsafe and not allow_change:
         listed = "; ".join(f"{k}: {old!r} -> {value!r}" for k, (old, value) in unsafe.items())
         raise ValueError(
@@ -77,3 +81,21 @@ def check_resumed_config(output_dir: Path, config: dict[str, Any], allow_change:
         with (output_dir / "config_history.jsonl").open("a") as history:
             history.write(json.dumps(entry) + "\n")
     return changes
+
+
+def changes_to_run(output_dir: Path, config: dict[str, Any]) -> tuple[dict, dict]:
+    """:func:`resume_changes` between the run in ``output_dir`` (its config.yaml; none: no changes) and ``config``
+    (flat)."""
+    original = output_dir / "config.yaml"
+    if not original.is_file():
+        return {}, {}
+    new = yaml.safe_load(yaml.safe_dump(config))  # the same normalisation as the file's
+    defaults = yaml.safe_load(yaml.safe_dump(RunConfig().flat()))  # a key added since the run began: its default
+    return resume_changes(yaml.safe_load(original.read_text()) or {}, new, defaults)
+
+
+def result_changes(output_dir: Path, config: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """``key -> (old, new)`` of every change between the run in ``output_dir`` and ``config`` that can change its
+    results (any key outside :data:`RESULT_NEUTRAL_KEYS`, budgets included)."""
+    safe, unsafe = changes_to_run(output_dir, config)
+    return {k: v for k, v in {**safe, **unsafe}.items() if k not in RESULT_NEUTRAL_KEYS}

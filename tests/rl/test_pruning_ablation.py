@@ -194,6 +194,20 @@ def test_ablate_with_seeds_runs_in_parallel_and_resumes(tiny_flux_pipeline, tmp_
     log = (tmp_path / "ablate" / "seed0" / "pods" / "metrics.jsonl").stat().st_mtime
     ablate.main(args)  # everything finished before: nothing runs again
     assert (tmp_path / "ablate" / "seed0" / "pods" / "metrics.jsonl").stat().st_mtime == log
+    # a run killed after its last checkpoint, in its final evaluation, resumes from it (it was deleted and run
+    # again from step 0)
+    killed = tmp_path / "ablate" / "seed1" / "unpruned"
+    (killed / "summary.json").unlink()
+    lines = (killed / "metrics.jsonl").read_text().splitlines(keepends=True)
+    (killed / "metrics.jsonl").write_text("".join(line for line in lines if "final_eval/" not in line))
+    ablate.main(args)
+    assert "resumed from" in (tmp_path / "ablate" / "seed1" / "unpruned.log").read_text()
+    assert (tmp_path / "ablate" / "seed1" / "unpruned" / "summary.json").is_file()
+    # another config into the same folders would mix two ablations into one summary: refused before any run
+    with pytest.raises(SystemExit, match=r"4 run folder\(s\) hold a run of another config: .*seed0/unpruned "
+                                         r"\(learning_rate: 0\.0005 -> 0\.5\)"):  # fmt: skip
+        ablate.main([*args, "--learning_rate", "0.5"])
+    ablate.main([*args, "--progress_bar", "true", "--report_only"])  # neutral keys and reading back: no error
 
 
 def test_a_seeded_ablation_without_its_baseline_stops_before_any_run(tiny_flux_pipeline, tmp_path):

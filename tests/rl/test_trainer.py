@@ -335,6 +335,20 @@ def test_a_key_added_since_the_run_started_is_no_change_at_its_default():
     assert resume_changes(old, {"group_size": 4, "seed": 3, "preview_steps": 1})[1] == {"preview_steps": (None, 1)}
 
 
+def test_result_changes_ignore_only_the_keys_that_change_no_result(tmp_path):
+    from rl.config import RunConfig
+    from rl.resume_policy import RESULT_NEUTRAL_KEYS, RESUME_SAFE_KEYS, result_changes
+
+    assert RESULT_NEUTRAL_KEYS <= RESUME_SAFE_KEYS and "max_steps" not in RESULT_NEUTRAL_KEYS
+    flat = RunConfig().flat()
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(flat))
+    cosmetic = {**flat, "progress_bar": not flat["progress_bar"], "reward_workers": 7, "log_every": 9}
+    assert result_changes(tmp_path, cosmetic) == {}
+    budget = {**flat, "max_steps": flat["max_steps"] + 1}  # safe to resume with, but another result
+    assert result_changes(tmp_path, budget) == {"max_steps": (flat["max_steps"], flat["max_steps"] + 1)}
+    assert result_changes(tmp_path / "none", budget) == {}  # no run there
+
+
 def test_budget_spent_stops_at_each_limit_and_prices_compute_in_flux_forwards():
     """Steps, denoised images and FLUX.1-dev compute each end a run; a 0 limit never does."""
     config = parse_config(["--max_steps", "10", "--max_flux_compute", "100", "--max_images_denoised", "0"])
