@@ -65,6 +65,9 @@ def parse(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]
     parser.add_argument("--eval_every", type=int, default=5, help="evaluate every N steps (the curves' points)")
     parser.add_argument("--out", default="runs/ablate", help="folder of the runs and the report")
     parser.add_argument("--report_only", action="store_true", help="only read finished runs and write the report")
+    parser.add_argument("--reward_call_cost", type=float, default=None, help="price each reward call (one image "
+                        "scored) at this many FLUX.1-dev transformer forwards in the report, e.g. for a VLM judge "
+                        f"(default: the cost model's {FLUX_DEV_COSTS.reward_call}, a ViT-H scorer; rl/cost.py)")  # fmt: skip
     return parser.parse_known_args(argv)
 
 
@@ -153,11 +156,14 @@ def main(argv: list[str] | None = None) -> dict:
     variants = [v for v in args.variants.split(",") if v]
     seeds = args.seeds if args.seeds is not None else [None]
     commands = plan(args, passthrough)
+    costs = None  # the prices the runs logged; re-priced with --reward_call_cost (--report_only: finished runs)
+    if args.reward_call_cost is not None:
+        costs = dataclasses.replace(FLUX_DEV_COSTS, reward_call=args.reward_call_cost)
     command = " ".join(["python launch/ablate.py", *(argv if argv is not None else sys.argv[1:])])
     if not args.report_only:
         run_commands(commands, args.jobs if args.seeds is not None else 1, args.threads)
     if args.seeds is None:
-        runs = [read_run(variant, Path(args.out) / variant) for variant in variants]
+        runs = [read_run(variant, Path(args.out) / variant, costs) for variant in variants]
         report = write_report(runs, args.out, command)
         print((Path(args.out) / "ablation.md").read_text())
         return report
@@ -166,16 +172,16 @@ def main(argv: list[str] | None = None) -> dict:
         by_variant[variant] = []
         for seed in seeds:
             try:
-                by_variant[variant].append(read_run(variant, Path(args.out) / f"seed{seed}" / variant))
+                by_variant[variant].append(read_run(variant, Path(args.out) / f"seed{seed}" / variant, costs))
             except (FileNotFoundError, ValueError):
                 missing.append(f"{variant}/seed{seed}")
     if missing:
         print(f"not finished, left out: {', '.join(missing)}", flush=True)
-    costs = {
-        "per_operation": dataclasses.asdict(FLUX_DEV_COSTS),
-        "source": "FLUX.1-dev at 512 px from FLOP counts (rl/cost.py)",
-    }
-    notes = {"cost_model": costs, "seeds": seeds, "not_finished": missing}
+    source = "FLUX.1-dev at 512 px from FLOP counts (rl/cost.py)"
+    if args.reward_call_cost is not None:
+        source += f", a reward call priced at {args.reward_call_cost} forwards (--reward_call_cost)"
+    notes = {"cost_model": {"per_operation": dataclasses.asdict(costs or FLUX_DEV_COSTS), "source": source}, "seeds": seeds,
+             "not_finished": missing}  # fmt: skip
     summary = write_seed_report(by_variant, args.out, command, notes)
     print((Path(args.out) / "summary.md").read_text())
     return summary

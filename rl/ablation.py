@@ -24,6 +24,7 @@ import math
 import statistics
 from pathlib import Path
 
+from rl.cost import ComputeCounts, OperationCosts, flux_equivalent
 from rl.metrics_log import read_metrics
 
 _PLAIN = [
@@ -171,8 +172,9 @@ class RunCurve:
         return next((s for s, r in zip(self.seconds, self.reward) if r >= target), math.inf)
 
 
-def read_run(name: str, directory: str | Path) -> RunCurve:
-    """A :class:`RunCurve` from a run folder's ``metrics.jsonl`` (written with ``log_every: 1``).
+def read_run(name: str, directory: str | Path, costs: OperationCosts | None = None) -> RunCurve:
+    """A :class:`RunCurve` from a run folder's ``metrics.jsonl`` (written with ``log_every: 1``); ``costs``: price
+    the logged operation counts with these instead of the run's FLUX.1-dev costs (a reward of your own's cost).
 
     Raises:
         FileNotFoundError: no metrics file; ValueError: no final evaluation (the run did not finish).
@@ -190,7 +192,7 @@ def read_run(name: str, directory: str | Path) -> RunCurve:
             seconds[step] = elapsed
             images[step] = record.get("train/images_denoised", math.nan)
             calls[step] = record.get("compute/transformer_calls", math.nan)
-            flux[step] = record.get("compute/flux_equivalent", math.nan)
+            flux[step] = record.get("compute/flux_equivalent", math.nan) if costs is None else priced(record, costs)
             reward_calls = record.get("train/images_seen", reward_calls)
             for phase in PHASES:
                 phase_seconds[phase] += record.get(f"time/{phase}_s", 0.0)
@@ -218,6 +220,12 @@ def read_run(name: str, directory: str | Path) -> RunCurve:
         [flux[s] for s in steps],
         {key: sum(values) / len(values) for key, values in selection.items() if values},
     )
+
+
+def priced(record: dict, costs: OperationCosts) -> float:
+    """A metrics record's cumulative operation counts (``compute/*``) in transformer forwards at ``costs``."""
+    counts = ComputeCounts(*(record[f"compute/{f.name}"] for f in dataclasses.fields(ComputeCounts)))
+    return flux_equivalent(counts, costs)
 
 
 def summary_table(runs: list[RunCurve], baseline: str = "unpruned") -> tuple[list[dict], str]:

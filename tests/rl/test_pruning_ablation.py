@@ -16,6 +16,7 @@ from rl.ablation import (
     write_seed_report,
 )
 from rl.config_parse import parse_config
+from rl.cost import OperationCosts
 
 
 def write_run(directory, step_seconds, images_per_step, evals, final, calls_per_step=100.0):
@@ -75,6 +76,25 @@ def test_unfinished_runs_and_missed_targets(tmp_path):
     (tmp_path / "broken" / "metrics.jsonl").write_text('{"step": 0, "base_eval/total/mean": 0.1}\n')
     with pytest.raises(ValueError, match="did not finish"):
         read_run("broken", tmp_path / "broken")
+
+
+def test_a_run_is_repriced_from_its_operation_counts(tmp_path):
+    counts = {"transformer_calls": 100.0, "train_passes": 10.0, "decodes": 8.0, "reward_calls": 8.0}
+    records = [
+        {"step": 0, "base_eval/total/mean": 0.1},
+        {
+            "step": 1,
+            "time/step_s": 3.0,
+            "compute/flux_equivalent": 130.48,
+            **{f"compute/{k}": v for k, v in counts.items()},
+        },
+        {"step": 1, "final_eval/total/mean": 0.2},
+    ]
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    assert read_run("run", tmp_path / "run").flux == [0.0, 130.48]  # as logged: 100 + 3 x 10 + 0.05 x 8 + 0.01 x 8
+    vlm_judge = OperationCosts(reward_call=20.0)  # ablate.py --reward_call_cost 20
+    assert read_run("run", tmp_path / "run", vlm_judge).flux == pytest.approx([0.0, 100 + 30 + 0.4 + 160])
 
 
 def test_variant_overrides_parse_and_differ_only_in_pruning(tmp_path):
