@@ -57,6 +57,8 @@ VARIANTS: dict[str, list[str]] = {
     # GRESO's pre-rollout skipping of prompts whose last group was flat (rl/prompt_skip.py), else unpruned
     "skip_flat": ["--prune_policy", "none", "--probe_path", "", "--probe_refresh_every", "0",
                   "--prune_advantage", "survivors", "--prune_train_early", "false", "--prompt_skip_after", "1"],
+    # MixGRPO's sliding window (its SDE noise with it) one step later every 4 GRPO steps: unpruned otherwise
+    "sliding_window": ["--prune_policy", "none", *_NO_PROBE, *_PLAIN, "--train_window_shift_every", "4"],
     "random": ["--prune_policy", "random", "--probe_path", "", "--prune_advantage", "survivors",
                "--probe_refresh_every", "0", "--prune_min_spread", "0", "--prune_train_early", "false"],
     # the expand-and-prune study (bench/ablation_expand_prune): variance-optimal selection by each predictor

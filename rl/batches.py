@@ -87,7 +87,7 @@ def score_chunks(prompt_index: torch.Tensor, batch_size: int) -> list[torch.Tens
 def trained_steps(sampling: SamplingConfig, seed: int, step: int, rows: int, stream: int = 0) -> torch.Tensor:
     """``[rows, K]`` denoising steps each rollout trains on; the last step (T - 1) never is.
 
-    ``all_but_last``: 0..T-2. ``window``: ``[start, start + size)``. ``random``: a fresh sorted random
+    ``all_but_last``: 0..T-2. ``window``: ``[start, start + size)`` (slid by step when it slides). ``random``: a fresh sorted random
     ``train_fraction`` of 0..T-2 per rollout, seeded by ``(seed, step, stream)`` (stream: the process index,
     so processes draw different subsets). ``train_first_step: false`` leaves step 0 (sigma = 1) out of each.
     """
@@ -97,7 +97,7 @@ def trained_steps(sampling: SamplingConfig, seed: int, step: int, rows: int, str
     if s.train_steps == "all_but_last":
         return torch.arange(first, s.num_steps - 1).expand(rows, -1)
     if s.train_steps == "window":
-        return torch.tensor([k for k in s.train_window if k >= first]).expand(rows, -1)
+        return torch.tensor([k for k in s.window_at(step) if k >= first]).expand(rows, -1)
     count = max(1, int(s.train_fraction * trainable))  # floor, as Flow-GRPO's and DanceGRPO's timestep_fraction
     rng = np.random.default_rng([seed, step, 3, stream])
     picks = np.sort(np.stack([rng.permutation(trainable)[:count] + first for _ in range(rows)]), axis=1)

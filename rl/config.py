@@ -165,6 +165,14 @@ class SamplingConfig(Section):
     )
     train_window_start: int = option(0, "First trained step of the 'window' mode (0 = the noisiest step).")
     train_window_size: int = option(2, "Number of trained steps of the 'window' mode. Flow-GRPO-Fast: 2-3.")
+    train_window_shift_every: int = option(
+        0,
+        "Slide the 'window' mode's window (with sde_window_only, its SDE noise too) train_window_shift_stride "
+        "steps later every this many GRPO steps, back to train_window_start after the last trainable position: "
+        "MixGRPO's progressive strategy with roll-back (its FLUX run: a window of 4 of 25 steps, moved 1 step "
+        "every 25 iterations). 0: a fixed window (Flow-GRPO-Fast).",
+    )
+    train_window_shift_stride: int = option(1, "Steps the sliding window moves each time (MixGRPO: 1).")
     train_fraction: float = option(
         0.6, "Fraction of the T - 1 trainable steps drawn per rollout in 'random' mode, rounded down (DanceGRPO: 0.6)."
     )
@@ -185,8 +193,19 @@ class SamplingConfig(Section):
 
     @property
     def train_window(self) -> range:
-        """The steps of the ``window`` mode (and of ``sde_window_only``'s SDE noise)."""
+        """The steps of the ``window`` mode (and of ``sde_window_only``'s SDE noise) at the first GRPO step."""
         return range(self.train_window_start, self.train_window_start + self.train_window_size)
+
+    def window_at(self, step: int) -> range:
+        """The window at GRPO step ``step`` (0-based): :attr:`train_window`, slid ``train_window_shift_stride``
+        steps later every ``train_window_shift_every`` steps and back to its start after the last position whose
+        window ends before the untrained last step (a pure function of the step, so a resume continues it)."""
+        if not self.train_window_shift_every:
+            return self.train_window
+        stride = self.train_window_shift_stride
+        positions = (self.num_steps - 1 - self.train_window_size - self.train_window_start) // stride + 1
+        start = self.train_window_start + stride * ((step // self.train_window_shift_every) % positions)
+        return range(start, start + self.train_window_size)
 
     def check(self) -> None:
         positive(self, "prompts_per_step", "group_size", "num_steps", "height", "width", "sample_batch_size")
@@ -597,6 +616,22 @@ class RunConfig:
                 f"[0, num_steps - 1 = {s.num_steps - 1}): the last step is never trained (its log-prob is "
                 "ill-conditioned). Set train_window_start + train_window_size <= num_steps - 1."
             )
+        if s.train_window_shift_every:
+            if s.train_window_shift_every < 0 or s.train_window_shift_stride < 1:
+                raise ValueError(
+                    f"train_window_shift_every={s.train_window_shift_every} and train_window_shift_stride="
+                    f"{s.train_window_shift_stride} must be >= 0 and >= 1"
+                )
+            if s.train_steps != "window":
+                raise ValueError(
+                    f"train_window_shift_every slides the 'window' mode's window, but train_steps="
+                    f"{s.train_steps!r}: set train_steps window (or train_window_shift_every 0)"
+                )
+            if not s.train_first_step and s.train_window_start == 0:  # K trained steps must stay constant
+                raise ValueError(
+                    "train_first_step=false with a sliding window starting at step 0 would train one step fewer "
+                    "at the first position than at the others: set train_window_start >= 1"
+                )
         if not s.train_first_step and (s.num_steps < 3 or (s.train_steps == "window" and list(s.train_window) == [0])):
             raise ValueError(
                 f"train_first_step=false leaves no step to train (num_steps={s.num_steps}, train_steps="

@@ -193,6 +193,12 @@ def validate_pruning(config: RunConfig) -> None:
             "predictor='probe' reads a probe: set probe_path to a probe file (launch/probe_train.py) or "
             "'init', choose another predictor (preview, lookahead, reward), or use prune_policy 'random' / 'none'."
         )
+    if needs_prediction and p.predictor == "probe" and s.sde_window_only and s.train_window_shift_every:
+        raise ValueError(
+            "predictor='probe' is bound to the sampler it was trained under, and a sliding window "
+            "(train_window_shift_every with sde_window_only) moves the SDE noise every few steps: choose predictor "
+            "preview or lookahead, which read any sampler, or a fixed window (train_window_shift_every 0)"
+        )
     if p.prune_advantage == "imputed" and p.prune_policy == "none":
         raise ValueError("prune_advantage='imputed' imputes pruned rollouts; with prune_policy='none' there are none")
     if p.prune_train_early and (p.prune_policy == "none" or p.prune_advantage != "imputed"):

@@ -292,6 +292,11 @@ class GRPOTrainer(TrainerPersistence):
         """This process's share (whole groups) of the step's prompts, their embeddings and rollout seeds."""
         cfg, acc = self.config, self.accelerator
         group_size = cfg.started_group_size  # group_size, times prune_expand when pruning expands the group
+        if cfg.sampling.train_window_shift_every:  # MixGRPO's sliding window
+            window = cfg.sampling.window_at(self.state.step)
+            self.metrics.add("train/window_start", float(window.start), 1)
+            if cfg.sampling.sde_window_only:  # the SDE noise slides with the trained steps
+                self.sampler.sde_steps = frozenset(window)
         with self.phase("prompts"):
             n_global = cfg.sampling.prompts_per_step  # split unevenly when it must be: see rl/data.py shard
             if self.prompt_history is None:

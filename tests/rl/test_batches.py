@@ -17,6 +17,18 @@ def test_window_trains_its_steps_and_train_first_step_false_drops_sigma_one():
     assert trained_steps(window, 0, 5, 1).tolist() == [[1, 2]]
 
 
+def test_a_sliding_window_moves_every_n_steps_and_rolls_back_after_the_last_trainable_position():
+    sliding = SamplingConfig(
+        num_steps=10, train_steps="window", train_window_start=1, train_window_size=3, train_window_shift_every=2
+    )
+    # positions 1..6 (the window [6, 9) ends before the untrained last step 9), two GRPO steps each, then 1 again
+    starts = [trained_steps(sliding, 0, step, 1)[0, 0].item() for step in range(14)]
+    assert starts == [1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 1, 1]
+    assert trained_steps(sliding, 0, 11, 2).tolist() == [[6, 7, 8]] * 2
+    sliding.train_window_shift_stride = 2  # positions 1, 3, 5
+    assert [sliding.window_at(step).start for step in range(0, 8, 2)] == [1, 3, 5, 1]
+
+
 def test_random_draws_a_fresh_sorted_subset_per_rollout_seeded_by_seed_step_and_stream():
     sampling = SamplingConfig(num_steps=10, train_steps="random", train_fraction=0.5)
     steps = trained_steps(sampling, 0, 3, 50)

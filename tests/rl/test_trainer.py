@@ -109,6 +109,23 @@ def test_sde_window_only_samples_the_window_with_noise_and_the_rest_with_the_ode
     fast.cleanup()
 
 
+def test_a_sliding_window_moves_the_trained_steps_and_their_sde_noise_together(pipeline_dir, tmp_path):
+    window = ("--num_steps", "10", "--train_steps", "window", "--train_window_start", "1", "--train_window_size", "3")
+    trainer = make_trainer(
+        pipeline_dir, tmp_path, *window, "--sde_window_only", "true", "--train_window_shift_every", "2"
+    )
+    trainer.state.step = 4  # the third position: [3, 6)
+    record = one_step(trainer)
+    assert trainer.sampler.sde_steps == {3, 4, 5} and record["train/window_start"] == 3
+    assert abs(record["policy/ratio_first_inner"] - 1) <= 1e-6  # the trained steps are the noisy ones
+    trainer.cleanup()
+    with pytest.raises(ValueError, match="bound to the sampler it was trained under"):
+        parse_config(tiny_args(pipeline_dir, tmp_path, *window, "--sde_window_only", "true",
+                               "--train_window_shift_every", "2", "--prune_policy", "topk", "--probe_path", "init"))  # fmt: skip
+    with pytest.raises(ValueError, match="set train_steps window"):
+        parse_config(tiny_args(pipeline_dir, tmp_path, "--train_window_shift_every", "2"))
+
+
 def test_evaluation_is_deterministic_and_uses_the_eval_prompts(pipeline_dir, tmp_path):
     trainer = make_trainer(
         pipeline_dir, tmp_path, "--eval_images_per_prompt", "2", "--final_eval_num_prompts", "2",
