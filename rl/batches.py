@@ -87,9 +87,10 @@ def score_chunks(prompt_index: torch.Tensor, batch_size: int) -> list[torch.Tens
 def trained_steps(sampling: SamplingConfig, seed: int, step: int, rows: int, stream: int = 0) -> torch.Tensor:
     """``[rows, K]`` denoising steps each rollout trains on; the last step (T - 1) never is.
 
-    ``all_but_last``: 0..T-2. ``window``: ``[start, start + size)`` (slid by step when it slides). ``random``: a fresh sorted random
-    ``train_fraction`` of 0..T-2 per rollout, seeded by ``(seed, step, stream)`` (stream: the process index,
-    so processes draw different subsets). ``train_first_step: false`` leaves step 0 (sigma = 1) out of each.
+    ``all_but_last``: 0..T-2. ``window``: ``[start, start + size)``, at ``step``'s position when it slides.
+    ``random``: a fresh sorted random ``train_fraction`` of 0..T-2 per rollout, seeded by ``(seed, step, stream)``
+    (stream: the process index, so processes draw different subsets). ``train_first_step: false`` leaves step 0
+    (sigma = 1) out of each.
     """
     s = sampling
     first = 0 if s.train_first_step else 1
