@@ -39,8 +39,8 @@ logger = logging.getLogger("grpo_flux")
 def run_config(argv: list[str] | None = None) -> RunConfig:
     """The run's config: ``--config`` and overrides, or without ``--config`` the shipped default plus overrides.
 
-    The dataclass defaults are sized for FLUX.1-dev (512 px, 512 tokens, rank 64), which the tiny model cannot
-    render; the bare launch line runs what ``make train`` runs instead, and says so in its first log line.
+    The dataclass defaults fit the shipped tiny model's sizes but not its tuned recipe (objective, learning rate,
+    steps); the bare launch line runs what ``make train`` runs instead, and says so in its first log line.
     """
     args = list(sys.argv[1:] if argv is None else argv)
     if "--config" not in args and "--help" not in args and "-h" not in args:

@@ -17,8 +17,8 @@ import yaml
 from rl.config import RunConfig
 from rl.paths import REPOSITORY, repository_hint
 
-# what a launch without --config runs (`make train`'s): the dataclass defaults are sized for FLUX.1-dev (512 px,
-# 512 tokens, rank 64), which the shipped tiny model cannot render
+# what a launch without --config runs (`make train`'s): the dataclass defaults fit the tiny model's sizes, but
+# the tuned recipe (objective, learning rate, steps) lives in this file
 DEFAULT_RUN_CONFIG = "configs/tiny_shapes.yaml"
 
 
