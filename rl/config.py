@@ -63,7 +63,8 @@ class ModelConfig(Section):
     pretrained: str = option(
         "assets/tiny-flux-shapes",
         "Base model: a diffusers FluxPipeline folder or hub id (black-forest-labs/FLUX.1-dev). The shipped tiny "
-        "model is the default; FLUX.1-dev needs a GPU with >= 40 GB in bf16.",
+        "model is the default; FLUX.1-dev in bf16 needs about 45 GiB on one GPU (bench/RESULTS.md, 'Memory per "
+        "process').",
     )
     revision: str | None = option(None, "Hub revision (branch, tag or commit) of `pretrained`; None: the default.")
     max_sequence_length: int = option(

@@ -83,6 +83,19 @@ def check_resumed_config(output_dir: Path, config: dict[str, Any], allow_change:
     return changes
 
 
+def schedule_moved(changes: dict[str, tuple[Any, Any]], lr_schedule: str) -> str | None:
+    """A warning when a resume's new ``max_steps`` moves the end of a decaying learning-rate schedule (the rate
+    decays to 0 at ``max_steps``, so it jumps at the resumed step and the run matches no uninterrupted one of
+    either length); None otherwise."""
+    if "max_steps" not in changes or lr_schedule == "constant":
+        return None
+    old, new = changes["max_steps"]
+    return (
+        f"max_steps {old} -> {new} moves the end of the {lr_schedule} learning-rate schedule: from the resumed step "
+        f"the rate follows a decay to 0 at step {new}, so this run equals no uninterrupted run"
+    )
+
+
 def changes_to_run(output_dir: Path, config: dict[str, Any]) -> tuple[dict, dict]:
     """:func:`resume_changes` between the run in ``output_dir`` (its config.yaml; none: no changes) and ``config``
     (flat)."""

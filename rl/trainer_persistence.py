@@ -22,7 +22,7 @@ from rl.checkpoint import load_checkpoint, make_output_dir, must_clear_output_di
 from rl.distributed import PeerFailedError
 from rl.lora import save_lora
 from rl.metrics_log import MetricsAccumulator
-from rl.resume_policy import check_resumed_config
+from rl.resume_policy import check_resumed_config, schedule_moved
 from rl.run_lock import OutputDirInUseError, clear_output_dir, lock_output_dir
 from rl.run_summary import finished_summary, held_out_summary, write_summary
 from rl.train_state import TrainState
@@ -63,6 +63,9 @@ class TrainerPersistence:
             )
             for key, (old, value) in changes.items():
                 self.info("resume changes %s: %r -> %r", key, old, value)
+            moved = schedule_moved(changes, cfg.training.lr_schedule)
+            if moved and self.accelerator.is_main_process:
+                logger.warning(moved)
         if self.accelerator.is_main_process and resume_path is None:
             (self.output_dir / "config.yaml").write_text(yaml.safe_dump(cfg.flat(), sort_keys=False))
         return resume_path

@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import logging
 import math
 import time
 
@@ -310,19 +311,25 @@ def test_a_fresh_run_refuses_a_folder_holding_another_run(pipeline_dir, tmp_path
     trainer.cleanup()
 
 
-def test_resume_refuses_changes_to_what_the_run_is_and_logs_safe_ones(pipeline_dir, tmp_path):
-    trainer = make_trainer(pipeline_dir, tmp_path, "--seed", "3")
+def test_resume_refuses_changes_to_what_the_run_is_and_logs_safe_ones(pipeline_dir, tmp_path, caplog):
+    trainer = make_trainer(pipeline_dir, tmp_path, "--seed", "3", "--lr_schedule", "cosine")
     one_step(trainer)
     trainer.state.step = 1
     trainer.save_checkpoint()
     trainer.cleanup()
     original = (tmp_path / "run" / "config.yaml").read_text()
-    resume = ("--resume_from", "latest", "--seed", "3")
+    resume = ("--resume_from", "latest", "--seed", "3", "--lr_schedule", "cosine")
     with pytest.raises(ValueError, match=r"group_size: 4 -> 2; learning_rate: 0\.0001 -> 0\.05"):
         make_trainer(pipeline_dir, tmp_path, *resume, "--group_size", "2", "--learning_rate", "0.05")
-    trainer = make_trainer(pipeline_dir, tmp_path, *resume, "--max_steps", "3", "--eval_every", "2")
+    with caplog.at_level(logging.WARNING, logger="rl.trainer"):
+        trainer = make_trainer(pipeline_dir, tmp_path, *resume, "--max_steps", "3", "--eval_every", "2")
     assert trainer.state.step == 1
     trainer.cleanup()
+    # a safe change that still changes the run's course is said
+    assert [r.message for r in caplog.records if "learning-rate schedule" in r.message] == [
+        "max_steps 1 -> 3 moves the end of the cosine learning-rate schedule: from the resumed step the rate follows "
+        "a decay to 0 at step 3, so this run equals no uninterrupted run"
+    ]
     history = [json.loads(line) for line in (tmp_path / "run" / "config_history.jsonl").read_text().splitlines()]
     assert history[-1]["changes"] == {"eval_every": [0, 2], "max_steps": [1, 3], "resume_from": [None, "latest"]}
     assert (tmp_path / "run" / "config.yaml").read_text() == original  # the original stays
@@ -350,6 +357,14 @@ def test_a_key_added_since_the_run_started_is_no_change_at_its_default():
     # a key the old run set keeps counting at any value, and without defaults nothing is presumed
     assert resume_changes(old, {"group_size": 16, "seed": 3}, defaults)[1] == {"group_size": (4, 16)}
     assert resume_changes(old, {"group_size": 4, "seed": 3, "preview_steps": 1})[1] == {"preview_steps": (None, 1)}
+
+
+def test_only_a_new_end_of_a_decaying_schedule_is_warned_about():
+    from rl.resume_policy import schedule_moved
+
+    assert schedule_moved({"max_steps": (160, 200)}, "constant") is None
+    assert schedule_moved({"max_minutes": (24, 48)}, "cosine") is None
+    assert "decay to 0 at step 200" in schedule_moved({"max_steps": (160, 200)}, "linear")
 
 
 def test_result_changes_ignore_only_the_keys_that_change_no_result(tmp_path):
