@@ -38,7 +38,8 @@ class TinyFluxConfig:
     ``resolution`` is the image side in pixels. The VAE downsamples ``2 ** (len(vae_channels) - 1)`` times
     and FLUX packs 2x2 latent patches into one token, so the defaults give an 8x8 image-token grid of 8x8
     pixels per token (FLUX.1 itself uses 16x16 pixels per token). A 16x16 grid (``vae_channels=(32, 64)``)
-    costs 3.7x more per training step on a CPU, too slow to pretrain and RL-tune on 2 cores.
+    costs several times more per training step on a CPU, too slow to pretrain and RL-tune on 2 cores (measured in
+    docs/experiments.md, "The shapes world and the shipped tiny model").
     ``text_length`` is both the CLIP tokenizer's ``model_max_length`` and the T5 sequence length the
     trainer uses (``max_sequence_length``); every shapes prompt fits in it.
     """

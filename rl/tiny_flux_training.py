@@ -101,8 +101,9 @@ def learning_rate(step: int, args) -> float:
 def encode_dataset(pipe: FluxPipeline, args, path: Path) -> tuple[torch.Tensor, list[str]]:
     """Render and encode ``args.dataset_size`` train-split images once (cached at ``path``).
 
-    Rendering plus VAE encoding is ~60% of a training step on CPU; a fixed dataset with fresh noise and
-    timesteps every step trains ~2.3x faster per second than rendering anew.
+    Rendering plus VAE encoding dominates a training step on CPU, so a fixed dataset with fresh noise and
+    timesteps every step trains faster per second than rendering anew (measured in docs/experiments.md, "The
+    shapes world and the shipped tiny model").
     """
     if path.exists():
         cached = torch.load(path, weights_only=False)
