@@ -62,7 +62,9 @@ def read_prompts(texts: list[str], source: str | None, max_prompts: int) -> list
 
 def best_of(args: argparse.Namespace, pipeline: FluxPipeline, prompts: list[Prompt], out: Path) -> None:
     """``--best_of``: select, then write the chosen images, the preview grid and ``selection.json``."""
-    sampler = FluxSampler(pipeline, args.num_steps, 0.0, args.guidance_scale, args.height, args.width)
+    sampler = FluxSampler(
+        pipeline, args.num_steps, 0.0, args.guidance_scale, args.height, args.width, batch_size=args.batch_size
+    )
     preview_steps = args.preview_steps * len(args.capture_step) if len(args.preview_steps) == 1 else args.preview_steps
     predictors = [
         predictor_for(args.predictor, sampler, k, args.lookahead_steps, args.probe_path or "", steps,
@@ -130,9 +132,16 @@ def main(argv: list[str] | None = None) -> Path:
     )  # fmt: skip
     best.add_argument("--probe_path", help="probe file (--predictor probe), trained under noise level 0")
     best.add_argument("--reward", help="reward spec (e.g. shapes); needed by preview and lookahead")
+    best.add_argument(
+        "--batch_size", type=int, default=16,
+        help="most seeds per transformer call (memory); 1: every image bit-identical to sampling its seed alone, "
+        "larger batches may round a seed differently in the last bits",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     if args.preview_steps != [1] and args.predictor != "preview":
         parser.error(f"--preview_steps is the preview's; --predictor {args.predictor} does not read it")
+    if args.batch_size < 1:
+        parser.error(f"--batch_size must be >= 1, got {args.batch_size}")
     if min(args.preview_steps) < 1 or len(args.preview_steps) not in (1, len(args.capture_step)):
         parser.error(f"--preview_steps {args.preview_steps}: one value >= 1, or one per --capture_step")
     prompts = read_prompts(args.prompt, args.prompts, args.max_prompts)

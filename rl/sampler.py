@@ -175,7 +175,8 @@ class FluxSampler:
         guidance_scale: FLUX's distilled guidance value (3.5 for FLUX.1-dev); ignored by models without a
             guidance embedding.
         height, width: image size in pixels.
-        batch_size: most rollouts per transformer call (memory knob; results do not depend on it).
+        batch_size: most rollouts per transformer call (a memory knob; batched kernels may round a rollout
+            differently beside other batch-mates, in the last bits: batch 1 is bit-exact per seed).
         sde_steps: the steps that add SDE noise (default all); the others are deterministic Euler steps with
             no density, so only ``sde_steps`` can be scored (Flow-GRPO-Fast's SDE window).
     """

@@ -6,10 +6,12 @@ import math
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from probe.probe import ProbeMismatchError
 from rewards.compose import build_reward_set
 from rewards.shapes import all_prompts
+from rl.metrics_log import image_grid
 from rl.predictors import PredictionCost
 from rl.sampler import FluxSampler, encode_prompts
 from rl.seed_selection import (
@@ -191,8 +193,16 @@ def test_sample_cli_best_of_writes_the_chosen_images_the_preview_grid_and_the_pr
         "sample", "--pretrained", str(tmp_path / "model"), "--prompt", SPECS[0].prompt, "--prompt", SPECS[1].prompt,
         "--height", "32", "--width", "32", "--num_steps", "4", "--best_of", "4", "--keep", "2",
         "--predictor", "lookahead", "--capture_step", "2", "--reward", "shapes", "--out", str(tmp_path / "out"),
+        "--batch_size", "1",
     )  # fmt: skip
     report = json.loads((tmp_path / "out" / "selection.json").read_text())
+    # at batch 1 the written image is exactly the chosen seed sampled alone
+    sampler = _sampler(tiny_flux_pipeline)
+    embeds = encode_prompts(tiny_flux_pipeline, [SPECS[0].prompt], 16)
+    chosen = torch.tensor([report["prompts"][0]["chosen_seed"]])
+    alone = sampler.advance(sampler.start(torch.tensor([0]), chosen), embeds, 4)
+    written = np.asarray(Image.open(tmp_path / "out" / "000_best.png"))
+    assert np.array_equal(written, image_grid(sampler.decode(alone.latents), 1))
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
         "000_best.png", "001_best.png", "previews.png", "selection.json"
     ]  # fmt: skip
