@@ -258,7 +258,7 @@ def test_the_benchs_funnel_keeps_what_the_selector_keeps():
 
 
 def test_bench_smoke_reports_every_selection_with_its_compute(tmp_path):
-    from bench.seed_selection import main
+    from bench.seed_selection import calls_to_reach, main
 
     report = main(["--smoke", "--out", str(tmp_path / "seed_selection")])
     result = report["models"]["base"]
@@ -274,6 +274,25 @@ def test_bench_smoke_reports_every_selection_with_its_compute(tmp_path):
         assert row["calls_vs_full"] == pytest.approx(row["transformer_calls"] / 40)
     assert full[1] <= full[2] <= full[4]
     assert (tmp_path / "seed_selection.png").stat().st_size > 0
+    for row in rows:
+        assert row["speedup_at_equal_reward"] == pytest.approx(
+            calls_to_reach(result["expected_best_of"], row["reward"], 10) / row["transformer_calls"]
+        )
+
+
+def test_the_expected_best_of_m_and_the_calls_it_needs_for_a_reward():
+    from bench.seed_selection import calls_to_reach, expected_best_of
+
+    real = np.array([[0.1, 0.4, 0.2], [1.0, 0.0, 0.5]])
+    curve = expected_best_of(real)
+    # by hand: m = 1 the mean seed; m = 2 the mean best of the 3 pairs; m = 3 the best
+    assert curve[1] == pytest.approx((0.7 / 3 + 1.5 / 3) / 2)
+    assert curve[2] == pytest.approx(((0.4 + 0.2 + 0.4) / 3 + (1.0 + 0.5 + 1.0) / 3) / 2)
+    assert curve[3] == pytest.approx((0.4 + 1.0) / 2)
+    assert calls_to_reach(curve, curve[1] - 0.1, 10) == 10  # below one seed: one seed's calls
+    assert calls_to_reach(curve, curve[2], 10) == pytest.approx(20)
+    assert calls_to_reach(curve, (curve[2] + curve[3]) / 2, 10) == pytest.approx(25)
+    assert math.isnan(calls_to_reach(curve, curve[3] + 0.01, 10))
 
 
 def test_preview_grid_frames_survivors_green_and_the_chosen_seed_blue():
