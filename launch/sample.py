@@ -39,15 +39,13 @@ import torch
 from diffusers import FluxPipeline
 from PIL import Image
 
-from rewards.compose import build_reward_set
 from rewards.shapes import all_prompts
 from rl.config_help import HelpFormatter
 from rl.data import Prompt, load_prompt_source
 from rl.inference import generate, load
 from rl.metrics_log import image_grid
 from rl.predictors import PREDICTORS
-from rl.sampler import FluxSampler, encode_prompts
-from rl.seed_selection import SeedSelector, full_best_of_n_cost, predictor_for, preview_grid
+from rl.seed_selection import best_of_n, full_best_of_n_cost, preview_grid
 
 
 def read_prompts(texts: list[str], source: str | None, max_prompts: int) -> list[Prompt]:
@@ -62,19 +60,13 @@ def read_prompts(texts: list[str], source: str | None, max_prompts: int) -> list
 
 def best_of(args: argparse.Namespace, pipeline: FluxPipeline, prompts: list[Prompt], out: Path) -> None:
     """``--best_of``: select, then write the chosen images, the preview grid and ``selection.json``."""
-    sampler = FluxSampler(
-        pipeline, args.num_steps, 0.0, args.guidance_scale, args.height, args.width, batch_size=args.batch_size
-    )
-    preview_steps = args.preview_steps * len(args.capture_step) if len(args.preview_steps) == 1 else args.preview_steps
-    predictors = [
-        predictor_for(args.predictor, sampler, k, args.lookahead_steps, args.probe_path or "", steps,
-                      text_length=args.max_sequence_length)
-        for k, steps in zip(args.capture_step, preview_steps)
-    ]  # fmt: skip
-    reward = build_reward_set(args.reward) if args.reward else None
-    selector = SeedSelector(sampler, predictors, args.capture_step, reward)
-    embeds = encode_prompts(pipeline, [p.text for p in prompts], args.max_sequence_length)
-    choices = selector.select(embeds, args.seeds, args.keep, [p.metadata for p in prompts], previews=True)
+    choices = best_of_n(
+        pipeline, [p.text for p in prompts], len(args.seeds), args.keep, args.capture_step, args.predictor,
+        args.reward or None, num_steps=args.num_steps, height=args.height, width=args.width,
+        guidance_scale=args.guidance_scale, max_sequence_length=args.max_sequence_length,
+        metadata=[p.metadata for p in prompts], lookahead_steps=args.lookahead_steps,
+        preview_steps=args.preview_steps, probe_path=args.probe_path or "", batch_size=args.batch_size, previews=True,
+    )  # fmt: skip
     for index, choice in enumerate(choices):
         Image.fromarray(image_grid(choice.image[None], 1)).save(out / f"{index:03d}_best.png")
     Image.fromarray(image_grid(preview_grid(choices), len(args.seeds))).save(out / "previews.png")

@@ -31,13 +31,14 @@ from collections.abc import Sequence
 from typing import TypeVar
 
 import torch
+from diffusers import FluxPipeline
 
-from rewards.compose import RewardResult, RewardSet
+from rewards.compose import RewardResult, RewardSet, build_reward_set
 from rl.config import ModelConfig, RunConfig, TrainingConfig
 from rl.predictors import PredictionCost, PredictionInputs, Predictor, build_predictor, reward_scores
 from rl.predictors.preview import X0Recorder
 from rl.pruning_config import PruningConfig
-from rl.sampler import FluxSampler, PromptEmbeddings, StepObserver
+from rl.sampler import FluxSampler, PromptEmbeddings, StepObserver, encode_prompts
 
 Item = TypeVar("Item")
 
@@ -308,6 +309,47 @@ class SeedSelector:
                 )
             )
         return choices
+
+
+def best_of_n(
+    pipeline: FluxPipeline,
+    prompts: list[str],
+    n: int,
+    keep: int | Sequence[int],
+    capture_step: int | Sequence[int],
+    predictor: str = "lookahead",
+    reward: RewardSet | str | None = None,
+    *,
+    num_steps: int,
+    height: int,
+    width: int,
+    guidance_scale: float = 3.5,
+    max_sequence_length: int = 512,
+    metadata: list[dict] | None = None,
+    lookahead_steps: int = 2,
+    preview_steps: int | Sequence[int] = 1,
+    probe_path: str = "",
+    batch_size: int = 16,
+    previews: bool = False,
+) -> list[SeedChoice]:
+    """Best-of-``n`` for each prompt in one call: seeds 0..n-1 run to ``capture_step``, the registered
+    ``predictor`` (``probe``, ``preview``, ``lookahead``) ranks them, the ``keep`` predicted best are finished
+    and the best of those by ``reward`` (a :class:`RewardSet` or a spec such as ``"shapes"``; by the prediction
+    without one) is chosen. A funnel: one capture step, keep and preview step count per stage. Sampling is
+    deterministic (noise level 0); ``pipeline`` may carry a LoRA. Each :class:`SeedChoice` holds every seed's
+    prediction, the survivors' images and rewards, and the compute spent per prompt."""
+    sampler = FluxSampler(pipeline, num_steps, 0.0, guidance_scale, height, width, batch_size=batch_size)
+    steps = as_list(capture_step)
+    preview_counts = as_list(preview_steps)
+    preview_counts = preview_counts * len(steps) if len(preview_counts) == 1 else preview_counts
+    predictors = [
+        predictor_for(predictor, sampler, k, lookahead_steps, probe_path, count, text_length=max_sequence_length)
+        for k, count in zip(steps, preview_counts, strict=True)
+    ]
+    scorer = build_reward_set(reward) if isinstance(reward, str) else reward
+    selector = SeedSelector(sampler, predictors, steps, scorer)
+    embeds = encode_prompts(pipeline, prompts, max_sequence_length)
+    return selector.select(embeds, list(range(n)), keep, metadata, previews=previews)
 
 
 def selection_cost(

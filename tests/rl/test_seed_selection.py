@@ -17,6 +17,7 @@ from rl.sampler import FluxSampler, encode_prompts
 from rl.seed_selection import (
     SeedChoice,
     SeedSelector,
+    best_of_n,
     choose,
     full_best_of_n_cost,
     keep_best,
@@ -86,6 +87,21 @@ def test_survivors_are_the_predicted_best_and_bit_identical_to_sampling_those_se
             assert torch.equal(sampler.decode(alone.latents)[0], choice.images[j])
         assert choice.cost == selection_cost(4, 2, 4, 2, PredictionCost(0, 1, 1), scored=True)
         assert json.loads(json.dumps(choice.to_dict()))["chosen_seed"] == seeds[choice.chosen]
+
+
+def test_best_of_n_in_one_call_is_the_selector_built_by_hand(tiny_flux_pipeline):
+    metadata = [s.to_dict() for s in SPECS]
+    choices = best_of_n(
+        tiny_flux_pipeline, [s.prompt for s in SPECS], 4, [3, 1], [1, 2], "preview", "shapes", num_steps=4,
+        height=32, width=32, max_sequence_length=16, metadata=metadata, batch_size=1,
+    )  # fmt: skip
+    sampler = _sampler(tiny_flux_pipeline)
+    predictors = [predictor_for("preview", sampler, k) for k in (1, 2)]
+    selector = SeedSelector(sampler, predictors, [1, 2], build_reward_set("shapes"))
+    embeds = encode_prompts(tiny_flux_pipeline, [s.prompt for s in SPECS], 16)
+    for ours, by_hand in zip(choices, selector.select(embeds, [0, 1, 2, 3], [3, 1], metadata), strict=True):
+        assert (ours.kept, ours.chosen, ours.cost) == (by_hand.kept, by_hand.chosen, by_hand.cost)
+        assert torch.equal(ours.images, by_hand.images) and torch.equal(ours.predicted, by_hand.predicted)
 
 
 def test_a_funnel_ranks_only_the_survivors_of_the_stage_before_and_finishes_them_exactly(tiny_flux_pipeline):
