@@ -111,6 +111,8 @@ def test_sharded_trains_as_ddp_exports_and_resumes_exactly(ddp_runs, tmp_path, s
     assert max((exported[k] - reference[k]).abs().max() for k in exported) <= 1e-5
     pipeline = FluxPipeline.from_pretrained(ddp_runs / "pipeline")
     pipeline.load_lora_weights(run / "lora")
+    loaded = {k.replace(".default_0", ""): v for k, v in pipeline.transformer.state_dict().items() if "lora_" in k}
+    assert all(torch.equal(loaded[k.removeprefix("transformer.")], v) for k, v in exported.items())
     # the final evaluation (3 prompts over 2 processes: rank 1 pads its share, uncounted) equals DDP's
     final = [r for r in read_metrics(run / "metrics.jsonl") if "final_eval/total/mean" in r]
     ddp_final = [r for r in read_metrics(ddp_runs / "ddp" / "run" / "metrics.jsonl") if "final_eval/total/mean" in r]
@@ -124,6 +126,8 @@ def test_sharded_trains_as_ddp_exports_and_resumes_exactly(ddp_runs, tmp_path, s
     step1 = run / "checkpoints" / "step-00000001"
     if sharding == "fsdp":  # the LoRA is 25 KB in fp32, the base 400 KB (DeepSpeed excludes it as under ZeRO-2)
         assert (step1 / "model.safetensors").stat().st_size < 100_000
+    base = sum(f.stat().st_size for f in (ddp_runs / "pipeline" / "transformer").glob("*.safetensors"))
+    assert sum(f.stat().st_size for f in step1.rglob("*") if f.is_file()) < base  # LoRA, optimizer, state: no base
     resumed = [*run_args(ddp_runs / "pipeline", run), "--resume_from", str(step1)]
     finish(launch(tmp_path / "resumed", resumed, *launcher))
     assert all(torch.equal(a, b) for a, b in zip(ranks(tmp_path / "resumed")[0], rank0))
