@@ -223,6 +223,12 @@ def short(images, prompts, metadata):
 
 def bare_tensor(images, prompts, metadata):
     return torch.zeros(len(images))
+
+
+def hangs(images, prompts, metadata):  # a deadlocked judge: the call never returns
+    import threading
+
+    threading.Event().wait()
 """
 
 
@@ -485,6 +491,9 @@ CASES = [
          "tests/rewards/test_compose.py"),
     Case("reward_bare_tensor", "a reward returning a tensor, not a dict of named scores", _reward("bare_tensor"),
          "dict of named scores", "tests/rewards/test_compose.py"),
+    Case("reward_hangs", "a reward whose call never returns (a deadlocked judge), reward_timeout_s 5",
+         _reward("hangs", "--reward_timeout_s", "5"), "gave no answer within reward_timeout_s=5 s",
+         "tests/launch/test_grpo_smoke.py", _latest_checkpoint_intact, failed_check=LOST),
     Case("second_launch_same_output_dir", "the same command launched again while the first still runs",
          _second_launch, "in use by another run", "tests/rl/test_run_lock.py", _first_launch_unmixed,
          cleanup=_stop_first_launch, failed_check=LOST),

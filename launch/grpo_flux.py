@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from rewards.base import RewardError, RewardImportError
+from rewards.base import RewardError, RewardImportError, RewardTimeoutError
 from rewards.remote import RemoteRewardError
 from rl.checkpoint import CheckpointWriteError
 from rl.config import RunConfig
@@ -101,11 +101,16 @@ def cli(argv: list[str] | None = None) -> int:
         if os.environ.get("GRPO_DEBUG"):
             raise
         # a reward's own bug needs its traceback: say how to get it
-        own_bug = isinstance(error, RewardError) and not isinstance(error, RemoteRewardError)
+        own_bug = isinstance(error, RewardError) and not isinstance(error, (RemoteRewardError, RewardTimeoutError))
         hint = " (GRPO_DEBUG=1 shows the reward's traceback)" if own_bug else ""
         # one write with its newline: print writes the text and the newline apart, so two processes failing
         # together (a checkpoint write failing on every rank) could run their lines into one on a shared stderr
         sys.stderr.write(f"error: {error}{hint}\n")
+        if isinstance(error, RewardTimeoutError):
+            # the hung reward's thread never returns, and the interpreter joins its pool's threads at exit
+            sys.stdout.flush()
+            logging.shutdown()
+            os._exit(2)
         return 2
     return 0
 

@@ -43,6 +43,10 @@ class RewardError(RuntimeError):
     """A reward failed or returned something unusable; the message names the reward and what to do."""
 
 
+class RewardTimeoutError(RewardError):
+    """A reward gave no answer within its time limit; its thread may never return, so the run cannot go on."""
+
+
 class RewardOutputError(RewardError):
     """A reward returned something that is not a dict of ``[B]`` scores: a bug, never dropped by policy."""
 

@@ -34,10 +34,19 @@ import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 
 import torch
 
-from rewards.base import Reward, RewardError, RewardOutputError, check_scores, load_reward, scoring_step
+from rewards.base import (
+    Reward,
+    RewardError,
+    RewardOutputError,
+    RewardTimeoutError,
+    check_scores,
+    load_reward,
+    scoring_step,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -104,6 +113,7 @@ class RewardSet:
         failure_policy: ``"raise"`` or ``"drop_group"`` (see the module docstring).
         max_failed_batches: under ``drop_group``, stop after this many consecutive steps (:meth:`step`; outside
             one, batches) lost entirely.
+        timeout_s: longest wait for one batch's scores (:meth:`wait`, and every :meth:`__call__`); 0: no limit.
     """
 
     def __init__(
@@ -112,6 +122,7 @@ class RewardSet:
         max_workers: int = 1,
         failure_policy: str = "raise",
         max_failed_batches: int = 3,
+        timeout_s: float = 0.0,
     ) -> None:
         if not components:
             raise ValueError("a reward set needs at least one component")
@@ -123,6 +134,8 @@ class RewardSet:
         self.components = components
         self.failure_policy = failure_policy
         self.max_failed_batches = max_failed_batches
+        self.timeout_s = timeout_s
+        self._hung = False  # a batch outlived timeout_s: its thread may never return, so close() must not wait
         self._locks = {
             name: contextlib.nullcontext() if getattr(reward, "thread_safe", False) else threading.Lock()
             for name, reward, _ in components
@@ -156,7 +169,28 @@ class RewardSet:
             RewardError: under the ``raise`` policy on any failure; always on malformed output; under
                 ``drop_group`` after ``max_failed_batches`` consecutive batches with nothing valid.
         """
-        return self._score_batch(self._open_step, images, prompts, metadata, group_ids)
+        if not self.timeout_s:
+            return self._score_batch(self._open_step, images, prompts, metadata, group_ids)
+        return self.wait(self.submit(images, prompts, metadata, group_ids))  # a worker thread: the wait is bounded
+
+    def wait(self, future: Future[RewardResult]) -> RewardResult:
+        """The scores of a :meth:`submit`, waiting at most ``timeout_s`` (0: as long as it takes).
+
+        Raises:
+            RewardTimeoutError: no answer in time. The reward's thread cannot be stopped from outside, and the
+                next call of that component would wait for its lock, so the run stops (after a checkpoint).
+        """
+        try:
+            # once one batch hung, the batches queued behind it would each wait out the limit again
+            return future.result(timeout=self.timeout_s or None) if not self._hung else future.result(timeout=0)
+        except FutureTimeout:
+            self._hung = True
+            names = ", ".join(repr(name) for name in self.names)
+            raise RewardTimeoutError(
+                f"reward {names} gave no answer within reward_timeout_s={self.timeout_s:g} s: a hung reward (a "
+                "deadlocked judge, a network call without a deadline) stops the run; raise reward_timeout_s if "
+                "scoring a batch legitimately takes longer"
+            ) from None
 
     @contextlib.contextmanager
     def step(self) -> Iterator[None]:
@@ -214,8 +248,9 @@ class RewardSet:
         return self._pool.submit(self._score_batch, self._open_step, images, list(prompts), list(metadata), group_ids)
 
     def close(self) -> None:
-        """Wait for pending batches, then release the threads and any component with a ``close()``."""
-        self._pool.shutdown(wait=True)
+        """Wait for pending batches (unless one hung), then release the threads and any component with a
+        ``close()``."""
+        self._pool.shutdown(wait=not self._hung, cancel_futures=self._hung)
         for _, reward, _ in self.components:
             if callable(getattr(reward, "close", None)):
                 reward.close()
@@ -366,6 +401,7 @@ def build_reward_set(
     max_workers: int = 1,
     failure_policy: str = "raise",
     max_failed_batches: int = 3,
+    timeout_s: float = 0.0,
 ) -> RewardSet:
     """Build from a comma-separated list of registry names / dotted paths, e.g. ``"pickscore,clipscore"``.
 
@@ -376,7 +412,7 @@ def build_reward_set(
             a JSON string.
         max_workers: threads for :meth:`RewardSet.submit`.
         failure_policy: ``"raise"`` or ``"drop_group"``.
-        max_failed_batches: see :class:`RewardSet`.
+        max_failed_batches, timeout_s: see :class:`RewardSet`.
 
     Raises:
         ValueError: on a length mismatch between components and weights, a non-finite weight, kwargs for an
@@ -409,4 +445,4 @@ def build_reward_set(
     for _, reward, _ in components:
         if callable(getattr(reward, "check_health", None)):
             reward.check_health()
-    return RewardSet(components, max_workers, failure_policy, max_failed_batches)
+    return RewardSet(components, max_workers, failure_policy, max_failed_batches, timeout_s)

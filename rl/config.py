@@ -269,9 +269,17 @@ class RewardConfig(Section):
         "chunks per process; the decode of one chunk shares the device with the next one's denoising. "
         "Recommended: true. Measured in bench/RESULTS.md, 'Reward overlap'.",
     )
+    reward_timeout_s: float = option(
+        3600.0,
+        "Longest wait for one batch's scores; a reward that gives no answer in time (a deadlocked judge, a network "
+        "call without a deadline) stops the run after a checkpoint, instead of stalling it forever. 0: no limit. "
+        "Raise it if scoring one chunk of a step (see reward_overlap) can legitimately take longer.",
+    )
 
     def check(self) -> None:
         positive(self, "reward_workers")
+        if not self.reward_timeout_s >= 0:
+            raise ValueError(f"reward_timeout_s must be >= 0 (0: no limit), got {self.reward_timeout_s}")
         if isinstance(self.reward_kwargs, str):
             try:
                 self.reward_kwargs = json.loads(self.reward_kwargs)

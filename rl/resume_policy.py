@@ -21,7 +21,7 @@ from rl.config import RunConfig
 # value is refused unless --allow_config_change says otherwise (check_resumed_config). A key added later must default
 # to the behaviour before it: a run that started without it resumes at that default (resume_changes).
 RESUME_SAFE_KEYS = frozenset(
-    {"max_steps", "max_minutes", "max_flux_compute", "max_images_denoised", "reward_workers", "reward_overlap", "eval_every",
+    {"max_steps", "max_minutes", "max_flux_compute", "max_images_denoised", "reward_workers", "reward_overlap", "reward_timeout_s", "eval_every",
      "eval_num_prompts", "eval_images_per_prompt", "final_eval_num_prompts", "final_eval_images_per_prompt",
      "eval_before_training", "log_every", "wandb_mode", "wandb_project", "run_name", "progress_bar", "output_dir", "overwrite_output_dir",
      "save_every", "save_every_minutes", "save_total_limit", "resume_from", "save_lora", "save_ema", "allow_config_change",
@@ -32,7 +32,7 @@ RESUME_SAFE_KEYS = frozenset(
 # Of those, the keys that change nothing a run computes (logging, checkpoint cadence, how rewards are scheduled:
 # results stay bit-identical): an ablation keeps a finished run when only these differ (result_changes).
 RESULT_NEUTRAL_KEYS = frozenset(
-    {"reward_workers", "reward_overlap", "log_every", "wandb_mode", "wandb_project", "run_name", "progress_bar",
+    {"reward_workers", "reward_overlap", "reward_timeout_s", "log_every", "wandb_mode", "wandb_project", "run_name", "progress_bar",
      "output_dir", "overwrite_output_dir", "save_every", "save_every_minutes", "save_total_limit", "resume_from",
      "save_lora", "allow_config_change", "distributed_timeout_s"}
 )  # fmt: skip

@@ -140,8 +140,9 @@ class GRPOTrainer(TrainerPersistence):
         self.eval_prompts = load_prompt_source(cfg.eval.eval_prompts)
         r = cfg.reward
         self.reward_set = build_reward_set(
-            r.reward, r.reward_weights, r.reward_kwargs, r.reward_workers, failure_policy=r.reward_failure_policy
-        )
+            r.reward, r.reward_weights, r.reward_kwargs, r.reward_workers, r.reward_failure_policy,
+            timeout_s=r.reward_timeout_s,
+        )  # fmt: skip
         # one thread, so the VAE decodes one chunk at a time and chunks reach the reward pool in order
         self.decode_pool = ThreadPoolExecutor(1, thread_name_prefix="decode") if r.reward_overlap else None
         # the run folder before the model: a used folder or a changed config must fail in seconds, not after loading
@@ -400,7 +401,7 @@ class GRPOTrainer(TrainerPersistence):
         the rollouts come back all invalid, so this process makes the step's remaining collectives with the others
         and they can agree to stop together (:meth:`stop_if_the_step_failed`)."""
         try:
-            return future.result()
+            return self.reward_set.wait(future)  # at most reward_timeout_s: a hung reward fails the step
         except Exception as error:
             self.step_failure = self.step_failure or error
             nan = torch.full((rollouts,), math.nan)

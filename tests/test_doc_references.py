@@ -31,7 +31,9 @@ def test_every_path_a_document_names_exists():
         text = document.read_text()
         if "../shared" in text:
             missing.append(f"{document.relative_to(ROOT)}: a path outside the repository (../shared)")
-        missing += [f"{document.relative_to(ROOT)}: `{path}`" for path in named_paths(text) if not (ROOT / path).exists()]
+        missing += [
+            f"{document.relative_to(ROOT)}: `{path}`" for path in named_paths(text) if not (ROOT / path).exists()
+        ]
         for link in re.findall(r"\]\(([^)#\s]+)", text):
             if not link.startswith(("http://", "https://", "mailto:")) and not (document.parent / link).exists():
                 missing.append(f"{document.relative_to(ROOT)}: link {link}")

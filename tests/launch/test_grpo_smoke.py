@@ -153,3 +153,39 @@ def test_a_failing_reward_stops_with_one_line_naming_it_after_a_checkpoint(tiny_
     assert last.startswith("error: reward 'shapes' raised ValueError") and "reward_failure_policy" in last
     assert last.endswith("(GRPO_DEBUG=1 shows the reward's traceback)")
     assert (out / "checkpoints" / "step-00000000").is_dir()  # the failed step's run is kept, resumable
+
+
+HANGING_REWARD = '''
+import threading
+
+
+class Hangs:
+    """A deadlocked judge: its first call never returns."""
+
+    def __call__(self, images, prompts, metadata):
+        threading.Event().wait()
+'''
+
+
+def test_a_hung_reward_stops_the_run_within_reward_timeout_s_after_a_checkpoint(tiny_flux_pipeline, tmp_path):
+    tiny_flux_pipeline.save_pretrained(tmp_path / "base")
+    (tmp_path / "hanging_reward.py").write_text(HANGING_REWARD)
+    out = tmp_path / "run"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(tmp_path), str(SCRIPT.parents[1])]))
+    env.pop("GRPO_DEBUG", None)
+    done = subprocess.run(
+        [
+            sys.executable, str(SCRIPT), "--pretrained", str(tmp_path / "base"), "--height", "32", "--width", "32",
+            "--num_steps", "4", "--lora_rank", "4", "--lora_alpha", "8", "--prompts_per_step", "2", "--group_size",
+            "2", "--sample_batch_size", "4", "--train_batch_size", "4", "--max_steps", "2", "--eval_before_training",
+            "false", "--reward", "hanging_reward:Hangs", "--reward_timeout_s", "3", "--output_dir", str(out),
+            "--wandb_mode", "disabled", "--progress_bar", "false", "--mixed_precision", "no",
+        ],
+        env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    # without the limit the run waited forever; with it the process exits although the reward's thread never returns
+    assert done.returncode == 2, done.stderr[-2000:]
+    last = done.stderr.strip().splitlines()[-1]
+    assert "Traceback" not in done.stderr
+    assert last.startswith("error: reward 'hanging_reward:Hangs' gave no answer within reward_timeout_s=3 s")
+    assert (out / "checkpoints" / "step-00000000").is_dir()  # what was done is kept: the same command resumes

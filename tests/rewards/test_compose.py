@@ -9,7 +9,7 @@ import time
 import pytest
 import torch
 
-from rewards.base import RewardError, RewardOutputError
+from rewards.base import RewardError, RewardOutputError, RewardTimeoutError
 from rewards.compose import RewardSet, build_reward_set, group_index, parse_reward_spec
 
 PROMPTS = ["a red circle"] * 3 + ["a blue square"] * 3
@@ -215,3 +215,37 @@ def test_thread_safe_rewards_run_concurrently(images):
     assert all(f.result(timeout=5).valid.all() for f in futures)
     assert time.perf_counter() - start < 0.55
     rewards.close()
+
+
+def test_a_reward_that_hangs_stops_within_its_timeout_and_does_not_hold_up_close(images):
+    release = threading.Event()
+
+    def hangs(images, prompts, metadata):
+        release.wait(30)  # a deadlocked judge (released at the end, so the test leaves no thread behind)
+        return {"score": images.mean(dim=(1, 2, 3))}
+
+    rewards = RewardSet([("judge", hangs, 1.0)], timeout_s=0.3)
+    first, queued = rewards.submit(images, PROMPTS, METADATA), rewards.submit(images, PROMPTS, METADATA)
+    started = time.perf_counter()
+    with pytest.raises(RewardTimeoutError, match=r"reward 'judge' gave no answer within reward_timeout_s=0\.3 s"):
+        rewards.wait(first)
+    with pytest.raises(RewardTimeoutError):  # the batch queued behind it fails at once, not after another 0.3 s
+        rewards.wait(queued)
+    with pytest.raises(RewardTimeoutError):  # a direct call is bounded too (the evaluation's)
+        rewards(images, PROMPTS, METADATA)
+    rewards.close()  # does not wait for the hung thread
+    assert 0.3 <= time.perf_counter() - started < 2.0
+    release.set()
+
+
+def test_without_a_timeout_a_slow_reward_is_waited_for(images):
+    def slow(images, prompts, metadata):
+        time.sleep(0.3)
+        return {"score": images.mean(dim=(1, 2, 3))}
+
+    rewards = RewardSet([("slow", slow, 1.0)], timeout_s=0)
+    assert rewards.wait(rewards.submit(images, PROMPTS, METADATA)).valid.all()
+    rewards.close()
+    bounded = RewardSet([("slow", slow, 1.0)], timeout_s=5)
+    assert bounded(images, PROMPTS, METADATA).valid.all()
+    bounded.close()
