@@ -648,14 +648,17 @@ class RunConfig:
                 "trained. Widen the window past step 0, set num_steps >= 3, or train_first_step=true."
             )
         t = self.training
-        changed = [
-            f.name for f in dataclasses.fields(t) if f.name.startswith("awm_") and getattr(t, f.name) != f.default
-        ]
-        if changed and t.policy_objective != "awm":
-            raise ValueError(
-                f"{', '.join(changed)} only act under policy_objective 'awm', not {t.policy_objective!r}: set "
-                "policy_objective: awm or leave them at their defaults."
-            )
+        for name, unit in OBJECTIVES.items():  # an objective's own options, set under another objective
+            changed = [
+                f.name
+                for f in dataclasses.fields(t)
+                if unit.option_prefix and f.name.startswith(unit.option_prefix) and getattr(t, f.name) != f.default
+            ]
+            if changed and t.policy_objective != name:
+                raise ValueError(
+                    f"{', '.join(changed)} only act under policy_objective {name!r}, not {t.policy_objective!r}: set "
+                    f"policy_objective: {name} or leave them at their defaults."
+                )
         if s.sde_window_only and s.train_steps != "window":
             raise ValueError(
                 f"sde_window_only=true needs train_steps='window' (got {s.train_steps!r}): the SDE steps must be the "

@@ -47,6 +47,8 @@ class Objective:
     name: ClassVar[str]
     needs: ClassVar[Needs]
     metrics: ClassVar[tuple[str, ...]]  # the policy/* keys :meth:`record` logs
+    # the TrainingConfig keys it alone reads (e.g. "awm_"): setting one under another objective is an error
+    option_prefix: ClassVar[str] = ""
 
     def __init__(self, trainer) -> None:
         self.trainer = trainer  # its sampler, model, config and adapter-off reference context

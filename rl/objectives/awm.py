@@ -28,6 +28,7 @@ def policy_ema_decay(steps_done: int, max_decay: float) -> float:
 class AWM(Objective):
     needs = Needs(sde_noise=False, transitions=False, finished_images=True)
     metrics = ("loss", "policy_loss", "kl_ref", "kl_ema", "matching_error")
+    option_prefix = "awm_"
 
     def __init__(self, trainer) -> None:
         super().__init__(trainer)
