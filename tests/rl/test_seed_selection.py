@@ -2,6 +2,7 @@
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -337,3 +338,21 @@ def test_without_a_reward_the_best_predicted_survivor_is_returned_and_nothing_is
         # a probe costs nothing: 4 seeds x 2 steps + 2 survivors x 2 steps, 2 decodes, no reward call
         assert choice.cost == selection_cost(4, 2, 4, 2, PredictionCost(), scored=False)
         assert (choice.cost.transformer_calls, choice.cost.reward_calls) == (12, 0)
+
+
+def test_sample_cli_ranks_by_the_shipped_probe_without_any_reward_call(tmp_path, run_launch_script):
+    root = Path(__file__).resolve().parents[2]
+    run_launch_script(
+        "sample", "--pretrained", str(root / "assets" / "tiny-flux-shapes"), "--prompt", SPECS[0].prompt,
+        "--best_of", "4", "--keep", "2", "--predictor", "probe", "--capture_step", "4",
+        "--probe_path", str(root / "assets" / "probe" / "tiny-flux-shapes-ode-step4.pt"), "--out", str(tmp_path),
+    )  # fmt: skip
+    report = json.loads((tmp_path / "selection.json").read_text())
+    # 4 seeds x 4 calls + 2 x 6; the probe reads the capture step's own forward; no reward: nothing scored
+    assert report["cost_per_prompt"] == {"transformer_calls": 28.0, "decodes": 2.0, "reward_calls": 0.0}
+    (prompt,) = report["prompts"]
+    assert prompt["kept_rewards"] is None and len(prompt["predicted"]) == 4
+    kept = sorted(range(4), key=lambda i: (-prompt["predicted"][i], i))[:2]
+    assert prompt["kept_seeds"] == kept and prompt["chosen_seed"] == kept[0]  # by the prediction
+    grid = np.asarray(Image.open(tmp_path / "previews.png"))
+    assert grid.shape[1] > grid.shape[0]  # one row of the 4 seeds' previews
