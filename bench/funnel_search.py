@@ -37,7 +37,7 @@ from bench.seed_selection import funnel_picks, parse_predictor
 from probe.metrics import probe_metrics
 from rl.config_help import HelpFormatter
 from rl.predictors import PredictionCost
-from rl.predictors.lookahead import lookahead_indices
+from rl.predictors.preview import PreviewPredictor
 from rl.seed_selection import full_best_of_n_cost, selection_cost
 
 SECTION = "Seed selection: every preview funnel within half the compute (bench/funnel_search.py)"
@@ -59,8 +59,8 @@ def as_stage(spec: str, num_steps: int) -> Stage | None:
         step += 1
     elif name != "preview":
         return None
-    calls = len(lookahead_indices(step - 1, num_steps, steps)) - 2 if steps > 1 else 0
-    return Stage(f"preview@{step}" + (f"+{steps}" if steps > 1 else ""), step, calls)
+    calls = PreviewPredictor(step, steps, num_steps).cost_per_rollout.transformer_calls
+    return Stage(f"preview@{step}" + (f"+{steps}" if steps > 1 else ""), step, int(calls))
 
 
 def gain_of(real: np.ndarray, picks: np.ndarray) -> float:

@@ -37,6 +37,8 @@ from rewards.compose import build_reward_set
 from rewards.shapes import all_prompts
 from rl.config_help import HelpFormatter
 from rl.predictors import PredictionCost, PredictionInputs, reward_scores
+from rl.predictors.lookahead import LookaheadPredictor
+from rl.predictors.preview import PreviewPredictor
 from rl.sampler import FluxSampler, Rollouts, encode_prompts
 from rl.seed_selection import choose, full_best_of_n_cost, keep_best_of, predictor_for, selection_cost
 
@@ -49,6 +51,31 @@ def parse_predictor(spec: str) -> tuple[str, int, int]:
     name, _, where = spec.partition("@")
     step, _, steps = where.partition("+")
     return name, int(step), int(steps or (2 if name == "lookahead" else 1))
+
+
+def recorded_cost(spec: str, num_steps: int) -> PredictionCost:
+    """The per-rollout cost of a preview or lookahead prediction ``name@k[+n]`` (what :func:`measure_model`
+    measured), to price predictions read back from a ``--raw`` file."""
+    name, k, steps = parse_predictor(spec)
+    if name == "preview":
+        return PreviewPredictor(k, steps, num_steps).cost_per_rollout
+    if name == "lookahead":
+        return LookaheadPredictor(k, num_steps, steps).cost_per_rollout
+    raise ValueError(f"{spec}: a {name!r} prediction is not priced from a raw file; measure it again instead")
+
+
+def read_raw(path: str, predictors: list[str], num_steps: int) -> dict[str, tuple]:
+    """``model -> (real, predictions, costs)`` as :func:`measure_model` returns them, from a ``--raw`` file."""
+    raw = np.load(path)
+    models = list(dict.fromkeys(key.rsplit("/", 1)[0] for key in raw.files if key.endswith("/real")))
+    missing = [f"{m}/{spec}" for m in models for spec in predictors if f"{m}/{spec}" not in raw.files]
+    if missing:
+        raise ValueError(f"{path} holds no {', '.join(missing)}; it holds {', '.join(raw.files)}")
+    return {
+        model: (raw[f"{model}/real"], {spec: raw[f"{model}/{spec}"] for spec in predictors},
+                {spec: recorded_cost(spec, num_steps) for spec in predictors})
+        for model in models
+    }  # fmt: skip
 
 
 @torch.no_grad()
@@ -237,6 +264,15 @@ def markdown(results: dict[str, dict], args: argparse.Namespace, seconds: float)
     return lines
 
 
+def load_model(pretrained: str, lora: str | None) -> FluxPipeline:
+    """The fp32 pipeline, with ``lora`` loaded when given."""
+    pipeline = FluxPipeline.from_pretrained(pretrained, torch_dtype=torch.float32)
+    if lora:
+        pipeline.load_lora_weights(lora)
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n")[0], formatter_class=HelpFormatter, allow_abbrev=False
@@ -259,6 +295,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", default="bench/seed_selection", help="writes <out>.json and <out>.png")
     parser.add_argument("--results", default="bench/RESULTS.md", help="Markdown file of the section ('': none)")
     parser.add_argument("--raw", help="also write every real reward and prediction ([P, N] per model) to this .npz")
+    parser.add_argument(
+        "--from_raw", help="report from a --raw file of an earlier run instead of sampling (previews, lookaheads)"
+    )
     parser.add_argument("--smoke", action="store_true", help="2 prompts x 4 seeds, N = 4, no RESULTS section")
     args = parser.parse_args(argv)
     if args.smoke:
@@ -274,12 +313,14 @@ def main(argv: list[str] | None = None) -> dict:
     started = time.perf_counter()
     results, raw = {}, {}
     models = {"base": None} | ({"base + LoRA": args.lora} if args.lora else {})
-    for model, lora in models.items():
-        pipeline = FluxPipeline.from_pretrained(args.pretrained, torch_dtype=torch.float32)
-        if lora:
-            pipeline.load_lora_weights(lora)
-        pipeline.set_progress_bar_config(disable=True)
-        real, predictions, costs = measure_model(pipeline, args, predictors)
+    if args.from_raw:
+        measured = read_raw(args.from_raw, predictors, args.num_steps)
+        args.num_prompts, args.max_n = next(iter(measured.values()))[0].shape
+    else:
+        measured = {
+            model: measure_model(load_model(args.pretrained, lora), args, predictors) for model, lora in models.items()
+        }
+    for model, (real, predictions, costs) in measured.items():
         raw |= {f"{model}/real": real} | {f"{model}/{spec}": values for spec, values in predictions.items()}
         results[model] = evaluate_selections(real, predictions, costs, args)
     seconds = time.perf_counter() - started

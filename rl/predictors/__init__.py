@@ -49,6 +49,10 @@ class PredictionCost:
         """This cost of ``rollouts`` rollouts, per rollout (every predictor's cost is linear in the rollouts)."""
         return PredictionCost(*(value / rollouts for value in dataclasses.astuple(self)))
 
+    def times(self, rollouts: float) -> PredictionCost:
+        """A per-rollout cost for ``rollouts`` rollouts."""
+        return PredictionCost(*(value * rollouts for value in dataclasses.astuple(self)))
+
 
 @dataclasses.dataclass
 class PredictionInputs:
@@ -107,6 +111,12 @@ class Predictor:
     def observer(self, sampler: FluxSampler) -> StepObserver | None:
         """A fresh observer for one rollout to the capture step, or None."""
         return None
+
+    @property
+    def cost_per_rollout(self) -> PredictionCost:
+        """What one rollout's prediction costs beyond its own denoising (known before predicting: benchmarks price
+        recorded predictions with it)."""
+        return PredictionCost()
 
     def predict(self, inputs: PredictionInputs) -> Prediction:
         raise NotImplementedError

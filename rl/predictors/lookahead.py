@@ -47,10 +47,13 @@ class LookaheadPredictor(Predictor):
         p = config.pruning
         return cls(p.capture_step, sampler.num_steps, p.lookahead_steps)
 
+    @property
+    def cost_per_rollout(self) -> PredictionCost:
+        return PredictionCost(len(self.indices) - 1, 1.0, 1.0)  # an Euler step per call, one decode, one score
+
     def predict(self, inputs: PredictionInputs) -> Prediction:
         early = inputs.early
         clean = euler_to_clean(inputs.sampler, early.latents, inputs.embeds, early.prompt_index, self.indices)
         result = inputs.score_latents(clean)
-        count = float(len(early))
-        cost = PredictionCost(count * (len(self.indices) - 1), count, count)
+        cost = self.cost_per_rollout.times(len(early))
         return Prediction(reward_scores(result), cost, float(inputs.sampler.sigmas[self.indices[0]]))

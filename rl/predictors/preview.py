@@ -67,6 +67,11 @@ class PreviewPredictor(Predictor):
     def from_config(cls, config, sampler) -> PreviewPredictor:
         return cls(config.pruning.capture_step, config.pruning.preview_steps, sampler.num_steps)
 
+    @property
+    def cost_per_rollout(self) -> PredictionCost:
+        # one decode and one score; a longer preview's first Euler step reuses call k's velocity
+        return PredictionCost(max(len(self.indices) - 2, 0), 1.0, 1.0)
+
     def observer(self, sampler) -> X0Recorder:
         return X0Recorder(self.call - 1)
 
@@ -83,6 +88,4 @@ class PreviewPredictor(Predictor):
             clean = euler_to_clean(inputs.sampler, x.to(latents.dtype), inputs.embeds, early.prompt_index,
                                    self.indices[1:])  # fmt: skip
         result = inputs.score_latents(clean)
-        count = float(len(early))
-        calls = count * max(len(self.indices) - 2, 0)
-        return Prediction(reward_scores(result), PredictionCost(calls, count, count), recorder.sigma)
+        return Prediction(reward_scores(result), self.cost_per_rollout.times(len(early)), recorder.sigma)

@@ -15,7 +15,10 @@ class RewardPredictor(Predictor):
     scores_with_reward = True
     finishes_rollouts = True
 
+    @property
+    def cost_per_rollout(self) -> PredictionCost:
+        return PredictionCost(0.0, 1.0, 1.0)  # the finished image decoded and scored
+
     def predict(self, inputs: PredictionInputs) -> Prediction:
         result = inputs.score_latents(inputs.early.latents)
-        count = float(len(inputs.early))
-        return Prediction(reward_scores(result), PredictionCost(0.0, count, count), 0.0, result=result)
+        return Prediction(reward_scores(result), self.cost_per_rollout.times(len(inputs.early)), 0.0, result=result)

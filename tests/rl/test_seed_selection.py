@@ -275,9 +275,9 @@ def test_the_benchs_funnel_keeps_what_the_selector_keeps():
 
 
 def test_bench_smoke_reports_every_selection_with_its_compute(tmp_path):
-    from bench.seed_selection import calls_to_reach, main
+    from bench.seed_selection import calls_to_reach, main, recorded_cost
 
-    report = main(["--smoke", "--out", str(tmp_path / "seed_selection")])
+    report = main(["--smoke", "--out", str(tmp_path / "seed_selection"), "--raw", str(tmp_path / "raw.npz")])
     result = report["models"]["base"]
     rows = result["rows"]
     assert {(r["predictor"], r["n"], tuple(r["stage_keeps"])) for r in rows} == {
@@ -295,6 +295,11 @@ def test_bench_smoke_reports_every_selection_with_its_compute(tmp_path):
         assert row["speedup_at_equal_reward"] == pytest.approx(
             calls_to_reach(result["expected_best_of"], row["reward"], 10) / row["transformer_calls"]
         )
+    # read back from the raw file and priced without sampling: the same report
+    again = main(["--smoke", "--from_raw", str(tmp_path / "raw.npz"), "--out", str(tmp_path / "again")])
+    assert again["models"] == report["models"]
+    with pytest.raises(ValueError, match="probe@4: a 'probe' prediction is not priced from a raw file"):
+        recorded_cost("probe@4", 10)
 
 
 def test_the_expected_best_of_m_and_the_calls_it_needs_for_a_reward():
