@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import sys
+import traceback
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
@@ -98,17 +99,22 @@ def cli(argv: list[str] | None = None) -> int:
     try:
         main(argv)
     except USER_ERRORS as error:
+        hung = isinstance(error, RewardTimeoutError)
         if os.environ.get("GRPO_DEBUG"):
-            raise
-        # a reward's own bug needs its traceback: say how to get it
-        own_bug = isinstance(error, RewardError) and not isinstance(error, (RemoteRewardError, RewardTimeoutError))
-        hint = " (GRPO_DEBUG=1 shows the reward's traceback)" if own_bug else ""
-        # one write with its newline: print writes the text and the newline apart, so two processes failing
-        # together (a checkpoint write failing on every rank) could run their lines into one on a shared stderr
-        sys.stderr.write(f"error: {error}{hint}\n")
-        if isinstance(error, RewardTimeoutError):
+            if not hung:
+                raise
+            traceback.print_exc()
+        else:
+            # a reward's own bug needs its traceback: say how to get it
+            own_bug = isinstance(error, RewardError) and not isinstance(error, (RemoteRewardError, RewardTimeoutError))
+            hint = " (GRPO_DEBUG=1 shows the reward's traceback)" if own_bug else ""
+            # one write with its newline: print writes the text and the newline apart, so two processes failing
+            # together (a checkpoint write failing on every rank) could run their lines into one on a shared stderr
+            sys.stderr.write(f"error: {error}{hint}\n")
+        if hung:
             # the hung reward's thread never returns, and the interpreter joins its pool's threads at exit
             sys.stdout.flush()
+            sys.stderr.flush()
             logging.shutdown()
             os._exit(2)
         return 2

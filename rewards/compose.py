@@ -32,7 +32,7 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 
@@ -94,6 +94,24 @@ class RewardResult:
         )
 
 
+def callers_context() -> Callable[[], contextlib.ExitStack]:
+    """A context that re-enters the calling thread's autocast and CUDA device on another thread (both are per
+    thread: a reward scored on a worker must compute as it would on the caller)."""
+    autocasts = [(device, torch.get_autocast_dtype(device)) for device in ("cpu", "cuda")
+                 if torch.is_autocast_enabled(device)]  # fmt: skip
+    cuda = torch.cuda.current_device() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+
+    def enter() -> contextlib.ExitStack:
+        stack = contextlib.ExitStack()
+        if cuda is not None:
+            stack.enter_context(torch.cuda.device(cuda))
+        for device, dtype in autocasts:
+            stack.enter_context(torch.autocast(device, dtype=dtype))
+        return stack
+
+    return enter
+
+
 def group_index(prompts: list[str], group_ids: torch.Tensor | None) -> torch.Tensor:
     """``[B]`` long: dense group numbers (0..G-1) from ``group_ids``, or from identical prompts when None."""
     if group_ids is not None:
@@ -135,7 +153,7 @@ class RewardSet:
         self.failure_policy = failure_policy
         self.max_failed_batches = max_failed_batches
         self.timeout_s = timeout_s
-        self._hung = False  # a batch outlived timeout_s: its thread may never return, so close() must not wait
+        self._hung: str | None = None  # why a batch outlived timeout_s: its thread may never return
         self._locks = {
             name: contextlib.nullcontext() if getattr(reward, "thread_safe", False) else threading.Lock()
             for name, reward, _ in components
@@ -157,7 +175,11 @@ class RewardSet:
         metadata: list[dict],
         group_ids: torch.Tensor | None = None,
     ) -> RewardResult:
-        """Score a batch on the calling thread (inside :meth:`step`, as part of that step).
+        """Score a batch and wait for its scores (inside :meth:`step`, as part of that step).
+
+        Without ``timeout_s`` it is scored on the calling thread. With it, on a worker thread, so the wait can be
+        bounded; the worker enters the caller's autocast and CUDA device (both are per thread) and scores the
+        images as given, so the scores are the same either way.
 
         Args:
             images: ``[B, 3, H, W]`` float in [0, 1].
@@ -168,29 +190,41 @@ class RewardSet:
         Raises:
             RewardError: under the ``raise`` policy on any failure; always on malformed output; under
                 ``drop_group`` after ``max_failed_batches`` consecutive batches with nothing valid.
+            RewardTimeoutError: no scores within ``timeout_s``.
         """
+        step = self._open_step
         if not self.timeout_s:
-            return self._score_batch(self._open_step, images, prompts, metadata, group_ids)
-        return self.wait(self.submit(images, prompts, metadata, group_ids))  # a worker thread: the wait is bounded
+            return self._score_batch(step, images, prompts, metadata, group_ids)
+        context = callers_context()
+
+        def score() -> RewardResult:
+            with context():
+                return self._score_batch(step, images, prompts, metadata, group_ids)
+
+        return self.wait(self._pool.submit(score))
 
     def wait(self, future: Future[RewardResult]) -> RewardResult:
         """The scores of a :meth:`submit`, waiting at most ``timeout_s`` (0: as long as it takes).
 
         Raises:
-            RewardTimeoutError: no answer in time. The reward's thread cannot be stopped from outside, and the
-                next call of that component would wait for its lock, so the run stops (after a checkpoint).
+            RewardTimeoutError: no answer in time, or, once one batch hung, any batch not done yet. The reward's
+                thread cannot be stopped from outside and the next call of that component would wait for its
+                lock, so a run stops (after a checkpoint) and this set stays failed.
         """
+        if self._hung is not None:  # the batches queued behind a hung one would each wait out the limit again
+            if future.done():
+                return future.result()
+            raise RewardTimeoutError(f"{self._hung} (this batch was queued behind it)")
         try:
-            # once one batch hung, the batches queued behind it would each wait out the limit again
-            return future.result(timeout=self.timeout_s or None) if not self._hung else future.result(timeout=0)
+            return future.result(timeout=self.timeout_s or None)
         except FutureTimeout:
-            self._hung = True
             names = ", ".join(repr(name) for name in self.names)
-            raise RewardTimeoutError(
+            self._hung = (
                 f"reward {names} gave no answer within reward_timeout_s={self.timeout_s:g} s: a hung reward (a "
                 "deadlocked judge, a network call without a deadline) stops the run; raise reward_timeout_s if "
                 "scoring a batch legitimately takes longer"
-            ) from None
+            )
+            raise RewardTimeoutError(self._hung) from None
 
     @contextlib.contextmanager
     def step(self) -> Iterator[None]:
@@ -250,7 +284,8 @@ class RewardSet:
     def close(self) -> None:
         """Wait for pending batches (unless one hung), then release the threads and any component with a
         ``close()``."""
-        self._pool.shutdown(wait=not self._hung, cancel_futures=self._hung)
+        hung = self._hung is not None
+        self._pool.shutdown(wait=not hung, cancel_futures=hung)
         for _, reward, _ in self.components:
             if callable(getattr(reward, "close", None)):
                 reward.close()

@@ -270,10 +270,11 @@ class RewardConfig(Section):
         "Recommended: true. Measured in bench/RESULTS.md, 'Reward overlap'.",
     )
     reward_timeout_s: float = option(
-        3600.0,
+        900.0,
         "Longest wait for one batch's scores; a reward that gives no answer in time (a deadlocked judge, a network "
         "call without a deadline) stops the run after a checkpoint, instead of stalling it forever. 0: no limit. "
-        "Raise it if scoring one chunk of a step (see reward_overlap) can legitimately take longer.",
+        "Raise it if scoring one chunk of a step (see reward_overlap) can legitimately take longer; with several "
+        "processes it must stay below distributed_timeout_s.",
     )
 
     def check(self) -> None:

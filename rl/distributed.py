@@ -173,6 +173,21 @@ def shards_parameters(accelerator: Accelerator) -> bool:
     return accelerator.state.deepspeed_plugin.deepspeed_config.get("zero_optimization", {}).get("stage") == 3
 
 
+def check_reward_timeout(reward_timeout_s: float, distributed_timeout_s: float, num_processes: int) -> None:
+    """Refuse a reward time limit that the other processes' collective timeout would pre-empt: they wait for the
+    hung process's step in a collective, and must not give up before it fails the step (with a checkpoint).
+
+    Raises:
+        ValueError: naming both keys and the fix.
+    """
+    if num_processes > 1 and 0 < distributed_timeout_s <= reward_timeout_s:
+        raise ValueError(
+            f"reward_timeout_s={reward_timeout_s:g} must be below distributed_timeout_s={distributed_timeout_s:g} in "
+            f"a run of {num_processes} processes: the others would give up waiting for a hung reward's process "
+            "before it stops the run with a checkpoint. Lower reward_timeout_s or raise distributed_timeout_s."
+        )
+
+
 def check_even_work(prompts_per_step: int, prune_policy: str, num_processes: int) -> None:
     """Refuse settings that give processes of a sharded run different numbers of transformer forwards.
 

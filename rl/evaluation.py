@@ -7,6 +7,7 @@ see the same prompts, seeds and sampler (their difference is the run's held-out 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -14,9 +15,10 @@ from accelerate import Accelerator
 from diffusers import FluxPipeline
 from tqdm.auto import tqdm
 
-from rewards.compose import RewardSet
+from rewards.base import RewardError
+from rewards.compose import RewardResult, RewardSet
 from rl.config import EvalConfig
-from rl.data import PromptSource
+from rl.data import Prompt, PromptSource
 from rl.distributed import shards_parameters
 from rl.metrics_log import MetricsAccumulator
 from rl.sampler import FluxSampler, encode_prompts
@@ -51,6 +53,7 @@ class HeldOutEvaluator:
     ) -> None:
         self.accelerator, self.pipeline, self.sampler = accelerator, pipeline, sampler
         self.prompts, self.reward, self.config = prompts, reward, config
+        self.failure: RewardError | None = None  # the last evaluation's reward failure (see scores)
         self.text_length, self.show_bar = text_length, show_bar
 
     @torch.no_grad()
@@ -63,6 +66,7 @@ class HeldOutEvaluator:
             log_images: receives the first images of this process's share (a grid for samples/ and wandb).
         """
         e, acc, sampler = self.config, self.accelerator, self.sampler
+        self.failure = None
         items = self.prompts.eval_subset(e.final_eval_num_prompts if final else e.eval_num_prompts)
         counted = len(items[acc.process_index :: acc.num_processes])
         # sharded: every process evaluates as many prompts (forwards are collectives); the padding is not counted
@@ -84,7 +88,7 @@ class HeldOutEvaluator:
                 prompts = [part[i][1] for i in prompt_index.tolist()]
                 if start == 0:
                     log_images(images, [p.text for p in prompts], per_image * 4)
-                result = self.reward(images, [p.text for p in prompts], [p.metadata for p in prompts])
+                result = self.scores(images, prompts)
                 padding = (torch.arange(len(part)) + start >= counted).repeat_interleave(per_image)
                 valid = result.valid.bool() & ~padding
                 metrics.add_values("total", result.total[valid])
@@ -94,3 +98,14 @@ class HeldOutEvaluator:
                     if ok and "tag" in prompt.metadata:
                         metrics.add(f"tag/{prompt.metadata['tag']}/mean", score)
         return metrics.reduce(acc)
+
+    def scores(self, images: torch.Tensor, prompts: list[Prompt]) -> RewardResult:
+        """The reward's result; a reward that fails (raises, or hangs past ``reward_timeout_s``) is held in
+        :attr:`failure` (the first) and its images come back invalid, so this process makes the evaluation's
+        remaining collectives with the others and the trainer stops them together after a checkpoint."""
+        try:
+            return self.reward(images, [p.text for p in prompts], [p.metadata for p in prompts])
+        except RewardError as error:
+            self.failure = self.failure or error
+            count = len(prompts)
+            return RewardResult(torch.full((count,), math.nan), {}, torch.zeros(count, dtype=torch.bool))

@@ -42,6 +42,7 @@ from rl.data import load_prompt_source, shard
 from rl.distributed import (
     build_accelerator,
     check_even_work,
+    check_reward_timeout,
     configure_deepspeed,
     is_lost_peer,
     shards_parameters,
@@ -132,6 +133,7 @@ class GRPOTrainer(TrainerPersistence):
         shard(range(s.prompts_per_step), 0, self.accelerator.num_processes)  # fewer prompts than processes: fail now
         if shards_parameters(self.accelerator):
             check_even_work(s.prompts_per_step, cfg.pruning.prune_policy, self.accelerator.num_processes)
+        check_reward_timeout(cfg.reward.reward_timeout_s, t.distributed_timeout_s, self.accelerator.num_processes)
         # cheap, likely-to-fail pieces first: a missing prompt file or an unknown reward fails before the model loads
         self.train_prompts = load_prompt_source(s.prompts, s.prompt_category_weights)
         self.prompt_history = (
@@ -601,7 +603,9 @@ class GRPOTrainer(TrainerPersistence):
             self.log.log_images(key, images, captions, self.state.step, columns=columns)
 
         with self.phase("eval"), weights:
-            return self.evaluator(final, log_images)
+            metrics = self.evaluator(final, log_images)
+        self.stop_if_the_step_failed(self.evaluator.failure)  # a reward that failed it: checkpoint, stop together
+        return metrics
 
     # ------------------------------------------------------------------ helpers
 

@@ -167,25 +167,31 @@ class Hangs:
 '''
 
 
-def test_a_hung_reward_stops_the_run_within_reward_timeout_s_after_a_checkpoint(tiny_flux_pipeline, tmp_path):
+@pytest.mark.parametrize("where", ["step", "evaluation"])
+def test_a_hung_reward_stops_the_run_within_reward_timeout_s_after_a_checkpoint(tiny_flux_pipeline, tmp_path, where):
     tiny_flux_pipeline.save_pretrained(tmp_path / "base")
     (tmp_path / "hanging_reward.py").write_text(HANGING_REWARD)
     out = tmp_path / "run"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(tmp_path), str(SCRIPT.parents[1])]))
     env.pop("GRPO_DEBUG", None)
+    if where == "evaluation":  # the base evaluation's reward hangs; with GRPO_DEBUG the traceback, not a hang
+        env["GRPO_DEBUG"] = "1"
     done = subprocess.run(
         [
             sys.executable, str(SCRIPT), "--pretrained", str(tmp_path / "base"), "--height", "32", "--width", "32",
             "--num_steps", "4", "--lora_rank", "4", "--lora_alpha", "8", "--prompts_per_step", "2", "--group_size",
             "2", "--sample_batch_size", "4", "--train_batch_size", "4", "--max_steps", "2", "--eval_before_training",
-            "false", "--reward", "hanging_reward:Hangs", "--reward_timeout_s", "3", "--output_dir", str(out),
+            str(where == "evaluation").lower(), "--eval_num_prompts", "2", "--final_eval_num_prompts", "2",
+            "--reward", "hanging_reward:Hangs", "--reward_timeout_s", "3", "--output_dir", str(out),
             "--wandb_mode", "disabled", "--progress_bar", "false", "--mixed_precision", "no",
         ],
         env=env, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     # without the limit the run waited forever; with it the process exits although the reward's thread never returns
     assert done.returncode == 2, done.stderr[-2000:]
-    last = done.stderr.strip().splitlines()[-1]
-    assert "Traceback" not in done.stderr
-    assert last.startswith("error: reward 'hanging_reward:Hangs' gave no answer within reward_timeout_s=3 s")
+    message = "reward 'hanging_reward:Hangs' gave no answer within reward_timeout_s=3 s"
+    if where == "step":
+        assert "Traceback" not in done.stderr and done.stderr.strip().splitlines()[-1].startswith(f"error: {message}")
+    else:
+        assert "Traceback" in done.stderr and f"RewardTimeoutError: {message}" in done.stderr
     assert (out / "checkpoints" / "step-00000000").is_dir()  # what was done is kept: the same command resumes

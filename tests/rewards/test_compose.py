@@ -229,13 +229,31 @@ def test_a_reward_that_hangs_stops_within_its_timeout_and_does_not_hold_up_close
     started = time.perf_counter()
     with pytest.raises(RewardTimeoutError, match=r"reward 'judge' gave no answer within reward_timeout_s=0\.3 s"):
         rewards.wait(first)
-    with pytest.raises(RewardTimeoutError):  # the batch queued behind it fails at once, not after another 0.3 s
+    with pytest.raises(RewardTimeoutError, match="queued behind it"):  # at once, not after another 0.3 s
         rewards.wait(queued)
-    with pytest.raises(RewardTimeoutError):  # a direct call is bounded too (the evaluation's)
-        rewards(images, PROMPTS, METADATA)
     rewards.close()  # does not wait for the hung thread
     assert 0.3 <= time.perf_counter() - started < 2.0
+    direct = RewardSet([("judge", hangs, 1.0)], timeout_s=0.3)
+    with pytest.raises(RewardTimeoutError, match="reward_timeout_s=0.3 s"):  # a direct call (the evaluation's)
+        direct(images, PROMPTS, METADATA)
+    direct.close()
+    assert time.perf_counter() - started < 3.0
     release.set()
+
+
+def test_a_bounded_call_scores_as_the_caller_would_in_its_autocast(images):
+    seen = []
+
+    def projected(images, prompts, metadata):  # a model reward: a matmul, which autocast runs in bf16
+        seen.append(torch.is_autocast_enabled("cpu"))
+        return {"score": (images.flatten(1) @ torch.linspace(0, 1, images[0].numel())).float()}
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        here = RewardSet([("model", projected, 1.0)], timeout_s=0)(images, PROMPTS, METADATA)
+        worker = RewardSet([("model", projected, 1.0)], timeout_s=5)
+        there = worker(images, PROMPTS, METADATA)
+    worker.close()
+    assert seen == [True, True] and torch.equal(here.total, there.total)
 
 
 def test_without_a_timeout_a_slow_reward_is_waited_for(images):
