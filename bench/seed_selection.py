@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -33,6 +32,7 @@ from diffusers import FluxPipeline
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from bench.probe_quality import add_to_section
+from probe.metrics import expected_best_of_random_subset
 from rewards.compose import build_reward_set
 from rewards.shapes import all_prompts
 from rl.config_help import HelpFormatter
@@ -61,12 +61,23 @@ def recorded_cost(spec: str, num_steps: int) -> PredictionCost:
         return PreviewPredictor(k, steps, num_steps).cost_per_rollout
     if name == "lookahead":
         return LookaheadPredictor(k, num_steps, steps).cost_per_rollout
+    if name == "probe":
+        return PredictionCost()  # it reads the capture step's own forward
     raise ValueError(f"{spec}: a {name!r} prediction is not priced from a raw file; measure it again instead")
 
 
-def read_raw(path: str, predictors: list[str], num_steps: int) -> dict[str, tuple]:
-    """``model -> (real, predictions, costs)`` as :func:`measure_model` returns them, from a ``--raw`` file."""
+def read_raw(path: str, predictors: list[str], num_steps: int, reward: str) -> dict[str, tuple]:
+    """``model -> (real, predictions, costs)`` as :func:`measure_model` returns them, from a ``--raw`` file.
+
+    Raises:
+        ValueError: the file was measured with other steps or another reward (its predictions would be priced or
+            read wrongly), or lacks a predictor.
+    """
     raw = np.load(path)
+    measured = {"num_steps": num_steps, "reward": reward}
+    recorded = {key: raw[f"meta/{key}"].item() if f"meta/{key}" in raw.files else None for key in measured}
+    if recorded != measured:
+        raise ValueError(f"{path} was measured with {recorded}, this report asks for {measured}: pass the same")
     models = list(dict.fromkeys(key.rsplit("/", 1)[0] for key in raw.files if key.endswith("/real")))
     missing = [f"{m}/{spec}" for m in models for spec in predictors if f"{m}/{spec}" not in raw.files]
     if missing:
@@ -183,14 +194,11 @@ def evaluate_selections(
 
 
 def expected_best_of(real: np.ndarray) -> dict[int, float]:
-    """``m -> `` the mean over prompts of the expected best of m seeds drawn at random from each prompt's n,
-    m = 1..n: exact from the order statistics (the i-th smallest of n is the best of C(i - 1, m - 1) of the
-    C(n, m) subsets), so m = 1 is the mean seed and the curve is smooth where the first m seeds' best is noisy."""
-    n = real.shape[1]
-    ordered = np.sort(real, axis=1)
+    """``m ->`` the mean over prompts of the expected best of m seeds drawn at random from each prompt's n,
+    m = 1..n (exact from the order statistics), so m = 1 is the mean seed and the curve is smooth where the first m
+    seeds' best is noisy."""
     return {
-        m: float((ordered @ (np.array([math.comb(i, m - 1) for i in range(n)]) / math.comb(n, m))).mean())
-        for m in range(1, n + 1)
+        m: float(np.mean([expected_best_of_random_subset(row, m) for row in real])) for m in range(1, real.shape[1] + 1)
     }
 
 
@@ -201,8 +209,9 @@ def calls_to_reach(curve: dict[int, float], reward: float, num_steps: int) -> fl
     if reward <= curve[ms[0]]:
         return float(ms[0] * num_steps)
     for low, high in zip(ms, ms[1:]):
-        if reward <= curve[high]:
-            return num_steps * (low + (reward - curve[low]) / (curve[high] - curve[low]))
+        if reward <= curve[high] + 1e-9:  # a selection that always keeps the best seed sits on best-of-n
+            span = curve[high] - curve[low]
+            return num_steps * (min(high, low + (reward - curve[low]) / span) if span > 0 else low)
     return float("nan")
 
 
@@ -234,8 +243,13 @@ def markdown(results: dict[str, dict], args: argparse.Namespace, seconds: float)
         f"### {time.strftime('%Y-%m-%d')}: `python {' '.join(sys.argv)}`",
         "",
         f"{args.num_prompts} held-out prompts x seeds 0-{args.max_n - 1}, deterministic sampling ({args.num_steps} "
-        f"steps, noise 0, fp32), reward `{args.reward}`; {seconds:.0f} s on {args.threads or 'default'} thread(s). "
-        "`name@k`: the predictor read after k steps (preview: x0 of call k; lookahead: 2 Euler steps from step k); "
+        f"steps, noise 0, fp32), reward `{args.reward}`; "
+        + (
+            f"read back from `{args.from_raw}`. "
+            if args.from_raw
+            else f"{seconds:.0f} s on {args.threads or 'default'} thread(s). "
+        )
+        + "`name@k`: the predictor read after k steps (preview: x0 of call k; lookahead: 2 Euler steps from step k); "
         "`name@k+n`: in n Euler steps (a preview's first one is call k's own); "
         "`a>b`: a funnel, K `K1>K2` the survivors of each stage. "
         "Gain recovered = (reward - single seed) / (full best-of-N - single seed); calls per prompt include the "
@@ -314,8 +328,10 @@ def main(argv: list[str] | None = None) -> dict:
     results, raw = {}, {}
     models = {"base": None} | ({"base + LoRA": args.lora} if args.lora else {})
     if args.from_raw:
-        measured = read_raw(args.from_raw, predictors, args.num_steps)
+        measured = read_raw(args.from_raw, predictors, args.num_steps, args.reward)
         args.num_prompts, args.max_n = next(iter(measured.values()))[0].shape
+        if max(args.best_of) > args.max_n:
+            parser.error(f"--best_of {max(args.best_of)}: {args.from_raw} holds {args.max_n} seeds per prompt")
     else:
         measured = {
             model: measure_model(load_model(args.pretrained, lora), args, predictors) for model, lora in models.items()
@@ -330,7 +346,7 @@ def main(argv: list[str] | None = None) -> dict:
     out.with_suffix(".json").write_text(json.dumps(report, indent=1))
     plot(results, args.num_steps, out.with_suffix(".png"))
     if args.raw:
-        np.savez(args.raw, **raw)
+        np.savez(args.raw, **raw, **{"meta/num_steps": args.num_steps, "meta/reward": args.reward})
     lines = markdown(results, args, seconds) if not args.smoke else []
     if args.results:
         add_to_section(args.results, SECTION, lines)

@@ -1,4 +1,5 @@
-"""Every file the documents and the code point to is in the repository (no dangling or outside references)."""
+"""The repository paths the documents name in backticks or links, and the documents the code names, exist; nothing
+points outside the repository."""
 
 import re
 import subprocess
@@ -43,10 +44,11 @@ def test_every_path_a_document_names_exists():
 def test_the_code_names_only_documents_in_the_repository():
     missing = []
     for source in tracked("*.py") + tracked("*.yaml") + tracked("Makefile"):
-        for path in set(re.findall(r"\b((?:docs|bench)/[\w./-]+\.md)\b", source.read_text())):
+        text = source.read_text()
+        for path in set(re.findall(r"\b((?:docs|bench)/[\w./-]+\.md)\b", text)):
             if not (ROOT / path).exists():
                 missing.append(f"{source.relative_to(ROOT)}: {path}")
-        assert "../shared" not in source.read_text() or source.name == Path(__file__).name, source
+        assert "../shared" not in text or source.name == Path(__file__).name, source
     assert not missing, "code pointing to missing documents:\n" + "\n".join(missing)
 
 

@@ -13,7 +13,7 @@ from probe import FeatureConfig, Probe, ProbeMeta
 from probe.capture import default_blocks
 from probe.model import ProbeModelConfig
 from probe.probe import sampler_signature, transformer_fingerprint
-from rl.predictors import Prediction, PredictionCost, PredictionInputs, Predictor, register
+from rl.predictors import Prediction, PredictionInputs, Predictor, register
 
 
 def init_probe_for(sampler, config, seed: int = 0) -> Probe:
@@ -64,4 +64,4 @@ class ProbePredictor(Predictor):
         capture = inputs.observer.result(early)
         features = self.probe.features(capture, inputs.embeds.token_mask[early.prompt_index])
         scores = self.probe.predict(features, capture.sigma, early.prompt_index).cpu()
-        return Prediction(scores, PredictionCost(), capture.sigma, features=features)
+        return Prediction(scores, self.cost_per_rollout.times(len(early)), capture.sigma, features=features)

@@ -298,8 +298,13 @@ def test_bench_smoke_reports_every_selection_with_its_compute(tmp_path):
     # read back from the raw file and priced without sampling: the same report
     again = main(["--smoke", "--from_raw", str(tmp_path / "raw.npz"), "--out", str(tmp_path / "again")])
     assert again["models"] == report["models"]
-    with pytest.raises(ValueError, match="probe@4: a 'probe' prediction is not priced from a raw file"):
-        recorded_cost("probe@4", 10)
+    with pytest.raises(ValueError, match="measured with {'num_steps': 10, 'reward': 'shapes'}, this report asks for"):
+        main(["--smoke", "--from_raw", str(tmp_path / "raw.npz"), "--num_steps", "20", "--out", str(tmp_path / "x")])
+    assert recorded_cost("probe@4", 10) == PredictionCost()  # the probe reads the capture step's own forward
+    assert recorded_cost("lookahead@3", 10) == PredictionCost(2, 1, 1)  # two Euler steps, two calls
+    assert recorded_cost("preview@3+3", 10) == PredictionCost(2, 1, 1)  # the first step reuses call 3's velocity
+    with pytest.raises(ValueError, match="reward@10: a 'reward' prediction is not priced from a raw file"):
+        recorded_cost("reward@10", 10)
 
 
 def test_the_expected_best_of_m_and_the_calls_it_needs_for_a_reward():
