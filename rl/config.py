@@ -274,7 +274,7 @@ class RewardConfig(Section):
         "Longest wait for one batch's scores; a reward that gives no answer in time (a deadlocked judge, a network "
         "call without a deadline) stops the run after a checkpoint, instead of stalling it forever. 0: no limit. "
         "Raise it if scoring one chunk of a step (see reward_overlap) can legitimately take longer; with several "
-        "processes it must stay below distributed_timeout_s.",
+        "processes the wait is at most half of distributed_timeout_s (the others would give up on it then).",
     )
 
     def check(self) -> None:

@@ -173,19 +173,14 @@ def shards_parameters(accelerator: Accelerator) -> bool:
     return accelerator.state.deepspeed_plugin.deepspeed_config.get("zero_optimization", {}).get("stage") == 3
 
 
-def check_reward_timeout(reward_timeout_s: float, distributed_timeout_s: float, num_processes: int) -> None:
-    """Refuse a reward time limit that the other processes' collective timeout would pre-empt: they wait for the
-    hung process's step in a collective, and must not give up before it fails the step (with a checkpoint).
-
-    Raises:
-        ValueError: naming both keys and the fix.
-    """
-    if num_processes > 1 and 0 < distributed_timeout_s <= reward_timeout_s:
-        raise ValueError(
-            f"reward_timeout_s={reward_timeout_s:g} must be below distributed_timeout_s={distributed_timeout_s:g} in "
-            f"a run of {num_processes} processes: the others would give up waiting for a hung reward's process "
-            "before it stops the run with a checkpoint. Lower reward_timeout_s or raise distributed_timeout_s."
-        )
+def reward_wait_limit(reward_timeout_s: float, distributed_timeout_s: float, num_processes: int) -> float:
+    """The longest wait for a reward batch: ``reward_timeout_s`` (0: none), and with several processes at most half
+    of ``distributed_timeout_s``. The others wait for a hung reward's process in a collective and would give up at
+    ``distributed_timeout_s`` anyway; stopping it sooner lets every process checkpoint and stop together."""
+    if num_processes == 1:
+        return reward_timeout_s
+    cap = distributed_timeout_s / 2
+    return min(reward_timeout_s, cap) if reward_timeout_s else cap
 
 
 def check_even_work(prompts_per_step: int, prune_policy: str, num_processes: int) -> None:

@@ -42,9 +42,9 @@ from rl.data import load_prompt_source, shard
 from rl.distributed import (
     build_accelerator,
     check_even_work,
-    check_reward_timeout,
     configure_deepspeed,
     is_lost_peer,
+    reward_wait_limit,
     shards_parameters,
     whole_model_loading,
 )
@@ -133,7 +133,6 @@ class GRPOTrainer(TrainerPersistence):
         shard(range(s.prompts_per_step), 0, self.accelerator.num_processes)  # fewer prompts than processes: fail now
         if shards_parameters(self.accelerator):
             check_even_work(s.prompts_per_step, cfg.pruning.prune_policy, self.accelerator.num_processes)
-        check_reward_timeout(cfg.reward.reward_timeout_s, t.distributed_timeout_s, self.accelerator.num_processes)
         # cheap, likely-to-fail pieces first: a missing prompt file or an unknown reward fails before the model loads
         self.train_prompts = load_prompt_source(s.prompts, s.prompt_category_weights)
         self.prompt_history = (
@@ -141,10 +140,16 @@ class GRPOTrainer(TrainerPersistence):
         )
         self.eval_prompts = load_prompt_source(cfg.eval.eval_prompts)
         r = cfg.reward
+        wait = reward_wait_limit(r.reward_timeout_s, t.distributed_timeout_s, self.accelerator.num_processes)
+        if wait != r.reward_timeout_s and self.accelerator.is_main_process:
+            logger.warning(
+                "reward_timeout_s=%g: a reward batch is given at most %g s, half of distributed_timeout_s=%g, so a hung "
+                "reward stops every process with a checkpoint before the others time out", r.reward_timeout_s, wait,
+                t.distributed_timeout_s,
+            )  # fmt: skip
         self.reward_set = build_reward_set(
-            r.reward, r.reward_weights, r.reward_kwargs, r.reward_workers, r.reward_failure_policy,
-            timeout_s=r.reward_timeout_s,
-        )  # fmt: skip
+            r.reward, r.reward_weights, r.reward_kwargs, r.reward_workers, r.reward_failure_policy, timeout_s=wait
+        )
         # one thread, so the VAE decodes one chunk at a time and chunks reach the reward pool in order
         self.decode_pool = ThreadPoolExecutor(1, thread_name_prefix="decode") if r.reward_overlap else None
         # the run folder before the model: a used folder or a changed config must fail in seconds, not after loading

@@ -6,7 +6,7 @@ import pytest
 import torch
 from accelerate.utils import DistributedType
 
-from rl.distributed import check_even_work, check_reward_timeout, configure_deepspeed, shards_parameters
+from rl.distributed import check_even_work, configure_deepspeed, reward_wait_limit, shards_parameters
 
 
 def fake_accelerator(ds_config: dict, accumulation: int = 6, processes: int = 2):
@@ -45,11 +45,9 @@ def test_zero3_shards_parameters_and_refuses_uneven_work():
         check_even_work(prompts_per_step=8, prune_policy="threshold", num_processes=4)
 
 
-def test_a_reward_time_limit_must_end_before_the_other_processes_give_up():
-    check_reward_timeout(900, 1800, num_processes=2)
-    check_reward_timeout(3600, 1800, num_processes=1)  # no other process waits
-    check_reward_timeout(0, 1800, num_processes=2)  # no limit: the others' timeout names the lost process
-    with pytest.raises(
-        ValueError, match="reward_timeout_s=1800 must be below distributed_timeout_s=1800 in a run of 2"
-    ):
-        check_reward_timeout(1800, 1800, num_processes=2)
+def test_a_reward_wait_ends_before_the_other_processes_give_up():
+    assert reward_wait_limit(900, 1800, num_processes=2) == 900
+    assert reward_wait_limit(3600, 1800, num_processes=1) == 3600  # no other process waits
+    assert reward_wait_limit(3600, 1800, num_processes=2) == 900
+    assert reward_wait_limit(0, 20, num_processes=2) == 10  # "no limit" cannot outlast the others' patience
+    assert reward_wait_limit(0, 20, num_processes=1) == 0
