@@ -76,6 +76,12 @@ class RewardResult:
     seconds: float = 0.0
 
     @classmethod
+    def failed(cls, count: int, error: Exception) -> RewardResult:
+        """``count`` images left unscored by a reward failure that stops the run: all invalid, totals NaN (a caller
+        that holds the failure keeps its collectives going with this until every process can stop together)."""
+        return cls(torch.full((count,), math.nan), {}, torch.zeros(count, dtype=torch.bool), failures=[str(error)])
+
+    @classmethod
     def concatenate(cls, results: list[RewardResult]) -> RewardResult:
         """The results of consecutive batches as one, in order (the trainer scores a step in chunks)."""
         if len(results) == 1:

@@ -7,7 +7,6 @@ see the same prompts, seeds and sampler (their difference is the run's held-out 
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 
 import torch
@@ -107,5 +106,4 @@ class HeldOutEvaluator:
             return self.reward(images, [p.text for p in prompts], [p.metadata for p in prompts])
         except RewardError as error:
             self.failure = self.failure or error
-            count = len(prompts)
-            return RewardResult(torch.full((count,), math.nan), {}, torch.zeros(count, dtype=torch.bool))
+            return RewardResult.failed(len(prompts), error)

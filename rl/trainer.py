@@ -411,8 +411,7 @@ class GRPOTrainer(TrainerPersistence):
             return self.reward_set.wait(future)  # at most reward_timeout_s: a hung reward fails the step
         except Exception as error:
             self.step_failure = self.step_failure or error
-            nan = torch.full((rollouts,), math.nan)
-            return RewardResult(nan, {}, torch.zeros(rollouts, dtype=torch.bool), failures=[str(error)])
+            return RewardResult.failed(rollouts, error)
 
     def decode_and_submit(self, batch: PromptBatch, rollouts: Rollouts) -> Future[RewardResult]:
         """Decode finished ``rollouts`` and hand the images to the reward pool (the decode worker runs this).
