@@ -32,6 +32,7 @@ import logging
 import pickle
 import re
 import shutil
+import zipfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -39,6 +40,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.checkpointing import load_accelerator_state, save_accelerator_state
 from accelerate.utils import SAFE_WEIGHTS_NAME
+from accelerate.utils.other import TORCH_SAFE_GLOBALS
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch.distributed.checkpoint.state_dict import (
@@ -415,6 +417,7 @@ def load_checkpoint(
     ``model``, ``optimizer``: the prepared ones; needed under FSDP (:func:`load_fsdp_state`).
     """
     path = Path(path)
+    refuse_code(path)  # before any library reads a file of it: DeepSpeed's loader would run what a pickle asks
     if is_fsdp(accelerator):
         load_fsdp_state(accelerator, model, optimizer, path)
     else:
@@ -426,15 +429,47 @@ def load_checkpoint(
     return trainer_state, rank_state
 
 
-def load_state_file(path: Path) -> dict:
-    """A trainer or per-process state file, loaded with ``weights_only=True``: tensors and plain containers only,
-    so a crafted checkpoint cannot run code when a run resumes from it.
+def refuse_code(folder: Path) -> None:
+    """Load every pickled file of checkpoint ``folder`` as :func:`load_state_file` does (memory-mapped), so a file
+    that asks for anything beyond tensors, plain values and :func:`library_globals` is refused, named, before a
+    library reads it: DeepSpeed loads its own files with ``weights_only=False``, which would run what they ask.
+
+    Raises:
+        ValueError: naming the first such file and what it asks for.
+    """
+    allowed = library_globals(deepspeed=(folder / "pytorch_model").is_dir())
+    for path in sorted(folder.rglob("*")):
+        if path.suffix in PICKLED and path.is_file():
+            load_state_file(path, allowed, mmap=zipfile.is_zipfile(path))
+
+
+PICKLED = (".pt", ".pkl", ".bin")  # torch.save's files (accelerate's and DeepSpeed's names); tensors: safetensors
+
+
+def library_globals(deepspeed: bool) -> list:
+    """What the libraries' own checkpoint files hold besides tensors: numpy's RNG-state arrays (the list
+    accelerate's loader allows) and, with ``deepspeed``, the records of DeepSpeed's optimizer state (classes and an
+    enum whose construction runs nothing else; read off ZeRO-2 and ZeRO-3 checkpoints)."""
+    allowed = list(TORCH_SAFE_GLOBALS)
+    if deepspeed:
+        from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+        from deepspeed.runtime.zero.config import ZeroStageEnum
+        from deepspeed.utils.tensor_fragment import fragment_address
+
+        allowed += [fragment_address, ZeroStageEnum, LossScaler, DynamicLossScaler]
+    return allowed
+
+
+def load_state_file(path: Path, allowed: list | tuple = (), mmap: bool = False) -> dict:
+    """A trainer or per-process state file, loaded with ``weights_only=True``: tensors and plain containers (and
+    the classes ``allowed``) only, so a crafted checkpoint cannot run code when a run resumes from it.
 
     Raises:
         ValueError: the file holds anything else (named, with the reason); it was not written by this trainer.
     """
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(list(allowed)):
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as error:
         # name what the file asks for, not torch's advice to load it unsafely
         blocked = re.search(r"GLOBAL (\S+)", str(error))

@@ -213,6 +213,42 @@ def test_a_crafted_state_file_is_refused_without_running_code(tmp_path):
     assert load_state_file(plain)["state"]["step"] == 3
 
 
+def test_every_pickled_file_is_checked_before_a_library_loads_it(tmp_path):
+    """DeepSpeed loads its own checkpoint files with ``weights_only=False``: a crafted optimizer-state file (or RNG
+    state) is refused by name before accelerate or DeepSpeed reads anything, while the records DeepSpeed and
+    accelerate really write (a loss scaler, the ZeRO stage, fragment addresses, numpy RNG arrays) load."""
+    import numpy as np
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    from rl.checkpoint import load_checkpoint, refuse_code
+
+    folder = tmp_path / "step-00000002"
+    (folder / "pytorch_model").mkdir(parents=True)
+    torch.save({"state": {"step": 2}}, folder / "trainer_state.pt")
+    torch.save({"random_state": np.random.RandomState(0).get_state(), "torch_manual_seed": torch.get_rng_state()},
+               folder / "random_states_0.pkl")  # fmt: skip
+    optimizer_file = folder / "pytorch_model" / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    torch.save({"optimizer_state_dict": {"loss_scaler": LossScaler(1), "zero_stage": ZeroStageEnum.gradients,
+                "param_slice_mappings": [{"w": fragment_address(numel=4, start=0)}]}}, optimizer_file)  # fmt: skip
+    refuse_code(folder)  # what the libraries write passes
+
+    class Untouched:  # the checkpoint must be refused before any library is asked to load it
+        def load_state(self, *args, **kwargs):
+            raise AssertionError("a library loaded the crafted checkpoint")
+
+    marker = tmp_path / "pwned"
+    for crafted in (optimizer_file, folder / "random_states_0.pkl"):
+        original = crafted.read_bytes()
+        torch.save({"optimizer_state_dict": {"x": _Payload(marker)}}, crafted)
+        with pytest.raises(ValueError, match=f"{crafted.name} holds objects other than tensors") as refused:
+            load_checkpoint(Untouched(), folder)
+        assert str(crafted) in str(refused.value) and "system)" in str(refused.value)
+        crafted.write_bytes(original)
+    assert not marker.exists()
+
+
 def test_sigterm_checkpoints_and_the_same_command_resumes_then_reports_the_finished_run(pipeline_dir, tmp_path):
     """Preemption: SIGTERM mid-run writes a checkpoint and exits saying how to go on; the shipped config's own
     command (it sets resume_from: latest) then finishes the run, and once more reports it finished without redoing
