@@ -84,7 +84,7 @@ def main() -> None:
         pipe.vae.save_pretrained(vae_dir)
     pipe.set_progress_bar_config(disable=True)
     state_path = work / "state.pt"
-    state = torch.load(state_path, map_location=args.device, weights_only=False) if state_path.exists() else None
+    state = torch.load(state_path, map_location=args.device, weights_only=True) if state_path.exists() else None
     history = train_transformer(pipe, args, work, state)
     pipe.save_pretrained(args.out)
     (Path(args.out) / "training_log.json").write_text(json.dumps({"args": vars(args), "history": history}, indent=1))

@@ -106,7 +106,7 @@ def encode_dataset(pipe: FluxPipeline, args, path: Path) -> tuple[torch.Tensor, 
     shapes world and the shipped tiny model").
     """
     if path.exists():
-        cached = torch.load(path, weights_only=False)
+        cached = torch.load(path, weights_only=True)
         return cached["latents"], cached["prompts"]
     rng = np.random.default_rng(args.seed + 2)
     vae, latents, prompts = pipe.vae, [], []

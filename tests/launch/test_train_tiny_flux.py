@@ -23,7 +23,7 @@ def test_trains_resumes_and_writes_a_loadable_pipeline(train_tiny_flux, tmp_path
     assert 0.0 <= first["history"][0]["heldout_score"] <= 1.0
     # The cached dataset is named by its size and category mix, so another mix never reuses it.
     assert (work / "latents-64-position3.pt").exists()
-    dataset = torch.load(work / "latents-64-position3.pt", weights_only=False)
+    dataset = torch.load(work / "latents-64-position3.pt", weights_only=True)
     assert dataset["latents"].shape == (64, 16, 16, 16)
 
     # A larger step count resumes from the saved state instead of starting over.
