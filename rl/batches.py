@@ -29,6 +29,10 @@ class PromptBatch:
         seeds: ``[B]`` per-rollout noise seeds.
         initial_seeds: ``[B]`` seeds of the initial noise (shared within a group), or None (= ``seeds``).
         step_texts: every process's prompt texts of the step, by group id (prompt skipping records groups by them).
+        filler: how many of the last prompts are padding (group id -1): under FSDP and ZeRO-3 every forward is a
+            collective, so a process owning fewer groups samples copies of one of its own to make as many
+            transformer calls as the others; their rollouts are dropped before decoding (:meth:`real_rows`), so
+            they are never scored, trained or counted.
     """
 
     prompts: list[Prompt]
@@ -38,6 +42,12 @@ class PromptBatch:
     seeds: torch.Tensor
     initial_seeds: torch.Tensor | None
     step_texts: list[str] = dataclasses.field(default_factory=list)
+    filler: int = 0
+
+    def real_rows(self, rollouts: Rollouts) -> torch.Tensor:
+        """Row indices of ``rollouts`` that belong to real prompts (all of them when there is no filler)."""
+        real = rollouts.prompt_index < len(self.prompts) - self.filler
+        return torch.nonzero(real.cpu()).flatten()
 
 
 @dataclasses.dataclass

@@ -187,17 +187,19 @@ def check_even_work(prompts_per_step: int, prune_policy: str, num_processes: int
     """Refuse settings that give processes of a sharded run different numbers of transformer forwards.
 
     Whole prompt groups per process (never split) and each group's survivors counted per group make the work
-    even when the step's prompts divide evenly; the ``threshold`` policy keeps a number that depends on the
-    predictions. The evaluation pads its shares instead (``rl/evaluation.py``).
+    even; where the step's prompts do not divide, the short processes sample filler groups (``PromptBatch.filler``)
+    when nothing is pruned, and the evaluation pads its shares (``rl/evaluation.py``). Pruned, the filler would
+    also need predictions and survivors, so there the prompts must divide; the ``threshold`` policy keeps a number
+    that depends on the predictions.
 
     Raises:
         ValueError: naming the setting and the fix.
     """
-    if prompts_per_step % num_processes:
+    if prompts_per_step % num_processes and prune_policy != "none":
         raise ValueError(
-            f"prompts_per_step={prompts_per_step} does not divide over {num_processes} processes: under FSDP and "
-            "ZeRO-3 every forward is a collective, so every process must sample as many groups. Use a multiple "
-            f"of {num_processes}."
+            f"prompts_per_step={prompts_per_step} does not divide over {num_processes} processes, which a pruned "
+            "run under FSDP or ZeRO-3 cannot pad (every forward is a collective, so every process must sample and "
+            f"prune as many groups): use a multiple of {num_processes}, or prune_policy none."
         )
     if prune_policy == "threshold":
         raise ValueError(

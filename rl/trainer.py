@@ -316,17 +316,22 @@ class GRPOTrainer(TrainerPersistence):
             seeds = np.random.default_rng([cfg.training.seed, self.state.step, 1]).integers(2**62, size=(n_global, 1))
             seeds = seeds + np.arange(group_size)  # distinct per rollout, reproducible from (seed, step)
             mine = shard(list(range(n_global)), acc.process_index, acc.num_processes)
-            texts = [prompts[i].text for i in mine]
+            # sharded: as many groups on every process (forwards are collectives), the short ones padded with
+            # copies of their own last group, sampled and dropped unscored (PromptBatch.filler)
+            filler = -(-n_global // acc.num_processes) - len(mine) if shards_parameters(acc) else 0
+            sampled = mine + mine[-1:] * filler
+            texts = [prompts[i].text for i in sampled]
             embeds = encode_prompts(self.pipeline, texts, cfg.model.max_sequence_length).to(acc.device)
-            initial = torch.from_numpy(seeds[mine, :1]).repeat_interleave(group_size, 0).flatten()
+            initial = torch.from_numpy(seeds[sampled, :1]).repeat_interleave(group_size, 0).flatten()
         return PromptBatch(
-            prompts=[prompts[i] for i in mine],
+            prompts=[prompts[i] for i in sampled],
             embeds=embeds,
-            prompt_index=torch.arange(len(mine)).repeat_interleave(group_size),
-            group_ids=torch.tensor(mine),
-            seeds=torch.from_numpy(seeds[mine]).flatten(),
+            prompt_index=torch.arange(len(sampled)).repeat_interleave(group_size),
+            group_ids=torch.tensor(mine + [-1] * filler),
+            seeds=torch.from_numpy(seeds[sampled]).flatten(),
             initial_seeds=initial if cfg.sampling.same_initial_noise else None,
             step_texts=[prompt.text for prompt in prompts],
+            filler=filler,
         )
 
     def start(self, batch: PromptBatch) -> Rollouts:
@@ -383,7 +388,7 @@ class GRPOTrainer(TrainerPersistence):
         if result is not None:
             return self.score(batch, rollouts, result)
         until = self.sampler.num_steps
-        self.count_judged(len(rollouts))
+        self.count_judged(len(batch.real_rows(rollouts)))
         finished: list[Rollouts] = []
         pending: list[Future[Future[RewardResult]]] = []
         results: list[RewardResult] = []
@@ -391,6 +396,10 @@ class GRPOTrainer(TrainerPersistence):
             for rows in score_chunks(rollouts.prompt_index, self.sampler.batch_size):
                 with self.phase("sample"), self.accelerator.autocast():
                     done = self.sampler.advance(rollouts.select(rows), batch.embeds, until, progress=bar.update)
+                if batch.filler:  # padding of a sharded run: its calls are made, its images never decoded
+                    done = done.select(batch.real_rows(done))
+                    if not len(done):
+                        continue
                 finished.append(done)
                 if self.decode_pool is None:
                     with self.phase("score_wait"):

@@ -39,8 +39,9 @@ def test_zero3_shards_parameters_and_refuses_uneven_work():
     assert shards_parameters(fake_accelerator({"zero_optimization": {"stage": 3}}))
     assert not shards_parameters(fake_accelerator({"zero_optimization": {"stage": 2}}))
     check_even_work(prompts_per_step=8, prune_policy="variance", num_processes=4)
+    check_even_work(prompts_per_step=6, prune_policy="none", num_processes=4)  # unpruned: padded with filler
     with pytest.raises(ValueError, match="prompts_per_step=6 does not divide over 4 processes.*multiple of 4"):
-        check_even_work(prompts_per_step=6, prune_policy="none", num_processes=4)
+        check_even_work(prompts_per_step=6, prune_policy="variance", num_processes=4)
     with pytest.raises(ValueError, match="'threshold'.*'variance'"):
         check_even_work(prompts_per_step=8, prune_policy="threshold", num_processes=4)
 

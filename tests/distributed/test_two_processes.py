@@ -10,7 +10,7 @@ import pytest
 import torch
 import yaml
 from diffusers import FluxPipeline
-from launching import CPU_2PROC, ROOT, finish, launch, ranks, run_args
+from launching import CPU_2PROC, ROOT, finish, launch, ranks, run_args, trained
 from safetensors.torch import load_file
 
 from rl.metrics_log import read_metrics
@@ -199,12 +199,28 @@ def test_a_reward_failing_on_one_process_checkpoints_on_both_then_both_stop(ddp_
     assert steps == [1, 2]
 
 
-def test_fsdp_refuses_uneven_work(ddp_runs, tmp_path):
-    args = [*run_args(ddp_runs / "pipeline", tmp_path / "run"), "--prompts_per_step", "3"]
-    process = launch(tmp_path / "uneven", args, *FSDP_CPU)
-    output, _ = process.communicate(timeout=600)
-    assert process.returncode != 0
-    assert "prompts_per_step=3 does not divide over 2 processes" in output
+@pytest.mark.parametrize("sharding", ["fsdp", "zero3"])
+def test_sharded_pads_uneven_groups_with_filler_and_trains_as_ddp(ddp_runs, tmp_path, sharding):
+    """3 prompts on 2 processes: under FSDP and ZeRO-3 every forward is a collective, so rank 1 samples a filler
+    copy of its one group beside rank 0's two; the filler is never scored, trained or counted, every real group
+    lives on one process and is trained once, and the LoRA equals DDP's on the same uneven split (no filler)."""
+    runs = {}
+    sharded = FSDP_CPU if sharding == "fsdp" else zero3_launch(tmp_path / "config")
+    for name, launcher in (("sharded", sharded), ("ddp", ("--config_file", CPU_2PROC))):
+        args = [*run_args(ddp_runs / "pipeline", tmp_path / name / "run"), "--prompts_per_step", "3"]
+        runs[name] = launch(tmp_path / name, args, *launcher)
+    for process in runs.values():
+        finish(process)
+    padded, ddp = trained(tmp_path / "sharded"), trained(tmp_path / "ddp")
+    for step in range(2):
+        assert [rank[step]["prompt_groups"] for rank in padded] == [[0, 1], [2, -1]]  # -1: rank 1's filler
+        assert [rank[step]["prompt_groups"] for rank in ddp] == [[0, 1], [2]]
+        for own, plain in zip(padded, ddp):  # the same rollouts, each trained as often, the filler never
+            assert own[step]["rollout_groups"] == plain[step]["rollout_groups"]
+            assert own[step]["trained"] == plain[step]["trained"] and min(plain[step]["trained"]) > 0
+    assert max((a - b).abs().max() for a, b in zip(ranks(tmp_path / "sharded")[0], ranks(tmp_path / "ddp")[0])) <= 1e-6
+    logged = [r for r in read_metrics(tmp_path / "sharded" / "run" / "metrics.jsonl") if "reward/total/mean" in r]
+    assert [r["train/images_seen"] for r in logged] == [12, 24]  # 3 groups of 4 per step: the filler not counted
 
 
 def test_a_checkpoint_write_failing_on_one_process_stops_both_at_once(ddp_runs, tmp_path):
