@@ -22,6 +22,9 @@ import logging
 import os
 import sys
 
+import rl  # noqa: F401  (first: rl/__init__.py filters library import notices before diffusers loads)
+
+# isort: split
 import torch
 import yaml
 from diffusers import FluxPipeline

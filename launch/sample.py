@@ -35,6 +35,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import rl  # noqa: F401  (first: rl/__init__.py filters library import notices before diffusers loads)
+
+# isort: split
 import torch
 from diffusers import FluxPipeline
 from PIL import Image

@@ -15,6 +15,9 @@ import json
 import logging
 from pathlib import Path
 
+import rl  # noqa: F401  (first: rl/__init__.py filters library import notices before diffusers loads)
+
+# isort: split
 import numpy as np
 import torch
 from diffusers import FluxPipeline

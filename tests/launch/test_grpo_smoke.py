@@ -101,6 +101,7 @@ def test_a_config_error_through_the_command_line_is_one_line_and_exit_2(tmp_path
     assert done.returncode == 2, done.stderr[-2000:]
     lines = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
     assert "Traceback" not in done.stderr and len(lines) == 1
+    assert done.stderr.strip().splitlines() == lines  # and nothing above it (no library import notices)
     assert "run.yaml, line 3: key 'max_steps' is given twice (first on line 1)" in lines[0]
 
 
