@@ -183,14 +183,14 @@ def reward_wait_limit(reward_timeout_s: float, distributed_timeout_s: float, num
     return min(reward_timeout_s, cap) if reward_timeout_s else cap
 
 
-def check_even_work(prompts_per_step: int, prune_policy: str, num_processes: int) -> None:
+def check_even_work(prompts_per_step: int, prune_policy: str, num_processes: int, min_spread: float = 0.0) -> None:
     """Refuse settings that give processes of a sharded run different numbers of transformer forwards.
 
     Whole prompt groups per process (never split) and each group's survivors counted per group make the work
     even; where the step's prompts do not divide, the short processes sample filler groups (``PromptBatch.filler``)
     when nothing is pruned, and the evaluation pads its shares (``rl/evaluation.py``). Pruned, the filler would
-    also need predictions and survivors, so there the prompts must divide; the ``threshold`` policy keeps a number
-    that depends on the predictions.
+    also need predictions and survivors, so there the prompts must divide; the ``threshold`` policy keeps, and
+    ``min_spread`` (``prune_min_spread``) skips, a number that depends on the predictions.
 
     Raises:
         ValueError: naming the setting and the fix.
@@ -205,4 +205,10 @@ def check_even_work(prompts_per_step: int, prune_policy: str, num_processes: int
         raise ValueError(
             "prune_policy 'threshold' keeps a prediction-dependent number of rollouts per process, which FSDP and "
             "ZeRO-3 cannot run (every forward is a collective): use 'variance', 'topk' or 'random'."
+        )
+    if min_spread > 0:
+        raise ValueError(
+            f"prune_min_spread={min_spread} skips the groups predicted flat, so processes would finish different "
+            "numbers of rollouts, which FSDP and ZeRO-3 cannot run (every forward is a collective): set "
+            "prune_min_spread 0."
         )

@@ -132,7 +132,8 @@ class GRPOTrainer(TrainerPersistence):
         )
         shard(range(s.prompts_per_step), 0, self.accelerator.num_processes)  # fewer prompts than processes: fail now
         if shards_parameters(self.accelerator):
-            check_even_work(s.prompts_per_step, cfg.pruning.prune_policy, self.accelerator.num_processes)
+            p = cfg.pruning
+            check_even_work(s.prompts_per_step, p.prune_policy, self.accelerator.num_processes, p.prune_min_spread)
         # cheap, likely-to-fail pieces first: a missing prompt file or an unknown reward fails before the model loads
         self.train_prompts = load_prompt_source(s.prompts, s.prompt_category_weights)
         self.prompt_history = (

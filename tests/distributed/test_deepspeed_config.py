@@ -44,6 +44,8 @@ def test_zero3_shards_parameters_and_refuses_uneven_work():
         check_even_work(prompts_per_step=6, prune_policy="variance", num_processes=4)
     with pytest.raises(ValueError, match="'threshold'.*'variance'"):
         check_even_work(prompts_per_step=8, prune_policy="threshold", num_processes=4)
+    with pytest.raises(ValueError, match="prune_min_spread=0.05 skips.*set prune_min_spread 0"):
+        check_even_work(prompts_per_step=8, prune_policy="variance", num_processes=4, min_spread=0.05)
 
 
 def test_a_reward_wait_ends_before_the_other_processes_give_up():
