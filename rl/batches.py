@@ -31,8 +31,8 @@ class PromptBatch:
         step_texts: every process's prompt texts of the step, by group id (prompt skipping records groups by them).
         filler: how many of the last prompts are padding (group id -1): under FSDP and ZeRO-3 every forward is a
             collective, so a process owning fewer groups samples copies of one of its own to make as many
-            transformer calls as the others; their rollouts are dropped before decoding (:meth:`real_rows`), so
-            they are never scored, trained or counted.
+            transformer calls as the others (and predicted and pruned like the rest when pruning); their finished
+            rollouts are dropped before decoding (:meth:`real_rows`), so they are never scored, trained or counted.
     """
 
     prompts: list[Prompt]

@@ -183,24 +183,18 @@ def reward_wait_limit(reward_timeout_s: float, distributed_timeout_s: float, num
     return min(reward_timeout_s, cap) if reward_timeout_s else cap
 
 
-def check_even_work(prompts_per_step: int, prune_policy: str, num_processes: int, min_spread: float = 0.0) -> None:
+def check_even_work(prune_policy: str, min_spread: float = 0.0) -> None:
     """Refuse settings that give processes of a sharded run different numbers of transformer forwards.
 
     Whole prompt groups per process (never split) and each group's survivors counted per group make the work
-    even; where the step's prompts do not divide, the short processes sample filler groups (``PromptBatch.filler``)
-    when nothing is pruned, and the evaluation pads its shares (``rl/evaluation.py``). Pruned, the filler would
-    also need predictions and survivors, so there the prompts must divide; the ``threshold`` policy keeps, and
-    ``min_spread`` (``prune_min_spread``) skips, a number that depends on the predictions.
+    even; where the step's prompts do not divide, the short processes sample, predict and prune filler groups
+    (``PromptBatch.filler``) that are never scored, and the evaluation pads its shares (``rl/evaluation.py``).
+    The ``threshold`` policy keeps, and ``min_spread`` (``prune_min_spread``) skips, a number of rollouts that
+    depends on the predictions.
 
     Raises:
         ValueError: naming the setting and the fix.
     """
-    if prompts_per_step % num_processes and prune_policy != "none":
-        raise ValueError(
-            f"prompts_per_step={prompts_per_step} does not divide over {num_processes} processes, which a pruned "
-            "run under FSDP or ZeRO-3 cannot pad (every forward is a collective, so every process must sample and "
-            f"prune as many groups): use a multiple of {num_processes}, or prune_policy none."
-        )
     if prune_policy == "threshold":
         raise ValueError(
             "prune_policy 'threshold' keeps a prediction-dependent number of rollouts per process, which FSDP and "

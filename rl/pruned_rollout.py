@@ -140,6 +140,15 @@ class PrunedStep:
     sigma: float
     cost: PredictionCost
 
+    def first(self, count: int) -> PrunedStep:
+        """The decisions for the first ``count`` started rollouts only (the cost stays the whole step's)."""
+        selection = Selection(*(getattr(self.selection, f.name)[:count] for f in dataclasses.fields(Selection)))
+        features = None if self.features is None else self.features[:count]
+        return dataclasses.replace(
+            self, predicted=self.predicted[:count], group_ids=self.group_ids[:count], selection=selection,
+            features=features,
+        )  # fmt: skip
+
 
 def result_subset(result: RewardResult, rows: torch.Tensor) -> RewardResult:
     """The reward's result for ``rows`` of the scored batch (dropped-group counts and failures kept)."""
@@ -270,6 +279,9 @@ class PrunedRollout:
             )
             rollouts = rollouts.select(selection.survivors)
         self.last = self.stage_steps[0] if len(self.stage_steps) == 1 else funnel_step(self.stage_steps)
+        if batch.filler:  # a sharded run's padding, predicted and pruned like the rest so its calls line up: from
+            real = len(batch.real_rows(early))  # here on only the real rows (the first ones) are scored and kept
+            self.last, early = self.last.first(real), early.select(torch.arange(real))
         selection = self.last.selection
         known = None if prediction.result is None else result_subset(prediction.result, selection.survivors)
         scored = runner.finish_and_score(batch, rollouts, known)  # re-batched, order kept, scored beside sampling

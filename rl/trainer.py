@@ -132,8 +132,7 @@ class GRPOTrainer(TrainerPersistence):
         )
         shard(range(s.prompts_per_step), 0, self.accelerator.num_processes)  # fewer prompts than processes: fail now
         if shards_parameters(self.accelerator):
-            p = cfg.pruning
-            check_even_work(s.prompts_per_step, p.prune_policy, self.accelerator.num_processes, p.prune_min_spread)
+            check_even_work(cfg.pruning.prune_policy, cfg.pruning.prune_min_spread)
         # cheap, likely-to-fail pieces first: a missing prompt file or an unknown reward fails before the model loads
         self.train_prompts = load_prompt_source(s.prompts, s.prompt_category_weights)
         self.prompt_history = (
@@ -386,8 +385,8 @@ class GRPOTrainer(TrainerPersistence):
             rollouts: the rollouts to finish, each group's rows contiguous (the unpruned step, or the survivors).
             result: their reward, when a predictor already finished and scored them (the ``reward`` oracle).
         """
-        if result is not None:
-            return self.score(batch, rollouts, result)
+        if result is not None:  # (a sharded run's filler among them: dropped, as below)
+            return self.score(batch, rollouts.select(batch.real_rows(rollouts)) if batch.filler else rollouts, result)
         until = self.sampler.num_steps
         self.count_judged(len(batch.real_rows(rollouts)))
         finished: list[Rollouts] = []

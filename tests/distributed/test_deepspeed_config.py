@@ -35,17 +35,14 @@ def test_contradicting_deepspeed_value_fails_naming_it():
         configure_deepspeed(fake_accelerator(ds), micro_batch_size=4, max_grad_norm=1.0)
 
 
-def test_zero3_shards_parameters_and_refuses_uneven_work():
+def test_zero3_shards_parameters_and_refuses_prediction_dependent_work():
     assert shards_parameters(fake_accelerator({"zero_optimization": {"stage": 3}}))
     assert not shards_parameters(fake_accelerator({"zero_optimization": {"stage": 2}}))
-    check_even_work(prompts_per_step=8, prune_policy="variance", num_processes=4)
-    check_even_work(prompts_per_step=6, prune_policy="none", num_processes=4)  # unpruned: padded with filler
-    with pytest.raises(ValueError, match="prompts_per_step=6 does not divide over 4 processes.*multiple of 4"):
-        check_even_work(prompts_per_step=6, prune_policy="variance", num_processes=4)
+    check_even_work(prune_policy="variance")
     with pytest.raises(ValueError, match="'threshold'.*'variance'"):
-        check_even_work(prompts_per_step=8, prune_policy="threshold", num_processes=4)
+        check_even_work(prune_policy="threshold")
     with pytest.raises(ValueError, match="prune_min_spread=0.05 skips.*set prune_min_spread 0"):
-        check_even_work(prompts_per_step=8, prune_policy="variance", num_processes=4, min_spread=0.05)
+        check_even_work(prune_policy="variance", min_spread=0.05)
 
 
 def test_a_reward_wait_ends_before_the_other_processes_give_up():

@@ -68,6 +68,9 @@ def test_deepspeed_zero2_on_two_cpu_processes(ddp_runs, tmp_path):
 
 FSDP = ("--config_file", str(ROOT / "configs" / "accelerate" / "fsdp.yaml"), "--num_processes", "2")
 FSDP_CPU = (*FSDP, "--mixed_precision", "no")
+# probe pruning from a fresh probe, keep 2 of 4 by the max-variance rule
+PROBE_PRUNING = ("--prune_policy", "variance", "--predictor", "probe", "--probe_path", "init", "--capture_step", "2",
+                 "--prune_keep_fraction", "0.5", "--prune_explore", "0")  # fmt: skip
 
 
 def zero3_launch(folder) -> tuple[str, ...]:
@@ -138,8 +141,7 @@ def test_sharded_reads_the_lora_whole_for_the_kl_reference_and_the_probe_as_ddp_
     """The two reads of the sharded model the plain case leaves out: the adapter-off reference forward of the KL
     term and the probe's attention capture on the gathered forward (probe pruning, keep 2 of 4). Both runs side
     by side, the same config; FSDP2 and ZeRO-3 end where DDP ends."""
-    extra = ("--kl_beta", "0.01", "--prune_policy", "variance", "--predictor", "probe", "--probe_path", "init",
-             "--capture_step", "2", "--prune_keep_fraction", "0.5", "--prune_explore", "0")  # fmt: skip
+    extra = ("--kl_beta", "0.01", *PROBE_PRUNING)
     runs = {}
     sharded = FSDP_CPU if sharding == "fsdp" else zero3_launch(tmp_path / "config")
     for name, launcher in (("ddp", ("--config_file", CPU_2PROC)), (sharding, sharded)):
@@ -199,15 +201,18 @@ def test_a_reward_failing_on_one_process_checkpoints_on_both_then_both_stop(ddp_
     assert steps == [1, 2]
 
 
-@pytest.mark.parametrize("sharding", ["fsdp", "zero3"])
-def test_sharded_pads_uneven_groups_with_filler_and_trains_as_ddp(ddp_runs, tmp_path, sharding):
-    """3 prompts on 2 processes: under FSDP and ZeRO-3 every forward is a collective, so rank 1 samples a filler
-    copy of its one group beside rank 0's two; the filler is never scored, trained or counted, every real group
-    lives on one process and is trained once, and the LoRA equals DDP's on the same uneven split (no filler)."""
+@pytest.mark.parametrize(
+    ("sharding", "pruning"), [("fsdp", ()), ("zero3", PROBE_PRUNING)], ids=["fsdp", "zero3-pruned"]
+)
+def test_sharded_pads_uneven_groups_with_filler_and_trains_as_ddp(ddp_runs, tmp_path, sharding, pruning):
+    """3 prompts on 2 processes: under FSDP and ZeRO-3 every forward is a collective, so rank 1 samples (and
+    predicts and prunes) a filler copy of its one group beside rank 0's two; the filler is never scored, trained or
+    counted, every real group lives on one process and is trained once, and the LoRA equals DDP's on the same
+    uneven split (no filler)."""
     runs = {}
     sharded = FSDP_CPU if sharding == "fsdp" else zero3_launch(tmp_path / "config")
     for name, launcher in (("sharded", sharded), ("ddp", ("--config_file", CPU_2PROC))):
-        args = [*run_args(ddp_runs / "pipeline", tmp_path / name / "run"), "--prompts_per_step", "3"]
+        args = [*run_args(ddp_runs / "pipeline", tmp_path / name / "run"), "--prompts_per_step", "3", *pruning]
         runs[name] = launch(tmp_path / name, args, *launcher)
     for process in runs.values():
         finish(process)
@@ -220,7 +225,12 @@ def test_sharded_pads_uneven_groups_with_filler_and_trains_as_ddp(ddp_runs, tmp_
             assert own[step]["trained"] == plain[step]["trained"] and min(plain[step]["trained"]) > 0
     assert max((a - b).abs().max() for a, b in zip(ranks(tmp_path / "sharded")[0], ranks(tmp_path / "ddp")[0])) <= 1e-6
     logged = [r for r in read_metrics(tmp_path / "sharded" / "run" / "metrics.jsonl") if "reward/total/mean" in r]
-    assert [r["train/images_seen"] for r in logged] == [12, 24]  # 3 groups of 4 per step: the filler not counted
+    seen = [6, 12] if pruning else [12, 24]  # 3 groups of 4 (2 surviving) per step: the filler not counted
+    assert [r["train/images_seen"] for r in logged] == seen
+    if pruning:  # its predictions and survivors left out of the figures too
+        plain = [r for r in read_metrics(tmp_path / "ddp" / "run" / "metrics.jsonl") if "reward/total/mean" in r]
+        for key in ("prune/survivor_frac", "reward/group_std", "probe/within_group_srcc_online"):
+            assert [r[key] for r in logged] == pytest.approx([r[key] for r in plain], abs=1e-5), key
 
 
 def test_a_checkpoint_write_failing_on_one_process_stops_both_at_once(ddp_runs, tmp_path):
