@@ -1,4 +1,4 @@
-"""DeepSpeed values are filled from the run config; contradictions fail naming them; sharded runs refuse uneven work."""
+"""DeepSpeed values are filled from the run config; contradictions fail naming them; sharded runs refuse prediction-dependent work."""
 
 from types import SimpleNamespace
 
