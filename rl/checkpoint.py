@@ -36,6 +36,7 @@ import zipfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.checkpointing import load_accelerator_state, save_accelerator_state
@@ -434,11 +435,18 @@ def refuse_code(folder: Path) -> None:
     that asks for anything beyond tensors, plain values and :func:`library_globals` is refused, named, before a
     library reads it: DeepSpeed loads its own files with ``weights_only=False``, which would run what they ask.
 
+    The trainer writes no links, and a linked folder would hide its files from this walk: a link is refused too.
+
     Raises:
-        ValueError: naming the first such file and what it asks for.
+        ValueError: naming the first such file (or link) and what it asks for.
     """
     allowed = library_globals(deepspeed=(folder / "pytorch_model").is_dir())
     for path in sorted(folder.rglob("*")):
+        if path.is_symlink():
+            raise ValueError(
+                f"{path} is a link, which this trainer never writes into a checkpoint (it was tampered with); "
+                "refusing to load it. Resume from another checkpoint."
+            )
         if path.suffix in PICKLED and path.is_file():
             load_state_file(path, allowed, mmap=zipfile.is_zipfile(path))
 
@@ -448,9 +456,10 @@ PICKLED = (".pt", ".pkl", ".bin")  # torch.save's files (accelerate's and DeepSp
 
 def library_globals(deepspeed: bool) -> list:
     """What the libraries' own checkpoint files hold besides tensors: numpy's RNG-state arrays (the list
-    accelerate's loader allows) and, with ``deepspeed``, the records of DeepSpeed's optimizer state (classes and an
-    enum whose construction runs nothing else; read off ZeRO-2 and ZeRO-3 checkpoints)."""
-    allowed = list(TORCH_SAFE_GLOBALS)
+    accelerate's loader allows, with the dtypes older accelerate releases left out of it) and, with ``deepspeed``,
+    the records of DeepSpeed's optimizer state (classes and an enum whose construction runs nothing else; read off
+    ZeRO-2 and ZeRO-3 checkpoints)."""
+    allowed = [*TORCH_SAFE_GLOBALS, np.dtype, type(np.dtype(np.uint32))]
     if deepspeed:
         from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
         from deepspeed.runtime.zero.config import ZeroStageEnum

@@ -247,6 +247,12 @@ def test_every_pickled_file_is_checked_before_a_library_loads_it(tmp_path):
         assert str(crafted) in str(refused.value) and "system)" in str(refused.value)
         crafted.write_bytes(original)
     assert not marker.exists()
+    # a linked folder would hide its files from the check while DeepSpeed still read them
+    hidden = tmp_path / "elsewhere"
+    (folder / "pytorch_model").rename(hidden)
+    (folder / "pytorch_model").symlink_to(hidden, target_is_directory=True)
+    with pytest.raises(ValueError, match="pytorch_model is a link"):
+        load_checkpoint(Untouched(), folder)
 
 
 def test_sigterm_checkpoints_and_the_same_command_resumes_then_reports_the_finished_run(pipeline_dir, tmp_path):
