@@ -29,10 +29,12 @@ class PromptBatch:
         seeds: ``[B]`` per-rollout noise seeds.
         initial_seeds: ``[B]`` seeds of the initial noise (shared within a group), or None (= ``seeds``).
         step_texts: every process's prompt texts of the step, by group id (prompt skipping records groups by them).
-        filler: how many of the last prompts are padding (group id -1): under FSDP and ZeRO-3 every forward is a
-            collective, so a process owning fewer groups samples copies of one of its own to make as many
-            transformer calls as the others (and predicted and pruned like the rest when pruning); their finished
-            rollouts are dropped before decoding (:meth:`real_rows`), so they are never scored, trained or counted.
+        filler: how many of the last prompts are padding: under FSDP and ZeRO-3 every forward is a collective, so
+            a process owning fewer groups samples copies of its last one to make as many transformer calls as the
+            others (and predicts and prunes them like the rest when pruning). Their group id, ``prompts_per_step``,
+            sorts after every real one, so pruning's random draws for the real groups are those of an unpadded
+            run. Their finished rollouts are dropped before decoding (:meth:`real_rows`): never scored, trained or
+            counted as seen; the transformer calls they cost count in the compute figures (they are spent).
     """
 
     prompts: list[Prompt]

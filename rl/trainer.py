@@ -327,7 +327,7 @@ class GRPOTrainer(TrainerPersistence):
             prompts=[prompts[i] for i in sampled],
             embeds=embeds,
             prompt_index=torch.arange(len(sampled)).repeat_interleave(group_size),
-            group_ids=torch.tensor(mine + [-1] * filler),
+            group_ids=torch.tensor(mine + [n_global] * filler),  # an id after every real one: selection draws last
             seeds=torch.from_numpy(seeds[sampled]).flatten(),
             initial_seeds=initial if cfg.sampling.same_initial_noise else None,
             step_texts=[prompt.text for prompt in prompts],

@@ -213,19 +213,20 @@ def test_sharded_pads_uneven_groups_with_filler_and_trains_as_ddp(ddp_runs, tmp_
     sharded = FSDP_CPU if sharding == "fsdp" else zero3_launch(tmp_path / "config")
     for name, launcher in (("sharded", sharded), ("ddp", ("--config_file", CPU_2PROC))):
         args = [*run_args(ddp_runs / "pipeline", tmp_path / name / "run"), "--prompts_per_step", "3", *pruning]
+        args += ["--prune_explore", "1"] if pruning else []  # a random draw per group: the filler's must come last
         runs[name] = launch(tmp_path / name, args, *launcher)
     for process in runs.values():
         finish(process)
     padded, ddp = trained(tmp_path / "sharded"), trained(tmp_path / "ddp")
     for step in range(2):
-        assert [rank[step]["prompt_groups"] for rank in padded] == [[0, 1], [2, -1]]  # -1: rank 1's filler
+        assert [rank[step]["prompt_groups"] for rank in padded] == [[0, 1], [2, 3]]  # 3: rank 1's filler
         assert [rank[step]["prompt_groups"] for rank in ddp] == [[0, 1], [2]]
         for own, plain in zip(padded, ddp):  # the same rollouts, each trained as often, the filler never
             assert own[step]["rollout_groups"] == plain[step]["rollout_groups"]
             assert own[step]["trained"] == plain[step]["trained"] and min(plain[step]["trained"]) > 0
     assert max((a - b).abs().max() for a, b in zip(ranks(tmp_path / "sharded")[0], ranks(tmp_path / "ddp")[0])) <= 1e-6
     logged = [r for r in read_metrics(tmp_path / "sharded" / "run" / "metrics.jsonl") if "reward/total/mean" in r]
-    seen = [6, 12] if pruning else [12, 24]  # 3 groups of 4 (2 surviving) per step: the filler not counted
+    seen = [6, 12] if pruning else [12, 24]  # 3 groups of 4 (2 surviving) per step: the filler not counted as seen
     assert [r["train/images_seen"] for r in logged] == seen
     if pruning:  # its predictions and survivors left out of the figures too
         plain = [r for r in read_metrics(tmp_path / "ddp" / "run" / "metrics.jsonl") if "reward/total/mean" in r]
