@@ -34,7 +34,8 @@ class PromptBatch:
             others (and predicts and prunes them like the rest when pruning). Their group id, ``prompts_per_step``,
             sorts after every real one, so pruning's random draws for the real groups are those of an unpadded
             run. Their finished rollouts are dropped before decoding (:meth:`real_rows`): never scored, trained or
-            counted as seen; the transformer calls they cost count in the compute figures (they are spent).
+            counted as seen. What they cost (transformer calls; a preview's, lookahead's or the reward oracle's
+            decodes and reward calls) counts in the compute figures: it is spent.
     """
 
     prompts: list[Prompt]
