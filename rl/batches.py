@@ -33,7 +33,7 @@ class PromptBatch:
             a process owning fewer groups samples copies of its last one to make as many transformer calls as the
             others (and predicts and prunes them like the rest when pruning). Their group id, ``prompts_per_step``,
             sorts after every real one, so pruning's random draws for the real groups are those of an unpadded
-            run. Their finished rollouts are dropped before decoding (:meth:`real_rows`): never scored, trained or
+            run. Their finished rollouts are dropped before decoding (:meth:`drop_filler`): never scored, trained or
             counted as seen. What they cost (transformer calls; a preview's, lookahead's or the reward oracle's
             decodes and reward calls) counts in the compute figures: it is spent.
     """
@@ -47,10 +47,11 @@ class PromptBatch:
     step_texts: list[str] = dataclasses.field(default_factory=list)
     filler: int = 0
 
-    def real_rows(self, rollouts: Rollouts) -> torch.Tensor:
-        """Row indices of ``rollouts`` that belong to real prompts (all of them when there is no filler)."""
-        real = rollouts.prompt_index < len(self.prompts) - self.filler
-        return torch.nonzero(real.cpu()).flatten()
+    def drop_filler(self, rollouts: Rollouts) -> Rollouts:
+        """``rollouts`` without the filler's rows (the same object when there is no filler)."""
+        if not self.filler:
+            return rollouts
+        return rollouts.select(torch.nonzero(rollouts.prompt_index < len(self.prompts) - self.filler).flatten())
 
 
 @dataclasses.dataclass

@@ -280,8 +280,8 @@ class PrunedRollout:
             rollouts = rollouts.select(selection.survivors)
         self.last = self.stage_steps[0] if len(self.stage_steps) == 1 else funnel_step(self.stage_steps)
         if batch.filler:  # a sharded run's padding, predicted and pruned like the rest so its calls line up: from
-            real = len(batch.real_rows(early))  # here on only the real rows (the first ones) are scored and kept
-            self.last, early = self.last.first(real), early.select(torch.arange(real))
+            early = batch.drop_filler(early)  # here on only the real rows (the first ones) are scored and kept
+            self.last = self.last.first(len(early))
         selection = self.last.selection
         known = None if prediction.result is None else result_subset(prediction.result, selection.survivors)
         scored = runner.finish_and_score(batch, rollouts, known)  # re-batched, order kept, scored beside sampling

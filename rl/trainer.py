@@ -386,9 +386,8 @@ class GRPOTrainer(TrainerPersistence):
             result: their reward, when a predictor already finished and scored them (the ``reward`` oracle).
         """
         if result is not None:  # (a sharded run's filler among them: dropped, as below)
-            return self.score(batch, rollouts.select(batch.real_rows(rollouts)) if batch.filler else rollouts, result)
+            return self.score(batch, batch.drop_filler(rollouts), result)
         until = self.sampler.num_steps
-        self.count_judged(len(batch.real_rows(rollouts)))
         finished: list[Rollouts] = []
         pending: list[Future[Future[RewardResult]]] = []
         results: list[RewardResult] = []
@@ -396,16 +395,16 @@ class GRPOTrainer(TrainerPersistence):
             for rows in score_chunks(rollouts.prompt_index, self.sampler.batch_size):
                 with self.phase("sample"), self.accelerator.autocast():
                     done = self.sampler.advance(rollouts.select(rows), batch.embeds, until, progress=bar.update)
-                if batch.filler:  # padding of a sharded run: its calls are made, its images never decoded
-                    done = done.select(batch.real_rows(done))
-                    if not len(done):
-                        continue
+                done = batch.drop_filler(done)  # a sharded run's padding: its calls are made, its images never decoded
+                if not len(done):  # (a chunk of filler only)
+                    continue
                 finished.append(done)
                 if self.decode_pool is None:
                     with self.phase("score_wait"):
                         results.append(self.held_result(self.decode_and_submit(batch, done), len(done)))
                 else:
                     pending.append(self.decode_pool.submit(self.decode_and_submit, batch, done))
+        self.count_judged(sum(map(len, finished)))
         with self.phase("score_wait"):  # what of the decoding and scoring sampling did not hide
             results += [self.held_result(future.result(), len(done)) for future, done in zip(pending, finished)]
         result = RewardResult.concatenate(results)
