@@ -86,8 +86,7 @@ class PruningConfig(Section):
     prune_min_spread: float = option(
         0.0,
         "Skip whole groups whose predicted rewards have a population std below this (their advantages would "
-        "be ~0). 0: never skip. In reward units; try ~0.1 of the reward's typical within-group std. Not under "
-        "FSDP or ZeRO-3 (processes would finish different numbers of rollouts).",
+        "be ~0). 0: never skip. In reward units; try ~0.1 of the reward's typical within-group std.",
     )
     prune_advantage: str = option(
         "survivors",

@@ -269,6 +269,24 @@ class FluxSampler:
             return_dict=False,
         )[0]
 
+    @torch.no_grad()
+    def idle_forward(self, text_tokens: int, device: torch.device | str) -> None:
+        """One transformer call on zero inputs (one latent, a prompt of ``text_tokens`` zero tokens), output dropped.
+
+        What a process with fewer forwards than the others runs under FSDP or ZeRO-3, where every forward is a
+        collective (rl/distributed.py ``EvenForwards``): the weights it gathers are what counts, not the inputs.
+        """
+        config = self.transformer.config
+        embeds = PromptEmbeddings(
+            prompt_embeds=torch.zeros(1, text_tokens, config.joint_attention_dim, device=device),
+            pooled_embeds=torch.zeros(1, config.pooled_projection_dim, device=device),
+            text_ids=torch.zeros(text_tokens, 3, device=device),
+            token_mask=torch.zeros(1, text_tokens, dtype=torch.bool, device=device),
+            prompts=[""],
+        )
+        latents = torch.zeros(1, self.num_tokens, self.channels, device=device)
+        self.velocity(latents, 0, embeds, torch.zeros(1, dtype=torch.long, device=device))
+
     def start(
         self,
         prompt_index: torch.Tensor,

@@ -22,6 +22,7 @@ import dataclasses
 import logging
 import math
 import time
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
@@ -43,6 +44,7 @@ from rl.distributed import (
     build_accelerator,
     check_even_work,
     configure_deepspeed,
+    forwards_behind,
     is_lost_peer,
     reward_wait_limit,
     shards_parameters,
@@ -111,6 +113,7 @@ class GRPOTrainer(TrainerPersistence):
         self.metrics = MetricsAccumulator()
         self.timer = PhaseTimer()  # time/<phase>_s; finished chunks' decode and reward are timed beside the phases
         self.step_images = 0
+        self.padding_forwards = 0  # FSDP / ZeRO-3: throwaway forwards of every process since the last log
         self.base_eval: dict[str, float] = {}
         self.final_eval: dict[str, float] = {}
         self.summary: dict = {}
@@ -132,7 +135,7 @@ class GRPOTrainer(TrainerPersistence):
         )
         shard(range(s.prompts_per_step), 0, self.accelerator.num_processes)  # fewer prompts than processes: fail now
         if shards_parameters(self.accelerator):
-            check_even_work(cfg.pruning.prune_policy, cfg.pruning.prune_min_spread)
+            check_even_work(cfg.pruning.prune_funnel, cfg.pruning.prune_min_spread, cfg.pruning.predictor)
         # cheap, likely-to-fail pieces first: a missing prompt file or an unknown reward fails before the model loads
         self.train_prompts = load_prompt_source(s.prompts, s.prompt_category_weights)
         self.prompt_history = (
@@ -357,8 +360,31 @@ class GRPOTrainer(TrainerPersistence):
         would have followed had every rollout been continued.
         """
         until = self.sampler.num_steps if until_step is None else until_step
-        with self.sampling_bar(rollouts, until) as bar, self.phase("sample"), self.accelerator.autocast():
+        forwards = math.ceil(len(rollouts) / self.sampler.batch_size) * (until - rollouts.step)
+        with (
+            self.even_forwards(forwards),
+            self.sampling_bar(rollouts, until) as bar,
+            self.phase("sample"),
+            self.accelerator.autocast(),
+        ):
             return self.sampler.advance(rollouts, batch.embeds, until, observer, progress=bar.update)
+
+    @contextlib.contextmanager
+    def even_forwards(self, forwards: int) -> Iterator[None]:
+        """A phase of ``forwards`` transformer calls of this process. Under FSDP and ZeRO-3, where every forward is
+        a collective, the processes agree on the most any of them makes before it starts (their shares of groups
+        and pruning's survivors can differ: ``rl.distributed.forwards_behind``), and one planning fewer runs
+        throwaway forwards after its own (their outputs dropped: the run trains as under DDP)."""
+        behind, everyone = forwards_behind(self.accelerator, forwards)
+        yield
+        for _ in range(behind):
+            self.idle_forward()
+        self.padding_forwards += everyone
+
+    def idle_forward(self) -> None:
+        """One throwaway transformer call under the sampler's autocast."""
+        with self.accelerator.autocast():
+            self.sampler.idle_forward(self.config.model.max_sequence_length, self.accelerator.device)
 
     def sampling_bar(self, rollouts: Rollouts, until: int) -> tqdm:
         """Count the transformer calls taking ``rollouts`` to step ``until`` (a collective) and show their progress."""
@@ -391,8 +417,10 @@ class GRPOTrainer(TrainerPersistence):
         finished: list[Rollouts] = []
         pending: list[Future[Future[RewardResult]]] = []
         results: list[RewardResult] = []
-        with self.sampling_bar(rollouts, until) as bar:
-            for rows in score_chunks(rollouts.prompt_index, self.sampler.batch_size):
+        chunks = score_chunks(rollouts.prompt_index, self.sampler.batch_size)
+        forwards = sum(math.ceil(len(rows) / self.sampler.batch_size) for rows in chunks) * (until - rollouts.step)
+        with self.even_forwards(forwards), self.sampling_bar(rollouts, until) as bar:
+            for rows in chunks:
                 with self.phase("sample"), self.accelerator.autocast():
                     done = self.sampler.advance(rollouts.select(rows), batch.embeds, until, progress=bar.update)
                 done = batch.drop_filler(done)  # a sharded run's padding: its calls are made, its images never decoded
@@ -671,6 +699,9 @@ class GRPOTrainer(TrainerPersistence):
         }
         for key, mib in memory.items():  # the largest process's
             self.metrics.add_max(key, mib)
+        if shards_parameters(self.accelerator):  # a global count: every process adds the same total once
+            self.metrics.add("sample/padding_forwards", self.padding_forwards)
+            self.padding_forwards = 0
         bar.update(1)
         if self.state.step % self.config.logging.log_every:
             return

@@ -1,4 +1,5 @@
-"""DeepSpeed values are filled from the run config; contradictions fail naming them; sharded runs refuse prediction-dependent work."""
+"""DeepSpeed values are filled from the run config; contradictions fail naming them; a sharded run's processes
+agree how many transformer forwards each phase takes."""
 
 from types import SimpleNamespace
 
@@ -6,7 +7,7 @@ import pytest
 import torch
 from accelerate.utils import DistributedType
 
-from rl.distributed import check_even_work, configure_deepspeed, reward_wait_limit, shards_parameters
+from rl.distributed import check_even_work, configure_deepspeed, forwards_behind, reward_wait_limit, shards_parameters
 
 
 def fake_accelerator(ds_config: dict, accumulation: int = 6, processes: int = 2):
@@ -35,14 +36,38 @@ def test_contradicting_deepspeed_value_fails_naming_it():
         configure_deepspeed(fake_accelerator(ds), micro_batch_size=4, max_grad_norm=1.0)
 
 
-def test_zero3_shards_parameters_and_refuses_prediction_dependent_work():
+def test_zero3_shards_parameters():
     assert shards_parameters(fake_accelerator({"zero_optimization": {"stage": 3}}))
     assert not shards_parameters(fake_accelerator({"zero_optimization": {"stage": 2}}))
-    check_even_work(prune_policy="variance")
-    with pytest.raises(ValueError, match="'threshold'.*'variance'"):
-        check_even_work(prune_policy="threshold")
-    with pytest.raises(ValueError, match="prune_min_spread=0.05 skips.*set prune_min_spread 0"):
-        check_even_work(prune_policy="variance", min_spread=0.05)
+
+
+class ZeRO3Pair:
+    """A ZeRO-3 accelerator of two processes whose gather adds the other process's planned forwards."""
+
+    def __init__(self, other: int) -> None:
+        self.inner = fake_accelerator({"zero_optimization": {"stage": 3}})
+        self.other = other
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        return torch.cat([tensor, torch.tensor([self.other])])
+
+
+def test_a_sharded_process_planning_fewer_forwards_learns_how_many_to_add():
+    assert forwards_behind(ZeRO3Pair(other=7), 3) == (4, 4)  # this process adds 4, the other none
+    assert forwards_behind(ZeRO3Pair(other=2), 6) == (0, 4)  # the other adds 4
+    plain = ZeRO3Pair(other=7)
+    plain.inner = fake_accelerator({"zero_optimization": {"stage": 2}})  # ZeRO-2: forwards are not collectives
+    assert forwards_behind(plain, 3) == (0, 0)
+
+
+def test_sharded_runs_refuse_only_the_lookahead_forwards_they_cannot_plan():
+    check_even_work(funnel="", min_spread=0.05, predictor="lookahead")  # one stage: every row is predicted
+    check_even_work(funnel="2:0.5,4:0.5", min_spread=0.05, predictor="preview")  # no forwards of its own
+    with pytest.raises(ValueError, match="prune_min_spread=0.05 with prune_funnel='2:0.5,4:0.5'.*'preview'"):
+        check_even_work(funnel="2:0.5,4:0.5", min_spread=0.05, predictor="lookahead")
 
 
 def test_a_reward_wait_ends_before_the_other_processes_give_up():

@@ -234,6 +234,41 @@ def test_sharded_pads_uneven_groups_with_filler_and_trains_as_ddp(ddp_runs, tmp_
             assert [r[key] for r in logged] == pytest.approx([r[key] for r in plain], abs=1e-5), key
 
 
+# 4 prompts, 2 groups per process: keep each rollout the fresh probe predicts above -0.05 (at least 2 per group),
+# skip a process's groups predicted flat (std < 0.01) but its widest; 2 rollouts per transformer call
+UNEVEN_PRUNING = ("--prompts_per_step", "4", "--prune_policy", "threshold", "--prune_threshold", "-0.05",
+                  "--prune_min_spread", "0.01", "--predictor", "probe", "--probe_path", "init", "--capture_step", "2",
+                  "--prune_explore", "0", "--sample_batch_size", "2")  # fmt: skip
+
+
+@pytest.mark.parametrize("sharding", ["fsdp", "zero3"])
+def test_sharded_evens_out_prediction_dependent_work_and_trains_as_ddp(ddp_runs, tmp_path, sharding):
+    """The threshold policy and group skipping leave the processes different numbers of survivors to finish: under
+    FSDP and ZeRO-3 every forward is a collective, so the processes agree on the most any makes before each
+    sampling phase and one with fewer runs throwaway forwards after its own. It trains as DDP does."""
+    runs = {}
+    sharded = FSDP_CPU if sharding == "fsdp" else zero3_launch(tmp_path / "config")
+    for name, launcher in (("sharded", sharded), ("ddp", ("--config_file", CPU_2PROC))):
+        args = [*run_args(ddp_runs / "pipeline", tmp_path / name / "run"), *UNEVEN_PRUNING]
+        runs[name] = launch(tmp_path / name, args, *launcher)
+    for process in runs.values():
+        finish(process)
+    sharded_steps, ddp = trained(tmp_path / "sharded"), trained(tmp_path / "ddp")
+    for own, plain in zip(sharded_steps, ddp):  # the same survivors, each trained as often
+        assert [step["rollout_groups"] for step in own] == [step["rollout_groups"] for step in plain]
+        assert [step["trained"] for step in own] == [step["trained"] for step in plain]
+    # step 1: rank 0 skipped a group, rank 1 kept 2 and 3 of its groups' 4: 1 and 3 calls per denoising step
+    sizes = [torch.unique(torch.tensor(rank[0]["rollout_groups"]), return_counts=True)[1].tolist() for rank in ddp]
+    assert sorted(map(sorted, sizes)) == [[2], [2, 3]], sizes
+    assert max((a - b).abs().max() for a, b in zip(ranks(tmp_path / "sharded")[0], ranks(tmp_path / "ddp")[0])) <= 1e-6
+    logged = [r for r in read_metrics(tmp_path / "sharded" / "run" / "metrics.jsonl") if "reward/total/mean" in r]
+    plain = [r for r in read_metrics(tmp_path / "ddp" / "run" / "metrics.jsonl") if "reward/total/mean" in r]
+    assert logged[0]["sample/padding_forwards"] >= 2 * 2  # 2 calls short on each of the 2 steps after step 2
+    assert not any("sample/padding_forwards" in r for r in plain)
+    for key in ("compute/transformer_calls", "reward/total/mean", "prune/survivor_frac", "prune/skipped_groups"):
+        assert [r[key] for r in logged] == pytest.approx([r[key] for r in plain], abs=1e-5), key
+
+
 def test_a_checkpoint_write_failing_on_one_process_stops_both_at_once(ddp_runs, tmp_path):
     """Rank 1's disk fills during a checkpoint: both processes exit with one line each within a minute, not after
     distributed_timeout_s (600 s here) waiting for the other, and no partial checkpoint is left."""
