@@ -29,13 +29,6 @@ class PromptBatch:
         seeds: ``[B]`` per-rollout noise seeds.
         initial_seeds: ``[B]`` seeds of the initial noise (shared within a group), or None (= ``seeds``).
         step_texts: every process's prompt texts of the step, by group id (prompt skipping records groups by them).
-        filler: how many of the last prompts are padding: under FSDP and ZeRO-3 every forward is a collective, so
-            a process owning fewer groups samples copies of its last one to make as many transformer calls as the
-            others (and predicts and prunes them like the rest when pruning). Their group id, ``prompts_per_step``,
-            sorts after every real one, so pruning's random draws for the real groups are those of an unpadded
-            run. Their finished rollouts are dropped before decoding (:meth:`drop_filler`): never scored, trained or
-            counted as seen. What they cost (transformer calls; a preview's, lookahead's or the reward oracle's
-            decodes and reward calls) counts in the compute figures: it is spent.
     """
 
     prompts: list[Prompt]
@@ -45,13 +38,6 @@ class PromptBatch:
     seeds: torch.Tensor
     initial_seeds: torch.Tensor | None
     step_texts: list[str] = dataclasses.field(default_factory=list)
-    filler: int = 0
-
-    def drop_filler(self, rollouts: Rollouts) -> Rollouts:
-        """``rollouts`` without the filler's rows (the same object when there is no filler)."""
-        if not self.filler:
-            return rollouts
-        return rollouts.select(torch.nonzero(rollouts.prompt_index < len(self.prompts) - self.filler).flatten())
 
 
 @dataclasses.dataclass

@@ -114,8 +114,8 @@ class SamplingConfig(Section):
         16,
         "Prompts per GRPO step over ALL processes, each trained once: every process owns whole groups (where the "
         "count does not divide, the first processes own one more), so any process count up to prompts_per_step "
-        "runs any config (under FSDP and ZeRO-3 the processes with fewer groups sample unscored filler groups, "
-        "as every forward is a collective). Flow-GRPO FLUX: 48; the tiny model: 8-16.",
+        "runs any config (under FSDP and ZeRO-3, where every forward is a collective, the processes with fewer "
+        "groups run throwaway forwards to keep in step). Flow-GRPO FLUX: 48; the tiny model: 8-16.",
     )
     prompt_skip_after: int = option(
         0,

@@ -164,8 +164,8 @@ def shards_parameters(accelerator: Accelerator) -> bool:
     """Whether the transformer's parameters are split over the processes (FSDP, DeepSpeed ZeRO-3).
 
     Then every forward is a collective (each process gathers the others' slices), so every process must run as
-    many transformer forwards as every other: :func:`forwards_behind` and
-    :func:`check_even_work` hold the run to that.
+    many transformer forwards as every other: :func:`forwards_behind` holds the run
+    to that.
     """
     if is_fsdp(accelerator):
         return True
@@ -189,31 +189,14 @@ def forwards_behind(accelerator: Accelerator, forwards: int) -> tuple[int, int]:
     its own, and all processes together (a collective; ``(0, 0)`` unless parameters are sharded).
 
     Under FSDP and ZeRO-3 every forward is a collective, so a process planning fewer runs throwaway forwards
-    after its own (``GRPOTrainer.even_forwards``). The count must be agreed before the phase: a process out of
-    work cannot ask the others in the middle, since they are inside forwards that wait for it.
+    after its own (``GRPOTrainer.even_forwards``). Processes plan different numbers wherever their work differs:
+    a group fewer where ``prompts_per_step`` does not divide, a prompt fewer in an evaluation, pruning's
+    prediction-dependent survivors (the ``threshold`` policy, groups ``prune_min_spread`` skips). The count must
+    be agreed before the phase: a process out of work cannot ask the others in the middle, since they are inside
+    forwards that wait for it.
     """
     if accelerator.num_processes == 1 or not shards_parameters(accelerator):
         return 0, 0
     planned = accelerator.gather(torch.tensor([forwards], device=accelerator.device))
     most = int(planned.max())
     return most - forwards, int((most - planned).sum())
-
-
-def check_even_work(funnel: str, min_spread: float, predictor: str) -> None:
-    """Refuse the one pruning setting whose transformer forwards a sharded run cannot agree on in advance.
-
-    Whole prompt groups per process (never split) and filler groups where the step's prompts do not divide
-    (``PromptBatch.filler``) make the sampling and the predictors' work even; what the predictions decide (the
-    ``threshold`` policy's survivors, the groups ``prune_min_spread`` skips) is evened out phase by phase with
-    throwaway forwards (:func:`forwards_behind`). Not a lookahead's own forwards at a funnel's later stage,
-    where the rows it reads depend on the groups an earlier stage skipped.
-
-    Raises:
-        ValueError: naming the setting and the fix.
-    """
-    if funnel and min_spread > 0 and predictor == "lookahead":
-        raise ValueError(
-            f"prune_min_spread={min_spread} with prune_funnel={funnel!r} and predictor 'lookahead' leaves the "
-            "processes of an FSDP or ZeRO-3 run (every forward a collective) different numbers of lookahead "
-            "forwards after the first stage: set prune_min_spread 0, or use predictor 'preview'."
-        )

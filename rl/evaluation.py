@@ -7,7 +7,10 @@ see the same prompts, seeds and sampler (their difference is the run's held-out 
 
 from __future__ import annotations
 
+import contextlib
+import math
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 
 import torch
 from accelerate import Accelerator
@@ -18,7 +21,6 @@ from rewards.base import RewardError
 from rewards.compose import RewardResult, RewardSet
 from rl.config import EvalConfig
 from rl.data import Prompt, PromptSource
-from rl.distributed import shards_parameters
 from rl.metrics_log import MetricsAccumulator
 from rl.sampler import FluxSampler, encode_prompts
 
@@ -37,6 +39,9 @@ class HeldOutEvaluator:
         config: which prompts and how many images each.
         text_length: T5 tokens per prompt (``max_sequence_length``).
         show_bar: show a progress bar.
+        even_forwards: the evaluation's transformer calls run inside ``even_forwards(count)``: under FSDP and
+            ZeRO-3 (every forward a collective) a process with a smaller share catches up with throwaway ones
+            (``rl.trainer.GRPOTrainer.even_forwards``).
     """
 
     def __init__(
@@ -49,11 +54,13 @@ class HeldOutEvaluator:
         config: EvalConfig,
         text_length: int,
         show_bar: bool,
+        even_forwards: Callable[[int], AbstractContextManager] = lambda forwards: contextlib.nullcontext(),
     ) -> None:
         self.accelerator, self.pipeline, self.sampler = accelerator, pipeline, sampler
         self.prompts, self.reward, self.config = prompts, reward, config
         self.failure: RewardError | None = None  # the last evaluation's reward failure (see scores)
         self.text_length, self.show_bar = text_length, show_bar
+        self.even_forwards = even_forwards
 
     @torch.no_grad()
     def __call__(self, final: bool, log_images: ImageLogger) -> dict[str, float]:
@@ -67,15 +74,15 @@ class HeldOutEvaluator:
         e, acc, sampler = self.config, self.accelerator, self.sampler
         self.failure = None
         items = self.prompts.eval_subset(e.final_eval_num_prompts if final else e.eval_num_prompts)
-        counted = len(items[acc.process_index :: acc.num_processes])
-        # sharded: every process evaluates as many prompts (forwards are collectives); the padding is not counted
-        share = -(-len(items) // acc.num_processes) if shards_parameters(acc) else counted
-        items = (items[acc.process_index :: acc.num_processes] + items * share)[:share]
+        items = items[acc.process_index :: acc.num_processes]
         per_image = e.final_images_per_prompt if final else e.eval_images_per_prompt
         metrics = MetricsAccumulator()
         chunk = max(1, sampler.batch_size // per_image)
-        with acc.autocast():
-            for start in tqdm(range(0, len(items), chunk), desc="eval", leave=False, disable=not self.show_bar):
+        starts = range(0, len(items), chunk)
+        rows = [len(items[start : start + chunk]) * per_image for start in starts]
+        forwards = sum(math.ceil(count / sampler.batch_size) for count in rows) * sampler.num_steps
+        with self.even_forwards(forwards), acc.autocast():  # shares may differ by a prompt
+            for start in tqdm(starts, desc="eval", leave=False, disable=not self.show_bar):
                 part = items[start : start + chunk]
                 embeds = encode_prompts(self.pipeline, [p.text for _, p in part], self.text_length)
                 prompt_index = torch.arange(len(part)).repeat_interleave(per_image)
@@ -88,8 +95,7 @@ class HeldOutEvaluator:
                 if start == 0:
                     log_images(images, [p.text for p in prompts], per_image * 4)
                 result = self.scores(images, prompts)
-                padding = (torch.arange(len(part)) + start >= counted).repeat_interleave(per_image)
-                valid = result.valid.bool() & ~padding
+                valid = result.valid.bool()
                 metrics.add_values("total", result.total[valid])
                 for key, values in result.components.items():
                     metrics.add_values(key, values[valid])

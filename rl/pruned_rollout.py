@@ -83,6 +83,8 @@ class RolloutRunner(Protocol):
 
     def add_prediction_cost(self, cost: PredictionCost) -> None: ...
 
+    def even_forwards(self, forwards: int) -> contextlib.AbstractContextManager: ...
+
 
 class ProbeBuffer:
     """First-in first-out store of (features, real reward, group) for the online refresh; checkpointable.
@@ -139,15 +141,6 @@ class PrunedStep:
     features: torch.Tensor | None
     sigma: float
     cost: PredictionCost
-
-    def first(self, count: int) -> PrunedStep:
-        """The decisions for the first ``count`` started rollouts only (the cost stays the whole step's)."""
-        selection = Selection(*(getattr(self.selection, f.name)[:count] for f in dataclasses.fields(Selection)))
-        features = None if self.features is None else self.features[:count]
-        return dataclasses.replace(
-            self, predicted=self.predicted[:count], group_ids=self.group_ids[:count], selection=selection,
-            features=features,
-        )  # fmt: skip
 
 
 def result_subset(result: RewardResult, rows: torch.Tensor) -> RewardResult:
@@ -263,7 +256,7 @@ class PrunedRollout:
             with runner.phase("predict"):
                 if self.predicting:
                     judge = lambda latents, at=rollouts: runner.judge(batch, at.prompt_index, latents)  # noqa: E731
-                    inputs = PredictionInputs(sampler, batch.embeds, rollouts, observer, judge)
+                    inputs = PredictionInputs(sampler, batch.embeds, rollouts, observer, judge, runner.even_forwards)
                     prediction = predictor.predict(inputs)
                 else:
                     prediction = Prediction(torch.zeros(len(rollouts)), PredictionCost(), float(sampler.sigmas[k - 1]))
@@ -279,9 +272,6 @@ class PrunedRollout:
             )
             rollouts = rollouts.select(selection.survivors)
         self.last = self.stage_steps[0] if len(self.stage_steps) == 1 else funnel_step(self.stage_steps)
-        if batch.filler:  # a sharded run's padding, predicted and pruned like the rest so its calls line up: from
-            early = batch.drop_filler(early)  # here on only the real rows (the first ones) are scored and kept
-            self.last = self.last.first(len(early))
         selection = self.last.selection
         known = None if prediction.result is None else result_subset(prediction.result, selection.survivors)
         scored = runner.finish_and_score(batch, rollouts, known)  # re-batched, order kept, scored beside sampling

@@ -274,7 +274,7 @@ class FluxSampler:
         """One transformer call on zero inputs (one latent, a prompt of ``text_tokens`` zero tokens), output dropped.
 
         What a process with fewer forwards than the others runs under FSDP or ZeRO-3, where every forward is a
-        collective (rl/distributed.py ``EvenForwards``): the weights it gathers are what counts, not the inputs.
+        collective (``rl.trainer.GRPOTrainer.even_forwards``): the weights it gathers are what counts, not the inputs.
         """
         config = self.transformer.config
         embeds = PromptEmbeddings(

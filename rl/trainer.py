@@ -42,7 +42,6 @@ from rl.cost import flux_equivalent
 from rl.data import load_prompt_source, shard
 from rl.distributed import (
     build_accelerator,
-    check_even_work,
     configure_deepspeed,
     forwards_behind,
     is_lost_peer,
@@ -134,8 +133,6 @@ class GRPOTrainer(TrainerPersistence):
             t.mixed_precision, t.gradient_accumulation_steps * self.num_trained_steps, t.distributed_timeout_s
         )
         shard(range(s.prompts_per_step), 0, self.accelerator.num_processes)  # fewer prompts than processes: fail now
-        if shards_parameters(self.accelerator):
-            check_even_work(cfg.pruning.prune_funnel, cfg.pruning.prune_min_spread, cfg.pruning.predictor)
         # cheap, likely-to-fail pieces first: a missing prompt file or an unknown reward fails before the model loads
         self.train_prompts = load_prompt_source(s.prompts, s.prompt_category_weights)
         self.prompt_history = (
@@ -199,6 +196,7 @@ class GRPOTrainer(TrainerPersistence):
             cfg.eval,
             m.max_sequence_length,
             self.show_bar,
+            self.even_forwards,
         )
         self.pruner = PrunedRollout.from_config(cfg, self.sampler, self.accelerator)  # None: unpruned
         self.objective = OBJECTIVES[cfg.training.policy_objective](self)  # rl/objectives/
@@ -319,22 +317,17 @@ class GRPOTrainer(TrainerPersistence):
             seeds = np.random.default_rng([cfg.training.seed, self.state.step, 1]).integers(2**62, size=(n_global, 1))
             seeds = seeds + np.arange(group_size)  # distinct per rollout, reproducible from (seed, step)
             mine = shard(list(range(n_global)), acc.process_index, acc.num_processes)
-            # sharded: as many groups on every process (forwards are collectives), the short ones padded with
-            # copies of their own last group, sampled and dropped unscored (PromptBatch.filler)
-            filler = -(-n_global // acc.num_processes) - len(mine) if shards_parameters(acc) else 0
-            sampled = mine + mine[-1:] * filler
-            texts = [prompts[i].text for i in sampled]
+            texts = [prompts[i].text for i in mine]
             embeds = encode_prompts(self.pipeline, texts, cfg.model.max_sequence_length).to(acc.device)
-            initial = torch.from_numpy(seeds[sampled, :1]).repeat_interleave(group_size, 0).flatten()
+            initial = torch.from_numpy(seeds[mine, :1]).repeat_interleave(group_size, 0).flatten()
         return PromptBatch(
-            prompts=[prompts[i] for i in sampled],
+            prompts=[prompts[i] for i in mine],
             embeds=embeds,
-            prompt_index=torch.arange(len(sampled)).repeat_interleave(group_size),
-            group_ids=torch.tensor(mine + [n_global] * filler),  # an id after every real one: selection draws last
-            seeds=torch.from_numpy(seeds[sampled]).flatten(),
+            prompt_index=torch.arange(len(mine)).repeat_interleave(group_size),
+            group_ids=torch.tensor(mine),
+            seeds=torch.from_numpy(seeds[mine]).flatten(),
             initial_seeds=initial if cfg.sampling.same_initial_noise else None,
             step_texts=[prompt.text for prompt in prompts],
-            filler=filler,
         )
 
     def start(self, batch: PromptBatch) -> Rollouts:
@@ -411,8 +404,8 @@ class GRPOTrainer(TrainerPersistence):
             rollouts: the rollouts to finish, each group's rows contiguous (the unpruned step, or the survivors).
             result: their reward, when a predictor already finished and scored them (the ``reward`` oracle).
         """
-        if result is not None:  # (a sharded run's filler among them: dropped, as below)
-            return self.score(batch, batch.drop_filler(rollouts), result)
+        if result is not None:
+            return self.score(batch, rollouts, result)
         until = self.sampler.num_steps
         finished: list[Rollouts] = []
         pending: list[Future[Future[RewardResult]]] = []
@@ -423,9 +416,6 @@ class GRPOTrainer(TrainerPersistence):
             for rows in chunks:
                 with self.phase("sample"), self.accelerator.autocast():
                     done = self.sampler.advance(rollouts.select(rows), batch.embeds, until, progress=bar.update)
-                done = batch.drop_filler(done)  # a sharded run's padding: its calls are made, its images never decoded
-                if not len(done):  # (a chunk of filler only)
-                    continue
                 finished.append(done)
                 if self.decode_pool is None:
                     with self.phase("score_wait"):

@@ -21,8 +21,10 @@ To add one: a file here with a :class:`Predictor` subclass decorated ``@register
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING, ClassVar
 
 import torch
@@ -65,6 +67,9 @@ class PredictionInputs:
         observer: what :meth:`Predictor.observer` returned, having watched the rollout to the capture step.
         score_latents: decodes ``[B, S, C]`` packed latents of the rollouts ``early`` (in order) and scores
             them with the run's reward: returns the reward's :class:`rewards.compose.RewardResult`.
+        even_forwards: a predictor's own transformer calls run inside ``even_forwards(count)``: under FSDP and
+            ZeRO-3 (every forward a collective) the processes agree on the most any makes before they start
+            (``rl.trainer.GRPOTrainer.even_forwards``); nothing elsewhere.
     """
 
     sampler: FluxSampler
@@ -72,6 +77,7 @@ class PredictionInputs:
     early: Rollouts
     observer: StepObserver | None
     score_latents: Callable[[torch.Tensor], RewardResult]
+    even_forwards: Callable[[int], AbstractContextManager] = lambda forwards: contextlib.nullcontext()
 
 
 @dataclasses.dataclass

@@ -7,6 +7,11 @@ Spearman 0.78 against 0.61 for the call-4 preview on the shipped model: bench/RE
 
 from __future__ import annotations
 
+import contextlib
+import math
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+
 import numpy as np
 import torch
 
@@ -22,16 +27,25 @@ def lookahead_indices(capture_step: int, num_steps: int, steps: int) -> list[int
 
 
 @torch.no_grad()
-def euler_to_clean(sampler, latents: torch.Tensor, embeds, prompt_index: torch.Tensor, indices: list[int]):
-    """Deterministic Euler steps ``x += (sigma_j - sigma_i) v(x, t_i)`` over consecutive ``indices``."""
+def euler_to_clean(
+    sampler,
+    latents: torch.Tensor,
+    embeds,
+    prompt_index: torch.Tensor,
+    indices: list[int],
+    even_forwards: Callable[[int], AbstractContextManager] = lambda forwards: contextlib.nullcontext(),
+):
+    """Deterministic Euler steps ``x += (sigma_j - sigma_i) v(x, t_i)`` over consecutive ``indices``, its
+    transformer calls run inside ``even_forwards(count)`` (``PredictionInputs.even_forwards``)."""
     sigmas = sampler.sigmas.to(latents.device)
     x = latents
-    for i, j in zip(indices[:-1], indices[1:]):
-        chunks = []
-        for rows in torch.arange(len(x), device=x.device).split(sampler.batch_size):
-            v = sampler.velocity(x[rows], i, embeds, prompt_index[rows])
-            chunks.append(x[rows].float() + (sigmas[j] - sigmas[i]) * v.float())
-        x = torch.cat(chunks).to(latents.dtype)
+    with even_forwards((len(indices) - 1) * math.ceil(len(x) / sampler.batch_size)):
+        for i, j in zip(indices[:-1], indices[1:]):
+            chunks = []
+            for rows in torch.arange(len(x), device=x.device).split(sampler.batch_size):
+                v = sampler.velocity(x[rows], i, embeds, prompt_index[rows])
+                chunks.append(x[rows].float() + (sigmas[j] - sigmas[i]) * v.float())
+            x = torch.cat(chunks).to(latents.dtype)
     return x
 
 
@@ -53,7 +67,9 @@ class LookaheadPredictor(Predictor):
 
     def predict(self, inputs: PredictionInputs) -> Prediction:
         early = inputs.early
-        clean = euler_to_clean(inputs.sampler, early.latents, inputs.embeds, early.prompt_index, self.indices)
+        clean = euler_to_clean(
+            inputs.sampler, early.latents, inputs.embeds, early.prompt_index, self.indices, inputs.even_forwards
+        )
         result = inputs.score_latents(clean)
         cost = self.cost_per_rollout.times(len(early))
         return Prediction(reward_scores(result), cost, float(inputs.sampler.sigmas[self.indices[0]]))

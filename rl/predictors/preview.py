@@ -86,6 +86,6 @@ class PreviewPredictor(Predictor):
             first, second = self.indices[:2]
             x = latents.to(device).float() + (sigmas[second] - sigmas[first]) * velocity.to(device).float()
             clean = euler_to_clean(inputs.sampler, x.to(latents.dtype), inputs.embeds, early.prompt_index,
-                                   self.indices[1:])  # fmt: skip
+                                   self.indices[1:], inputs.even_forwards)  # fmt: skip
         result = inputs.score_latents(clean)
         return Prediction(reward_scores(result), self.cost_per_rollout.times(len(early)), recorder.sigma)

@@ -7,7 +7,7 @@ import pytest
 import torch
 from accelerate.utils import DistributedType
 
-from rl.distributed import check_even_work, configure_deepspeed, forwards_behind, reward_wait_limit, shards_parameters
+from rl.distributed import configure_deepspeed, forwards_behind, reward_wait_limit, shards_parameters
 
 
 def fake_accelerator(ds_config: dict, accumulation: int = 6, processes: int = 2):
@@ -61,13 +61,6 @@ def test_a_sharded_process_planning_fewer_forwards_learns_how_many_to_add():
     plain = ZeRO3Pair(other=7)
     plain.inner = fake_accelerator({"zero_optimization": {"stage": 2}})  # ZeRO-2: forwards are not collectives
     assert forwards_behind(plain, 3) == (0, 0)
-
-
-def test_sharded_runs_refuse_only_the_lookahead_forwards_they_cannot_plan():
-    check_even_work(funnel="", min_spread=0.05, predictor="lookahead")  # one stage: every row is predicted
-    check_even_work(funnel="2:0.5,4:0.5", min_spread=0.05, predictor="preview")  # no forwards of its own
-    with pytest.raises(ValueError, match="prune_min_spread=0.05 with prune_funnel='2:0.5,4:0.5'.*'preview'"):
-        check_even_work(funnel="2:0.5,4:0.5", min_spread=0.05, predictor="lookahead")
 
 
 def test_a_reward_wait_ends_before_the_other_processes_give_up():

@@ -201,37 +201,43 @@ def test_a_reward_failing_on_one_process_checkpoints_on_both_then_both_stop(ddp_
     assert steps == [1, 2]
 
 
+LOOKAHEAD_PRUNING = ("--prune_policy", "variance", "--predictor", "lookahead", "--lookahead_steps", "2",
+                     "--capture_step", "2", "--prune_keep_fraction", "0.5", "--probe_path", "")  # fmt: skip
+
+
 @pytest.mark.parametrize(
-    ("sharding", "pruning"), [("fsdp", ()), ("zero3", PROBE_PRUNING)], ids=["fsdp", "zero3-pruned"]
+    ("sharding", "pruning"), [("fsdp", ()), ("zero3", LOOKAHEAD_PRUNING)], ids=["fsdp", "zero3-lookahead"]
 )
-def test_sharded_pads_uneven_groups_with_filler_and_trains_as_ddp(ddp_runs, tmp_path, sharding, pruning):
-    """3 prompts on 2 processes: under FSDP and ZeRO-3 every forward is a collective, so rank 1 samples (and
-    predicts and prunes) a filler copy of its one group beside rank 0's two; the filler is never scored, trained or
-    counted, every real group lives on one process and is trained once, and the LoRA equals DDP's on the same
-    uneven split (no filler)."""
+def test_sharded_runs_uneven_groups_with_idle_forwards_and_trains_as_ddp(ddp_runs, tmp_path, sharding, pruning):
+    """3 prompts on 2 processes: rank 0 samples (predicts, finishes) two groups, rank 1 one. Under FSDP and ZeRO-3
+    every forward is a collective, so before each phase of transformer calls (sampling, the lookahead's Euler
+    steps, finishing, the final evaluation's 2 + 1 prompts) they agree on the most, and rank 1 runs throwaway
+    forwards after its own. Every group lives on one process and is trained once, and the LoRA equals DDP's."""
     runs = {}
     sharded = FSDP_CPU if sharding == "fsdp" else zero3_launch(tmp_path / "config")
     for name, launcher in (("sharded", sharded), ("ddp", ("--config_file", CPU_2PROC))):
         args = [*run_args(ddp_runs / "pipeline", tmp_path / name / "run"), "--prompts_per_step", "3", *pruning]
-        args += ["--prune_explore", "1"] if pruning else []  # a random draw per group: the filler's must come last
-        runs[name] = launch(tmp_path / name, args, *launcher)
+        runs[name] = launch(tmp_path / name, [*args, "--sample_batch_size", "4"], *launcher)
     for process in runs.values():
         finish(process)
-    padded, ddp = trained(tmp_path / "sharded"), trained(tmp_path / "ddp")
-    for step in range(2):
-        assert [rank[step]["prompt_groups"] for rank in padded] == [[0, 1], [2, 3]]  # 3: rank 1's filler
-        assert [rank[step]["prompt_groups"] for rank in ddp] == [[0, 1], [2]]
-        for own, plain in zip(padded, ddp):  # the same rollouts, each trained as often, the filler never
-            assert own[step]["rollout_groups"] == plain[step]["rollout_groups"]
-            assert own[step]["trained"] == plain[step]["trained"] and min(plain[step]["trained"]) > 0
+    sharded_steps, ddp = trained(tmp_path / "sharded"), trained(tmp_path / "ddp")
+    for own, plain in zip(sharded_steps, ddp):  # the same groups and rollouts, each trained as often
+        for key in ("prompt_groups", "rollout_groups", "trained"):
+            assert [step[key] for step in own] == [step[key] for step in plain], key
+    assert [[step["prompt_groups"] for step in rank] for rank in ddp] == [[[0, 1]] * 2, [[2]] * 2]
     assert max((a - b).abs().max() for a, b in zip(ranks(tmp_path / "sharded")[0], ranks(tmp_path / "ddp")[0])) <= 1e-6
     logged = [r for r in read_metrics(tmp_path / "sharded" / "run" / "metrics.jsonl") if "reward/total/mean" in r]
-    seen = [6, 12] if pruning else [12, 24]  # 3 groups of 4 (2 surviving) per step: the filler not counted as seen
-    assert [r["train/images_seen"] for r in logged] == seen
-    if pruning:  # its predictions and survivors left out of the figures too
-        plain = [r for r in read_metrics(tmp_path / "ddp" / "run" / "metrics.jsonl") if "reward/total/mean" in r]
-        for key in ("prune/survivor_frac", "reward/group_std", "probe/within_group_srcc_online"):
-            assert [r[key] for r in logged] == pytest.approx([r[key] for r in plain], abs=1e-5), key
+    plain = [r for r in read_metrics(tmp_path / "ddp" / "run" / "metrics.jsonl") if "reward/total/mean" in r]
+    # 4 rollouts per call: rank 1 makes 1 call per denoising step to rank 0's 2, so it is 4 short unpruned; pruned,
+    # 2 short to the capture step (2 of 4) and 2 in the lookahead's 2 Euler steps, level finishing 2 survivors each
+    assert [r["sample/padding_forwards"] for r in logged] == [4, 4]
+    keys = ["train/images_seen", "compute/transformer_calls", "reward/total/mean", "reward/group_std"]
+    keys += ["prune/survivor_frac", "predict/transformer_calls"] if pruning else []
+    for key in keys:
+        assert [r[key] for r in logged] == pytest.approx([r[key] for r in plain], abs=1e-5), key
+    final = [r for run in ("sharded", "ddp") for r in read_metrics(tmp_path / run / "run" / "metrics.jsonl")
+             if "final_eval/total/mean" in r]  # fmt: skip
+    assert final[0]["final_eval/total/mean"] == pytest.approx(final[1]["final_eval/total/mean"], abs=1e-6)
 
 
 # 4 prompts, 2 groups per process: keep each rollout the fresh probe predicts above -0.05 (at least 2 per group),
