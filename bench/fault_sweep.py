@@ -40,6 +40,9 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+import rl  # noqa: F401  (first: rl/__init__.py filters library import notices before diffusers loads)
+
+# isort: split
 from bench.probe_quality import add_to_section
 from bench.server_faults import NET_CASES, net_sweep
 from rewards.shapes import all_prompts

@@ -32,6 +32,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+import rl  # noqa: F401  (first: rl/__init__.py filters library import notices before diffusers loads)
+
+# isort: split
 from bench.probe_quality import add_to_section
 from bench.seed_selection import funnel_picks, parse_predictor
 from probe.metrics import probe_metrics

@@ -42,6 +42,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import rl  # noqa: F401  (first: rl/__init__.py filters library import notices before diffusers loads)
+
+# isort: split
 import diffusers
 import peft
 import torch

@@ -32,6 +32,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+import rl  # noqa: F401  (first: rl/__init__.py filters library import notices before diffusers loads)
+
+# isort: split
 import torch
 import yaml
 

@@ -33,6 +33,9 @@ import sys
 import time
 from pathlib import Path
 
+import rl  # noqa: F401  (first: rl/__init__.py filters library import notices before diffusers loads)
+
+# isort: split
 import numpy as np
 import torch
 from diffusers import FluxPipeline

@@ -13,6 +13,9 @@ import statistics
 import time
 from pathlib import Path
 
+import rl  # noqa: F401  (first: rl/__init__.py filters library import notices before diffusers loads)
+
+# isort: split
 import torch
 from diffusers import FluxPipeline
 

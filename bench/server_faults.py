@@ -457,3 +457,20 @@ def net_sweep(cases: list[NetCase]) -> list[dict]:
             rows.append(row | {"message": message[:300]})  # its opening names the cause
             print(f"{case.name}: {outcome} {message[:160]}", flush=True)
     return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    """This module holds cases; the sweep runs them. ``--help`` says how."""
+    import argparse
+
+    names = ",".join(case.name for case in NET_CASES)
+    parser = argparse.ArgumentParser(
+        description="The reward server's and client's cases of the fault sweep (this file's docstring says how they "
+        f"are judged). Run them alone with: python bench/fault_sweep.py --only {names}"
+    )
+    parser.parse_args(argv)
+    print(f"python bench/fault_sweep.py --only {names}")
+
+
+if __name__ == "__main__":
+    main()

@@ -48,6 +48,7 @@ from rl.data import Prompt, load_prompt_source
 from rl.inference import generate, load
 from rl.metrics_log import image_grid
 from rl.predictors import PREDICTORS
+from rl.sampler import native_size_warning
 from rl.seed_selection import best_of_n, full_best_of_n_cost, preview_grid
 
 
@@ -147,6 +148,9 @@ def main(argv: list[str] | None = None) -> Path:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     pipeline = load(args.pretrained, args.lora, dtype, device)
+    warning = native_size_warning(args.height, args.width, pipeline.vae.config.sample_size)
+    if warning:
+        print(f"warning: {warning}", file=sys.stderr)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.best_of:

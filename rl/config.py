@@ -681,19 +681,25 @@ class RunConfig:
             )
         if self.eval.eval_prompts == s.prompts:
             logger.warning("eval_prompts == prompts (%s): the evaluation is not held out", s.prompts)
-        if self.training.mixed_precision == "bf16" and s.sample_batch_size != self.training.train_batch_size:
+        if "clipfrac" in objective.metrics:  # an objective clipping a probability ratio (flow_grpo's PPO)
+            self.warn_ratio_clipping()
+
+    def warn_ratio_clipping(self) -> None:
+        """Warn of settings under which a PPO-style ratio clip misbehaves."""
+        s, t = self.sampling, self.training
+        if t.mixed_precision == "bf16" and s.sample_batch_size != t.train_batch_size:
             logger.warning(
                 "mixed_precision=bf16 with sample_batch_size=%d != train_batch_size=%d: bf16 kernels round "
                 "differently per batch shape, so the ratio starts ~1e-4 away from 1 (measured 1.0004 on a "
                 "FLUX.1-dev-sized model), past clip_range, and the clipped samples give no gradient. Set them equal.",
                 s.sample_batch_size,
-                self.training.train_batch_size,
+                t.train_batch_size,
             )
-        if self.training.clip_range > 0.05:
+        if t.clip_range > 0.05:
             logger.warning(
                 "clip_range=%g: log-probs are per-element means, so ratios stay within ~1e-3 of 1 and a PPO-style "
                 "clip range never clips; Flow-GRPO uses 1e-4",
-                self.training.clip_range,
+                t.clip_range,
             )
 
     def to_dict(self) -> dict[str, dict[str, Any]]:

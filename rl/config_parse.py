@@ -24,7 +24,13 @@ DEFAULT_RUN_CONFIG = "configs/tiny_shapes.yaml"
 
 def with_default_config(args: list[str]) -> list[str]:
     """``args``, led by ``--config <the shipped default>`` when they name no config file (``--help`` too)."""
+    args = split_config_flag(args)
     return args if "--config" in args else ["--config", str(REPOSITORY / DEFAULT_RUN_CONFIG), *args]
+
+
+def split_config_flag(args: list[str]) -> list[str]:
+    """``--config=FILE`` as ``--config FILE`` (how the key checks and the default's placement look for it)."""
+    return [part for arg in args for part in (arg.split("=", 1) if arg.startswith("--config=") else [arg])]
 
 
 def known_keys() -> dict[str, str]:
@@ -120,7 +126,7 @@ def parse_config(args: list[str] | None = None, description: str = "") -> RunCon
 
     from rl.config_help import ConfigParser
 
-    args = list(sys.argv[1:] if args is None else args)
+    args = split_config_flag(list(sys.argv[1:] if args is None else args))
     _check_keys(args)
     sections = RunConfig.sections()
     parser = ConfigParser(tuple(sections.values()), names=tuple(sections), description=description, allow_abbrev=False)

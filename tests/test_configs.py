@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from rl.config import RunConfig
-from rl.config_parse import known_keys, load_yaml, parse_config
+from rl.config_parse import known_keys, load_yaml, parse_config, with_default_config
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN_CONFIGS = sorted(p for p in (ROOT / "configs").rglob("*.yaml") if "accelerate" not in p.relative_to(ROOT).parts)
@@ -117,6 +117,8 @@ def test_cli_overrides_yaml_and_types_are_checked(tmp_path):
     )
     config = parse_config(["--config", path, "--group_size", "6"])
     assert config.sampling.group_size == 6 and config.training.learning_rate == 1e-4
+    equals = parse_config(with_default_config([f"--config={path}", "--group_size=6"]))  # the = forms too
+    assert equals.sampling.group_size == 6 and equals.training.learning_rate == 1e-4
     assert config.reward.reward_weights == [1.0, 2.0]
     with pytest.raises(ValueError, match="group_size: expected"):
         parse_config(["--config", _write(tmp_path, "group_size: 4.5\n")])
@@ -197,3 +199,12 @@ def test_flat_dump_round_trips(tmp_path):
     config = parse_config(["--config", str(ROOT / "configs" / "tiny_shapes.yaml")])
     dumped = _write(tmp_path, yaml.safe_dump(config.flat()))
     assert parse_config(["--config", dumped]).flat() == config.flat()
+
+
+def test_ratio_clipping_warnings_only_for_an_objective_that_clips_a_ratio(caplog):
+    shapes = ["--mixed_precision", "bf16", "--sample_batch_size", "16", "--train_batch_size", "8",
+              "--clip_range", "0.2"]  # fmt: skip
+    parse_config(with_default_config(["--policy_objective", "awm", *shapes]))  # AWM has no ratio to clip
+    assert "clip_range" not in caplog.text and "bf16 kernels" not in caplog.text
+    parse_config(with_default_config(["--policy_objective", "flow_grpo", *shapes]))
+    assert "clip_range=0.2" in caplog.text and "bf16 kernels round" in caplog.text

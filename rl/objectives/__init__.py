@@ -9,7 +9,8 @@ declarations (rl/config.py), so a metric an objective does not compute is never 
 - ``awm`` (:mod:`rl.objectives.awm`): advantage-weighted matching on the finished images, noised afresh.
 
 To add one (DiffusionNFT's, say): a file here with an :class:`Objective` subclass decorated
-``@register("name")`` and its tests (docs/design.md section 3); every module here is imported, so it registers.
+``@register("name")``, its options (if any) as ``<option_prefix>*`` fields of ``TrainingConfig`` and its tests
+(docs/design.md section 3); every module here is imported, so it registers.
 """
 
 from __future__ import annotations

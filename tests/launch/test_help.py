@@ -39,6 +39,7 @@ EXPECTED = {
     "launch/sample.py": ["--pretrained str", "--dtype {fp32,bf16}", "(default: fp32)", "--best_of int", "--keep int"],
     "launch/train_tiny_flux.py": ["--vae_steps int", "(default: 1200)"],
     "bench/fault_sweep.py": ["--only str", "--results str"],
+    "bench/server_faults.py": ["python bench/fault_sweep.py --only server_"],
     "bench/funnel_search.py": ["--raw str [str ...]", "(required)", "--max_stages int"],
     "bench/gpu_flux_dev.py": ["--resolution int", "--tiny"],
     "bench/gpu_full_loop.py": ["--smoke", "--modes", "--steps"],

@@ -263,6 +263,17 @@ def test_sample_cli_runs_a_funnel(tiny_flux_pipeline, tmp_path, run_launch_scrip
         assert stopped.value.code == 2 and "--preview_steps" in capsys.readouterr().err
 
 
+def test_sample_cli_warns_of_a_size_far_from_the_models(tiny_flux_pipeline, tmp_path, run_launch_script, capsys):
+    tiny_flux_pipeline.save_pretrained(tmp_path / "model")
+    common = ["--pretrained", str(tmp_path / "model"), "--prompt", SPECS[0].prompt, "--num_steps", "1", "--seeds", "0"]
+    run_launch_script("sample", *common, "--height", "32", "--width", "32", "--out", str(tmp_path / "native"))
+    assert "warning" not in capsys.readouterr().err
+    run_launch_script("sample", *common, "--height", "128", "--width", "128", "--out", str(tmp_path / "far"))
+    assert "warning: height x width = 128 x 128 px is more than 2x off this pipeline's native 32 x 32" in (
+        capsys.readouterr().err
+    )
+
+
 def test_the_benchs_funnel_keeps_what_the_selector_keeps():
     from bench.seed_selection import funnel_survivors, stage_keeps
 
