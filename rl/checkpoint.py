@@ -38,6 +38,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 from accelerate import Accelerator
 from accelerate.checkpointing import load_accelerator_state, save_accelerator_state
 from accelerate.utils import SAFE_WEIGHTS_NAME
@@ -58,6 +59,7 @@ logger = logging.getLogger(__name__)
 
 CHECKPOINTS = "checkpoints"
 TRAINER_STATE = "trainer_state.pt"
+CONFIG = "config.yaml"  # the run's config, in the run folder (as started) and in each checkpoint (as trained)
 _NAME = re.compile(r"^step-(\d{8})$")
 
 
@@ -158,24 +160,51 @@ def holds_a_run(output_dir: str | Path) -> bool:
 def must_clear_output_dir(output_dir: str | Path, resume_from: str | None, overwrite: bool) -> bool:
     """Whether a run must clear ``output_dir`` first (it holds another run and ``overwrite`` says so).
 
-    Every process calls it, so all stop together; resuming (``resume_from`` set) keeps the folder: its log is
-    cut back to the checkpoint's step and goes on.
+    Every process calls it, so all stop together. Continuing the folder's own run (``latest``, or one of its
+    checkpoints) keeps it: its log is cut back to the checkpoint's step and goes on; ``overwrite`` with
+    ``latest`` clears it instead (the flag is explicit, ``latest`` the shipped configs' default), so the run starts
+    afresh. A checkpoint of another folder starts a branch, which like a fresh run needs a folder holding no run (or
+    ``overwrite``).
 
     Raises:
-        FileExistsError: a fresh run in a folder holding another run, naming the folder and the three ways on.
+        FileExistsError: a fresh run or a branch in a folder holding another run, naming the folder and the three
+            ways on; ``overwrite`` with one of the folder's own checkpoints (it would clear what it resumes); a
+            resume from one of the folder's checkpoints while later ones exist (they would stay for ``latest``
+            beside a log cut back below them), naming them.
         NotADirectoryError: ``output_dir`` is a file.
     """
-    if Path(output_dir).exists() and not Path(output_dir).is_dir():
+    output_dir = Path(output_dir)
+    if output_dir.exists() and not output_dir.is_dir():
         raise NotADirectoryError(
             f"output_dir {output_dir} is a file, not a folder: set --output_dir to a folder (created when missing)"
         )
-    if resume_from or not holds_a_run(output_dir):
+    if not holds_a_run(output_dir):
+        return False
+    if resume_from == "latest":  # an explicit overwrite wins over the shipped configs' latest: cleared, a fresh run
+        return overwrite
+    own = bool(resume_from) and Path(resume_from).resolve().parent.parent == output_dir.resolve()
+    if own and overwrite:
+        raise FileExistsError(
+            f"overwrite_output_dir would clear {output_dir}, which holds the checkpoint resume_from={resume_from!r} "
+            "continues: drop --overwrite_output_dir to continue it, or branch from it into a new --output_dir"
+        )
+    if own:
+        step = Path(resume_from).resolve().name
+        later = [path.name for path in list_checkpoints(output_dir) if path.name > step]
+        if later:
+            raise FileExistsError(
+                f"resume_from={resume_from!r} goes back to {step}, but {output_dir} holds later checkpoints "
+                f"({', '.join(later)}): a run from {step} would cut the log back below them and leave them for "
+                "'latest'. Continue the newest with --resume_from latest, branch from this one into a new "
+                "--output_dir, or delete the later checkpoints first."
+            )
         return False
     if not overwrite:
+        started = "a branch of another run" if resume_from else "a fresh run"
         raise FileExistsError(
-            f"output_dir {output_dir} holds another run (metrics.jsonl, summary.json or checkpoints/). Continue it "
-            f"with --resume_from latest, start elsewhere with --output_dir <new folder>, or clear it first with "
-            "--overwrite_output_dir true."
+            f"output_dir {output_dir} holds another run (metrics.jsonl, summary.json or checkpoints/), and this is "
+            f"{started}. Continue the folder's own run with --resume_from latest, start elsewhere with "
+            "--output_dir <new folder>, or clear it first with --overwrite_output_dir true."
         )
     return True
 
@@ -334,6 +363,7 @@ def save_checkpoint(
     keep: int = 0,
     model: torch.nn.Module | None = None,
     optimizer: torch.optim.Optimizer | None = None,
+    config: dict | None = None,
 ) -> Path:
     """Write a checkpoint atomically (a collective call: every process makes it). Returns its folder.
 
@@ -347,6 +377,8 @@ def save_checkpoint(
             not wait for the other processes (a failed one would never come).
         keep: keep only the newest ``keep`` checkpoints (0: all).
         model, optimizer: the prepared ones; needed under FSDP (:func:`save_fsdp_state`).
+        config: the run's flat config as it trained to this step (``config.yaml``: what a resume from here is
+            compared with, also after a resume that was allowed to change it).
 
     Raises:
         CheckpointWriteError: a write failed (a full disk, a quota); the partial folder is removed and the earlier
@@ -378,6 +410,8 @@ def save_checkpoint(
         torch.save(rank_state, tmp / f"rank_{accelerator.process_index}.pt")
         if accelerator.is_main_process:
             torch.save(trainer_state, tmp / TRAINER_STATE)
+            if config is not None:
+                (tmp / CONFIG).write_text(yaml.safe_dump(config, sort_keys=False))
         export_lora(tmp / "lora")
 
     def seal() -> None:

@@ -1,8 +1,10 @@
-"""What a resumed run may change: the config it resumes with against the one the run started with.
+"""What a resumed run may change: the config it resumes with against the one its checkpoint was trained with.
 
 Budgets, evaluation cadence, logging and checkpointing may change (:data:`RESUME_SAFE_KEYS`); any other key
 changes what the run is, so resuming with another value is an error unless ``allow_config_change`` says
-otherwise. Each resume appends its changes to ``config_history.jsonl``; the run's ``config.yaml`` stays as it was.
+otherwise. A checkpoint holds the config it was trained with (``config.yaml``; an older one without it is
+compared with its run folder's), so after an allowed change the next resume is held to the changed values. Each
+resume appends its changes to ``config_history.jsonl``; the run's ``config.yaml`` stays as it started.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from typing import Any
 
 import yaml
 
+from rl.checkpoint import CONFIG
 from rl.config import RunConfig
 
 # Keys a resumed run may change: budgets, evaluation cadence, logging and checkpointing. Any other key changes
@@ -56,11 +59,14 @@ def resume_changes(
     return safe, {k: v for k, v in changed.items() if k not in RESUME_SAFE_KEYS}
 
 
-def check_resumed_config(output_dir: Path, config: dict[str, Any], allow_change: bool, record: bool) -> dict:
-    """Compare ``config`` (flat) with ``output_dir/config.yaml``; ``key -> (old, new)`` of every change.
+def check_resumed_config(
+    output_dir: Path, checkpoint: Path, config: dict[str, Any], allow_change: bool, record: bool
+) -> dict:
+    """Compare ``config`` (flat) with the one ``checkpoint`` was trained with; ``key -> (old, new)`` of every change.
 
     Args:
-        output_dir: the run folder being resumed.
+        output_dir: the run folder the resumed run writes to (its history is appended there).
+        checkpoint: the checkpoint resumed from (of this folder's run, or of another one: a branch).
         config: the resuming run's flat config.
         allow_change: accept changes of keys outside :data:`RESUME_SAFE_KEYS`.
         record: append the changes to ``config_history.jsonl`` (the main process does).
@@ -68,11 +74,12 @@ def check_resumed_config(output_dir: Path, config: dict[str, Any], allow_change:
     Raises:
         ValueError: changes outside :data:`RESUME_SAFE_KEYS` without ``allow_change``, each with its old and new value.
     """
-    safe, unsafe = changes_to_run(output_dir, config)
+    trained = checkpoint / CONFIG if (checkpoint / CONFIG).is_file() else checkpoint.parent.parent / CONFIG
+    safe, unsafe = changes_from(trained, config)
     if unsafe and not allow_change:
         listed = "; ".join(f"{k}: {old!r} -> {value!r}" for k, (old, value) in unsafe.items())
         raise ValueError(
-            f"resuming {output_dir} with a config that changes what the run is ({listed}). Resume with the run's own "
+            f"resuming {checkpoint} with a config that changes what the run is ({listed}). Resume with the run's own "
             "values, start a new output_dir, or pass --allow_config_change true."
         )
     changes = {**safe, **unsafe}
@@ -99,7 +106,11 @@ def schedule_moved(changes: dict[str, tuple[Any, Any]], lr_schedule: str) -> str
 def changes_to_run(output_dir: Path, config: dict[str, Any]) -> tuple[dict, dict]:
     """:func:`resume_changes` between the run in ``output_dir`` (its config.yaml; none: no changes) and ``config``
     (flat)."""
-    original = output_dir / "config.yaml"
+    return changes_from(output_dir / CONFIG, config)
+
+
+def changes_from(original: Path, config: dict[str, Any]) -> tuple[dict, dict]:
+    """:func:`resume_changes` between the flat config in file ``original`` (none: no changes) and ``config``."""
     if not original.is_file():
         return {}, {}
     new = yaml.safe_load(yaml.safe_dump(config))  # the same normalisation as the file's

@@ -18,7 +18,14 @@ from pathlib import Path
 import yaml
 from accelerate.utils import broadcast_object_list
 
-from rl.checkpoint import load_checkpoint, make_output_dir, must_clear_output_dir, resolve_resume, save_checkpoint
+from rl.checkpoint import (
+    CONFIG,
+    load_checkpoint,
+    make_output_dir,
+    must_clear_output_dir,
+    resolve_resume,
+    save_checkpoint,
+)
 from rl.distributed import PeerFailedError
 from rl.lora import save_lora
 from rl.metrics_log import MetricsAccumulator
@@ -50,7 +57,11 @@ class TrainerPersistence:
             else:
                 if clear:
                     clear_output_dir(self.output_dir)
-                    self.info("overwrite_output_dir: cleared %s", self.output_dir)
+                    logger.warning(
+                        "overwrite_output_dir: cleared %s, a fresh run starts there (a command that relaunches a "
+                        "preemptible job must leave the flag out, or each relaunch clears the run)",
+                        self.output_dir,
+                    )
         if self.accelerator.num_processes > 1:
             broadcast_object_list(refusal)  # every process stops, not only the main one
         if refusal[0]:
@@ -59,15 +70,20 @@ class TrainerPersistence:
         resume_path = resolve_resume(cfg.checkpoint.resume_from, self.output_dir)
         if resume_path is not None:  # changes what the run is: an error; safe ones: logged (rl/resume_policy.py)
             changes = check_resumed_config(
-                self.output_dir, cfg.flat(), cfg.checkpoint.allow_config_change, self.accelerator.is_main_process
+                self.output_dir,
+                resume_path,
+                cfg.flat(),
+                cfg.checkpoint.allow_config_change,
+                self.accelerator.is_main_process,
             )
             for key, (old, value) in changes.items():
                 self.info("resume changes %s: %r -> %r", key, old, value)
             moved = schedule_moved(changes, cfg.training.lr_schedule)
             if moved and self.accelerator.is_main_process:
                 logger.warning(moved)
-        if self.accelerator.is_main_process and resume_path is None:
-            (self.output_dir / "config.yaml").write_text(yaml.safe_dump(cfg.flat(), sort_keys=False))
+        started = self.output_dir / CONFIG
+        if self.accelerator.is_main_process and (resume_path is None or not started.is_file()):  # fresh, or a branch
+            started.write_text(yaml.safe_dump(cfg.flat(), sort_keys=False))
         return resume_path
 
     def save(self, directory: Path) -> None:
@@ -106,6 +122,7 @@ class TrainerPersistence:
                 keep=self.config.checkpoint.save_total_limit,
                 model=self.model,
                 optimizer=self.optimizer,
+                config=self.config.flat(),
             )
         return path
 

@@ -2,6 +2,7 @@
 
 import errno
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -16,6 +17,7 @@ from safetensors.torch import load_file
 from rl.checkpoint import (
     CheckpointWriteError,
     checkpoint_damage,
+    checkpoint_name,
     list_checkpoints,
     make_output_dir,
     must_clear_output_dir,
@@ -327,3 +329,32 @@ def test_a_model_that_is_not_there_names_the_option_and_what_it_takes(tmp_path):
         config = RunConfig(model=ModelConfig(pretrained=str(missing)))
         with pytest.raises(FileNotFoundError, match=r"pretrained='.*'.*Set --pretrained to a FluxPipeline folder"):
             load_pipeline(config, torch.device("cpu"))
+
+
+def test_what_a_run_may_do_with_a_folder_holding_one(tmp_path):
+    run = tmp_path / "run"
+    for step in (1, 2):
+        (run / "checkpoints" / checkpoint_name(step)).mkdir(parents=True)
+    step1 = str(run / "checkpoints" / checkpoint_name(1))
+    assert not must_clear_output_dir(run, "latest", overwrite=False)  # continue the folder's own run
+    assert not must_clear_output_dir(tmp_path / "new", step1, overwrite=False)  # a branch into a new folder
+    # an explicit overwrite wins over the shipped configs' resume_from: latest; never over a named checkpoint in it
+    assert must_clear_output_dir(run, "latest", overwrite=True)
+    with pytest.raises(FileExistsError, match="overwrite_output_dir would clear .*run, which holds the checkpoint"):
+        must_clear_output_dir(run, str(run / "checkpoints" / checkpoint_name(2)), overwrite=True)
+    # going back to step 1 while step 2 stays for 'latest' beside a log cut back below it
+    with pytest.raises(
+        FileExistsError, match=r"goes back to step-00000001, but .* later checkpoints \(step-00000002\)"
+    ):
+        must_clear_output_dir(run, step1, overwrite=False)
+    shutil.rmtree(run / "checkpoints" / checkpoint_name(2))
+    assert not must_clear_output_dir(run, step1, overwrite=False)  # the newest: as 'latest'
+    # a branch into a folder holding another run needs the folder cleared, as a fresh run does
+    other = tmp_path / "other"
+    (other / "checkpoints" / checkpoint_name(5)).mkdir(parents=True)
+    with pytest.raises(FileExistsError, match="holds another run .* this is a branch of another run"):
+        must_clear_output_dir(other, step1, overwrite=False)
+    assert must_clear_output_dir(other, step1, overwrite=True)
+    assert must_clear_output_dir(other, None, overwrite=True) and not must_clear_output_dir(
+        tmp_path / "new", None, False
+    )

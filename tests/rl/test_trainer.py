@@ -12,6 +12,7 @@ import yaml
 from safetensors.torch import load_file
 
 from rl.batches import trained_steps
+from rl.checkpoint import write_manifest
 from rl.config_parse import parse_config
 from rl.metrics_log import MetricsAccumulator
 from rl.sde import matching_log_prob
@@ -334,14 +335,46 @@ def test_resume_refuses_changes_to_what_the_run_is_and_logs_safe_ones(pipeline_d
     assert history[-1]["changes"] == {"eval_every": [0, 2], "max_steps": [1, 3], "resume_from": [None, "latest"]}
     assert (tmp_path / "run" / "config.yaml").read_text() == original  # the original stays
     trainer = make_trainer(pipeline_dir, tmp_path, *resume, "--group_size", "2", "--allow_config_change", "true")
+    one_step(trainer)
+    trainer.state.step = 2
+    trainer.save_checkpoint()
     trainer.cleanup()
-    # a run started before a key existed resumes at that key's default (here: its config.yaml loses one)
-    config = yaml.safe_load(original)
+    # the next resume is held to what its checkpoint was trained with, not to what the run started with
+    with pytest.raises(
+        ValueError, match=r"step-00000002 with a config that changes what the run is \(group_size: 2 -> 4"
+    ):
+        make_trainer(pipeline_dir, tmp_path, *resume)
+    # a checkpoint of a run started before a key existed resumes at that key's default (its config loses one)
+    checkpoint = tmp_path / "run" / "checkpoints" / "step-00000002"
+    config = yaml.safe_load((checkpoint / "config.yaml").read_text())
     del config["preview_steps"]
-    (tmp_path / "run" / "config.yaml").write_text(yaml.safe_dump(config))
-    make_trainer(pipeline_dir, tmp_path, *resume).cleanup()
+    (checkpoint / "config.yaml").write_text(yaml.safe_dump(config))
+    write_manifest(checkpoint)
+    make_trainer(pipeline_dir, tmp_path, *resume, "--group_size", "2").cleanup()
     with pytest.raises(ValueError, match=r"preview_steps: None -> 2"):
-        make_trainer(pipeline_dir, tmp_path, *resume, "--preview_steps", "2")
+        make_trainer(pipeline_dir, tmp_path, *resume, "--group_size", "2", "--preview_steps", "2")
+
+
+def test_a_branch_from_another_runs_checkpoint_is_checked_and_starts_its_own_folder(pipeline_dir, tmp_path):
+    trainer = make_trainer(pipeline_dir, tmp_path, "--seed", "3")
+    one_step(trainer)
+    trainer.state.step = 1
+    trainer.save_checkpoint()
+    trainer.cleanup()
+    step1 = str(tmp_path / "run" / "checkpoints" / "step-00000001")
+    branch = ("--resume_from", step1, "--output_dir", str(tmp_path / "branch"))
+    with pytest.raises(ValueError, match=r"seed: 3 -> 4"):  # held to the checkpoint's config, not the new folder's
+        make_trainer(pipeline_dir, tmp_path, *branch, "--seed", "4")
+    trainer = make_trainer(pipeline_dir, tmp_path, *branch, "--seed", "3")
+    assert trainer.state.step == 1
+    trainer.cleanup()
+    written = yaml.safe_load((tmp_path / "branch" / "config.yaml").read_text())
+    assert written["output_dir"] == str(tmp_path / "branch") and written["resume_from"] == step1
+    # a branch into a folder holding another run is refused like a fresh run
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "metrics.jsonl").write_text('{"train/step": 1}\n')
+    with pytest.raises(FileExistsError, match="holds another run.*and this is a branch of another run"):
+        make_trainer(pipeline_dir, tmp_path, "--resume_from", step1, "--output_dir", str(tmp_path / "other"))
 
 
 def test_a_key_added_since_the_run_started_is_no_change_at_its_default():
