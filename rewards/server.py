@@ -6,7 +6,9 @@ the server goes on serving:
 
 - the body: ``Content-Length`` is required (411 without it, 400 when it is not a number) and at most
   ``max_body_bytes`` (413, before the body is read);
-- the JSON: at most ``max_json_depth`` levels deep (400);
+- the JSON: at most ``max_json_depth`` levels deep (400), and at most ``256 max_images + 1024`` items (its commas
+  and colons, counted before parsing: 413), so a body of tiny items (``[{},{},...]``, 20-30x its size as Python
+  objects) is refused before it is parsed;
 - the images: at most ``max_images`` per request and ``max_pixels`` each (413), the size read from the PNG
   header before anything is decoded, so a small PNG claiming 20000x20000 costs nothing; PNG only (400);
 - time: a client has ``read_timeout`` seconds for its whole request, or its connection is dropped;
@@ -17,7 +19,9 @@ thread-safe and one request's pixels are in memory at a time. Memory is then at 
 ``3 * max_body_bytes * workers`` for requests being read and parsed, plus ``15 * max_images * max_pixels`` bytes
 for the request being scored (8-bit and float32 RGB).
 
-With a token, every request needs ``Authorization: Bearer <token>`` (compared in constant time) or gets 401.
+With a token, every request needs ``Authorization: Bearer <token>`` (compared in constant time) or gets 401, after
+which the rest of its body is read for ``UNAUTHORISED_DRAIN_S`` at most (not ``read_timeout``): a client without
+the token holds a worker for its headers and a second, no longer.
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ from rewards.remote import DeadlineReader, check_token, decode_images
 logger = logging.getLogger(__name__)
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+UNAUTHORISED_DRAIN_S = 1.0  # how long a refused stranger's body is read (and dropped) so the 401 reaches it
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,8 +102,14 @@ def parse_request(raw: bytes, limits: ServerLimits) -> tuple[list[str], list[str
 
     Raises:
         Refused: 400 for malformed JSON, JSON nested too deep, missing fields or mismatched lengths; 413 for
-            too many images or an image of too many pixels.
+            too many images, too many JSON items or an image of too many pixels.
     """
+    items, most = raw.count(b",") + raw.count(b":"), json_items_limit(limits)
+    if items > most:  # base64 holds neither, so a valid request's count is its prompts' and metadata's
+        raise Refused(
+            413, f"a JSON body of {items} items (commas and colons); a request of at most --max_images "
+            f"{limits.max_images} holds at most {most}",
+        )  # fmt: skip
     try:
         request = json.loads(raw)
     except RecursionError as error:  # deeper than Python's own recursion limit
@@ -135,6 +146,11 @@ def parse_request(raw: bytes, limits: ServerLimits) -> tuple[list[str], list[str
                 f"--max_pixels {limits.max_pixels}",
             )
     return images, prompts, metadata
+
+
+def json_items_limit(limits: ServerLimits) -> int:
+    """The most commas and colons a request's JSON may hold: every image's prompt and metadata, generously."""
+    return 256 * limits.max_images + 1024
 
 
 def _too_deep(value: object, limit: int) -> bool:
@@ -208,7 +224,8 @@ class _Handler(BaseHTTPRequestHandler):
         super().setup()
         self.rfile.close()
         deadline = time.monotonic() + self.server.limits.read_timeout
-        self.rfile = io.BufferedReader(DeadlineReader(self.connection, deadline))
+        self.reader = DeadlineReader(self.connection, deadline)
+        self.rfile = io.BufferedReader(self.reader)
 
     def do_GET(self) -> None:
         if not self._authorised():
@@ -284,6 +301,8 @@ class _Handler(BaseHTTPRequestHandler):
         sent = self.headers.get("Authorization", "").encode("latin-1", "replace")
         if hmac.compare_digest(sent, expected):
             return True
+        # a stranger's body is discarded for a moment only, so strangers cannot hold the workers for read_timeout
+        self.reader.deadline = min(self.reader.deadline, time.monotonic() + UNAUTHORISED_DRAIN_S)
         self._refuse(401, "missing or wrong token: send 'Authorization: Bearer <the server's token>'")
         return False
 

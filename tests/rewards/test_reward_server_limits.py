@@ -71,6 +71,21 @@ def test_decompression_bomb_is_refused_from_its_header(script_server, images):
     assert post(url, score_body(images[:2]), AUTH)[0] == 200  # still serving
 
 
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads peak memory from /proc")
+def test_a_body_of_tiny_json_items_is_refused_before_it_is_parsed(script_server, images):
+    """``[{},{},...]`` costs 20-30x its size as Python objects: counted (299,999 commas between the items, 2 more
+    and 3 colons around them), not parsed."""
+    url, pid = script_server
+    before = peak_rss_mb(pid)
+    body = b'{"images": [], "prompts": [], "metadata": [' + b",".join([b"{}"] * 300_000) + b"]}"
+    assert len(body) < 2**20  # under the body limit
+    status, answer = post(url, body, AUTH)
+    assert status == 413 and "a JSON body of 300004 items (commas and colons)" in answer["error"]
+    assert "--max_images 8 holds at most 3072" in answer["error"]
+    assert peak_rss_mb(pid) - before < 10  # parsed, it would take ~20 MB
+    assert post(url, score_body(images[:2]), AUTH)[0] == 200  # still serving
+
+
 def test_oversized_and_malformed_bodies_are_refused(script_server, images):
     url, _ = script_server
     status, answer = post(url, b"x" * (2 * 2**20), AUTH)  # sent whole: the server discards it and answers
@@ -107,6 +122,10 @@ def test_a_token_is_required_when_the_server_has_one(script_server, images, monk
     assert post(url, body, {"Authorization": "Bearer wrong"})[0] == 401
     assert post(url, body, {"Authorization": TOKEN})[0] == 401  # the token without "Bearer "
     assert post(url, body, AUTH)[0] == 200
+    # a stranger announcing a body it never sends is answered and dropped within a second, not --read_timeout 3 s
+    start = time.perf_counter()
+    status, answer = raw_exchange(url, b"POST /score HTTP/1.0\r\nContent-Length: 1000\r\n\r\n")
+    assert status == 401 and "missing or wrong token" in answer["error"] and time.perf_counter() - start < 2
     monkeypatch.delenv("REWARD_SERVER_TOKEN", raising=False)
     with pytest.raises(
         RemoteRewardError, match=rf"{url} failed its health check: HTTP 401.*REWARD_SERVER_TOKEN is not set"
