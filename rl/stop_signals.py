@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+import os
 import signal
+import sys
 import threading
 
 logger = logging.getLogger(__name__)
@@ -24,8 +26,11 @@ class StopSignals:
         return signal.Signals(self.received).name if self.received is not None else ""
 
     def handle(self, number: int, frame) -> None:
-        if self.received is not None:  # the second one: no more waiting
-            raise SystemExit(f"{signal.Signals(number).name} again: stopping now, without a checkpoint")
+        if self.received is not None:  # the second one: no more waiting, also not for the caller's cleanup (it
+            # waits for the decode and reward threads and for the other processes): the process ends here
+            sys.stderr.write(f"{signal.Signals(number).name} again: stopping now, without a checkpoint\n")
+            sys.stderr.flush()
+            os._exit(128 + number)
         self.received = number
         logger.warning("%s: finishing this step, then checkpointing and stopping", signal.Signals(number).name)
 
