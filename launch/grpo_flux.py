@@ -118,6 +118,12 @@ def cli(argv: list[str] | None = None) -> int:
             logging.shutdown()
             os._exit(2)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C outside the training loop (setup, an evaluation), where no step is open
+        sys.stderr.write(
+            "interrupted outside the training loop (setup or an evaluation): the run keeps its newest checkpoint, "
+            "if any; the same command continues it\n"
+        )
+        return 130
     return 0
 
 

@@ -84,6 +84,17 @@ def test_a_user_error_is_one_line_and_exit_2(tmp_path, launch_script, capsys, mo
     monkeypatch.setenv("GRPO_DEBUG", "1")
     with pytest.raises(ValueError, match="learning_rat"):
         script.cli(["--learning_rat", "1e-3"])
+    # Ctrl-C outside the training loop (here while the config is read): one line, the shell's status for SIGINT
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(script, "run_config", interrupted)
+    assert script.cli([]) == 130
+    assert capsys.readouterr().err == (
+        "interrupted outside the training loop (setup or an evaluation): the run keeps its newest checkpoint, if "
+        "any; the same command continues it\n"
+    )
 
 
 def test_a_config_error_through_the_command_line_is_one_line_and_exit_2(tmp_path):
