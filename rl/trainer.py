@@ -370,8 +370,10 @@ class GRPOTrainer(TrainerPersistence):
         throwaway forwards after its own (their outputs dropped: the run trains as under DDP)."""
         behind, everyone = forwards_behind(self.accelerator, forwards)
         yield
-        for _ in range(behind):
-            self.idle_forward()
+        if behind:
+            with self.phase("padding"):
+                for _ in range(behind):
+                    self.idle_forward()
         self.padding_forwards += everyone
 
     def idle_forward(self) -> None:
