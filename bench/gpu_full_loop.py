@@ -104,16 +104,18 @@ def lora(folder: Path) -> dict[str, torch.Tensor]:
 
 
 def run_mode(mode: str, pipeline: Path, work: Path, steps: int, smoke: bool, predictor: str) -> dict:
-    """The uninterrupted run, then a resume from its checkpoint at step ``steps - 2``; times, memory, equality."""
-    output = work / mode
+    """The uninterrupted run, then a resume from its checkpoint at step ``steps - 2`` (a branch into its own folder:
+    the run's folder holds the later checkpoints); times, memory, equality."""
+    output, branch = work / mode, work / f"{mode}-resumed"
     shutil.rmtree(output, ignore_errors=True)
+    shutil.rmtree(branch, ignore_errors=True)
     args = run_args(pipeline, output, steps, smoke, predictor)
     launch(mode, args)
     whole = lora(output)
     records = [r for r in read_metrics(output / "metrics.jsonl") if "time/step_s" in r]
     checkpoint = output / "checkpoints" / f"step-{steps - 2:08d}"
-    launch(mode, [*args, "--resume_from", str(checkpoint)])
-    resumed = lora(output)
+    launch(mode, [*args, "--resume_from", str(checkpoint), "--output_dir", str(branch)])
+    resumed = lora(branch)
     after_first = records[1:] or records
     return {
         "steps": len(records),

@@ -607,8 +607,9 @@ class GRPOTrainer(TrainerPersistence):
                     f"the gradient was NaN or infinite in every update of the last {self.state.nonfinite_steps} "
                     f"steps (to step {self.state.step + 1}), so none of them was applied; the run is checkpointed. "
                     "Lower learning_rate or adv_clip_max, or try mixed_precision no, and continue from this checkpoint "
-                    f"or an earlier one in {self.output_dir / 'checkpoints'} with --resume_from <checkpoint folder> "
-                    "--allow_config_change true"
+                    "with --resume_from latest --allow_config_change true, or from an earlier one in "
+                    f"{self.output_dir / 'checkpoints'} with --resume_from <its folder> --allow_config_change true "
+                    "--output_dir <a new folder>"
                 )
             )
 

@@ -125,13 +125,14 @@ def test_sharded_trains_as_ddp_exports_and_resumes_exactly(ddp_runs, tmp_path, s
                       for folder in (run, ddp_runs / "ddp" / "run"))  # fmt: skip
     for key in ("memory/frozen_mib", "memory/lora_mib"):
         assert 0.45 * whole[key] <= sharded[key] <= 0.55 * whole[key], key
-    # a checkpoint holds the LoRA, not the sharded base; resuming from step 1 ends where the whole run ended
+    # a checkpoint holds the LoRA, not the sharded base; resuming from step 1 (a branch into a folder of its own:
+    # the run's folder holds step 2) ends where the whole run ended
     step1 = run / "checkpoints" / "step-00000001"
     if sharding == "fsdp":  # the LoRA is 25 KB in fp32, the base 400 KB (DeepSpeed excludes it as under ZeRO-2)
         assert (step1 / "model.safetensors").stat().st_size < 100_000
     base = sum(f.stat().st_size for f in (ddp_runs / "pipeline" / "transformer").glob("*.safetensors"))
     assert sum(f.stat().st_size for f in step1.rglob("*") if f.is_file()) < base  # LoRA, optimizer, state: no base
-    resumed = [*run_args(ddp_runs / "pipeline", run), "--resume_from", str(step1)]
+    resumed = [*run_args(ddp_runs / "pipeline", tmp_path / "branch"), "--resume_from", str(step1)]
     finish(launch(tmp_path / "resumed", resumed, *launcher))
     assert all(torch.equal(a, b) for a, b in zip(ranks(tmp_path / "resumed")[0], rank0))
 
