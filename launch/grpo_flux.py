@@ -120,8 +120,8 @@ def cli(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:  # Ctrl-C outside the training loop (setup, an evaluation), where no step is open
         sys.stderr.write(
-            "interrupted outside the training loop (setup or an evaluation): the run keeps its newest checkpoint, "
-            "if any; the same command continues it\n"
+            "interrupted outside the training loop (setup or an evaluation): the run folder keeps its newest "
+            "checkpoint, if any; continue with --resume_from latest\n"
         )
         return 130
     return 0

@@ -61,6 +61,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     limits.add_argument("--max_json_depth", type=int, default=LIMITS.max_json_depth, help="nesting of the JSON")
     limits.add_argument(
+        "--max_json_items", type=int, default=LIMITS.max_json_items,
+        help="commas and colons in a request's JSON (its prompts' and metadata's items; counted before parsing)",
+    )  # fmt: skip
+    limits.add_argument(
         "--read_timeout",
         type=float,
         default=LIMITS.read_timeout,
@@ -84,6 +88,7 @@ def main(argv: list[str] | None = None) -> None:
         max_images=args.max_images,
         max_pixels=args.max_pixels,
         max_json_depth=args.max_json_depth,
+        max_json_items=args.max_json_items,
         read_timeout=args.read_timeout,
         workers=args.workers,
         backlog=args.backlog,

@@ -6,8 +6,8 @@ the server goes on serving:
 
 - the body: ``Content-Length`` is required (411 without it, 400 when it is not a number) and at most
   ``max_body_bytes`` (413, before the body is read);
-- the JSON: at most ``max_json_depth`` levels deep (400), and at most ``256 max_images + 1024`` items (its commas
-  and colons, counted before parsing: 413), so a body of tiny items (``[{},{},...]``, 20-30x its size as Python
+- the JSON: at most ``max_json_depth`` levels deep (400), and at most ``max_json_items`` items (its commas and
+  colons, counted before parsing: 413), so a body of tiny items (``[{},{},...]``, 20-30x its size as Python
   objects) is refused before it is parsed;
 - the images: at most ``max_images`` per request and ``max_pixels`` each (413), the size read from the PNG
   header before anything is decoded, so a small PNG claiming 20000x20000 costs nothing; PNG only (400);
@@ -59,6 +59,9 @@ class ServerLimits:
         max_images: images per request; the client's ``batch_size`` must not exceed it.
         max_pixels: width x height of one image. 2048x2048 by default; FLUX's usual sizes are far below.
         max_json_depth: nesting of the request's JSON (the protocol needs 3, plus what metadata nests).
+        max_json_items: commas and colons in the request's JSON: its prompts' and metadata's items (a shapes
+            prompt's metadata has about 20; 65536 leaves room for boxes or embeddings). Parsed, an item costs
+            about 100 bytes, so this bounds the objects a body becomes, whatever its size.
         read_timeout: seconds a client has to send its whole request, from connecting to the body's last byte.
         workers: connections handled at once; each holds at most one body in memory.
         backlog: connections the kernel queues while every worker is busy (capped by ``net.core.somaxconn``).
@@ -68,6 +71,7 @@ class ServerLimits:
     max_images: int = 64
     max_pixels: int = 2048 * 2048
     max_json_depth: int = 32
+    max_json_items: int = 65536
     read_timeout: float = 60.0
     workers: int = 8
     backlog: int = 128
@@ -104,11 +108,11 @@ def parse_request(raw: bytes, limits: ServerLimits) -> tuple[list[str], list[str
         Refused: 400 for malformed JSON, JSON nested too deep, missing fields or mismatched lengths; 413 for
             too many images, too many JSON items or an image of too many pixels.
     """
-    items, most = raw.count(b",") + raw.count(b":"), json_items_limit(limits)
-    if items > most:  # base64 holds neither, so a valid request's count is its prompts' and metadata's
+    items = raw.count(b",") + raw.count(b":")
+    if items > limits.max_json_items:  # base64 holds neither: a valid request's count is its prompts' and metadata's
         raise Refused(
-            413, f"a JSON body of {items} items (commas and colons); a request of at most --max_images "
-            f"{limits.max_images} holds at most {most}",
+            413, f"a JSON body of {items} items (commas and colons); the server takes at most --max_json_items "
+            f"{limits.max_json_items}",
         )  # fmt: skip
     try:
         request = json.loads(raw)
@@ -146,11 +150,6 @@ def parse_request(raw: bytes, limits: ServerLimits) -> tuple[list[str], list[str
                 f"--max_pixels {limits.max_pixels}",
             )
     return images, prompts, metadata
-
-
-def json_items_limit(limits: ServerLimits) -> int:
-    """The most commas and colons a request's JSON may hold: every image's prompt and metadata, generously."""
-    return 256 * limits.max_images + 1024
 
 
 def _too_deep(value: object, limit: int) -> bool:

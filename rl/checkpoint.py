@@ -134,16 +134,46 @@ def resolve_resume(resume_from: str | None, output_dir: str | Path) -> Path | No
                 return path
             logger.warning("checkpoint %s is damaged (%s): trying the one before it", path, "; ".join(damage))
         return None
+    path = checkpoint_folder(resume_from, output_dir)
+    damage = checkpoint_damage(path)
+    if damage:
+        raise ValueError(f"checkpoint {path} is damaged ({'; '.join(damage)}): resume from another one or 'latest'")
+    return path
+
+
+def checkpoint_folder(resume_from: str, output_dir: str | Path) -> Path:
+    """``resume_from`` as a checkpoint folder.
+
+    Raises:
+        FileNotFoundError: it is not one (no trainer state in it), naming it and what to pass.
+    """
     path = Path(resume_from)
     if not (path / TRAINER_STATE).is_file():
         raise FileNotFoundError(
             f"resume_from={resume_from!r} is not a checkpoint folder (no {TRAINER_STATE} in it); pass 'latest' or "
             f"a {Path(output_dir) / CHECKPOINTS / 'step-XXXXXXXX'} folder"
         )
-    damage = checkpoint_damage(path)
-    if damage:
-        raise ValueError(f"checkpoint {path} is damaged ({'; '.join(damage)}): resume from another one or 'latest'")
     return path
+
+
+def branch_origin(output_dir: str | Path) -> Path | None:
+    """The checkpoint of another folder this folder's run branched from (its ``config.yaml``'s ``resume_from``),
+    resolved; None for a run started fresh."""
+    config = Path(output_dir) / CONFIG
+    origin = (yaml.safe_load(config.read_text()) or {}).get("resume_from") if config.is_file() else None
+    return None if origin in (None, "", "latest") else Path(origin).resolve()
+
+
+def effective_resume_from(output_dir: str | Path, resume_from: str | None) -> str | None:
+    """What a run resumes: ``resume_from``, except that the command which branched this folder from another
+    run's checkpoint, run again (a preemptible job's relaunch), continues the branch from its newest checkpoint."""
+    again = bool(resume_from) and resume_from != "latest" and branch_origin(output_dir) == Path(resume_from).resolve()
+    return "latest" if again and list_checkpoints(output_dir) else resume_from
+
+
+def _step_number(path: Path) -> int | None:
+    match = _NAME.match(path.name)
+    return int(match.group(1)) if match else None
 
 
 def holds_a_run(output_dir: str | Path) -> bool:
@@ -160,45 +190,44 @@ def holds_a_run(output_dir: str | Path) -> bool:
 def must_clear_output_dir(output_dir: str | Path, resume_from: str | None, overwrite: bool) -> bool:
     """Whether a run must clear ``output_dir`` first (it holds another run and ``overwrite`` says so).
 
-    Every process calls it, so all stop together. Continuing the folder's own run (``latest``, or one of its
-    checkpoints) keeps it: its log is cut back to the checkpoint's step and goes on; ``overwrite`` with
-    ``latest`` clears it instead (the flag is explicit, ``latest`` the shipped configs' default), so the run starts
-    afresh. A checkpoint of another folder starts a branch, which like a fresh run needs a folder holding no run (or
-    ``overwrite``).
+    Continuing the folder's own run (``latest``, or one of its checkpoints) keeps it: its log is cut back to the
+    checkpoint's step and goes on; ``overwrite`` with ``latest`` clears it instead (the flag is explicit,
+    ``latest`` the shipped configs' default), so the run starts afresh. A checkpoint of another folder starts a
+    branch, which like a fresh run needs a folder holding no run (or ``overwrite``), unless it is the checkpoint
+    this folder's run branched from (the same command again, before the branch's first checkpoint). Called with
+    :func:`effective_resume_from`'s answer, by the main process holding the folder's lock.
 
     Raises:
         FileExistsError: a fresh run or a branch in a folder holding another run, naming the folder and the three
-            ways on; ``overwrite`` with one of the folder's own checkpoints (it would clear what it resumes); a
-            resume from one of the folder's checkpoints while later ones exist (they would stay for ``latest``
-            beside a log cut back below them), naming them.
-        NotADirectoryError: ``output_dir`` is a file.
+            ways on; ``overwrite`` with a checkpoint inside the folder (it would clear what it resumes); a resume
+            from one of the folder's checkpoints while later ones exist (they would stay for ``latest`` beside a
+            log cut back below them), naming them.
+        FileNotFoundError: ``resume_from`` names no checkpoint folder (before anything is cleared).
     """
     output_dir = Path(output_dir)
-    if output_dir.exists() and not output_dir.is_dir():
-        raise NotADirectoryError(
-            f"output_dir {output_dir} is a file, not a folder: set --output_dir to a folder (created when missing)"
-        )
+    named = checkpoint_folder(resume_from, output_dir).resolve() if resume_from and resume_from != "latest" else None
     if not holds_a_run(output_dir):
         return False
     if resume_from == "latest":  # an explicit overwrite wins over the shipped configs' latest: cleared, a fresh run
         return overwrite
-    own = bool(resume_from) and Path(resume_from).resolve().parent.parent == output_dir.resolve()
-    if own and overwrite:
+    if named is not None and overwrite and output_dir.resolve() in named.parents:
         raise FileExistsError(
             f"overwrite_output_dir would clear {output_dir}, which holds the checkpoint resume_from={resume_from!r} "
             "continues: drop --overwrite_output_dir to continue it, or branch from it into a new --output_dir"
         )
-    if own:
-        step = Path(resume_from).resolve().name
-        later = [path.name for path in list_checkpoints(output_dir) if path.name > step]
+    if named is not None and named.parent == (output_dir / CHECKPOINTS).resolve():  # one of the folder's own
+        step = _step_number(named)
+        later = [path.name for path in list_checkpoints(output_dir) if step is None or _step_number(path) > step]
         if later:
             raise FileExistsError(
-                f"resume_from={resume_from!r} goes back to {step}, but {output_dir} holds later checkpoints "
-                f"({', '.join(later)}): a run from {step} would cut the log back below them and leave them for "
+                f"resume_from={resume_from!r} goes back to {named.name}, but {output_dir} holds later checkpoints "
+                f"({', '.join(later)}): a run from {named.name} would cut the log back below them and leave them for "
                 "'latest'. Continue the newest with --resume_from latest, branch from this one into a new "
                 "--output_dir, or delete the later checkpoints first."
             )
         return False
+    if named is not None and named == branch_origin(output_dir) and not overwrite:
+        return False  # the branch's own start again: its log is cut back to the branch point
     if not overwrite:
         started = "a branch of another run" if resume_from else "a fresh run"
         raise FileExistsError(
@@ -213,8 +242,13 @@ def make_output_dir(output_dir: Path) -> None:
     """Create the run folder (the main process does).
 
     Raises:
+        NotADirectoryError: ``output_dir`` is a file.
         PermissionError: it cannot be created (no permission, a read-only filesystem), naming it.
     """
+    if output_dir.exists() and not output_dir.is_dir():
+        raise NotADirectoryError(
+            f"output_dir {output_dir} is a file, not a folder: set --output_dir to a folder (created when missing)"
+        )
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
     except OSError as error:
@@ -434,8 +468,10 @@ def save_checkpoint(
         else:
             tmp.rename(final)
         if keep > 0:
-            for stale in list_checkpoints(output_dir)[:-keep]:
-                shutil.rmtree(stale)
+            for stale in list_checkpoints(output_dir)[:-keep]:  # renamed first: a kill mid-delete leaves no husk
+                gone = root / f".tmp-stale-{stale.name}"  # that passes for a checkpoint (prepare() removes it)
+                stale.rename(gone)
+                shutil.rmtree(gone)
     accelerator.wait_for_everyone()
     return final
 

@@ -504,8 +504,10 @@ class LoggingConfig(Section):
     )
     overwrite_output_dir: bool = option(
         False,
-        "Clear an output_dir that holds another run before starting. Without it a fresh run (no resume_from) "
-        "refuses such a folder rather than mix its log and checkpoints with the old run's.",
+        "Clear an output_dir that holds another run before starting. Without it a fresh run (no resume_from) or a "
+        "branch refuses such a folder rather than mix its log and checkpoints with the old run's. It wins over "
+        "resume_from: latest (the folder is cleared and the run starts afresh), so a command that relaunches a "
+        "preemptible job must leave it out.",
     )
     log_every: int = option(1, "Write metrics every N GRPO steps.")
     wandb_mode: str = option(
@@ -547,8 +549,11 @@ class CheckpointConfig(Section):
     resume_from: str | None = option(
         None,
         "Resume a run: 'latest' (the newest complete checkpoint in <output_dir>/checkpoints; starts fresh when "
-        "there is none, so one command both starts and resumes a preemptible job) or a checkpoint folder path. "
-        "The resumed run continues exactly (same prompts, noise, weights and logged rewards) as if never stopped.",
+        "there is none, so one command both starts and resumes a preemptible job) or a checkpoint folder path: "
+        "the folder's newest (an earlier one while later ones exist is refused), or another run's, which starts a "
+        "branch in output_dir (the same command again continues the branch). The resumed run continues exactly "
+        "(same prompts, noise, weights and logged rewards) as if never stopped; its config is checked against the "
+        "checkpoint's (allow_config_change).",
     )
     allow_config_change: bool = option(
         False,

@@ -19,7 +19,9 @@ import yaml
 from accelerate.utils import broadcast_object_list
 
 from rl.checkpoint import (
+    CHECKPOINTS,
     CONFIG,
+    effective_resume_from,
     load_checkpoint,
     make_output_dir,
     must_clear_output_dir,
@@ -36,38 +38,44 @@ from rl.train_state import TrainState
 
 logger = logging.getLogger("rl.trainer")
 
+# what can stop a run at its folder, each a user error with its fix in the message (raised alike on every process)
+FOLDER_REFUSALS = (OutputDirInUseError, FileExistsError, FileNotFoundError, NotADirectoryError, PermissionError)
+
 
 class TrainerPersistence:
     """Saving, resuming and summarising a :class:`rl.trainer.GRPOTrainer` run."""
 
     def prepare_output_dir(self) -> Path | None:
         """Make (or, with ``overwrite_output_dir``, clear) the run folder and check a resume against it; returns the
-        checkpoint to resume (None: a fresh run, whose config.yaml is written now)."""
+        checkpoint to resume (None: a fresh run). A fresh run or a branch writes its config.yaml now.
+
+        The main process decides, holding the folder's lock (a live run's folder is never judged mid-checkpoint),
+        and every process raises its verdict, so all stop together also where the folder is not shared.
+        """
         cfg = self.config
         self.output_dir = Path(cfg.logging.output_dir)
-        clear = must_clear_output_dir(self.output_dir, cfg.checkpoint.resume_from, cfg.logging.overwrite_output_dir)
-        self.accelerator.wait_for_everyone()  # every process has looked before the main one clears
-        refusal = [""]
+        resume_from = effective_resume_from(self.output_dir, cfg.checkpoint.resume_from)
+        verdict = [("", "")]  # (the refusal's type, its message); none: go on
         if self.accelerator.is_main_process:
-            make_output_dir(self.output_dir)
-            try:  # before anything is cleared or written: a second launch into a live run's folder stops here
-                lock_output_dir(self.output_dir)
-            except OutputDirInUseError as error:
-                refusal = [str(error)]
-            else:
-                if clear:
+            try:
+                make_output_dir(self.output_dir)
+                lock_output_dir(self.output_dir)  # before anything is cleared or written
+                if must_clear_output_dir(self.output_dir, resume_from, cfg.logging.overwrite_output_dir):
                     clear_output_dir(self.output_dir)
                     logger.warning(
                         "overwrite_output_dir: cleared %s, a fresh run starts there (a command that relaunches a "
                         "preemptible job must leave the flag out, or each relaunch clears the run)",
                         self.output_dir,
                     )
+            except FOLDER_REFUSALS as error:
+                verdict = [(type(error).__name__, str(error))]
         if self.accelerator.num_processes > 1:
-            broadcast_object_list(refusal)  # every process stops, not only the main one
-        if refusal[0]:
-            raise OutputDirInUseError(refusal[0])
+            broadcast_object_list(verdict)  # every process stops, not only the main one
+        kind, message = verdict[0]
+        if kind:
+            raise {error.__name__: error for error in FOLDER_REFUSALS}[kind](message)
         # once: resolving verifies the checkpoint's manifest (hashing every file), and three places need it
-        resume_path = resolve_resume(cfg.checkpoint.resume_from, self.output_dir)
+        resume_path = resolve_resume(resume_from, self.output_dir)
         if resume_path is not None:  # changes what the run is: an error; safe ones: logged (rl/resume_policy.py)
             changes = check_resumed_config(
                 self.output_dir,
@@ -81,9 +89,9 @@ class TrainerPersistence:
             moved = schedule_moved(changes, cfg.training.lr_schedule)
             if moved and self.accelerator.is_main_process:
                 logger.warning(moved)
-        started = self.output_dir / CONFIG
-        if self.accelerator.is_main_process and (resume_path is None or not started.is_file()):  # fresh, or a branch
-            started.write_text(yaml.safe_dump(cfg.flat(), sort_keys=False))
+        own = resume_path is not None and resume_path.resolve().parent == (self.output_dir / CHECKPOINTS).resolve()
+        if self.accelerator.is_main_process and not own:  # a fresh run, or a branch (started or started again)
+            (self.output_dir / CONFIG).write_text(yaml.safe_dump(cfg.flat(), sort_keys=False))
         return resume_path
 
     def save(self, directory: Path) -> None:
@@ -224,5 +232,7 @@ class TrainerPersistence:
     @property
     def relaunch(self) -> str:
         """How a user continues this run from its newest checkpoint."""
-        resumes = self.config.checkpoint.resume_from == "latest"
-        return "the same command" + ("" if resumes else " plus --resume_from latest")
+        command = "the same command"
+        if self.config.logging.overwrite_output_dir:  # it would clear the run
+            command += " without --overwrite_output_dir"
+        return command + ("" if self.config.checkpoint.resume_from else " plus --resume_from latest")

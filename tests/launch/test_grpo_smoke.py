@@ -92,8 +92,8 @@ def test_a_user_error_is_one_line_and_exit_2(tmp_path, launch_script, capsys, mo
     monkeypatch.setattr(script, "run_config", interrupted)
     assert script.cli([]) == 130
     assert capsys.readouterr().err == (
-        "interrupted outside the training loop (setup or an evaluation): the run keeps its newest checkpoint, if "
-        "any; the same command continues it\n"
+        "interrupted outside the training loop (setup or an evaluation): the run folder keeps its newest checkpoint, "
+        "if any; continue with --resume_from latest\n"
     )
 
 

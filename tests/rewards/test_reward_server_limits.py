@@ -81,7 +81,7 @@ def test_a_body_of_tiny_json_items_is_refused_before_it_is_parsed(script_server,
     assert len(body) < 2**20  # under the body limit
     status, answer = post(url, body, AUTH)
     assert status == 413 and "a JSON body of 300004 items (commas and colons)" in answer["error"]
-    assert "--max_images 8 holds at most 3072" in answer["error"]
+    assert "the server takes at most --max_json_items 65536" in answer["error"]
     assert peak_rss_mb(pid) - before < 10  # parsed, it would take ~20 MB
     assert post(url, score_body(images[:2]), AUTH)[0] == 200  # still serving
 

@@ -18,6 +18,7 @@ from rl.checkpoint import (
     CheckpointWriteError,
     checkpoint_damage,
     checkpoint_name,
+    effective_resume_from,
     list_checkpoints,
     make_output_dir,
     must_clear_output_dir,
@@ -313,7 +314,7 @@ def test_an_output_dir_that_is_a_file_or_cannot_be_made_is_named_with_the_fix(tm
     a_file = tmp_path / "notes.txt"
     a_file.write_text("mine")
     with pytest.raises(NotADirectoryError, match=r"notes.txt is a file, not a folder: set --output_dir"):
-        must_clear_output_dir(a_file, resume_from="latest", overwrite=False)
+        make_output_dir(a_file)
     assert a_file.read_text() == "mine"  # untouched
     with pytest.raises(PermissionError, match=r"cannot create output_dir .*notes.txt/run .*--output_dir"):
         make_output_dir(a_file / "run")
@@ -332,29 +333,55 @@ def test_a_model_that_is_not_there_names_the_option_and_what_it_takes(tmp_path):
 
 
 def test_what_a_run_may_do_with_a_folder_holding_one(tmp_path):
+    def checkpoint(folder: Path, step: int) -> str:
+        path = folder / "checkpoints" / checkpoint_name(step)
+        path.mkdir(parents=True)
+        (path / "trainer_state.pt").write_bytes(b"")
+        return str(path)
+
     run = tmp_path / "run"
-    for step in (1, 2):
-        (run / "checkpoints" / checkpoint_name(step)).mkdir(parents=True)
-    step1 = str(run / "checkpoints" / checkpoint_name(1))
+    step1, step2 = checkpoint(run, 1), checkpoint(run, 2)
     assert not must_clear_output_dir(run, "latest", overwrite=False)  # continue the folder's own run
     assert not must_clear_output_dir(tmp_path / "new", step1, overwrite=False)  # a branch into a new folder
     # an explicit overwrite wins over the shipped configs' resume_from: latest; never over a named checkpoint in it
     assert must_clear_output_dir(run, "latest", overwrite=True)
     with pytest.raises(FileExistsError, match="overwrite_output_dir would clear .*run, which holds the checkpoint"):
-        must_clear_output_dir(run, str(run / "checkpoints" / checkpoint_name(2)), overwrite=True)
+        must_clear_output_dir(run, step2, overwrite=True)
+    # a resume_from that is no checkpoint is named before anything could be cleared
+    with pytest.raises(FileNotFoundError, match=r"step-00000002/lora' is not a checkpoint folder"):
+        must_clear_output_dir(run, step2 + "/lora", overwrite=True)
     # going back to step 1 while step 2 stays for 'latest' beside a log cut back below it
     with pytest.raises(
         FileExistsError, match=r"goes back to step-00000001, but .* later checkpoints \(step-00000002\)"
     ):
         must_clear_output_dir(run, step1, overwrite=False)
-    shutil.rmtree(run / "checkpoints" / checkpoint_name(2))
+    shutil.rmtree(step2)
     assert not must_clear_output_dir(run, step1, overwrite=False)  # the newest: as 'latest'
+    # the folder's own checkpoints also through a symlinked checkpoints/ (a scratch disk)
+    linked = tmp_path / "linked"
+    linked.mkdir()
+    (linked / "checkpoints").symlink_to(run / "checkpoints")
+    assert not must_clear_output_dir(linked, str(linked / "checkpoints" / checkpoint_name(1)), overwrite=False)
     # a branch into a folder holding another run needs the folder cleared, as a fresh run does
     other = tmp_path / "other"
-    (other / "checkpoints" / checkpoint_name(5)).mkdir(parents=True)
+    checkpoint(other, 5)
     with pytest.raises(FileExistsError, match="holds another run .* this is a branch of another run"):
         must_clear_output_dir(other, step1, overwrite=False)
     assert must_clear_output_dir(other, step1, overwrite=True)
-    assert must_clear_output_dir(other, None, overwrite=True) and not must_clear_output_dir(
-        tmp_path / "new", None, False
-    )
+    assert must_clear_output_dir(other, None, overwrite=True)
+    assert not must_clear_output_dir(tmp_path / "new", None, False)
+
+
+def test_the_command_that_started_a_branch_continues_it(tmp_path):
+    origin = tmp_path / "run" / "checkpoints" / checkpoint_name(3)
+    origin.mkdir(parents=True)
+    (origin / "trainer_state.pt").write_bytes(b"")
+    branch = tmp_path / "branch"
+    branch.mkdir()
+    (branch / "config.yaml").write_text(f"resume_from: {origin}\n")
+    (branch / "metrics.jsonl").write_text('{"train/step": 4}\n')  # it logged a step, then was preempted
+    assert effective_resume_from(branch, str(origin)) == str(origin)  # no checkpoint of its own: branch again
+    assert not must_clear_output_dir(branch, str(origin), overwrite=False)  # from its own start: not another run
+    (branch / "checkpoints" / checkpoint_name(5)).mkdir(parents=True)
+    assert effective_resume_from(branch, str(origin)) == "latest"  # its newest checkpoint
+    assert effective_resume_from(tmp_path / "elsewhere", str(origin)) == str(origin)  # a new branch

@@ -367,9 +367,16 @@ def test_a_branch_from_another_runs_checkpoint_is_checked_and_starts_its_own_fol
         make_trainer(pipeline_dir, tmp_path, *branch, "--seed", "4")
     trainer = make_trainer(pipeline_dir, tmp_path, *branch, "--seed", "3")
     assert trainer.state.step == 1
+    one_step(trainer)
+    trainer.state.step = 2
+    trainer.save_checkpoint()
     trainer.cleanup()
     written = yaml.safe_load((tmp_path / "branch" / "config.yaml").read_text())
     assert written["output_dir"] == str(tmp_path / "branch") and written["resume_from"] == step1
+    # the command that started the branch, relaunched (a preemptible job), continues the branch, not its start
+    trainer = make_trainer(pipeline_dir, tmp_path, *branch, "--seed", "3")
+    assert trainer.state.step == 2
+    trainer.cleanup()
     # a branch into a folder holding another run is refused like a fresh run
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "metrics.jsonl").write_text('{"train/step": 1}\n')
