@@ -31,7 +31,6 @@ from rl.checkpoint import CheckpointWriteError
 from rl.config import RunConfig
 from rl.config_parse import DEFAULT_RUN_CONFIG, parse_config, with_default_config
 from rl.distributed import PeerFailedError, peers_lost_as_error
-from rl.sampler import native_size_warning
 from rl.trainer import GRPOTrainer, NonFiniteGradientError
 
 logger = logging.getLogger("grpo_flux")
@@ -61,10 +60,6 @@ def main(argv: list[str] | None = None) -> GRPOTrainer:
     config = run_config(argv)
     trainer = GRPOTrainer(config)
     trainer.setup()
-    s = config.sampling
-    warning = native_size_warning(s.height, s.width, trainer.pipeline.vae.config.sample_size)
-    if warning and trainer.accelerator.is_main_process:
-        logger.warning(warning)
     try:
         # a node that died or hangs: one message on the others, within distributed_timeout_s
         with peers_lost_as_error(trainer.accelerator, config.training.distributed_timeout_s, trainer.output_dir):

@@ -61,7 +61,7 @@ from rl.prompt_skip import FlatPromptHistory
 from rl.pruned_rollout import PrunedRollout
 from rl.pruning import trained_step_weights
 from rl.run_lock import release_output_dir
-from rl.sampler import FluxSampler, Rollouts, StepObserver, encode_prompts
+from rl.sampler import FluxSampler, Rollouts, StepObserver, encode_prompts, native_size_warning
 from rl.schedule import lr_factor
 from rl.sharded_lora import LoraWeights
 from rl.stop_signals import StopSignals
@@ -161,6 +161,9 @@ class GRPOTrainer(TrainerPersistence):
             torch.backends.cuda.enable_cudnn_sdp(False)
         with whole_model_loading(self.accelerator):
             self.pipeline = load_pipeline(cfg, self.accelerator.device)
+        warning = native_size_warning(s.height, s.width, self.pipeline.vae.config.sample_size)
+        if warning and self.accelerator.is_main_process:  # blank images and flat rewards otherwise go unexplained
+            logger.warning(warning)
         m = cfg.model
         self.lora_params = add_lora(
             self.pipeline.transformer, m.lora_rank, m.lora_alpha, m.lora_target_modules, m.init_lora_weights

@@ -478,3 +478,13 @@ def test_a_non_finite_gradient_skips_the_update_and_three_steps_of_them_stop_the
     saved = load_file(tmp_path / "run" / "checkpoints" / "step-00000004" / "model.safetensors")
     assert saved and all(torch.isfinite(v).all() for v in saved.values())  # checkpointed, intact
     trainer.cleanup()
+
+
+def test_a_size_far_from_the_models_is_warned_at_setup(pipeline_dir, tmp_path, caplog):
+    with caplog.at_level(logging.WARNING, logger="rl.trainer"):
+        make_trainer(pipeline_dir, tmp_path / "far", "--height", "128", "--width", "128").cleanup()
+    assert "height x width = 128 x 128 px is more than 2x off this pipeline's native 32 x 32" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="rl.trainer"):
+        make_trainer(pipeline_dir, tmp_path / "native").cleanup()  # the fixture's 32 px
+    assert "native" not in caplog.text
