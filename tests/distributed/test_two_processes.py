@@ -116,7 +116,7 @@ def test_sharded_trains_as_ddp_exports_and_resumes_exactly(ddp_runs, tmp_path, s
     pipeline.load_lora_weights(run / "lora")
     loaded = {k.replace(".default_0", ""): v for k, v in pipeline.transformer.state_dict().items() if "lora_" in k}
     assert all(torch.equal(loaded[k.removeprefix("transformer.")], v) for k, v in exported.items())
-    # the final evaluation (3 prompts over 2 processes: rank 1 pads its share, uncounted) equals DDP's
+    # the final evaluation (3 prompts over 2 processes: rank 1 runs throwaway forwards for the third) equals DDP's
     final = [r for r in read_metrics(run / "metrics.jsonl") if "final_eval/total/mean" in r]
     ddp_final = [r for r in read_metrics(ddp_runs / "ddp" / "run" / "metrics.jsonl") if "final_eval/total/mean" in r]
     assert final[0]["final_eval/total/mean"] == pytest.approx(ddp_final[0]["final_eval/total/mean"], abs=1e-6)
