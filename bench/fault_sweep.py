@@ -113,6 +113,17 @@ def finished_run(folder: Path) -> Path:
     return output
 
 
+OTHER_LOG = '{"step": 1, "reward/total/mean": 0.5}\n'
+
+
+def _branch_into_used(folder: Path) -> list[str]:
+    """Another run's checkpoint, and a folder holding a run of its own to branch into."""
+    step1 = finished_run(folder) / "checkpoints" / "step-00000001"
+    (folder / "other").mkdir()
+    (folder / "other" / "metrics.jsonl").write_text(OTHER_LOG)
+    return ["--output_dir", str(folder / "other"), "--resume_from", str(step1)]
+
+
 def steps_logged(output: Path) -> list[int]:
     return steps_logged_in(output / "metrics.jsonl")
 
@@ -443,6 +454,17 @@ CASES = [
          "group_size", "tests/rl/test_trainer.py"),
     Case("resume_changed_seed", "a resume with another seed", _resume_changed("seed", "7"), "seed",
          "tests/rl/test_trainer.py"),
+    Case("resume_behind_later_checkpoints", "a resume from step 1 of a run whose folder holds step 2",
+         lambda f: ["--output_dir", str(finished_run(f)), "--resume_from", str(f / "run" / "checkpoints" /
+                    "step-00000001")], "holds later checkpoints", "tests/rl/test_checkpoint.py",
+         check=lambda f: steps_logged(f / "run") == [1, 2], failed_check=LOST),
+    Case("branch_into_used_folder", "a branch from another run's checkpoint into a folder holding a run",
+         _branch_into_used, "this is a branch of another run", "tests/rl/test_trainer.py",
+         check=lambda f: (f / "other" / "metrics.jsonl").read_text() == OTHER_LOG, failed_check=LOST),
+    Case("overwrite_with_bad_resume", "--overwrite_output_dir with a resume_from that is no checkpoint (a typo)",
+         lambda f: ["--output_dir", str(finished_run(f)), "--overwrite_output_dir", "true", "--resume_from",
+                    str(f / "run" / "checkpoints" / "step-00000002" / "lora")], "not a checkpoint folder",
+         "tests/rl/test_checkpoint.py", check=lambda f: steps_logged(f / "run") == [1, 2], failed_check=LOST),
     Case("truncated_weights", "the latest checkpoint's model.safetensors cut in half",
          lambda f: _damage_latest(f, "model.safetensors"), None, "tests/rl/test_checkpoint.py",
          _resumed_to_3, failed_check=LOST),
