@@ -8,7 +8,6 @@ see the same prompts, seeds and sampler (their difference is the run's held-out 
 from __future__ import annotations
 
 import contextlib
-import math
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 
@@ -79,8 +78,9 @@ class HeldOutEvaluator:
         metrics = MetricsAccumulator()
         chunk = max(1, sampler.batch_size // per_image)
         starts = range(0, len(items), chunk)
-        rows = [len(items[start : start + chunk]) * per_image for start in starts]
-        forwards = sum(math.ceil(count / sampler.batch_size) for count in rows) * sampler.num_steps
+        forwards = sum(
+            sampler.calls(len(items[start : start + chunk]) * per_image, sampler.num_steps) for start in starts
+        )
         with self.even_forwards(forwards), acc.autocast():  # shares may differ by a prompt
             for start in tqdm(starts, desc="eval", leave=False, disable=not self.show_bar):
                 part = items[start : start + chunk]

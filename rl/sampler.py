@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from typing import Protocol
@@ -268,6 +269,11 @@ class FluxSampler:
             img_ids=self.image_ids.to(device, dtype),
             return_dict=False,
         )[0]
+
+    def calls(self, rows: int, steps: int) -> int:
+        """Transformer calls that take ``rows`` rollouts ``steps`` denoising steps: :meth:`advance` (and any loop
+        over ``batch_size`` rows per call) makes one per chunk per step."""
+        return math.ceil(rows / self.batch_size) * steps
 
     @torch.no_grad()
     def idle_forward(self, text_tokens: int, device: torch.device | str) -> None:

@@ -356,9 +356,8 @@ class GRPOTrainer(TrainerPersistence):
         would have followed had every rollout been continued.
         """
         until = self.sampler.num_steps if until_step is None else until_step
-        forwards = math.ceil(len(rollouts) / self.sampler.batch_size) * (until - rollouts.step)
         with (
-            self.even_forwards(forwards),
+            self.even_forwards(self.sampler.calls(len(rollouts), until - rollouts.step)),
             self.sampling_bar(rollouts, until) as bar,
             self.phase("sample"),
             self.accelerator.autocast(),
@@ -416,7 +415,7 @@ class GRPOTrainer(TrainerPersistence):
         pending: list[Future[Future[RewardResult]]] = []
         results: list[RewardResult] = []
         chunks = score_chunks(rollouts.prompt_index, self.sampler.batch_size)
-        forwards = sum(math.ceil(len(rows) / self.sampler.batch_size) for rows in chunks) * (until - rollouts.step)
+        forwards = sum(self.sampler.calls(len(rows), until - rollouts.step) for rows in chunks)
         with self.even_forwards(forwards), self.sampling_bar(rollouts, until) as bar:
             for rows in chunks:
                 with self.phase("sample"), self.accelerator.autocast():

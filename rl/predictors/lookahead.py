@@ -8,7 +8,6 @@ Spearman 0.78 against 0.61 for the call-4 preview on the shipped model: bench/RE
 from __future__ import annotations
 
 import contextlib
-import math
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 
@@ -39,7 +38,7 @@ def euler_to_clean(
     transformer calls run inside ``even_forwards(count)`` (``PredictionInputs.even_forwards``)."""
     sigmas = sampler.sigmas.to(latents.device)
     x = latents
-    with even_forwards((len(indices) - 1) * math.ceil(len(x) / sampler.batch_size)):
+    with even_forwards(sampler.calls(len(x), len(indices) - 1)):
         for i, j in zip(indices[:-1], indices[1:]):
             chunks = []
             for rows in torch.arange(len(x), device=x.device).split(sampler.batch_size):

@@ -18,6 +18,7 @@ from rl.predictors import PREDICTORS, Predictor, build_predictor, register, rewa
 from rl.predictors.lookahead import euler_to_clean, lookahead_indices
 from rl.predictors.preview import X0Recorder
 from rl.pruned_rollout import result_subset
+from rl.sampler import FluxSampler
 
 __all__ = ["pipeline_dir"]  # fixture used by name
 
@@ -54,6 +55,7 @@ def test_lookahead_lands_on_the_schedule_and_euler_is_exact_for_constant_velocit
     class Straight:  # v = x0-independent constant: x_t = x_1 - (1 - t) v reaches x - sigma v at sigma 0
         sigmas = torch.tensor([1.0, 0.75, 0.5, 0.25, 0.0])
         batch_size = 2
+        calls = FluxSampler.calls  # its batching, as the real sampler counts it
 
         def velocity(self, x, i, embeds, prompt_index):
             return torch.full_like(x, 2.0)
