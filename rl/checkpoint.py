@@ -171,6 +171,11 @@ def effective_resume_from(output_dir: str | Path, resume_from: str | None) -> st
     return "latest" if again and list_checkpoints(output_dir) else resume_from
 
 
+def is_own_checkpoint(path: Path, output_dir: str | Path) -> bool:
+    """Whether checkpoint ``path`` is one of ``output_dir``'s own (also through a symlinked ``checkpoints/``)."""
+    return path.resolve().parent == (Path(output_dir) / CHECKPOINTS).resolve()
+
+
 def _step_number(path: Path) -> int | None:
     match = _NAME.match(path.name)
     return int(match.group(1)) if match else None
@@ -215,7 +220,7 @@ def must_clear_output_dir(output_dir: str | Path, resume_from: str | None, overw
             f"overwrite_output_dir would clear {output_dir}, which holds the checkpoint resume_from={resume_from!r} "
             "continues: drop --overwrite_output_dir to continue it, or branch from it into a new --output_dir"
         )
-    if named is not None and named.parent == (output_dir / CHECKPOINTS).resolve():  # one of the folder's own
+    if named is not None and is_own_checkpoint(named, output_dir):
         step = _step_number(named)
         later = [path.name for path in list_checkpoints(output_dir) if step is None or _step_number(path) > step]
         if later:

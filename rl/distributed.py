@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -164,8 +164,7 @@ def shards_parameters(accelerator: Accelerator) -> bool:
     """Whether the transformer's parameters are split over the processes (FSDP, DeepSpeed ZeRO-3).
 
     Then every forward is a collective (each process gathers the others' slices), so every process must run as
-    many transformer forwards as every other: :func:`forwards_behind` holds the run
-    to that.
+    many transformer forwards as every other: :func:`forwards_behind` holds the run to that.
     """
     if is_fsdp(accelerator):
         return True
@@ -182,6 +181,14 @@ def reward_wait_limit(reward_timeout_s: float, distributed_timeout_s: float, num
         return reward_timeout_s
     cap = distributed_timeout_s / 2
     return min(reward_timeout_s, cap) if reward_timeout_s else cap
+
+
+EvenForwards = Callable[[int], contextlib.AbstractContextManager]  # a phase of that many transformer calls
+
+
+def unsharded_forwards(forwards: int) -> contextlib.AbstractContextManager:
+    """The :data:`EvenForwards` of a run whose forwards are no collectives (one process, DDP, inference): none."""
+    return contextlib.nullcontext()
 
 
 def forwards_behind(accelerator: Accelerator, forwards: int) -> tuple[int, int]:

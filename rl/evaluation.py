@@ -7,9 +7,7 @@ see the same prompts, seeds and sampler (their difference is the run's held-out 
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable
-from contextlib import AbstractContextManager
 
 import torch
 from accelerate import Accelerator
@@ -20,6 +18,7 @@ from rewards.base import RewardError
 from rewards.compose import RewardResult, RewardSet
 from rl.config import EvalConfig
 from rl.data import Prompt, PromptSource
+from rl.distributed import EvenForwards, unsharded_forwards
 from rl.metrics_log import MetricsAccumulator
 from rl.sampler import FluxSampler, encode_prompts
 
@@ -53,7 +52,7 @@ class HeldOutEvaluator:
         config: EvalConfig,
         text_length: int,
         show_bar: bool,
-        even_forwards: Callable[[int], AbstractContextManager] = lambda forwards: contextlib.nullcontext(),
+        even_forwards: EvenForwards = unsharded_forwards,
     ) -> None:
         self.accelerator, self.pipeline, self.sampler = accelerator, pipeline, sampler
         self.prompts, self.reward, self.config = prompts, reward, config

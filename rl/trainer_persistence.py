@@ -19,9 +19,9 @@ import yaml
 from accelerate.utils import broadcast_object_list
 
 from rl.checkpoint import (
-    CHECKPOINTS,
     CONFIG,
     effective_resume_from,
+    is_own_checkpoint,
     load_checkpoint,
     make_output_dir,
     must_clear_output_dir,
@@ -89,7 +89,7 @@ class TrainerPersistence:
             moved = schedule_moved(changes, cfg.training.lr_schedule)
             if moved and self.accelerator.is_main_process:
                 logger.warning(moved)
-        own = resume_path is not None and resume_path.resolve().parent == (self.output_dir / CHECKPOINTS).resolve()
+        own = resume_path is not None and is_own_checkpoint(resume_path, self.output_dir)
         if self.accelerator.is_main_process and not own:  # a fresh run, or a branch (started or started again)
             (self.output_dir / CONFIG).write_text(yaml.safe_dump(cfg.flat(), sort_keys=False))
         return resume_path

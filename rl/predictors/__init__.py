@@ -21,14 +21,13 @@ To add one: a file here with a :class:`Predictor` subclass decorated ``@register
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 from collections.abc import Callable
-from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
+from rl.distributed import EvenForwards, unsharded_forwards
 from rl.registry import import_units, registrar
 
 if TYPE_CHECKING:
@@ -77,7 +76,7 @@ class PredictionInputs:
     early: Rollouts
     observer: StepObserver | None
     score_latents: Callable[[torch.Tensor], RewardResult]
-    even_forwards: Callable[[int], AbstractContextManager] = lambda forwards: contextlib.nullcontext()
+    even_forwards: EvenForwards = unsharded_forwards
 
 
 @dataclasses.dataclass

@@ -7,13 +7,10 @@ Spearman 0.78 against 0.61 for the call-4 preview on the shipped model: bench/RE
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable
-from contextlib import AbstractContextManager
-
 import numpy as np
 import torch
 
+from rl.distributed import EvenForwards, unsharded_forwards
 from rl.predictors import Prediction, PredictionCost, PredictionInputs, Predictor, register, reward_scores
 
 
@@ -32,7 +29,7 @@ def euler_to_clean(
     embeds,
     prompt_index: torch.Tensor,
     indices: list[int],
-    even_forwards: Callable[[int], AbstractContextManager] = lambda forwards: contextlib.nullcontext(),
+    even_forwards: EvenForwards = unsharded_forwards,
 ):
     """Deterministic Euler steps ``x += (sigma_j - sigma_i) v(x, t_i)`` over consecutive ``indices``, its
     transformer calls run inside ``even_forwards(count)`` (``PredictionInputs.even_forwards``)."""
