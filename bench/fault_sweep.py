@@ -585,6 +585,7 @@ def sweep(cases: list[Case]) -> list[dict]:
                     if ("WARNING" in line or "warning" in line) and not line.startswith("[transformers]")
                 ]
                 last = warnings[-1] if warnings else "(finished)"
+            last = last.replace(str(ROOT), "<repo>")  # the record names no folder of this machine
             rows.append({"case": case.name, "fault": case.fault, "outcome": outcome, "message": last[-300:],
                          "test": case.test, "exit": done.returncode})  # fmt: skip
             print(f"{case.name}: {outcome} (exit {done.returncode}) {last[-160:]}", flush=True)

@@ -63,8 +63,8 @@ class ModelConfig(Section):
     pretrained: str = option(
         "assets/tiny-flux-shapes",
         "Base model: a diffusers FluxPipeline folder or hub id (black-forest-labs/FLUX.1-dev). The shipped tiny "
-        "model is the default; FLUX.1-dev in bf16 needs about 45 GiB on one GPU (bench/RESULTS.md, 'Memory per "
-        "process').",
+        "model is the default; FLUX.1-dev in bf16 needs an 80 GB GPU unsharded (README, GPU section; bench/RESULTS.md, "
+        "'Memory per process').",
     )
     revision: str | None = option(None, "Hub revision (branch, tag or commit) of `pretrained`; None: the default.")
     max_sequence_length: int = option(
@@ -137,7 +137,7 @@ class SamplingConfig(Section):
     noise_level: float = option(
         0.9,
         "SDE noise level a (sigma_t = a sqrt(s / (1 - s)), docs/design.md section 3). Flow-GRPO: 0.9 for FLUX "
-        "(0.7 in its base config); 0.7-1.0 works; 0 has no density (cannot train).",
+        "(0.7 in its base config); 0.7-1.0 works; 0 has no density: flow_grpo cannot train, awm can.",
     )
     guidance_scale: float = option(
         3.5, "FLUX's distilled guidance value (guidance embedding). FLUX.1-dev: 3.5; ignored by models without it."
@@ -312,7 +312,9 @@ class TrainingConfig(Section):
         "awm_kl_form": AWM_KL_FORMS,
     }
 
-    max_steps: int = option(100, "GRPO steps (each: sample, score, optimise). The tiny model improves in ~30-60.")
+    max_steps: int = option(
+        100, "GRPO steps (each: sample, score, optimise). The tiny model's `make train`: 160 (README, Results)."
+    )
     max_minutes: float = option(
         0.0, "Wall-clock budget in minutes; training stops (and still evaluates and saves) once exceeded. 0: none."
     )

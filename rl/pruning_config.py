@@ -75,11 +75,11 @@ class PruningConfig(Section):
         "",
         "Probe file (launch/probe_train.py; assets/probe/ for the shipped model), checked against the model, "
         "capture_step and num_steps; 'init' starts from a randomly initialised probe (learnt online only; "
-        "benchmarks). Needed by every policy but 'none' and 'random'.",
+        "benchmarks). Needed when predictor is 'probe'.",
     )
     prune_explore: int = option(
         1,
-        "Rollouts per group kept at random regardless of the probe (they take survivor slots, the count is "
+        "Rollouts per group kept at random regardless of the predictor (they take survivor slots, the count is "
         "unchanged), so the online refresh sees data the probe did not choose. 0: none.",
     )
     prune_threshold: float = option(0.5, "Cut of the 'threshold' policy, in reward units.")
@@ -97,7 +97,7 @@ class PruningConfig(Section):
         False,
         "Also train on pruned rollouts' recorded steps before capture_step (their trained steps < k), with their "
         "imputed advantages; their later steps get zero weight. Needs a pruning policy and prune_advantage: "
-        "imputed. Costs training compute: pruned rollouts join the micro-batches. Off by default (ablated).",
+        "imputed. Costs training compute: pruned rollouts join the micro-batches. Off by default (not yet ablated).",
     )
     probe_refresh_every: int = option(
         0,
@@ -160,12 +160,15 @@ def validate_pruning(config: RunConfig) -> None:
         if p.prune_min_spread > 0:
             raise ValueError(
                 "prune_min_spread > 0 skips groups, but prune_policy='none' must train exactly like the unpruned "
-                "trainer. Set a pruning policy (topk, maxvar, random, threshold) or prune_min_spread: 0."
+                "trainer. Set a pruning policy ("
+                + ", ".join(n for n in PRUNE_POLICIES if n != "none")
+                + ") or prune_min_spread: 0."
             )
     elif p.predictor != "reward" and not 1 <= p.capture_step < s.num_steps:
         raise ValueError(
             f"capture_step={p.capture_step} must lie in [1, num_steps - 1 = {s.num_steps - 1}]: pruning stops "
-            "rollouts after step k, so k = T saves nothing. Set capture_step to ~0.2 num_steps (2 of 10)."
+            "rollouts after step k, so k = T saves nothing. The shipped window sampler: 4, its first deterministic call "
+            "(3 with the lookahead)."
         )
     if s.prompt_skip_after and p.prune_policy in ("topk", "threshold"):
         raise ValueError(

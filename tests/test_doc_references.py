@@ -52,6 +52,27 @@ def test_the_code_names_only_documents_in_the_repository():
     assert not missing, "code pointing to missing documents:\n" + "\n".join(missing)
 
 
+# a folder of one machine (a home, a scratch disk, a container's root) written into a tracked file
+MACHINE_PATH = re.compile(r"(?<![\w.~<>-])/(?:work|root|home|Users|scratch)/[\w.-]+")
+
+
+def test_no_tracked_file_names_a_folder_of_one_machine():
+    found = []
+    for source in tracked("*.md") + tracked("*.json") + tracked("*.py") + tracked("*.yaml") + tracked("Makefile"):
+        text = source.read_text()
+        found += [
+            f"{source.relative_to(ROOT)}: {m}" for m in MACHINE_PATH.findall(text) if source.name != Path(__file__).name
+        ]
+    assert not found, "paths of one machine (write them relative to the repository, or <repo>):\n" + "\n".join(found)
+
+
+def test_the_machine_path_check_catches_one():
+    assert MACHINE_PATH.findall("see /work/mt/runs/lora and /root/out/x.json, not <repo>/assets or runs/work/x") == [
+        "/work/mt",
+        "/root/out",
+    ]
+
+
 def test_the_reference_check_catches_a_dangling_path():
     assert named_paths("see `rl/trainer.py:120`, `rl/nowhere.py::test_x`, `probe/pcc_online`, `runs/x.json`") == {
         "rl/trainer.py",
