@@ -414,7 +414,7 @@ def save_checkpoint(
         rank_state: this process's own state, written by every process.
         export_lora: called by every process with the ``lora`` folder to write the diffusers export into; it must
             not wait for the other processes (a failed one would never come).
-        keep: keep only the newest ``keep`` checkpoints (0: all).
+        keep: keep only this one and the ``keep - 1`` newest before it (0: all).
         model, optimizer: the prepared ones; needed under FSDP (:func:`save_fsdp_state`).
         config: the run's flat config as it trained to this step (``config.yaml``: what a resume from here is
             compared with, also after a resume that was allowed to change it).
@@ -473,8 +473,12 @@ def save_checkpoint(
         else:
             tmp.rename(final)
         if keep > 0:
-            for stale in list_checkpoints(output_dir)[:-keep]:  # renamed first: a kill mid-delete leaves no husk
-                gone = root / f".tmp-stale-{stale.name}"  # that passes for a checkpoint (prepare() removes it)
+            # only ones older than this save go: a later one is a damaged latest that a resume fell back from
+            # (it counts as newer, so deleting by rank would keep it and delete the intact ones), replaced when
+            # the run reaches its step
+            older = [path for path in list_checkpoints(output_dir) if _step_number(path) < step]
+            for stale in older[: max(len(older) - (keep - 1), 0)]:  # renamed first: a kill mid-delete leaves no
+                gone = root / f".tmp-stale-{stale.name}"  # husk that passes for a checkpoint (prepare() removes it)
                 stale.rename(gone)
                 shutil.rmtree(gone)
     accelerator.wait_for_everyone()

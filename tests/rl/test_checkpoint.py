@@ -310,6 +310,28 @@ def test_a_damaged_latest_checkpoint_is_named_and_the_previous_one_used(tmp_path
     assert resolve_resume("latest", tmp_path) is None  # nothing intact: a fresh start
 
 
+def test_save_total_limit_after_a_fallback_keeps_the_intact_checkpoints(tmp_path, caplog):
+    """A resume fell back from a damaged step 3 to step 1; the run's next save (a time-triggered one at step 2)
+    with save_total_limit 1 must keep itself, not the damaged later folder."""
+    accelerator = Accelerator(cpu=True)
+    accelerator.prepare(torch.nn.Linear(2, 2))
+
+    def save(step, keep):
+        return save_checkpoint(
+            accelerator, tmp_path, step, {"step": step}, {}, export_lora=lambda path: path.mkdir(), keep=keep
+        )
+
+    first, damaged = save(1, 0), save(3, 0)
+    (damaged / "trainer_state.pt").write_bytes(b"cut")
+    assert resolve_resume("latest", tmp_path) == first
+    second = save(2, keep=1)
+    assert list_checkpoints(tmp_path) == [second, damaged]  # step 1 went (older), the damaged later one waits
+    assert resolve_resume("latest", tmp_path) == second
+    third = save(3, keep=2)  # the run reaches the damaged step: replaced whole
+    assert list_checkpoints(tmp_path) == [second, third] and checkpoint_damage(third) == []
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == [second.name, third.name]
+
+
 def test_an_output_dir_that_is_a_file_or_cannot_be_made_is_named_with_the_fix(tmp_path):
     a_file = tmp_path / "notes.txt"
     a_file.write_text("mine")
