@@ -127,7 +127,7 @@ def served_in_thread(server: ThreadingHTTPServer) -> Iterator[str]:
     threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
     try:
         host, port = server.server_address[:2]
-        yield f"http://{host}:{port}"
+        yield f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
     finally:
         server.shutdown()
         server.server_close()

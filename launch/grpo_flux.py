@@ -30,7 +30,7 @@ from rewards.remote import RemoteRewardError
 from rl.checkpoint import CheckpointWriteError
 from rl.config import RunConfig
 from rl.config_parse import DEFAULT_RUN_CONFIG, parse_config, with_default_config
-from rl.distributed import PeerFailedError, peers_lost_as_error
+from rl.distributed import PeerFailedError, PeerLostExit, peers_lost_as_error
 from rl.trainer import GRPOTrainer, NonFiniteGradientError
 
 logger = logging.getLogger("grpo_flux")
@@ -60,12 +60,16 @@ def main(argv: list[str] | None = None) -> GRPOTrainer:
     config = run_config(argv)
     trainer = GRPOTrainer(config)
     trainer.setup()
+    peers_alive = True
     try:
         # a node that died or hangs: one message on the others, within distributed_timeout_s
         with peers_lost_as_error(trainer.accelerator, config.training.distributed_timeout_s, trainer.output_dir):
             trainer.train()
+    except PeerLostExit:
+        peers_alive = False
+        raise
     finally:
-        trainer.cleanup()
+        trainer.cleanup(peers_alive)
     if trainer.accelerator.is_main_process:  # the run's headline: held-out score before and after
         total = {k: trainer.summary.get(k, {}).get("total/mean") for k in ("base", "final", "delta")}
         print(json.dumps({"held_out_total": total, "output_dir": config.logging.output_dir}))

@@ -191,6 +191,8 @@ class RewardServer(ThreadingHTTPServer):
         self.limits = limits or ServerLimits()
         self.request_queue_size = self.limits.backlog  # listen() reads it in super().__init__
         self.workers = threading.BoundedSemaphore(self.limits.workers)
+        if ":" in host:  # an IPv6 address ("::1", "::"): the socket must be made for its family
+            self.address_family = socket.AF_INET6
         super().__init__((host, port), _Handler)
         self.reward, self.name = reward, name
         self.expected_auth = f"Bearer {check_token(token, 'the server token')}".encode() if token else None
@@ -199,7 +201,7 @@ class RewardServer(ThreadingHTTPServer):
     @property
     def url(self) -> str:
         host, port = self.server_address[:2]
-        return f"http://{host}:{port}"
+        return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
     def process_request(self, request: socket.socket, client_address: tuple) -> None:
         self.workers.acquire()  # every worker busy: stop accepting, so the next clients wait in the backlog

@@ -164,9 +164,13 @@ def branch_origin(output_dir: str | Path) -> Path | None:
     return None if origin in (None, "", "latest") else Path(origin).resolve()
 
 
-def effective_resume_from(output_dir: str | Path, resume_from: str | None) -> str | None:
+def effective_resume_from(output_dir: str | Path, resume_from: str | None, overwrite: bool = False) -> str | None:
     """What a run resumes: ``resume_from``, except that the command which branched this folder from another
-    run's checkpoint, run again (a preemptible job's relaunch), continues the branch from its newest checkpoint."""
+    run's checkpoint, run again (a preemptible job's relaunch), continues the branch from its newest checkpoint.
+    With ``overwrite`` the command means what it says: the folder is cleared and the branch starts again from
+    ``resume_from`` (as ``latest`` with ``overwrite`` starts afresh), never from nothing."""
+    if overwrite:
+        return resume_from
     again = bool(resume_from) and resume_from != "latest" and branch_origin(output_dir) == Path(resume_from).resolve()
     return "latest" if again and list_checkpoints(output_dir) else resume_from
 
@@ -412,8 +416,9 @@ def save_checkpoint(
         step: the GRPO step just completed.
         trainer_state: process-independent state (``GRPOTrainer.state_dict()``), written by the main process.
         rank_state: this process's own state, written by every process.
-        export_lora: called by every process with the ``lora`` folder to write the diffusers export into; it must
-            not wait for the other processes (a failed one would never come).
+        export_lora: called by every process with the ``lora`` folder to write the diffusers export into, in a phase
+            of its own that every process enters only once all wrote the rest: it may gather (FSDP, ZeRO-3), and
+            its collectives come before any write of its own that can fail.
         keep: keep only this one and the ``keep - 1`` newest before it (0: all).
         model, optimizer: the prepared ones; needed under FSDP (:func:`save_fsdp_state`).
         config: the run's flat config as it trained to this step (``config.yaml``: what a resume from here is
@@ -451,13 +456,15 @@ def save_checkpoint(
             torch.save(trainer_state, tmp / TRAINER_STATE)
             if config is not None:
                 (tmp / CONFIG).write_text(yaml.safe_dump(config, sort_keys=False))
-        export_lora(tmp / "lora")
+
+    def export() -> None:  # its own phase: under FSDP and ZeRO-3 the export gathers the LoRA (a collective), which a
+        export_lora(tmp / "lora")  # process whose own write failed must not skip while the others wait in it
 
     def seal() -> None:
         if accelerator.is_main_process:
             write_manifest(tmp)  # last: a checkpoint whose files no longer match it is damaged
 
-    for phase in (prepare, write, seal):
+    for phase in (prepare, write, export, seal):
         failure = None
         try:
             phase()

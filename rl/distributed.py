@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
+import traceback
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -65,15 +66,27 @@ class PeerFailedError(RuntimeError):
     """Another process of the run failed a step (its own message says why); this one stopped with it."""
 
 
+class PeerLostExit(SystemExit):
+    """Another process of the run died or hung; this one exits saying so (no collective may follow: it would fail
+    or wait out the timeout again)."""
+
+
 # what gloo and NCCL say when the process at the other end of a collective is gone or silent
 PEER_FAILURES = ("Connection closed by peer", "Connection reset by peer", "Timed out", "timed out", "Broken pipe")
 
 
 def is_lost_peer(error: BaseException) -> bool:
-    """Whether ``error`` is a collective failing because another process died or did not answer."""
-    if not isinstance(error, RuntimeError):
+    """Whether ``error`` is a collective failing because another process died or did not answer.
+
+    The words alone do not tell: a reward server's "Read timed out" says them too, and is a reward failure to
+    agree on. So the error must come out of torch.distributed (its innermost frame), where collectives raise.
+    """
+    if isinstance(error, torch.distributed.DistError):
+        return True
+    if not isinstance(error, RuntimeError) or not any(s in str(error) for s in PEER_FAILURES):
         return False
-    return isinstance(error, torch.distributed.DistError) or any(s in str(error) for s in PEER_FAILURES)
+    frames = traceback.extract_tb(error.__traceback__)
+    return bool(frames) and "torch/distributed/" in frames[-1].filename.replace(os.sep, "/")
 
 
 @contextlib.contextmanager
@@ -82,14 +95,14 @@ def peers_lost_as_error(accelerator: Accelerator, timeout_s: float, output_dir: 
     message saying so and how to continue, instead of the backend's traceback.
 
     Raises:
-        SystemExit: a collective's peer closed its connection or did not answer within ``timeout_s``.
+        PeerLostExit: a collective's peer closed its connection or did not answer within ``timeout_s``.
     """
     try:
         yield
     except RuntimeError as error:  # torch's DistError subclasses it; gloo raises it plainly
         if accelerator.num_processes == 1 or not is_lost_peer(error):
             raise
-        raise SystemExit(
+        raise PeerLostExit(
             f"process {accelerator.process_index} of {accelerator.num_processes}: another process of the run died "
             f"or did not answer a collective within distributed_timeout_s={timeout_s:g} s "
             f"({str(error).splitlines()[0][:200]}). Look at the other nodes' logs; to continue, relaunch every node "

@@ -53,7 +53,18 @@ class MetricsAccumulator:
         self.minima[key] = min(self.minima.get(key, math.inf), float(value))
 
     def state(self) -> dict[str, dict[str, float]]:
-        return {"sums": dict(self.sums), "counts": dict(self.counts), "max": self.maxima, "min": self.minima}
+        return {
+            "sums": dict(self.sums),
+            "counts": dict(self.counts),
+            "max": dict(self.maxima),
+            "min": dict(self.minima),
+        }
+
+    def rewind(self, state: dict[str, dict[str, float]]) -> None:
+        """Go back to an earlier :meth:`state`: what was added since is dropped (a failed step's metrics)."""
+        for values in (self.sums, self.counts, self.maxima, self.minima):
+            values.clear()
+        self.load_state(state)
 
     def load_state(self, state: dict[str, dict[str, float]]) -> None:
         """Restore :meth:`state` (a resumed run logs what was accumulated before the checkpoint)."""

@@ -238,6 +238,7 @@ class GRPOTrainer(TrainerPersistence):
         self.last_save = time.time()
         with StopSignals() as signals:
             while not self.finished:
+                step_start = dataclasses.replace(self.state), self.metrics.state()  # what a failed step keeps
                 batch = self.next_prompts()  # whole groups for this process, encoded once
                 failure = self.step_failure = None
                 try:
@@ -253,7 +254,7 @@ class GRPOTrainer(TrainerPersistence):
                     failure = error
                 # a failed reward (a chunk's, or a predictor's preview) is held until the step's collectives are
                 # through, so every process gets here and they agree before anything of the step is applied
-                self.stop_if_the_step_failed(self.step_failure or failure)
+                self.stop_if_the_step_failed(self.step_failure or failure, step_start)
                 if self.pruner is None:
                     advantages = self.advantages(scored)  # per prompt group
                 else:
@@ -286,8 +287,9 @@ class GRPOTrainer(TrainerPersistence):
             self.save(self.output_dir / "lora")
         return self.final_eval
 
-    def cleanup(self) -> None:
-        """Release the decode and reward threads and the logger; end accelerate's trackers."""
+    def cleanup(self, peers_alive: bool = True) -> None:
+        """Release the decode and reward threads and the logger; end accelerate's trackers. ``peers_alive``
+        False (another process died or hung): no last barrier, which would fail or wait out the timeout again."""
         if self.decode_pool is not None:
             self.decode_pool.shutdown(wait=True)
         self.reward_set.close()
@@ -295,7 +297,8 @@ class GRPOTrainer(TrainerPersistence):
         release_output_dir(self.output_dir)
         # a process that tears its process group down while another still talks to it aborts ("terminate called
         # without an active exception": the first two-process DDP run of bench/memory_per_rank.py did at exit)
-        self.accelerator.wait_for_everyone()
+        if peers_alive:
+            self.accelerator.wait_for_everyone()
         self.accelerator.end_training()
 
     # ------------------------------------------------------------------ phases
@@ -451,11 +454,16 @@ class GRPOTrainer(TrainerPersistence):
         """
         started = time.perf_counter()
         device = self.accelerator.device
-        with (
-            torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext(),
-            self.accelerator.autocast(),
-        ):
-            images = self.sampler.decode(rollouts.latents)
+        try:
+            with (
+                torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext(),
+                self.accelerator.autocast(),
+            ):
+                images = self.sampler.decode(rollouts.latents)
+        except Exception as error:  # a failed decode (the VAE out of memory) fails the step as a failed reward
+            failed: Future[RewardResult] = Future()  # does: held until the step's collectives are through
+            failed.set_exception(error)
+            return failed
         self.timer.add_beside("decode", time.perf_counter() - started)
         return self.submit_images(batch, rollouts.prompt_index, images)
 
@@ -639,7 +647,9 @@ class GRPOTrainer(TrainerPersistence):
 
         with self.phase("eval"), weights:
             metrics = self.evaluator(final, log_images)
-        self.stop_if_the_step_failed(self.evaluator.failure)  # a reward that failed it: checkpoint, stop together
+        evaluation = "the base evaluation" if base else "the final evaluation" if final else "an evaluation"
+        # a reward that failed it: checkpoint, stop together
+        self.stop_if_the_step_failed(self.evaluator.failure, what=f"{evaluation} after step {self.state.step}")
         return metrics
 
     # ------------------------------------------------------------------ helpers

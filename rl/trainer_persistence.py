@@ -54,7 +54,9 @@ class TrainerPersistence:
         """
         cfg = self.config
         self.output_dir = Path(cfg.logging.output_dir)
-        resume_from = effective_resume_from(self.output_dir, cfg.checkpoint.resume_from)
+        resume_from = effective_resume_from(
+            self.output_dir, cfg.checkpoint.resume_from, cfg.logging.overwrite_output_dir
+        )
         verdict = [("", "")]  # (the refusal's type, its message); none: go on
         if self.accelerator.is_main_process:
             try:
@@ -69,6 +71,9 @@ class TrainerPersistence:
                     )
             except FOLDER_REFUSALS as error:
                 verdict = [(type(error).__name__, str(error))]
+            except OSError as error:  # a read-only filesystem, a busy network folder: named, and every process stops
+                message = f"cannot prepare output_dir {self.output_dir} ({error}): set --output_dir to a folder you can write to"
+                verdict = [("PermissionError", message)]
         if self.accelerator.num_processes > 1:
             broadcast_object_list(verdict)  # every process stops, not only the main one
         kind, message = verdict[0]
@@ -141,13 +146,16 @@ class TrainerPersistence:
         if path is None:
             if self.config.checkpoint.resume_from:
                 self.info("resume_from=%s: no checkpoint yet, starting fresh", self.config.checkpoint.resume_from)
-                log = self.output_dir / "metrics.jsonl"
+                log, summary = self.output_dir / "metrics.jsonl", self.output_dir / "summary.json"
+                stamp = time.strftime("%Y%m%d-%H%M%S")
                 if self.accelerator.is_main_process and log.is_file() and log.stat().st_size > 0:
-                    kept = log.with_name(f"metrics.before-{time.strftime('%Y%m%d-%H%M%S')}.jsonl")
+                    kept = log.with_name(f"metrics.before-{stamp}.jsonl")
                     shutil.copyfile(log, kept)  # the run it cannot resume is restarted, its log kept
                     logger.warning(
                         "no checkpoint to resume in %s: its earlier log is kept as %s", self.output_dir, kept
                     )
+                if self.accelerator.is_main_process and summary.is_file():  # else a later resume of the new run
+                    summary.rename(summary.with_name(f"summary.before-{stamp}.json"))  # would report the old one
             self.log.resume(step=-1, elapsed_s=0.0)  # a fresh run in a used output_dir must not append to its log
             return
         trainer_state, rank_state = load_checkpoint(self.accelerator, path, self.model, self.optimizer)
@@ -213,19 +221,31 @@ class TrainerPersistence:
         if self.prompt_history is not None and state.get("prompt_history") is not None:
             self.prompt_history.load_state_dict(state["prompt_history"])
 
-    def stop_if_the_step_failed(self, failure: Exception | None) -> None:
+    def stop_if_the_step_failed(
+        self,
+        failure: Exception | None,
+        step_start: tuple[TrainState, dict] | None = None,
+        what: str | None = None,
+    ) -> None:
         """Every process calls it: if the step failed on any (a reward that stops the run), all checkpoint the steps
-        done, then the failed ones raise their error and the others say which process failed."""
+        done, then the failed ones raise their error and the others say which process failed. ``step_start``: the
+        counters and pending metrics at the step's start, so the checkpoint holds none of the failed step's work,
+        which the resumed run does again (else its calls and images would count twice). ``what`` failed, for the
+        others' message (default: the step)."""
         failed = self.global_count(int(failure is not None))
         if not failed:
             return
+        if step_start is not None:
+            self.state = step_start[0]
+            self.metrics.rewind(step_start[1])
         self.info("the step failed on %d process(es): checkpointing the %d steps done first", failed, self.state.step)
         self.save_checkpoint()
         if failure is not None:
             raise failure
         raise PeerFailedError(
-            f"step {self.state.step + 1} failed on another process (its message says why); the {self.state.step} "
-            f"steps done are checkpointed in {self.output_dir / 'checkpoints'}: fix the cause, then continue with "
+            f"{what or f'step {self.state.step + 1}'} failed on another process (its message says why); the "
+            f"{self.state.step} steps done are checkpointed in {self.output_dir / 'checkpoints'}: fix the cause, then "
+            "continue with "
             f"{self.relaunch}"
         )
 

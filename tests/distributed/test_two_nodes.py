@@ -101,7 +101,10 @@ def test_a_killed_or_hung_node_stops_the_other_within_the_timeout(pipeline, tmp_
             elapsed = time.monotonic() - started
             assert node0.returncode != 0, output[-3000:]
             assert f"distributed_timeout_s={TIMEOUT_S} s" in output and "--resume_from latest" in output, output[-3000:]
-            assert elapsed < TIMEOUT_S + 30, (how, elapsed)
+            # one timeout, not two (no barrier at teardown after a lost peer), and the message is the last word
+            assert elapsed < TIMEOUT_S + 15, (how, elapsed)
+            # (the launcher's own ChildFailedError traceback follows it)
+            assert "Traceback" not in output.split("another process of the run died")[0], output[-3000:]
     finally:
         for nodes in runs.values():
             for node in nodes:

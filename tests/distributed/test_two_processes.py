@@ -276,18 +276,24 @@ def test_sharded_evens_out_prediction_dependent_work_and_trains_as_ddp(ddp_runs,
         assert [r[key] for r in logged] == pytest.approx([r[key] for r in plain], abs=1e-5), key
 
 
-def test_a_checkpoint_write_failing_on_one_process_stops_both_at_once(ddp_runs, tmp_path):
-    """Rank 1's disk fills during a checkpoint: both processes exit with one line each within a minute, not after
-    distributed_timeout_s (600 s here) waiting for the other, and no partial checkpoint is left."""
+@pytest.mark.parametrize("where", ["ddp-export-rank1", "fsdp-state-rank0"])
+def test_a_checkpoint_write_failing_on_one_process_stops_both_at_once(ddp_runs, tmp_path, where):
+    """A disk fills during a checkpoint, on one process: both exit with one line each within a minute, not after
+    distributed_timeout_s (600 s here) waiting for the other, and no partial checkpoint is left. DDP: rank 1's
+    LoRA export; FSDP2: rank 0's trainer_state.pt, written before the export gathers the sharded LoRA (a
+    collective the failed process must not skip while the other waits in it)."""
     run = tmp_path / "run"
     args = [*run_args(ddp_runs / "pipeline", run), "--save_every", "1", "--distributed_timeout_s", "600"]
+    failing = 0 if where.startswith("fsdp") else 1
+    launcher = FSDP_CPU if where.startswith("fsdp") else ("--config_file", CPU_2PROC)
+    env = {"FAIL_TRAINER_STATE": "1"} if where.startswith("fsdp") else {"FAIL_CHECKPOINT_RANK": "1"}
     started = time.time()
-    process = launch(tmp_path / "dump", args, "--config_file", CPU_2PROC, env={"FAIL_CHECKPOINT_RANK": "1"})
+    process = launch(tmp_path / "dump", args, *launcher, env=env)
     output, _ = process.communicate(timeout=600)
     assert process.returncode != 0 and time.time() - started < 300, output[-3000:]
     errors = [line for line in output.splitlines() if line.startswith("error: could not write checkpoint")]
     # one line each, no traceback of ours (accelerate's launcher prints its own for a failed child)
     assert len(errors) == 2 and "rl/checkpoint.py" not in output, output[-3000:]
-    assert any("the disk is full" in line for line in errors)  # rank 1: its own failure
-    assert any("process 1 failed" in line for line in errors)  # rank 0: which process, and that it was not written
+    assert any("the disk is full" in line for line in errors)  # the failed process: its own failure
+    assert any(f"process {failing} failed" in line for line in errors)  # the other: which, and that it was not written
     assert not list((run / "checkpoints").glob("*"))

@@ -62,12 +62,13 @@ def recording_policy_loss(policy_loss):
 
 def dumping_cleanup(cleanup, dump: Path):
     """Dump this rank's LoRA before the run ends its process group: read whole on every rank, also when FSDP or
-    ZeRO-3 holds slices (a collective: every rank reads)."""
+    ZeRO-3 holds slices (a collective: every rank reads, so not after another rank was lost)."""
 
-    def wrapped(self):
-        lora = [value.cpu().clone() for value in self.lora.read()]
-        torch.save(lora, dump / f"rank{self.accelerator.process_index}.pt")
-        return cleanup(self)
+    def wrapped(self, peers_alive: bool = True):
+        if peers_alive:
+            lora = [value.cpu().clone() for value in self.lora.read()]
+            torch.save(lora, dump / f"rank{self.accelerator.process_index}.pt")
+        return cleanup(self, peers_alive)
 
     return wrapped
 
@@ -94,6 +95,17 @@ def failing_second_step(submit_images):
     return wrapped
 
 
+def failing_trainer_state(save):
+    """torch.save, except that the main process's trainer_state.pt finds the disk full."""
+
+    def wrapped(obj, path, *args, **kwargs):
+        if str(path).endswith("trainer_state.pt"):
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return save(obj, path, *args, **kwargs)
+
+    return wrapped
+
+
 def failing_deepspeed_save(self, state_dict, path):
     raise OSError(errno.ENOSPC, "No space left on device", str(path))
 
@@ -101,6 +113,9 @@ def failing_deepspeed_save(self, state_dict, path):
 if __name__ == "__main__":
     dump, separator, *args = sys.argv[1:]
     assert separator == "--", "usage: worker.py DUMP_DIR -- ARGS"
+    if "FAIL_TRAINER_STATE" in os.environ:
+        torch.save = failing_trainer_state(torch.save)
+        raise SystemExit(grpo_flux.cli(args))
     if "FAIL_CHECKPOINT_RANK" in os.environ:
         GRPOTrainer.export_lora = failing_export(GRPOTrainer.export_lora, int(os.environ["FAIL_CHECKPOINT_RANK"]))
         raise SystemExit(grpo_flux.cli(args))

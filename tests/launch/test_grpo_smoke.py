@@ -165,6 +165,10 @@ def test_a_failing_reward_stops_with_one_line_naming_it_after_a_checkpoint(tiny_
     assert last.startswith("error: reward 'shapes' raised ValueError") and "reward_failure_policy" in last
     assert last.endswith("(GRPO_DEBUG=1 shows the reward's traceback)")
     assert (out / "checkpoints" / "step-00000000").is_dir()  # the failed step's run is kept, resumable
+    # and none of the failed step's work is in it: the resumed run samples that step again, and must not count its
+    # transformer calls, images and decodes twice (budgets in images or FLUX compute would end early)
+    state = torch.load(out / "checkpoints" / "step-00000000" / "trainer_state.pt", weights_only=True)["state"]
+    assert state["transformer_calls"] == state["images_denoised"] == state["decodes"] == state["images_seen"] == 0
 
 
 HANGING_REWARD = '''

@@ -73,6 +73,19 @@ def test_remote_scores_equal_local_scores(serve, images):
     assert torch.equal(rewards(images, PROMPTS, METADATA).total, local["score"])
 
 
+@pytest.mark.skipif(not socket.has_ipv6, reason="no IPv6 on this host")
+def test_a_server_on_the_ipv6_loopback_serves(images):
+    """`--host ::1` (which the launcher counts as local) binds an IPv6 socket and the client reaches it."""
+    from bench.server_faults import served_in_thread
+    from rewards.server import make_server
+
+    server = make_server(Brightness(), "test", host="::1")
+    assert server.url.startswith("http://[::1]:")
+    with served_in_thread(server) as url:
+        scores = load_reward("remote", url=url, batch_size=4)(images, PROMPTS, METADATA)
+    assert torch.equal(scores["score"], Brightness()(images, PROMPTS, METADATA)["score"])
+
+
 def test_remote_nan_reaches_the_failure_policy(serve, images):
     url = serve(lambda images, prompts, metadata: {"score": torch.tensor([1.0, math.nan] * (len(images) // 2))})
     rewards = build_reward_set("remote", kwargs={"remote": {"url": url}}, failure_policy="drop_group")

@@ -407,3 +407,8 @@ def test_the_command_that_started_a_branch_continues_it(tmp_path):
     (branch / "checkpoints" / checkpoint_name(5)).mkdir(parents=True)
     assert effective_resume_from(branch, str(origin)) == "latest"  # its newest checkpoint
     assert effective_resume_from(tmp_path / "elsewhere", str(origin)) == str(origin)  # a new branch
+    # the same command with --overwrite_output_dir: cleared, and the branch starts again from its origin (with
+    # 'latest' it would start from nothing while config.yaml names the origin)
+    assert effective_resume_from(branch, str(origin), overwrite=True) == str(origin)
+    assert must_clear_output_dir(branch, str(origin), overwrite=True)
+    assert resolve_resume(str(origin), branch) == origin

@@ -115,3 +115,24 @@ def test_a_chunk_is_scored_while_the_next_denoises(pipeline_dir, tmp_path, monke
     assert trainer.timer.beside["decode"] > 0 and trainer.timer.beside["reward"] > 0
     assert {"sample", "score_wait"} <= set(trainer.timer.phases) and "decode" not in trainer.timer.phases
     trainer.cleanup()
+
+
+@pytest.mark.parametrize("overlap", [True, False])
+def test_a_failed_decode_is_held_for_the_step_agreement(pipeline_dir, tmp_path, monkeypatch, overlap):
+    """A decode that raises (the VAE out of memory) must not leave finish_and_score early: the others would be in
+    its collectives. It is held like a failed reward, the chunk comes back invalid, and the step's end raises it."""
+    trainer = make_trainer(pipeline_dir, tmp_path, *CHUNKED, "--reward_overlap", str(overlap).lower())
+    decode, calls = trainer.sampler.decode, []
+
+    def decode_once_then_fail(latents):
+        calls.append(len(latents))
+        if len(calls) == 2:
+            raise MemoryError("the VAE ran out of memory")
+        return decode(latents)
+
+    monkeypatch.setattr(trainer.sampler, "decode", decode_once_then_fail)
+    batch = trainer.next_prompts()
+    scored = trainer.finish_and_score(batch, trainer.start(batch))
+    assert calls == [4, 4] and scored.valid.tolist() == [True] * 4 + [False] * 4
+    assert isinstance(trainer.step_failure, MemoryError)
+    trainer.cleanup()

@@ -1,6 +1,7 @@
 """The GRPO trainer on the tiny random FLUX fixture: exact ratios, step selection, rewards, evaluation."""
 
 import dataclasses
+import errno
 import json
 import logging
 import math
@@ -302,14 +303,32 @@ def test_a_fresh_run_refuses_a_folder_holding_another_run(pipeline_dir, tmp_path
     with pytest.raises(FileExistsError, match=r"holds another run .* --resume_from latest, .* --overwrite_output_dir"):
         make_trainer(pipeline_dir, tmp_path)
     assert (run / "metrics.jsonl").read_text().startswith('{"step": 1')  # untouched
-    # resuming with no checkpoint yet restarts, keeping the earlier log beside the new one
+    # resuming with no checkpoint yet restarts, keeping the earlier log and summary beside the new run (a summary
+    # left in place would make a later resume of the new run report the old one as finished)
+    (run / "summary.json").write_text('{"steps": 9}')
     trainer = make_trainer(pipeline_dir, tmp_path, "--resume_from", "latest")
     trainer.cleanup()
     assert [p.read_text() for p in run.glob("metrics.before-*.jsonl")] == ['{"step": 1, "reward/total/mean": 0.5}\n']
+    assert not (run / "summary.json").exists()
+    assert [p.read_text() for p in run.glob("summary.before-*.json")] == ['{"steps": 9}']
     (run / "metrics.jsonl").write_text('{"step": 1}\n')
     trainer = make_trainer(pipeline_dir, tmp_path, "--overwrite_output_dir", "true")
     assert not list(run.glob("metrics.before-*")) and (run / "config.yaml").exists()
     trainer.cleanup()
+
+
+def test_a_folder_that_cannot_be_written_is_named_before_the_model_loads(pipeline_dir, tmp_path, monkeypatch):
+    """Any OS error preparing the folder (here a read-only filesystem at the lock) is one named refusal, which the
+    main process shares with the others instead of leaving them waiting at the broadcast."""
+
+    def read_only(output_dir):
+        raise OSError(errno.EROFS, "Read-only file system", str(output_dir / ".lock"))
+
+    monkeypatch.setattr("rl.trainer_persistence.lock_output_dir", read_only)
+    with pytest.raises(
+        PermissionError, match=r"cannot prepare output_dir .*run \(.*Read-only file system.*--output_dir"
+    ):
+        make_trainer(pipeline_dir, tmp_path)
 
 
 def test_resume_refuses_changes_to_what_the_run_is_and_logs_safe_ones(pipeline_dir, tmp_path, caplog):
