@@ -7,18 +7,26 @@ import os
 import signal
 import sys
 import threading
+import time
 
 logger = logging.getLogger(__name__)
 
 
 class StopSignals:
     """SIGTERM and SIGINT (preemption, Ctrl-C) ask the loop to checkpoint and stop after the current step; a
-    second signal stops at once. Handlers are installed for the ``with`` block only (main thread only)."""
+    second signal stops at once. Handlers are installed for the ``with`` block only (main thread only).
+
+    A signal within ``REPEAT_WITHIN_S`` of the first is that request delivered twice, not a second one: Ctrl-C
+    reaches every process of ``accelerate launch`` from the terminal and again forwarded by the launcher, and a
+    scheduler that preempts a job signals its whole process tree.
+    """
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
+    REPEAT_WITHIN_S = 1.0
 
     def __init__(self) -> None:
         self.received: int | None = None
+        self.received_at = 0.0
         self.previous: dict[int, object] = {}
 
     @property
@@ -26,12 +34,14 @@ class StopSignals:
         return signal.Signals(self.received).name if self.received is not None else ""
 
     def handle(self, number: int, frame) -> None:
+        if self.received is not None and time.monotonic() - self.received_at < self.REPEAT_WITHIN_S:
+            return  # the first one again (the launcher forwarding it): already stopping after this step
         if self.received is not None:  # the second one: no more waiting, also not for the caller's cleanup (it
             # waits for the decode and reward threads and for the other processes): the process ends here
             sys.stderr.write(f"{signal.Signals(number).name} again: stopping now, without a checkpoint\n")
             sys.stderr.flush()
             os._exit(128 + number)
-        self.received = number
+        self.received, self.received_at = number, time.monotonic()
         logger.warning("%s: finishing this step, then checkpointing and stopping", signal.Signals(number).name)
 
     def __enter__(self) -> StopSignals:
