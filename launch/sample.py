@@ -50,6 +50,7 @@ from rl.metrics_log import image_grid
 from rl.predictors import PREDICTORS
 from rl.sampler import native_size_warning
 from rl.seed_selection import best_of_n, full_best_of_n_cost, preview_grid
+from rl.user_errors import run_cli
 
 
 def read_prompts(texts: list[str], source: str | None, max_prompts: int) -> list[Prompt]:
@@ -95,14 +96,64 @@ def best_of(args: argparse.Namespace, pipeline: FluxPipeline, prompts: list[Prom
     )
 
 
+# the options that only mean something with --best_of
+SELECTION_OPTIONS = ("keep", "predictor", "capture_step", "lookahead_steps", "preview_steps", "probe_path", "reward",
+                     "batch_size")  # fmt: skip
+
+
+def check_best_of(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: list[str] | None) -> None:
+    """The best-of-N options, checked before the model loads (FLUX.1-dev takes minutes): each mistake is one line
+    naming the option."""
+    given = {a.split("=")[0].lstrip("-") for a in (sys.argv[1:] if argv is None else argv) if a.startswith("--")}
+    if not args.best_of:
+        stray = sorted(given & set(SELECTION_OPTIONS))
+        if stray:
+            parser.error(f"--{' --'.join(stray)} select among seeds: give --best_of N (N seeds per prompt)")
+        return
+    n, keep, steps = args.best_of, args.keep, args.capture_step
+    if n < 2:
+        parser.error(f"--best_of must be >= 2 (N seeds to choose from), got {n}")
+    if args.seeds is not None:
+        parser.error(f"--best_of {n} samples seeds 0..{n - 1}: leave out --seeds")
+    if len(keep) != len(steps):
+        parser.error(f"--keep {' '.join(map(str, keep))}: give one per --capture_step ({' '.join(map(str, steps))})")
+    if sorted(set(keep), reverse=True) != keep or not 1 <= keep[-1] <= keep[0] <= n:
+        parser.error(f"--keep {' '.join(map(str, keep))} must decrease within [1, --best_of {n}]")
+    predictor = PREDICTORS[args.predictor]
+    if not predictor.finishes_rollouts and (
+        sorted(set(steps)) != steps or not 1 <= steps[0] <= steps[-1] < args.num_steps
+    ):
+        parser.error(
+            f"--capture_step {' '.join(map(str, steps))} must increase within [1, --num_steps - 1 = {args.num_steps - 1}]"
+        )
+    if predictor.scores_with_reward and not args.reward:
+        parser.error(
+            f"--predictor {args.predictor} scores decoded previews with the real reward: give --reward (e.g. shapes), or use --predictor probe"
+        )
+    if args.predictor == "probe" and not args.probe_path:
+        parser.error(
+            "--predictor probe needs --probe_path (a probe trained under noise level 0: launch/probe_train.py)"
+        )
+    if args.probe_path and not Path(args.probe_path).is_file():
+        parser.error(f"--probe_path {args.probe_path} does not exist")
+    if args.preview_steps != [1] and args.predictor != "preview":
+        parser.error(f"--preview_steps is the preview's; --predictor {args.predictor} does not read it")
+    if args.batch_size < 1:
+        parser.error(f"--batch_size must be >= 1, got {args.batch_size}")
+    if min(args.preview_steps) < 1 or len(args.preview_steps) not in (1, len(steps)):
+        parser.error(f"--preview_steps {args.preview_steps}: one value >= 1, or one per --capture_step")
+
+
 def main(argv: list[str] | None = None) -> Path:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter, allow_abbrev=False)
     parser.add_argument("--pretrained", required=True, help="base FluxPipeline folder or hub id")
     parser.add_argument("--lora", help="LoRA folder (trainer export); omit for the base model")
     parser.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
     parser.add_argument("--prompts", help="a .txt (one prompt per line) or .jsonl file, or shapes:train / shapes:test")
     parser.add_argument("--max_prompts", type=int, default=0, help="use at most this many prompts (0: all)")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3], help="image j of a prompt uses seeds[j]")
+    parser.add_argument(
+        "--seeds", type=int, nargs="+", help="image j of a prompt uses seeds[j] (default 0 1 2 3; --best_of: 0..N-1)"
+    )
     parser.add_argument("--num_steps", type=int, default=10, help="denoising steps")
     parser.add_argument("--height", type=int, default=64, help="image height in px (FLUX.1-dev: 512-1024)")
     parser.add_argument("--width", type=int, default=64, help="image width in px")
@@ -134,17 +185,20 @@ def main(argv: list[str] | None = None) -> Path:
         "larger batches may round a seed differently in the last bits",
     )  # fmt: skip
     args = parser.parse_args(argv)
-    if args.preview_steps != [1] and args.predictor != "preview":
-        parser.error(f"--preview_steps is the preview's; --predictor {args.predictor} does not read it")
-    if args.batch_size < 1:
-        parser.error(f"--batch_size must be >= 1, got {args.batch_size}")
-    if min(args.preview_steps) < 1 or len(args.preview_steps) not in (1, len(args.capture_step)):
-        parser.error(f"--preview_steps {args.preview_steps}: one value >= 1, or one per --capture_step")
+    check_best_of(parser, args, argv)
+    if args.best_of:
+        args.seeds = list(range(args.best_of))
+    elif args.seeds is None:
+        args.seeds = [0, 1, 2, 3]
+    if args.lora and not Path(args.lora).is_dir() and Path(args.lora).exists():
+        parser.error(f"--lora {args.lora} is a file: give the folder holding pytorch_lora_weights.safetensors")
+    if args.lora and Path(args.lora).is_dir() and (Path(args.lora) / "lora").is_dir():
+        parser.error(f"--lora {args.lora} is a run folder: give its LoRA export, {Path(args.lora) / 'lora'}")
+    if args.lora and not Path(args.lora).exists() and args.lora.count("/") != 1:  # not a hub id either
+        parser.error(f"--lora {args.lora} does not exist: give a trainer export (<output_dir>/lora)")
     prompts = read_prompts(args.prompt, args.prompts, args.max_prompts)
     if not prompts:
         parser.error("give at least one --prompt or a --prompts source")
-    if args.best_of:
-        args.seeds = list(range(args.best_of))
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     pipeline = load(args.pretrained, args.lora, dtype, device)
@@ -168,4 +222,4 @@ def main(argv: list[str] | None = None) -> Path:
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(run_cli(main))

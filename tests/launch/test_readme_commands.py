@@ -126,7 +126,8 @@ def test_the_short_readme_commands_run_with_tiny_overrides(tmp_path):
     assert len(list((tmp_path / "samples").glob("000_*.png"))) == 4  # --seeds 0 1 2 3
     addition = "--best_of 8 --predictor preview --capture_step 3 5 --keep 3 2 --reward shapes"
     assert addition in " ".join((ROOT / "README.md").read_text().split())  # the README's funnel, as written there
-    _run([*sample[:-2], "--out", str(tmp_path / "best"), *addition.split()], ROOT)
+    seeds = sample.index("--seeds")  # replaced by the selection's seeds 0..N-1
+    _run([*sample[:seeds], *sample[seeds + 5 : -2], "--out", str(tmp_path / "best"), *addition.split()], ROOT)
     report = json.loads((tmp_path / "best" / "selection.json").read_text())
     assert report["best_of"] == 8 and all(len(p["kept_seeds"]) == 2 for p in report["prompts"])
 

@@ -377,3 +377,26 @@ def test_sample_cli_ranks_by_the_shipped_probe_without_any_reward_call(tmp_path,
     assert prompt["kept_seeds"] == kept and prompt["chosen_seed"] == kept[0]  # by the prediction
     grid = np.asarray(Image.open(tmp_path / "previews.png"))
     assert grid.shape[1] > grid.shape[0]  # one row of the 4 seeds' previews
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--best_of", "4", "--keep", "6", "--reward", "shapes"], "--keep 6 must decrease within [1, --best_of 4]"),
+        (["--best_of", "8", "--keep", "3", "2", "--capture_step", "3", "--reward", "shapes"], "--keep 3 2: give one per --capture_step (3)"),
+        (["--best_of", "8"], "--predictor lookahead scores decoded previews with the real reward: give --reward"),
+        (["--best_of", "-1"], "--best_of must be >= 2"),
+        (["--best_of", "4", "--predictor", "probe"], "--predictor probe needs --probe_path"),
+        (["--best_of", "4", "--capture_step", "12", "--reward", "shapes"], "--capture_step 12 must increase within [1, --num_steps - 1 = 9]"),
+        (["--best_of", "4", "--seeds", "3", "--reward", "shapes"], "--best_of 4 samples seeds 0..3: leave out --seeds"),
+        (["--keep", "2", "--predictor", "preview"], "--keep --predictor select among seeds: give --best_of N"),
+        (["--lora", "no/such/lora"], "--lora no/such/lora does not exist"),
+    ],
+)  # fmt: skip
+def test_sample_cli_misuse_is_one_line_before_the_model_loads(extra, message, run_launch_script, capsys, monkeypatch):
+    """Each mistake ends in argparse's one usage error (exit 2) naming the option, before the pipeline loads (here
+    a path that does not exist: loading it would fail differently)."""
+    with pytest.raises(SystemExit) as exit_:
+        run_launch_script("sample", "--pretrained", "no/such/model", "--prompt", "a red circle", "--out", "x", *extra)
+    assert exit_.value.code == 2
+    assert message in capsys.readouterr().err
