@@ -149,8 +149,9 @@ def checkpoint_folder(resume_from: str, output_dir: str | Path) -> Path:
     """
     path = Path(resume_from)
     if not (path / TRAINER_STATE).is_file():
+        problem = f"no {TRAINER_STATE} in it" if path.exists() else "it does not exist"
         raise FileNotFoundError(
-            f"resume_from={resume_from!r} is not a checkpoint folder (no {TRAINER_STATE} in it); pass 'latest' or "
+            f"resume_from={resume_from!r} is not a checkpoint folder ({problem}); pass 'latest' or "
             f"a {Path(output_dir) / CHECKPOINTS / 'step-XXXXXXXX'} folder"
         )
     return path

@@ -22,7 +22,7 @@ from typing import Any
 
 from rewards.compose import FAILURE_POLICIES, parse_reward_spec
 from rewards.shapes import parse_category_weights
-from rl.config_base import Section, option, positive
+from rl.config_base import Section, nonnegative, option, positive
 from rl.objectives import OBJECTIVES
 from rl.pruning import parse_funnel
 from rl.pruning_config import PruningConfig, validate_pruning
@@ -436,11 +436,9 @@ class TrainingConfig(Section):
         positive(self, "max_steps", "learning_rate", "max_grad_norm", "train_batch_size", "awm_error_power")
         positive(self, "distributed_timeout_s")
         positive(self, "gradient_accumulation_steps", "num_inner_epochs", "clip_range", "adv_clip_max")
-        nonnegative = (self.kl_beta, self.max_minutes, self.max_flux_compute, self.lr_warmup_steps)
-        if min(*nonnegative, self.awm_ema_kl_beta, self.adv_scale_max) < 0:
-            raise ValueError(
-                "kl_beta, max_minutes, max_flux_compute, lr_warmup_steps, awm_ema_kl_beta and adv_scale_max must be >= 0"
-            )
+        nonnegative(
+            self, "kl_beta", "max_minutes", "max_flux_compute", "lr_warmup_steps", "awm_ema_kl_beta", "adv_scale_max"
+        )
         if not 0 <= self.awm_ema_kl_decay < 1:
             raise ValueError(f"awm_ema_kl_decay must lie in [0, 1), got {self.awm_ema_kl_decay}")
         if not 0 <= self.ema_decay < 1:
@@ -487,10 +485,8 @@ class EvalConfig(Section):
 
     def check(self) -> None:
         positive(self, "eval_images_per_prompt")
-        counts = ("eval_every", "eval_num_steps", "eval_num_prompts", "final_eval_num_prompts",
-                  "final_eval_images_per_prompt")  # fmt: skip
-        if min(getattr(self, name) for name in counts) < 0:
-            raise ValueError(f"{', '.join(counts)} must be >= 0")
+        nonnegative(self, "eval_every", "eval_num_steps", "eval_num_prompts", "final_eval_num_prompts",
+                    "final_eval_images_per_prompt")  # fmt: skip
 
 
 @dataclasses.dataclass
@@ -506,7 +502,7 @@ class LoggingConfig(Section):
     )
     overwrite_output_dir: bool = option(
         False,
-        "Clear an output_dir that holds another run before starting. Without it a fresh run (no resume_from) or a "
+        "Delete the run an output_dir holds (its own files; others stay) before starting. Without it a fresh run (no resume_from) or a "
         "branch refuses such a folder rather than mix its log and checkpoints with the old run's. It wins over "
         "resume_from: latest (the folder is cleared and the run starts afresh), so a command that relaunches a "
         "preemptible job must leave it out.",
@@ -567,10 +563,7 @@ class CheckpointConfig(Section):
     )
 
     def check(self) -> None:
-        if self.save_every < 0 or self.save_total_limit < 0:
-            raise ValueError(
-                f"save_every and save_total_limit must be >= 0, got {self.save_every}, {self.save_total_limit}"
-            )
+        nonnegative(self, "save_every", "save_total_limit")
 
 
 @dataclasses.dataclass

@@ -13,6 +13,7 @@ import argparse
 import dataclasses
 import json
 import re
+import sys
 import textwrap
 import typing
 from collections.abc import Sequence
@@ -80,9 +81,20 @@ class ConfigParser(TrlParser):
             names = ["options"] if len(dataclass_types) == 1 else [cls.__name__ for cls in dataclass_types]
         self.section_names = list(names)
 
+    def parse_args_and_config(self, args: list[str] | None = None, **kwargs: Any) -> tuple:
+        """TrlParser's, remembering which config file and which command-line keys it read (for :meth:`error`)."""
+        args = list(sys.argv[1:] if args is None else args)
+        self.config_file = args[args.index("--config") + 1] if "--config" in args else None
+        self.command_line_keys = {arg[2:].split("=", 1)[0] for arg in args if arg.startswith("--")}
+        return super().parse_args_and_config(args, **kwargs)
+
     def error(self, message: str) -> NoReturn:
         """One line naming the option and the value, as the trainer's own errors (argparse prints its whole usage
-        first: dozens of lines before the one that matters)."""
+        first: dozens of lines before the one that matters). A bad value from the config file names the file and
+        its key, not a flag the user never typed."""
+        option = re.match(r"argument --(\w+)[^:]*: (.*)", message)
+        if option and getattr(self, "config_file", None) and option[1] not in self.command_line_keys:
+            message = f"config file {self.config_file}, key {option[1]}: {option[2]}"
         self.exit(2, f"error: {message}; {self.prog} --help lists every option with its type and valid values\n")
 
     def format_help(self) -> str:

@@ -106,11 +106,16 @@ def _check_keys(args: list[str]) -> None:
         for key in data:
             if key != "env" and key not in known:
                 raise _unknown_key_error(key, str(path))
-    for arg in args:
+    for before, arg in zip(["", *args], args):
         if arg.startswith("--") and arg not in ("--config", "--help"):
             key = arg[2:].split("=", 1)[0]
             if key not in known:
                 raise _unknown_key_error(key, "the command line")
+        elif arg.split("=", 1)[0] in known and "=" in arg:  # key=value, the style of other launchers
+            key, value = arg.split("=", 1)
+            raise ValueError(f"{arg!r} on the command line: options are written --{key} {value}")
+        elif arg.endswith((".yaml", ".yml")) and before != "--config":  # a config file without its flag
+            raise ValueError(f"{arg!r} on the command line is not an option: a config file is given as --config {arg}")
 
 
 def parse_config(args: list[str] | None = None, description: str = "") -> RunConfig:

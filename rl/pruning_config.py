@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 from typing import TYPE_CHECKING
 
-from rl.config_base import Section, option, positive
+from rl.config_base import Section, nonnegative, option, positive
 from rl.objectives import OBJECTIVES
 from rl.predictors import PREDICTORS
 from rl.prune_policies import PRUNE_POLICIES, keep_count
@@ -123,10 +123,7 @@ class PruningConfig(Section):
         positive(self, "capture_step", "probe_refresh_steps", "probe_refresh_lr", "probe_buffer_size")
         if not 0 < self.prune_keep_fraction <= 1:
             raise ValueError(f"prune_keep_fraction must lie in (0, 1], got {self.prune_keep_fraction}")
-        if min(self.prune_explore, self.probe_refresh_every, self.prune_min_spread, self.max_images_denoised) < 0:
-            raise ValueError(
-                "prune_explore, probe_refresh_every, prune_min_spread and max_images_denoised must be >= 0"
-            )
+        nonnegative(self, "prune_explore", "probe_refresh_every", "prune_min_spread", "max_images_denoised")
 
 
 def validate_funnel(config: RunConfig) -> None:

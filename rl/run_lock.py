@@ -66,12 +66,19 @@ def release_output_dir(output_dir: Path) -> None:
         os.close(fd)  # closing the descriptor releases the flock
 
 
-def clear_output_dir(output_dir: Path) -> None:
-    """Delete everything in ``output_dir`` but its run lock (``overwrite_output_dir``), so the lock stays held."""
-    for entry in output_dir.iterdir():
-        if entry.name == LOCK_NAME:
-            continue
-        if entry.is_dir() and not entry.is_symlink():
-            shutil.rmtree(entry)
-        else:
-            entry.unlink()
+# what a run writes into its output_dir (rl/trainer_persistence.py, rl/checkpoint.py, rl/metrics_log.py: its
+# samples/ and wandb's offline wandb/): all that overwrite_output_dir deletes
+RUN_ENTRIES = ("checkpoints", "lora", "samples", "wandb", "metrics.jsonl", "summary.json", "config.yaml",
+               "config_history.jsonl", "metrics.before-*.jsonl", "summary.before-*.json")  # fmt: skip
+
+
+def clear_output_dir(output_dir: Path) -> list[str]:
+    """Delete the run in ``output_dir`` (``overwrite_output_dir``): its own files and folders only, so a user's
+    notes beside it survive, and not its run lock, which stays held. Returns the names kept."""
+    for pattern in RUN_ENTRIES:
+        for entry in output_dir.glob(pattern):
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+    return sorted(entry.name for entry in output_dir.iterdir() if entry.name != LOCK_NAME)

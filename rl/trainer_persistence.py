@@ -63,11 +63,12 @@ class TrainerPersistence:
                 make_output_dir(self.output_dir)
                 lock_output_dir(self.output_dir)  # before anything is cleared or written
                 if must_clear_output_dir(self.output_dir, resume_from, cfg.logging.overwrite_output_dir):
-                    clear_output_dir(self.output_dir)
+                    kept = clear_output_dir(self.output_dir)
                     logger.warning(
-                        "overwrite_output_dir: cleared %s, a fresh run starts there (a command that relaunches a "
-                        "preemptible job must leave the flag out, or each relaunch clears the run)",
+                        "overwrite_output_dir: cleared the run in %s%s, a fresh run starts there (a command that "
+                        "relaunches a preemptible job must leave the flag out, or each relaunch clears the run)",
                         self.output_dir,
+                        f" (kept what is not the run's: {', '.join(kept)})" if kept else "",
                     )
             except FOLDER_REFUSALS as error:
                 verdict = [(type(error).__name__, str(error))]

@@ -208,3 +208,29 @@ def test_ratio_clipping_warnings_only_for_an_objective_that_clips_a_ratio(caplog
     assert "clip_range" not in caplog.text and "bf16 kernels" not in caplog.text
     parse_config(with_default_config(["--policy_objective", "flow_grpo", *shapes]))
     assert "clip_range=0.2" in caplog.text and "bf16 kernels round" in caplog.text
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["configs/tiny_shapes.yaml"], "'configs/tiny_shapes.yaml' on the command line is not an option: a config file is given as --config configs/tiny_shapes.yaml"),
+        (["max_steps=1"], "'max_steps=1' on the command line: options are written --max_steps 1"),
+        (["--max_minutes", "-1"], "max_minutes must be >= 0 (0: none), got -1.0"),
+        (["--save_total_limit", "-2"], "save_total_limit must be >= 0 (0: none), got -2"),
+    ],
+)  # fmt: skip
+def test_command_line_slips_are_named_with_the_fix(args, message):
+    with pytest.raises(ValueError) as error:
+        parse_config(args)
+    assert message in str(error.value)
+
+
+def test_a_bad_value_in_the_yaml_names_the_file_and_key_not_a_flag(tmp_path, capsys):
+    path = _write(tmp_path, "max_steps: lots\n")
+    with pytest.raises(SystemExit) as exit_:
+        parse_config(["--config", path])
+    assert exit_.value.code == 2
+    assert f"error: config file {path}, key max_steps: invalid int value: 'lots'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # the same key on the command line: the flag is what the user typed
+        parse_config(["--config", path, "--max_steps", "many"])
+    assert "argument --max_steps" in capsys.readouterr().err

@@ -80,7 +80,9 @@ def test_resolve_resume_skips_interrupted_saves(tmp_path):
     assert resolve_resume("latest", tmp_path / "fresh") is None  # nothing yet: start fresh
     assert resolve_resume(None, tmp_path) is None
     assert resolve_resume(str(root / "step-00000002"), tmp_path) == root / "step-00000002"
-    with pytest.raises(FileNotFoundError, match="resume_from='nowhere' is not a checkpoint folder"):
+    with pytest.raises(
+        FileNotFoundError, match=r"resume_from='nowhere' is not a checkpoint folder \(it does not exist\)"
+    ):
         resolve_resume("nowhere", tmp_path)
 
 

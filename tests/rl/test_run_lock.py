@@ -43,12 +43,16 @@ def test_a_held_lock_refuses_another_process_naming_it_and_dies_with_its_holder(
     release_output_dir(tmp_path)
 
 
-def test_clearing_keeps_the_lock_file(tmp_path):
+def test_clearing_deletes_the_run_only_and_keeps_the_lock_file(tmp_path):
+    """overwrite_output_dir deletes what a run writes, not a user's files beside it."""
     (tmp_path / "checkpoints" / "step-1").mkdir(parents=True)
-    (tmp_path / "metrics.jsonl").write_text("{}\n")
+    (tmp_path / "samples").mkdir()
+    for name in ("metrics.jsonl", "metrics.before-20261207-101010.jsonl", "summary.json", "config.yaml", "notes.txt"):
+        (tmp_path / name).write_text("{}\n")
+    (tmp_path / "my_analysis").mkdir()
     lock_output_dir(tmp_path)
-    clear_output_dir(tmp_path)
-    assert [p.name for p in tmp_path.iterdir()] == [LOCK_NAME]
+    assert clear_output_dir(tmp_path) == ["my_analysis", "notes.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [LOCK_NAME, "my_analysis", "notes.txt"]
     release_output_dir(tmp_path)
 
 
