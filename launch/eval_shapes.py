@@ -2,7 +2,7 @@
 
 Samples every test-split prompt with several fixed seeds using deterministic Euler steps (noise level 0,
 identical to ``FluxPipeline``), scores each image with the shapes checker and writes ``<out>.json`` (every
-score), ``<out>.md`` (per-category table) and ``<out>_grid.png`` (one prompt per category, every seed)::
+score), ``<out>.md`` (per-category table) and ``<out>_grid.png`` (one prompt per category evaluated, every seed)::
 
     python launch/eval_shapes.py --pipeline assets/tiny-flux-shapes --out bench/base_model_eval
 """
@@ -26,6 +26,7 @@ from tqdm import tqdm
 from rewards.shapes import CATEGORIES, PromptSpec, all_prompts, check
 from rl.config_help import HelpFormatter
 from rl.sampler import FluxSampler, encode_prompts
+from rl.user_errors import run_cli
 
 
 def evaluate(pipe: FluxPipeline, specs: list[PromptSpec], seeds: int, steps: int, resolution: int, text_length: int):
@@ -76,9 +77,13 @@ def summary_table(specs: list[PromptSpec], scores: np.ndarray) -> dict:
 
 
 def save_grid(specs: list[PromptSpec], scores: np.ndarray, images: torch.Tensor, path: Path) -> None:
-    """One row per category (its first held-out prompt), one column per seed, checker score under each image."""
+    """One row per category evaluated (its first prompt in ``specs``; ``--prompts N`` may leave some out), one
+    column per seed, checker score under each image."""
     cell, label = 128, 240
-    picks = [next(i for i, s in enumerate(specs) if s.tag == c) for c in CATEGORIES]
+    first = {}
+    for i, spec in enumerate(specs):
+        first.setdefault(spec.tag, i)
+    picks = [first[c] for c in CATEGORIES if c in first]
     seeds = images.shape[1]
     grid = Image.new("RGB", (label + seeds * cell, len(picks) * (cell + 14)), "white")
     draw = ImageDraw.Draw(grid)
@@ -92,7 +97,18 @@ def save_grid(specs: list[PromptSpec], scores: np.ndarray, images: torch.Tensor,
     grid.save(path)
 
 
-def main() -> None:
+def check_local_folder(option: str, value: str) -> None:
+    """Raise ValueError naming ``option`` when ``value`` is no folder here yet reads as a local path, not a hub id
+    (``owner/name``): loading it would fail with the hub's "Repo id must be in the form" instead."""
+    path = Path(value).expanduser()
+    if path.exists():
+        return
+    looks_local = value.startswith((".", "/", "~")) or value.count("/") != 1 or "\\" in value or path.parent.is_dir()
+    if looks_local:
+        raise ValueError(f"{option} {value}: no such folder (a hub id reads owner/name)")
+
+
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     parser.add_argument("--pipeline", default="assets/tiny-flux-shapes", help="FluxPipeline folder or hub id")
     parser.add_argument("--lora", default=None, help="optional LoRA folder (diffusers format) to load first")
@@ -101,7 +117,13 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10, help="denoising steps (deterministic sampling)")
     parser.add_argument("--prompts", type=int, default=256, help="first N held-out prompts")
     parser.add_argument("--text_length", type=int, default=16, help="T5 tokens per prompt (max_sequence_length)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    for option in ("seeds", "steps", "prompts", "text_length"):
+        if getattr(args, option) < 1:
+            raise ValueError(f"--{option} must be >= 1, got {getattr(args, option)}")
+    check_local_folder("--pipeline", args.pipeline)
+    if args.lora:
+        check_local_folder("--lora", args.lora)
 
     pipe = FluxPipeline.from_pretrained(args.pipeline)
     pipe.set_progress_bar_config(disable=True)
@@ -131,9 +153,9 @@ def main() -> None:
             f"| {row['best_of_seeds']:.3f} |"
         )
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    save_grid(specs, scores, images, out.parent / f"{out.name}_grid.png")
     print("\n".join(lines))
+    save_grid(specs, scores, images, out.parent / f"{out.name}_grid.png")
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(run_cli(main))

@@ -11,6 +11,7 @@ its folder name (or ``--label``). Metric keys are listed in docs/metrics.md.
 from __future__ import annotations
 
 import argparse
+import difflib
 import sys
 from pathlib import Path
 
@@ -23,7 +24,9 @@ import matplotlib.pyplot as plt
 
 from rl.config_help import HelpFormatter
 from rl.metrics_log import read_metrics
+from rl.user_errors import run_cli
 
+DEFAULT_METRICS = ["reward/total/mean", "eval/total/mean"]
 AXES = (("step", "GRPO step"), ("wall_min", "wall-clock (min)"), ("images", "images generated"))
 
 
@@ -39,12 +42,28 @@ def curve(records: list[dict], metric: str) -> dict[str, list[float]]:
     return points
 
 
-def plot(paths: list[Path], metrics: list[str], out: Path, labels: list[str] | None = None) -> Path:
-    """Write the figure to ``out``. Raises ValueError if no file holds any of ``metrics``."""
+def suggestions(runs: list[list[dict]], metrics: list[str]) -> str:
+    """``"; did you mean ...?"``: the logged keys closest to each of ``metrics`` (or a few logged keys)."""
+    logged = sorted({key for records in runs for r in records for key in r} - {"step", "wall_s"})
+    close = [key for metric in metrics for key in difflib.get_close_matches(metric, logged, n=3)]
+    if close:
+        return f"; did you mean {', '.join(dict.fromkeys(close))}? (docs/metrics.md lists every key)"
+    if logged:
+        return f"; it logs {len(logged)} keys, e.g. {', '.join(logged[:5])} (docs/metrics.md lists every key)"
+    return "; it logs no metric (is it a run's metrics.jsonl?)"
+
+
+def plot(
+    paths: list[Path], metrics: list[str], out: Path, labels: list[str] | None = None, require_each: bool = False
+) -> Path:
+    """Write the figure to ``out``. Raises ValueError if no file holds any of ``metrics`` (with ``require_each``:
+    if no file holds one of them), naming the logged keys closest to them."""
     labels = labels or [p.parent.name or str(p) for p in paths]
     runs = [read_metrics(p) for p in paths]
-    if not any(metric in r for records in runs for r in records for metric in metrics):
-        raise ValueError(f"none of {metrics} is logged in {[str(p) for p in paths]}")
+    missing = [metric for metric in metrics if not any(metric in r for records in runs for r in records)]
+    if len(missing) == len(metrics) or (require_each and missing):
+        what = f"none of {metrics} is" if len(missing) == len(metrics) else f"{missing} is not"
+        raise ValueError(f"{what} logged in {[str(p) for p in paths]}{suggestions(runs, missing)}")
     figure, axes = plt.subplots(len(metrics), len(AXES), figsize=(5 * len(AXES), 3.2 * len(metrics)), squeeze=False)
     for row, metric in enumerate(metrics):
         for records, label in zip(runs, labels):
@@ -66,21 +85,32 @@ def plot(paths: list[Path], metrics: list[str], out: Path, labels: list[str] | N
 def main(argv: list[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("files", nargs="+", type=Path, help="metrics.jsonl files (one per run)")
+    # SUPPRESS: no "(default: None)" after the help's own default
     parser.add_argument(
-        "--metric", action="append", help="metric key (repeatable); default: reward/total/mean and eval/total/mean"
+        "--metric",
+        action="append",
+        default=argparse.SUPPRESS,
+        help=f"metric key (repeatable; default: {' and '.join(DEFAULT_METRICS)})",
     )
-    parser.add_argument("--label", action="append", help="one label per file (default: the run folder's name)")
+    parser.add_argument(
+        "--label",
+        action="append",
+        default=argparse.SUPPRESS,
+        help="one label per file (default: the run folder's name)",
+    )
     parser.add_argument("--out", type=Path, default=Path("curves.png"), help="PNG file to write")
     args = parser.parse_args(argv)
-    if args.label and len(args.label) != len(args.files):
-        parser.error(f"{len(args.label)} --label values for {len(args.files)} files")
+    labels = getattr(args, "label", None)
+    if labels and len(labels) != len(args.files):
+        parser.error(f"{len(labels)} --label values for {len(args.files)} files")
     for path in args.files:
         if not path.is_file():
             parser.error(f"{path} does not exist")
-    out = plot(args.files, args.metric or ["reward/total/mean", "eval/total/mean"], args.out, args.label)
+    metrics = getattr(args, "metric", None)  # asked for by name: each must be logged; by default: either
+    out = plot(args.files, metrics or DEFAULT_METRICS, args.out, labels, require_each=metrics is not None)
     print(f"wrote {out}")
     return out
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(run_cli(main))

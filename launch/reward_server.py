@@ -17,20 +17,35 @@ below gets a JSON error and a 4xx status; ``rewards/server.py`` says what each l
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import os
+import socket
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from rewards.base import load_reward
+from rewards.base import RewardImportError, load_reward
 from rewards.remote import TOKEN_ENV
 from rewards.server import ServerLimits, make_server
 from rl.config_help import HelpFormatter
+from rl.user_errors import USER_ERRORS, run_cli
 
 LIMITS = ServerLimits()
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+# each limit option's bound (0 where it would start a server that refuses or drops every request) and its reason
+BOUNDS = {
+    "max_body_mb": (">", 0, "the largest request body in MiB; it must hold a request's images"),
+    "max_images": (">=", 1, "a request of more images is refused"),
+    "max_pixels": (">=", 1, "an image of more pixels is refused"),
+    "max_json_depth": (">=", 3, "a request nests 3 levels before its metadata does"),
+    "max_json_items": (">=", 3, "a request's JSON holds at least 3 commas and colons"),
+    "read_timeout": (">", 0, "seconds a client has to send its whole request"),
+    "workers": (">=", 1, "requests are served by that many threads"),
+    "backlog": (">=", 0, "connections queued while every worker is busy"),
+}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -39,7 +54,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--reward_kwargs", default="{}", help="JSON object of the reward's constructor arguments")
     parser.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to accept other machines")
     parser.add_argument("--port", type=int, default=8000, help="0 picks a free port")
-    parser.add_argument("--log_level", default="INFO", help="logging level: DEBUG, INFO, WARNING or ERROR")
+    parser.add_argument("--log_level", default="INFO", type=str.upper, choices=LOG_LEVELS, help="logging level")
     parser.add_argument(
         "--token_env",
         default=TOKEN_ENV,
@@ -77,14 +92,58 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def check_args(args: argparse.Namespace) -> None:
+    """Raise ValueError, naming the option and the fix, for a value that would start a useless server."""
+    if not 0 <= args.port <= 65535:
+        raise ValueError(f"--port must be 0-65535 (0 picks a free port), got {args.port}")
+    for name, (op, bound, meaning) in BOUNDS.items():
+        value = getattr(args, name)
+        if not (value > bound if op == ">" else value >= bound):  # NaN fails both
+            raise ValueError(f"--{name} must be {op} {bound} ({meaning}), got {value}")
+
+
+def reward_kwargs(text: str) -> dict:
+    """``--reward_kwargs``: a JSON object, or ValueError naming the option."""
+    try:
+        kwargs = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"--reward_kwargs is not valid JSON ({error}): {text!r}") from None
+    if not isinstance(kwargs, dict):
+        raise ValueError(f"--reward_kwargs must be a JSON object like '{{\"key\": 1}}', got {text!r}")
+    return kwargs
+
+
+def check_address(host: str, port: int) -> None:
+    """Bind ``host:port`` once, as the server will, so a bad host or a port in use fails before the reward loads."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as http.server does
+            probe.bind((host, port))
+    except OSError as error:
+        raise OSError(address_error(host, port, error)) from None
+
+
+def address_error(host: str, port: int, error: OSError) -> str:
+    """One line for a failed bind, naming the option to change."""
+    reason = error.strerror or str(error)
+    if isinstance(error, socket.gaierror):
+        return f"--host {host!r} cannot be resolved ({reason}); use 127.0.0.1, 0.0.0.0 or an address of this machine"
+    if error.errno == errno.EADDRINUSE:
+        return f"cannot serve on {host}:{port}: {reason}; pick another --port (0 picks a free one)"
+    if error.errno == errno.EADDRNOTAVAIL:
+        return f"--host {host} is not an address of this machine ({reason}); use 127.0.0.1 or 0.0.0.0"
+    return f"cannot serve on {host}:{port} (--host, --port): {reason}"
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    check_args(args)
+    kwargs = reward_kwargs(args.reward_kwargs)
+    check_address(args.host, args.port)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    kwargs = json.loads(args.reward_kwargs)
-    if not isinstance(kwargs, dict):
-        raise SystemExit(f"--reward_kwargs must be a JSON object, got {args.reward_kwargs!r}")
     limits = ServerLimits(
-        max_body_bytes=int(args.max_body_mb * 2**20),
+        max_body_bytes=max(1, int(args.max_body_mb * 2**20)),
         max_images=args.max_images,
         max_pixels=args.max_pixels,
         max_json_depth=args.max_json_depth,
@@ -100,7 +159,11 @@ def main(argv: list[str] | None = None) -> None:
             args.host,
             args.token_env,
         )
-    server = make_server(load_reward(args.reward, **kwargs), args.reward, args.host, args.port, limits, token)
+    reward = load_reward(args.reward, **kwargs)
+    try:
+        server = make_server(reward, args.reward, args.host, args.port, limits, token)
+    except OSError as error:  # taken while the reward loaded
+        raise OSError(address_error(args.host, args.port, error)) from None
     print(f"serving {args.reward} on {server.url}", flush=True)
     try:
         server.serve_forever()
@@ -111,4 +174,5 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    # a reward module that cannot be imported names itself and the fix: one line too
+    raise SystemExit(run_cli(main, errors=(*USER_ERRORS, RewardImportError)))

@@ -76,6 +76,16 @@ class ServerLimits:
     workers: int = 8
     backlog: int = 128
 
+    def __post_init__(self) -> None:
+        # 0 workers would accept connections and never answer one; 0 of any other bound (but the backlog) would
+        # refuse or drop every request
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if field.name == "backlog" and not value >= 0:
+                raise ValueError(f"ServerLimits.backlog must be >= 0, got {value}")
+            if field.name != "backlog" and not value > 0:  # NaN fails too
+                raise ValueError(f"ServerLimits.{field.name} must be > 0, got {value}")
+
 
 class Refused(Exception):
     """A request past a limit or malformed: ``status`` and the message the client gets."""

@@ -11,6 +11,8 @@ import base64
 import io
 import json
 import socket
+import subprocess
+import sys
 import threading
 import time
 import urllib.parse
@@ -40,6 +42,7 @@ from rewards.base import RewardError
 from rewards.compose import RewardSet, build_reward_set
 from rewards.remote import RemoteReward, RemoteRewardError
 from rewards.server import ServerLimits
+from rl.user_errors import run_cli
 
 
 def mean_reward(images, prompts, metadata):
@@ -290,3 +293,84 @@ def test_a_training_step_of_several_batches_on_several_threads_has_one_retry_bud
             [rewards.submit(images, prompts, [{}] * 6, group_ids=groups).result() for _ in range(4)]
     assert len(posts) <= 9 and time.perf_counter() - start < 5
     rewards.close()
+
+
+REFUSED_AT_STARTUP = [
+    (["--workers", "0"], "--workers must be >= 1 (requests are served by that many threads), got 0"),
+    (["--max_images", "0"], "--max_images must be >= 1 (a request of more images is refused), got 0"),
+    (["--max_pixels", "-1"], "--max_pixels must be >= 1"),
+    (["--max_body_mb", "0"], "--max_body_mb must be > 0"),
+    (["--max_json_depth", "2"], "--max_json_depth must be >= 3"),
+    (["--max_json_items", "0"], "--max_json_items must be >= 3"),
+    (["--read_timeout", "0"], "--read_timeout must be > 0"),
+    (["--backlog", "-1"], "--backlog must be >= 0"),
+    (["--port", "99999"], "--port must be 0-65535 (0 picks a free port), got 99999"),
+    (["--port", "-1"], "--port must be 0-65535"),
+    (["--reward_kwargs", "{bad"], "--reward_kwargs is not valid JSON"),
+    (["--reward_kwargs", "[1]"], "--reward_kwargs must be a JSON object"),
+    (["--host", "999.1.1.1"], "--host '999.1.1.1' cannot be resolved"),
+]
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"), REFUSED_AT_STARTUP, ids=lambda a: " ".join(a) if isinstance(a, list) else ""
+)
+def test_the_script_refuses_a_useless_server_before_loading_the_reward(
+    argv, message, launch_script, monkeypatch, capsys
+):
+    script = launch_script("reward_server")
+    monkeypatch.setattr(script, "load_reward", lambda *a, **k: pytest.fail("loaded the reward"))
+    assert run_cli(lambda: script.main(["--reward", "jpeg_incompressibility", "--port", "0", *argv])) == 2
+    error = capsys.readouterr().err
+    assert error.startswith(f"error: {message}") and error.count("\n") == 1, error
+
+
+def test_the_script_refuses_a_port_in_use_before_loading_the_reward(launch_script, monkeypatch, capsys):
+    script = launch_script("reward_server")
+    monkeypatch.setattr(script, "load_reward", lambda *a, **k: pytest.fail("loaded the reward"))
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert run_cli(lambda: script.main(["--reward", "jpeg_incompressibility", "--port", str(port)])) == 2
+    error = capsys.readouterr().err
+    assert error.startswith(f"error: cannot serve on 127.0.0.1:{port}: ") and error.count("\n") == 1
+    assert "pick another --port (0 picks a free one)" in error
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--reward", "nope"], "error: unknown reward 'nope'; built-ins: ["),
+        (["--reward", "jpeg_incompressibility", "--reward_kwargs", '{"x": 1}'], "does not accept the arguments ['x']"),
+    ],
+)
+def test_the_script_names_an_unknown_reward_or_argument_in_one_line(argv, message, launch_script, capsys):
+    assert run_cli(lambda: launch_script("reward_server").main([*argv, "--port", "0"])) == 2
+    error = capsys.readouterr().err
+    assert message in error and error.startswith("error: ") and error.count("\n") == 1
+
+
+def test_the_script_takes_only_known_log_levels(launch_script, capsys):
+    script = launch_script("reward_server")
+    assert script.parse_args(["--reward", "r", "--log_level", "debug"]).log_level == "DEBUG"
+    with pytest.raises(SystemExit) as exit_:
+        script.parse_args(["--reward", "r", "--log_level", "LOUD"])
+    assert exit_.value.code == 2 and "argument --log_level: invalid choice: 'LOUD'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("field", ["workers", "max_images", "max_body_bytes", "read_timeout"])
+def test_server_limits_refuse_a_zero_bound(field):
+    with pytest.raises(ValueError, match=f"ServerLimits.{field} must be > 0, got 0"):
+        ServerLimits(**{field: 0})
+
+
+def test_the_script_run_as_a_command_prints_one_error_line_and_exits_2():
+    """``python launch/reward_server.py --workers 0`` once started a server that never answered."""
+    command = [sys.executable, str(Path(__file__).resolve().parents[2] / "launch" / "reward_server.py")]
+    done = subprocess.run(
+        [*command, "--reward", "jpeg_incompressibility", "--port", "0", "--workers", "0"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr == "error: --workers must be >= 1 (requests are served by that many threads), got 0\n"
