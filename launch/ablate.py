@@ -1,7 +1,8 @@
 """Pruned vs unpruned vs random-pruned GRPO under one budget, same seeds and prompt order; table + plots.
 
-    python launch/ablate.py --config configs/tiny_shapes.yaml --budget_minutes 20 \\
-        --prune_policy topk --probe_path assets/probe/<probe>.pt --capture_step 2
+    python launch/ablate.py --config configs/tiny_shapes.yaml --budget_minutes 20   # unpruned, keep_preview, keep_random
+    python launch/ablate.py --config configs/tiny_shapes.yaml --budget_minutes 20 --variants pruned,unpruned,random \\
+        --prune_policy topk --probe_path assets/probe/tiny-flux-shapes-window-step4.pt --capture_step 4
     python launch/ablate.py --config ... --budget_flux_compute 39000 --variants keep_random,unpruned   # equal compute
     python launch/ablate.py --out runs/ablate --report_only                               # re-read finished runs
     python launch/ablate.py --config configs/tiny_shapes.yaml --seeds 0 1 2 --jobs 2 --budget_steps 24 \
@@ -33,9 +34,13 @@ from rl.ablation import Budget, read_run, variant_overrides, write_report, write
 from rl.config_help import HelpFormatter
 from rl.config_parse import parse_config, with_default_config
 from rl.cost import FLUX_DEV_COSTS
+from rl.prune_policies import PRUNE_POLICIES
 from rl.resume_policy import result_changes
+from rl.user_errors import run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
+# what runs on the shipped config without a probe: the full group, half kept by the x0 preview, half kept at random
+DEFAULT_VARIANTS = "unpruned,keep_preview,keep_random"
 
 
 def parse(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
@@ -46,7 +51,10 @@ def parse(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]
         allow_abbrev=False,
     )
     parser.add_argument(
-        "--variants", default="pruned,unpruned,random", help="comma-separated, in this order (rl/ablation.py VARIANTS)"
+        "--variants",
+        default=DEFAULT_VARIANTS,
+        help="comma-separated, in this order (rl/ablation.py VARIANTS; 'pruned' runs the config's prune_policy, "
+        "the default ones need no probe)",
     )
     parser.add_argument("--budget_minutes", type=float, default=0.0, help="wall-clock budget per run (max_minutes)")
     parser.add_argument("--budget_images", type=float, default=0.0, help="denoised-image budget per run")
@@ -108,7 +116,7 @@ def plan(args: argparse.Namespace, passthrough: list[str]) -> dict[Path, list[st
     """Every run's folder and command line, each config parsed first (a bad key or value fails before any run)."""
     variants = [v for v in args.variants.split(",") if v]
     if args.seeds is not None and "unpruned" not in variants:  # found after an hour of runs: fail before them
-        raise SystemExit(
+        raise ValueError(
             "--variants must include unpruned: every variant's time to target is measured against unpruned's mean "
             "final reward (add it to --variants)"
         )
@@ -134,17 +142,19 @@ def plan(args: argparse.Namespace, passthrough: list[str]) -> dict[Path, list[st
             if seed is not None:  # the final evaluation on the periodic one's seeds: one curve, comparable points
                 overrides += ["--seed", str(seed), "--final_eval_images_per_prompt", "0"]
             config = parse_config(overrides)
-            if variant == "pruned" and config.pruning.prune_policy in ("none", "random"):
-                raise SystemExit(
+            if variant == "pruned" and not PRUNE_POLICIES[config.pruning.prune_policy].reads_predictions:
+                predicting = "|".join(n for n, p in PRUNE_POLICIES.items() if p.prunes and p.reads_predictions)
+                raise ValueError(
                     f"the pruned variant runs the config's prune_policy, here {config.pruning.prune_policy!r}: "
-                    "pass --prune_policy topk|maxvar|threshold and --probe_path"
+                    f"pass --prune_policy {predicting} with --probe_path (or --predictor preview, lookahead or "
+                    f"reward), or leave pruned out of --variants (default: {DEFAULT_VARIANTS})"
                 )
             commands[out / variant] = [sys.executable, str(ROOT / "launch" / "grpo_flux.py"), *overrides]
             if changed := result_changes(out / variant, config.flat()):
                 listed = "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changed.items())
                 conflicts.append(f"{out / variant} ({listed})")
     if conflicts and not args.report_only:  # a kept or resumed run of another config would mix into the summary
-        raise SystemExit(
+        raise ValueError(
             f"{len(conflicts)} run folder(s) hold a run of another config: {'; '.join(conflicts)}. Choose another "
             "--out, or delete those folders to run them again"
         )
@@ -188,4 +198,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(run_cli(main))

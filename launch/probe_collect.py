@@ -31,6 +31,8 @@ from diffusers import FluxPipeline
 
 from probe.collect import CollectSettings, collect, pipeline_sizes, run_config_defaults
 from rl.config_help import ConfigParser
+from rl.config_parse import check_flags
+from rl.user_errors import run_cli
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -75,10 +77,30 @@ class CollectArgs:
     threads: int = _option(0, "torch CPU threads (0: torch's default)")
 
 
+def check_capture_steps(args: CollectArgs) -> None:
+    """Every capture step is one of the T transformer calls (checked before the model loads and samples).
+
+    Raises:
+        ValueError: naming the steps outside 1..num_steps.
+    """
+    outside = sorted(k for k in set(args.capture_steps) if not 1 <= k <= args.num_steps)
+    if outside or not args.capture_steps:
+        raise ValueError(
+            f"capture_steps {outside or '[]'} must lie in [1, num_steps = {args.num_steps}]: k is the k-th of the "
+            f"{args.num_steps} transformer calls (pruning needs k <= {args.num_steps - 1}); pass --capture_steps "
+            f"with values in that range, or a larger --num_steps"
+        )
+
+
 def parse_args(argv: list[str] | None = None) -> CollectArgs:
-    """``--config`` a run config (its sampler becomes the defaults) or a YAML of CollectArgs keys, then flags."""
+    """``--config`` a run config (its sampler becomes the defaults) or a YAML of CollectArgs keys, then flags.
+
+    Raises:
+        ValueError: an unknown option (with the closest known one) or a capture step outside 1..num_steps.
+    """
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = ConfigParser((CollectArgs,), description=__doc__)
+    check_flags(argv, [f.name for f in dataclasses.fields(CollectArgs)])
+    parser = ConfigParser((CollectArgs,), description=__doc__, allow_abbrev=False)
     if "--config" in argv:
         at = argv.index("--config")
         path = argv[at + 1]
@@ -88,6 +110,7 @@ def parse_args(argv: list[str] | None = None) -> CollectArgs:
             parser.set_defaults(**run_config_defaults(path))  # probe/collect.py
             argv = argv[:at] + argv[at + 2 :]
     (args,) = parser.parse_args_and_config(argv)
+    check_capture_steps(args)
     return args
 
 
@@ -125,4 +148,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(run_cli(main))

@@ -3,10 +3,11 @@
 Reads collections written by ``launch/probe_collect.py`` (training prompts; a ``--val_fraction`` of them,
 split by prompt, selects the checkpoint) and held-out collections (other prompts) for the reported metrics.
 Writes the probe file (weights + normalisation + base model, transformer fingerprint, capture step, blocks,
-feature set, metrics) and a metrics JSON beside it::
+feature set, metrics) and a metrics JSON beside it; an existing probe file is replaced only with
+``--overwrite true``::
 
     python launch/probe_train.py --train_data runs/probe/train --test_data runs/probe/test \\
-        --capture_step 2 --out assets/probe/tiny-flux-shapes-step2.pt
+        --capture_step 2 --out runs/probe/probe-step2.pt
     python launch/probe_train.py ... --features attention --rank_weight 0   # an ablation
     python launch/probe_train.py ... --aux_targets shapes/objects shapes/extras shapes/relation  # auxiliary heads
 """
@@ -16,12 +17,18 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import sys
 from pathlib import Path
 
 import torch
 
+from probe.data import read_manifest
+from probe.features import feature_config
 from probe.train import FitConfig, train_from_collections
 from rl.config_help import ConfigParser
+from rl.config_parse import check_flags
+from rl.paths import repository_hint
+from rl.user_errors import run_cli
 
 
 def _option(default, help: str = "", factory=None):
@@ -36,7 +43,9 @@ class TrainArgs:
 
     train_data: list[str] = _option(None, "training collection directories", lambda: ["runs/probe/train"])
     test_data: list[str] = _option(None, "held-out collection directories (other prompts)", lambda: ["runs/probe/test"])
-    capture_step: int = _option(2, "k: which stored capture to train on")
+    capture_step: int | None = _option(
+        None, "k: which stored capture to train on (default: the data's only one; data of several needs it)"
+    )
     features: str = _option("combined", "feature set: attention, x0, combined, latents or all (probe/features.py)")
     reward_key: str | None = _option(None, 'a reward component such as "shapes/score" (default: the total)')
     val_fraction: float = _option(0.1, "share of training prompts held out for checkpoint selection")
@@ -61,11 +70,61 @@ class TrainArgs:
     group_relative: bool = _option(False, "also feed each rollout's deviation from its group mean (probe/model.py)")
     seed: int = _option(0, "split, init and batch order")
     out: str = _option("runs/probe/probe.pt", "probe file; the metrics JSON is written beside it (.json)")
+    overwrite: bool = _option(False, "replace an existing --out probe file (and its .json)")
     threads: int = _option(0, "torch CPU threads (0: torch's default)")
 
 
-def main() -> None:
-    (args,) = ConfigParser((TrainArgs,), description=__doc__).parse_args_and_config()
+def collection_steps(directory: str) -> list[int]:
+    """The capture steps a collection holds (its manifest.json).
+
+    Raises:
+        FileNotFoundError: no collection there, naming the folder and how to make one.
+    """
+    if not (Path(directory) / "manifest.json").is_file():
+        raise FileNotFoundError(
+            f"{directory} holds no probe data (no manifest.json){repository_hint(directory)}; collect it with "
+            f"python launch/probe_collect.py --config <run config> --out {directory}"
+        )
+    return sorted(read_manifest(directory)["capture_steps"])
+
+
+def resolve_capture_step(capture_step: int | None, directories: list[str]) -> int:
+    """``capture_step``, or the data's only one when not given; checked against every collection.
+
+    Raises:
+        ValueError: a step the data lacks, or none given for data of several, naming the data's steps.
+    """
+    steps = {directory: collection_steps(directory) for directory in directories}
+    shared = sorted(set.intersection(*(set(s) for s in steps.values())))
+    held = ", ".join(f"{directory}: {s}" for directory, s in steps.items())
+    if capture_step is None:
+        if len(shared) == 1:
+            return shared[0]
+        raise ValueError(
+            f"the data has capture steps {shared} ({held}): pass --capture_step with one of them"
+            if shared
+            else f"the collections share no capture step ({held}); collect them with the same --capture_steps"
+        )
+    if capture_step not in shared:
+        raise ValueError(
+            f"--capture_step {capture_step}: the data has capture steps {shared} ({held}); pass --capture_step "
+            "with one of them, or collect that step (launch/probe_collect.py --capture_steps)"
+        )
+    return capture_step
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    check_flags(argv, [f.name for f in dataclasses.fields(TrainArgs)])
+    (args,) = ConfigParser((TrainArgs,), description=__doc__, allow_abbrev=False).parse_args_and_config(argv)
+    feature_config(args.features)  # an unknown feature set, named before the data is read
+    out = Path(args.out)
+    if not args.overwrite and (existing := [p for p in (out, out.with_suffix(".json")) if p.exists()]):
+        raise ValueError(
+            f"{existing[0]} exists; choose another --out, or pass --overwrite true to replace it (a shipped probe "
+            "under assets/probe/ is committed: write new ones under runs/)"
+        )
+    args.capture_step = resolve_capture_step(args.capture_step, [*args.train_data, *args.test_data])
     if args.threads:
         torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -95,7 +154,6 @@ def main() -> None:
         aux_keys=args.aux_targets,
         progress=True,
     )
-    out = Path(args.out)
     probe.save(out)
     summary = {
         "probe": str(out),
@@ -119,4 +177,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(run_cli(main))

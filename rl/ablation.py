@@ -19,6 +19,7 @@ wall-clock over that time.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import math
 import statistics
@@ -136,7 +137,9 @@ def variant_overrides(variant: str, output_dir: str | Path, budget: Budget) -> l
         ValueError: for an unknown variant or no budget.
     """
     if variant not in VARIANTS:
-        raise ValueError(f"unknown variant {variant!r}; choose from {sorted(VARIANTS)}")
+        close = difflib.get_close_matches(variant, list(VARIANTS), n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise ValueError(f"unknown variant {variant!r} in --variants; {hint}choose from {', '.join(sorted(VARIANTS))}")
     limits = budget.overrides()
     return [*VARIANTS[variant], *limits, "--output_dir", str(Path(output_dir) / variant), "--log_every", "1"]
 
@@ -250,7 +253,8 @@ def summary_table(runs: list[RunCurve], baseline: str = "unpruned") -> tuple[lis
                 "train_seconds": run.seconds[-1],
                 **{f"{p}_s": run.phase_seconds.get(p, 0.0) for p in phases},
                 "seconds_to_target": reach,
-                "speedup_to_target": total / reach if reach > 0 else math.nan,
+                # the reference against itself is 1 by definition; a target reached at no cost: undefined (nan)
+                "speedup_to_target": 1.0 if run is reference else total / reach if reach > 0 else math.nan,
             }
         )
     header = ["variant", "final held-out reward", "base", "steps", "images denoised", "reward calls", "step time s"]
@@ -260,9 +264,25 @@ def summary_table(runs: list[RunCurve], baseline: str = "unpruned") -> tuple[lis
         cells = [row["variant"], f"{row['final_reward']:.4f}", f"{row['base_reward']:.4f}", str(row["steps"])]
         cells += [f"{row['images_denoised']:.0f}", f"{row['reward_calls']:.0f}", f"{row['train_seconds']:.0f}"]
         cells += [f"{row[f'{p}_s']:.0f}" for p in phases]
-        cells += [f"{row['seconds_to_target']:.0f}", f"{row['speedup_to_target']:.2f}x"]
+        cells += [f"{row['seconds_to_target']:.0f}", speedup_cell(row["speedup_to_target"])]
         lines.append("| " + " | ".join(cells) + " |")
     return rows, "\n".join(lines)
+
+
+def speedup_cell(speedup: float) -> str:
+    """A speedup as a table cell: ``1.67x``, or ``n/a`` where it is undefined (nan: the target reached at no cost)."""
+    return f"{speedup:.2f}x" if math.isfinite(speedup) else "n/a"
+
+
+def json_safe(value):
+    """``value`` with every non-finite float (nan, inf) as ``None``: strict JSON has no NaN or Infinity."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_safe(v) for v in value]
+    return value
 
 
 def plot_curves(runs: list[RunCurve], out_dir: str | Path) -> list[Path]:
@@ -293,12 +313,13 @@ def plot_curves(runs: list[RunCurve], out_dir: str | Path) -> list[Path]:
 
 
 def write_report(runs: list[RunCurve], out_dir: str | Path, command: str) -> dict:
-    """``ablation.json``, ``ablation.md`` and both plots in ``out_dir``; returns the JSON content."""
+    """``ablation.json``, ``ablation.md`` and both plots in ``out_dir``; returns the JSON content (where the file
+    has ``null`` for an undefined figure, the returned dict keeps the float: nan or inf)."""
     out_dir = Path(out_dir)
     rows, table = summary_table(runs)
     plots = plot_curves(runs, out_dir)
     report = {"command": command, "rows": rows, "curves": [dataclasses.asdict(r) for r in runs]}
-    (out_dir / "ablation.json").write_text(json.dumps(report, indent=1))
+    (out_dir / "ablation.json").write_text(json.dumps(json_safe(report), indent=1, allow_nan=False))
     plot_links = " ".join(f"![{p.stem}]({p.name})" for p in plots)
     (out_dir / "ablation.md").write_text(f"`{command}`\n\n{table}\n\n{plot_links}\n")
     return report
@@ -368,7 +389,8 @@ def seed_summary(runs: dict[str, list[RunCurve]], baseline: str = "unpruned") ->
             reach = first_reaching(curves[name], field, target)
             entry[f"to_target_{axis}"] = reach
             entry[f"total_{axis}"] = curves[name][field][-1]
-            entry[f"speedup_{axis}"] = reference[axis] / reach if reach > 0 else math.nan
+            speedup = reference[axis] / reach if reach > 0 else math.nan  # nan: the target reached at no cost
+            entry[f"speedup_{axis}"] = 1.0 if name == baseline else speedup
         keys = {key for r in group for key in r.selection}
         entry["selection"] = {
             k: _mean_std([r.selection[k] for r in group if k in r.selection])[0] for k in sorted(keys)
@@ -388,7 +410,7 @@ def seed_table(summary: dict) -> str:
         spread = v["selection"].get("reward/group_std", math.nan)
         cells = [name, str(v["seeds"]), f"{v['final_reward_mean']:.4f} +- {v['final_reward_std']:.4f}", f"{spread:.3f}"]
         cells += [f"{v['total_wallclock']:.0f}", f"{v['total_calls']:.0f}", f"{v['total_flux_compute']:.0f}"]
-        cells += [f"{v[f'speedup_{axis}']:.2f}x" for axis in AXES]
+        cells += [speedup_cell(v[f"speedup_{axis}"]) for axis in AXES]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -421,10 +443,11 @@ def plot_seed_bands(summary: dict, out_dir: str | Path) -> Path:
 
 
 def write_seed_report(runs: dict[str, list[RunCurve]], out_dir: str | Path, command: str, notes: dict) -> dict:
-    """``summary.json``, ``summary.md`` and ``reward_vs_cost.png`` in ``out_dir``; returns the JSON content."""
+    """``summary.json``, ``summary.md`` and ``reward_vs_cost.png`` in ``out_dir``; returns the JSON content (nan and
+    inf as floats; ``null`` in the file)."""
     out_dir = Path(out_dir)
     summary = {"command": command, **notes, **seed_summary(runs)}
     plot = plot_seed_bands(summary, out_dir)
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    (out_dir / "summary.json").write_text(json.dumps(json_safe(summary), indent=1, allow_nan=False))
     (out_dir / "summary.md").write_text(f"`{command}`\n\n{seed_table(summary)}\n\n![{plot.stem}]({plot.name})\n")
     return summary

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -44,10 +45,25 @@ def known_keys() -> dict[str, str]:
     return keys
 
 
-def _unknown_key_error(key: str, where: str) -> ValueError:
-    close = difflib.get_close_matches(key, list(known_keys()), n=1)
-    hint = f"; did you mean {close[0]!r}?" if close else "; --help lists every key (docs/configuration.md)"
+def _unknown_key_error(key: str, where: str, known: Iterable[str] | None = None) -> ValueError:
+    """``key`` named with the closest of ``known`` (default: the run config's keys)."""
+    close = difflib.get_close_matches(key, list(known_keys() if known is None else known), n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else "; --help lists every key"
     return ValueError(f"unknown config key {key!r} in {where}{hint}")
+
+
+def check_flags(args: list[str], known: Iterable[str]) -> None:
+    """Refuse an unknown ``--key`` of ``args`` by name, with the closest of ``known`` (any script's options).
+
+    Raises:
+        ValueError: naming the key and a close match.
+    """
+    known = set(known)
+    for arg in args:
+        if arg.startswith("--") and arg not in ("--config", "--help"):
+            key = arg[2:].split("=", 1)[0]
+            if key not in known:
+                raise _unknown_key_error(key, "the command line", known)
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
@@ -106,12 +122,9 @@ def _check_keys(args: list[str]) -> None:
         for key in data:
             if key != "env" and key not in known:
                 raise _unknown_key_error(key, str(path))
+    check_flags(args, known)
     for before, arg in zip(["", *args], args):
-        if arg.startswith("--") and arg not in ("--config", "--help"):
-            key = arg[2:].split("=", 1)[0]
-            if key not in known:
-                raise _unknown_key_error(key, "the command line")
-        elif arg.split("=", 1)[0] in known and "=" in arg:  # key=value, the style of other launchers
+        if arg.split("=", 1)[0] in known and "=" in arg:  # key=value, the style of other launchers
             key, value = arg.split("=", 1)
             raise ValueError(f"{arg!r} on the command line: options are written --{key} {value}")
         elif arg.endswith((".yaml", ".yml")) and before != "--config":  # a config file without its flag

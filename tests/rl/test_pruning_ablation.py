@@ -119,6 +119,94 @@ def test_variant_overrides_parse_and_differ_only_in_pruning(tmp_path):
         variant_overrides("fast", tmp_path, Budget(minutes=1.0))
 
 
+def launch_ablate():
+    """launch/ablate.py as a module (no run starts before its plan has parsed every config)."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "launch"))
+    import ablate
+
+    return ablate
+
+
+def test_the_default_variants_run_on_the_shipped_config_without_a_probe(tmp_path):
+    ablate = launch_ablate()
+    options, passthrough = ablate.parse(["--budget_steps", "1", "--out", str(tmp_path)])
+    assert options.variants == "unpruned,keep_preview,keep_random"
+    commands = ablate.plan(options, passthrough)  # each run's config parsed and validated: no error
+    assert [path.name for path in commands] == ["unpruned", "keep_preview", "keep_random"]
+
+
+def test_the_pruned_variant_without_a_predicting_policy_names_every_one(tmp_path):
+    ablate = launch_ablate()
+    options, passthrough = ablate.parse(["--budget_steps", "1", "--out", str(tmp_path), "--variants", "pruned"])
+    with pytest.raises(ValueError) as refused:
+        ablate.plan(options, passthrough)
+    assert "pass --prune_policy threshold|maxvar|topk|variance with --probe_path" in str(refused.value)
+    assert "default: unpruned,keep_preview,keep_random" in str(refused.value)
+
+
+@pytest.mark.parametrize(
+    "argv, line",
+    [
+        (["--budget_steps", "1", "--variants", "unpruned,unprunned"],
+         "error: unknown variant 'unprunned' in --variants; did you mean 'unpruned'? choose from awm_adv_scale_1, "),
+        (["--variants", "unpruned"], "error: give a budget: --budget_minutes (wall-clock), "),
+        (["--budget_steps", "1", "--prompts_per_stp", "2"],
+         "error: unknown config key 'prompts_per_stp' in the command line; did you mean 'prompts_per_step'?"),
+    ],
+)  # fmt: skip
+def test_ablate_user_errors_are_one_line_and_exit_2(argv, line, tmp_path, capsys, monkeypatch):
+    from rl.user_errors import run_cli
+
+    monkeypatch.delenv("GRPO_DEBUG", raising=False)
+    ablate = launch_ablate()
+    assert run_cli(lambda: ablate.main([*argv, "--out", str(tmp_path / "ablate")])) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(line) and err.count("\n") == 1
+    assert not (tmp_path / "ablate").exists()  # nothing ran
+
+
+def test_ablate_from_the_command_line_prints_one_error_line_and_exits_2(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[2] / "launch" / "ablate.py"
+    done = subprocess.run([sys.executable, str(script), "--budget_steps", "1", "--prompts_per_stp", "2", "--out",
+                           str(tmp_path / "ablate")], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "GRPO_DEBUG": ""})  # fmt: skip
+    assert done.returncode == 2 and done.stderr == (
+        "error: unknown config key 'prompts_per_stp' in the command line; did you mean 'prompts_per_step'?\n"
+    )
+
+
+def test_a_target_reached_at_no_cost_has_no_speedup_and_the_json_stays_strict(tmp_path):
+    """A tiny budget: every run's base evaluation already reaches the reference's final reward."""
+    write_run(tmp_path / "unpruned", [10], 16, {0: 0.5}, 0.4)
+    write_run(tmp_path / "keep_random", [5], 8, {0: 0.5}, 0.3)
+    runs = [read_run("unpruned", tmp_path / "unpruned"), read_run("keep_random", tmp_path / "keep_random")]
+    report = write_report(runs, tmp_path, "python launch/ablate.py --budget_steps 1")
+    assert report["rows"][0]["speedup_to_target"] == 1.0 and math.isnan(report["rows"][1]["speedup_to_target"])
+    table = (tmp_path / "ablation.md").read_text()
+    assert "| 0 | 1.00x |" in table and "| 0 | n/a |" in table and "nan" not in table
+
+    def refuse(constant):
+        raise AssertionError(f"{constant} is not JSON")
+
+    written = json.loads((tmp_path / "ablation.json").read_text(), parse_constant=refuse)
+    assert written["rows"][1]["speedup_to_target"] is None
+    write_run(tmp_path / "u1", [10], 16, {0: 0.5}, 0.4)
+    seeds = {"unpruned": [runs[0], read_run("unpruned", tmp_path / "u1")], "keep_random": [runs[1]]}
+    write_seed_report(seeds, tmp_path, "python launch/ablate.py --seeds 0 1", {"seeds": [0, 1]})
+    summary = (tmp_path / "summary.md").read_text()
+    assert "| 1.00x | 1.00x | 1.00x |" in summary and "| n/a | n/a | n/a |" in summary and "nan" not in summary
+    written = json.loads((tmp_path / "summary.json").read_text(), parse_constant=refuse)
+    assert written["variants"]["keep_random"]["speedup_wallclock"] is None
+
+
 def fixture_ablation(pipeline, tmp_path):
     """launch/ablate.py as a module, and the overrides that fit the tiny fixture (32 px, 4 steps, 2 x 4)."""
     import sys
@@ -141,7 +229,7 @@ def test_ablate_runs_three_variants_end_to_end(tiny_flux_pipeline, tmp_path):
     """launch/ablate.py on the fixture: three real training runs of 2 steps each, then the report (~1-2 min)."""
     ablate, common = fixture_ablation(tiny_flux_pipeline, tmp_path)
     args = [*common, "--prune_policy", "topk", "--probe_path", "init", "--probe_refresh_every", "1",
-            "--budget_minutes", "5", "--max_steps", "2"]  # fmt: skip
+            "--budget_minutes", "5", "--max_steps", "2", "--variants", "pruned,unpruned,random"]  # fmt: skip
     report = ablate.main(args)
     rows = {row["variant"]: row for row in report["rows"]}
     assert set(rows) == {"pruned", "unpruned", "random"} and all(row["steps"] == 2 for row in rows.values())
@@ -224,7 +312,7 @@ def test_ablate_with_seeds_runs_in_parallel_and_resumes(tiny_flux_pipeline, tmp_
     assert "resumed from" in (tmp_path / "ablate" / "seed1" / "unpruned.log").read_text()
     assert (tmp_path / "ablate" / "seed1" / "unpruned" / "summary.json").is_file()
     # another config into the same folders would mix two ablations into one summary: refused before any run
-    with pytest.raises(SystemExit, match=r"4 run folder\(s\) hold a run of another config: .*seed0/unpruned "
+    with pytest.raises(ValueError, match=r"4 run folder\(s\) hold a run of another config: .*seed0/unpruned "
                                          r"\(learning_rate: 0\.0005 -> 0\.5\)"):  # fmt: skip
         ablate.main([*args, "--learning_rate", "0.5"])
     ablate.main([*args, "--progress_bar", "true", "--report_only"])  # neutral keys and reading back: no error
@@ -233,6 +321,6 @@ def test_ablate_with_seeds_runs_in_parallel_and_resumes(tiny_flux_pipeline, tmp_
 def test_a_seeded_ablation_without_its_baseline_stops_before_any_run(tiny_flux_pipeline, tmp_path):
     ablate, common = fixture_ablation(tiny_flux_pipeline, tmp_path)
     args = [*common, "--budget_steps", "2", "--seeds", "0", "--variants", "keep_oracle"]
-    with pytest.raises(SystemExit, match="--variants must include unpruned"):
+    with pytest.raises(ValueError, match="--variants must include unpruned"):
         ablate.main(args)
     assert not (tmp_path / "ablate").exists()  # nothing ran
