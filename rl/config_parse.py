@@ -124,10 +124,12 @@ def _check_keys(args: list[str]) -> None:
                 raise _unknown_key_error(key, str(path))
     check_flags(args, known)
     for before, arg in zip(["", *args], args):
+        if before.startswith("--"):  # an option's value, whatever it looks like
+            continue
         if arg.split("=", 1)[0] in known and "=" in arg:  # key=value, the style of other launchers
             key, value = arg.split("=", 1)
             raise ValueError(f"{arg!r} on the command line: options are written --{key} {value}")
-        elif arg.endswith((".yaml", ".yml")) and before != "--config":  # a config file without its flag
+        if arg.endswith((".yaml", ".yml")):  # a config file without its flag
             raise ValueError(f"{arg!r} on the command line is not an option: a config file is given as --config {arg}")
 
 

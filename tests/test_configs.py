@@ -234,3 +234,9 @@ def test_a_bad_value_in_the_yaml_names_the_file_and_key_not_a_flag(tmp_path, cap
     with pytest.raises(SystemExit):  # the same key on the command line: the flag is what the user typed
         parse_config(["--config", path, "--max_steps", "many"])
     assert "argument --max_steps" in capsys.readouterr().err
+
+
+def test_option_values_that_look_like_slips_are_values(tmp_path):
+    """A value after its flag is never read as a stray word: a path ending in .yaml, a label=spec reward."""
+    config = parse_config(["--output_dir", str(tmp_path / "runs.yaml"), "--reward", "max_steps=shapes"])
+    assert config.logging.output_dir.endswith("runs.yaml") and config.reward.reward == "max_steps=shapes"
