@@ -31,7 +31,7 @@ from diffusers import FluxPipeline
 
 from probe.collect import CollectSettings, collect, pipeline_sizes, run_config_defaults
 from rl.config_help import ConfigParser
-from rl.config_parse import check_flags
+from rl.config_parse import check_flags, split_config_flag
 from rl.user_errors import run_cli
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -98,7 +98,7 @@ def parse_args(argv: list[str] | None = None) -> CollectArgs:
     Raises:
         ValueError: an unknown option (with the closest known one) or a capture step outside 1..num_steps.
     """
-    argv = list(sys.argv[1:] if argv is None else argv)
+    argv = split_config_flag(list(sys.argv[1:] if argv is None else argv))
     check_flags(argv, [f.name for f in dataclasses.fields(CollectArgs)])
     parser = ConfigParser((CollectArgs,), description=__doc__, allow_abbrev=False)
     if "--config" in argv:

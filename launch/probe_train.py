@@ -26,7 +26,7 @@ from probe.data import read_manifest
 from probe.features import feature_config
 from probe.train import FitConfig, train_from_collections
 from rl.config_help import ConfigParser
-from rl.config_parse import check_flags
+from rl.config_parse import check_flags, split_config_flag
 from rl.paths import repository_hint
 from rl.user_errors import run_cli
 
@@ -114,7 +114,7 @@ def resolve_capture_step(capture_step: int | None, directories: list[str]) -> in
 
 
 def main(argv: list[str] | None = None) -> None:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    argv = split_config_flag(list(sys.argv[1:] if argv is None else argv))
     check_flags(argv, [f.name for f in dataclasses.fields(TrainArgs)])
     (args,) = ConfigParser((TrainArgs,), description=__doc__, allow_abbrev=False).parse_args_and_config(argv)
     feature_config(args.features)  # an unknown feature set, named before the data is read

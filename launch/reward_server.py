@@ -34,7 +34,7 @@ from rl.config_help import HelpFormatter
 from rl.user_errors import USER_ERRORS, run_cli
 
 LIMITS = ServerLimits()
-LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "WARN", "ERROR", "CRITICAL")
 # each limit option's bound (0 where it would start a server that refuses or drops every request) and its reason
 BOUNDS = {
     "max_body_mb": (">", 0, "the largest request body in MiB; it must hold a request's images"),

@@ -26,6 +26,7 @@ from rewards.shapes import parse_category_weights, vocabulary
 from rl.config_help import HelpFormatter
 from rl.tiny_flux import TinyFluxConfig, build_tiny_flux_pipeline
 from rl.tiny_flux_training import train_transformer, train_vae
+from rl.user_errors import run_cli
 
 logger = logging.getLogger("train_tiny_flux")
 
@@ -95,4 +96,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(run_cli(main))

@@ -125,11 +125,11 @@ def shard_capture(shard: dict, capture_step: int) -> ProbeCapture:
     """The :class:`ProbeCapture` stored in a shard for one capture step.
 
     Raises:
-        KeyError: if the shard has no capture at that step (listing the ones it has).
+        ValueError: if the shard has no capture at that step (listing the ones it has).
     """
     captures = shard["captures"]
     if capture_step not in captures:
-        raise KeyError(f"no capture at step {capture_step}; the data has steps {sorted(captures)}")
+        raise ValueError(f"no capture at step {capture_step}; the data has steps {sorted(captures)}")
     entry = captures[capture_step]
     return ProbeCapture(
         attention=entry["attention"],
@@ -253,7 +253,7 @@ def load_dataset(
         aux_keys: components kept as the dataset's ``aux`` columns (auxiliary targets).
 
     Raises:
-        KeyError: a component the collection does not hold (naming those it holds).
+        ValueError: a component the collection does not hold (naming those it holds).
     """
     config = feature_config(features)
     directories = [directories] if isinstance(directories, str | Path) else list(directories)
@@ -283,7 +283,7 @@ def load_dataset(
 
 def _component(shard: dict, key: str, directory: str | Path) -> torch.Tensor:
     if key not in shard["components"]:
-        raise KeyError(
+        raise ValueError(
             f"{directory} holds no reward component {key!r}; it has {sorted(shard['components'])} (a component "
             "added to the reward later needs a new collection)"
         )

@@ -83,4 +83,4 @@ def positive(section: Section, *names: str) -> None:
 def nonnegative(section: Section, *names: str) -> None:
     for name in names:
         if getattr(section, name) < 0:
-            raise ValueError(f"{name} must be >= 0 (0: none), got {getattr(section, name)}")
+            raise ValueError(f"{name} must be >= 0, got {getattr(section, name)}")

@@ -62,7 +62,7 @@ def check_flags(args: list[str], known: Iterable[str]) -> None:
     for arg in args:
         if arg.startswith("--") and arg not in ("--config", "--help"):
             key = arg[2:].split("=", 1)[0]
-            if key not in known:
+            if key.replace("-", "_") not in known:  # --max-steps is --max_steps's alias
                 raise _unknown_key_error(key, "the command line", known)
 
 
@@ -124,7 +124,7 @@ def _check_keys(args: list[str]) -> None:
                 raise _unknown_key_error(key, str(path))
     check_flags(args, known)
     for before, arg in zip(["", *args], args):
-        if before.startswith("--"):  # an option's value, whatever it looks like
+        if arg.startswith("--") or (before.startswith("--") and "=" not in before):  # an option, or its value
             continue
         if arg.split("=", 1)[0] in known and "=" in arg:  # key=value, the style of other launchers
             key, value = arg.split("=", 1)

@@ -72,21 +72,29 @@ class PeerLostExit(SystemExit):
 
 
 # what gloo and NCCL say when the process at the other end of a collective is gone or silent
-PEER_FAILURES = ("Connection closed by peer", "Connection reset by peer", "Timed out", "timed out", "Broken pipe")
+PEER_FAILURES = ("Connection closed by peer", "Connection reset by peer", "Timed out", "timed out", "Broken pipe",
+                 "pair closure")  # fmt: skip
+# where a collective raises: torch.distributed's own calls, and DDP's gradient all-reduce inside the backward
+COLLECTIVE_CODE = ("torch/distributed/", "torch/autograd/", "torch/nn/parallel/", "deepspeed/")
 
 
 def is_lost_peer(error: BaseException) -> bool:
     """Whether ``error`` is a collective failing because another process died or did not answer.
 
     The words alone do not tell: a reward server's "Read timed out" says them too, and is a reward failure to
-    agree on. So the error must come out of torch.distributed (its innermost frame), where collectives raise.
+    agree on. So a reward's error never is one, and another error must have passed through code that runs
+    collectives (torch.distributed, the backward's all-reduce hooks, DeepSpeed).
     """
+    from rewards.base import RewardError  # the reward package is the trainer's, not this module's, dependency
+
     if isinstance(error, torch.distributed.DistError):
         return True
-    if not isinstance(error, RuntimeError) or not any(s in str(error) for s in PEER_FAILURES):
+    if isinstance(error, RewardError) or not isinstance(error, RuntimeError):
         return False
-    frames = traceback.extract_tb(error.__traceback__)
-    return bool(frames) and "torch/distributed/" in frames[-1].filename.replace(os.sep, "/")
+    if not any(s in str(error) for s in PEER_FAILURES):
+        return False
+    files = [frame.filename.replace(os.sep, "/") for frame in traceback.extract_tb(error.__traceback__)]
+    return any(code in name for name in files for code in COLLECTIVE_CODE)
 
 
 @contextlib.contextmanager

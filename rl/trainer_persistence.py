@@ -239,12 +239,15 @@ class TrainerPersistence:
         if step_start is not None:
             self.state = step_start[0]
             self.metrics.rewind(step_start[1])
-        self.info("the step failed on %d process(es): checkpointing the %d steps done first", failed, self.state.step)
+        failing = what or f"step {self.state.step + 1}"
+        self.info(
+            "%s failed on %d process(es): checkpointing the %d steps done first", failing, failed, self.state.step
+        )
         self.save_checkpoint()
         if failure is not None:
             raise failure
         raise PeerFailedError(
-            f"{what or f'step {self.state.step + 1}'} failed on another process (its message says why); the "
+            f"{failing} failed on another process (its message says why); the "
             f"{self.state.step} steps done are checkpointed in {self.output_dir / 'checkpoints'}: fix the cause, then "
             "continue with "
             f"{self.relaunch}"

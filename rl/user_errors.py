@@ -11,7 +11,8 @@ import sys
 from collections.abc import Callable
 
 # what a user can fix from the message alone: a bad value or option, a missing or wrong file, a port in use
-USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, KeyError, OSError, json.JSONDecodeError, OverflowError)
+# (not KeyError: a missing key is a bug's error, which keeps its traceback)
+USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError, json.JSONDecodeError, OverflowError)
 
 
 def run_cli(main: Callable[[], object], errors: tuple[type[BaseException], ...] = USER_ERRORS) -> int:
@@ -21,7 +22,6 @@ def run_cli(main: Callable[[], object], errors: tuple[type[BaseException], ...] 
     except errors as error:
         if os.environ.get("GRPO_DEBUG"):
             raise
-        message = error.args[0] if isinstance(error, KeyError) and error.args else error  # no repr quotes
-        sys.stderr.write(f"error: {message}\n")
+        sys.stderr.write(f"error: {error}\n")
         return 2
     return 0

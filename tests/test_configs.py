@@ -215,8 +215,8 @@ def test_ratio_clipping_warnings_only_for_an_objective_that_clips_a_ratio(caplog
     [
         (["configs/tiny_shapes.yaml"], "'configs/tiny_shapes.yaml' on the command line is not an option: a config file is given as --config configs/tiny_shapes.yaml"),
         (["max_steps=1"], "'max_steps=1' on the command line: options are written --max_steps 1"),
-        (["--max_minutes", "-1"], "max_minutes must be >= 0 (0: none), got -1.0"),
-        (["--save_total_limit", "-2"], "save_total_limit must be >= 0 (0: none), got -2"),
+        (["--max_minutes", "-1"], "max_minutes must be >= 0, got -1.0"),
+        (["--save_total_limit", "-2"], "save_total_limit must be >= 0, got -2"),
     ],
 )  # fmt: skip
 def test_command_line_slips_are_named_with_the_fix(args, message):
@@ -237,6 +237,18 @@ def test_a_bad_value_in_the_yaml_names_the_file_and_key_not_a_flag(tmp_path, cap
 
 
 def test_option_values_that_look_like_slips_are_values(tmp_path):
-    """A value after its flag is never read as a stray word: a path ending in .yaml, a label=spec reward."""
+    """A value after its flag is never read as a stray word: a path ending in .yaml, a label=spec reward; a word
+    after a --key=value option is no value of it."""
     config = parse_config(["--output_dir", str(tmp_path / "runs.yaml"), "--reward", "max_steps=shapes"])
     assert config.logging.output_dir.endswith("runs.yaml") and config.reward.reward == "max_steps=shapes"
+    assert parse_config([f"--output_dir={tmp_path / 'a.yaml'}"]).logging.output_dir.endswith("a.yaml")
+    with pytest.raises(ValueError, match="a config file is given as --config configs/x.yaml"):
+        parse_config(["--max_steps=5", "configs/x.yaml"])
+
+
+def test_an_options_dashed_alias_is_known():
+    from rl.config_parse import check_flags
+
+    check_flags(["--capture-steps", "3", "--num_prompts", "2"], ["capture_steps", "num_prompts"])
+    with pytest.raises(ValueError, match="'capture-stps'.*did you mean 'capture_steps'"):
+        check_flags(["--capture-stps", "3"], ["capture_steps"])

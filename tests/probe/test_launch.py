@@ -46,7 +46,7 @@ def test_collect_then_train_from_the_command_line(tiny_flux_pipeline, tmp_path, 
         run_launch_script("probe_train", *data, "--capture_step", "2", "--out", str(out))
     with pytest.raises(ValueError, match=r"the data has capture steps \[1, 2\] .*: pass --capture_step with one"):
         run_launch_script("probe_train", *data, "--out", str(tmp_path / "other.pt"))
-    with pytest.raises(KeyError, match="no reward component 'shapes/colour'; it has .*'shapes/objects'"):
+    with pytest.raises(ValueError, match="no reward component 'shapes/colour'; it has .*'shapes/objects'"):
         run_launch_script("probe_train", *data, "--capture_step", "2", "--aux_targets", "shapes/colour", "--out",
                           str(out), "--overwrite", "true")  # fmt: skip
 

@@ -67,6 +67,15 @@ def test_curves_table_and_time_to_target(tmp_path):
     assert report["rows"][0]["final_reward"] == 0.6 and (tmp_path / "ablation.md").exists()
 
 
+def test_time_to_target_counts_from_the_references_own_first_reach(tmp_path):
+    """Unpruned reaches its final 0.5 at step 2 (20 s) already: a variant reaching 0.5 at 24 s is slower (20 / 24),
+    and unpruned scores itself 1.00x, as the seeded summary measures."""
+    write_run(tmp_path / "unpruned", [10, 10, 10, 10], 16, {0: 0.1, 2: 0.5}, 0.5)
+    write_run(tmp_path / "pruned", [6] * 6, 9.6, {0: 0.1, 2: 0.35, 4: 0.5}, 0.6)
+    rows, _ = summary_table([read_run("pruned", tmp_path / "pruned"), read_run("unpruned", tmp_path / "unpruned")])
+    assert rows[0]["speedup_to_target"] == pytest.approx(20 / 24) and rows[1]["speedup_to_target"] == 1.0
+
+
 def test_unfinished_runs_and_missed_targets(tmp_path):
     write_run(tmp_path / "unpruned", [10, 10], 16, {0: 0.1}, 0.5)
     write_run(tmp_path / "random", [5, 5], 8, {0: 0.1}, 0.2)

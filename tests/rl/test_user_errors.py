@@ -18,7 +18,6 @@ def fails_with(error: BaseException):
     "error, line",
     [
         (ValueError("keep=[6] must decrease within [1, N=4]"), "error: keep=[6] must decrease within [1, N=4]\n"),
-        (KeyError("no capture at step 2; the data has steps [3, 4]"), "error: no capture at step 2; the data has steps [3, 4]\n"),
         (OSError(errno.EADDRINUSE, "Address already in use"), "error: [Errno 98] Address already in use\n"),
     ],
 )  # fmt: skip
@@ -32,6 +31,8 @@ def test_a_bug_keeps_its_traceback_and_debug_shows_user_errors_too(monkeypatch):
     monkeypatch.delenv("GRPO_DEBUG", raising=False)
     with pytest.raises(ZeroDivisionError):
         run_cli(fails_with(ZeroDivisionError("a bug")))
+    with pytest.raises(KeyError):  # a missing key is a bug too
+        run_cli(fails_with(KeyError("capture_steps")))
     monkeypatch.setenv("GRPO_DEBUG", "1")
     with pytest.raises(ValueError):
         run_cli(fails_with(ValueError("shown with its traceback")))
