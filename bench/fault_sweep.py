@@ -138,6 +138,17 @@ def _write(folder: Path, name: str, text: str | bytes) -> Path:
     return path
 
 
+def _overwrite_beside_notes(folder: Path) -> list[str]:
+    output = finished_run(folder)
+    (output / "notes.txt").write_text("mine")
+    return ["--output_dir", str(output), "--overwrite_output_dir", "true", "--resume_from", ""]
+
+
+def _notes_kept_and_run_redone(folder: Path) -> bool:
+    notes = folder / "run" / "notes.txt"
+    return notes.is_file() and notes.read_text() == "mine" and steps_logged(folder / "run") == [1, 2]
+
+
 def _resume_to_3(output: Path) -> list[str]:
     """Resume the finished 2-step run in ``output`` for one more step."""
     return ["--output_dir", str(output), "--resume_from", "latest", "--max_steps", "3"]
@@ -461,6 +472,13 @@ CASES = [
     Case("branch_into_used_folder", "a branch from another run's checkpoint into a folder holding a run",
          _branch_into_used, "this is a branch of another run", "tests/rl/test_trainer.py",
          check=lambda f: (f / "other" / "metrics.jsonl").read_text() == OTHER_LOG, failed_check=LOST),
+    Case("config_without_flag", "a config file given without --config", lambda f: [str(ROOT / "configs" / "tiny_shapes.yaml")],
+         "--config", "tests/test_configs.py"),
+    Case("key_equals_value", "an override written key=value (other launchers' style)", lambda f: ["max_steps=1"],
+         "--max_steps 1", "tests/test_configs.py"),
+    Case("overwrite_beside_notes", "--overwrite_output_dir on a folder holding a run and the user's own notes",
+         _overwrite_beside_notes, None, "tests/rl/test_run_lock.py", _notes_kept_and_run_redone, failed_check=LOST,
+         warns="kept what is not the run's: notes.txt"),
     Case("overwrite_with_bad_resume", "--overwrite_output_dir with a resume_from that is no checkpoint (a typo)",
          lambda f: ["--output_dir", str(finished_run(f)), "--overwrite_output_dir", "true", "--resume_from",
                     str(f / "run" / "checkpoints" / "step-00000002" / "lora")], "not a checkpoint folder",
