@@ -42,7 +42,7 @@ import torch
 from rewards.base import RewardError
 from rewards.compose import build_reward_set
 from rewards.remote import RemoteReward, RemoteRewardError, encode_images
-from rewards.server import PNG_SIGNATURE
+from rewards.server import PNG_SIGNATURE, base_url
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKEN = "sweep-token-0123456789"
@@ -126,8 +126,7 @@ def served_in_thread(server: ThreadingHTTPServer) -> Iterator[str]:
     """``server`` serving in a thread while the block runs: its base URL; shut down and closed after."""
     threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
     try:
-        host, port = server.server_address[:2]
-        yield f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+        yield base_url(*server.server_address[:2])
     finally:
         server.shutdown()
         server.server_close()

@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from rewards.base import RewardImportError, load_reward
 from rewards.remote import TOKEN_ENV
-from rewards.server import ServerLimits, make_server
+from rewards.server import ServerLimits, address_family, make_server
 from rl.config_help import HelpFormatter
 from rl.user_errors import USER_ERRORS, run_cli
 
@@ -115,9 +115,8 @@ def reward_kwargs(text: str) -> dict:
 
 def check_address(host: str, port: int) -> None:
     """Bind ``host:port`` once, as the server will, so a bad host or a port in use fails before the reward loads."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
     try:
-        with socket.socket(family, socket.SOCK_STREAM) as probe:
+        with socket.socket(address_family(host), socket.SOCK_STREAM) as probe:
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as http.server does
             probe.bind((host, port))
     except OSError as error:

@@ -87,6 +87,16 @@ class ServerLimits:
                 raise ValueError(f"ServerLimits.{field.name} must be > 0, got {value}")
 
 
+def address_family(host: str) -> socket.AddressFamily:
+    """The socket family that binds ``host``: IPv6 for an IPv6 address (``::1``, ``::``), else IPv4."""
+    return socket.AF_INET6 if ":" in host else socket.AF_INET
+
+
+def base_url(host: str, port: int) -> str:
+    """``http://host:port``, an IPv6 address in brackets."""
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
 class Refused(Exception):
     """A request past a limit or malformed: ``status`` and the message the client gets."""
 
@@ -201,8 +211,7 @@ class RewardServer(ThreadingHTTPServer):
         self.limits = limits or ServerLimits()
         self.request_queue_size = self.limits.backlog  # listen() reads it in super().__init__
         self.workers = threading.BoundedSemaphore(self.limits.workers)
-        if ":" in host:  # an IPv6 address ("::1", "::"): the socket must be made for its family
-            self.address_family = socket.AF_INET6
+        self.address_family = address_family(host)  # read when super().__init__ makes the socket
         super().__init__((host, port), _Handler)
         self.reward, self.name = reward, name
         self.expected_auth = f"Bearer {check_token(token, 'the server token')}".encode() if token else None
@@ -210,8 +219,7 @@ class RewardServer(ThreadingHTTPServer):
 
     @property
     def url(self) -> str:
-        host, port = self.server_address[:2]
-        return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+        return base_url(*self.server_address[:2])
 
     def process_request(self, request: socket.socket, client_address: tuple) -> None:
         self.workers.acquire()  # every worker busy: stop accepting, so the next clients wait in the backlog
