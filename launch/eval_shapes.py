@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from rewards.shapes import CATEGORIES, PromptSpec, all_prompts, check
 from rl.config_help import HelpFormatter
+from rl.paths import missing_local_folder
 from rl.sampler import FluxSampler, encode_prompts
 from rl.user_errors import run_cli
 
@@ -98,13 +99,8 @@ def save_grid(specs: list[PromptSpec], scores: np.ndarray, images: torch.Tensor,
 
 
 def check_local_folder(option: str, value: str) -> None:
-    """Raise ValueError naming ``option`` when ``value`` is no folder here yet reads as a local path, not a hub id
-    (``owner/name``): loading it would fail with the hub's "Repo id must be in the form" instead."""
-    path = Path(value).expanduser()
-    if path.exists():
-        return
-    looks_local = value.startswith((".", "/", "~")) or value.count("/") != 1 or "\\" in value or path.parent.is_dir()
-    if looks_local:
+    """Raise ValueError naming ``option`` when ``value`` is a local folder that does not exist."""
+    if missing_local_folder(value):
         raise ValueError(f"{option} {value}: no such folder (a hub id reads owner/name)")
 
 

@@ -47,6 +47,7 @@ from rl.config_help import HelpFormatter
 from rl.data import Prompt, load_prompt_source
 from rl.inference import generate, load
 from rl.metrics_log import image_grid
+from rl.paths import missing_local_folder
 from rl.predictors import PREDICTORS
 from rl.sampler import native_size_warning
 from rl.seed_selection import best_of_n, full_best_of_n_cost, preview_grid
@@ -194,7 +195,7 @@ def main(argv: list[str] | None = None) -> Path:
         parser.error(f"--lora {args.lora} is a file: give the folder holding pytorch_lora_weights.safetensors")
     if args.lora and Path(args.lora).is_dir() and (Path(args.lora) / "lora").is_dir():
         parser.error(f"--lora {args.lora} is a run folder: give its LoRA export, {Path(args.lora) / 'lora'}")
-    if args.lora and not Path(args.lora).exists() and args.lora.count("/") != 1:  # not a hub id either
+    if args.lora and missing_local_folder(args.lora):
         parser.error(f"--lora {args.lora} does not exist: give a trainer export (<output_dir>/lora)")
     prompts = read_prompts(args.prompt, args.prompts, args.max_prompts)
     if not prompts:

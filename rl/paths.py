@@ -9,6 +9,15 @@ from pathlib import Path
 REPOSITORY = Path(__file__).resolve().parents[1]
 
 
+def missing_local_folder(value: str) -> bool:
+    """Whether ``value`` (a model or LoRA option) is no folder here yet reads as a local path, not a hub id
+    (``owner/name``): loading it would fail with the hub's "Repo id must be in the form" instead of naming it."""
+    path = Path(value).expanduser()
+    if path.exists():
+        return False
+    return value.startswith((".", "/", "~")) or value.count("/") != 1 or "\\" in value or path.parent.is_dir()
+
+
 def repository_hint(path: str | Path) -> str:
     """For a relative ``path`` missing from the current folder but present in the repository: a sentence naming
     both and the fix (to append to an error message); otherwise ''."""
