@@ -247,10 +247,8 @@ class TrainerPersistence:
         if failure is not None:
             raise failure
         raise PeerFailedError(
-            f"{failing} failed on another process (its message says why); the "
-            f"{self.state.step} steps done are checkpointed in {self.output_dir / 'checkpoints'}: fix the cause, then "
-            "continue with "
-            f"{self.relaunch}"
+            f"{failing} failed on another process (its message says why); the {self.state.step} steps done are "
+            f"checkpointed in {self.output_dir / 'checkpoints'}: fix the cause, then continue with {self.relaunch}"
         )
 
     @property
