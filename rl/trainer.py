@@ -265,6 +265,7 @@ class GRPOTrainer(TrainerPersistence):
                 self.optimise(batch, scored, advantages)  # PPO-clipped loss over the trained steps
                 self.state.step += 1
                 self.log_step(bar)
+                self.stop_if_diverged()
                 if cfg.eval.eval_every and self.state.step % cfg.eval.eval_every == 0 and not self.finished:
                     self.log_eval(self.evaluate())
                 stop = self.global_count(int(signals.received is not None)) > 0  # every process stops together
@@ -605,23 +606,29 @@ class GRPOTrainer(TrainerPersistence):
         self.state.transformer_calls += passes * self.objective.reference_forwards  # the KL references' forwards
 
     def count_skipped_updates(self, skipped: int, updated: bool) -> None:
-        """Log updates skipped for a non-finite gradient; after ``NONFINITE_STEPS_TO_STOP`` steps in a row with no
-        update at all, stop (checkpointing the intact LoRA first) instead of training on nothing."""
+        """Log updates skipped for a non-finite gradient and count the steps in a row with no update at all."""
         self.metrics.add("train/skipped_updates", skipped)
         if skipped and self.accelerator.is_main_process:
             logger.warning("step %d: %d update(s) skipped for a non-finite gradient", self.state.step + 1, skipped)
         self.state.nonfinite_steps = 0 if updated or not skipped else self.state.nonfinite_steps + 1
-        if self.state.nonfinite_steps >= NONFINITE_STEPS_TO_STOP:
-            self.stop_if_the_step_failed(
-                NonFiniteGradientError(
-                    f"the gradient was NaN or infinite in every update of the last {self.state.nonfinite_steps} "
-                    f"steps (to step {self.state.step + 1}), so none of them was applied; the run is checkpointed. "
-                    "Lower learning_rate or adv_clip_max, or try mixed_precision no, and continue from this checkpoint "
-                    "with --resume_from latest --allow_config_change true, or from an earlier one in "
-                    f"{self.output_dir / 'checkpoints'} with --resume_from <its folder> --allow_config_change true "
-                    "--output_dir <a new folder>"
-                )
-            )
+
+    def stop_if_diverged(self) -> None:
+        """After ``NONFINITE_STEPS_TO_STOP`` steps in a row with no update at all, stop (checkpointing the intact
+        LoRA first) instead of training on nothing. Called once the step is counted, so the checkpoint holds the
+        step whose counters and metrics it already has (a skipped step is a step done, as the ones before it)."""
+        if self.state.nonfinite_steps < NONFINITE_STEPS_TO_STOP:
+            return
+        self.stop_if_the_step_failed(
+            NonFiniteGradientError(
+                f"the gradient was NaN or infinite in every update of the last {self.state.nonfinite_steps} "
+                f"steps (to step {self.state.step}), so none of them was applied; the run is checkpointed. "
+                "Lower learning_rate or adv_clip_max, or try mixed_precision no, and continue from this checkpoint "
+                "with --resume_from latest --allow_config_change true, or from an earlier one in "
+                f"{self.output_dir / 'checkpoints'} with --resume_from <its folder> --allow_config_change true "
+                "--output_dir <a new folder>"
+            ),
+            what=f"step {self.state.step}",
+        )
 
     def policy_loss(self, embeds, rollouts: Rollouts, rows, step, advantages, weights):
         """The objective's loss of rollouts ``rows`` at denoising steps ``step`` (rl/objectives/)."""

@@ -13,7 +13,7 @@ import yaml
 from safetensors.torch import load_file
 
 from rl.batches import trained_steps
-from rl.checkpoint import write_manifest
+from rl.checkpoint import load_state_file, write_manifest
 from rl.config_parse import parse_config
 from rl.metrics_log import MetricsAccumulator
 from rl.sde import matching_log_prob
@@ -487,16 +487,29 @@ def test_a_non_finite_gradient_skips_the_update_and_three_steps_of_them_stop_the
     trainer.state.step, trainer.metrics = 1, MetricsAccumulator()  # as log_step starts each step afresh
     assert one_step(trainer)["train/skipped_updates"] == 0 and trainer.state.nonfinite_steps == 0
     assert not all(torch.equal(a, b) for a, b in zip(before, lora_state(trainer)))  # training goes on
-    poisoned[0] = True
-    for step in (2, 3):
-        trainer.state.step = step
-        one_step(trainer)
-    trainer.state.step = 4
-    with pytest.raises(NonFiniteGradientError, match=r"NaN or infinite in every update of the last 3 steps"):
-        one_step(trainer)
-    saved = load_file(tmp_path / "run" / "checkpoints" / "step-00000004" / "model.safetensors")
-    assert saved and all(torch.isfinite(v).all() for v in saved.values())  # checkpointed, intact
     trainer.cleanup()
+
+
+def test_three_steps_without_an_update_stop_the_run_with_those_steps_counted_and_checkpointed(pipeline_dir, tmp_path):
+    trainer = make_trainer(pipeline_dir, tmp_path, "--max_steps", "6", "--eval_before_training", "false")
+    loss = trainer.objective.loss
+    trainer.objective.loss = lambda *args: dataclasses.replace(loss(*args), loss=loss(*args).loss * math.nan)
+    before = lora_state(trainer)
+    with pytest.raises(
+        NonFiniteGradientError, match=r"NaN or infinite in every update of the last 3 steps \(to step 3\)"
+    ):
+        trainer.train()
+    trainer.cleanup()
+    run = tmp_path / "run"
+    assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-00000003"]
+    state = load_state_file(run / "checkpoints" / "step-00000003" / "trainer_state.pt")["state"]
+    # the checkpoint is of the 3 steps the counters hold: a resume does not count the third one twice
+    assert (state["step"], state["optimizer_steps"], state["nonfinite_steps"]) == (3, 0, 3)
+    assert state["images_seen"] == 3 * 2 * 4
+    saved = load_file(run / "checkpoints" / "step-00000003" / "model.safetensors")
+    assert saved and all(torch.isfinite(v).all() for v in saved.values())  # intact: no bad update applied
+    assert all(torch.equal(a, b) for a, b in zip(before, lora_state(trainer)))
 
 
 def test_a_size_far_from_the_models_is_warned_at_setup(pipeline_dir, tmp_path, caplog):
