@@ -73,13 +73,8 @@ class TrainerPersistence:
             except FOLDER_REFUSALS as error:
                 verdict = [(type(error).__name__, str(error))]
             except OSError as error:  # a read-only filesystem, a busy network folder: named, and every process stops
-                message = f"cannot prepare output_dir {self.output_dir} ({error}): set --output_dir to a folder you can write to"
-                verdict = [("PermissionError", message)]
-        if self.accelerator.num_processes > 1:
-            broadcast_object_list(verdict)  # every process stops, not only the main one
-        kind, message = verdict[0]
-        if kind:
-            raise {error.__name__: error for error in FOLDER_REFUSALS}[kind](message)
+                verdict = [("PermissionError", self.unwritable_output_dir(error))]
+        self.share_folder_verdict(verdict)
         # once: resolving verifies the checkpoint's manifest (hashing every file), and three places need it
         resume_path = resolve_resume(resume_from, self.output_dir)
         if resume_path is not None:  # changes what the run is: an error; safe ones: logged (rl/resume_policy.py)
@@ -96,9 +91,25 @@ class TrainerPersistence:
             if moved and self.accelerator.is_main_process:
                 logger.warning(moved)
         own = resume_path is not None and is_own_checkpoint(resume_path, self.output_dir)
+        verdict = [("", "")]
         if self.accelerator.is_main_process and not own:  # a fresh run, or a branch (started or started again)
-            (self.output_dir / CONFIG).write_text(yaml.safe_dump(cfg.flat(), sort_keys=False))
+            try:
+                (self.output_dir / CONFIG).write_text(yaml.safe_dump(cfg.flat(), sort_keys=False))
+            except OSError as error:  # a full disk: the others would otherwise wait for it at their first collective
+                verdict = [("PermissionError", self.unwritable_output_dir(error))]
+        self.share_folder_verdict(verdict)
         return resume_path
+
+    def unwritable_output_dir(self, error: OSError) -> str:
+        return f"cannot prepare output_dir {self.output_dir} ({error}): set --output_dir to a folder you can write to"
+
+    def share_folder_verdict(self, verdict: list[tuple[str, str]]) -> None:
+        """Every process raises the main process's verdict on the folder ((refusal type, message); empty: go on)."""
+        if self.accelerator.num_processes > 1:
+            broadcast_object_list(verdict)  # every process stops, not only the main one
+        kind, message = verdict[0]
+        if kind:
+            raise {error.__name__: error for error in FOLDER_REFUSALS}[kind](message)
 
     def save(self, directory: Path) -> None:
         """Export the LoRA (EMA weights when enabled and ``save_ema``) in diffusers format; every process waits."""

@@ -329,6 +329,10 @@ def test_a_folder_that_cannot_be_written_is_named_before_the_model_loads(pipelin
         PermissionError, match=r"cannot prepare output_dir .*run \(.*Read-only file system.*--output_dir"
     ):
         make_trainer(pipeline_dir, tmp_path)
+    monkeypatch.undo()
+    (tmp_path / "run" / "config.yaml").mkdir(parents=True)  # written after the resume checks: shared alike
+    with pytest.raises(PermissionError, match=r"cannot prepare output_dir .*run \(.*config\.yaml.*--output_dir"):
+        make_trainer(pipeline_dir, tmp_path)
 
 
 def test_resume_refuses_changes_to_what_the_run_is_and_logs_safe_ones(pipeline_dir, tmp_path, caplog):
