@@ -29,23 +29,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from rewards.base import RewardImportError, load_reward
 from rewards.remote import TOKEN_ENV
-from rewards.server import ServerLimits, address_family, make_server
+from rewards.server import LIMIT_BOUNDS, ServerLimits, address_family, limit_violation, make_server
 from rl.config_help import HelpFormatter
 from rl.user_errors import USER_ERRORS, run_cli
 
 LIMITS = ServerLimits()
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "WARN", "ERROR", "CRITICAL")
-# each limit option's bound (0 where it would start a server that refuses or drops every request) and its reason
-BOUNDS = {
-    "max_body_mb": (">", 0, "the largest request body in MiB; it must hold a request's images"),
-    "max_images": (">=", 1, "a request of more images is refused"),
-    "max_pixels": (">=", 1, "an image of more pixels is refused"),
-    "max_json_depth": (">=", 3, "a request nests 3 levels before its metadata does"),
-    "max_json_items": (">=", 3, "a request's JSON holds at least 3 commas and colons"),
-    "read_timeout": (">", 0, "seconds a client has to send its whole request"),
-    "workers": (">=", 1, "requests are served by that many threads"),
-    "backlog": (">=", 0, "connections queued while every worker is busy"),
-}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -96,10 +85,11 @@ def check_args(args: argparse.Namespace) -> None:
     """Raise ValueError, naming the option and the fix, for a value that would start a useless server."""
     if not 0 <= args.port <= 65535:
         raise ValueError(f"--port must be 0-65535 (0 picks a free port), got {args.port}")
-    for name, (op, bound, meaning) in BOUNDS.items():
-        value = getattr(args, name)
-        if not (value > bound if op == ">" else value >= bound):  # NaN fails both
-            raise ValueError(f"--{name} must be {op} {bound} ({meaning}), got {value}")
+    for field in LIMIT_BOUNDS:
+        option = "max_body_mb" if field == "max_body_bytes" else field  # the body's option is in MiB
+        problem = limit_violation(field, getattr(args, option))
+        if problem:
+            raise ValueError(f"--{option} {problem}")
 
 
 def reward_kwargs(text: str) -> dict:

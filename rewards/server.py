@@ -77,14 +77,31 @@ class ServerLimits:
     backlog: int = 128
 
     def __post_init__(self) -> None:
-        # 0 workers would accept connections and never answer one; 0 of any other bound (but the backlog) would
-        # refuse or drop every request
         for field in dataclasses.fields(self):
-            value = getattr(self, field.name)
-            if field.name == "backlog" and not value >= 0:
-                raise ValueError(f"ServerLimits.backlog must be >= 0, got {value}")
-            if field.name != "backlog" and not value > 0:  # NaN fails too
-                raise ValueError(f"ServerLimits.{field.name} must be > 0, got {value}")
+            problem = limit_violation(field.name, getattr(self, field.name))
+            if problem:
+                raise ValueError(f"ServerLimits.{field.name} {problem}")
+
+
+# each limit's bound (0 where a server would refuse or drop every request) and its reason
+LIMIT_BOUNDS = {
+    "max_body_bytes": (">", 0, "the largest request body; it must hold a request's images"),
+    "max_images": (">=", 1, "a request of more images is refused"),
+    "max_pixels": (">=", 1, "an image of more pixels is refused"),
+    "max_json_depth": (">=", 3, "a request nests 3 levels before its metadata does"),
+    "max_json_items": (">=", 3, "a request's JSON holds at least 3 commas and colons"),
+    "read_timeout": (">", 0, "seconds a client has to send its whole request"),
+    "workers": (">=", 1, "requests are served by that many threads"),
+    "backlog": (">=", 0, "connections queued while every worker is busy"),
+}
+
+
+def limit_violation(name: str, value: float) -> str | None:
+    """What is wrong with ``value`` for limit ``name`` ("must be >= 1 (why), got 0"), or None when it is valid."""
+    op, bound, meaning = LIMIT_BOUNDS[name]
+    if value > bound if op == ">" else value >= bound:  # NaN fails both
+        return None
+    return f"must be {op} {bound} ({meaning}), got {value}"
 
 
 def address_family(host: str) -> socket.AddressFamily:

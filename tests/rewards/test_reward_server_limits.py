@@ -359,10 +359,14 @@ def test_the_script_takes_only_known_log_levels(launch_script, capsys):
     assert exit_.value.code == 2 and "argument --log_level: invalid choice: 'LOUD'" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("field", ["workers", "max_images", "max_body_bytes", "read_timeout"])
-def test_server_limits_refuse_a_zero_bound(field):
-    with pytest.raises(ValueError, match=f"ServerLimits.{field} must be > 0, got 0"):
-        ServerLimits(**{field: 0})
+@pytest.mark.parametrize(
+    "field, value, bound",
+    [("workers", 0, ">= 1"), ("max_images", 0, ">= 1"), ("max_body_bytes", 0, "> 0"), ("read_timeout", 0, "> 0"),
+     ("max_json_depth", 2, ">= 3"), ("backlog", -1, ">= 0")],
+)  # fmt: skip
+def test_server_limits_refuse_what_the_script_refuses(field, value, bound):
+    with pytest.raises(ValueError, match=rf"ServerLimits.{field} must be {bound} \(.*\), got {value}$"):
+        ServerLimits(**{field: value})
 
 
 def test_the_script_run_as_a_command_prints_one_error_line_and_exits_2():
