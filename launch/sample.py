@@ -50,7 +50,7 @@ from rl.metrics_log import image_grid
 from rl.paths import missing_local_folder
 from rl.predictors import PREDICTORS
 from rl.sampler import native_size_warning
-from rl.seed_selection import best_of_n, full_best_of_n_cost, preview_grid
+from rl.seed_selection import best_of_n, capture_steps_valid, full_best_of_n_cost, keeps_valid, preview_grid
 from rl.user_errors import run_cli
 
 
@@ -118,12 +118,10 @@ def check_best_of(parser: argparse.ArgumentParser, args: argparse.Namespace, arg
         parser.error(f"--best_of {n} samples seeds 0..{n - 1}: leave out --seeds")
     if len(keep) != len(steps):
         parser.error(f"--keep {' '.join(map(str, keep))}: give one per --capture_step ({' '.join(map(str, steps))})")
-    if sorted(set(keep), reverse=True) != keep or not 1 <= keep[-1] <= keep[0] <= n:
+    if not keeps_valid(keep, n):
         parser.error(f"--keep {' '.join(map(str, keep))} must decrease within [1, --best_of {n}]")
     predictor = PREDICTORS[args.predictor]
-    if not predictor.finishes_rollouts and (
-        sorted(set(steps)) != steps or not 1 <= steps[0] <= steps[-1] < args.num_steps
-    ):
+    if not predictor.finishes_rollouts and not capture_steps_valid(steps, args.num_steps - 1):
         parser.error(
             f"--capture_step {' '.join(map(str, steps))} must increase within [1, --num_steps - 1 = {args.num_steps - 1}]"
         )

@@ -180,6 +180,16 @@ def as_list(value: Item | Sequence[Item]) -> list[Item]:
     return list(value) if isinstance(value, Sequence) else [value]
 
 
+def keeps_valid(keeps: list[int], n: int) -> bool:
+    """A funnel's survivors per stage: strictly decreasing within [1, n]."""
+    return sorted(set(keeps), reverse=True) == keeps and 1 <= keeps[-1] <= keeps[0] <= n
+
+
+def capture_steps_valid(steps: list[int], last: int) -> bool:
+    """A funnel's capture steps: strictly increasing within [1, last]."""
+    return sorted(set(steps)) == steps and 1 <= steps[0] <= steps[-1] <= last
+
+
 class SeedSelector:
     """Best-of-N sampling with early stopping by a predictor, once or as a funnel (see the module docstring).
 
@@ -212,7 +222,7 @@ class SeedSelector:
         if len(predictors) != len(steps):
             raise ValueError(f"{len(predictors)} predictors for {len(steps)} capture steps: give one per stage")
         steps = [sampler.num_steps if p.finishes_rollouts else k for p, k in zip(predictors, steps)]
-        if not all(1 <= k <= sampler.num_steps for k in steps) or sorted(set(steps)) != steps:
+        if not capture_steps_valid(steps, sampler.num_steps):
             raise ValueError(f"capture_step={steps} must increase within [1, T={sampler.num_steps}]")
         for p in predictors:
             if p.scores_with_reward and reward is None:
@@ -249,7 +259,7 @@ class SeedSelector:
         count, n = len(prompts), len(seeds)
         if len(keeps) != len(self.capture_steps):
             raise ValueError(f"keep={keeps}: give one per capture step {self.capture_steps}")
-        if sorted(set(keeps), reverse=True) != keeps or not 1 <= keeps[-1] <= keeps[0] <= n:
+        if not keeps_valid(keeps, n):
             raise ValueError(f"keep={keeps} must decrease within [1, N={n}]")
         device = next(self.sampler.transformer.parameters()).device
         prompt_index = torch.arange(count).repeat_interleave(n)
