@@ -43,7 +43,7 @@ from diffusers import FluxPipeline
 from PIL import Image
 
 from rewards.shapes import all_prompts
-from rl.config_help import HelpFormatter
+from rl.config_help import HelpFormatter, option_names
 from rl.data import Prompt, load_prompt_source
 from rl.inference import generate, load
 from rl.metrics_log import image_grid
@@ -105,7 +105,7 @@ SELECTION_OPTIONS = ("keep", "predictor", "capture_step", "lookahead_steps", "pr
 def check_best_of(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: list[str] | None) -> None:
     """The best-of-N options, checked before the model loads (FLUX.1-dev takes minutes): each mistake is one line
     naming the option."""
-    given = {a.split("=")[0].lstrip("-") for a in (sys.argv[1:] if argv is None else argv) if a.startswith("--")}
+    given = set(option_names(sys.argv[1:] if argv is None else argv))
     if not args.best_of:
         stray = sorted(given & set(SELECTION_OPTIONS))
         if stray:

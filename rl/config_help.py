@@ -62,6 +62,11 @@ def describe_field(field: dataclasses.Field, annotation: Any, default: Any, vali
     return f"{head}\n{body}" if meaning else head
 
 
+def option_names(args: Sequence[str]) -> list[str]:
+    """The option names of a command line, as typed: ``--max_steps=3 --lr 1e-4 x`` -> ``["max_steps", "lr"]``."""
+    return [arg[2:].split("=", 1)[0] for arg in args if arg.startswith("--")]
+
+
 class ConfigParser(TrlParser):
     """``trl.TrlParser`` whose ``--help`` lists the dataclasses' fields section by section.
 
@@ -85,7 +90,7 @@ class ConfigParser(TrlParser):
         """TrlParser's, remembering which config file and which command-line keys it read (for :meth:`error`)."""
         args = list(sys.argv[1:] if args is None else args)
         self.config_file = args[args.index("--config") + 1] if "--config" in args else None
-        self.command_line_keys = {arg[2:].split("=", 1)[0] for arg in args if arg.startswith("--")}
+        self.command_line_keys = set(option_names(args))
         return super().parse_args_and_config(args, **kwargs)
 
     def error(self, message: str) -> NoReturn:

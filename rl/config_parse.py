@@ -16,6 +16,7 @@ from typing import Any
 import yaml
 
 from rl.config import RunConfig
+from rl.config_help import option_names
 from rl.paths import REPOSITORY, repository_hint
 
 # what a launch without --config runs (`make train`'s): the dataclass defaults fit the tiny model's sizes, but
@@ -59,11 +60,9 @@ def check_flags(args: list[str], known: Iterable[str]) -> None:
         ValueError: naming the key and a close match.
     """
     known = set(known)
-    for arg in args:
-        if arg.startswith("--") and arg not in ("--config", "--help"):
-            key = arg[2:].split("=", 1)[0]
-            if key.replace("-", "_") not in known:  # --max-steps is --max_steps's alias
-                raise _unknown_key_error(key, "the command line", known)
+    for key in option_names(args):
+        if key not in ("config", "help") and key.replace("-", "_") not in known:  # --max-steps: --max_steps's alias
+            raise _unknown_key_error(key, "the command line", known)
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
