@@ -54,12 +54,11 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from rl.distributed import is_deepspeed, is_fsdp
+from rl.run_files import CHECKPOINTS, CONFIG, LORA, METRICS, SUMMARY
 
 logger = logging.getLogger(__name__)
 
-CHECKPOINTS = "checkpoints"
 TRAINER_STATE = "trainer_state.pt"
-CONFIG = "config.yaml"  # the run's config, in the run folder (as started) and in each checkpoint (as trained)
 _NAME = re.compile(r"^step-(\d{8})$")
 
 
@@ -189,10 +188,10 @@ def _step_number(path: Path) -> int | None:
 def holds_a_run(output_dir: str | Path) -> bool:
     """Whether ``output_dir`` holds a run's work: logged steps, a summary or checkpoints."""
     output_dir = Path(output_dir)
-    log = output_dir / "metrics.jsonl"
+    log = output_dir / METRICS
     return (
         (log.is_file() and log.stat().st_size > 0)
-        or (output_dir / "summary.json").is_file()
+        or (output_dir / SUMMARY).is_file()
         or bool(list_checkpoints(output_dir))
     )
 
@@ -459,7 +458,7 @@ def save_checkpoint(
                 (tmp / CONFIG).write_text(yaml.safe_dump(config, sort_keys=False))
 
     def export() -> None:  # its own phase: under FSDP and ZeRO-3 the export gathers the LoRA (a collective), which a
-        export_lora(tmp / "lora")  # process whose own write failed must not skip while the others wait in it
+        export_lora(tmp / LORA)  # process whose own write failed must not skip while the others wait in it
 
     def seal() -> None:
         if accelerator.is_main_process:

@@ -21,6 +21,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from rl.run_files import METRICS, SAMPLES
+
 logger = logging.getLogger(__name__)
 
 
@@ -123,7 +125,7 @@ class MetricsLogger:
         run_name: str | None = None,
         config: dict | None = None,
     ) -> None:
-        self.path = Path(output_dir) / "metrics.jsonl"
+        self.path = Path(output_dir) / METRICS
         self.is_main_process = is_main_process
         self.started = time.time()
         self._wandb = None
@@ -184,7 +186,7 @@ class MetricsLogger:
             from PIL import Image
 
             grid = Image.fromarray(image_grid(images, columns))
-            path = self.path.parent / "samples" / f"{key.replace('/', '_')}-{step:06d}.png"
+            path = self.path.parent / SAMPLES / f"{key.replace('/', '_')}-{step:06d}.png"
             path.parent.mkdir(parents=True, exist_ok=True)
             grid.save(path)
             if self._wandb is not None:

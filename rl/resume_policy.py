@@ -16,8 +16,8 @@ from typing import Any
 
 import yaml
 
-from rl.checkpoint import CONFIG
 from rl.config import RunConfig
+from rl.run_files import CONFIG, CONFIG_HISTORY
 
 # Keys a resumed run may change: budgets, evaluation cadence, logging and checkpointing. Any other key changes
 # what the run is (model, data, reward, sampler, objective, optimiser, LoRA, pruning), so resuming with another
@@ -85,7 +85,7 @@ def check_resumed_config(
     changes = {**safe, **unsafe}
     if record:
         entry = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "changes": {k: list(v) for k, v in changes.items()}}
-        with (output_dir / "config_history.jsonl").open("a") as history:
+        with (output_dir / CONFIG_HISTORY).open("a") as history:
             history.write(json.dumps(entry) + "\n")
     return changes
 

@@ -17,6 +17,8 @@ import socket
 import time
 from pathlib import Path
 
+from rl.run_files import RUN_ENTRIES
+
 LOCK_NAME = ".run.lock"
 
 logger = logging.getLogger(__name__)
@@ -64,12 +66,6 @@ def release_output_dir(output_dir: Path) -> None:
     fd = _HELD.pop((output_dir / LOCK_NAME).resolve(), None)
     if fd is not None:
         os.close(fd)  # closing the descriptor releases the flock
-
-
-# what a run writes into its output_dir (rl/trainer_persistence.py, rl/checkpoint.py, rl/metrics_log.py: its
-# samples/ and wandb's offline wandb/): all that overwrite_output_dir deletes
-RUN_ENTRIES = ("checkpoints", "lora", "samples", "wandb", "metrics.jsonl", "summary.json", "config.yaml",
-               "config_history.jsonl", "metrics.before-*.jsonl", "summary.before-*.json")  # fmt: skip
 
 
 def clear_output_dir(output_dir: Path) -> list[str]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-SUMMARY_FILE = "summary.json"
+from rl.run_files import SUMMARY
 
 
 def held_out_summary(
@@ -38,12 +38,12 @@ def held_out_summary(
 
 
 def write_summary(output_dir: Path, summary: dict) -> None:
-    (output_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=1))
+    (output_dir / SUMMARY).write_text(json.dumps(summary, indent=1))
 
 
 def finished_summary(output_dir: Path, step: int) -> dict | None:
     """The summary of the run in ``output_dir`` if it finished at or after ``step`` (a run that was written before
     its trained end was checkpointed resumes from an earlier step and is not finished), else None."""
-    path = output_dir / SUMMARY_FILE
+    path = output_dir / SUMMARY
     summary = json.loads(path.read_text()) if path.is_file() else {}
     return summary if summary.get("steps", -1) >= step else None

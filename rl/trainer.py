@@ -60,6 +60,7 @@ from rl.predictors import PredictionCost
 from rl.prompt_skip import FlatPromptHistory
 from rl.pruned_rollout import PrunedRollout
 from rl.pruning import trained_step_weights
+from rl.run_files import LORA
 from rl.run_lock import release_output_dir
 from rl.sampler import FluxSampler, Rollouts, StepObserver, encode_prompts, native_size_warning
 from rl.schedule import lr_factor
@@ -285,7 +286,7 @@ class GRPOTrainer(TrainerPersistence):
         self.log_eval(self.final_eval, prefix="final_eval")
         self.write_summary()
         if cfg.checkpoint.save_lora:
-            self.save(self.output_dir / "lora")
+            self.save(self.output_dir / LORA)
         return self.final_eval
 
     def cleanup(self, peers_alive: bool = True) -> None:

@@ -19,7 +19,6 @@ import yaml
 from accelerate.utils import broadcast_object_list
 
 from rl.checkpoint import (
-    CONFIG,
     effective_resume_from,
     is_own_checkpoint,
     load_checkpoint,
@@ -32,6 +31,7 @@ from rl.distributed import PeerFailedError
 from rl.lora import save_lora
 from rl.metrics_log import MetricsAccumulator
 from rl.resume_policy import check_resumed_config, schedule_moved
+from rl.run_files import CONFIG, METRICS, SUMMARY, set_aside
 from rl.run_lock import OutputDirInUseError, clear_output_dir, lock_output_dir
 from rl.run_summary import finished_summary, held_out_summary, write_summary
 from rl.train_state import TrainState
@@ -158,16 +158,16 @@ class TrainerPersistence:
         if path is None:
             if self.config.checkpoint.resume_from:
                 self.info("resume_from=%s: no checkpoint yet, starting fresh", self.config.checkpoint.resume_from)
-                log, summary = self.output_dir / "metrics.jsonl", self.output_dir / "summary.json"
+                log, summary = self.output_dir / METRICS, self.output_dir / SUMMARY
                 stamp = time.strftime("%Y%m%d-%H%M%S")
                 if self.accelerator.is_main_process and log.is_file() and log.stat().st_size > 0:
-                    kept = log.with_name(f"metrics.before-{stamp}.jsonl")
+                    kept = log.with_name(set_aside(METRICS, stamp))
                     shutil.copyfile(log, kept)  # the run it cannot resume is restarted, its log kept
                     logger.warning(
                         "no checkpoint to resume in %s: its earlier log is kept as %s", self.output_dir, kept
                     )
                 if self.accelerator.is_main_process and summary.is_file():  # else a later resume of the new run
-                    summary.rename(summary.with_name(f"summary.before-{stamp}.json"))  # would report the old one
+                    summary.rename(summary.with_name(set_aside(SUMMARY, stamp)))  # would report the old one
             self.log.resume(step=-1, elapsed_s=0.0)  # a fresh run in a used output_dir must not append to its log
             return
         trainer_state, rank_state = load_checkpoint(self.accelerator, path, self.model, self.optimizer)
