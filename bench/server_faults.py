@@ -179,6 +179,35 @@ def dying(posts: list) -> type[BaseHTTPRequestHandler]:
     return Handler
 
 
+def flaky(posts: list, every: int) -> type[BaseHTTPRequestHandler]:
+    """A server that passes its health check, then answers every ``every``-th POST with HTTP 503 and the others
+    with a score of 0.5 per image (an overloaded proxy in front of a healthy reward); ``posts`` gets each status."""
+    lock = threading.Lock()
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):
+            self._send(200, {"status": "ok", "reward": "flaky"})
+
+        def do_POST(self):
+            count = len(json.loads(self.rfile.read(int(self.headers["Content-Length"])))["images"])
+            with lock:
+                posts.append(503 if (len(posts) + 1) % every == 0 else 200)
+                status = posts[-1]
+            self._send(status, {"scores": {"score": [0.5] * count}} if status == 200 else {"error": "busy"})
+
+        def _send(self, status: int, answer: dict) -> None:
+            body = json.dumps(answer).encode()
+            self.send_response(status)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    return Handler
+
+
 def hostile(status: int, body: bytes, announced: int | None = None) -> type[BaseHTTPRequestHandler]:
     """A server that passes its health check, then answers every POST with ``status`` and ``body``; ``announced``
     bytes of zeros instead, when given (announced in Content-Length, or with ``announced < 0`` sent unannounced

@@ -155,6 +155,16 @@ class RewardSet:
             raise ValueError(f"reward component names must be unique, got {names}")
         if failure_policy not in FAILURE_POLICIES:
             raise ValueError(f"reward_failure_policy must be one of {FAILURE_POLICIES}, got {failure_policy!r}")
+        for name, reward, _ in components:  # a client still retrying when the set calls it hung stops a healthy run
+            longest = getattr(reward, "longest_request_s", 0.0)
+            if timeout_s and longest > timeout_s:
+                raise ValueError(
+                    f"reward {name!r}: one request may take {longest:g} s with its retries (timeout x (retries + 1) "
+                    f"plus the backoffs), longer than the {timeout_s:g} s a batch's scores are waited for "
+                    "(reward_timeout_s; with several processes at most half of distributed_timeout_s), so the run "
+                    "would stop as hung while the client still retries: lower timeout or retries in its "
+                    "reward_kwargs, or raise reward_timeout_s"
+                )
         self.components = components
         self.failure_policy = failure_policy
         self.max_failed_batches = max_failed_batches

@@ -13,9 +13,11 @@ A server started with a token (``$REWARD_SERVER_TOKEN``) answers only requests c
 :class:`RemoteReward` (registered as ``remote``) is the client: it sends batches of ``batch_size`` images,
 gives each request ``timeout`` seconds in all (connecting, sending, and every byte of the answer) and retries
 connection failures, timeouts and HTTP 429/502/503/504 with exponential backoff (``backoff``, 2x, 4x, ...
-seconds). ``retries`` is a budget per scoring step (:func:`~rewards.base.scoring_step`: a training step of the
-reward set, every batch its threads score and their group-by-group retries), and a server given up on is not asked again in that step, so a server
-that is down costs one failed step, not one per group. :meth:`RemoteReward.check_health`, called when the reward
+seconds), at most ``retries`` times per request. ``retries`` also bounds the failures in a row of a whole scoring
+step (:func:`~rewards.base.scoring_step`: a training step of the reward set, every batch its threads score and
+their group-by-group retries; any answer starts the count again), and a server given up on is not asked again
+in that step, so a server that is down costs one failed step, not one per group, while one that now and then
+fails an attempt (an overloaded proxy's 503) keeps scoring. :meth:`RemoteReward.check_health`, called when the reward
 set is built, fails the run at setup when the server is down, refuses the token or takes fewer images per request
 than ``batch_size``. Images travel as 8-bit PNG, so the server scores exactly what ``to_pil`` would give a local
 reward.
@@ -144,12 +146,15 @@ _BUDGET_LOCK = threading.Lock()
 
 @dataclasses.dataclass
 class _StepBudget:
-    """What one scoring step has left of a client's retries, and why it gave the server up, once it has (the
-    reward set's threads share it within a training step)."""
+    """The retries one scoring step has left since the server last answered, and why it gave the server up, once
+    it has (the reward set's threads share it within a training step)."""
 
     retries: int
     gave_up: str = ""
     lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
+
+    def __post_init__(self) -> None:
+        self.full = self.retries
 
     def take_retry(self) -> bool:
         """Spend one retry if one is left."""
@@ -158,6 +163,11 @@ class _StepBudget:
                 return False
             self.retries -= 1
             return True
+
+    def answered(self) -> None:
+        """The server answered: the failures before were blips, not a server that is down."""
+        with self.lock:
+            self.retries = self.full
 
 
 @register("remote")
@@ -168,9 +178,9 @@ class RemoteReward:
         url: the server's base URL, e.g. ``http://gpu-node-3:8000`` (a trailing ``/score`` is ignored).
         timeout: seconds one request (a batch of ``batch_size`` images) may take in all, from connecting to the
             last byte of the answer.
-        retries: further attempts after a connection failure, a timeout or HTTP 429/502/503/504; a budget per
-            scoring step (a training step of the reward set: all its batches and group-by-group retries), not per
-            request.
+        retries: further attempts of a request after a connection failure, a timeout or HTTP 429/502/503/504; also
+            the failures in a row (since the server last answered) after which a scoring step (a training step
+            of the reward set: all its batches and group-by-group retries) gives the server up.
         backoff: seconds before the first retry; doubled for each next one.
         batch_size: images per request; at most the server's ``--max_images``.
         headers: extra HTTP headers (e.g. for a proxy in front of the server).
@@ -201,6 +211,11 @@ class RemoteReward:
         token = os.environ.get(token_env, "")
         auth = {"Authorization": f"Bearer {check_token(token, '$' + token_env)}"} if token else {}
         self.headers = {"Content-Type": "application/json", **auth, **(headers or {})}
+
+    @property
+    def longest_request_s(self) -> float:
+        """How long one request can take with its retries: every attempt timing out, and the backoffs between."""
+        return (self.retries + 1) * self.timeout + self.backoff * (2**self.retries - 1)
 
     def __call__(self, images: torch.Tensor, prompts: list[str], metadata: list[dict]) -> dict[str, torch.Tensor]:
         chunks: dict[str, list[torch.Tensor]] = {}
@@ -277,6 +292,7 @@ class RemoteReward:
                 problem = str(error)
             else:
                 if status == 200:
+                    budget.answered()
                     return raw
                 if status not in RETRY_STATUS:
                     hint = self._hint(status) or "Check the server's log and its reward"
@@ -285,15 +301,17 @@ class RemoteReward:
                         "(the client does not retry this)."
                     )
                 problem = f"HTTP {status}: {_detail(raw, status)}"
-            if not budget.take_retry():
+            if attempts > self.retries or not budget.take_retry():
                 break
             logger.warning("remote reward %s: attempt %d failed (%s); retrying", self.url, attempts, problem)
             time.sleep(self.backoff * 2 ** (attempts - 1))
         budget.gave_up = problem
-        spent = " (earlier requests of this step spent the rest)" if attempts <= self.retries else ""
+        spent = (
+            " (other requests of this step failed the rest of the retries in a row)" if attempts <= self.retries else ""
+        )
         raise RemoteRewardError(
             f"remote reward at {self.url} failed on all {attempts} attempts{spent} (retries={self.retries} per "
-            f"step, backoff {self.backoff} s, doubling): {problem}. Is the server running and reachable "
+            f"request and in a row per step, backoff {self.backoff} s, doubling): {problem}. Is the server running and reachable "
             "(python launch/reward_server.py --reward <spec> --host 0.0.0.0 --port <port>)? If it is just slow, "
             "raise the remote reward's timeout or lower its batch_size in reward_kwargs."
         )

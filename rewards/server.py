@@ -32,6 +32,7 @@ import hmac
 import io
 import json
 import logging
+import select
 import socket
 import struct
 import threading
@@ -253,6 +254,16 @@ class RewardServer(ThreadingHTTPServer):
             self.workers.release()
 
 
+def client_gone(connection: socket.socket) -> bool:
+    """Whether the peer closed ``connection`` (read without consuming: a waiting client has nothing more to send,
+    one that gave up has sent its FIN)."""
+    try:
+        readable, _, _ = select.select([connection], [], [], 0)  # recv would wait out the socket's timeout
+        return bool(readable) and connection.recv(1, socket.MSG_PEEK) == b""
+    except OSError:  # reset by the peer
+        return True
+
+
 class _Handler(BaseHTTPRequestHandler):
     server: RewardServer
 
@@ -298,11 +309,17 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(refused.status, {"error": str(refused)})
             return
         del raw
-        self._send(*self._score(images, prompts, metadata))
+        answer = self._score(images, prompts, metadata)
+        if answer is not None:
+            self._send(*answer)
 
-    def _score(self, encoded: list[str], prompts: list[str], metadata: list[dict]) -> tuple[int, dict]:
+    def _score(self, encoded: list[str], prompts: list[str], metadata: list[dict]) -> tuple[int, dict] | None:
+        """The answer to a scoring request, or None when its client left while it waited for the reward."""
         name = self.server.name
         with self.server.lock:  # decoding too, so one request's pixels are in memory at a time
+            if client_gone(self.connection):  # it timed out and retried: scoring it would only delay the retry
+                logger.info("skipped a request from %s: its client closed the connection", self.client_address[0])
+                return None
             try:
                 images = decode_images(encoded)
             except ValueError as error:

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from PIL import Image
 
 from bench.server_faults import (
@@ -29,6 +30,7 @@ from bench.server_faults import (
     TOKEN,
     concurrent_clients,
     dying,
+    flaky,
     hostile,
     peak_rss_mb,
     png_bomb,
@@ -43,6 +45,8 @@ from rewards.compose import RewardSet, build_reward_set
 from rewards.remote import RemoteReward, RemoteRewardError
 from rewards.server import ServerLimits
 from rl.user_errors import run_cli
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def mean_reward(images, prompts, metadata):
@@ -293,6 +297,51 @@ def test_a_training_step_of_several_batches_on_several_threads_has_one_retry_bud
             [rewards.submit(images, prompts, [{}] * 6, group_ids=groups).result() for _ in range(4)]
     assert len(posts) <= 9 and time.perf_counter() - start < 5
     rewards.close()
+
+
+def test_a_server_that_now_and_then_fails_an_attempt_keeps_scoring_the_step(serve, images):
+    """Retries that succeed give the step its budget back: only failures in a row give a server up (one that is
+    down still costs one step: the test above)."""
+    posts: list = []
+    remote = {"url": serve(handler=flaky(posts, every=3)), "retries": 1, "backoff": 0.01}
+    rewards = build_reward_set("remote", kwargs={"remote": remote}, failure_policy="drop_group")
+    with rewards.step():
+        results = [rewards.submit(images, [f"p{i}" for i in range(6)], [{}] * 6).result() for _ in range(12)]
+    # every third POST failed, each retried once with success (before: the second 503 gave the server up, and
+    # the step dropped every chunk from there on)
+    assert (len(posts), posts.count(503)) == (17, 5) and all(r.dropped_groups == 0 for r in results)
+    rewards.close()
+
+
+def test_a_request_whose_client_gave_up_is_not_scored(serve, images):
+    """A retry does not queue a second scoring of the same images behind the first: the server skips a request
+    whose client closed the connection while it waited for the reward."""
+    calls = []
+
+    def slow(images, prompts, metadata):
+        calls.append(prompts[0])
+        time.sleep(0.5)
+        return mean_reward(images, prompts, metadata)
+
+    url = serve(slow)
+    first = threading.Thread(target=RemoteReward(url, timeout=10), args=(images, ["first"] * 6, [{}] * 6))
+    first.start()
+    time.sleep(0.1)  # the first request holds the reward
+    with pytest.raises(RemoteRewardError, match="no answer within timeout=0.2 s"):
+        RemoteReward(url, timeout=0.2, retries=0)(images, ["second"] * 6, [{}] * 6)
+    first.join()
+    time.sleep(0.2)
+    assert calls == ["first"]
+
+
+def test_a_retry_schedule_longer_than_the_sets_wait_is_refused_when_the_set_is_built():
+    remote = RemoteReward("http://127.0.0.1:9", timeout=300, retries=3)  # configs/flux_dev_geneval.yaml's old one
+    assert remote.longest_request_s == 4 * 300 + 7
+    with pytest.raises(ValueError, match=r"one request may take 1207 s .* longer than the 900 s .*reward_timeout_s"):
+        RewardSet([("remote", remote, 1.0)], timeout_s=900)
+    RewardSet([("remote", remote, 1.0)], timeout_s=0).close()  # no limit: nothing to outlive
+    shipped = yaml.safe_load((ROOT / "configs" / "flux_dev_geneval.yaml").read_text())
+    RewardSet([("remote", RemoteReward(**shipped["reward_kwargs"]["remote"]), 1.0)], timeout_s=900).close()
 
 
 REFUSED_AT_STARTUP = [
