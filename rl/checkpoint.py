@@ -123,15 +123,22 @@ def resolve_resume(resume_from: str | None, output_dir: str | Path) -> Path | No
 
     Raises:
         FileNotFoundError: a path that is not a checkpoint folder (named in the message).
+        ValueError: the checkpoint named is damaged, or with ``latest`` every checkpoint of the run is.
     """
     if not resume_from:
         return None
     if resume_from == "latest":  # the newest intact one: a damaged latest is named and skipped
-        for path in reversed(list_checkpoints(output_dir)):
+        checkpoints = list_checkpoints(output_dir)
+        for path in reversed(checkpoints):
             damage = checkpoint_damage(path)
             if not damage:
                 return path
             logger.warning("checkpoint %s is damaged (%s): trying the one before it", path, "; ".join(damage))
+        if checkpoints:  # not "none yet": starting afresh would set the run aside without a word
+            raise ValueError(
+                f"every checkpoint in {Path(output_dir) / CHECKPOINTS} is damaged (each is named above): restore one "
+                "(a copy, a backup) or start the run again with --overwrite_output_dir true"
+            )
         return None
     path = checkpoint_folder(resume_from, output_dir)
     damage = checkpoint_damage(path)

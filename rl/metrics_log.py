@@ -54,6 +54,11 @@ class MetricsAccumulator:
     def add_min(self, key: str, value: float | torch.Tensor) -> None:
         self.minima[key] = min(self.minima.get(key, math.inf), float(value))
 
+    @property
+    def pending(self) -> bool:
+        """Whether anything was added since this accumulator was made (a log write starts a new one)."""
+        return bool(self.counts or self.maxima or self.minima)
+
     def state(self) -> dict[str, dict[str, float]]:
         return {
             "sums": dict(self.sums),
@@ -164,14 +169,19 @@ class MetricsLogger:
                 logger.warning("wandb disabled: wandb.log failed (%s)", error)
                 self._wandb = None
 
-    def resume(self, step: int, elapsed_s: float) -> None:
+    def resume(self, step: int, elapsed_s: float, finished: bool = False) -> None:
         """Continue a run from its checkpoint at ``step``: drop records the stopped run wrote after it (they are
-        logged again, identically) and carry the wall clock on from ``elapsed_s``."""
+        logged again, identically; a final evaluation at ``step`` came after the trained end's checkpoint too,
+        unless the run ``finished`` there: it is not done again) and carry the wall clock on from ``elapsed_s``."""
         self.started = time.time() - elapsed_s
         if not self.is_main_process:
             return
         self._file.close()
-        kept = [r for r in read_metrics(self.path) if r["step"] <= step]
+        kept = [
+            r
+            for r in read_metrics(self.path)
+            if r["step"] < step or (r["step"] == step and (finished or not any(k.startswith("final_eval/") for k in r)))
+        ]
         tmp = self.path.with_suffix(".jsonl.tmp")
         tmp.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
         os.replace(tmp, self.path)

@@ -72,9 +72,16 @@ def check_resumed_config(
         record: append the changes to ``config_history.jsonl`` (the main process does).
 
     Raises:
-        ValueError: changes outside :data:`RESUME_SAFE_KEYS` without ``allow_change``, each with its old and new value.
+        ValueError: changes outside :data:`RESUME_SAFE_KEYS` without ``allow_change``, each with its old and new value;
+            no config to compare with, without ``allow_change``.
     """
     trained = checkpoint / CONFIG if (checkpoint / CONFIG).is_file() else checkpoint.parent.parent / CONFIG
+    if not trained.is_file() and not allow_change:
+        raise ValueError(
+            f"resuming {checkpoint}, which has no {CONFIG} (nor has its run folder), so this config cannot be checked "
+            "against the one it was trained with: put the run's config.yaml back, or pass --allow_config_change true "
+            "to resume with this one as given"
+        )
     safe, unsafe = changes_from(trained, config)
     if unsafe and not allow_change:
         listed = "; ".join(f"{k}: {old!r} -> {value!r}" for k, (old, value) in unsafe.items())

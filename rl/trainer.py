@@ -115,6 +115,7 @@ class GRPOTrainer(TrainerPersistence):
         self.step_images = 0
         self.padding_forwards = 0  # FSDP / ZeRO-3: throwaway forwards of every process since the last log
         self.base_eval: dict[str, float] = {}
+        self.base_eval_setting: list[int] | None = None  # the prompts and seeds per prompt it was computed on
         self.final_eval: dict[str, float] = {}
         self.summary: dict = {}
         self.saved_step = -1  # the step of the newest checkpoint written or resumed from (-1: none)
@@ -233,8 +234,10 @@ class GRPOTrainer(TrainerPersistence):
         if self.state.step > 0 and self.finished and self.load_finished_summary():
             return self.final_eval  # a relaunch of a finished run: nothing to redo
         if cfg.eval.eval_before_training and self.state.step == 0:  # the same prompts and seeds as the final eval
-            self.base_eval = self.evaluate(final=True, base=True)
-            self.log_eval(self.base_eval, prefix="base_eval")
+            self.evaluate_base()
+        elif self.base_eval and self.base_eval_setting not in (None, self.final_eval_setting):
+            self.info("the final evaluation's prompts or seeds changed on resume: evaluating the base model again")
+            self.evaluate_base()  # else the summary's delta would compare two different evaluations
         bar = tqdm(total=cfg.training.max_steps, initial=self.state.step, desc="GRPO", disable=not self.show_bar)
         self.last_save = time.time()
         with StopSignals() as signals:
@@ -272,22 +275,37 @@ class GRPOTrainer(TrainerPersistence):
                 stop = self.global_count(int(signals.received is not None)) > 0  # every process stops together
                 if stop or self.checkpoint_due():
                     self.save_checkpoint()
+                    # a signal during the save stops now: the checkpoint holds this step (else one step more)
+                    stop = stop or self.global_count(int(signals.received is not None)) > 0
                 if stop:
                     bar.close()
                     raise SystemExit(
                         f"stopped by {signals.name} after step {self.state.step}: checkpoint written to "
                         f"{self.output_dir / 'checkpoints'}; continue with {self.relaunch}"
                     )
+        flushed = self.write_step_metrics(bar) if self.metrics.pending else False  # log_every's last few steps
         bar.close()
         c = cfg.checkpoint
-        if (c.save_every or c.save_every_minutes) and self.saved_step != self.state.step:
+        if (c.save_every or c.save_every_minutes) and (flushed or self.saved_step != self.state.step):
             self.save_checkpoint()  # the trained end: a relaunch, or a signal during the final eval, resumes here
         self.final_eval = self.evaluate(final=True)
         self.log_eval(self.final_eval, prefix="final_eval")
-        self.write_summary()
         if cfg.checkpoint.save_lora:
             self.save(self.output_dir / LORA)
+        self.write_summary()  # last: it marks the run finished, so a relaunch after a crash before it redoes the rest
         return self.final_eval
+
+    def evaluate_base(self) -> None:
+        """The base model's held-out score on the final evaluation's prompts and seeds (the summary's baseline)."""
+        self.base_eval = self.evaluate(final=True, base=True)
+        self.base_eval_setting = self.final_eval_setting
+        self.log_eval(self.base_eval, prefix="base_eval")
+
+    @property
+    def final_eval_setting(self) -> list[int]:
+        """The base and final evaluations' prompt count and seeds per prompt."""
+        e = self.config.eval
+        return [len(self.eval_prompts.eval_subset(e.final_eval_num_prompts)), e.final_images_per_prompt]
 
     def cleanup(self, peers_alive: bool = True) -> None:
         """Release the decode and reward threads and the logger; end accelerate's trackers. ``peers_alive``
@@ -716,8 +734,11 @@ class GRPOTrainer(TrainerPersistence):
             self.metrics.add("sample/padding_forwards", self.padding_forwards)
             self.padding_forwards = 0
         bar.update(1)
-        if self.state.step % self.config.logging.log_every:
-            return
+        if self.state.step % self.config.logging.log_every == 0:
+            self.write_step_metrics(bar)
+
+    def write_step_metrics(self, bar: tqdm) -> bool:
+        """Reduce the steps' metrics since the last write across processes and write them as one record."""
         metrics = self.metrics.reduce(self.accelerator)
         metrics["perf/images_per_s"] *= self.accelerator.num_processes
         self.metrics = MetricsAccumulator()
@@ -734,6 +755,7 @@ class GRPOTrainer(TrainerPersistence):
         )
         self.log.log(metrics, self.state.step)
         bar.set_postfix(reward=f"{metrics.get('reward/total/mean', math.nan):.3f}", eval=f"{self.last_eval:.3f}")
+        return True
 
     def log_eval(self, metrics: dict[str, float], prefix: str = "eval") -> None:
         """Write evaluation metrics as ``<prefix>/<key>`` (e.g. ``eval/shapes/score/mean``)."""

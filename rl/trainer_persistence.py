@@ -142,7 +142,11 @@ class TrainerPersistence:
                 self.output_dir,
                 self.state.step,
                 trainer_state=self.state_dict(),
-                rank_state={"metrics": self.metrics.state(), "elapsed_s": time.time() - self.log.started},
+                rank_state={
+                    "metrics": self.metrics.state(),
+                    "elapsed_s": time.time() - self.log.started,  # the log's clock (wall_s)
+                    "budget_elapsed_s": time.time() - self.started,  # max_minutes' clock: from the launch
+                },
                 export_lora=self.export_lora,
                 keep=self.config.checkpoint.save_total_limit,
                 model=self.model,
@@ -173,9 +177,10 @@ class TrainerPersistence:
         trainer_state, rank_state = load_checkpoint(self.accelerator, path, self.model, self.optimizer)
         self.load_state_dict(trainer_state)
         self.metrics.load_state(rank_state.get("metrics", MetricsAccumulator().state()))
-        elapsed = rank_state.get("elapsed_s", 0.0)
-        self.started = time.time() - elapsed  # max_minutes budgets the whole run, not each resumed piece
-        self.log.resume(self.state.step, elapsed)
+        # max_minutes budgets the whole run, each launch's setup included, not each resumed piece
+        self.started -= rank_state.get("budget_elapsed_s", rank_state.get("elapsed_s", 0.0))
+        finished = finished_summary(self.output_dir, self.state.step) is not None  # its final eval is not redone
+        self.log.resume(self.state.step, rank_state.get("elapsed_s", 0.0), finished)
         self.saved_step = self.state.step
         self.info("resumed from %s at step %d", path, self.state.step)
 
@@ -217,6 +222,7 @@ class TrainerPersistence:
             "state": dataclasses.asdict(self.state),
             "ema": self.ema.state_dict() if self.ema else None,
             "base_eval": self.base_eval,
+            "base_eval_setting": self.base_eval_setting,
             "pruning": self.pruner.state_dict() if self.pruner is not None else None,
             "objective": self.objective.state_dict(),
             "prompt_history": self.prompt_history.state_dict() if self.prompt_history is not None else None,
@@ -225,6 +231,7 @@ class TrainerPersistence:
     def load_state_dict(self, state: dict) -> None:
         self.state = TrainState(**state["state"])
         self.base_eval = state.get("base_eval", {})
+        self.base_eval_setting = state.get("base_eval_setting")  # None: a checkpoint from before it was kept
         if self.ema is not None and state["ema"] is not None:
             self.ema.load_state_dict(state["ema"])
         if self.pruner is not None and state.get("pruning") is not None:

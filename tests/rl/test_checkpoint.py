@@ -309,7 +309,10 @@ def test_a_damaged_latest_checkpoint_is_named_and_the_previous_one_used(tmp_path
     with pytest.raises(ValueError, match="step-00000002 is damaged"):
         resolve_resume(str(latest), tmp_path)
     (root / "step-00000001" / "trainer_state.pt").unlink()
-    assert resolve_resume("latest", tmp_path) is None  # nothing intact: a fresh start
+    # nothing intact is not "none yet": a fresh start would set the run aside and restart it silently
+    with pytest.raises(ValueError, match=r"every checkpoint in .*checkpoints is damaged .*--overwrite_output_dir true"):
+        resolve_resume("latest", tmp_path)
+    assert resolve_resume("latest", tmp_path / "elsewhere") is None  # no checkpoint yet: a fresh start
 
 
 def test_save_total_limit_after_a_fallback_keeps_the_intact_checkpoints(tmp_path, caplog):
@@ -414,3 +417,14 @@ def test_the_command_that_started_a_branch_continues_it(tmp_path):
     assert effective_resume_from(branch, str(origin), overwrite=True) == str(origin)
     assert must_clear_output_dir(branch, str(origin), overwrite=True)
     assert resolve_resume(str(origin), branch) == origin
+
+
+def test_a_checkpoint_without_its_config_is_not_resumed_unchecked(tmp_path):
+    from rl.resume_policy import check_resumed_config
+
+    checkpoint = tmp_path / "run" / "checkpoints" / "step-00000002"  # neither it nor its run holds a config.yaml
+    checkpoint.mkdir(parents=True)
+    config = {"seed": 7, "group_size": 2}
+    with pytest.raises(ValueError, match=r"has no config.yaml .*--allow_config_change true"):
+        check_resumed_config(tmp_path / "run", checkpoint, config, allow_change=False, record=False)
+    assert check_resumed_config(tmp_path / "run", checkpoint, config, allow_change=True, record=False) == {}

@@ -5,6 +5,8 @@ import errno
 import json
 import logging
 import math
+import os
+import signal
 import time
 
 import pytest
@@ -15,7 +17,7 @@ from safetensors.torch import load_file
 from rl.batches import trained_steps
 from rl.checkpoint import load_state_file, write_manifest
 from rl.config_parse import parse_config
-from rl.metrics_log import MetricsAccumulator
+from rl.metrics_log import MetricsAccumulator, read_metrics
 from rl.sde import matching_log_prob
 from rl.train_state import TrainState, budget_spent
 from rl.trainer import GRPOTrainer, NonFiniteGradientError, ScoredRollouts
@@ -524,3 +526,77 @@ def test_a_size_far_from_the_models_is_warned_at_setup(pipeline_dir, tmp_path, c
     with caplog.at_level(logging.WARNING, logger="rl.trainer"):
         make_trainer(pipeline_dir, tmp_path / "native").cleanup()  # the fixture's 32 px
     assert "native" not in caplog.text
+
+
+def logged(run, key: str) -> list[dict]:
+    return [r for r in read_metrics(run / "metrics.jsonl") if key in r]
+
+
+def test_a_crash_at_the_trained_end_is_finished_by_a_relaunch_with_every_record_once(pipeline_dir, tmp_path):
+    """The last steps of a log_every cadence are logged; summary.json (what marks a run finished) is written after
+    the LoRA export, so a crash in the export leaves a run the relaunch finishes, logging the final eval once."""
+    args = ("--max_steps", "4", "--log_every", "3", "--save_lora", "true", "--eval_before_training", "false")
+    trainer = make_trainer(pipeline_dir, tmp_path, *args)
+
+    def crash(directory):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    trainer.save = crash
+    with pytest.raises(OSError, match="No space left"):
+        trainer.train()
+    trainer.cleanup()
+    run = tmp_path / "run"
+    assert [r["train/step"] for r in logged(run, "train/step")] == [3, 4]  # step 4 was lost with log_every 3
+    assert not (run / "summary.json").exists() and len(logged(run, "final_eval/total/mean")) == 1
+    trainer = make_trainer(pipeline_dir, tmp_path, *args, "--resume_from", "latest")
+    final = trainer.train()
+    trainer.cleanup()
+    assert (run / "summary.json").exists() and (run / "lora" / "pytorch_lora_weights.safetensors").exists()
+    assert [r["final_eval/total/mean"] for r in logged(run, "final_eval/total/mean")] == [final["total/mean"]]
+    assert [r["train/step"] for r in logged(run, "train/step")] == [3, 4]
+
+
+def test_a_resume_that_changes_the_final_evaluation_evaluates_the_base_again(pipeline_dir, tmp_path):
+    trainer = make_trainer(pipeline_dir, tmp_path, "--final_eval_num_prompts", "2")
+    trainer.train()
+    trainer.cleanup()
+    run = tmp_path / "run"
+    resume = ("--resume_from", "latest", "--max_steps", "2")
+    trainer = make_trainer(pipeline_dir, tmp_path, *resume, "--final_eval_num_prompts", "3")
+    trainer.train()
+    trainer.cleanup()
+    bases = [r["base_eval/total/mean"] for r in logged(run, "base_eval/total/mean")]
+    summary = json.loads((run / "summary.json").read_text())
+    # the summary's base is the evaluation on the final one's 3 prompts, not the first run's 2
+    assert len(bases) == 2 and summary["base"]["total/mean"] == bases[-1] != bases[0]
+    trainer = make_trainer(pipeline_dir, tmp_path, "--resume_from", "latest", "--max_steps", "3")
+    trainer.train()
+    trainer.cleanup()
+    assert len(logged(run, "base_eval/total/mean")) == 2  # unchanged settings: the base is not evaluated again
+
+
+def test_the_time_budget_counts_each_launchs_setup_across_a_resume(pipeline_dir, tmp_path):
+    trainer = make_trainer(pipeline_dir, tmp_path)
+    trainer.started -= 100  # as if loading the model had taken 100 s
+    trainer.save_checkpoint()
+    trainer.cleanup()
+    trainer = make_trainer(pipeline_dir, tmp_path, "--resume_from", "latest")
+    assert 100 <= time.time() - trainer.started < 160
+    trainer.cleanup()
+
+
+def test_a_signal_during_a_checkpoint_stops_after_it_without_another_step(pipeline_dir, tmp_path):
+    trainer = make_trainer(
+        pipeline_dir, tmp_path, "--max_steps", "6", "--save_every", "2", "--eval_before_training", "false"
+    )
+    save = trainer.save_checkpoint
+
+    def preempted_while_saving():
+        os.kill(os.getpid(), signal.SIGTERM)
+        return save()
+
+    trainer.save_checkpoint = preempted_while_saving
+    with pytest.raises(SystemExit, match="stopped by SIGTERM after step 2"):
+        trainer.train()
+    trainer.cleanup()
+    assert [p.name for p in (tmp_path / "run" / "checkpoints").iterdir()] == ["step-00000002"]
