@@ -159,15 +159,20 @@ def stage_config(config: RunConfig, step: int) -> RunConfig:
 def funnel_step(stages: list[PrunedStep]) -> PrunedStep:
     """The stages of a funnel as one :class:`PrunedStep` over the started rollouts.
 
-    Predictions are the first stage's (every started rollout has one), survivors are the last stage's,
-    exploration and skipping are any stage's, and the cost is the sum.
+    Predictions are the first stage's (every started rollout has one), survivors are the last stage's, skipping
+    is any stage's, and the cost is the sum. Exploration is every stage's: a row in each stage's random slice, a
+    random subset of the started rows (one in a later slice only was first picked by the earlier policy, so its
+    rewards would not be the unselected baseline that ``prune/explore_reward_std`` is).
     """
     first = stages[0]
     size = len(first.predicted)
-    keep, explore, skipped = (torch.zeros(size, dtype=torch.bool) for _ in range(3))
+    keep, skipped = (torch.zeros(size, dtype=torch.bool) for _ in range(2))
+    explore = torch.ones(size, dtype=torch.bool)
     rows = torch.arange(size)
     for stage in stages:
-        explore[rows[stage.selection.explore]] = True
+        explored = torch.zeros(size, dtype=torch.bool)
+        explored[rows[stage.selection.explore]] = True
+        explore &= explored
         skipped[rows[stage.selection.skipped]] = True
         rows = rows[stage.selection.survivors]
     keep[rows] = True

@@ -113,7 +113,15 @@ def select_survivors(
         slice_ = rng.choice(members, size=min(explore, count), replace=False)
         explored[slice_] = keep[slice_] = True
         rest = members[~np.isin(members, slice_)]
-        keep[rule.choose(rest, scores, count - len(slice_), rng)] = True
+        need = count - len(slice_)
+        if rule.reads_predictions:  # a NaN prediction (a preview whose reward failed) is no prediction at all
+            unknown = rest[~np.isfinite(scores[rest])]
+            rest = rest[np.isfinite(scores[rest])]
+            chosen = rule.choose(rest, scores, min(need, len(rest)), rng)
+            chosen = np.concatenate([chosen, unknown[: need - len(chosen)]]).astype(members.dtype)
+        else:
+            chosen = rule.choose(rest, scores, need, rng)
+        keep[chosen] = True
     return Selection(torch.from_numpy(keep), torch.from_numpy(explored), torch.from_numpy(skipped))
 
 

@@ -21,7 +21,7 @@ def max_variance_subset(scores: np.ndarray, count: int) -> np.ndarray:
     for top in range(count + 1):
         chosen = np.concatenate([order[:top], order[len(order) - (count - top) :]])
         variance = float(scores[chosen].var()) if count else 0.0
-        if variance > best_variance + 1e-12:
+        if variance > best_variance + 1e-9 * abs(best_variance):  # relative: spreads of any scale
             best, best_variance = chosen, variance
     return np.sort(best)
 

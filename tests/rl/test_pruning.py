@@ -10,7 +10,14 @@ import torch
 from rl.config_parse import parse_config
 from rl.prune_policies import PRUNE_POLICIES, PrunePolicy, keep_count, register
 from rl.prune_policies.variance import max_variance_subset
-from rl.pruning import calibrate, impute_rewards, pruned_advantages, select_survivors, trained_step_weights
+from rl.pruning import (
+    Selection,
+    calibrate,
+    impute_rewards,
+    pruned_advantages,
+    select_survivors,
+    trained_step_weights,
+)
 
 # two groups of 4, deliberately interleaved: group 7 = rows 0, 2, 4, 6; group 3 = rows 1, 3, 5, 7
 GROUPS = torch.tensor([7, 3, 7, 3, 7, 3, 7, 3])
@@ -176,9 +183,10 @@ def test_max_variance_subset_equals_brute_force(size, count):
         scores = rng.normal(size=size) if trial % 2 else rng.exponential(size=size)  # skewed half the time
         if trial % 5 == 0:
             scores = np.round(scores, 1)  # ties
+        scores = scores * 10.0 ** rng.choice([-8, 0, 3])  # a spread of any scale (an absolute epsilon failed 1e-8)
         chosen = max_variance_subset(scores, count)
         best = max(np.var(scores[list(c)]) for c in itertools.combinations(range(size), count))
-        assert len(set(chosen.tolist())) == count and np.var(scores[chosen]) == pytest.approx(best, abs=1e-12)
+        assert len(set(chosen.tolist())) == count and np.var(scores[chosen]) == pytest.approx(best, rel=1e-6)
 
 
 def test_max_variance_subset_takes_an_uneven_split_when_skewed():
@@ -193,6 +201,20 @@ def test_variance_policy_keeps_the_max_variance_half_of_each_group():
     # group 7: 0.1, 0.9, 0.5, 0.3 -> {0.1, 0.9} (rows 0, 2); group 3: 0.4, 0.2, 0.8, 0.6 -> {0.2, 0.8} (rows 3, 5)
     selection = select_survivors(PREDICTED, GROUPS, "variance", keep_fraction=0.5)
     assert torch.nonzero(selection.keep).flatten().tolist() == [0, 2, 3, 5]
+
+
+@pytest.mark.parametrize("policy", ["variance", "maxvar", "topk", "threshold"])
+def test_a_nan_prediction_is_no_prediction_and_every_group_keeps_its_count(policy):
+    """A preview whose reward failed predicts NaN: the policy chooses among the finite predictions, and NaN rows
+    fill only what those cannot (the variance rule dropped every split holding a NaN: a group kept nobody)."""
+    predicted = PREDICTED.clone()
+    predicted[[0, 2, 4]] = math.nan  # group 7: only row 6 (0.3) is known
+    predicted[1] = math.nan  # group 3: rows 3, 5, 7 known (0.2, 0.8, 0.6)
+    selection = select_survivors(predicted, GROUPS, policy, keep_fraction=0.5)
+    rows = torch.nonzero(selection.keep).flatten().tolist()
+    assert 6 in rows and 1 not in rows and len([r for r in rows if r % 2 == 0]) == 2  # 6 plus one unknown
+    if policy in ("variance", "maxvar"):
+        assert rows == [0, 3, 5, 6]  # group 3: the known extremes 0.2 and 0.8
 
 
 def test_a_new_policy_is_one_registered_class_that_the_config_and_the_selection_use():
@@ -214,3 +236,19 @@ def test_a_new_policy_is_one_registered_class_that_the_config_and_the_selection_
         del PRUNE_POLICIES["worst_for_test"]
     with pytest.raises(ValueError, match="worst_for_test"):
         select_survivors(PREDICTED, GROUPS, "worst_for_test")
+
+
+def test_a_funnels_exploration_slice_is_the_rows_in_every_stages_random_slice():
+    from rl.predictors import PredictionCost
+    from rl.pruned_rollout import PrunedStep, funnel_step
+
+    def stage(size, keep, explore):
+        flags = [torch.zeros(size, dtype=torch.bool) for _ in range(3)]
+        flags[0][keep], flags[1][explore] = True, True
+        return PrunedStep(torch.zeros(size), torch.zeros(size), Selection(*flags), None, 0.5, PredictionCost())
+
+    # 8 started -> rows 0-3 survive (0, 1 explored) -> of those, rows 0 and 2 survive (0 and 2 explored)
+    combined = funnel_step([stage(8, [0, 1, 2, 3], [0, 1]), stage(4, [0, 2], [0, 2])])
+    assert combined.selection.survivors.tolist() == [0, 2]
+    # row 2 was first picked by the stage-1 policy: its reward is no unselected baseline
+    assert torch.nonzero(combined.selection.explore).flatten().tolist() == [0]
