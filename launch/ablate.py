@@ -66,7 +66,13 @@ def parse(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]
         help="compute budget per run in FLUX.1-dev transformer forwards (max_flux_compute; rl/cost.py)",
     )
     parser.add_argument("--max_steps", type=int, default=100_000, help="step cap; the budget normally stops first")
-    parser.add_argument("--seeds", type=int, nargs="+", default=None, help="run every variant with each seed")
+    parser.add_argument(
+        "--seeds",
+        type=int,
+        nargs="+",
+        default=None,
+        help="run every variant with each seed (omitted: one run each, the config's seed)",
+    )
     parser.add_argument("--jobs", type=int, default=1, help="runs at a time (with --seeds)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads per run (0: torch's default)")
     parser.add_argument("--eval_prompts_count", type=int, default=64, help="held-out prompts of every evaluation")

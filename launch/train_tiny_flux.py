@@ -62,7 +62,12 @@ def main() -> None:
         "--ema_decay", type=float, default=0.995, help="EMA of the transformer weights (the exported ones)"
     )
     parser.add_argument("--eval_every", type=int, default=250, help="evaluate every N transformer steps")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (1 is fastest on a busy machine)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads (1 is fastest on a busy machine; omitted: torch's default)",
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
     args = parser.parse_args()
     if args.category_weights is not None:

@@ -8,7 +8,7 @@ type, then runs the cross-field checks of :meth:`RunConfig.validate`, which say 
 Nothing here loads a model, a reward or a prompt file. The defaults fit the default model (the shipped tiny one:
 its image size, text length and LoRA shape); FLUX.1-dev's settings live in its configs (configs/flux_dev_*.yaml).
 
-To add a section (as the pruning issue added ``PruningConfig``, rl/pruning_config.py): write a dataclass deriving
+To add a section (as ``PruningConfig`` was added, rl/pruning_config.py): write a dataclass deriving
 from :class:`rl.config_base.Section` with new, unique keys and add it as a field of :class:`RunConfig`.
 """
 

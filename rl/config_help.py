@@ -45,19 +45,21 @@ def format_value(value: Any) -> str:
 
 def describe_field(field: dataclasses.Field, annotation: Any, default: Any, valid: Sequence[str] = ()) -> str:
     """One option's entry: ``--key type  (default: ...; one of: ...)`` and its meaning, wrapped and indented."""
+    meaning = field.metadata.get("help", "")
     facts = ["required" if default is dataclasses.MISSING else f"default: {format_value(default)}"]
+    if default is None and "default" in meaning:  # the meaning says what None stands for
+        facts = []
     if valid:
         facts.append(f"one of: {', '.join(valid)}")
     elif annotation is bool:
         facts.append("true or false")
     head = textwrap.fill(
-        f"--{field.name} {type_name(annotation)}  ({'; '.join(facts)})",
+        f"--{field.name} {type_name(annotation)}" + (f"  ({'; '.join(facts)})" if facts else ""),
         WIDTH,
         initial_indent="  ",
         subsequent_indent=HELP_INDENT,
         break_on_hyphens=False,
     )
-    meaning = field.metadata.get("help", "")
     body = textwrap.fill(meaning, WIDTH, initial_indent=HELP_INDENT, subsequent_indent=HELP_INDENT)
     return f"{head}\n{body}" if meaning else head
 
@@ -140,6 +142,8 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
     def _get_help_string(self, action: argparse.Action) -> str:
         if action.required:  # its default is never used
             return f"{action.help or ''} (required)"
+        if action.default is None or "default" in (action.help or ""):  # None says nothing; the help says it
+            return action.help or ""
         return super()._get_help_string(action)
 
 

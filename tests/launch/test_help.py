@@ -34,7 +34,12 @@ EXPECTED = {
     "launch/eval_shapes.py": ["--pipeline str", "(default: assets/tiny-flux-shapes)", "--seeds int"],
     "launch/plot.py": ["--metric str", "--out Path"],
     "launch/probe_collect.py": ["--num_prompts int  (default: 400)", "--capture_steps list[int]"],
-    "launch/probe_train.py": ["--capture_step int | None  (default: None)", "--overwrite bool", "--lr float"],
+    "launch/probe_train.py": [
+        "--capture_step int | None",
+        "(default: the data's only one",
+        "--overwrite bool",
+        "--lr float",
+    ],
     "launch/reward_server.py": ["--reward str", "(required)", "--port int"],
     "launch/sample.py": ["--pretrained str", "--dtype {fp32,bf16}", "(default: fp32)", "--best_of int", "--keep int"],
     "launch/train_tiny_flux.py": ["--vae_steps int", "(default: 1200)"],

@@ -292,7 +292,7 @@ def test_every_variant_parses_under_the_default_config(tmp_path, variant):
 
 def test_ablate_with_seeds_runs_in_parallel_and_resumes(tiny_flux_pipeline, tmp_path):
     """launch/ablate.py --seeds on the fixture: 2 variants x 2 seeds of 2 steps, two at a time, then a rerun that
-    keeps the finished runs; the summary has every key the issue names."""
+    keeps the finished runs; the summary has every key of rl.ablation.seed_summary per variant."""
     import json
 
     ablate, common = fixture_ablation(tiny_flux_pipeline, tmp_path)

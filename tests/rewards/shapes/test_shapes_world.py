@@ -1,6 +1,6 @@
 """The shapes world: grammar coverage, renderer correctness and the checker's accuracy.
 
-The two headline numbers of the foundation issue are asserted here: mean score >= 0.98 on 500 rendered
+The shapes world's two headline numbers are asserted here: mean score >= 0.98 on 500 rendered
 correct images, <= 0.2 on 500 mismatched prompt/image pairs. Shape and per-category accuracy are computed
 and printed (``pytest -s``) as well as asserted.
 """
