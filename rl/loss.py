@@ -45,6 +45,20 @@ class LossOutput:
     kl_ema: torch.Tensor | None = None
 
 
+def per_sample_scale(micro_weight: float, window_weight: float, micro_steps: int, processes: int) -> float:
+    """The factor that makes a micro-batch's mean loss its share of the per-sample mean over an update.
+
+    A loss here is a mean over its micro-batch's live samples; accelerate divides it by the ``micro_steps`` of an
+    accumulation window and the processes' gradients are averaged. Scaled by ``micro_weight x micro_steps x
+    processes / window_weight`` (the window's live weight over every process), each live sample of the update
+    weighs the same 1 / window_weight, however dropped rollouts, padding or unrecorded steps fall into the
+    micro-batches. Exactly 1 when every micro-batch holds the same live weight.
+    """
+    if window_weight <= 0:
+        return 0.0
+    return micro_weight * micro_steps * processes / window_weight
+
+
 def _weighted_mean(values: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """``sum(w x) / sum(w)``, 0 when every weight is 0 (the graph is kept, the gradient is 0)."""
     return (weights * values).sum() / weights.sum().clamp_min(1e-12)

@@ -51,6 +51,7 @@ from rl.distributed import (
 )
 from rl.evaluation import HeldOutEvaluator
 from rl.lora import LoraEMA, add_lora, disable_adapter
+from rl.loss import per_sample_scale
 from rl.memory import model_state_mib, peak_memory_mib
 from rl.metrics_log import MetricsAccumulator, MetricsLogger
 from rl.objectives import OBJECTIVES
@@ -588,18 +589,25 @@ class GRPOTrainer(TrainerPersistence):
             for epoch in range(t.num_inner_epochs):
                 order = torch.from_numpy(np.random.default_rng([t.seed, self.state.step, epoch, 2]).permutation(most))
                 order = order[order < len(rollouts)]
-                for chunk in torch.tensor_split(order, updates * t.gradient_accumulation_steps):
+                chunks = torch.tensor_split(order, updates * t.gradient_accumulation_steps)
+                window_weights = self.window_weights(chunks, weights)
+                micro_steps = t.gradient_accumulation_steps * steps.shape[1]
+                for index, chunk in enumerate(chunks):
                     rows = chunk.to(device) if len(chunk) else torch.zeros(1, dtype=torch.long, device=device)
+                    window_weight = float(window_weights[index // t.gradient_accumulation_steps])
                     for column in range(steps.shape[1]):
                         passes += len(rows)
                         step = steps[rows, column]
                         chunk_weights = weights[rows, column] if len(chunk) else torch.zeros(1, device=device)
+                        scale = per_sample_scale(
+                            float(chunk_weights.sum()), window_weight, micro_steps, acc.num_processes
+                        )
                         if recorded is not None:  # an unrecorded step (weight 0) re-scores the last recorded one
                             step = torch.minimum(step, recorded[rows] - 1)
                         finite = True
                         with acc.accumulate(self.model):
                             out = self.policy_loss(batch.embeds, rollouts, rows, step, advantages, chunk_weights)
-                            acc.backward(out.loss)
+                            acc.backward(out.loss * scale)
                             if acc.sync_gradients:
                                 grad_norm = acc.clip_grad_norm_(self.lora_params, t.max_grad_norm)
                                 if grad_norm is not None:  # DeepSpeed clips inside its step and may report none
@@ -623,6 +631,15 @@ class GRPOTrainer(TrainerPersistence):
         passes = self.global_count(passes)
         self.state.train_passes += passes
         self.state.transformer_calls += passes * self.objective.reference_forwards  # the KL references' forwards
+
+    def window_weights(self, chunks: tuple[torch.Tensor, ...], weights: torch.Tensor) -> torch.Tensor:
+        """The live weight (valid, recorded samples) of each accumulation window of ``chunks``, summed over every
+        process (the denominator of the update's per-sample mean, :func:`rl.loss.per_sample_scale`)."""
+        per_chunk = torch.stack([weights[chunk.to(weights.device)].sum() for chunk in chunks]).double()
+        per_window = per_chunk.view(-1, self.config.training.gradient_accumulation_steps).sum(dim=1)
+        if self.accelerator.num_processes > 1:
+            per_window = self.accelerator.reduce(per_window.to(self.accelerator.device), reduction="sum")
+        return per_window.cpu()
 
     def count_skipped_updates(self, skipped: int, updated: bool) -> None:
         """Log updates skipped for a non-finite gradient and count the steps in a row with no update at all."""

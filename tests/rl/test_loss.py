@@ -1,8 +1,9 @@
 import math
 
+import pytest
 import torch
 
-from rl.loss import awm_loss, grpo_loss
+from rl.loss import awm_loss, grpo_loss, per_sample_scale
 
 # Three samples with ratios 1.0, 1.2 and 0.7 (old log-prob 0, new log-prob log(ratio)), clip range 0.1.
 RATIOS = torch.tensor([1.0, 1.2, 0.7])
@@ -111,3 +112,53 @@ def test_awm_loss_ema_kl_term_by_hand():
     out.loss.backward()
     torch.testing.assert_close(kl_ema.grad, torch.full((3,), 1 / 3))
     assert awm_loss(log_q, ADVANTAGES).kl_ema is None  # not computed: nothing to log
+
+
+def test_per_sample_scale_by_hand():
+    assert per_sample_scale(4.0, 8.0, micro_steps=2, processes=1) == 1.0  # equal micro-batches: exactly unchanged
+    assert per_sample_scale(1.0, 5.0, micro_steps=2, processes=1) == 0.4  # 1 live of 5 in a window of 2
+    assert per_sample_scale(3.0, 12.0, micro_steps=2, processes=2) == 1.0
+    assert per_sample_scale(0.0, 0.0, micro_steps=2, processes=1) == 0.0  # nothing live: no update
+
+
+def test_every_live_sample_of_an_update_weighs_the_same_however_the_micro_batches_fill():
+    """8 rollouts, 3 dropped (NaN reward), micro-batches of 4 accumulated 2 at a time: the 5 valid rollouts share
+    one update equally (each micro-batch's own mean gave 1/4 and 1/6: 1.5x apart)."""
+    import types
+
+    from rl.batches import ScoredRollouts
+    from rl.config import RunConfig
+    from rl.distributed import build_accelerator
+    from rl.metrics_log import MetricsAccumulator
+    from rl.phase_timer import PhaseTimer
+    from rl.sampler import Rollouts
+    from rl.train_state import TrainState
+    from rl.trainer import GRPOTrainer
+
+    config = RunConfig()
+    config.sampling.num_steps = 2  # one trained step
+    t = config.training
+    t.train_batch_size, t.gradient_accumulation_steps, t.max_grad_norm, t.learning_rate = 4, 2, 1e9, 1.0
+    t.lr_warmup_steps, t.lr_schedule, t.adv_scale_max, t.num_inner_epochs = 0, "constant", 0.0, 1
+    theta = torch.nn.Parameter(torch.zeros(8))  # log-prob of rollout i: theta[i]
+    accelerator = build_accelerator("no", t.gradient_accumulation_steps)
+    model, optimizer = accelerator.prepare(torch.nn.Linear(1, 1), torch.optim.SGD([theta], lr=1.0))
+
+    def policy_loss(embeds, rollouts, rows, step, advantages, weights):
+        return grpo_loss(theta[rows], theta[rows].detach(), advantages[rows], 1e-4, None, 0.0, weights)
+
+    objective = types.SimpleNamespace(reference_forwards=0, record=lambda *a, **k: None, after_optimise=lambda: None)
+    trainer = types.SimpleNamespace(
+        config=config, accelerator=accelerator, state=TrainState(), metrics=MetricsAccumulator(), timer=PhaseTimer(),
+        sampler=types.SimpleNamespace(num_steps=2), optimizer=optimizer, model=model, lora_params=[theta], ema=None,
+        objective=objective, policy_loss=policy_loss,
+    )  # fmt: skip
+    for name in ("phase", "global_count", "count_skipped_updates", "window_weights"):
+        setattr(trainer, name, types.MethodType(getattr(GRPOTrainer, name), trainer))
+    valid = torch.tensor([True] * 5 + [False] * 3)
+    rollouts = Rollouts(torch.zeros(8, dtype=torch.long), torch.arange(8), torch.zeros(8, 3, 1, 1), torch.zeros(8, 2))
+    rewards = torch.where(valid, torch.ones(8), torch.full((8,), math.nan))
+    scored = ScoredRollouts(rollouts, torch.zeros(8, dtype=torch.long), rewards, {}, valid)
+    GRPOTrainer.optimise(trainer, types.SimpleNamespace(embeds=None), scored, valid.float())
+    assert trainer.state.optimizer_steps == 1
+    assert theta.detach().tolist() == pytest.approx([0.2] * 5 + [0.0] * 3)
