@@ -46,7 +46,7 @@ import rl  # noqa: F401  (first: rl/__init__.py filters library import notices b
 from bench.probe_quality import add_to_section
 from bench.server_faults import NET_CASES, net_sweep
 from rewards.shapes import all_prompts
-from rl.checkpoint import checkpoint_damage
+from rl.checkpoint import checkpoint_damage, list_checkpoints
 from rl.config_help import HelpFormatter
 from rl.metrics_log import read_metrics
 
@@ -125,11 +125,7 @@ def _branch_into_used(folder: Path) -> list[str]:
 
 
 def steps_logged(output: Path) -> list[int]:
-    return steps_logged_in(output / "metrics.jsonl")
-
-
-def steps_logged_in(log: Path) -> list[int]:
-    return sorted({r["step"] for r in read_metrics(log) if "reward/total/mean" in r})
+    return sorted({r["step"] for r in read_metrics(output / "metrics.jsonl") if "reward/total/mean" in r})
 
 
 def _write(folder: Path, name: str, text: str | bytes) -> Path:
@@ -195,10 +191,10 @@ def _damage_every_checkpoint(folder: Path) -> list[str]:
     return _resume_to_3(output)
 
 
-def _restarted_keeping_the_old_log(folder: Path) -> bool:
-    """Nothing intact to resume: the run starts over (steps 1-3 logged once) and the old log is kept aside."""
-    kept = list((folder / "run").glob("metrics.before-*.jsonl"))
-    return steps_logged(folder / "run") == [1, 2, 3] and len(kept) == 1 and steps_logged_in(kept[0]) == [1, 2]
+def _run_left_as_it_was(folder: Path) -> bool:
+    """Nothing intact to resume is an error, not a restart: the run's log and checkpoints stay as they were."""
+    run = folder / "run"
+    return steps_logged(run) == [1, 2] and not list(run.glob("metrics.before-*")) and len(list_checkpoints(run)) == 2
 
 
 def _partial_metrics_line(folder: Path) -> list[str]:
@@ -490,7 +486,7 @@ CASES = [
          lambda f: _damage_latest(f, "trainer_state.pt"), None, "tests/rl/test_checkpoint.py",
          _resumed_to_3, failed_check=LOST),
     Case("every_checkpoint_damaged", "every checkpoint's model.safetensors cut short, then a resume",
-         _damage_every_checkpoint, None, "tests/rl/test_trainer.py", _restarted_keeping_the_old_log,
+         _damage_every_checkpoint, "every checkpoint in", "tests/rl/test_checkpoint.py", _run_left_as_it_was,
          failed_check=LOST),
     Case("resume_after_upgrade", "a resume of a run whose config.yaml lacks keys added since it started",
          _written_before_new_keys, None, "tests/rl/test_trainer.py", _resumed_to_3, failed_check=LOST),
