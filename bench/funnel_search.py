@@ -160,9 +160,14 @@ def main(argv: list[str] | None = None) -> dict:
     raw: dict[str, np.ndarray] = {}
     for path in args.raw:  # several runs of the same prompts and seeds: their predictors side by side
         with np.load(path) as file:
+            recorded_steps = file["meta/num_steps"].item() if "meta/num_steps" in file.files else args.num_steps
+            if recorded_steps != args.num_steps:
+                raise SystemExit(
+                    f"error: {path} was sampled with {recorded_steps} denoising steps: pass --num_steps {recorded_steps}"
+                )
             for key in file.files:
-                if args.models and key.split("/", 1)[0] not in args.models:
-                    continue
+                if key.startswith("meta/") or (args.models and key.split("/", 1)[0] not in args.models):
+                    continue  # meta/: how the file was made (bench/seed_selection.py --raw), not predictions
                 if file[key].shape[1] < args.n:
                     raise SystemExit(
                         f"error: {path}: {key} holds {file[key].shape[1]} seeds per prompt, fewer than --n {args.n}"

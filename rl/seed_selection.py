@@ -35,7 +35,7 @@ from diffusers import FluxPipeline
 
 from rewards.compose import RewardResult, RewardSet, build_reward_set
 from rl.config import ModelConfig, RunConfig, TrainingConfig
-from rl.predictors import PredictionCost, PredictionInputs, Predictor, build_predictor, reward_scores
+from rl.predictors import PredictionCost, PredictionInputs, Predictor, build_predictor, scored_rows
 from rl.predictors.preview import X0Recorder
 from rl.pruning_config import PruningConfig
 from rl.sampler import FluxSampler, PromptEmbeddings, StepObserver, encode_prompts
@@ -80,20 +80,18 @@ class SeedChoice:
 
     def to_dict(self) -> dict:
         """JSON-ready: seeds, predictions, survivors, their rewards, the choice and the cost."""
-        rewards = None if self.kept_rewards is None else [float(r) for r in self.kept_rewards]
+        rewards = None if self.kept_rewards is None else [finite_or_none(r) for r in self.kept_rewards]
         report = {
             "prompt": self.prompt,
             "seeds": self.seeds,
-            "predicted": [float(p) for p in self.predicted],
+            "predicted": [finite_or_none(p) for p in self.predicted],  # null: no prediction (a failed preview)
             "kept_seeds": [self.seeds[i] for i in self.kept],
             "kept_rewards": rewards,
             "chosen_seed": self.seeds[self.chosen],
             "cost": dataclasses.asdict(self.cost),
         }
         if self.later_predicted:  # null: stopped before that stage
-            report["later_predicted"] = [
-                [None if math.isnan(p) else float(p) for p in stage.tolist()] for stage in self.later_predicted
-            ]
+            report["later_predicted"] = [[finite_or_none(p) for p in stage.tolist()] for stage in self.later_predicted]
         return report
 
 
@@ -116,15 +114,28 @@ class ObserverPair:
             observer.after_forward(step, rows, latents, velocity, sigma)
 
 
+def finite_or_none(value: float) -> float | None:
+    """A score for JSON: None where there is none (NaN: not predicted, not scored, or stopped before)."""
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+def rank_key(value: float) -> float:
+    """A score as ranked: one that is not finite (no prediction, a failed reward) below every real one."""
+    value = float(value)
+    return value if math.isfinite(value) else -math.inf
+
+
 def keep_best(predicted: torch.Tensor, keep: int) -> list[int]:
-    """Indices of the ``keep`` highest of ``predicted`` ``[N]``, best first; ties go to the earlier seed.
+    """Indices of the ``keep`` highest of ``predicted`` ``[N]``, best first; ties go to the earlier seed, and a
+    seed without a prediction (NaN) ranks below every predicted one.
 
     Raises:
         ValueError: ``keep`` outside [1, N].
     """
     if not 1 <= keep <= len(predicted):
         raise ValueError(f"keep={keep} must lie in [1, N={len(predicted)}]")
-    order = sorted(range(len(predicted)), key=lambda i: (-float(predicted[i]), i))
+    order = sorted(range(len(predicted)), key=lambda i: (-rank_key(predicted[i]), i))
     return order[:keep]
 
 
@@ -136,8 +147,9 @@ def keep_best_of(predicted: torch.Tensor, alive: list[int], keep: int) -> list[i
 
 
 def choose(kept: list[int], kept_scores: torch.Tensor) -> int:
-    """The survivor with the highest score (real reward, or prediction without one); ties: the better predicted."""
-    best = max(range(len(kept)), key=lambda j: (float(kept_scores[j]), -j))
+    """The survivor with the highest score (real reward, or prediction without one); ties: the better predicted.
+    A survivor the reward failed on (NaN) is chosen only when every one failed."""
+    best = max(range(len(kept)), key=lambda j: (rank_key(kept_scores[j]), -j))
     return kept[best]
 
 
@@ -283,7 +295,7 @@ class SeedSelector:
             prediction = predictor.predict(inputs)
             costs.append(prediction.cost.per_rollout(len(rows)))
             scores = torch.full((count * n,), math.nan)
-            scores[rows] = prediction.scores.float().cpu()
+            scores[rows] = prediction.known_scores().float().cpu()  # NaN: no prediction (a failed preview)
             predicted.append(scores.view(count, n))
             position = {row: j for j, row in enumerate(rows)}
             kept = [keep_best_of(predicted[-1][p], kept[p], kept_per_prompt) for p in range(count)]
@@ -292,11 +304,17 @@ class SeedSelector:
         images = self.sampler.decode(finished.latents)
         keep = keeps[-1]
         survivors = [p * n + i for p in range(count) for i in kept[p]]
-        rewards = None
-        if self.reward is not None:
-            rewards = self.reward(images, [row_prompts[r] for r in survivors], [row_meta[r] for r in survivors])
-            rewards = reward_scores(rewards).view(count, keep)
-        per_prompt = selection_cost(self.sampler.num_steps, self.capture_steps, n, keeps, costs, rewards is not None)
+        rewards, reused = None, prediction.result is not None
+        if reused:  # the last stage scored the finished seeds with the real reward: not scored again
+            rewards = torch.stack([predicted[-1][p, kept[p]] for p in range(count)])
+        elif self.reward is not None:
+            result = self.reward(images, [row_prompts[r] for r in survivors], [row_meta[r] for r in survivors])
+            total = torch.where(
+                scored_rows(result), result.total.float(), torch.full_like(result.total.float(), math.nan)
+            )
+            rewards = total.cpu().view(count, keep)
+        scored = rewards is not None and not reused
+        per_prompt = selection_cost(self.sampler.num_steps, self.capture_steps, n, keeps, costs, scored)
         shown = None
         if recorder is not None:
             shown = self.sampler.decode(recorder.x0().to(device))

@@ -22,6 +22,7 @@ To add one: a file here with a :class:`Predictor` subclass decorated ``@register
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 from typing import TYPE_CHECKING, ClassVar
 
@@ -89,6 +90,8 @@ class Prediction:
         sigma: the sigma the prediction read (the probe's timestep input; logging).
         features: ``[B, C, h, w]`` probe features (the online refresh trains on them), or None.
         result: the reward's result on the finished rollouts when the scores are the real rewards (``reward``).
+        valid: ``[B]`` whether each score is a prediction (False: the reward failed on that rollout's preview, and
+            its score is the batch's lowest, so pruning ranks it last); None: all are.
     """
 
     scores: torch.Tensor
@@ -96,6 +99,13 @@ class Prediction:
     sigma: float
     features: torch.Tensor | None = None
     result: RewardResult | None = None
+    valid: torch.Tensor | None = None
+
+    def known_scores(self) -> torch.Tensor:
+        """``scores`` with NaN where there is no prediction (what ranks a failed preview below every real one)."""
+        if self.valid is None:
+            return self.scores
+        return torch.where(self.valid.to(self.scores.device), self.scores, torch.full_like(self.scores, math.nan))
 
 
 class Predictor:
@@ -138,10 +148,14 @@ def build_predictor(config: RunConfig, sampler: FluxSampler) -> Predictor:
     return PREDICTORS[name].from_config(config, sampler)
 
 
+def scored_rows(result: RewardResult) -> torch.Tensor:
+    """``[B]`` whether the reward scored each rollout (valid and finite)."""
+    return result.valid.bool() & torch.isfinite(result.total.float())
+
+
 def reward_scores(result: RewardResult) -> torch.Tensor:
     """``[B]`` reward totals as predictions; rollouts the reward could not score rank last (the batch minimum)."""
-    total = result.total.float()
-    valid = result.valid.bool() & torch.isfinite(total)
+    total, valid = result.total.float(), scored_rows(result)
     floor = float(total[valid].min()) if valid.any() else 0.0
     return torch.where(valid, total, torch.full_like(total, floor))
 

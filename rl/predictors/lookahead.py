@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from rl.distributed import EvenForwards, unsharded_forwards
-from rl.predictors import Prediction, PredictionCost, PredictionInputs, Predictor, register, reward_scores
+from rl.predictors import Prediction, PredictionCost, PredictionInputs, Predictor, register, reward_scores, scored_rows
 
 
 def lookahead_indices(capture_step: int, num_steps: int, steps: int) -> list[int]:
@@ -68,4 +68,5 @@ class LookaheadPredictor(Predictor):
         )
         result = inputs.score_latents(clean)
         cost = self.cost_per_rollout.times(len(early))
-        return Prediction(reward_scores(result), cost, float(inputs.sampler.sigmas[self.indices[0]]))
+        sigma = float(inputs.sampler.sigmas[self.indices[0]])
+        return Prediction(reward_scores(result), cost, sigma, valid=scored_rows(result))

@@ -17,7 +17,7 @@ import contextlib
 
 import torch
 
-from rl.predictors import Prediction, PredictionCost, PredictionInputs, Predictor, register, reward_scores
+from rl.predictors import Prediction, PredictionCost, PredictionInputs, Predictor, register, reward_scores, scored_rows
 from rl.predictors.lookahead import euler_to_clean, lookahead_indices
 
 
@@ -88,4 +88,5 @@ class PreviewPredictor(Predictor):
             clean = euler_to_clean(inputs.sampler, x.to(latents.dtype), inputs.embeds, early.prompt_index,
                                    self.indices[1:], inputs.even_forwards)  # fmt: skip
         result = inputs.score_latents(clean)
-        return Prediction(reward_scores(result), self.cost_per_rollout.times(len(early)), recorder.sigma)
+        cost = self.cost_per_rollout.times(len(early))
+        return Prediction(reward_scores(result), cost, recorder.sigma, valid=scored_rows(result))

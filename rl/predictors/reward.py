@@ -7,7 +7,7 @@ selection in the same harness. The trainer reuses these rewards for the survivor
 
 from __future__ import annotations
 
-from rl.predictors import Prediction, PredictionCost, PredictionInputs, Predictor, register, reward_scores
+from rl.predictors import Prediction, PredictionCost, PredictionInputs, Predictor, register, reward_scores, scored_rows
 
 
 @register("reward")
@@ -21,4 +21,5 @@ class RewardPredictor(Predictor):
 
     def predict(self, inputs: PredictionInputs) -> Prediction:
         result = inputs.score_latents(inputs.early.latents)
-        return Prediction(reward_scores(result), self.cost_per_rollout.times(len(inputs.early)), 0.0, result=result)
+        cost = self.cost_per_rollout.times(len(inputs.early))
+        return Prediction(reward_scores(result), cost, 0.0, result=result, valid=scored_rows(result))

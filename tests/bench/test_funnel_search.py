@@ -78,3 +78,14 @@ def test_files_of_more_seeds_merge_on_their_first_n_and_models_can_be_chosen(tmp
     results = main(["--raw", str(tmp_path / "a.npz"), str(tmp_path / "b.npz"), "--models", "base",
                     "--out", str(tmp_path / "s.json"), *common])  # fmt: skip
     assert list(results) == ["base"] and results["base"]["previews"] == ["preview@3", "preview@4"]
+
+
+def test_a_file_from_the_seed_selection_bench_is_read_with_its_sampler_recorded(tmp_path):
+    real = np.random.default_rng(2).random((4, 4))
+    meta = {"meta/num_steps": 4, "meta/reward": "shapes"}  # what bench/seed_selection.py --raw adds
+    np.savez(tmp_path / "r.npz", **{"base/real": real, "base/preview@2": real, **meta})
+    common = ["--raw", str(tmp_path / "r.npz"), "--out", str(tmp_path / "s.json"), "--n", "4", "--budget", "1.0",
+              "--max_stages", "1", "--results", ""]  # fmt: skip
+    assert list(main([*common, "--num_steps", "4"])) == ["base"]  # an IndexError on meta/ before
+    with pytest.raises(SystemExit, match="sampled with 4 denoising steps: pass --num_steps 4"):
+        main([*common, "--num_steps", "10"])

@@ -44,6 +44,17 @@ def test_choose_returns_the_survivor_with_the_best_score_ties_to_the_better_pred
     assert choose([4, 2, 7], torch.tensor([0.5, 0.5, 0.3])) == 4  # tie: 4 was predicted better (listed first)
 
 
+def test_a_seed_without_a_prediction_or_a_reward_ranks_below_every_real_one():
+    """A failed preview or reward is NaN, not the batch's lowest score: it never ties with (and beats) a real one."""
+    assert keep_best(torch.tensor([math.nan, 1.0, 1.0, 0.0]), 3) == [1, 2, 3]
+    assert choose([0, 1], torch.tensor([math.nan, 1.0])) == 1
+    assert choose([0, 1], torch.tensor([math.nan, math.nan])) == 0  # every one failed: the better predicted
+    choice = SeedChoice("p", [5, 6], torch.tensor([0.25, math.nan]), [0, 1], torch.tensor([0.5, math.nan]), 0,
+                        torch.zeros(2, 3, 4, 4), PredictionCost())  # fmt: skip
+    report = choice.to_dict()
+    assert (report["predicted"], report["kept_rewards"]) == ([0.25, None], [0.5, None])  # strict JSON: no NaN
+
+
 def test_selection_cost_counts_the_capture_the_predictor_and_the_survivors():
     # T = 10, k = 3, N = 8, K = 2, a lookahead (2 calls, 1 decode, 1 reward call per rollout):
     # calls 8*3 + 8*2 + 2*(10-3) = 54; decodes 8 + 2 = 10; reward calls 8 + 2 = 10
@@ -161,6 +172,7 @@ def test_the_reward_oracle_keeping_one_is_full_best_of_n(tiny_flux_pipeline):
     for best, full in zip(oracle, everything):
         assert float(best.kept_rewards[0]) == pytest.approx(float(full.kept_rewards.max()))
         assert best.cost.transformer_calls == 12  # every seed finished: N T, nothing more
+        assert best.cost.reward_calls == 3  # the finished seeds' rewards are not asked for twice
 
 
 def test_a_longer_preview_reads_what_the_lookahead_from_the_step_before_reads_one_call_cheaper(tiny_flux_pipeline):
