@@ -311,9 +311,9 @@ class Probe(nn.Module):
         fix = "train it again with launch/probe_train.py, or point probe_path at another probe file"
         state = load_saved(path, "probe file", fix, map_location=map_location)
         probe = cls.from_state(state)
-        probe.check_compatible(transformer, capture_step, num_steps, source=str(path))
-        if sampler is not None:
+        if sampler is not None:  # first: it names every sampler difference, the step count among them
             probe.check_sampler(sampler, source=str(path))
+        probe.check_compatible(transformer, capture_step, num_steps, source=str(path))
         return probe
 
     def recorded_sampler(self) -> dict:

@@ -160,10 +160,13 @@ def predictor_for(
     lookahead_steps: int = 2,
     probe_path: str = "",
     preview_steps: int = 1,
-    precision: str = "no",
+    precision: str | None = None,
     text_length: int = 16,
 ) -> Predictor:
     """A registered predictor (``probe``, ``preview``, ``lookahead``, ...) for inference with ``sampler``.
+
+    ``precision``: what the rollouts run under (``no``, ``bf16``, ``fp16``); None: the sampler's transformer's
+    dtype says (a probe trained on fp32 rollouts is refused for a bf16 pipeline).
 
     ``text_length``: the T5 tokens of the prompt embeddings it will see (a fresh ``probe_path: init`` probe captures
     that many; a probe file carries its own).
@@ -182,9 +185,15 @@ def predictor_for(
     config = RunConfig(
         model=ModelConfig(max_sequence_length=text_length),
         pruning=pruning,
-        training=TrainingConfig(mixed_precision=precision),
+        training=TrainingConfig(mixed_precision=precision or precision_of(sampler)),
     )
     return build_predictor(config, sampler)
+
+
+def precision_of(sampler: FluxSampler) -> str:
+    """The mixed-precision name of the sampler's transformer weights: ``bf16``, ``fp16`` or ``no`` (fp32)."""
+    dtype = next(sampler.transformer.parameters()).dtype
+    return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "no")
 
 
 def as_list(value: Item | Sequence[Item]) -> list[Item]:

@@ -214,6 +214,20 @@ def test_a_probe_trained_under_the_trainers_sde_sampler_is_refused_for_determini
         predictor_for("probe", sampler, 4, probe_path="assets/probe/tiny-flux-shapes-window-step4.pt", precision="bf16")
 
 
+def test_a_probe_under_another_sampler_or_dtype_is_refused_naming_every_difference():
+    from diffusers import FluxPipeline
+
+    pipeline = FluxPipeline.from_pretrained("assets/tiny-flux-shapes")
+    probe = "assets/probe/tiny-flux-shapes-ode-step4.pt"  # trained on fp32 rollouts, 10 steps, guidance 3.5
+    other = FluxSampler(pipeline, 8, 0.0, 2.0, 64, 64)
+    with pytest.raises(ProbeMismatchError, match=r"num_steps: 10 -> 8;.*guidance_scale: 3.5 -> 2.0"):
+        predictor_for("probe", other, 4, probe_path=probe)  # the step count alone was named before
+    predictor_for("probe", FluxSampler(pipeline, 10, 0.0, 3.5, 64, 64), 4, probe_path=probe)  # its own: loads
+    pipeline.transformer.to(torch.bfloat16)  # the precision is read from the pipeline (it was taken as fp32)
+    with pytest.raises(ProbeMismatchError, match=r"precision: 'no' -> 'bf16'"):
+        predictor_for("probe", FluxSampler(pipeline, 10, 0.0, 3.5, 64, 64), 4, probe_path=probe)
+
+
 def test_sample_cli_best_of_writes_the_chosen_images_the_preview_grid_and_the_predictions(
     tiny_flux_pipeline, tmp_path, run_launch_script, capsys
 ):
