@@ -12,7 +12,10 @@ best-of-N (the best real reward among seeds 0..N-1), and predictor-pruned best-o
 (:func:`rl.seed_selection.keep_best`, then the survivors' best real reward, :func:`~rl.seed_selection.choose`),
 and funnels ``a>b`` that rank again at b's step among a's survivors (:func:`funnel_survivors`);
 :class:`rl.seed_selection.SeedSelector` finishes exactly these trajectories (tests/rl/test_seed_selection.py).
-Compute per prompt is :func:`rl.seed_selection.selection_cost`.
+Compute per prompt is :func:`rl.seed_selection.selection_cost`. One approximation: every predictor scores each
+prompt's N_max seeds together, and best-of-N ranks the first N of those scores. For the previews and the
+lookahead a seed's score is its own; a group-relative probe (``group_relative``) also reads its group's mean
+features, so for N < N_max its rows approximate what the selector, which scores N seeds, would pick.
 
 Writes ``<out>.json``, ``<out>.png`` (reward against transformer calls) and a section of bench/RESULTS.md.
 """
