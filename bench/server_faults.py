@@ -158,16 +158,21 @@ def trickling(interval: float) -> type[BaseHTTPRequestHandler]:
     return Handler
 
 
+def send_json(handler: BaseHTTPRequestHandler, status: int, answer: dict) -> None:
+    """Answer ``handler``'s request with ``status`` and ``answer`` as JSON."""
+    body = json.dumps(answer).encode()
+    handler.send_response(status)
+    handler.send_header("Content-Length", str(len(body)))
+    handler.end_headers()
+    handler.wfile.write(body)
+
+
 def dying(posts: list) -> type[BaseHTTPRequestHandler]:
     """A server that passes its health check, then drops every POST without an answer (and counts them)."""
 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self):
-            body = json.dumps({"status": "ok", "reward": "dying"}).encode()
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
+            send_json(self, 200, {"status": "ok", "reward": "dying"})
 
         def do_POST(self):
             self.rfile.read(int(self.headers["Content-Length"]))
@@ -186,21 +191,14 @@ def flaky(posts: list, every: int) -> type[BaseHTTPRequestHandler]:
 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self):
-            self._send(200, {"status": "ok", "reward": "flaky"})
+            send_json(self, 200, {"status": "ok", "reward": "flaky"})
 
         def do_POST(self):
             count = len(json.loads(self.rfile.read(int(self.headers["Content-Length"])))["images"])
             with lock:
                 posts.append(503 if (len(posts) + 1) % every == 0 else 200)
                 status = posts[-1]
-            self._send(status, {"scores": {"score": [0.5] * count}} if status == 200 else {"error": "busy"})
-
-        def _send(self, status: int, answer: dict) -> None:
-            body = json.dumps(answer).encode()
-            self.send_response(status)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
+            send_json(self, status, {"scores": {"score": [0.5] * count}} if status == 200 else {"error": "busy"})
 
         def log_message(self, *args):
             pass
