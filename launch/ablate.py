@@ -145,8 +145,9 @@ def plan(args: argparse.Namespace, passthrough: list[str]) -> dict[Path, list[st
         for variant in variants:
             budget = Budget(args.budget_minutes, args.budget_images, args.budget_steps, args.budget_flux_compute)
             overrides = [*shared, *variant_overrides(variant, out, budget)]
-            if seed is not None:  # the final evaluation on the periodic one's seeds: one curve, comparable points
-                overrides += ["--seed", str(seed), "--final_eval_images_per_prompt", "0"]
+            overrides += ["--final_eval_images_per_prompt", "0"]  # the periodic evaluation's seeds: one curve
+            if seed is not None:
+                overrides += ["--seed", str(seed)]
             config = parse_config(overrides)
             if variant == "pruned" and not PRUNE_POLICIES[config.pruning.prune_policy].reads_predictions:
                 predicting = "|".join(n for n, p in PRUNE_POLICIES.items() if p.prunes and p.reads_predictions)
@@ -159,7 +160,9 @@ def plan(args: argparse.Namespace, passthrough: list[str]) -> dict[Path, list[st
             if changed := result_changes(out / variant, config.flat()):
                 listed = "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changed.items())
                 conflicts.append(f"{out / variant} ({listed})")
-    if conflicts and not args.report_only:  # a kept or resumed run of another config would mix into the summary
+    if conflicts and args.report_only:  # reported as they are, but not without a word
+        print(f"warning: {len(conflicts)} run folder(s) hold a run of another config: {'; '.join(conflicts)}")
+    elif conflicts:  # a kept or resumed run of another config would mix into the summary
         raise ValueError(
             f"{len(conflicts)} run folder(s) hold a run of another config: {'; '.join(conflicts)}. Choose another "
             "--out, or delete those folders to run them again"
@@ -171,7 +174,9 @@ def main(argv: list[str] | None = None) -> dict:
     args, passthrough = parse(argv)
     variants = [v for v in args.variants.split(",") if v]
     seeds = args.seeds if args.seeds is not None else [None]
-    commands = plan(args, passthrough)
+    budgets = (args.budget_minutes, args.budget_images, args.budget_steps, args.budget_flux_compute)
+    # re-reading finished runs needs no budget; given one, the runs are checked against the config it makes
+    commands = plan(args, passthrough) if max(budgets) > 0 or not args.report_only else {}
     costs = None  # the prices the runs logged; re-priced with --reward_call_cost (--report_only: finished runs)
     if args.reward_call_cost is not None:
         costs = dataclasses.replace(FLUX_DEV_COSTS, reward_call=args.reward_call_cost)

@@ -7,13 +7,14 @@ runs back from their ``metrics.jsonl``:
 - training wall-clock = cumulative ``time/step_s`` (the trainer's phases; setup and evaluation excluded, so
   a run's evaluation schedule does not bias the comparison);
 - images denoised = ``train/images_denoised`` (a rollout stopped at step k of T counts k / T);
-- reward-model calls = ``train/images_seen`` (images decoded and scored);
+- reward-model calls = ``compute/reward_calls`` (finished images, previews and lookaheads scored);
 - held-out reward = ``base_eval`` (step 0), the periodic ``eval`` and ``final_eval`` totals, all on the same
   prompts and seeds (the launcher sets both evaluation sizes equal).
 
-Time-to-target: the unpruned run's final held-out reward is the target; a run's time to it is the training
-wall-clock of its first evaluation at or above it, and the speedup is the unpruned run's total training
-wall-clock over that time.
+Time-to-target: the unpruned run's (seed-mean) final held-out reward is the target; a run's time to it is the
+cost (wall-clock, transformer calls or FLUX-equivalent compute) of its first evaluation at or above it, and the
+speedup is the unpruned run's own time to it over the variant's. Spreads over seeds are sample standard
+deviations (n - 1).
 """
 
 from __future__ import annotations
@@ -198,7 +199,7 @@ def read_run(name: str, directory: str | Path, costs: OperationCosts | None = No
             images[step] = record.get("train/images_denoised", math.nan)
             calls[step] = record.get("compute/transformer_calls", math.nan)
             flux[step] = record.get("compute/flux_equivalent", math.nan) if costs is None else priced(record, costs)
-            reward_calls = record.get("train/images_seen", reward_calls)
+            reward_calls = record.get("compute/reward_calls", reward_calls)  # previews' and lookaheads' included
             for phase in PHASES:
                 phase_seconds[phase] += record.get(f"time/{phase}_s", 0.0)
             for key in SELECTION_METRICS:
@@ -343,16 +344,23 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
 def seed_curve(runs: list[RunCurve]) -> dict[str, list[float]]:
     """The seed-mean curve of one variant: mean and std reward and mean cost on each axis per evaluation.
 
-    Seeds share the evaluation steps (same budget and schedule); a shorter run truncates the others.
+    Points are the evaluation steps every seed has, matched by step; where the seeds ended at different steps
+    (a time or compute budget), a last point averages each seed's final evaluation, so the curve ends at the
+    variant's mean final reward.
     """
-    points = min(len(r.reward) for r in runs)
-    curve: dict[str, list[float]] = {"steps": runs[0].steps[:points], "reward_mean": [], "reward_std": []}
-    for i in range(points):
-        mean, std = _mean_std([r.reward[i] for r in runs])
+    common = sorted(set.intersection(*(set(r.steps) for r in runs)))
+    rows = [[r.steps.index(step) for step in common] for r in runs]
+    if any(not row or row[-1] != len(r.steps) - 1 for row, r in zip(rows, runs)):
+        rows = [[*row, len(r.steps) - 1] for row, r in zip(rows, runs)]
+        common = [*common, max(r.steps[-1] for r in runs)]
+    curve: dict[str, list[float]] = {"steps": common, "reward_mean": [], "reward_std": []}
+    for point in range(len(common)):
+        mean, std = _mean_std([r.reward[row[point]] for r, row in zip(runs, rows)])
         curve["reward_mean"].append(mean)
         curve["reward_std"].append(std)
     for field, _ in AXES.values():
-        curve[field] = [sum(getattr(r, field)[i] for r in runs) / len(runs) for i in range(points)]
+        curve[field] = [statistics.fmean(getattr(r, field)[row[point]] for r, row in zip(runs, rows))
+                        for point in range(len(common))]  # fmt: skip
     return curve
 
 
@@ -403,7 +411,7 @@ def seed_summary(runs: dict[str, list[RunCurve]], baseline: str = "unpruned") ->
 
 def seed_table(summary: dict) -> str:
     """The Markdown table of :func:`seed_summary`."""
-    header = ["variant", "seeds", "final held-out reward", "group reward std", "wall-clock s", "transformer calls",
+    header = ["variant", "seeds", "final held-out reward (mean +- sample std)", "group reward std", "wall-clock s", "transformer calls",
               "FLUX-eq. compute", "speedup wall-clock", "speedup calls", "speedup FLUX compute"]  # fmt: skip
     lines = [f"Target: the {summary['baseline']} mean final reward, {summary['target_reward']:.4f}.", ""]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]

@@ -3,13 +3,14 @@
 Wall-clock on the tiny model misprices operations against FLUX.1-dev: there a VAE decode costs about three
 transformer calls, on FLUX.1-dev a small fraction of one. So the trainer counts operations
 (:class:`ComputeCounts`) and :func:`flux_equivalent` prices them with FLUX.1-dev's per-operation costs in
-units of one transformer forward, estimated from FLOP counts (no GPU measurement yet; every ablation summary
-records the costs it priced with, ``cost_model``), at 512 x 512 (1,024 image + 512 text tokens), batch 1:
+units of one transformer forward, estimated from FLOP counts (every ablation summary records the costs it
+priced with, ``cost_model``), at 512 x 512 (1,024 image + 512 text tokens), batch 1:
 
 - transformer forward: 2 x 11.9e9 parameters x 1,536 tokens + attention (4 x 1,536^2 x 3,072 x 57 blocks)
   ~ 38 TFLOPs = **1**.
-- training pass (forward + backward of a LoRA'd transformer, activation gradients only): **3** (the usual
-  backward = 2 x forward).
+- training pass (forward + backward of a LoRA'd transformer): **3**, the usual backward = 2 x forward, an
+  upper estimate here (the frozen base needs no weight gradients); per image an H200 measured 2.5x a forward
+  at batch 2 and 3.2x with gradient checkpointing at batch 4 (bench/RESULTS.md, "GPU path").
 - VAE decode to 512 x 512: the decoder's 3x3 convolutions, ~0.54 TFLOPs at each of 512^2 x 128, 256^2 x 256
   and 128^2 x 512 channels, ~0.2 at 64^2 ~ 1.8 TFLOPs = **0.05**.
 - reward call: a ViT-H/14 at 224 px (PickScore, HPSv2, CLIP-H) ~ 0.33 TFLOPs = **0.01**; a VLM judge costs

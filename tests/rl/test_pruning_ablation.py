@@ -31,7 +31,8 @@ def write_run(directory, step_seconds, images_per_step, evals, final, calls_per_
                 "time/sample_s": seconds / 2,
                 "time/train_s": seconds / 2,
                 "train/images_denoised": step * images_per_step,
-                "train/images_seen": step * 10,
+                "train/images_seen": step * 8,  # finished images; the reward calls add previews' (2 per step)
+                "compute/reward_calls": step * 10,
                 "compute/transformer_calls": step * calls_per_step,
                 "compute/flux_equivalent": step * calls_per_step * 1.5,
                 "reward/group_std": 0.2 + 0.01 * step,
@@ -41,6 +42,25 @@ def write_run(directory, step_seconds, images_per_step, evals, final, calls_per_
             records.append({"step": step, "eval/total/mean": evals[step], "time/eval_s": 5.0})
     records.append({"step": len(step_seconds), "final_eval/total/mean": final})
     (directory / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in records) + "\n")
+
+
+def test_seed_curves_match_evaluations_by_step_and_end_at_each_seeds_final():
+    """Seeds a compute budget stopped at different steps: points at the steps all have, then the mean of each
+    seed's final (pairing by position averaged step 15 with 17 and dropped a seed's final)."""
+    from rl.ablation import RunCurve, seed_curve
+
+    def run(steps, reward):
+        return RunCurve("v", steps, [float(s) for s in steps], [float(s) for s in steps], reward, 0.0, {},
+                        [float(s) for s in steps], [float(s) for s in steps])  # fmt: skip
+
+    curve = seed_curve(
+        [run([0, 5, 10, 15, 20], [0.1, 0.2, 0.3, 0.35, 0.40]), run([0, 5, 10, 17], [0.1, 0.2, 0.3, 0.38])]
+    )
+    assert curve["steps"] == [0, 5, 10, 20]
+    assert curve["reward_mean"] == pytest.approx([0.1, 0.2, 0.3, 0.39])  # the last point: the mean of the finals
+    assert curve["seconds"][-1] == pytest.approx(18.5)
+    same = seed_curve([run([0, 5, 10], [0.1, 0.2, 0.3]), run([0, 5, 10], [0.1, 0.4, 0.5])])
+    assert same["steps"] == [0, 5, 10] and same["reward_mean"] == pytest.approx([0.1, 0.3, 0.4])
 
 
 def test_curves_table_and_time_to_target(tmp_path):
@@ -325,6 +345,8 @@ def test_ablate_with_seeds_runs_in_parallel_and_resumes(tiny_flux_pipeline, tmp_
                                          r"\(learning_rate: 0\.0005 -> 0\.5\)"):  # fmt: skip
         ablate.main([*args, "--learning_rate", "0.5"])
     ablate.main([*args, "--progress_bar", "true", "--report_only"])  # neutral keys and reading back: no error
+    out = ["--out", str(tmp_path / "ablate"), "--seeds", "0", "1", "--variants", "unpruned,pods", "--report_only"]
+    assert ablate.main(out)["variants"]["pods"]["seeds"] == 2  # the documented re-read needs no budget
 
 
 def test_a_seeded_ablation_without_its_baseline_stops_before_any_run(tiny_flux_pipeline, tmp_path):
