@@ -100,6 +100,8 @@ def trained_steps(sampling: SamplingConfig, seed: int, step: int, rows: int, str
     if s.train_steps == "window":
         return torch.tensor([k for k in s.window_at(step) if k >= first]).expand(rows, -1)
     count = max(1, int(s.train_fraction * trainable))  # floor, as Flow-GRPO's and DanceGRPO's timestep_fraction
-    rng = np.random.default_rng([seed, step, 3, stream])
+    # the last 1: NumPy pads a seed list with zeros, so [seed, step, 3, 0] would be prompt skipping's [seed, step,
+    # 3] and [seed, step, 3, 2] the micro-batch order of inner epoch 3: other streams, same numbers
+    rng = np.random.default_rng([seed, step, 3, stream, 1])
     picks = np.sort(np.stack([rng.permutation(trainable)[:count] + first for _ in range(rows)]), axis=1)
     return torch.from_numpy(picks)

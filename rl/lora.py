@@ -98,6 +98,10 @@ class LoraEMA:
         finally:
             self.weights.write(live)
 
+    def averaged_state_dict(self) -> dict[str, torch.Tensor]:
+        """The averaged LoRA by parameter name, fp32 on the CPU (what the export writes; no collective)."""
+        return {name: shadow.float().cpu().contiguous() for name, shadow in zip(self.weights.names, self.shadow)}
+
     def state_dict(self) -> dict:
         return {"decay": self.decay, "num_updates": self.num_updates, "shadow": [s.clone() for s in self.shadow]}
 

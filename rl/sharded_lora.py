@@ -30,18 +30,28 @@ class LoraWeights:
     Args:
         parameters: the trainable parameters as the prepared model holds them (after ``accelerator.prepare``).
         names: their names in the unwrapped model (the diffusers export keys them by name).
+        deepspeed_masters: DeepSpeed trains in bf16 or fp16: the module holds a rounded copy of each parameter and
+            the optimizer the fp32 value, which :meth:`read` returns (the EMA and the export are fp32 as under
+            DDP).
     """
 
-    def __init__(self, parameters: list[torch.nn.Parameter], names: list[str]) -> None:
+    def __init__(self, parameters: list[torch.nn.Parameter], names: list[str], deepspeed_masters: bool = False) -> None:
         if len(parameters) != len(names):
             raise ValueError(f"{len(parameters)} parameters but {len(names)} names")
         self.parameters = list(parameters)
         self.names = list(names)
         self.sharding = sharding_of(self.parameters)
+        self.deepspeed_masters = deepspeed_masters
 
     @torch.no_grad()
     def read(self) -> list[torch.Tensor]:
         """Every parameter whole (a collective when sharded). Unsharded: the live tensors, not copies."""
+        if self.deepspeed_masters:
+            from deepspeed.utils import safe_get_full_fp32_param
+
+            masters = [safe_get_full_fp32_param(p) for p in self.parameters]  # gathered under ZeRO-3: collective
+            if all(master is not None for master in masters):
+                return [master.detach().clone() for master in masters]
         if self.sharding == "fsdp":
             return [p.detach().full_tensor() for p in self.parameters]
         if self.sharding == "zero3":

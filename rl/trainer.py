@@ -44,6 +44,7 @@ from rl.distributed import (
     build_accelerator,
     configure_deepspeed,
     forwards_behind,
+    is_deepspeed,
     is_lost_peer,
     reward_wait_limit,
     shards_parameters,
@@ -186,7 +187,9 @@ class GRPOTrainer(TrainerPersistence):
         # FSDP replaces each parameter by its slice (a DTensor): the LoRA is read again from the prepared model
         named = [(n, p) for n, p in self.accelerator.unwrap_model(self.model).named_parameters() if p.requires_grad]
         self.lora_params = [p for _, p in named]
-        self.lora = LoraWeights(self.lora_params, [n for n, _ in named])  # read and written whole, also sharded
+        # read and written whole, also sharded; under DeepSpeed in bf16/fp16, read from its fp32 values
+        masters = is_deepspeed(self.accelerator) and t.mixed_precision != "no"
+        self.lora = LoraWeights(self.lora_params, [n for n, _ in named], deepspeed_masters=masters)
         self.ema = LoraEMA(self.lora, t.ema_decay) if t.ema_decay > 0 else None
         size = dict(guidance_scale=s.guidance_scale, height=s.height, width=s.width, batch_size=s.sample_batch_size)
         self.sampler = FluxSampler(

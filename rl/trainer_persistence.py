@@ -8,7 +8,6 @@ itself. The file formats and their checks live in ``rl/checkpoint.py``, ``rl/res
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 import shutil
@@ -120,11 +119,9 @@ class TrainerPersistence:
     def export_lora(self, directory: Path) -> None:
         """:meth:`save` without the wait: inside a checkpoint the processes agree on success afterwards instead."""
         use_ema = self.ema is not None and self.config.checkpoint.save_ema
-        with self.ema.average_parameters() if use_ema else contextlib.nullcontext():
-            lora_state = self.lora.state_dict()  # every process: gathered whole when the transformer is sharded
-            save_lora(
-                self.accelerator.unwrap_model(self.model), directory, self.accelerator.is_main_process, lora_state
-            )
+        # the EMA's fp32 values themselves; else every process reads the LoRA whole (gathered when sharded)
+        lora_state = self.ema.averaged_state_dict() if use_ema else self.lora.state_dict()
+        save_lora(self.accelerator.unwrap_model(self.model), directory, self.accelerator.is_main_process, lora_state)
 
     def checkpoint_due(self) -> bool:
         """Every ``save_every`` steps, or ``save_every_minutes`` after the last save (agreed over processes)."""

@@ -1,5 +1,6 @@
 """Which denoising steps each rollout trains (rl/batches.py trained_steps): a pure function of the sampling config."""
 
+import numpy as np
 import torch
 
 from rl.batches import trained_steps
@@ -39,3 +40,15 @@ def test_random_draws_a_fresh_sorted_subset_per_rollout_seeded_by_seed_step_and_
     for other in ((0, 4, 50, 0), (1, 3, 50, 0), (0, 3, 50, 1)):  # another step, seed or process draws anew
         seed, step, rows, stream = other
         assert not torch.equal(steps, trained_steps(sampling, seed, step, rows, stream))
+
+
+def test_random_steps_draw_from_a_stream_no_other_draw_shares():
+    """NumPy pads a seed list with zeros: [seed, step, 3, 0] was prompt skipping's [seed, step, 3] and [seed,
+    step, 3, 2] the micro-batch order of inner epoch 3 (rl/prompt_skip.py, rl/trainer.py)."""
+    sampling = SamplingConfig(num_steps=10, train_steps="random", train_fraction=0.5)
+    first = 0 if sampling.train_first_step else 1
+    trainable = sampling.num_steps - 1 - first
+    for stream, other in ((0, [7, 3, 3]), (2, [7, 3, 3, 2])):
+        picks = trained_steps(sampling, 7, 3, 1, stream)[0].tolist()
+        shared = np.sort(np.random.default_rng(other).permutation(trainable)[:4] + first).tolist()  # the other draw
+        assert picks != shared
