@@ -68,6 +68,7 @@ class CollectArgs:
     blocks: list[int] = _option(None, "global attention block indices (default: up to 10 middle blocks)", list)
     reward: str = _option("shapes", "reward spec: registry names or pkg.mod:Callable, comma-separated")
     reward_kwargs: str = _option("{}", 'JSON {"<component>": {kwargs}}')
+    reward_weights: list[float] = _option(None, "one weight per reward component, in order (default: 1 each)", list)
     precision: str = _option("no", "the trainer's mixed_precision: no or bf16 (rollouts under bf16 autocast)")
     prompts_per_shard: int = _option(8, "prompt groups per shard file")
     seed: int = _option(0, "prompt draws and rollout noise; use another seed for a held-out collection")
@@ -77,8 +78,9 @@ class CollectArgs:
     threads: int = _option(0, "torch CPU threads (0: torch's default)")
 
 
-def check_capture_steps(args: CollectArgs) -> None:
-    """Every capture step is one of the T transformer calls (checked before the model loads and samples).
+def check_steps(args: CollectArgs) -> None:
+    """Every capture step is one of the T transformer calls and every SDE step one of the T steps (checked before
+    the model loads and samples).
 
     Raises:
         ValueError: naming the steps outside 1..num_steps.
@@ -90,6 +92,9 @@ def check_capture_steps(args: CollectArgs) -> None:
             f"{args.num_steps} transformer calls (pruning needs k <= {args.num_steps - 1}); pass --capture_steps "
             f"with values in that range, or a larger --num_steps"
         )
+    outside = sorted(k for k in set(args.sde_steps) if not 0 <= k < args.num_steps)
+    if outside:  # a window past the last step would collect without any noise, silently
+        raise ValueError(f"sde_steps {outside} must lie in [0, num_steps - 1 = {args.num_steps - 1}]")
 
 
 def parse_args(argv: list[str] | None = None) -> CollectArgs:
@@ -110,7 +115,7 @@ def parse_args(argv: list[str] | None = None) -> CollectArgs:
             parser.set_defaults(**run_config_defaults(path))  # probe/collect.py
             argv = argv[:at] + argv[at + 2 :]
     (args,) = parser.parse_args_and_config(argv)
-    check_capture_steps(args)
+    check_steps(args)
     return args
 
 
@@ -142,6 +147,7 @@ def main() -> None:
         same_initial_noise=args.same_initial_noise,
         sde_steps=sorted(set(args.sde_steps)) or None,
         precision=args.precision,
+        reward_weights=list(args.reward_weights) or None,
     )
     paths = collect(pipeline, settings, args.out, batch_size=args.batch_size, device=args.device)
     print(f"{len(paths)} shards ({settings.num_prompts} prompts x {settings.group_size} seeds) in {args.out}")

@@ -63,7 +63,11 @@ class TrainArgs:
     aux_weight: float = _option(0.5, "weight of the auxiliary heads' MSE")
     low_score_weight: float = _option(2.0, "MSE weight of rollouts below the low_score_quantile (oversampling)")
     low_score_quantile: float = _option(0.25, "reward quantile defining low scores")
-    select_metric: str | None = _option("within_group_srcc", "validation metric that picks the checkpoint")
+    select_metric: str | None = _option(
+        "within_group_srcc",
+        "validation metric that picks the checkpoint: pcc, srcc, auc, within_group_srcc, top_half_recall or regret "
+        "(the lowest)",
+    )
     eval_every: int = _option(100, "validation interval (steps)")
     # Width 16: ~110k parameters, a probe file under 0.5 MB (width 32: ~380k, 1.5 MB).
     width: int = _option(16, "CNN width")

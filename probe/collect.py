@@ -52,6 +52,7 @@ class CollectSettings:
         blocks: global attention block indices to capture.
         reward: reward spec (registry names or ``pkg.mod:Callable``, comma-separated).
         reward_kwargs: constructor kwargs per reward component.
+        reward_weights: one weight per reward component, in order (the trainer's ``reward_weights``); None: 1 each.
         prompts_per_shard: prompt groups per shard.
         seed: prompt draws and rollout seeds.
         fingerprint: the transformer's config fingerprint.
@@ -79,6 +80,7 @@ class CollectSettings:
     precision: str = "no"
     fingerprint: str = ""
     weights: str = ""
+    reward_weights: list[float] | None = None
 
 
 def prompt_source(spec: str, count: int, seed: int) -> list[tuple[str, dict]]:
@@ -149,6 +151,7 @@ def run_config_defaults(path: str) -> dict:
         "text_length": m.max_sequence_length,
         "reward": r.reward,
         "reward_kwargs": json.dumps(r.reward_kwargs or {}),
+        "reward_weights": [float(w) for w in r.reward_weights or []],  # the total the trainer ranks by
         "precision": config.training.mixed_precision,
         "dtype": "bfloat16" if config.training.mixed_precision == "bf16" else "float32",  # the trainer's weights
     }
@@ -184,7 +187,7 @@ def collect(
         batch_size=batch_size,
         sde_steps=settings.sde_steps,
     )
-    reward_set = build_reward_set(settings.reward, kwargs=settings.reward_kwargs)
+    reward_set = build_reward_set(settings.reward, settings.reward_weights, kwargs=settings.reward_kwargs)
     items = prompt_source(settings.prompts, settings.num_prompts, settings.seed)
     per_shard, group_size = settings.prompts_per_shard, settings.group_size
     num_shards = -(-len(items) // per_shard)

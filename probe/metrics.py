@@ -75,6 +75,10 @@ def expected_best_of_random_subset(reward: np.ndarray, keep: int) -> float:
     return float(sum(ordered[j - 1] * math.comb(size - j, keep - 1) for j in range(1, size - keep + 2)) / total)
 
 
+# the metrics that can pick a probe's checkpoint, and which way is better (+1: higher, -1: lower)
+SELECTABLE_METRICS = {"pcc": 1, "srcc": 1, "auc": 1, "within_group_srcc": 1, "top_half_recall": 1, "regret": -1}
+
+
 def probe_metrics(prediction, reward, group) -> dict[str, float]:
     """Every metric of the module docstring for one evaluation set.
 

@@ -51,12 +51,14 @@ def transformer_fingerprint(transformer: nn.Module) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def sampler_signature(sampler, precision: str) -> dict:
-    """What about a sampler changes the states a probe reads: steps, noise, SDE window, guidance, size, precision.
+def sampler_signature(sampler, precision: str, same_initial_noise: bool = False) -> dict:
+    """What about a sampler changes the states a probe reads: steps, noise, SDE window, guidance, size, precision,
+    and whether a group's rollouts share their initial noise (then they differ only by the SDE's).
 
     Args:
         sampler: an :class:`rl.sampler.FluxSampler` (or anything with its attributes).
         precision: the mixed precision the rollouts ran under (``no``, ``bf16``, ``fp16``).
+        same_initial_noise: the run's ``same_initial_noise`` (inference: every seed its own).
     """
     return {
         "num_steps": int(sampler.num_steps),
@@ -66,6 +68,7 @@ def sampler_signature(sampler, precision: str) -> dict:
         "height": int(sampler.height),
         "width": int(sampler.width),
         "precision": str(precision),
+        "same_initial_noise": bool(same_initial_noise),
     }
 
 

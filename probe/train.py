@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from probe.data import ProbeDataset, load_dataset, read_manifest
 from probe.features import FeatureConfig, feature_config
-from probe.metrics import probe_metrics
+from probe.metrics import SELECTABLE_METRICS, probe_metrics
 from probe.model import ProbeModelConfig, aux_loss, group_mean, low_score_weights, probe_loss
 from probe.probe import Probe, ProbeMeta
 
@@ -45,7 +45,8 @@ class FitConfig:
         low_score_weight: ... weigh this much in the MSE (the paper's low-score oversampling; 1 disables).
         grad_clip: max gradient norm.
         eval_every: evaluate on ``eval_data`` every this many steps (0: only at the end).
-        select_metric: keep the weights that scored best on this ``eval_data`` metric (None: keep the last).
+        select_metric: keep the weights that scored best on this ``eval_data`` metric (None: keep the last): one
+            of :data:`probe.metrics.SELECTABLE_METRICS` (``regret``: the lowest).
         cosine: cosine learning-rate decay.
         seed: batch order and dropout.
     """
@@ -63,6 +64,10 @@ class FitConfig:
     select_metric: str | None = None
     cosine: bool = True
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.select_metric is not None and self.select_metric not in SELECTABLE_METRICS:
+            raise ValueError(f"select_metric={self.select_metric!r} is not one of {', '.join(SELECTABLE_METRICS)}")
 
 
 def init_probe(
@@ -167,7 +172,7 @@ def fit(
             probe.train()
             entry.update({f"eval/{k}": v for k, v in metrics.items()})
             if config.select_metric is not None:
-                value = metrics[config.select_metric]
+                value = SELECTABLE_METRICS[config.select_metric] * metrics[config.select_metric]  # higher: better
                 if np.isfinite(value) and value > best[0]:
                     best = (value, copy.deepcopy(probe.network.state_dict()))
             bar.set_postfix(srcc=f"{metrics['within_group_srcc']:.3f}", pcc=f"{metrics['pcc']:.3f}")
@@ -175,7 +180,8 @@ def fit(
             log.append(entry)
     if best[1] is not None:
         probe.network.load_state_dict(best[1])
-        logger.info("kept the weights with the best %s (%.4f)", config.select_metric, best[0])
+        value = SELECTABLE_METRICS[config.select_metric] * best[0]
+        logger.info("kept the weights with the best %s (%.4f)", config.select_metric, value)
     probe.eval()
     return log
 
@@ -212,12 +218,14 @@ def collection_meta(directories: list[str], capture_step: int, reward_key: str |
     """The :class:`ProbeMeta` of a probe trained on these collections (``grid`` filled by :func:`train_probe`).
 
     Raises:
-        ValueError: if the collections disagree on the model, step count, blocks, noise (level or SDE steps) or
-            sizes.
+        ValueError: if the collections disagree on the model, step count, blocks, noise (level, SDE steps, shared
+            initial noise), sizes or reward (spec, kwargs, weights).
     """
     manifests = [read_manifest(d) for d in directories]
-    sampler_keys = ("num_steps", "noise_level", "sde_steps", "guidance_scale", "resolution", "precision")
-    for key in ("fingerprint", "blocks", "text_length", *sampler_keys):
+    sampler_keys = ("num_steps", "noise_level", "sde_steps", "guidance_scale", "resolution", "precision",
+                    "same_initial_noise")  # fmt: skip
+    rewards = ("reward", "reward_kwargs", "reward_weights")  # the targets: one total, one meaning
+    for key in ("fingerprint", "blocks", "text_length", *sampler_keys, *rewards):
         values = {json.dumps(m.get(key)) for m in manifests}
         if len(values) > 1:
             raise ValueError(f"collections differ in {key}: {sorted(values)}; train and test must match")
@@ -248,6 +256,7 @@ def collection_sampler(manifest: dict) -> dict:
         "height": manifest["resolution"],
         "width": manifest["resolution"],
         "precision": manifest.get("precision", "no"),
+        "same_initial_noise": bool(manifest.get("same_initial_noise", False)),
     }
 
 

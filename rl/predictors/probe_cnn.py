@@ -35,7 +35,7 @@ def init_probe_for(sampler, config, seed: int = 0) -> Probe:
         text_length=config.model.max_sequence_length,
         noise_level=sampler.noise_level,
         reward=config.reward.reward,
-        sampler=sampler_signature(sampler, config.training.mixed_precision),
+        sampler=sampler_signature(sampler, config.training.mixed_precision, config.sampling.same_initial_noise),
     )
     torch.manual_seed(seed)
     channels = features.num_channels(len(blocks), sampler.channels)
@@ -52,7 +52,7 @@ class ProbePredictor(Predictor):
         p = config.pruning
         if p.probe_path == "init":
             return cls(init_probe_for(sampler, config, config.training.seed))
-        signature = sampler_signature(sampler, config.training.mixed_precision)
+        signature = sampler_signature(sampler, config.training.mixed_precision, config.sampling.same_initial_noise)
         probe = Probe.load(p.probe_path, sampler.transformer, p.capture_step, sampler.num_steps, sampler=signature)
         return cls(probe)
 

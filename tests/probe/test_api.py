@@ -109,3 +109,24 @@ def test_dataset_from_tensors_and_split_by_prompt():
     rest, held = data.split_by_prompt(0.3, seed=3)
     assert len(set(held.prompts)) == 3 and len(held) == 12 and len(rest) == 28
     assert not set(held.prompts) & set(rest.prompts)
+
+
+def test_the_checkpoint_kept_is_the_best_by_the_metrics_direction(monkeypatch):
+    """regret is better lower: the highest was kept before. A misspelled metric fails before any fitting."""
+    import probe.train as train
+
+    data = _synthetic(8, seed=4)
+    config = FeatureConfig(attention_stats=(), token_slots=0, x0=True)
+    meta = ProbeMeta("synthetic", "", 2, 10, (0,), (4, 4), 16, 0.9, "shapes")
+    probe = init_probe(data, config, meta, {"width": 8, "blocks_per_stage": (1,), "dropout": 0.0})
+    regrets, kept = iter([0.3, 0.1, 0.2]), []
+
+    def scripted(probe, data):
+        kept.append({k: v.clone() for k, v in probe.network.state_dict().items()})
+        return {"regret": next(regrets), "within_group_srcc": 0.0, "pcc": 0.0}
+
+    monkeypatch.setattr(train, "evaluate", scripted)
+    fit(probe, data, FitConfig(steps=3, batch_groups=4, eval_every=1, select_metric="regret"), eval_data=data)
+    assert all(torch.equal(v, kept[1][k]) for k, v in probe.network.state_dict().items())  # regret 0.1
+    with pytest.raises(ValueError, match="select_metric='within_group_src' is not one of"):
+        FitConfig(select_metric="within_group_src")

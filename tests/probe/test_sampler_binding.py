@@ -74,3 +74,37 @@ def test_collection_with_a_run_config_uses_the_trainers_sampler(monkeypatch):
     manifest = {"num_steps": args.num_steps, "noise_level": 0.9, "sde_steps": args.sde_steps,
                 "guidance_scale": args.guidance_scale, "resolution": args.resolution, "precision": args.precision}  # fmt: skip
     assert collection_sampler(manifest) == trainer_signature()
+
+
+def test_collection_takes_the_runs_reward_weights_and_refuses_steps_past_the_sampler(monkeypatch, tmp_path):
+    monkeypatch.syspath_prepend(str(ROOT / "launch"))
+    sys.modules.pop("probe_collect", None)
+    import probe_collect
+
+    weighted = tmp_path / "weighted.yaml"
+    text = TINY.read_text().replace("\nreward: shapes\n", "\nreward: shapes,jpeg_compressibility\n")
+    weighted.write_text(text + "reward_weights: [1.0, 0.05]\n")
+    args = probe_collect.parse_args(["--config", str(weighted)])
+    assert args.reward_weights == [1.0, 0.05]  # the trainer's total, not an unweighted sum
+    with pytest.raises(ValueError, match=r"sde_steps \[10, 11\] must lie in \[0, num_steps - 1 = 9\]"):
+        probe_collect.parse_args(["--sde_steps", "10", "11"])  # no noise at all, silently, before
+
+
+def test_collections_of_another_reward_or_initial_noise_are_not_trained_together(tmp_path):
+    from probe.data import write_manifest
+    from probe.train import collection_meta
+
+    base = {"fingerprint": "f", "blocks": [1], "text_length": 16, "num_steps": 10, "noise_level": 0.9,
+            "sde_steps": [0, 1, 2], "guidance_scale": 3.5, "resolution": 64, "precision": "bf16",
+            "pipeline": "p", "reward": "shapes", "reward_kwargs": {}}  # fmt: skip
+    write_manifest(tmp_path / "a", base)
+    for name, change in (("b", {"reward": "jpeg_compressibility"}), ("c", {"same_initial_noise": True})):
+        write_manifest(tmp_path / name, {**base, **change})
+        with pytest.raises(ValueError, match=f"collections differ in {next(iter(change))}"):
+            collection_meta([str(tmp_path / "a"), str(tmp_path / name)], 4)
+    # a probe of shared initial noise is refused where each rollout has its own (inference, the default trainer)
+    shared = collection_sampler({**base, "same_initial_noise": True})
+    probe = Probe.load(WINDOW_PROBE)
+    probe.meta.sampler = shared
+    with pytest.raises(ProbeMismatchError, match="same_initial_noise: True -> False"):
+        probe.check_sampler(sampler_signature(FakeSampler(), "bf16"))
