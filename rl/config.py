@@ -29,6 +29,9 @@ from rl.pruning_config import PruningConfig, validate_pruning
 from rl.schedule import LR_SCHEDULES
 from rl.sde import AWM_KL_FORMS
 
+# seconds: the shortest waits ordinary delays do not trip (a checkpoint write; scoring a batch)
+MIN_COLLECTIVE_TIMEOUT_S, MIN_REWARD_TIMEOUT_S = 10.0, 1.0
+
 logger = logging.getLogger(__name__)
 
 # diffusers' FLUX LoRA targets (examples/dreambooth/train_dreambooth_lora_flux.py): joint-attention q/k/v/out,
@@ -280,8 +283,10 @@ class RewardConfig(Section):
 
     def check(self) -> None:
         positive(self, "reward_workers")
-        if not self.reward_timeout_s >= 0:
-            raise ValueError(f"reward_timeout_s must be >= 0 (0: no limit), got {self.reward_timeout_s}")
+        if not (self.reward_timeout_s == 0 or self.reward_timeout_s >= MIN_REWARD_TIMEOUT_S):
+            raise ValueError(
+                f"reward_timeout_s must be 0 (no limit) or at least {MIN_REWARD_TIMEOUT_S:g} s, got {self.reward_timeout_s}"
+            )
         if isinstance(self.reward_kwargs, str):
             try:
                 self.reward_kwargs = json.loads(self.reward_kwargs)
@@ -443,6 +448,21 @@ class TrainingConfig(Section):
             raise ValueError(f"awm_ema_kl_decay must lie in [0, 1), got {self.awm_ema_kl_decay}")
         if not 0 <= self.ema_decay < 1:
             raise ValueError(f"ema_decay must lie in [0, 1), got {self.ema_decay}")
+        for key in ("adam_beta1", "adam_beta2"):
+            if not 0 <= getattr(self, key) < 1:
+                raise ValueError(f"{key} must lie in [0, 1), got {getattr(self, key)}")
+        positive(self, "adam_epsilon")  # 0: LoRA A's first gradient is exactly 0 (B starts at 0), and 0 / 0 is NaN
+        nonnegative(self, "adam_weight_decay")
+        if self.lr_warmup_steps >= self.max_steps:
+            raise ValueError(
+                f"lr_warmup_steps={self.lr_warmup_steps} >= max_steps={self.max_steps}: the run would end before the "
+                "learning rate reaches learning_rate. Set lr_warmup_steps below max_steps (0: no warm-up)."
+            )
+        if self.distributed_timeout_s < MIN_COLLECTIVE_TIMEOUT_S:
+            raise ValueError(
+                f"distributed_timeout_s={self.distributed_timeout_s} s: a collective waiting less than "
+                f"{MIN_COLLECTIVE_TIMEOUT_S:g} s fails on any ordinary delay (a checkpoint write). torch's default: 1800."
+            )
 
 
 @dataclasses.dataclass
@@ -563,7 +583,7 @@ class CheckpointConfig(Section):
     )
 
     def check(self) -> None:
-        nonnegative(self, "save_every", "save_total_limit")
+        nonnegative(self, "save_every", "save_total_limit", "save_every_minutes")
 
 
 @dataclasses.dataclass
@@ -611,6 +631,12 @@ class RunConfig:
                 f"noise_level=0 samples deterministically, but policy_objective={self.training.policy_objective!r} "
                 "needs SDE noise on the trained steps (transitions have no density, so there is no ratio). Set "
                 "noise_level > 0 (0.7-1.0; FLUX default 0.9), or policy_objective: awm, which trains on any sampler."
+            )
+        if s.noise_level == 0 and s.same_initial_noise:
+            raise ValueError(
+                "noise_level=0 with same_initial_noise: every rollout of a group follows one path to one image, so "
+                "rewards are equal and advantages 0: nothing is trained. Set same_initial_noise false (each rollout "
+                "its own initial noise) or noise_level > 0."
             )
         if s.group_size < 2:
             raise ValueError(

@@ -51,6 +51,14 @@ def build_accelerator(
         gradient_accumulation_steps=gradient_accumulation_steps,
         kwargs_handlers=[group] if launched > 1 else None,
     )
+    if accelerator.gradient_accumulation_steps != gradient_accumulation_steps:
+        # accelerate lets the launch's config win (a DeepSpeed config written by `accelerate config` holds 1), and the
+        # loss would then be scaled for one window while the optimizer steps every backward pass
+        raise ValueError(
+            f"the accelerate config sets gradient_accumulation_steps={accelerator.gradient_accumulation_steps}, but "
+            f"the run needs {gradient_accumulation_steps} (gradient_accumulation_steps x trained steps per rollout): "
+            "remove gradient_accumulation_steps from the accelerate / DeepSpeed config"
+        )
     if cpu and launched > 1 and parse_flag_from_env("ACCELERATE_USE_FSDP"):
         # the launch's fsdp_config reaches the plugin through the environment, as on a GPU
         plugin = FullyShardedDataParallelPlugin()

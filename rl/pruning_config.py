@@ -161,7 +161,10 @@ def validate_pruning(config: RunConfig) -> None:
                 + ", ".join(n for n in PRUNE_POLICIES if n != "none")
                 + ") or prune_min_spread: 0."
             )
-    elif p.predictor != "reward" and not 1 <= p.capture_step < s.num_steps:
+    builds_pruner = p.prune_policy != "none" or bool(p.probe_path)  # rl/pruned_rollout.py PrunedRollout.from_config
+    # every rollout runs to capture_step, except where the reward oracle's predictions finish them
+    stops_at_capture = p.predictor != "reward" or not PRUNE_POLICIES[p.prune_policy].reads_predictions
+    if builds_pruner and not p.prune_funnel and stops_at_capture and not 1 <= p.capture_step < s.num_steps:
         raise ValueError(
             f"capture_step={p.capture_step} must lie in [1, num_steps - 1 = {s.num_steps - 1}]: pruning stops "
             "rollouts after step k, so k = T saves nothing. The shipped window sampler: 4, its first deterministic call "

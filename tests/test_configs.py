@@ -217,6 +217,16 @@ def test_ratio_clipping_warnings_only_for_an_objective_that_clips_a_ratio(caplog
         (["max_steps=1"], "'max_steps=1' on the command line: options are written --max_steps 1"),
         (["--max_minutes", "-1"], "max_minutes must be >= 0, got -1.0"),
         (["--save_total_limit", "-2"], "save_total_limit must be >= 0, got -2"),
+        (["--save_every_minutes", "-5"], "save_every_minutes must be >= 0, got -5.0"),
+        (["--adam_epsilon", "0"], "adam_epsilon must be > 0, got 0.0"),
+        (["--adam_beta2", "1.5"], "adam_beta2 must lie in [0, 1), got 1.5"),
+        (["--adam_weight_decay", "-1"], "adam_weight_decay must be >= 0, got -1.0"),
+        (["--max_steps", "160", "--lr_warmup_steps", "1000"], "lr_warmup_steps=1000 >= max_steps=160"),
+        (["--noise_level", "0", "--same_initial_noise", "true", "--policy_objective", "awm"], "nothing is trained"),
+        (["--distributed_timeout_s", "0.001"], "a collective waiting less than 10 s fails"),
+        (["--reward_timeout_s", "0.001"], "reward_timeout_s must be 0 (no limit) or at least 1 s"),
+        (["--probe_path", "init", "--capture_step", "50"], "capture_step=50 must lie in [1, num_steps - 1 = 9]"),
+        (["--prune_policy", "random", "--predictor", "reward", "--capture_step", "50"], "capture_step=50 must lie"),
     ],
 )  # fmt: skip
 def test_command_line_slips_are_named_with_the_fix(args, message):
@@ -252,3 +262,16 @@ def test_an_options_dashed_alias_is_known():
     check_flags(["--capture-steps", "3", "--num_prompts", "2"], ["capture_steps", "num_prompts"])
     with pytest.raises(ValueError, match="'capture-stps'.*did you mean 'capture_steps'"):
         check_flags(["--capture-stps", "3"], ["capture_steps"])
+
+
+def test_an_accelerate_config_that_overrides_the_accumulation_window_is_refused():
+    """accelerate lets the launch's gradient_accumulation_steps (a DeepSpeed config from `accelerate config` holds 1)
+    win over the run's window: the optimizer would step every backward pass of a loss scaled for the window."""
+    import os
+    import subprocess
+    import sys
+
+    code = "from rl.distributed import build_accelerator; build_accelerator('no', 15)"
+    env = {**os.environ, "ACCELERATE_GRADIENT_ACCUMULATION_STEPS": "1", "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode != 0 and "sets gradient_accumulation_steps=1, but the run needs 15" in done.stderr
