@@ -155,6 +155,7 @@ def measure(mode: str, folder: Path, port: int) -> dict[str, float]:
                "--main_process_port", str(port), str(ROOT / "launch" / "grpo_flux.py"),
                "--config", str(ROOT / "configs" / "tiny_shapes.yaml"), *STEP, "--output_dir", str(output)]  # fmt: skip
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", WANDB_MODE="disabled")
+    env.update(CUDA_VISIBLE_DEVICES="", DS_ACCELERATOR="cpu")  # two CPU processes also on a machine with a GPU
     done = subprocess.run(command, env=env, capture_output=True, text=True)
     if done.returncode:
         raise RuntimeError(f"{mode} run failed:\n{(done.stdout + done.stderr)[-3000:]}")

@@ -106,8 +106,12 @@ class LoraEMA:
         return {"decay": self.decay, "num_updates": self.num_updates, "shadow": [s.clone() for s in self.shadow]}
 
     def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict`'s values on the device the average lives on (a checkpoint loads to the CPU;
+        on a GPU the next update would mix devices)."""
         self.decay, self.num_updates = state["decay"], state["num_updates"]
-        self.shadow = [s.clone().float() for s in state["shadow"]]
+        self.shadow = [
+            s.to(o.device, torch.float32, copy=True) for s, o in zip(state["shadow"], self.shadow, strict=True)
+        ]
 
 
 def save_lora(

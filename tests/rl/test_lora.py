@@ -61,3 +61,7 @@ def test_ema_average_swap_and_state():
     other = LoraEMA(LoraWeights([param], ["w"]), decay=0.5)
     other.load_state_dict(ema.state_dict())
     assert other.num_updates == 2 and other.decay == 0.9 and torch.equal(other.shadow[0], ema.shadow[0])
+    # a checkpoint loads to the CPU; the average stays on the LoRA's device (a GPU's: the next update mixed devices)
+    on_meta = LoraEMA(LoraWeights([torch.nn.Parameter(torch.zeros(2, device="meta"))], ["w"]), decay=0.9)
+    on_meta.load_state_dict(ema.state_dict())
+    assert on_meta.shadow[0].device.type == "meta" and on_meta.shadow[0].dtype == torch.float32
