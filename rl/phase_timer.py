@@ -11,13 +11,19 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 
 class PhaseTimer:
-    """Per-step phase times; :meth:`take` hands them over and starts the next step's."""
+    """Per-step phase times; :meth:`take` hands them over and starts the next step's.
 
-    def __init__(self) -> None:
+    Args:
+        sync: called before a phase's end is read (``torch.cuda.synchronize`` on a GPU, whose kernels run after
+            the call that launched them: else a phase would be charged its launches and the next its work).
+    """
+
+    def __init__(self, sync: Callable[[], None] | None = None) -> None:
+        self.sync = sync
         self.phases: dict[str, float] = {}
         self.beside: dict[str, float] = {}
         self._inner_seconds: list[float] = []  # time of the phases nested in each open phase
@@ -31,6 +37,8 @@ class PhaseTimer:
         try:
             yield
         finally:
+            if self.sync is not None:
+                self.sync()
             elapsed = time.perf_counter() - started
             inner = self._inner_seconds.pop()
             self.phases[name] = self.phases.get(name, 0.0) + elapsed - inner

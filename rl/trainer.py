@@ -113,7 +113,8 @@ class GRPOTrainer(TrainerPersistence):
         self.config = config
         self.state = TrainState()
         self.metrics = MetricsAccumulator()
-        self.timer = PhaseTimer()  # time/<phase>_s; finished chunks' decode and reward are timed beside the phases
+        # time/<phase>_s; finished chunks' decode and reward are timed beside the phases
+        self.timer = PhaseTimer(torch.cuda.synchronize if torch.cuda.is_available() else None)
         self.step_images = 0
         self.padding_forwards = 0  # FSDP / ZeRO-3: throwaway forwards of every process since the last log
         self.base_eval: dict[str, float] = {}

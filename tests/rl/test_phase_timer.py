@@ -57,3 +57,18 @@ def test_pop_removes_one_phase(clock):
     with timer.phase("eval"):
         clock[0] += 5.0
     assert timer.pop("eval") == 5.0 and timer.pop("eval") == 0.0 and timer.phases == {}
+
+
+def test_a_phase_waits_for_its_device_work_before_it_ends(clock):
+    """On a GPU a phase's kernels finish after the calls that launch them: the timer syncs before reading the end,
+    so the phase, not the next one, is charged the work (here a sync that finishes 5 s of queued work)."""
+
+    def sync():
+        clock[0] += 5.0
+
+    timer = PhaseTimer(sync)
+    with timer.phase("sample"):
+        clock[0] += 1.0  # launching
+    with timer.phase("train"):
+        clock[0] += 2.0
+    assert timer.phases == {"sample": 6.0, "train": 7.0}
