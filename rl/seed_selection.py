@@ -35,7 +35,7 @@ from diffusers import FluxPipeline
 
 from rewards.compose import RewardResult, RewardSet, build_reward_set
 from rl.config import ModelConfig, RunConfig, TrainingConfig
-from rl.predictors import PredictionCost, PredictionInputs, Predictor, build_predictor, scored_rows
+from rl.predictors import PredictionCost, PredictionInputs, Predictor, build_predictor, known_rewards
 from rl.predictors.preview import X0Recorder
 from rl.pruning_config import PruningConfig
 from rl.sampler import FluxSampler, PromptEmbeddings, StepObserver, encode_prompts
@@ -318,10 +318,7 @@ class SeedSelector:
             rewards = torch.stack([predicted[-1][p, kept[p]] for p in range(count)])
         elif self.reward is not None:
             result = self.reward(images, [row_prompts[r] for r in survivors], [row_meta[r] for r in survivors])
-            total = torch.where(
-                scored_rows(result), result.total.float(), torch.full_like(result.total.float(), math.nan)
-            )
-            rewards = total.cpu().view(count, keep)
+            rewards = known_rewards(result).cpu().view(count, keep)
         scored = rewards is not None and not reused
         per_prompt = selection_cost(self.sampler.num_steps, self.capture_steps, n, keeps, costs, scored)
         shown = None

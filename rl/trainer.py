@@ -288,7 +288,9 @@ class GRPOTrainer(TrainerPersistence):
                         f"stopped by {signals.name} after step {self.state.step}: checkpoint written to "
                         f"{self.output_dir / 'checkpoints'}; continue with {self.relaunch}"
                     )
-        flushed = self.write_step_metrics(bar) if self.metrics.pending else False  # log_every's last few steps
+        flushed = self.metrics.pending  # log_every's last few steps
+        if flushed:
+            self.write_step_metrics(bar)
         bar.close()
         c = cfg.checkpoint
         if (c.save_every or c.save_every_minutes) and (flushed or self.saved_step != self.state.step):
@@ -594,7 +596,7 @@ class GRPOTrainer(TrainerPersistence):
                 order = torch.from_numpy(np.random.default_rng([t.seed, self.state.step, epoch, 2]).permutation(most))
                 order = order[order < len(rollouts)]
                 chunks = torch.tensor_split(order, updates * t.gradient_accumulation_steps)
-                window_weights = self.window_weights(chunks, weights)
+                live, window_weights = self.live_weights(chunks, weights)
                 micro_steps = t.gradient_accumulation_steps * steps.shape[1]
                 for index, chunk in enumerate(chunks):
                     rows = chunk.to(device) if len(chunk) else torch.zeros(1, dtype=torch.long, device=device)
@@ -604,7 +606,7 @@ class GRPOTrainer(TrainerPersistence):
                         step = steps[rows, column]
                         chunk_weights = weights[rows, column] if len(chunk) else torch.zeros(1, device=device)
                         scale = per_sample_scale(
-                            float(chunk_weights.sum()), window_weight, micro_steps, acc.num_processes
+                            float(live[index, column]), window_weight, micro_steps, acc.num_processes
                         )
                         if recorded is not None:  # an unrecorded step (weight 0) re-scores the last recorded one
                             step = torch.minimum(step, recorded[rows] - 1)
@@ -636,14 +638,17 @@ class GRPOTrainer(TrainerPersistence):
         self.state.train_passes += passes
         self.state.transformer_calls += passes * self.objective.reference_forwards  # the KL references' forwards
 
-    def window_weights(self, chunks: tuple[torch.Tensor, ...], weights: torch.Tensor) -> torch.Tensor:
-        """The live weight (valid, recorded samples) of each accumulation window of ``chunks``, summed over every
-        process (the denominator of the update's per-sample mean, :func:`rl.loss.per_sample_scale`)."""
-        per_chunk = torch.stack([weights[chunk.to(weights.device)].sum() for chunk in chunks]).double()
-        per_window = per_chunk.view(-1, self.config.training.gradient_accumulation_steps).sum(dim=1)
+    def live_weights(
+        self, chunks: tuple[torch.Tensor, ...], weights: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The live weight (valid, recorded samples) of each micro-step, ``[chunks, trained steps]`` on the CPU
+        (read once, not synchronised per micro-step), and of each accumulation window of ``chunks``, summed over
+        every process (the terms of the update's per-sample mean, :func:`rl.loss.per_sample_scale`)."""
+        per_step = torch.stack([weights[chunk.to(weights.device)].sum(dim=0) for chunk in chunks]).double()
+        per_window = per_step.sum(dim=1).view(-1, self.config.training.gradient_accumulation_steps).sum(dim=1)
         if self.accelerator.num_processes > 1:
             per_window = self.accelerator.reduce(per_window.to(self.accelerator.device), reduction="sum")
-        return per_window.cpu()
+        return per_step.cpu(), per_window.cpu()
 
     def count_skipped_updates(self, skipped: int, updated: bool) -> None:
         """Log updates skipped for a non-finite gradient and count the steps in a row with no update at all."""
@@ -758,7 +763,7 @@ class GRPOTrainer(TrainerPersistence):
         if self.state.step % self.config.logging.log_every == 0:
             self.write_step_metrics(bar)
 
-    def write_step_metrics(self, bar: tqdm) -> bool:
+    def write_step_metrics(self, bar: tqdm) -> None:
         """Reduce the steps' metrics since the last write across processes and write them as one record."""
         metrics = self.metrics.reduce(self.accelerator)
         metrics["perf/images_per_s"] *= self.accelerator.num_processes
@@ -776,7 +781,6 @@ class GRPOTrainer(TrainerPersistence):
         )
         self.log.log(metrics, self.state.step)
         bar.set_postfix(reward=f"{metrics.get('reward/total/mean', math.nan):.3f}", eval=f"{self.last_eval:.3f}")
-        return True
 
     def log_eval(self, metrics: dict[str, float], prefix: str = "eval") -> None:
         """Write evaluation metrics as ``<prefix>/<key>`` (e.g. ``eval/shapes/score/mean``)."""

@@ -153,6 +153,12 @@ def scored_rows(result: RewardResult) -> torch.Tensor:
     return result.valid.bool() & torch.isfinite(result.total.float())
 
 
+def known_rewards(result: RewardResult) -> torch.Tensor:
+    """``[B]`` reward totals, NaN where the reward could not score."""
+    total = result.total.float()
+    return torch.where(scored_rows(result), total, torch.full_like(total, math.nan))
+
+
 def reward_scores(result: RewardResult) -> torch.Tensor:
     """``[B]`` reward totals as predictions; rollouts the reward could not score rank last (the batch minimum)."""
     total, valid = result.total.float(), scored_rows(result)

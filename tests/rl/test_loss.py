@@ -153,7 +153,7 @@ def test_every_live_sample_of_an_update_weighs_the_same_however_the_micro_batche
         sampler=types.SimpleNamespace(num_steps=2), optimizer=optimizer, model=model, lora_params=[theta], ema=None,
         objective=objective, policy_loss=policy_loss,
     )  # fmt: skip
-    for name in ("phase", "global_count", "count_skipped_updates", "window_weights"):
+    for name in ("phase", "global_count", "count_skipped_updates", "live_weights"):
         setattr(trainer, name, types.MethodType(getattr(GRPOTrainer, name), trainer))
     valid = torch.tensor([True] * 5 + [False] * 3)
     rollouts = Rollouts(torch.zeros(8, dtype=torch.long), torch.arange(8), torch.zeros(8, 3, 1, 1), torch.zeros(8, 2))
