@@ -262,9 +262,9 @@ class RewardSet:
             return RewardResult(torch.zeros(0), {}, torch.zeros(0, dtype=torch.bool))
         groups = group_index(prompts, group_ids)
         total = torch.zeros(batch)
-        ok = torch.ones(batch, dtype=torch.bool)
+        ok, failures = self._finite_images(images, prompts)
+        images = images.nan_to_num(0.0, 0.0, 0.0) if not ok.all() else images  # rewards see pixels, not NaN
         components: dict[str, torch.Tensor] = {}
-        failures: list[str] = []
         # one retry budget per reward for the step (or this batch) and its group-by-group retries
         with scoring_step(None if step is None else step.shared):
             for name, reward, weight in self.components:
@@ -358,6 +358,22 @@ class RewardSet:
         for key in self._main_keys.get(name, ["score"]):
             scores.setdefault(key, torch.full((len(images),), math.nan))
         return scores, failed, messages
+
+    def _finite_images(self, images: torch.Tensor, prompts: list[str]) -> tuple[torch.Tensor, list[str]]:
+        """``[B]`` True where every pixel is finite, and the failure message: a reward would score a NaN image
+        (a diverged policy or sampler) as black or white, a finite number that hides the divergence."""
+        finite = torch.isfinite(images.flatten(1)).all(1)
+        if finite.all():
+            return finite, []
+        first = int(torch.nonzero(~finite)[0])
+        problem = (
+            f"{int((~finite).sum())} of {len(images)} images hold non-finite pixels (e.g. for prompt "
+            f"{prompts[first]!r}): the policy or the sampler diverged"
+        )
+        if self.failure_policy == "raise":
+            raise RewardError(f"{problem}; rewards would score them as finite images. Lower the learning rate or "
+                              "the SDE noise level, or resume from an earlier checkpoint.")  # fmt: skip
+        return finite, [f"{problem}; group dropped"]
 
     def _non_finite(self, name: str, scores: dict[str, torch.Tensor], prompts: list[str]):
         key, main = next(iter(scores.items()))

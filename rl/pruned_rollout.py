@@ -267,7 +267,9 @@ class PrunedRollout:
                     prediction = Prediction(torch.zeros(len(rollouts)), PredictionCost(), float(sampler.sigmas[k - 1]))
                 runner.add_prediction_cost(prediction.cost)
                 scores = prediction.scores.cpu().float()
-                seed = [self.config.training.seed, runner.step, 4, *([index] if index else [])]
+                # the 1: NumPy pads seed lists with zeros, so [seed, step, 4, index] would be the micro-batch order
+                # of inner epoch 4 ([seed, step, 4, 2]) at the funnel's third stage
+                seed = [self.config.training.seed, runner.step, 4, 1, index]
                 selection = select_survivors(
                     scores, group_ids, p.prune_policy, fraction, p.prune_explore, p.prune_threshold,
                     p.prune_min_spread, seed,

@@ -157,6 +157,18 @@ def test_drop_group_on_nan_uses_group_ids(images):
     assert torch.isfinite(result.total[2:]).all() and torch.isnan(result.total[:2]).all()
 
 
+def test_an_image_with_nan_pixels_is_a_failure_not_a_score(images):
+    """A diverged policy decodes NaN; a reward would score it as a finite (black) image and hide that."""
+    broken = images.clone()
+    broken[4, 0, 0, 0] = math.nan
+    with pytest.raises(RewardError, match=r"1 of 6 images hold non-finite pixels.*'a blue square'.*diverged"):
+        RewardSet([("bright", FailsOn("never"), 1.0)])(broken, PROMPTS, METADATA)
+    result = RewardSet([("bright", FailsOn("never"), 1.0)], failure_policy="drop_group")(broken, PROMPTS, METADATA)
+    assert result.valid.tolist() == [True] * 3 + [False] * 3 and result.dropped_groups == 1
+    assert torch.isnan(result.total[3:]).all() and "non-finite pixels" in result.failures[0]
+    assert torch.allclose(result.total[:3], images[:3].mean(dim=(1, 2, 3)))
+
+
 def test_malformed_output_always_raises(images):
     rewards = RewardSet(
         [("sloppy", lambda i, p, m: {"score": torch.ones(len(i), 1)}, 1.0)], failure_policy="drop_group"
