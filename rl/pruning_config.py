@@ -7,6 +7,7 @@ against the sampling and training sections and says what to set instead.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from typing import TYPE_CHECKING
 
 from rl.config_base import Section, nonnegative, option, positive
@@ -14,6 +15,8 @@ from rl.objectives import OBJECTIVES
 from rl.predictors import PREDICTORS
 from rl.prune_policies import PRUNE_POLICIES, keep_count
 from rl.pruning import ADVANTAGE_MODES, funnel_group_sizes
+
+logger = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from rl.config import RunConfig
@@ -140,6 +143,13 @@ def validate_funnel(config: RunConfig) -> None:
         )
     if p.prune_advantage != "survivors" or p.prune_train_early:
         raise ValueError("prune_funnel trains survivors only: set prune_advantage: survivors, prune_train_early: false")
+    ignored = [
+        f"{key}={getattr(p, key)}"
+        for key in ("capture_step", "prune_keep_fraction")
+        if getattr(p, key) != PruningConfig.__dataclass_fields__[key].default
+    ]
+    if ignored:
+        logger.warning("prune_funnel=%r sets each stage's step and keep count; %s ignored", p.prune_funnel, ignored)
     sizes = funnel_group_sizes(config.started_group_size, stages)
     if sizes[-1] < 2 or any(p.prune_explore > size for size in sizes):
         raise ValueError(
@@ -219,7 +229,8 @@ def validate_pruning(config: RunConfig) -> None:
             "(flow_grpo)."
         )
     started = config.started_group_size
-    if PRUNE_POLICIES[p.prune_policy].fixed_count and p.prune_explore > keep_count(started, p.prune_keep_fraction):
+    fixed_fraction = PRUNE_POLICIES[p.prune_policy].fixed_count and not p.prune_funnel  # a funnel: its own counts
+    if fixed_fraction and p.prune_explore > keep_count(started, p.prune_keep_fraction):
         raise ValueError(
             f"prune_explore={p.prune_explore} exceeds the {keep_count(started, p.prune_keep_fraction)} "
             f"survivors per group ({started} started, prune_keep_fraction={p.prune_keep_fraction}): "

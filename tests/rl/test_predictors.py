@@ -17,6 +17,7 @@ from rl.cost import ComputeCounts, OperationCosts, flux_equivalent
 from rl.predictors import PREDICTORS, Predictor, build_predictor, register, reward_scores
 from rl.predictors.lookahead import euler_to_clean, lookahead_indices
 from rl.predictors.preview import X0Recorder
+from rl.pruning import funnel_group_sizes
 from rl.pruned_rollout import result_subset
 from rl.sampler import FluxSampler
 
@@ -170,6 +171,15 @@ def test_funnel_config_errors_name_the_fix():
         parse_config([*VARIANCE, "--predictor", "reward", "--prune_funnel", "2:0.5,4:0.5"])
     with pytest.raises(ValueError, match=r"leaves \[4, 2\] rollouts per group from 8 started"):
         parse_config([*VARIANCE, "--predictor", "preview", "--prune_funnel", "2:0.5,4:0.5", "--prune_explore", "3"])
+
+
+def test_a_funnel_owns_its_counts(caplog):
+    """capture_step and prune_keep_fraction are the single-stage settings: a funnel warns that it ignores them,
+    and its exploration slice is checked against its own stages, not against prune_keep_fraction's count."""
+    funnel = [*VARIANCE, "--predictor", "preview", "--prune_expand", "4", "--prune_funnel", "2:0.75,4:0.5"]
+    config = parse_config([*funnel, "--group_size", "4", "--prune_keep_fraction", "0.1", "--prune_explore", "3"])
+    assert funnel_group_sizes(config.started_group_size, config.pruning_stages) == [12, 6]
+    assert "prune_keep_fraction=0.1'] ignored" in caplog.text
 
 
 def test_the_exploration_slice_logs_the_real_reward_spread_of_an_unselected_subset(pipeline_dir, tmp_path):
