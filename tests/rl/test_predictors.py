@@ -17,8 +17,8 @@ from rl.cost import ComputeCounts, OperationCosts, flux_equivalent
 from rl.predictors import PREDICTORS, Predictor, build_predictor, register, reward_scores
 from rl.predictors.lookahead import euler_to_clean, lookahead_indices
 from rl.predictors.preview import X0Recorder
-from rl.pruning import funnel_group_sizes
 from rl.pruned_rollout import result_subset
+from rl.pruning import funnel_group_sizes
 from rl.sampler import FluxSampler
 
 __all__ = ["pipeline_dir"]  # fixture used by name
