@@ -687,6 +687,13 @@ class RunConfig:
                     f"{', '.join(changed)} only act under policy_objective {name!r}, not {t.policy_objective!r}: set "
                     f"policy_objective: {name} or leave them at their defaults."
                 )
+        most = s.prompts_per_step * s.group_size  # what a step trains on one process at most
+        if t.gradient_accumulation_steps > most:
+            raise ValueError(
+                f"gradient_accumulation_steps={t.gradient_accumulation_steps} splits a step's rollouts into that many "
+                f"micro-batches, but a step trains at most {most} (prompts_per_step x group_size): the rest would run "
+                f"forward and backward on no sample. Set gradient_accumulation_steps <= {most}."
+            )
         if s.sde_window_only and s.train_steps != "window":
             raise ValueError(
                 f"sde_window_only=true needs train_steps='window' (got {s.train_steps!r}): the SDE steps must be the "

@@ -277,11 +277,10 @@ class GRPOTrainer(TrainerPersistence):
                 self.stop_if_diverged()
                 if cfg.eval.eval_every and self.state.step % cfg.eval.eval_every == 0 and not self.finished:
                     self.log_eval(self.evaluate())
-                stop = self.global_count(int(signals.received is not None)) > 0  # every process stops together
+                stop = self.signalled(signals)
                 if stop or self.checkpoint_due():
                     self.save_checkpoint()
-                    # a signal during the save stops now: the checkpoint holds this step (else one step more)
-                    stop = stop or self.global_count(int(signals.received is not None)) > 0
+                    stop = stop or self.signalled(signals)  # one during the save stops now: it holds this step
                 if stop:
                     bar.close()
                     raise SystemExit(
@@ -301,6 +300,10 @@ class GRPOTrainer(TrainerPersistence):
             self.save(self.output_dir / LORA)
         self.write_summary()  # last: it marks the run finished, so a relaunch after a crash before it redoes the rest
         return self.final_eval
+
+    def signalled(self, signals: StopSignals) -> bool:
+        """Whether any process received a stop signal (a collective call: every process stops together)."""
+        return self.global_count(int(signals.received is not None)) > 0
 
     def evaluate_base(self) -> None:
         """The base model's held-out score on the final evaluation's prompts and seeds (the summary's baseline)."""
