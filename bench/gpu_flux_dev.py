@@ -342,7 +342,7 @@ def measure(args: argparse.Namespace) -> dict:
                 if kl_on:
                     with torch.no_grad(), disable_adapter(transformer):
                         reference = sampler.step_log_prob(rollouts, step, embeds, rows)
-                    kl = kl_to_reference(current.mean, reference.mean, current.std)
+                    kl = kl_to_reference(current.mean, reference.mean, current.sigma_t)
                 old = rollouts.log_probs[rows, step]
                 kl_beta = 0.04 if kl_on else 0.0  # Flow-GRPO's FLUX value; the cost is the reference forward
                 out = grpo_loss(current.log_prob, old, advantages[rows], t.clip_range, kl, kl_beta)

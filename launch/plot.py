@@ -18,6 +18,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
@@ -32,12 +33,14 @@ AXES = (("step", "GRPO step"), ("wall_min", "wall-clock (min)"), ("images", "ima
 
 def curve(records: list[dict], metric: str) -> dict[str, list[float]]:
     """``{"step", "wall_min", "images", "value"}`` lists of the records that hold ``metric``, in step order."""
-    images_at = {r["step"]: r["train/images_seen"] for r in records if "train/images_seen" in r}
+    seen = sorted((r["step"], r["train/images_seen"]) for r in records if "train/images_seen" in r)
+    steps, images = [0] + [step for step, _ in seen], [0] + [count for _, count in seen]  # step 0: none generated
     points = {"step": [], "wall_min": [], "images": [], "value": []}
     for record in sorted((r for r in records if metric in r), key=lambda r: r["step"]):
         points["step"].append(record["step"])
         points["wall_min"].append(record["wall_s"] / 60)
-        points["images"].append(images_at.get(record["step"], 0))  # step 0 (base eval): no image generated yet
+        # between two logged steps (log_every not dividing eval_every), read in proportion
+        points["images"].append(float(np.interp(record["step"], steps, images)))
         points["value"].append(record[metric])
     return points
 

@@ -402,7 +402,8 @@ class TrainingConfig(Section):
     kl_beta: float = option(
         0.0,
         "Weight of the KL to the reference (the same transformer with the LoRA disabled). 0 skips the extra "
-        "reference forward. Flow-GRPO: 0 for FLUX, 0.01-0.04 for SD3.5 (against reward hacking).",
+        "reference forward. The KL is Flow-GRPO's code's, mean((mu - mu_ref)^2) / (2 sigma_t^2), so its values "
+        "carry over: 0 for FLUX, 0.01-0.04 for SD3.5 (against reward hacking).",
     )
     adv_std: str = option(
         "group",

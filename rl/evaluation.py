@@ -80,16 +80,18 @@ class HeldOutEvaluator:
         forwards = sum(
             sampler.calls(len(items[start : start + chunk]) * per_image, sampler.num_steps) for start in starts
         )
-        with self.even_forwards(forwards), acc.autocast():  # shares may differ by a prompt
+        with self.even_forwards(forwards):  # shares may differ by a prompt
             for start in tqdm(starts, desc="eval", leave=False, disable=not self.show_bar):
                 part = items[start : start + chunk]
                 embeds = encode_prompts(self.pipeline, [p.text for _, p in part], self.text_length)
                 prompt_index = torch.arange(len(part)).repeat_interleave(per_image)
                 seeds = torch.tensor([index * 1000 + j for index, _ in part for j in range(per_image)])
-                done = sampler.advance(
-                    sampler.start(prompt_index, seeds, acc.device), embeds.to(acc.device), sampler.num_steps
-                )
-                images = sampler.decode(done.latents)
+                # autocast on sampling and decoding only, as in training: a reward runs in its own dtype
+                with acc.autocast():
+                    done = sampler.advance(
+                        sampler.start(prompt_index, seeds, acc.device), embeds.to(acc.device), sampler.num_steps
+                    )
+                    images = sampler.decode(done.latents)
                 prompts = [part[i][1] for i in prompt_index.tolist()]
                 if start == 0:
                     log_images(images, [p.text for p in prompts], per_image * 4)

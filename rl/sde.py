@@ -47,13 +47,15 @@ class SdeStep:
         next_latents: ``[B, ...]`` the sampled (or scored) next latents.
         log_prob: ``[B]`` mean-reduced Gaussian log-density of ``next_latents`` (0 when ``std`` is 0).
         mean: ``[B, ...]`` the transition mean (differentiable in the velocity).
-        std: ``[B, 1, ...]`` the transition standard deviation, broadcastable to the latents.
+        std: ``[B, 1, ...]`` the transition standard deviation ``sigma_t sqrt(-dt)``, broadcastable to the latents.
+        sigma_t: ``[B, 1, ...]`` the noise schedule's ``sigma_t`` (Flow-GRPO's ``std_dev_t``), which scales its KL.
     """
 
     next_latents: torch.Tensor
     log_prob: torch.Tensor
     mean: torch.Tensor
     std: torch.Tensor
+    sigma_t: torch.Tensor
 
 
 def _per_sample(value: float | torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -126,14 +128,15 @@ def sde_step(
     else:
         log_density = -((next_latents.detach() - mean) ** 2) / (2 * std**2) - torch.log(std) - LOG_SQRT_2PI
         log_prob = log_density.mean(dim=tuple(range(1, x.ndim)))
-    return SdeStep(next_latents=next_latents, log_prob=log_prob, mean=mean, std=std)
+    return SdeStep(next_latents=next_latents, log_prob=log_prob, mean=mean, std=std, sigma_t=sigma_t.expand_as(std))
 
 
 def kl_to_reference(mean: torch.Tensor, reference_mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    """KL between the policy's and the reference's Gaussian transitions (same std), mean-reduced: ``[B]``.
+    """KL between two Gaussians of the same std, ``(m - m_ref)^2 / (2 std^2)`` per element, mean-reduced: ``[B]``.
 
-    ``KL(N(m, std^2) || N(m_ref, std^2)) = (m - m_ref)^2 / (2 std^2)`` per element, averaged over non-batch dims
-    like the log-prob. ``std`` is the step's ``sigma_t * sqrt(-dt)`` (as flow_grpo computes it).
+    The policy term passes ``SdeStep.sigma_t`` as ``std``, as Flow-GRPO's code does (``std_dev_t``), so its
+    ``beta`` values carry over; the transition's own KL (std ``sigma_t sqrt(-dt)``, the paper's form) is that
+    times ``1 / |dt|``, 4-15x larger on a 6-10 step schedule and weighted differently per step.
     """
     per_element = (mean.float() - reference_mean.float()) ** 2 / (2 * std.float() ** 2)
     return per_element.mean(dim=tuple(range(1, mean.ndim)))

@@ -22,7 +22,7 @@ class FlowGRPO(Objective):
         if t.kl_beta > 0:
             with torch.no_grad(), trainer.reference_weights():
                 reference = trainer.sampler.step_log_prob(rollouts, step, embeds, rows)
-            kl = kl_to_reference(current.mean, reference.mean, current.std)
+            kl = kl_to_reference(current.mean, reference.mean, current.sigma_t)
         old = rollouts.log_probs[rows, step]
         return grpo_loss(current.log_prob, old, advantages[rows], t.clip_range, kl, t.kl_beta, weights)
 

@@ -62,3 +62,15 @@ def test_help_states_each_default_once(launch_script, monkeypatch, capsys):
     assert "(default: None)" not in text
     assert "--metric str metric key (repeatable; default: reward/total/mean and eval/total/mean)" in text
     assert "--label str one label per file (default: the run folder's name)" in text
+
+
+def test_an_evaluation_between_logged_steps_is_placed_at_the_images_generated_by_then(launch_script):
+    """log_every 4 and eval_every 10: the step-10 evaluation lies between the records of steps 8 and 12."""
+    records = [{"step": 0, "wall_s": 0.0, "eval/total/mean": 0.3}]
+    for step in range(1, 21):
+        if step % 4 == 0:
+            records.append({"step": step, "wall_s": step, "train/images_seen": 32 * step})
+        if step % 10 == 0:
+            records.append({"step": step, "wall_s": step, "eval/total/mean": 0.4})
+    points = launch_script("plot").curve(records, "eval/total/mean")
+    assert points["step"] == [0, 10, 20] and points["images"] == [0, 320, 640]

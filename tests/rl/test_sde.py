@@ -27,6 +27,7 @@ def test_mean_std_and_log_prob_by_hand():
     out = sde_step(_filled(1), _filled(2), 0.5, 0.25, 0.5, 0.75, next_latents=_filled(0.625))
     torch.testing.assert_close(out.mean, _filled(0.375))
     torch.testing.assert_close(out.std.flatten(), torch.full((2,), 0.25))
+    torch.testing.assert_close(out.sigma_t.flatten(), torch.full((2,), 0.5))  # Flow-GRPO's std_dev_t, its KL's scale
     torch.testing.assert_close(out.log_prob, torch.full((2,), -0.5 + math.log(4) - 0.5 * math.log(2 * math.pi)))
     assert out.log_prob.shape == (2,)
 

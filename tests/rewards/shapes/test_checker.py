@@ -13,6 +13,7 @@ import collections
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image, ImageDraw
 
 from rewards.shapes import COLORS, SHAPES, ObjectSpec, PromptSpec, all_prompts, check, detect, render, sample_prompts
@@ -164,3 +165,48 @@ def test_per_class_accuracy_on_rendered_and_independently_drawn_images():
         print(f"| {name} | " + " | ".join(f"{accuracy[s][0]:.3f}" for s in SHAPES) + f" | {colour:.3f} |")
         # every class measured 1.000 on each source; 0.975 leaves 3 of 120 for a future change to spend
         assert all(shape >= 0.975 and colour_ >= 0.975 for shape, colour_ in accuracy.values()), (name, accuracy)
+
+
+def test_a_stroke_is_not_a_shape():
+    """Stretched to the templates' square, a 2 x 40 line matched a square and a flat ellipse a circle, at full
+    score: a policy could draw lines. Regions over MAX_ASPECT are strokes, counted as extras."""
+    square = next(s for s in all_prompts() if s.prompt == "a red square")
+    circle = next(s for s in all_prompts() if s.prompt == "a red circle")
+    line = np.full((RESOLUTION, RESOLUTION, 3), 255, np.uint8)
+    line[10:50, 30:32] = COLORS["red"]
+    ellipse = np.full((RESOLUTION, RESOLUTION, 3), 255, np.uint8)
+    ys, xs = np.mgrid[:RESOLUTION, :RESOLUTION]
+    ellipse[((xs - 32) / 25) ** 2 + ((ys - 32) / 3) ** 2 <= 1] = COLORS["red"]
+    assert [d.shape for d in detect(line)] == ["stroke"] and check(line, square).score == 0.0
+    assert check(ellipse, circle).score == 0.0 and check(ellipse, circle).extras == 1
+    assert check(render(square, RESOLUTION, 0), square).score == 1.0  # a square still is one
+
+
+def test_every_documented_layout_reads_the_same_image():
+    spec = next(s for s in all_prompts() if s.prompt == "a red circle left of a blue square")
+    hwc = render(spec, RESOLUTION, 0)  # uint8 [H, W, 3]
+    chw = np.ascontiguousarray(hwc.transpose(2, 0, 1))
+    layouts = [hwc, hwc / 255.0, chw, chw / 255.0, torch.from_numpy(chw), torch.from_numpy(chw) / 255.0,
+               Image.fromarray(hwc)]  # fmt: skip
+    assert {check(image, spec).score for image in layouts} == {1.0}
+    with pytest.raises(ValueError, match=r"\[H, W, 3\] or \[3, H, W\], got shape \(64, 64\)"):
+        detect(hwc[..., 0])
+
+
+def test_several_relations_keep_the_score_in_0_1_and_bad_metadata_is_named():
+    spec = PromptSpec.from_dict({"tag": "position", "prompt": "three in a row", "include": [
+        {"class": "circle", "color": "red"},
+        {"class": "square", "color": "blue", "position": ["right of", 0]},
+        {"class": "triangle", "color": "green", "position": ["right of", 1]},
+    ]})  # fmt: skip
+    image = np.full((RESOLUTION, RESOLUTION, 3), 255, np.uint8)
+    drawing = Image.fromarray(image)
+    for index, (shape, color) in enumerate([("circle", "red"), ("square", "blue"), ("triangle", "green")]):
+        draw_plain(ImageDraw.Draw(drawing), shape, 10 + 22 * index, 32, 14, COLORS[color])
+    result = check(np.asarray(drawing), spec)
+    assert result.score == 1.0 and result.correct
+    bad = {"tag": "position", "prompt": "p", "include": [{"class": "circle", "position": ["left of", 0]}]}
+    for include, message in [([], "includes no object"), ([{"class": "circle", "count": 0}], "must be >= 1"),
+                             (bad["include"], "relative to object 0, which must be another")]:  # fmt: skip
+        with pytest.raises(ValueError, match=message):
+            PromptSpec.from_dict({**bad, "include": include})
