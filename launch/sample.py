@@ -3,12 +3,13 @@
     python launch/sample.py --pretrained assets/tiny-flux-shapes --lora runs/tiny_shapes/lora \
         --prompt "a red circle" --prompt "two blue squares" --seeds 0 1 2 3 --out runs/tiny_shapes/samples_cli
     python launch/sample.py --pretrained black-forest-labs/FLUX.1-dev --lora runs/flux/lora --prompts prompts.txt \
-        --height 512 --width 512 --num_steps 28 --dtype bf16 --out samples/
+        --height 512 --width 512 --num_steps 28 --max_sequence_length 512 --dtype bf16 --out samples/
 
 The LoRA folder is any trainer export (``<output_dir>/lora`` or ``checkpoints/step-<n>/lora``); it loads with
 ``FluxPipeline.load_lora_weights``, adapter metadata (lora_alpha) included. Image j of a prompt uses seed
-``seeds[j]`` with the trainer's own seed-to-noise mapping, so with the same steps and size the images equal the
-trainer's deterministic evaluation samples. Writes ``<prompt index>_<seed>.png`` per image and ``grid.png``.
+``seeds[j]`` with the trainer's own seed-to-noise mapping, so with the same steps, size and precision (fp32, up to
+batch-shape rounding) the images equal the trainer's deterministic samples of those seeds; its evaluation gives
+image j of prompt p seed ``1000 p + j``. Writes ``<prompt index>_<seed>.png`` per image and ``grid.png``.
 
 ``--best_of N --keep K``: predictor-guided best-of-N (rl/seed_selection.py). Every prompt starts N seeds, a
 predictor reads them at ``--capture_step`` (``lookahead``, ``preview``: decode and ``--reward``; ``probe``: a probe
@@ -185,6 +186,13 @@ def main(argv: list[str] | None = None) -> Path:
     )  # fmt: skip
     args = parser.parse_args(argv)
     check_best_of(parser, args, argv)
+    for name in ("num_steps", "height", "width", "max_sequence_length"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if args.max_prompts < 0:
+        parser.error(f"--max_prompts must be >= 0 (0: all), got {args.max_prompts}")
+    if args.seeds is not None and len(set(args.seeds)) < len(args.seeds):
+        parser.error(f"--seeds {' '.join(map(str, args.seeds))} repeats a seed: its images would overwrite each other")
     if args.best_of:
         args.seeds = list(range(args.best_of))
     elif args.seeds is None:

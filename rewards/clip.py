@@ -54,6 +54,8 @@ class ClipEmbedder:
         self.dtype = resolve_dtype(dtype, self.device)
         self.batch_size = batch_size
         clip = _load(CLIPModel.from_pretrained, model, "CLIP model", "model")
+        # read before the cast: in bf16 ln(100) rounds to 4.594 and PickScore would read 1.1% low
+        self._logit_scale = clip.logit_scale.detach().float().exp().cpu()
         self.model = clip.to(self.device, self.dtype).eval().requires_grad_(False)
         source = processor or model
         self.tokenizer = _load(AutoTokenizer.from_pretrained, source, "CLIP tokenizer", "processor")
@@ -62,7 +64,8 @@ class ClipEmbedder:
 
     @property
     def logit_scale(self) -> torch.Tensor:
-        return self.model.logit_scale.detach().float().exp().cpu()
+        """``exp(logit_scale)`` at the checkpoint's precision (fp32), whatever dtype the model runs in."""
+        return self._logit_scale
 
     @torch.no_grad()
     def embed_images(self, images: torch.Tensor) -> torch.Tensor:

@@ -110,3 +110,10 @@ def test_half_precision_path(tiny_clip, images):
     assert reward.clip.model.dtype == torch.bfloat16
     half = reward(images, PROMPTS, METADATA)["cosine"]
     assert half.dtype == torch.float32 and torch.allclose(half, full, atol=0.05)
+
+
+def test_pickscore_in_bf16_keeps_the_checkpoints_logit_scale(tiny_clip):
+    """Cast to bf16 first, exp(logit_scale) read 14.24 for 14.29 (PickScore's 100: 98.9); it is read before."""
+    reward = load_reward("pickscore", model=tiny_clip, processor=tiny_clip, dtype="bf16")
+    assert reward.clip.model.dtype == torch.bfloat16
+    assert reward.clip.logit_scale.item() == pytest.approx(1 / 0.07, rel=1e-4)  # bf16 would be 3e-3 off

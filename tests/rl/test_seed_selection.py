@@ -417,6 +417,9 @@ def test_sample_cli_ranks_by_the_shipped_probe_without_any_reward_call(tmp_path,
         (["--best_of", "4", "--seeds", "3", "--reward", "shapes"], "--best_of 4 samples seeds 0..3: leave out --seeds"),
         (["--keep", "2", "--predictor", "preview"], "--keep --predictor select among seeds: give --best_of N"),
         (["--lora", "no/such/lora"], "--lora no/such/lora does not exist"),
+        (["--num_steps", "0"], "--num_steps must be >= 1, got 0"),
+        (["--max_prompts", "-1"], "--max_prompts must be >= 0 (0: all), got -1"),
+        (["--seeds", "3", "3"], "--seeds 3 3 repeats a seed"),
     ],
 )  # fmt: skip
 def test_sample_cli_misuse_is_one_line_before_the_model_loads(extra, message, run_launch_script, capsys, monkeypatch):
