@@ -52,6 +52,7 @@ class CollectArgs:
     out: str = _option("runs/probe/train", "collection directory; re-running with the same settings resumes")
     prompts: str = _option("shapes:train", "prompt source as the trainer's: shapes:<split>, a .txt or .jsonl file")
     num_prompts: int = _option(400, "N prompt draws (groups)")
+    prompt_category_weights: str = _option("", "shapes: draws weighted by category, as the trainer's option")
     group_size: int = _option(8, "G seeds per prompt")
     num_steps: int = _option(10, "T denoising steps")
     capture_steps: list[int] = _option(None, "capture at the k-th transformer call, for each k", lambda: [1, 2, 3, 4])
@@ -148,6 +149,7 @@ def main() -> None:
         sde_steps=sorted(set(args.sde_steps)) or None,
         precision=args.precision,
         reward_weights=list(args.reward_weights) or None,
+        prompt_category_weights=args.prompt_category_weights or None,
     )
     paths = collect(pipeline, settings, args.out, batch_size=args.batch_size, device=args.device)
     print(f"{len(paths)} shards ({settings.num_prompts} prompts x {settings.group_size} seeds) in {args.out}")

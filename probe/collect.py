@@ -58,6 +58,7 @@ class CollectSettings:
         fingerprint: the transformer's config fingerprint.
         weights: :func:`weights_fingerprint` of the transformer (retrained weights of the same architecture make
             a resumed collection an error instead of a silent mix).
+        prompt_category_weights: the trainer's ``prompt_category_weights`` for ``shapes:`` draws; None: balanced.
     """
 
     pipeline: str
@@ -81,15 +82,17 @@ class CollectSettings:
     fingerprint: str = ""
     weights: str = ""
     reward_weights: list[float] | None = None
+    prompt_category_weights: str | None = None
 
 
-def prompt_source(spec: str, count: int, seed: int) -> list[tuple[str, dict]]:
+def prompt_source(spec: str, count: int, seed: int, category_weights: str | None = None) -> list[tuple[str, dict]]:
     """``count`` (prompt, metadata) draws from a trainer prompt source (``rl.data.load_prompt_source``).
 
-    The draws are the source's training batch for ``(seed, step 0)``: category-balanced with replacement for
-    ``shapes:<split>``, a shuffled pass for files, exactly as GRPO draws them.
+    The draws are the source's training batch for ``(seed, step 0)``: category-balanced (or ``category_weights``-
+    weighted) with replacement for ``shapes:<split>``, a shuffled pass for files, exactly as GRPO draws them.
     """
-    return [(p.text, p.metadata) for p in load_prompt_source(spec).batch(0, count, seed)]
+    source = load_prompt_source(spec, category_weights or "")
+    return [(p.text, p.metadata) for p in source.batch(0, count, seed)]
 
 
 def pipeline_sizes(pipeline: FluxPipeline) -> dict[str, int]:
@@ -141,6 +144,7 @@ def run_config_defaults(path: str) -> dict:
     return {
         "pipeline": m.pretrained,
         "prompts": s.prompts,
+        "prompt_category_weights": s.prompt_category_weights,
         "group_size": s.group_size,
         "num_steps": s.num_steps,
         "noise_level": s.noise_level,
@@ -188,7 +192,7 @@ def collect(
         sde_steps=settings.sde_steps,
     )
     reward_set = build_reward_set(settings.reward, settings.reward_weights, kwargs=settings.reward_kwargs)
-    items = prompt_source(settings.prompts, settings.num_prompts, settings.seed)
+    items = prompt_source(settings.prompts, settings.num_prompts, settings.seed, settings.prompt_category_weights)
     per_shard, group_size = settings.prompts_per_shard, settings.group_size
     num_shards = -(-len(items) // per_shard)
     paths = [shard_path(out, i) for i in range(num_shards)]

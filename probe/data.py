@@ -214,6 +214,11 @@ class ProbeDataset:
     def split_by_prompt(self, fraction: float, seed: int = 0) -> tuple[ProbeDataset, ProbeDataset]:
         """``(rest, held_out)`` with about ``fraction`` of the distinct prompts held out (all their rollouts)."""
         unique = sorted(set(self.prompts))
+        if len(unique) < 2:
+            raise ValueError(
+                f"{len(unique)} distinct prompt(s): holding out a fraction of the prompts needs at least 2 (collect more "
+                "prompts, or set the validation fraction to 0)"
+            )
         rng = np.random.default_rng(seed)
         held = set(rng.choice(len(unique), size=max(1, round(fraction * len(unique))), replace=False).tolist())
         held_prompts = {unique[i] for i in held}

@@ -75,6 +75,18 @@ def expected_best_of_random_subset(reward: np.ndarray, keep: int) -> float:
     return float(sum(ordered[j - 1] * math.comb(size - j, keep - 1) for j in range(1, size - keep + 2)) / total)
 
 
+def expected_best_of_picks(prediction: np.ndarray, reward: np.ndarray, keep: int) -> float:
+    """E[max reward of the ``keep`` best predicted], ties in the prediction broken uniformly at random."""
+    cutoff = np.sort(prediction)[::-1][keep - 1]
+    above, tied = reward[prediction > cutoff], reward[prediction == cutoff]
+    best_above = above.max() if len(above) else -math.inf
+    need = keep - len(above)
+    ordered = np.sort(tied)[::-1]
+    total = math.comb(len(tied), need)
+    return float(sum(max(best_above, ordered[j - 1]) * math.comb(len(tied) - j, need - 1)
+                     for j in range(1, len(tied) - need + 2)) / total)  # fmt: skip
+
+
 # the metrics that can pick a probe's checkpoint, and which way is better (+1: higher, -1: lower)
 SELECTABLE_METRICS = {"pcc": 1, "srcc": 1, "auc": 1, "within_group_srcc": 1, "top_half_recall": 1, "regret": -1}
 
@@ -108,15 +120,21 @@ def probe_metrics(prediction, reward, group) -> dict[str, float]:
         if len(gr) < 2:
             continue
         keep = len(gr) // 2
-        picked = np.argsort(-gp, kind="stable")[:keep]
-        regrets.append(gr.max() - gr[picked].max())
+        if not np.isfinite(gp).all():  # a diverged probe: no score, not a neutral one
+            regrets.append(math.nan)
+            regrets_random.append(gr.max() - expected_best_of_random_subset(gr, keep))
+            srccs.append(math.nan)
+            recalls.append(math.nan)
+            continue
+        regrets.append(gr.max() - expected_best_of_picks(gp, gr, keep))
         regrets_random.append(gr.max() - expected_best_of_random_subset(gr, keep))
         if np.all(gr == gr[0]):
             constant += 1
             continue
         srcc = spearman(gp, gr)
         srccs.append(0.0 if math.isnan(srcc) else srcc)  # a constant prediction ranks nothing
-        recalls.append(top_half_membership(gr, keep)[picked].sum() / keep)
+        # ties in the prediction are broken at random: the expected share of the true top half picked
+        recalls.append(float(top_half_membership(gp, keep) @ top_half_membership(gr, keep)) / keep)
     result.update(
         within_group_srcc=float(np.mean(srccs)) if srccs else float("nan"),
         top_half_recall=float(np.mean(recalls)) if recalls else float("nan"),

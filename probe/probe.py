@@ -73,11 +73,13 @@ def sampler_signature(sampler, precision: str, same_initial_noise: bool = False)
 
 
 def sampler_differences(recorded: dict, current: dict) -> list[str]:
-    """``key: recorded -> current`` for every sampler setting the two signatures both name and disagree on."""
+    """``key: recorded -> current`` for every sampler setting the two signatures both name and disagree on
+    (which steps are SDE steps does not matter when neither sampler adds noise)."""
+    noiseless = recorded.get("noise_level") == current.get("noise_level") == 0
     return [
         f"{key}: {recorded[key]!r} -> {current[key]!r}"
         for key in current
-        if key in recorded and recorded[key] != current[key]
+        if key in recorded and recorded[key] != current[key] and not (noiseless and key == "sde_steps")
     ]
 
 

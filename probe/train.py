@@ -159,6 +159,9 @@ def fit(
             loss = loss + config.aux_weight * aux_part
             parts["aux"] = aux_part.item()
         optimizer.zero_grad(set_to_none=True)
+        if not torch.isfinite(loss):  # a NaN step would make the network NaN for good: skip it, as the trainer does
+            logger.warning("probe fit step %d: non-finite loss %s, update skipped", step, loss.item())
+            continue
         loss.backward()
         torch.nn.utils.clip_grad_norm_(probe.network.parameters(), config.grad_clip)
         optimizer.step()
@@ -218,14 +221,14 @@ def collection_meta(directories: list[str], capture_step: int, reward_key: str |
     """The :class:`ProbeMeta` of a probe trained on these collections (``grid`` filled by :func:`train_probe`).
 
     Raises:
-        ValueError: if the collections disagree on the model, step count, blocks, noise (level, SDE steps, shared
-            initial noise), sizes or reward (spec, kwargs, weights).
+        ValueError: if the collections disagree on the model (architecture or weights), step count, blocks, noise
+            (level, SDE steps, shared initial noise), sizes or reward (spec, kwargs, weights).
     """
     manifests = [read_manifest(d) for d in directories]
     sampler_keys = ("num_steps", "noise_level", "sde_steps", "guidance_scale", "resolution", "precision",
                     "same_initial_noise")  # fmt: skip
     rewards = ("reward", "reward_kwargs", "reward_weights")  # the targets: one total, one meaning
-    for key in ("fingerprint", "blocks", "text_length", *sampler_keys, *rewards):
+    for key in ("fingerprint", "weights", "blocks", "text_length", *sampler_keys, *rewards):
         values = {json.dumps(m.get(key)) for m in manifests}
         if len(values) > 1:
             raise ValueError(f"collections differ in {key}: {sorted(values)}; train and test must match")
@@ -280,6 +283,11 @@ def train_probe(
     if test is None:
         if validation is None:
             raise ValueError("no held-out data: give test collections or val_fraction > 0")
+        if fit_config.select_metric is not None:
+            raise ValueError(
+                f"select_metric={fit_config.select_metric!r} picks the checkpoint on the validation prompts, so they "
+                "cannot also be the reported test set: give test collections of other prompts"
+            )
         test = validation
     meta = dataclasses.replace(meta, grid=tuple(train.features.shape[-2:]), metrics={})
     torch.manual_seed(fit_config.seed)  # the network's initialisation
@@ -317,5 +325,12 @@ def train_from_collections(
     meta = collection_meta([*train_dirs, *test_dirs], capture_step, reward_key)
     train = load_dataset(train_dirs, capture_step, features, reward_key, aux_keys)
     test = load_dataset(test_dirs, capture_step, features, reward_key) if test_dirs else None
+    shared = sorted(set(train.prompts) & set(test.prompts)) if test is not None else []
+    if shared:
+        raise ValueError(
+            f"{len(shared)} of the {len(set(test.prompts))} test prompts are training prompts too (e.g. "
+            f"{shared[0]!r}), so the held-out metrics would be inflated: collect the test data from other prompts "
+            "(launch/probe_collect.py --prompts shapes:test, or a held-out file)"
+        )
     model_kwargs = {**(model_kwargs or {}), "aux_outputs": len(aux_keys)}
     return train_probe(train, test, features, meta, fit_config, model_kwargs, val_fraction, progress)

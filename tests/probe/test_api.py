@@ -109,6 +109,8 @@ def test_dataset_from_tensors_and_split_by_prompt():
     rest, held = data.split_by_prompt(0.3, seed=3)
     assert len(set(held.prompts)) == 3 and len(held) == 12 and len(rest) == 28
     assert not set(held.prompts) & set(rest.prompts)
+    with pytest.raises(ValueError, match="1 distinct prompt"):
+        data.subset(list(range(4))).split_by_prompt(0.3)
 
 
 def test_the_checkpoint_kept_is_the_best_by_the_metrics_direction(monkeypatch):

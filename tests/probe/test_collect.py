@@ -73,6 +73,8 @@ def test_collect_resumes_after_interruption_and_trains(tiny_flux_pipeline, tmp_p
     assert not torch.allclose(window_shard["captures"][2]["latents"], shards[0]["captures"][2]["latents"], atol=0.5)
     with pytest.raises(ValueError, match="collections differ in sde_steps"):
         train_from_collections([str(out)], [str(window_dir)], 2, "combined", fit_config, {"width": 8})
+    with pytest.raises(ValueError, match=r"3 of the 3 test prompts are training prompts too .*shapes:test"):
+        train_from_collections([str(out)], [str(out)], 2, "combined", fit_config, {"width": 8})
     probe.save(tmp_path / "probe.pt")
     loaded = Probe.load(tmp_path / "probe.pt", tiny_flux_pipeline.transformer, capture_step=2, num_steps=2)
     assert loaded.meta.blocks == (0, 1, 2) and loaded.meta.metrics == report.test

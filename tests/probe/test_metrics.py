@@ -3,7 +3,15 @@ import math
 import numpy as np
 import pytest
 
-from probe.metrics import auc_roc, expected_best_of_random_subset, pearson, probe_metrics, spearman, top_half_membership
+from probe.metrics import (
+    auc_roc,
+    expected_best_of_picks,
+    expected_best_of_random_subset,
+    pearson,
+    probe_metrics,
+    spearman,
+    top_half_membership,
+)
 
 
 def test_global_metrics_by_hand():
@@ -44,3 +52,18 @@ def test_within_group_metrics_by_hand():
     assert m["groups"] == 4 and m["constant_groups"] == 1 and m["n"] == 14
     assert m["median"] == pytest.approx(0.75)  # 7th and 8th of 14 sorted rewards: 0.5 and 1
     assert m["auc"] == pytest.approx(auc_roc(prediction, np.array(reward) > 0.75))
+
+
+def test_a_constant_prediction_scores_as_random_and_a_nan_one_scores_nothing():
+    """Ties in the prediction break at random: a constant probe gets a random pick's recall and regret whatever
+    the rows' order (stable sorting gave 0.5 or 1.0 by order); a diverged (NaN) probe gets NaN, not a
+    believable 0 regret that could pick its checkpoint."""
+    reward = np.array([4.0, 3, 2, 1])
+    for order in (reward, reward[::-1]):
+        m = probe_metrics(np.zeros(4), order, np.zeros(4))
+        assert m["top_half_recall"] == pytest.approx(0.5)
+        assert m["regret"] == pytest.approx(m["regret_random"]) == pytest.approx(4 - 20 / 6)
+    # a tie at the cutoff only: 0.9 is picked, one of the two 0.5s joins it at random
+    assert expected_best_of_picks(np.array([0.9, 0.5, 0.5, 0.1]), np.array([1.0, 3, 2, 4]), 2) == pytest.approx(2.5)
+    m = probe_metrics(np.array([0.1, math.nan, 0.3, 0.2]), reward, np.zeros(4))
+    assert all(math.isnan(m[key]) for key in ("within_group_srcc", "top_half_recall", "regret"))

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from probe.probe import Probe, ProbeMismatchError, sampler_signature
+from probe.probe import Probe, ProbeMismatchError, sampler_differences, sampler_signature
 from probe.train import collection_sampler
 from rl.config_parse import parse_config
 from rl.predictors.probe_cnn import ProbePredictor
@@ -40,6 +40,15 @@ def test_every_difference_is_named():
     assert Probe.load(WINDOW_PROBE, sampler=trainer_signature()).capture_step == 4
 
 
+def test_without_noise_the_sde_steps_do_not_matter():
+    """A deterministic probe collected with a windowed run config loads under inference's all-step sampler."""
+    noiseless = {**trainer_signature(), "noise_level": 0.0}
+    assert sampler_differences(noiseless, {**noiseless, "sde_steps": list(range(10))}) == []
+    assert sampler_differences(trainer_signature(), {**trainer_signature(), "sde_steps": [0]}) == [
+        "sde_steps: [0, 1, 2] -> [0]"
+    ]
+
+
 def test_a_probe_from_before_the_record_is_taken_as_all_step_sde():
     legacy = Probe.load(FULL_SDE_PROBE)
     assert legacy.meta.sampler == {} and legacy.recorded_sampler()["sde_steps"] == list(range(10))
@@ -69,6 +78,8 @@ def test_collection_with_a_run_config_uses_the_trainers_sampler(monkeypatch):
 
     args = probe_collect.parse_args(["--config", str(TINY), "--num_prompts", "3", "--noise_level", "0.5"])
     assert (args.num_prompts, args.noise_level) == (3, 0.5)  # flags win over the run config
+    weighted = probe_collect.parse_args(["--config", str(TINY), "--prompt_category_weights", "position=3"])
+    assert weighted.prompt_category_weights == "position=3"  # the trainer's draws, weighted as the run's
     assert args.sde_steps == [0, 1, 2] and args.precision == "bf16" and args.dtype == "bfloat16"
     assert (args.resolution, args.text_length, args.group_size) == (64, 16, 8)
     manifest = {"num_steps": args.num_steps, "noise_level": 0.9, "sde_steps": args.sde_steps,
