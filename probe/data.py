@@ -153,6 +153,9 @@ class ProbeDataset:
         group: ``[N]`` prompt-group id (rollouts of one prompt draw, different noise).
         prompts: N prompt strings (the split key).
         aux: ``[N, A]`` reward parts the probe's auxiliary heads learn (``load_dataset``'s ``aux_keys``), or None.
+        group_means: ``[N, C, h, w]`` the features' mean over each rollout's whole group, when the rows hold only
+            part of it (the online buffer keeps survivors, and a group-relative probe predicted them against their
+            whole group); None: the mean over the rows.
     """
 
     features: torch.Tensor
@@ -161,6 +164,7 @@ class ProbeDataset:
     group: torch.Tensor
     prompts: list[str]
     aux: torch.Tensor | None = None
+    group_means: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return self.reward.shape[0]
@@ -173,6 +177,7 @@ class ProbeDataset:
         reward: torch.Tensor,
         group: torch.Tensor,
         prompts: list[str] | None = None,
+        group_means: torch.Tensor | None = None,
     ) -> ProbeDataset:
         """A dataset from in-memory rollouts, e.g. GRPO's online buffer of (features, real reward, group id).
 
@@ -198,7 +203,9 @@ class ProbeDataset:
         }
         if len(set(sizes.values())) > 1:
             raise ValueError(f"rollout counts differ: {sizes}")
-        return cls(features.detach().cpu(), sigma, reward.detach().cpu().float(), group.detach().cpu().long(), prompts)
+        means = None if group_means is None else group_means.detach().cpu()
+        return cls(features.detach().cpu(), sigma, reward.detach().cpu().float(), group.detach().cpu().long(), prompts,
+                   group_means=means)  # fmt: skip
 
     def subset(self, indices: torch.Tensor | np.ndarray | list[int]) -> ProbeDataset:
         indices = torch.as_tensor(indices, dtype=torch.long)
@@ -209,6 +216,7 @@ class ProbeDataset:
             self.group[indices],
             [self.prompts[i] for i in indices.tolist()],
             None if self.aux is None else self.aux[indices],
+            None if self.group_means is None else self.group_means[indices],
         )
 
     def split_by_prompt(self, fraction: float, seed: int = 0) -> tuple[ProbeDataset, ProbeDataset]:
@@ -227,7 +235,8 @@ class ProbeDataset:
 
     def channels(self, indices: list[int]) -> ProbeDataset:
         """The same rollouts with only the feature channels ``indices`` (e.g. one group of a larger feature set)."""
-        return dataclasses.replace(self, features=self.features[:, indices])
+        means = None if self.group_means is None else self.group_means[:, indices]
+        return dataclasses.replace(self, features=self.features[:, indices], group_means=means)
 
     @staticmethod
     def concatenate(parts: list[ProbeDataset]) -> ProbeDataset:
@@ -238,6 +247,7 @@ class ProbeDataset:
             torch.cat([p.group for p in parts]),
             [prompt for p in parts for prompt in p.prompts],
             None if any(p.aux is None for p in parts) else torch.cat([p.aux for p in parts]),
+            None if any(p.group_means is None for p in parts) else torch.cat([p.group_means for p in parts]),
         )
 
 

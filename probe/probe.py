@@ -186,8 +186,11 @@ class Probe(nn.Module):
             )
         return build_features(capture, token_mask, self.feature_config)
 
-    def network_input(self, features: torch.Tensor, group: torch.Tensor | None = None) -> torch.Tensor:
-        """Standardised network input ``[B, C or 2C, h, w]`` (2C: deviations from the group mean appended).
+    def network_input(
+        self, features: torch.Tensor, group: torch.Tensor | None = None, group_means: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Standardised network input ``[B, C or 2C, h, w]`` (2C: deviations from the group mean appended; the
+        mean over the rows of each group, or ``group_means`` ``[B, C, h, w]`` when the rows are part of a group).
 
         Raises:
             ValueError: if the probe is group-relative and ``group`` is None.
@@ -198,27 +201,38 @@ class Probe(nn.Module):
             return x
         if group is None:
             raise ValueError("this probe is group-relative: pass the group id (prompt) of every rollout")
-        deviation = features - group_mean(features, group.to(features.device))
+        means = group_mean(features, group.to(features.device)) if group_means is None else group_means.float()
+        deviation = features - means.to(features.device)
         return torch.cat([x, deviation / self.deviation_std[:, None, None]], dim=1)
 
     def forward(
-        self, features: torch.Tensor, sigma: torch.Tensor | float, group: torch.Tensor | None = None
+        self,
+        features: torch.Tensor,
+        sigma: torch.Tensor | float,
+        group: torch.Tensor | None = None,
+        group_means: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Standardised scores ``[B]`` (differentiable; what :func:`probe.train.fit` trains).
 
         Args:
             features: ``[B, C, h, w]`` raw features.
             sigma: the capture's sigma, scalar or ``[B]``.
-            group: ``[B]`` group ids (needed by group-relative probes; a batch must hold whole groups).
+            group: ``[B]`` group ids (needed by group-relative probes; a batch must hold whole groups, or pass
+                ``group_means``).
+            group_means: ``[B, C, h, w]`` each row's whole-group feature mean (see :meth:`network_input`).
         """
-        return self.forward_with_aux(features, sigma, group)[0]
+        return self.forward_with_aux(features, sigma, group, group_means)[0]
 
     def forward_with_aux(
-        self, features: torch.Tensor, sigma: torch.Tensor | float, group: torch.Tensor | None = None
+        self,
+        features: torch.Tensor,
+        sigma: torch.Tensor | float,
+        group: torch.Tensor | None = None,
+        group_means: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """:meth:`forward`'s scores ``[B]`` and the auxiliary heads' ``[B, aux_outputs]`` (standardised parts)."""
         sigma = torch.as_tensor(sigma, dtype=torch.float32, device=features.device).reshape(-1)
-        return self.network.forward_with_aux(self.network_input(features, group), sigma)
+        return self.network.forward_with_aux(self.network_input(features, group, group_means), sigma)
 
     @torch.no_grad()
     def predict(
@@ -227,6 +241,7 @@ class Probe(nn.Module):
         sigma: torch.Tensor | float,
         group: torch.Tensor | None = None,
         batch_size: int = 256,
+        group_means: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Predicted final rewards ``[B]`` in real reward units (eval mode, no grad).
 
@@ -235,10 +250,11 @@ class Probe(nn.Module):
             sigma: the capture's sigma.
             group: ``[B]`` group ids of the rollouts (e.g. ``rollouts.prompt_index``); required by
                 group-relative probes, ignored by others.
+            group_means: ``[B, C, h, w]`` each row's whole-group feature mean (see :meth:`network_input`).
         """
         was_training = self.training
         self.eval()
-        x = self.network_input(features.to(self.feature_mean.device), group)
+        x = self.network_input(features.to(self.feature_mean.device), group, group_means)
         sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).reshape(-1).expand(x.shape[0])
         out = torch.cat([self.network(xb, sb) for xb, sb in zip(x.split(batch_size), sigma.split(batch_size))])
         self.train(was_training)

@@ -92,7 +92,9 @@ def init_probe(
 def evaluate(probe: Probe, data: ProbeDataset) -> dict[str, float]:
     """:func:`probe.metrics.probe_metrics` of the probe's predictions on ``data``."""
     device = probe.feature_mean.device
-    prediction = probe.predict(data.features.to(device), data.sigma.to(device), data.group.to(device)).cpu()
+    prediction = probe.predict(
+        data.features.to(device), data.sigma.to(device), data.group.to(device), group_means=data.group_means
+    ).cpu()
     return probe_metrics(prediction, data.reward, data.group)
 
 
@@ -150,7 +152,8 @@ def fit(
     for step in bar:
         rows = next_batch()
         features = data.features[rows].to(device)
-        scores, aux = probe.forward_with_aux(features, data.sigma[rows].to(device), data.group[rows].to(device))
+        means = None if data.group_means is None else data.group_means[rows].to(device)
+        scores, aux = probe.forward_with_aux(features, data.sigma[rows].to(device), data.group[rows].to(device), means)
         loss, parts = probe_loss(
             scores, target[rows].to(device), data.group[rows].to(device), weights[rows].to(device), config.rank_weight
         )

@@ -38,6 +38,7 @@ import torch
 from accelerate.utils import gather_object
 
 from probe import FitConfig, Probe, ProbeDataset, fit, probe_metrics
+from probe.model import group_mean
 from rewards.compose import RewardResult
 from rl.advantages import group_std
 from rl.batches import PromptBatch, ScoredRollouts
@@ -89,8 +90,8 @@ class RolloutRunner(Protocol):
 class ProbeBuffer:
     """First-in first-out store of (features, real reward, group) for the online refresh; checkpointable.
 
-    Features are kept in fp16 (``C h w`` x 2 bytes per rollout: 8 KiB on the tiny model, ~1 MiB for FLUX at
-    1024 px with the combined feature set, so size ``probe_buffer_size`` accordingly).
+    Features and their whole-group means are kept in fp16 (``2 C h w`` x 2 bytes per rollout: 16 KiB on the tiny
+    model, ~2 MiB for FLUX at 1024 px with the combined feature set, so size ``probe_buffer_size`` accordingly).
 
     Args:
         capacity: most rollouts held; the oldest leave first.
@@ -104,7 +105,8 @@ class ProbeBuffer:
         return 0 if self.data is None else len(self.data)
 
     def add(self, batch: ProbeDataset) -> None:
-        batch = dataclasses.replace(batch, features=batch.features.half())
+        means = None if batch.group_means is None else batch.group_means.half()
+        batch = dataclasses.replace(batch, features=batch.features.half(), group_means=means)
         data = batch if self.data is None else ProbeDataset.concatenate([self.data, batch])
         self.data = data.subset(torch.arange(max(0, len(data) - self.capacity), len(data)))
 
@@ -112,7 +114,8 @@ class ProbeBuffer:
         """The buffer with fp32 features (what :func:`probe.fit` trains on)."""
         if self.data is None:
             raise RuntimeError("the probe buffer is empty")
-        return dataclasses.replace(self.data, features=self.data.features.float())
+        means = None if self.data.group_means is None else self.data.group_means.float()
+        return dataclasses.replace(self.data, features=self.data.features.float(), group_means=means)
 
     def state_dict(self) -> dict:
         return {"capacity": self.capacity, "data": None if self.data is None else dataclasses.asdict(self.data)}
@@ -414,9 +417,12 @@ class PrunedRollout:
             return
         survivors = selection.survivors[scored.valid]
         unique_groups = step.group_ids[survivors] + runner.step * 1_000_003  # unique across steps
+        # a group-relative probe predicted each survivor against its whole group: the refresh must see the same
+        whole = group_mean(step.features.float(), step.group_ids.to(step.features.device))[survivors].cpu()
         local = ProbeDataset.from_tensors(
-            step.features[survivors].cpu(), step.sigma, scored.rewards[scored.valid].float(), unique_groups
-        )
+            step.features[survivors].cpu(), step.sigma, scored.rewards[scored.valid].float(), unique_groups,
+            group_means=whole,
+        )  # fmt: skip
         newest = step.predicted[survivors]
         if self.accelerator is not None and self.accelerator.num_processes > 1:
             parts = gather_object([(local, newest)])

@@ -9,7 +9,7 @@ import torch
 # Submodule imports: under pytest's default rootdir import mode `tests/probe` shadows the package's __init__.
 from probe.data import ProbeDataset
 from probe.features import FeatureConfig
-from probe.model import ProbeModelConfig
+from probe.model import ProbeModelConfig, group_mean
 from probe.probe import Probe, ProbeMeta, transformer_fingerprint
 from probe.train import FitConfig, evaluate, fit, init_probe
 from rl.sampler import FluxSampler, encode_prompts
@@ -74,6 +74,24 @@ def test_online_refresh_learns_within_group_order_and_keeps_normalisation():
     assert log[-1]["step"] == 200 and log[-1]["pairs"] > 0
     assert all(torch.equal(value, buffers[name]) for name, value in probe.named_buffers())
     assert not probe.training
+
+
+def test_a_group_relative_probe_reads_survivors_against_their_whole_group():
+    """The online buffer holds survivors only: with their whole groups' feature means a group-relative probe
+    gives them the inputs (and predictions) it ranked them by; with the survivors' own mean it would not."""
+    data = _synthetic(4, seed=4)
+    meta = ProbeMeta("synthetic", "", 2, 10, (0,), (4, 4), 16, 0.9, "shapes")
+    config = FeatureConfig(attention_stats=(), token_slots=0, x0=True)
+    torch.manual_seed(0)
+    probe = init_probe(data, config, meta, {"width": 8, "blocks_per_stage": (1,), "group_relative": True})
+    whole = probe.predict(data.features, 0.8, data.group)
+    survivors = torch.tensor([i for i in range(len(data)) if i % 8 < 3])
+    part = ProbeDataset.from_tensors(data.features[survivors], 0.8, data.reward[survivors], data.group[survivors],
+                                     group_means=group_mean(data.features, data.group)[survivors])  # fmt: skip
+    torch.testing.assert_close(probe.predict(part.features, 0.8, part.group, group_means=part.group_means),
+                               whole[survivors])  # fmt: skip
+    assert not torch.allclose(probe.predict(part.features, 0.8, part.group), whole[survivors], atol=1e-3)
+    assert evaluate(probe, part)["n"] == len(survivors)  # fit and evaluate read the means from the dataset
 
 
 def test_auxiliary_heads_learn_the_reward_parts_and_the_online_buffer_needs_none():

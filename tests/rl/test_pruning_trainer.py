@@ -9,6 +9,7 @@ from accelerate.state import AcceleratorState, GradientState
 from test_trainer import lora_state, one_step, pipeline_dir, tiny_args
 from test_trainer import make_trainer as make_one_trainer
 
+from probe.model import group_mean
 from rl.config_parse import parse_config
 from rl.pruned_rollout import ProbeBuffer
 from rl.trainer import GRPOTrainer
@@ -70,6 +71,9 @@ def test_topk_finishes_and_scores_survivors_only(pipeline_dir, tmp_path, advanta
         not torch.equal(a, b) for a, b in zip(before, lora_state(trainer))
     )
     assert len(trainer.pruner.buffer) == 4 and "probe/pcc_online" in metrics
+    # the survivors enter the refresh buffer with their whole group's feature mean, what the probe ranked them by
+    whole = group_mean(last.features.float(), last.group_ids)[last.selection.survivors]
+    assert torch.equal(trainer.pruner.buffer.dataset().group_means, whole.half().float())
     if advantage == "imputed":
         assert "prune/calibration_slope" in metrics
     if objective == "awm":  # trained on the survivors' finished images
