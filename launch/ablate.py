@@ -139,7 +139,7 @@ def plan(args: argparse.Namespace, passthrough: list[str]) -> dict[Path, list[st
     shared += ["--resume_from", "latest"]  # a run killed midway continues from its checkpoint, not from step 0
     seeds = args.seeds if args.seeds is not None else [None]
     commands: dict[Path, list[str]] = {}
-    conflicts = []
+    conflicts, schedules = [], set()
     for seed in seeds:
         out = Path(args.out) if seed is None else Path(args.out) / f"seed{seed}"
         for variant in variants:
@@ -149,6 +149,7 @@ def plan(args: argparse.Namespace, passthrough: list[str]) -> dict[Path, list[st
             if seed is not None:
                 overrides += ["--seed", str(seed)]
             config = parse_config(overrides)
+            schedules.add(config.training.lr_schedule)
             if variant == "pruned" and not PRUNE_POLICIES[config.pruning.prune_policy].reads_predictions:
                 predicting = "|".join(n for n, p in PRUNE_POLICIES.items() if p.prunes and p.reads_predictions)
                 raise ValueError(
@@ -160,6 +161,11 @@ def plan(args: argparse.Namespace, passthrough: list[str]) -> dict[Path, list[st
             if changed := result_changes(out / variant, config.flat()):
                 listed = "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changed.items())
                 conflicts.append(f"{out / variant} ({listed})")
+    decaying = sorted(schedules - {"constant"})
+    if decaying and not args.budget_steps:  # the schedule runs over max_steps, which another budget never reaches
+        print(f"warning: lr_schedule {', '.join(decaying)} decays over max_steps={args.max_steps}, which a time, image "
+              "or compute budget stops far short of: the learning rate stays at its start value (say so with "
+              "--lr_schedule constant, or budget in --budget_steps)")  # fmt: skip
     if conflicts and args.report_only:  # reported as they are, but not without a word
         print(f"warning: {len(conflicts)} run folder(s) hold a run of another config: {'; '.join(conflicts)}")
     elif conflicts:  # a kept or resumed run of another config would mix into the summary
@@ -175,6 +181,12 @@ def main(argv: list[str] | None = None) -> dict:
     variants = [v for v in args.variants.split(",") if v]
     seeds = args.seeds if args.seeds is not None else [None]
     budgets = (args.budget_minutes, args.budget_images, args.budget_steps, args.budget_flux_compute)
+    if args.reward_call_cost is not None and args.budget_flux_compute and not args.report_only:
+        raise ValueError(
+            f"--reward_call_cost {args.reward_call_cost} re-prices the report, but the runs spend "
+            "--budget_flux_compute at the default prices (rl/cost.py): run the budget first, then report with "
+            "--report_only --reward_call_cost"
+        )
     # re-reading finished runs needs no budget; given one, the runs are checked against the config it makes
     commands = plan(args, passthrough) if max(budgets) > 0 or not args.report_only else {}
     costs = None  # the prices the runs logged; re-priced with --reward_call_cost (--report_only: finished runs)

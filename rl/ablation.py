@@ -13,8 +13,13 @@ runs back from their ``metrics.jsonl``:
 
 Time-to-target: the unpruned run's (seed-mean) final held-out reward is the target; a run's time to it is the
 cost (wall-clock, transformer calls or FLUX-equivalent compute) of its first evaluation at or above it, and the
-speedup is the unpruned run's own time to it over the variant's. Spreads over seeds are sample standard
-deviations (n - 1).
+speedup is the unpruned run's own time to it over the variant's, with a bootstrap interval over seeds. Spreads
+over seeds are sample standard deviations (n - 1).
+
+A budget is checked before each step, so a run overshoots it by up to one step (its steps differ in cost by
+variant: PODS's by up to 5% of a 39,000 budget); time to target reads each run's actual costs, so only "final
+reward at the budget" compares slightly unequal compute. ``--budget_minutes`` counts from launch (setup and
+evaluation included), the wall-clock axis only training steps.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import dataclasses
 import difflib
 import json
 import math
+import random
 import statistics
 from pathlib import Path
 
@@ -255,8 +261,9 @@ def summary_table(runs: list[RunCurve], baseline: str = "unpruned") -> tuple[lis
                 "train_seconds": run.seconds[-1],
                 **{f"{p}_s": run.phase_seconds.get(p, 0.0) for p in phases},
                 "seconds_to_target": reach,
-                # the reference against itself is 1 by definition; a target reached at no cost: undefined (nan)
-                "speedup_to_target": 1.0 if run is reference else own / reach if reach > 0 else math.nan,
+                # the reference against itself is 1 by definition; a target never reached or reached at no cost:
+                # undefined (nan; the seconds say which)
+                "speedup_to_target": 1.0 if run is reference else own / reach if 0 < reach < math.inf else math.nan,
             }
         )
     header = ["variant", "final held-out reward", "base", "steps", "images denoised", "reward calls", "step time s"]
@@ -266,14 +273,20 @@ def summary_table(runs: list[RunCurve], baseline: str = "unpruned") -> tuple[lis
         cells = [row["variant"], f"{row['final_reward']:.4f}", f"{row['base_reward']:.4f}", str(row["steps"])]
         cells += [f"{row['images_denoised']:.0f}", f"{row['reward_calls']:.0f}", f"{row['train_seconds']:.0f}"]
         cells += [f"{row[f'{p}_s']:.0f}" for p in phases]
-        cells += [f"{row['seconds_to_target']:.0f}", speedup_cell(row["speedup_to_target"])]
+        cells += [f"{row['seconds_to_target']:.0f}", speedup_cell(row["speedup_to_target"], row["seconds_to_target"])]
         lines.append("| " + " | ".join(cells) + " |")
     return rows, "\n".join(lines)
 
 
-def speedup_cell(speedup: float) -> str:
-    """A speedup as a table cell: ``1.67x``, or ``n/a`` where it is undefined (nan: the target reached at no cost)."""
-    return f"{speedup:.2f}x" if math.isfinite(speedup) else "n/a"
+def speedup_cell(speedup: float, to_target: float = 0.0, interval: list[float] | None = None) -> str:
+    """A speedup as a table cell: ``1.67x`` (with its bootstrap ``interval``: ``1.67x (0.91-2.10)``), ``not
+    reached`` when the variant never reached the target (``to_target`` inf), ``n/a`` where it is undefined."""
+    if to_target == math.inf:
+        return "not reached"
+    if not math.isfinite(speedup):
+        return "n/a"
+    bounded = interval is not None and all(math.isfinite(x) for x in interval)
+    return f"{speedup:.2f}x" + (f" ({interval[0]:.2f}-{interval[1]:.2f})" if bounded else "")
 
 
 def json_safe(value):
@@ -329,6 +342,7 @@ def write_report(runs: list[RunCurve], out_dir: str | Path, command: str) -> dic
 
 # ---------------------------------------------------------------- several seeds per variant
 
+BOOTSTRAP_RESAMPLES = 1000  # per variant and axis; the speedups' intervals (seed_summary)
 AXES = {  # summary key suffix -> (RunCurve field, plot label)
     "wallclock": ("seconds", "training wall-clock (s; setup and evaluation excluded)"),
     "calls": ("calls", "transformer calls (rollouts, predictors, KL reference)"),
@@ -337,8 +351,8 @@ AXES = {  # summary key suffix -> (RunCurve field, plot label)
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
-    """Mean and sample std over seeds (0 for a single seed)."""
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+    """Mean and sample std over seeds (nan for a single seed: one seed has no spread to report)."""
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else math.nan
 
 
 def seed_curve(runs: list[RunCurve]) -> dict[str, list[float]]:
@@ -369,10 +383,44 @@ def first_reaching(curve: dict[str, list[float]], field: str, target: float) -> 
     return next((x for x, r in zip(curve[field], curve["reward_mean"]) if r >= target - 1e-12), math.inf)
 
 
+def speedup_samples(
+    runs: list[RunCurve], baseline: list[RunCurve], field: str, resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0
+) -> list[float]:
+    """Bootstrap speedups on one axis: the seeds of the variant and of the baseline each resampled with
+    replacement, the target (the resampled baseline's mean final reward), both seed-mean curves and their first
+    crossings rebuilt; a variant that never reaches the target counts 0 (so the interval covers 'not reached').
+
+    With 3 seeds there are only 10 distinct resamples per side: the interval then says how far the seed draw alone
+    moves a speedup, not a calibrated confidence level.
+    """
+    rng = random.Random(seed)
+    samples = []
+    for _ in range(resamples):
+        mine = [rng.choice(runs) for _ in runs]
+        base = [rng.choice(baseline) for _ in baseline]
+        target = statistics.fmean(r.final_reward for r in base)
+        reference = first_reaching(seed_curve(base), field, target)
+        reach = first_reaching(seed_curve(mine), field, target)
+        samples.append(reference / reach if 0 < reach < math.inf else 0.0 if reach == math.inf else math.nan)
+    return samples
+
+
+def percentile_interval(samples: list[float], coverage: float = 0.9) -> list[float]:
+    """The central ``coverage`` interval ``[low, high]`` of the finite samples (nan, nan without any)."""
+    finite = sorted(s for s in samples if math.isfinite(s))
+    if not finite:
+        return [math.nan, math.nan]
+    tail = (1 - coverage) / 2
+    pick = lambda q: finite[min(len(finite) - 1, max(0, round(q * (len(finite) - 1))))]  # noqa: E731
+    return [pick(tail), pick(1 - tail)]
+
+
 def seed_summary(runs: dict[str, list[RunCurve]], baseline: str = "unpruned") -> dict:
     """Per variant: final held-out reward mean and std over seeds, time to the baseline's mean final reward on
-    each axis (wall-clock, transformer calls, FLUX-equivalent compute) and the speedups (the baseline's time to
-    that target over the variant's), the seed-mean curves and the selection figures.
+    each axis (wall-clock, transformer calls, FLUX-equivalent compute), the speedups (the baseline's time to
+    that target over the variant's; nan when never reached) with a 90% bootstrap interval over seeds
+    (``speedup_<axis>_interval``, :func:`speedup_samples`; the baseline's own shows the noise of a null
+    comparison), the seed-mean curves and the selection figures.
 
     Raises:
         ValueError: the baseline variant has no finished run.
@@ -398,8 +446,9 @@ def seed_summary(runs: dict[str, list[RunCurve]], baseline: str = "unpruned") ->
             reach = first_reaching(curves[name], field, target)
             entry[f"to_target_{axis}"] = reach
             entry[f"total_{axis}"] = curves[name][field][-1]
-            speedup = reference[axis] / reach if reach > 0 else math.nan  # nan: the target reached at no cost
+            speedup = reference[axis] / reach if 0 < reach < math.inf else math.nan  # never, or at no cost
             entry[f"speedup_{axis}"] = 1.0 if name == baseline else speedup
+            entry[f"speedup_{axis}_interval"] = percentile_interval(speedup_samples(group, runs[baseline], field))
         keys = {key for r in group for key in r.selection}
         entry["selection"] = {
             k: _mean_std([r.selection[k] for r in group if k in r.selection])[0] for k in sorted(keys)
@@ -412,14 +461,17 @@ def seed_summary(runs: dict[str, list[RunCurve]], baseline: str = "unpruned") ->
 def seed_table(summary: dict) -> str:
     """The Markdown table of :func:`seed_summary`."""
     header = ["variant", "seeds", "final held-out reward (mean +- sample std)", "group reward std", "wall-clock s", "transformer calls",
-              "FLUX-eq. compute", "speedup wall-clock", "speedup calls", "speedup FLUX compute"]  # fmt: skip
+              "FLUX-eq. compute", "speedup wall-clock (90% bootstrap)", "speedup calls (90%)", "speedup FLUX compute (90%)"]  # fmt: skip
     lines = [f"Target: the {summary['baseline']} mean final reward, {summary['target_reward']:.4f}.", ""]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name, v in summary["variants"].items():
         spread = v["selection"].get("reward/group_std", math.nan)
-        cells = [name, str(v["seeds"]), f"{v['final_reward_mean']:.4f} +- {v['final_reward_std']:.4f}", f"{spread:.3f}"]
+        std = v["final_reward_std"]
+        final = f"{v['final_reward_mean']:.4f} " + (f"+- {std:.4f}" if math.isfinite(std) else "(one seed)")
+        cells = [name, str(v["seeds"]), final, f"{spread:.3f}"]
         cells += [f"{v['total_wallclock']:.0f}", f"{v['total_calls']:.0f}", f"{v['total_flux_compute']:.0f}"]
-        cells += [speedup_cell(v[f"speedup_{axis}"]) for axis in AXES]
+        cells += [speedup_cell(v[f"speedup_{axis}"], v[f"to_target_{axis}"], v[f"speedup_{axis}_interval"])
+                  for axis in AXES]  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

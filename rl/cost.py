@@ -12,7 +12,9 @@ priced with, ``cost_model``), at 512 x 512 (1,024 image + 512 text tokens), batc
   upper estimate here (the frozen base needs no weight gradients); per image an H200 measured 2.5x a forward
   at batch 2 and 3.2x with gradient checkpointing at batch 4 (bench/RESULTS.md, "GPU path").
 - VAE decode to 512 x 512: the decoder's 3x3 convolutions, ~0.54 TFLOPs at each of 512^2 x 128, 256^2 x 256
-  and 128^2 x 512 channels, ~0.2 at 64^2 ~ 1.8 TFLOPs = **0.05**.
+  and 128^2 x 512 channels, ~0.2 at 64^2 ~ 1.8 TFLOPs = **0.05**. This leaves out the upsamplers' convolutions
+  (~0.3 TFLOPs each): counted with hooks on diffusers' ``AutoencoderKL`` it is 2.5 TFLOPs, 0.066; kept at 0.05
+  so the measured tables stay comparable (a run's total moves by under 0.1%).
 - reward call: a ViT-H/14 at 224 px (PickScore, HPSv2, CLIP-H) ~ 0.33 TFLOPs = **0.01**; a VLM judge costs
   far more, so pass your own :class:`OperationCosts`.
 """

@@ -99,8 +99,9 @@ def test_time_to_target_counts_from_the_references_own_first_reach(tmp_path):
 def test_unfinished_runs_and_missed_targets(tmp_path):
     write_run(tmp_path / "unpruned", [10, 10], 16, {0: 0.1}, 0.5)
     write_run(tmp_path / "random", [5, 5], 8, {0: 0.1}, 0.2)
-    rows, _ = summary_table([read_run("unpruned", tmp_path / "unpruned"), read_run("random", tmp_path / "random")])
-    assert rows[1]["seconds_to_target"] == math.inf and rows[1]["speedup_to_target"] == 0.0
+    rows, table = summary_table([read_run("unpruned", tmp_path / "unpruned"), read_run("random", tmp_path / "random")])
+    assert rows[1]["seconds_to_target"] == math.inf and math.isnan(rows[1]["speedup_to_target"])  # null, not 0.00x
+    assert "| not reached |" in table
     (tmp_path / "broken").mkdir()
     (tmp_path / "broken" / "metrics.jsonl").write_text('{"step": 0, "base_eval/total/mean": 0.1}\n')
     with pytest.raises(ValueError, match="did not finish"):
@@ -289,11 +290,16 @@ def test_seed_summary_means_bands_and_speedups_on_every_axis(tmp_path):
     assert fast["speedup_wallclock"] == pytest.approx(4.0) and fast["speedup_calls"] == pytest.approx(4.0)
     assert fast["speedup_flux_compute"] == pytest.approx(4.0)
     assert summary["variants"]["unpruned"]["speedup_wallclock"] == pytest.approx(1.0)
+    # the seeds resampled: fast reaches a resampled target at 10 s (4x) or, against the 0.54 of (u1, u1), only at
+    # its end, 20 s, unless it drew (f1, f1) (2x, 3 draws in 16); unpruned against itself misses 0.54 with (u0, u0)
+    assert fast["speedup_wallclock_interval"] == [2.0, 4.0] == fast["speedup_flux_compute_interval"]
+    assert summary["variants"]["unpruned"]["speedup_calls_interval"] == [0.0, 1.0]
     assert fast["selection"]["reward/group_std"] == pytest.approx(0.225)
     assert fast["curve"]["reward_std"][0] == 0.0 and fast["curve"]["steps"] == [0, 2, 4]
     report = write_seed_report(runs, tmp_path, "python launch/ablate.py --seeds 0 1", {"seeds": [0, 1]})
     assert (tmp_path / "reward_vs_cost.png").stat().st_size > 1000 and report["variants"]["fast"]["seeds"] == 2
-    assert "| fast | 2 | 0.5500 +- 0.0141 |" in (tmp_path / "summary.md").read_text()
+    table = (tmp_path / "summary.md").read_text()
+    assert "| fast | 2 | 0.5500 +- 0.0141 |" in table and "| 4.00x (2.00-4.00) |" in table
     with pytest.raises(ValueError, match="baseline variant 'unpruned' has no finished run"):
         seed_summary({"fast": runs["fast"]})
 
@@ -354,4 +360,18 @@ def test_a_seeded_ablation_without_its_baseline_stops_before_any_run(tiny_flux_p
     args = [*common, "--budget_steps", "2", "--seeds", "0", "--variants", "keep_oracle"]
     with pytest.raises(ValueError, match="--variants must include unpruned"):
         ablate.main(args)
+    assert not (tmp_path / "ablate").exists()  # nothing ran
+
+
+def test_budget_and_pricing_mistakes_are_named_before_any_run(tiny_flux_pipeline, tmp_path, capsys):
+    """A compute budget spent at the default prices cannot be reported at others in the same command; a decaying
+    learning-rate schedule under a non-step budget is constant in effect, and said so."""
+    ablate, common = fixture_ablation(tiny_flux_pipeline, tmp_path)
+    args = [*common, "--seeds", "0", "--variants", "unpruned", "--budget_flux_compute", "100"]
+    with pytest.raises(ValueError, match="--reward_call_cost 20.0 re-prices the report, but the runs spend"):
+        ablate.main([*args, "--reward_call_cost", "20"])
+    ablate.plan(*ablate.parse([*args, "--lr_schedule", "cosine"]))
+    assert "lr_schedule cosine decays over max_steps=100000" in capsys.readouterr().out
+    ablate.plan(*ablate.parse([*args, "--lr_schedule", "constant"]))
+    assert "lr_schedule" not in capsys.readouterr().out
     assert not (tmp_path / "ablate").exists()  # nothing ran
