@@ -4,7 +4,8 @@ Reads a held-out collection made with the run config (so the SDE window, noise, 
 the trainer's) and scores every shipped predictor on it:
 
 - ``preview@k``: the x0 of call k (stored by the collection), decoded and scored by the real reward;
-- ``lookahead@s+n``: from the state after step s, n Euler steps to sigma 0, decoded and scored;
+- ``lookahead@s+n``: from the state after step s (a capture at s stores it), n Euler steps to sigma 0, decoded and
+  scored;
 - ``probe``: the CNN probe file on the stored capture (no reward call);
 - ``oracle``: the real final rewards (the ceiling).
 
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -80,8 +82,8 @@ def reward_predictions(manifest: dict, shards: list[dict], lookaheads: list[tupl
 
             for k, capture in shard["captures"].items():
                 out.setdefault(f"preview@{k}", []).extend(score(capture["x0"]))
-            for after, steps in lookaheads:  # the state after `after` steps is the input of call after + 1
-                state = shard["captures"][after + 1]["latents"].to(dtype)
+            for after, steps in lookaheads:  # capture k stores the state after step k (its call's output)
+                state = shard["captures"][after]["latents"].to(dtype)
                 indices = lookahead_indices(after, sampler.num_steps, steps)
                 with autocast:
                     clean = euler_to_clean(sampler, state, embeds, prompt_index, indices)
@@ -103,8 +105,9 @@ def selection_gain(predicted: np.ndarray, reward: np.ndarray, group: np.ndarray,
         stats["random"].append(np.mean([real[rng.choice(len(rows), keep, replace=False)].std() for _ in range(draws)]))
         stats["all"].append(real.std())
     means = {name: float(np.mean(values)) for name, values in stats.items()}
-    return {f"kept_std_vs_random_{name}": means[name] / means["random"] for name in ("topk", "variance")} | {
-        "variance_kept_std_vs_all": means["variance"] / means["all"],
+    ratio = lambda a, b: a / b if b > 0 else math.nan  # noqa: E731  (every group flat: no spread to compare)
+    return {f"kept_std_vs_random_{name}": ratio(means[name], means["random"]) for name in ("topk", "variance")} | {
+        "variance_kept_std_vs_all": ratio(means["variance"], means["all"]),
         "kept_std_random": means["random"],
         "std_all": means["all"],
     }
@@ -129,7 +132,7 @@ def main(argv: list[str] | None = None) -> dict:
     reward = torch.cat([s["reward"] for s in shards]).numpy()
     group = torch.cat([s["group"] for s in shards]).numpy()
     steps = sorted(int(k) for k in shards[0]["captures"])
-    lookaheads = [(k - 1, n) for k in steps for n in (2,)]
+    lookaheads = [(k, 2) for k in steps if k < manifest["num_steps"]]  # from the state after each captured step
     predictions = reward_predictions(manifest, shards, lookaheads)
     probe = Probe.load(args.probe, sampler=collection_sampler(manifest))  # the data's sampler must be the probe's
     probe_data = load_dataset(data, probe.capture_step, probe.feature_config)

@@ -3,8 +3,8 @@
     advantage_i = clip((r_i - mean_{group(i)}) / (std + eps), -adv_clip_max, adv_clip_max)
 
 ``std`` is the standard deviation of the rollout's own group (``std_mode="group"``, Flow-GRPO's default) or of
-every reward in the batch (``std_mode="batch"``, the "global std" variant of Flow-GRPO and Dr. GRPO's fix for
-groups whose tiny spread would otherwise be amplified). Standard deviations are population ones (``np.std``),
+every reward in the batch (``std_mode="batch"``, Flow-GRPO's global_std, for groups whose tiny spread would
+otherwise be amplified). Standard deviations are population ones (``np.std``),
 so a group of one has mean equal to its reward and std 0. Groups whose rewards are all equal, including
 groups of one, get advantage exactly 0: they carry no contrast to learn from, and dividing float noise by
 ``eps`` must not invent one.

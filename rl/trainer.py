@@ -587,6 +587,9 @@ class GRPOTrainer(TrainerPersistence):
             early = recorded < self.sampler.num_steps
             total = float(weights.sum())
             self.metrics.add("prune/early_trained_frac", float(weights[early].sum()) / max(total, 1.0), total)
+        if self.global_count(int(bool(weights.sum() > 0))) == 0:  # every rollout dropped (drop_group), everywhere
+            self.info(f"step {self.state.step + 1}: no valid rollout on any process, no update")
+            return  # AdamW would still move the LoRA on its momentum and weight decay alone
         advantages = scale_advantages(advantages.to(device), t.adv_clip_max, t.adv_scale_max)
         factor = lr_factor(t.lr_schedule, self.state.step, t.max_steps, t.lr_warmup_steps)
         for group in self.optimizer.param_groups:

@@ -72,6 +72,23 @@ def base_state(trainer):
     return {n: p.detach().clone() for n, p in trainer.pipeline.transformer.named_parameters() if "lora_" not in n}
 
 
+def test_a_step_whose_every_group_was_dropped_moves_nothing(pipeline_dir, tmp_path):
+    """drop_group may leave a step with no valid rollout: after one real update AdamW's momentum alone would
+    still move the LoRA, so no update runs at all."""
+    trainer = make_trainer(pipeline_dir, tmp_path, "--learning_rate", "1e-3")
+    one_step(trainer)
+    before, updates = lora_state(trainer), trainer.state.optimizer_steps
+    batch = trainer.next_prompts()
+    scored = trainer.score(batch, trainer.rollout(batch))
+    dropped = dataclasses.replace(
+        scored, valid=torch.zeros_like(scored.valid), rewards=torch.full_like(scored.rewards, math.nan)
+    )
+    trainer.optimise(batch, dropped, torch.zeros(len(scored.valid)))
+    assert all(torch.equal(a, b) for a, b in zip(before, lora_state(trainer)))
+    assert trainer.state.optimizer_steps == updates > 0
+    trainer.cleanup()
+
+
 def test_first_inner_ratio_is_one_and_only_the_lora_moves(pipeline_dir, tmp_path):
     trainer = make_trainer(pipeline_dir, tmp_path, "--gradient_accumulation_steps", "1", "--learning_rate", "1e-3")
     lora_before, base_before = lora_state(trainer), base_state(trainer)
