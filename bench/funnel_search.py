@@ -134,8 +134,8 @@ def markdown(results: dict[str, dict], args: argparse.Namespace) -> list[str]:
                   f"correlation with the final reward: {srcc})", "",
                   "| funnel | keeps | calls | gain, pick half | gain, held-out half | gain, all |",
                   "|---|---|---|---|---|---|"]  # fmt: skip
-        best_per_depth = [next(r for r in rows if r["funnel"].count(">") == d) for d in range(args.max_stages)]
-        for row in rows[: args.top] + [r for r in best_per_depth if r not in rows[: args.top]]:
+        best_per_depth = [next((r for r in rows if r["funnel"].count(">") == d), None) for d in range(args.max_stages)]
+        for row in rows[: args.top] + [r for r in best_per_depth if r is not None and r not in rows[: args.top]]:
             lines.append(
                 f"| {row['funnel']} | {'>'.join(map(str, row['keeps']))} | {row['transformer_calls']:.0f} | "
                 f"{row['gain_pick']:.0%} | {row['gain_held_out']:.0%} | {row['gain_all']:.0%} |"

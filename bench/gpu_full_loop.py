@@ -154,7 +154,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--modes", default=None, help="comma-separated, of: " + ", ".join(MODES) + " (default: all; --smoke: ddp)"
     )
     parser.add_argument("--predictor", default="probe", choices=("probe", "preview", "lookahead"), help="what prunes")
-    parser.add_argument("--work", default="/tmp/gpu_full_loop", help="folder of the pipeline and the runs")
+    parser.add_argument(
+        "--work", default=None, help="folder of the pipeline and the runs (default: /tmp/gpu_full_loop[_smoke])"
+    )
     parser.add_argument("--out", default="bench/gpu_full_loop.json", help="JSON output")
     parser.add_argument("--results", default="bench/RESULTS.md", help="Markdown file of the section ('': none)")
     return parser.parse_args(argv)
@@ -164,11 +166,15 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     if args.steps < 3:
         raise SystemExit("--steps must be at least 3 (the checkpoint is at steps - 2)")
-    work = Path(args.work)
+    work = Path(args.work or ("/tmp/gpu_full_loop_smoke" if args.smoke else "/tmp/gpu_full_loop"))
     pipeline = work / "pipeline"
-    if not (pipeline / "model_index.json").is_file():
-        config, length = (TINY, 16) if args.smoke else (FLUX_DEV, 512)
+    config, length = (TINY, 16) if args.smoke else (FLUX_DEV, 512)
+    built = {"transformer": config, "text_length": length, "dtype": "float32" if args.smoke else "bfloat16"}
+    record = work / "pipeline_built.json"  # a smoke pipeline must never be timed as FLUX.1-dev, nor the reverse
+    if not (pipeline / "model_index.json").is_file() or not record.is_file() or json.loads(record.read_text()) != built:
+        shutil.rmtree(pipeline, ignore_errors=True)
         build_pipeline_folder(pipeline, config, length, torch.float32 if args.smoke else torch.bfloat16)
+        record.write_text(json.dumps(built))
         gc.collect()  # the 12B transformer built here must not stay cached in this process while the runs train
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
