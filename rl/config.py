@@ -688,7 +688,7 @@ class RunConfig:
                     f"{', '.join(changed)} only act under policy_objective {name!r}, not {t.policy_objective!r}: set "
                     f"policy_objective: {name} or leave them at their defaults."
                 )
-        most = s.prompts_per_step * s.group_size  # what a step trains on one process at most
+        most = s.prompts_per_step * s.group_size  # a step's rollouts, all on one process (the trainer: per process)
         if t.gradient_accumulation_steps > most:
             raise ValueError(
                 f"gradient_accumulation_steps={t.gradient_accumulation_steps} splits a step's rollouts into that many "
