@@ -170,6 +170,7 @@ def main(argv: list[str] | None = None) -> dict:
     pipeline = work / "pipeline"
     config, length = (TINY, 16) if args.smoke else (FLUX_DEV, 512)
     built = {"transformer": config, "text_length": length, "dtype": "float32" if args.smoke else "bfloat16"}
+    built = json.loads(json.dumps(built))  # as read back (tuples become lists)
     record = work / "pipeline_built.json"  # a smoke pipeline must never be timed as FLUX.1-dev, nor the reverse
     if not (pipeline / "model_index.json").is_file() or not record.is_file() or json.loads(record.read_text()) != built:
         shutil.rmtree(pipeline, ignore_errors=True)

@@ -43,6 +43,7 @@ from probe import Probe, load_dataset, probe_metrics
 from probe.data import read_manifest
 from probe.train import collection_sampler, evaluate
 from rewards.compose import build_reward_set
+from rl.ablation import json_safe
 from rl.config_help import HelpFormatter
 from rl.predictors.lookahead import euler_to_clean, lookahead_indices
 from rl.prune_policies.variance import max_variance_subset
@@ -154,7 +155,7 @@ def main(argv: list[str] | None = None) -> dict:
     probe_check = evaluate(probe, probe_data)["within_group_srcc"]
     result = {"data": str(data), "probe": args.probe, "manifest": manifest, "rows": rows,
               "probe_within_group_srcc_via_evaluate": probe_check, "seconds": time.perf_counter() - started}  # fmt: skip
-    Path(args.out).write_text(json.dumps(result, indent=1))
+    Path(args.out).write_text(json.dumps(json_safe(result), indent=1, allow_nan=False))  # NaN (all flat): null
     sde = manifest.get("sde_steps")
     lines = [
         "",

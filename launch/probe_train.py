@@ -25,6 +25,7 @@ import torch
 from probe.data import read_manifest
 from probe.features import feature_config
 from probe.train import FitConfig, train_from_collections
+from rl.ablation import json_safe
 from rl.config_help import ConfigParser
 from rl.config_parse import check_flags, split_config_flag
 from rl.paths import repository_hint
@@ -170,7 +171,7 @@ def main(argv: list[str] | None = None) -> None:
         "test_rollouts": report.test_rollouts,
         "args": dataclasses.asdict(args),
     }
-    out.with_suffix(".json").write_text(json.dumps(summary, indent=2))
+    out.with_suffix(".json").write_text(json.dumps(json_safe(summary), indent=2, allow_nan=False))  # NaN: null
     metrics = report.test
     print(
         f"held-out ({report.test_rollouts} rollouts): pcc {metrics['pcc']:.3f} srcc {metrics['srcc']:.3f} "

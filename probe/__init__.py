@@ -21,6 +21,7 @@ fails unless pytest runs with ``pythonpath = ["."]``)::
 
     from probe.data import ProbeDataset
     from probe.metrics import probe_metrics
+    from probe.model import group_mean
     from probe.probe import Probe
     from probe.train import FitConfig, fit
 
@@ -35,12 +36,15 @@ fails unless pytest runs with ``pythonpath = ["."]``)::
     # online refresh on a buffer of (features, real reward, group id); normalisation stays fixed.
     groups = step * num_prompts + early.prompt_index[keep]   # ids unique across every step in the buffer
     online = probe_metrics(predicted[keep], rewards, groups)  # the probe's quality before refreshing
-    buffer = ProbeDataset.concatenate([buffer, ProbeDataset.from_tensors(features[keep], capture.sigma, rewards, groups)])
+    whole = group_mean(features, early.prompt_index)[keep]  # what a group-relative probe ranked the survivors against
+    fresh = ProbeDataset.from_tensors(features[keep], capture.sigma, rewards, groups, group_means=whole)
+    buffer = ProbeDataset.concatenate([buffer, fresh])
     log = fit(probe, buffer, FitConfig(steps=50, lr=3e-4, rank_weight=1.0, cosine=False))
 
 ``group`` matters only for group-relative probes (``ProbeModelConfig.group_relative``); a batch passed to
-``predict`` must then hold whole groups. ``fit`` samples whole groups per batch (the ranking term needs two
-rollouts of one group), builds a fresh AdamW each call and leaves the probe in eval mode. The recorder costs
+``predict`` must then hold whole groups, or pass each row's whole-group feature mean as ``group_means``
+(``probe.model.group_mean``), as the buffer of survivors does. ``fit`` samples whole groups per batch (the
+ranking term needs two rollouts of one group), builds a fresh AdamW each call and leaves the probe in eval mode. The recorder costs
 nothing at steps other than k (the default processors run untouched). ``probe.score(capture, token_mask)``
 does features + predict in one call. ``Probe.state()`` / ``Probe.from_state`` put a probe into and out of a
 training checkpoint.

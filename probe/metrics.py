@@ -16,6 +16,9 @@ Within groups (rollouts of one prompt, different noise: what GRPO pruning needs)
 
 Groups whose real rewards are all equal have nothing to rank: they are left out of ``within_group_srcc`` and
 ``top_half_recall`` (their count is reported as ``constant_groups``) but kept in ``regret`` (where they give 0).
+Ties in the prediction are broken at random too (a constant probe scores as a random pick, whatever the rows'
+order), and a group with a non-finite prediction makes the within-group metrics NaN: a diverged probe has no
+score, not a neutral one.
 """
 
 from __future__ import annotations

@@ -162,12 +162,12 @@ def fit(
             loss = loss + config.aux_weight * aux_part
             parts["aux"] = aux_part.item()
         optimizer.zero_grad(set_to_none=True)
-        if not torch.isfinite(loss):  # a NaN step would make the network NaN for good: skip it, as the trainer does
+        if torch.isfinite(loss):
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(probe.network.parameters(), config.grad_clip)
+            optimizer.step()
+        else:  # a NaN update would make the network NaN for good: skipped, as the trainer does; the rest goes on
             logger.warning("probe fit step %d: non-finite loss %s, update skipped", step, loss.item())
-            continue
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(probe.network.parameters(), config.grad_clip)
-        optimizer.step()
         schedule.step()
         entry = {"step": step, "loss": loss.item(), **parts}
         evaluate_now = eval_data is not None and (

@@ -24,7 +24,8 @@ from rewards.compose import FAILURE_POLICIES, parse_reward_spec
 from rewards.shapes import parse_category_weights
 from rl.config_base import Section, nonnegative, option, positive
 from rl.objectives import OBJECTIVES
-from rl.pruning import parse_funnel
+from rl.prune_policies import PRUNE_POLICIES
+from rl.pruning import funnel_group_sizes, parse_funnel
 from rl.pruning_config import PruningConfig, validate_pruning
 from rl.schedule import LR_SCHEDULES
 from rl.sde import AWM_KL_FORMS
@@ -610,6 +611,15 @@ class RunConfig:
         return self.sampling.group_size * expand
 
     @property
+    def trained_group_size(self) -> int:
+        """Most rollouts per prompt a step trains: the survivors of a fixed-count pruning policy (its last stage's),
+        else every started rollout (pruned ones too when ``prune_train_early`` trains their early steps)."""
+        p, started = self.pruning, self.started_group_size
+        if p.prune_policy == "none" or p.prune_train_early or not PRUNE_POLICIES[p.prune_policy].fixed_count:
+            return started
+        return funnel_group_sizes(started, self.pruning_stages)[-1]
+
+    @property
     def pruning_stages(self) -> list[tuple[int, float]]:
         """``[(k, r), ...]``: the funnel's stages, or the one stage ``(capture_step, prune_keep_fraction)``."""
         p = self.pruning
@@ -688,12 +698,13 @@ class RunConfig:
                     f"{', '.join(changed)} only act under policy_objective {name!r}, not {t.policy_objective!r}: set "
                     f"policy_objective: {name} or leave them at their defaults."
                 )
-        most = s.prompts_per_step * s.group_size  # a step's rollouts, all on one process (the trainer: per process)
+        most = s.prompts_per_step * self.trained_group_size  # all on one process (the trainer: per process)
         if t.gradient_accumulation_steps > most:
             raise ValueError(
                 f"gradient_accumulation_steps={t.gradient_accumulation_steps} splits a step's rollouts into that many "
-                f"micro-batches, but a step trains at most {most} (prompts_per_step x group_size): the rest would run "
-                f"forward and backward on no sample. Set gradient_accumulation_steps <= {most}."
+                f"micro-batches, but a step trains at most {most} (prompts_per_step x the rollouts trained per "
+                "prompt): the rest would run forward and backward on no sample. Set gradient_accumulation_steps <= "
+                f"{most}."
             )
         if s.sde_window_only and s.train_steps != "window":
             raise ValueError(

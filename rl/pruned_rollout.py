@@ -105,8 +105,9 @@ class ProbeBuffer:
         return 0 if self.data is None else len(self.data)
 
     def add(self, batch: ProbeDataset) -> None:
-        means = None if batch.group_means is None else batch.group_means.half()
-        batch = dataclasses.replace(batch, features=batch.features.half(), group_means=means)
+        """Append ``batch`` (without whole-group means, its rows' own stand in), dropping the oldest past capacity."""
+        means = own_group_means(batch) if batch.group_means is None else batch.group_means
+        batch = dataclasses.replace(batch, features=batch.features.half(), group_means=means.half())
         data = batch if self.data is None else ProbeDataset.concatenate([self.data, batch])
         self.data = data.subset(torch.arange(max(0, len(data) - self.capacity), len(data)))
 
@@ -123,6 +124,13 @@ class ProbeBuffer:
     def load_state_dict(self, state: dict) -> None:
         self.capacity = state["capacity"]
         self.data = None if state["data"] is None else ProbeDataset(**state["data"])
+        if self.data is not None and self.data.group_means is None:  # a checkpoint from before the whole-group means
+            self.data = dataclasses.replace(self.data, group_means=own_group_means(self.data).half())
+
+
+def own_group_means(data: ProbeDataset) -> torch.Tensor:
+    """Each row's feature mean over the rows of its group in ``data`` (all there is when the whole group's is lost)."""
+    return group_mean(data.features.float(), data.group)
 
 
 @dataclasses.dataclass

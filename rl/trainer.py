@@ -138,12 +138,13 @@ class GRPOTrainer(TrainerPersistence):
             t.mixed_precision, t.gradient_accumulation_steps * self.num_trained_steps, t.distributed_timeout_s
         )
         shard(range(s.prompts_per_step), 0, self.accelerator.num_processes)  # fewer prompts than processes: fail now
-        most = len(shard(range(s.prompts_per_step), 0, self.accelerator.num_processes)) * s.group_size
+        most = len(shard(range(s.prompts_per_step), 0, self.accelerator.num_processes)) * cfg.trained_group_size
         if t.gradient_accumulation_steps > most and self.accelerator.is_main_process:  # the config knew no processes
             logger.warning(
                 "gradient_accumulation_steps=%d, but a process trains at most %d rollouts a step (%d prompts x %d "
-                "over %d processes): the other micro-batches run forward and backward on no sample",
-                t.gradient_accumulation_steps, most, s.prompts_per_step, s.group_size, self.accelerator.num_processes,
+                "trained each, over %d processes): the other micro-batches run forward and backward on no sample",
+                t.gradient_accumulation_steps, most, s.prompts_per_step, cfg.trained_group_size,
+                self.accelerator.num_processes,
             )  # fmt: skip
         # cheap, likely-to-fail pieces first: a missing prompt file or an unknown reward fails before the model loads
         self.train_prompts = load_prompt_source(s.prompts, s.prompt_category_weights)

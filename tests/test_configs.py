@@ -223,7 +223,9 @@ def test_ratio_clipping_warnings_only_for_an_objective_that_clips_a_ratio(caplog
         (["--adam_weight_decay", "-1"], "adam_weight_decay must be >= 0, got -1.0"),
         (["--max_steps", "160", "--lr_warmup_steps", "1000"], "lr_warmup_steps=1000 >= max_steps=160"),
         (["--noise_level", "0", "--same_initial_noise", "true", "--policy_objective", "awm"], "nothing is trained"),
-        (["--gradient_accumulation_steps", "200"], "but a step trains at most 128 (prompts_per_step x group_size)"),
+        (["--gradient_accumulation_steps", "200"], "but a step trains at most 128 (prompts_per_step x the rollouts"),
+        (["--gradient_accumulation_steps", "40", "--prune_policy", "topk", "--prune_keep_fraction", "0.25",
+          "--probe_path", "init", "--capture_step", "4"], "but a step trains at most 32 "),  # 16 prompts x 2 of 8
         (["--distributed_timeout_s", "0.001"], "a collective waiting less than 10 s fails"),
         (["--reward_timeout_s", "0.001"], "reward_timeout_s must be 0 (no limit) or at least 1 s"),
         (["--probe_path", "init", "--capture_step", "50"], "capture_step=50 must lie in [1, num_steps - 1 = 9]"),

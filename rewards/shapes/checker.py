@@ -116,7 +116,11 @@ def _templates() -> torch.Tensor:
 def _to_hwc_float(image: np.ndarray | torch.Tensor | Image.Image) -> np.ndarray:
     if isinstance(image, Image.Image):
         image = image.convert("RGB")
-    array = image.detach().cpu().numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
+    if isinstance(image, torch.Tensor):  # NumPy has no bf16: floats come over as fp32, uint8 as it is
+        image = image.detach().cpu()
+        array = (image if image.dtype == torch.uint8 else image.float()).numpy()
+    else:
+        array = np.asarray(image)
     if array.ndim != 3 or 3 not in (array.shape[0], array.shape[-1]):
         raise ValueError(f"an image is [H, W, 3] or [3, H, W], got shape {array.shape}")
     if array.shape[-1] != 3:  # channels first, as tensors come

@@ -9,6 +9,7 @@ import torch
 # Submodule imports: under pytest's default rootdir import mode `tests/probe` shadows the package's __init__.
 from probe.data import ProbeDataset
 from probe.features import FeatureConfig
+from probe.metrics import probe_metrics
 from probe.model import ProbeModelConfig, group_mean
 from probe.probe import Probe, ProbeMeta, transformer_fingerprint
 from probe.train import FitConfig, evaluate, fit, init_probe
@@ -91,7 +92,30 @@ def test_a_group_relative_probe_reads_survivors_against_their_whole_group():
     torch.testing.assert_close(probe.predict(part.features, 0.8, part.group, group_means=part.group_means),
                                whole[survivors])  # fmt: skip
     assert not torch.allclose(probe.predict(part.features, 0.8, part.group), whole[survivors], atol=1e-3)
-    assert evaluate(probe, part)["n"] == len(survivors)  # fit and evaluate read the means from the dataset
+    whole_metrics = probe_metrics(whole[survivors], part.reward, part.group)
+    assert evaluate(probe, part)["within_group_srcc"] == pytest.approx(whole_metrics["within_group_srcc"])
+
+
+def test_a_non_finite_fit_step_is_skipped_and_the_run_goes_on(monkeypatch):
+    data = _synthetic(8, seed=5)
+    config = FeatureConfig(attention_stats=(), token_slots=0, x0=True)
+    meta = ProbeMeta("synthetic", "", 2, 10, (0,), (4, 4), 16, 0.9, "shapes")
+    torch.manual_seed(0)
+    probe = init_probe(data, config, meta, {"width": 8, "blocks_per_stage": (1,)})
+    import probe.train as train_module
+
+    real_loss = train_module.probe_loss
+    calls = []
+
+    def nan_at_the_last_step(*args, **kwargs):
+        loss, parts = real_loss(*args, **kwargs)
+        calls.append(1)
+        return (loss * math.nan if len(calls) == 4 else loss), parts
+
+    monkeypatch.setattr(train_module, "probe_loss", nan_at_the_last_step)
+    log = fit(probe, data, FitConfig(steps=4, batch_groups=4, eval_every=1, select_metric="pcc"), eval_data=data)
+    assert [entry["step"] for entry in log if "eval/pcc" in entry] == [1, 2, 3, 4]  # the last step still evaluated
+    assert all(torch.isfinite(p).all() for p in probe.network.parameters())
 
 
 def test_auxiliary_heads_learn_the_reward_parts_and_the_online_buffer_needs_none():

@@ -156,6 +156,22 @@ def test_buffer_keeps_the_newest_rollouts():
     restored = ProbeBuffer(1)
     restored.load_state_dict(buffer.state_dict())
     assert restored.capacity == 3 and restored.dataset().reward.tolist() == [1.0, 2.0, 3.0]
+    # whole-group means survive a checkpoint; one written before them gets its rows' own, and new survivors keep
+    # theirs (a buffer without means would have dropped every later batch's)
+    means = torch.full((2, 1, 2, 2), 7.0)
+    buffer.add(
+        ProbeDataset.from_tensors(torch.ones(2, 1, 2, 2), 0.5, torch.ones(2), torch.tensor([5, 5]), group_means=means)
+    )
+    restored.load_state_dict(buffer.state_dict())
+    assert restored.dataset().group_means[-2:].eq(7.0).all()
+    old = buffer.state_dict()
+    del old["data"]["group_means"]
+    restored.load_state_dict(old)
+    assert restored.dataset().group_means.eq(1.0).all()  # every row's features are ones
+    restored.add(
+        ProbeDataset.from_tensors(torch.ones(2, 1, 2, 2), 0.5, torch.ones(2), torch.tensor([6, 6]), group_means=means)
+    )
+    assert restored.dataset().group_means[-2:].eq(7.0).all()
 
 
 @pytest.mark.parametrize(

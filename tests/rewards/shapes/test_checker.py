@@ -188,6 +188,7 @@ def test_every_documented_layout_reads_the_same_image():
     chw = np.ascontiguousarray(hwc.transpose(2, 0, 1))
     layouts = [hwc, hwc / 255.0, chw, chw / 255.0, torch.from_numpy(chw), torch.from_numpy(chw) / 255.0,
                Image.fromarray(hwc)]  # fmt: skip
+    layouts.append(torch.from_numpy(chw / 255.0).bfloat16())  # NumPy has no bf16: read as fp32
     assert {check(image, spec).score for image in layouts} == {1.0}
     with pytest.raises(ValueError, match=r"\[H, W, 3\] or \[3, H, W\], got shape \(64, 64\)"):
         detect(hwc[..., 0])
