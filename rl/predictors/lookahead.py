@@ -2,7 +2,8 @@
 
 The steps land on the schedule's own sigmas (indices spread evenly from k to T), so each call uses a timestep
 the model was sampled at. One step is the preview of call k + 1; two read the final image better (within-group
-Spearman 0.78 against 0.61 for the call-4 preview on the shipped model: bench/RESULTS.md, "Predictors").
+Spearman 0.77 from the state after step 3 against 0.57 for the call-4 preview on the shipped model:
+bench/RESULTS.md, "Predictors").
 """
 
 from __future__ import annotations
