@@ -536,9 +536,10 @@ CASES = [
     Case("second_launch_same_output_dir", "the same command launched again while the first still runs",
          _second_launch, "in use by another run", "tests/rl/test_run_lock.py", _first_launch_unmixed,
          cleanup=_stop_first_launch, failed_check=LOST),
-    Case("diverging_learning_rate", "a learning rate of 1e12 (the LoRA diverges, its gradients turn NaN)",
+    # the first update blows the LoRA up: the next step's images are NaN, refused before any reward scores them
+    Case("diverging_learning_rate", "a learning rate of 1e12 (the LoRA diverges, its images turn NaN)",
          lambda f: ["--output_dir", str(f / "run"), "--learning_rate", "1e12", "--max_steps", "8"],
-         "NaN or infinite in every update", "tests/rl/test_trainer.py", _latest_checkpoint_intact),
+         "the policy or the sampler diverged", "tests/rewards/test_compose.py", _latest_checkpoint_intact),
     Case("sigterm_relaunch", "SIGTERM after the first checkpoint, then the same command again",
          _interrupted(signal.SIGTERM), None, "tests/rl/test_checkpoint.py", _every_step_once, failed_check=LOST),
     Case("sigint_relaunch", "Ctrl-C (SIGINT) after the first checkpoint, then the same command again",
