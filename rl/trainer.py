@@ -615,6 +615,9 @@ class GRPOTrainer(TrainerPersistence):
                 for index, chunk in enumerate(chunks):
                     rows = chunk.to(device) if len(chunk) else torch.zeros(1, dtype=torch.long, device=device)
                     window_weight = float(window_weights[index // t.gradient_accumulation_steps])
+                    # a window of dropped rollouts only (on every process) makes no update: AdamW would still move
+                    # the LoRA on its momentum and weight decay alone (DeepSpeed steps inside backward regardless)
+                    live_window = window_weight > 0
                     for column in range(steps.shape[1]):
                         passes += len(rows)
                         step = steps[rows, column]
@@ -633,15 +636,15 @@ class GRPOTrainer(TrainerPersistence):
                                 if grad_norm is not None:  # DeepSpeed clips inside its step and may report none
                                     # the norm of the reduced gradient: every process skips the same updates
                                     finite = math.isfinite(float(grad_norm))
-                                    if finite:
+                                    if finite and live_window:
                                         self.metrics.add("train/grad_norm", float(grad_norm))
-                            if finite:  # a NaN/inf gradient would make the LoRA and AdamW's moments NaN for good
+                            if finite and live_window:  # a NaN/inf gradient would make AdamW's moments NaN
                                 self.optimizer.step()
                             self.optimizer.zero_grad()
                         self.objective.record(out, self.metrics, first_inner=not updated)
                         if acc.sync_gradients and not finite:
                             skipped += 1
-                        elif acc.sync_gradients:
+                        elif acc.sync_gradients and live_window:
                             updated = True
                             self.state.optimizer_steps += 1
                             if self.ema is not None:

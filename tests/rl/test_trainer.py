@@ -9,6 +9,7 @@ import os
 import signal
 import time
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -86,6 +87,23 @@ def test_a_step_whose_every_group_was_dropped_moves_nothing(pipeline_dir, tmp_pa
     trainer.optimise(batch, dropped, torch.zeros(len(scored.valid)))
     assert all(torch.equal(a, b) for a, b in zip(before, lora_state(trainer)))
     assert trainer.state.optimizer_steps == updates > 0
+    trainer.cleanup()
+
+
+def test_an_update_window_of_dropped_rollouts_only_makes_no_update(pipeline_dir, tmp_path):
+    """One micro-batch window holding only dropped rollouts is skipped (no AdamW step on momentum alone); the
+    other windows of the step update as usual."""
+    trainer = make_trainer(pipeline_dir, tmp_path, "--gradient_accumulation_steps", "1", "--learning_rate", "1e-3")
+    one_step(trainer)
+    updates = trainer.state.optimizer_steps
+    assert updates == 3  # 8 rollouts in windows of <= 3
+    batch = trainer.next_prompts()
+    scored = trainer.score(batch, trainer.rollout(batch))
+    order = np.random.default_rng([trainer.config.training.seed, trainer.state.step, 0, 2]).permutation(8)
+    valid = torch.ones_like(scored.valid)
+    valid[torch.from_numpy(order[:3])] = False  # the first window's rows (tensor_split of 8 into 3, 3, 2)
+    trainer.optimise(batch, dataclasses.replace(scored, valid=valid), torch.linspace(-1, 1, 8))
+    assert trainer.state.optimizer_steps == updates + 2
     trainer.cleanup()
 
 
