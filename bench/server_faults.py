@@ -48,7 +48,10 @@ ROOT = Path(__file__).resolve().parents[1]
 TOKEN = "sweep-token-0123456789"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 AUTH_LINE = f"Authorization: Bearer {TOKEN}\r\n".encode()  # the same, in a raw request
-SERVER_LIMITS = ["--max_body_mb", "1", "--max_images", "8", "--read_timeout", "3", "--workers", "4"]
+SERVER_LIMITS = [
+    "--max_body_mb", "1", "--max_images", "8", "--max_request_pixels", str(4 * 2048 * 2048), "--read_timeout", "3",
+    "--workers", "4",
+]  # fmt: skip
 BOMB_SIDE = 12000  # 144 M pixels: below PIL's own bomb error (179 M), so only the server's limit stops it
 
 

@@ -63,6 +63,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=LIMITS.max_pixels,
         help="width x height of one image, read from its PNG header before decoding",
     )
+    limits.add_argument(
+        "--max_request_pixels",
+        type=int,
+        default=LIMITS.max_request_pixels,
+        help="width x height summed over a request's images (held as float32 RGB: 12 bytes a pixel)",
+    )
     limits.add_argument("--max_json_depth", type=int, default=LIMITS.max_json_depth, help="nesting of the JSON")
     limits.add_argument(
         "--max_json_items", type=int, default=LIMITS.max_json_items,
@@ -135,6 +141,7 @@ def main(argv: list[str] | None = None) -> None:
         max_body_bytes=max(1, int(args.max_body_mb * 2**20)),
         max_images=args.max_images,
         max_pixels=args.max_pixels,
+        max_request_pixels=args.max_request_pixels,
         max_json_depth=args.max_json_depth,
         max_json_items=args.max_json_items,
         read_timeout=args.read_timeout,

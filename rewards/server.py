@@ -9,15 +9,16 @@ the server goes on serving:
 - the JSON: at most ``max_json_depth`` levels deep (400), and at most ``max_json_items`` items (its commas and
   colons, counted before parsing: 413), so a body of tiny items (``[{},{},...]``, 20-30x its size as Python
   objects) is refused before it is parsed;
-- the images: at most ``max_images`` per request and ``max_pixels`` each (413), the size read from the PNG
-  header before anything is decoded, so a small PNG claiming 20000x20000 costs nothing; PNG only (400);
+- the images: at most ``max_images`` per request, ``max_pixels`` each and ``max_request_pixels`` together (413),
+  the sizes read from the PNG headers before anything is decoded, so small PNGs claiming 20000x20000 (a plain
+  image compresses ~1000x) cost nothing; PNG only (400);
 - time: a client has ``read_timeout`` seconds for its whole request, or its connection is dropped;
 - threads: ``workers`` connections are handled at once; the next ones wait in a listen backlog of ``backlog``.
 
 Calls to the reward, and the decoding before them, are serialised by a lock, so the reward need not be
 thread-safe and one request's pixels are in memory at a time. Memory is then at most about
-``3 * max_body_bytes * workers`` for requests being read and parsed, plus ``15 * max_images * max_pixels`` bytes
-for the request being scored (8-bit and float32 RGB).
+``3 * max_body_bytes * workers`` for requests being read and parsed, plus ``12 * max_request_pixels`` bytes for
+the request being scored (float32 RGB, decoded into one tensor an image at a time; 805 MB at the default).
 
 With a token, every request needs ``Authorization: Bearer <token>`` (compared in constant time) or gets 401, after
 which the rest of its body is read for ``UNAUTHORISED_DRAIN_S`` at most (not ``read_timeout``): a client without
@@ -59,6 +60,8 @@ class ServerLimits:
         max_body_bytes: the largest request body. 64 images of 1024x1024 take 100-250 MB as base64 PNG.
         max_images: images per request; the client's ``batch_size`` must not exceed it.
         max_pixels: width x height of one image. 2048x2048 by default; FLUX's usual sizes are far below.
+        max_request_pixels: width x height summed over a request's images: 64 images of 1024x1024 by default.
+            The server holds them as float32 RGB, 12 bytes a pixel, whatever the body's size.
         max_json_depth: nesting of the request's JSON (the protocol needs 3, plus what metadata nests).
         max_json_items: commas and colons in the request's JSON: its prompts' and metadata's items (a shapes
             prompt's metadata has about 20; 65536 leaves room for boxes or embeddings). Parsed, an item costs
@@ -71,6 +74,7 @@ class ServerLimits:
     max_body_bytes: int = 256 * 2**20
     max_images: int = 64
     max_pixels: int = 2048 * 2048
+    max_request_pixels: int = 64 * 1024 * 1024
     max_json_depth: int = 32
     max_json_items: int = 65536
     read_timeout: float = 60.0
@@ -89,6 +93,7 @@ LIMIT_BOUNDS = {
     "max_body_bytes": (">", 0, "the largest request body; it must hold a request's images"),
     "max_images": (">=", 1, "a request of more images is refused"),
     "max_pixels": (">=", 1, "an image of more pixels is refused"),
+    "max_request_pixels": (">=", 1, "a request of more pixels, over all its images, is refused"),
     "max_json_depth": (">=", 3, "a request nests 3 levels before its metadata does"),
     "max_json_items": (">=", 3, "a request's JSON holds at least 3 commas and colons"),
     "read_timeout": (">", 0, "seconds a client has to send its whole request"),
@@ -174,6 +179,7 @@ def parse_request(raw: bytes, limits: ServerLimits) -> tuple[list[str], list[str
         raise Refused(400, "malformed request: metadata must be a list of objects")
     if not len(images) == len(prompts) == len(metadata):
         raise Refused(400, f"malformed request: {len(images)} images, {len(prompts)} prompts, {len(metadata)} metadata")
+    total = 0
     for index, text in enumerate(images):
         if not isinstance(text, str):
             raise Refused(400, f"malformed request: image {index} is not a base64 string")
@@ -186,6 +192,13 @@ def parse_request(raw: bytes, limits: ServerLimits) -> tuple[list[str], list[str
                 413,
                 f"image {index} is {width}x{height} = {width * height} pixels; the server takes at most "
                 f"--max_pixels {limits.max_pixels}",
+            )
+        total += width * height
+        if total > limits.max_request_pixels:
+            raise Refused(
+                413,
+                f"images 0-{index} hold {total} pixels together; the server takes at most --max_request_pixels "
+                f"{limits.max_request_pixels} per request (send fewer images per request: the client's batch_size)",
             )
     return images, prompts, metadata
 

@@ -60,6 +60,30 @@ def test_png_round_trip_is_exact(images):
     assert torch.equal(decode_images(encode_images(images)), images)
 
 
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads memory from /proc")
+def test_decoding_holds_the_float_batch_and_one_image_at_a_time():
+    """16 plain 2048x2048 PNGs (16 KB each as base64) decode into one float tensor (768 MiB) with one image's
+    working copies beside it, not several copies of the batch (28 bytes a pixel before)."""
+    script = """
+import base64, io
+import torch
+from PIL import Image
+from rewards.remote import decode_images
+def mib(field):
+    line = next(l for l in open("/proc/self/status") if l.startswith(field))
+    return int(line.split()[1]) / 1024
+buffer = io.BytesIO()
+Image.new("RGB", (2048, 2048), (200, 10, 10)).save(buffer, format="PNG")
+encoded = [base64.b64encode(buffer.getvalue()).decode()] * 16
+before = mib("VmRSS")
+batch = decode_images(encoded)
+print(mib("VmHWM") - before)
+assert batch.shape == (16, 3, 2048, 2048) and torch.equal(batch[:, 0, ::8].unique(), torch.tensor([200.0]) / 255)
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True, cwd=ROOT)
+    assert 768 <= float(out.stdout) < 768 + 64
+
+
 def test_remote_scores_equal_local_scores(serve, images):
     served = Brightness()
     url = serve(served)

@@ -79,6 +79,25 @@ def test_decompression_bomb_is_refused_from_its_header(script_server, images):
 
 
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads peak memory from /proc")
+def test_many_large_images_within_each_images_limit_are_bounded_together(script_server, images):
+    """Images that pass the per-image limit one by one are bounded together (``--max_request_pixels``, 4 x
+    2048x2048 here); a request at that bound is scored with memory near its float pixels (12 bytes each)."""
+    url, pid = script_server
+    large = base64.b64encode(png_bomb(2048)).decode()
+    body = json.dumps({"images": [large] * 5, "prompts": ["p"] * 5}).encode()
+    assert len(body) < 2**20  # under the body limit
+    before = peak_rss_mb(pid)
+    status, answer = post(url, body, AUTH)
+    assert status == 413 and "images 0-4 hold 20971520 pixels together" in answer["error"]
+    assert "--max_request_pixels 16777216" in answer["error"]
+    assert peak_rss_mb(pid) - before < 50
+    status, answer = post(url, json.dumps({"images": [large] * 4, "prompts": ["p"] * 4}).encode(), AUTH)
+    assert status == 200 and len(answer["scores"]["score"]) == 4
+    # the decoded floats (12 bytes a pixel) and the JPEG reward's own copies: bounded by the request's pixels
+    assert peak_rss_mb(pid) - before < 40 * 4 * 2048 * 2048 / 2**20
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads peak memory from /proc")
 def test_a_body_of_tiny_json_items_is_refused_before_it_is_parsed(script_server, images):
     """``[{},{},...]`` costs 20-30x its size as Python objects: counted (299,999 commas between the items, 2 more
     and 3 colons around them), not parsed."""
@@ -348,6 +367,7 @@ REFUSED_AT_STARTUP = [
     (["--workers", "0"], "--workers must be >= 1 (requests are served by that many threads), got 0"),
     (["--max_images", "0"], "--max_images must be >= 1 (a request of more images is refused), got 0"),
     (["--max_pixels", "-1"], "--max_pixels must be >= 1"),
+    (["--max_request_pixels", "0"], "--max_request_pixels must be >= 1"),
     (["--max_body_mb", "0"], "--max_body_mb must be > 0"),
     (["--max_json_depth", "2"], "--max_json_depth must be >= 3"),
     (["--max_json_items", "0"], "--max_json_items must be >= 3"),
