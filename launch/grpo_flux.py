@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import sys
 import traceback
 from pathlib import Path
@@ -31,6 +32,7 @@ from rl.checkpoint import CheckpointWriteError
 from rl.config import RunConfig
 from rl.config_parse import DEFAULT_RUN_CONFIG, parse_config, with_default_config
 from rl.distributed import PeerFailedError, PeerLostExit, peers_lost_as_error
+from rl.stop_signals import TerminateAsInterrupt
 from rl.trainer import GRPOTrainer, NonFiniteGradientError
 
 logger = logging.getLogger("grpo_flux")
@@ -95,8 +97,10 @@ USER_ERRORS = (
 
 def cli(argv: list[str] | None = None) -> int:
     """``main`` for the command line: user errors as one line and exit status 2 (``GRPO_DEBUG=1``: traceback)."""
+    outside = TerminateAsInterrupt()  # inside the loop StopSignals takes SIGTERM and SIGINT over
     try:
-        main(argv)
+        with outside:
+            main(argv)
     except USER_ERRORS as error:
         hung = isinstance(error, RewardTimeoutError)
         if os.environ.get("GRPO_DEBUG"):
@@ -117,12 +121,13 @@ def cli(argv: list[str] | None = None) -> int:
             logging.shutdown()
             os._exit(2)
         return 2
-    except KeyboardInterrupt:  # Ctrl-C outside the training loop (setup, an evaluation), where no step is open
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM outside the training loop (setup, an evaluation): no step open
+        name = signal.Signals(outside.received).name if outside.received else "interrupted"
         sys.stderr.write(
-            "interrupted outside the training loop (setup or an evaluation): the run folder keeps its newest "
+            f"{name} outside the training loop (setup or an evaluation): the run folder keeps its newest "
             "checkpoint, if any; continue with --resume_from latest\n"
         )
-        return 130
+        return 128 + (outside.received or signal.SIGINT)
     return 0
 
 

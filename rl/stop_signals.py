@@ -52,3 +52,30 @@ class StopSignals:
     def __exit__(self, *exc) -> None:
         for number, handler in self.previous.items():
             signal.signal(number, handler)
+
+
+class TerminateAsInterrupt:
+    """SIGTERM raises ``KeyboardInterrupt`` as Ctrl-C does, for the ``with`` block (main thread only).
+
+    Outside the training loop (setup, the base and final evaluations), where :class:`StopSignals` is not installed
+    and no step is open, a preempted run would otherwise end silently with status 143, its reward threads and
+    other processes left to the default handler; as an exception it runs the same cleanup and message as Ctrl-C.
+    ``received`` is the signal that arrived (None for a Ctrl-C, which Python raises itself).
+    """
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self.previous: object = None
+
+    def handle(self, number: int, frame) -> None:
+        self.received = number
+        raise KeyboardInterrupt
+
+    def __enter__(self) -> TerminateAsInterrupt:
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGTERM, self.handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGTERM, self.previous)

@@ -3,8 +3,10 @@
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -95,6 +97,17 @@ def test_a_user_error_is_one_line_and_exit_2(tmp_path, launch_script, capsys, mo
         "interrupted outside the training loop (setup or an evaluation): the run folder keeps its newest checkpoint, "
         "if any; continue with --resume_from latest\n"
     )
+    # SIGTERM (preemption) there: the same message and cleanup instead of a silent exit, the status for SIGTERM
+
+    def terminated(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the handler raises before this ends
+        raise AssertionError("SIGTERM was not raised")
+
+    monkeypatch.setattr(script, "run_config", terminated)
+    assert script.cli([]) == 143
+    assert capsys.readouterr().err.startswith("SIGTERM outside the training loop (setup or an evaluation): ")
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # restored
 
 
 def test_a_config_error_through_the_command_line_is_one_line_and_exit_2(tmp_path):
