@@ -17,7 +17,8 @@ from typing import Any
 import yaml
 
 from rl.config import RunConfig
-from rl.run_files import CONFIG, CONFIG_HISTORY
+from rl.run_files import CONFIG, CONFIG_HISTORY, set_aside
+from rl.run_summary import finished_summary
 
 # Keys a resumed run may change: budgets, evaluation cadence, logging and checkpointing. Any other key changes
 # what the run is (model, data, reward, sampler, objective, optimiser, LoRA, pruning), so resuming with another
@@ -95,6 +96,33 @@ def check_resumed_config(
         with (output_dir / CONFIG_HISTORY).open("a") as history:
             history.write(json.dumps(entry) + "\n")
     return changes
+
+
+def check_restart(output_dir: Path, config: dict[str, Any], allow_change: bool) -> bool:
+    """Under ``resume_from: latest``, the run in ``output_dir`` has no checkpoint (it stopped before its first save,
+    or saves none) and starts again from step 0: whether it finished already with this config (its summary.json
+    stands and nothing that changes results differs), so it is reported instead of trained again. Otherwise a
+    config.yaml that differs is set aside (``config.before-<time>.yaml``) before the restart writes its own.
+
+    Raises:
+        FileExistsError: ``config`` changes what the folder's run is (outside :data:`RESUME_SAFE_KEYS`) without
+            ``allow_change``: restarting would mix two runs' logs and files in one folder.
+    """
+    safe, unsafe = changes_to_run(output_dir, config)
+    if unsafe and not allow_change:
+        listed = "; ".join(f"{k}: {old!r} -> {value!r}" for k, (old, value) in unsafe.items())
+        raise FileExistsError(
+            f"output_dir {output_dir} holds a run with no checkpoint to resume, and this config changes what that "
+            f"run is ({listed}): restarting it would mix two runs in one folder. Relaunch with the run's own values, "
+            "start elsewhere with --output_dir <new folder>, or clear it with --overwrite_output_dir true."
+        )
+    known = (output_dir / CONFIG).is_file()  # without it the summary may be any run's
+    if known and finished_summary(output_dir, 0) is not None and not result_changes(output_dir, config):
+        return True
+    if safe or unsafe:
+        original = output_dir / CONFIG
+        original.rename(original.with_name(set_aside(CONFIG, time.strftime("%Y%m%d-%H%M%S"))))
+    return False
 
 
 def schedule_moved(changes: dict[str, tuple[Any, Any]], lr_schedule: str) -> str | None:

@@ -22,4 +22,4 @@ def set_aside(name: str, stamp: str) -> str:
 
 
 RUN_ENTRIES = (CHECKPOINTS, LORA, SAMPLES, WANDB, METRICS, SUMMARY, CONFIG, CONFIG_HISTORY,
-               set_aside(METRICS, "*"), set_aside(SUMMARY, "*"))  # fmt: skip
+               set_aside(METRICS, "*"), set_aside(SUMMARY, "*"), set_aside(CONFIG, "*"))  # fmt: skip

@@ -244,7 +244,8 @@ class GRPOTrainer(TrainerPersistence):
     def train(self) -> dict[str, float]:
         """Run GRPO steps until ``max_steps`` or the time budget; evaluate and save. Returns the final eval."""
         cfg = self.config
-        if self.state.step > 0 and self.finished and self.load_finished_summary():
+        done = self.finished_without_checkpoint or self.state.step > 0 and self.finished
+        if done and self.load_finished_summary():
             return self.final_eval  # a relaunch of a finished run: nothing to redo
         if cfg.eval.eval_before_training and self.state.step == 0:  # the same prompts and seeds as the final eval
             self.evaluate_base()

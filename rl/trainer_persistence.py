@@ -29,7 +29,7 @@ from rl.checkpoint import (
 from rl.distributed import PeerFailedError
 from rl.lora import save_lora
 from rl.metrics_log import MetricsAccumulator
-from rl.resume_policy import check_resumed_config, schedule_moved
+from rl.resume_policy import check_restart, check_resumed_config, schedule_moved
 from rl.run_files import CONFIG, METRICS, SUMMARY, set_aside
 from rl.run_lock import OutputDirInUseError, clear_output_dir, lock_output_dir
 from rl.run_summary import finished_summary, held_out_summary, write_summary
@@ -90,13 +90,21 @@ class TrainerPersistence:
             if moved and self.accelerator.is_main_process:
                 logger.warning(moved)
         own = resume_path is not None and is_own_checkpoint(resume_path, self.output_dir)
-        verdict = [("", "")]
+        verdict, finished = [("", "")], [False]
         if self.accelerator.is_main_process and not own:  # a fresh run, or a branch (started or started again)
             try:
-                (self.output_dir / CONFIG).write_text(yaml.safe_dump(cfg.flat(), sort_keys=False))
+                if resume_path is None and resume_from == "latest":  # the folder's run, with no checkpoint yet
+                    finished[0] = check_restart(self.output_dir, cfg.flat(), cfg.checkpoint.allow_config_change)
+                if not finished[0]:
+                    (self.output_dir / CONFIG).write_text(yaml.safe_dump(cfg.flat(), sort_keys=False))
+            except FileExistsError as error:
+                verdict = [(type(error).__name__, str(error))]
             except OSError as error:  # a full disk: the others would otherwise wait for it at their first collective
                 verdict = [("PermissionError", self.unwritable_output_dir(error))]
         self.share_folder_verdict(verdict)
+        if self.accelerator.num_processes > 1:
+            broadcast_object_list(finished)
+        self.finished_without_checkpoint = finished[0]
         return resume_path
 
     def unwritable_output_dir(self, error: OSError) -> str:
@@ -157,6 +165,8 @@ class TrainerPersistence:
         optimizer, EMA, probe, RNG, step (= data position), pending metrics and the wall clock; the metrics file is
         cut back to that step."""
         if path is None:
+            if self.finished_without_checkpoint:  # reported as it stands (train), its log and summary kept
+                return
             if self.config.checkpoint.resume_from:
                 self.info("resume_from=%s: no checkpoint yet, starting fresh", self.config.checkpoint.resume_from)
                 log, summary = self.output_dir / METRICS, self.output_dir / SUMMARY

@@ -354,6 +354,30 @@ def test_a_fresh_run_refuses_a_folder_holding_another_run(pipeline_dir, tmp_path
     trainer.cleanup()
 
 
+def test_a_run_with_no_checkpoint_restarts_only_as_itself_and_a_finished_one_is_reported(pipeline_dir, tmp_path):
+    """``resume_from: latest`` in a folder whose run saved no checkpoint (stopped before its first save, or
+    checkpoints off): another run's config is refused instead of restarting into the folder; a finished run with
+    the same config is reported as it stands instead of trained again."""
+    run, no_saves = tmp_path / "run", ("--save_every_minutes", "0", "--resume_from", "latest")
+    trainer = make_trainer(pipeline_dir, tmp_path, *no_saves, "--seed", "3")
+    final = trainer.train()
+    trainer.cleanup()
+    assert not (run / "checkpoints").exists() and (run / "summary.json").exists()
+    log, summary = (run / "metrics.jsonl").read_text(), (run / "summary.json").read_text()
+    with pytest.raises(FileExistsError, match=r"no checkpoint to resume, .* \(seed: 3 -> 4\): restarting it would"):
+        make_trainer(pipeline_dir, tmp_path, *no_saves, "--seed", "4")
+    trainer = make_trainer(pipeline_dir, tmp_path, *no_saves, "--seed", "3", "--log_every", "2")  # a neutral change
+    assert trainer.finished_without_checkpoint and trainer.train() == final
+    trainer.cleanup()
+    assert (run / "metrics.jsonl").read_text() == log and (run / "summary.json").read_text() == summary
+    # a change of budget restarts the run (it has nothing to continue from), the old config set aside
+    trainer = make_trainer(pipeline_dir, tmp_path, *no_saves, "--seed", "3", "--max_steps", "2")
+    assert not trainer.finished_without_checkpoint and trainer.state.step == 0
+    trainer.cleanup()
+    assert [yaml.safe_load(p.read_text())["max_steps"] for p in run.glob("config.before-*.yaml")] == [1]
+    assert yaml.safe_load((run / "config.yaml").read_text())["max_steps"] == 2
+
+
 def test_a_folder_that_cannot_be_written_is_named_before_the_model_loads(pipeline_dir, tmp_path, monkeypatch):
     """Any OS error preparing the folder (here a read-only filesystem at the lock) is one named refusal, which the
     main process shares with the others instead of leaving them waiting at the broadcast."""
