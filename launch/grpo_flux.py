@@ -14,6 +14,7 @@ the traceback.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -95,6 +96,9 @@ USER_ERRORS = (
 )
 
 
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
 def cli(argv: list[str] | None = None) -> int:
     """``main`` for the command line: user errors as one line and exit status 2 (``GRPO_DEBUG=1``: traceback)."""
     outside = TerminateAsInterrupt()  # inside the loop StopSignals takes SIGTERM and SIGINT over
@@ -120,6 +124,15 @@ def cli(argv: list[str] | None = None) -> int:
             sys.stderr.flush()
             logging.shutdown()
             os._exit(2)
+        return 2
+    except OSError as error:  # a full disk outside a checkpoint write (the log, the final LoRA): the user's to fix
+        if error.errno not in DISK_FULL or os.environ.get("GRPO_DEBUG"):
+            raise
+        sys.stderr.write(
+            f"error: the disk is full ({error}): free space on the output_dir's disk (or lower save_total_limit), "
+            "then relaunch with --resume_from latest; checkpoints are written whole or not at all, so the newest is "
+            "intact\n"
+        )
         return 2
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM outside the training loop (setup, an evaluation): no step open
         name = signal.Signals(outside.received).name if outside.received else "interrupted"

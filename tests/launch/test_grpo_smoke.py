@@ -1,5 +1,6 @@
 """Smoke run of the real entry script on the tiny random FLUX fixture: it trains the LoRA and only the LoRA."""
 
+import errno
 import json
 import math
 import os
@@ -108,6 +109,22 @@ def test_a_user_error_is_one_line_and_exit_2(tmp_path, launch_script, capsys, mo
     assert script.cli([]) == 143
     assert capsys.readouterr().err.startswith("SIGTERM outside the training loop (setup or an evaluation): ")
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # restored
+    # a full disk outside a checkpoint write (the metrics log, the final LoRA): one line with the fix
+    monkeypatch.delenv("GRPO_DEBUG")
+    for code in (errno.ENOSPC, errno.EIO):
+
+        def disk(*args, code=code, **kwargs):
+            raise OSError(code, os.strerror(code), "run/metrics.jsonl")
+
+        monkeypatch.setattr(script, "run_config", disk)
+        if code == errno.EIO:  # not the user's to fix: the traceback stays
+            with pytest.raises(OSError, match="Input/output error"):
+                script.cli([])
+            continue
+        assert script.cli([]) == 2
+        assert capsys.readouterr().err.startswith(
+            "error: the disk is full ([Errno 28] No space left on device: 'run/metrics.jsonl'): free space on the "
+        )
 
 
 def test_a_config_error_through_the_command_line_is_one_line_and_exit_2(tmp_path):
