@@ -495,7 +495,8 @@ def main(argv: list[str] | None = None) -> None:
     names = ",".join(case.name for case in NET_CASES)
     parser = argparse.ArgumentParser(
         description="The reward server's and client's cases of the fault sweep (this file's docstring says how they "
-        f"are judged). Run them alone with: python bench/fault_sweep.py --only {names}"
+        f"are judged). Run them alone with:\n\n  python bench/fault_sweep.py --only {names}",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.parse_args(argv)
     print(f"python bench/fault_sweep.py --only {names}")

@@ -20,12 +20,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=HelpFormatter)
-    parser.add_argument("--out", default=str(ROOT / "docs" / "configuration.md"), help="the Markdown file")
+    parser.add_argument("--out", default="docs/configuration.md", help="the Markdown file, relative to the repository")
     parser.add_argument("--check", action="store_true", help="compare instead of writing; exit 1 if it differs")
     args = parser.parse_args(argv)
     shipped = parse_config(["--config", str(ROOT / "configs" / "tiny_shapes.yaml")]).to_dict()
     text = configuration_markdown(shipped)
-    out = Path(args.out)
+    out = ROOT / args.out  # an absolute --out stays as given
     if args.check:
         if not out.exists() or out.read_text() != text:
             print(f"{out} is out of date: run python launch/config_docs.py", file=sys.stderr)

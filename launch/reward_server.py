@@ -2,14 +2,14 @@
 
 Any built-in name or dotted path works, with the trainer's ``reward_kwargs`` for that one reward::
 
-    python launch/reward_server.py --reward pickscore --host 0.0.0.0 --port 8000
+    python launch/reward_server.py --reward pickscore --port 8000
     python launch/reward_server.py --reward mypkg.judge:VlmJudge --reward_kwargs '{"model": "/ckpt"}' --port 8001
 
 then train against it with ``--reward remote --reward_kwargs '{"remote": {"url": "http://<host>:8000"}}'``.
 The protocol (JSON, base64 PNG images, no pickle) is documented in ``rewards/remote.py``. Port 0 picks a
 free port; the first line printed is ``serving <reward> on http://<host>:<port>``.
 
-Facing a network, give it a token: ``export REWARD_SERVER_TOKEN=$(openssl rand -hex 32)`` before starting it,
+Facing a network (``--host 0.0.0.0``), give it a token: ``export REWARD_SERVER_TOKEN=$(openssl rand -hex 32)`` before starting it,
 and the same variable in the trainer's environment (the remote client sends it). Every request past a limit
 below gets a JSON error and a 4xx status; ``rewards/server.py`` says what each limit costs in memory.
 """
@@ -80,6 +80,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=LIMITS.read_timeout,
         help="seconds a client has to send its whole request; slower ones are dropped",
     )
+    limits.add_argument(
+        "--header_timeout",
+        type=float,
+        default=LIMITS.header_timeout,
+        help="seconds a client has to send its request line and headers (before its token is checked)",
+    )
     limits.add_argument("--workers", type=int, default=LIMITS.workers, help="connections handled at once")
     limits.add_argument(
         "--backlog", type=int, default=LIMITS.backlog, help="connections queued while every worker is busy"
@@ -145,6 +151,7 @@ def main(argv: list[str] | None = None) -> None:
         max_json_depth=args.max_json_depth,
         max_json_items=args.max_json_items,
         read_timeout=args.read_timeout,
+        header_timeout=args.header_timeout,
         workers=args.workers,
         backlog=args.backlog,
     )

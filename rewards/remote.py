@@ -322,7 +322,8 @@ class RemoteReward:
         raise RemoteRewardError(
             f"remote reward at {self.url} failed on all {attempts} attempts{spent} (retries={self.retries} per "
             f"request and in a row per step, backoff {self.backoff} s, doubling): {problem}. Is the server running and reachable "
-            "(python launch/reward_server.py --reward <spec> --host 0.0.0.0 --port <port>)? If it is just slow, "
+            "(python launch/reward_server.py --reward <spec> --port <port>; for other machines --host 0.0.0.0 with "
+            "$REWARD_SERVER_TOKEN set)? If it is just slow, "
             "raise the remote reward's timeout or lower its batch_size in reward_kwargs."
         )
 

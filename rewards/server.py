@@ -12,7 +12,9 @@ the server goes on serving:
 - the images: at most ``max_images`` per request, ``max_pixels`` each and ``max_request_pixels`` together (413),
   the sizes read from the PNG headers before anything is decoded, so small PNGs claiming 20000x20000 (a plain
   image compresses ~1000x) cost nothing; PNG only (400);
-- time: a client has ``read_timeout`` seconds for its whole request, or its connection is dropped;
+- time: a client has ``header_timeout`` seconds for its request line and headers (a few hundred bytes, read before
+  its token is checked, so strangers cannot hold the workers for long) and ``read_timeout`` seconds for its whole
+  request, or its connection is dropped;
 - threads: ``workers`` connections are handled at once; the next ones wait in a listen backlog of ``backlog``.
 
 Calls to the reward, and the decoding before them, are serialised by a lock, so the reward need not be
@@ -22,7 +24,7 @@ the request being scored (float32 RGB, decoded into one tensor an image at a tim
 
 With a token, every request needs ``Authorization: Bearer <token>`` (compared in constant time) or gets 401, after
 which the rest of its body is read for ``UNAUTHORISED_DRAIN_S`` at most (not ``read_timeout``): a client without
-the token holds a worker for its headers and a second, no longer.
+the token holds a worker for its headers (``header_timeout`` at most) and a second, no longer.
 """
 
 from __future__ import annotations
@@ -67,6 +69,8 @@ class ServerLimits:
             prompt's metadata has about 20; 65536 leaves room for boxes or embeddings). Parsed, an item costs
             about 100 bytes, so this bounds the objects a body becomes, whatever its size.
         read_timeout: seconds a client has to send its whole request, from connecting to the body's last byte.
+        header_timeout: seconds a client has to send its request line and headers, from connecting (capped by
+            ``read_timeout``): before its token is read a client may be anyone, and a slow one holds a worker.
         workers: connections handled at once; each holds at most one body in memory.
         backlog: connections the kernel queues while every worker is busy (capped by ``net.core.somaxconn``).
     """
@@ -78,6 +82,7 @@ class ServerLimits:
     max_json_depth: int = 32
     max_json_items: int = 65536
     read_timeout: float = 60.0
+    header_timeout: float = 5.0
     workers: int = 8
     backlog: int = 128
 
@@ -97,6 +102,7 @@ LIMIT_BOUNDS = {
     "max_json_depth": (">=", 3, "a request nests 3 levels before its metadata does"),
     "max_json_items": (">=", 3, "a request's JSON holds at least 3 commas and colons"),
     "read_timeout": (">", 0, "seconds a client has to send its whole request"),
+    "header_timeout": (">", 0, "seconds a client has to send its request line and headers"),
     "workers": (">=", 1, "requests are served by that many threads"),
     "backlog": (">=", 0, "connections queued while every worker is busy"),
 }
@@ -283,7 +289,8 @@ class _Handler(BaseHTTPRequestHandler):
     def setup(self) -> None:
         super().setup()
         self.rfile.close()
-        deadline = time.monotonic() + self.server.limits.read_timeout
+        limits, self.connected = self.server.limits, time.monotonic()
+        deadline = self.connected + min(limits.header_timeout, limits.read_timeout)  # until the headers are in
         self.reader = DeadlineReader(self.connection, deadline)
         self.rfile = io.BufferedReader(self.reader)
 
@@ -361,6 +368,8 @@ class _Handler(BaseHTTPRequestHandler):
         return length
 
     def _authorised(self) -> bool:
+        """Called first by every request, its headers read: the body may take the rest of ``read_timeout``."""
+        self.reader.deadline = self.connected + self.server.limits.read_timeout
         expected = self.server.expected_auth
         if expected is None:
             return True
