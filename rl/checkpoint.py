@@ -512,15 +512,28 @@ def load_checkpoint(
     """
     path = Path(path)
     refuse_code(path)  # before any library reads a file of it: DeepSpeed's loader would run what a pickle asks
-    if is_fsdp(accelerator):
-        load_fsdp_state(accelerator, model, optimizer, path)
-    else:
-        extra = {"load_module_strict": False} if is_deepspeed(accelerator) else {}
-        accelerator.load_state(str(path), **extra)
-    trainer_state = load_state_file(path / TRAINER_STATE)
-    rank_file = path / f"rank_{accelerator.process_index}.pt"
-    rank_state = load_state_file(rank_file) if rank_file.is_file() else {}
+    try:
+        if is_fsdp(accelerator):
+            load_fsdp_state(accelerator, model, optimizer, path)
+        else:
+            extra = {"load_module_strict": False} if is_deepspeed(accelerator) else {}
+            accelerator.load_state(str(path), **extra)
+        trainer_state = load_state_file(path / TRAINER_STATE)
+        rank_file = path / f"rank_{accelerator.process_index}.pt"
+        rank_state = load_state_file(rank_file) if rank_file.is_file() else {}
+    except Exception as error:  # a library's error names no checkpoint; the manifest catches damage before this
+        raise ValueError(unreadable(path, error)) from error
     return trainer_state, rank_state
+
+
+def unreadable(folder: Path, error: Exception, name: str | None = None) -> str:
+    """The user's message for checkpoint ``folder`` (file ``name`` of it, when known) failing to load."""
+    unchecked = "" if (folder / MANIFEST).is_file() else f" (it has no {MANIFEST}, so its files were not checked)"
+    what = f"{name} of checkpoint {folder}" if name else f"checkpoint {folder}"
+    return (
+        f"{what} cannot be read{unchecked}: {type(error).__name__}: {error}. Resume from another checkpoint "
+        "(--resume_from <its folder>), or with the run's own config if the config changed"
+    )
 
 
 def refuse_code(folder: Path) -> None:
@@ -541,7 +554,12 @@ def refuse_code(folder: Path) -> None:
                 "refusing to load it. Resume from another checkpoint."
             )
         if path.suffix in PICKLED and path.is_file():
-            load_state_file(path, allowed, mmap=zipfile.is_zipfile(path))
+            try:
+                load_state_file(path, allowed, mmap=zipfile.is_zipfile(path))
+            except ValueError:  # what it asks for, named by load_state_file
+                raise
+            except Exception as error:  # truncated or not a torch file: named here, not by the library
+                raise ValueError(unreadable(folder, error, str(path.relative_to(folder)))) from error
 
 
 PICKLED = (".pt", ".pkl", ".bin")  # torch.save's files (accelerate's and DeepSpeed's names); tensors: safetensors

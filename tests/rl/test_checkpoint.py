@@ -20,6 +20,7 @@ from rl.checkpoint import (
     checkpoint_name,
     effective_resume_from,
     list_checkpoints,
+    load_checkpoint,
     make_output_dir,
     must_clear_output_dir,
     resolve_resume,
@@ -313,6 +314,27 @@ def test_a_damaged_latest_checkpoint_is_named_and_the_previous_one_used(tmp_path
     with pytest.raises(ValueError, match=r"every checkpoint in .*checkpoints is damaged .*--overwrite_output_dir true"):
         resolve_resume("latest", tmp_path)
     assert resolve_resume("latest", tmp_path / "elsewhere") is None  # no checkpoint yet: a fresh start
+
+
+def test_a_checkpoint_without_a_manifest_that_cannot_be_read_is_named(tmp_path):
+    """A checkpoint with no manifest (written before manifests, or the file removed) is taken as it is; a
+    truncated file of it is then a one-line error naming the checkpoint (and the file, where known), not a
+    library's traceback."""
+    accelerator = Accelerator(cpu=True)
+    model = accelerator.prepare(torch.nn.Linear(2, 2))
+    folder = save_checkpoint(accelerator, tmp_path, 1, {"step": 1}, {}, export_lora=lambda path: path.mkdir())
+    (folder / "manifest.json").unlink()
+    assert load_checkpoint(accelerator, folder, model)[0] == {"step": 1}
+    state = folder / "trainer_state.pt"
+    state.write_bytes(state.read_bytes()[:50])
+    with pytest.raises(ValueError, match=r"trainer_state.pt of checkpoint .*step-00000001 cannot be read \(it has no "
+                       r"manifest.json, so its files were not checked\): .*Resume from another checkpoint"):  # fmt: skip
+        load_checkpoint(accelerator, folder, model)
+    state.unlink()
+    weights = next(folder.glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:20])
+    with pytest.raises(ValueError, match=r"^checkpoint .*step-00000001 cannot be read \(it has no manifest.json"):
+        load_checkpoint(accelerator, folder, model)
 
 
 def test_save_total_limit_after_a_fallback_keeps_the_intact_checkpoints(tmp_path, caplog):
