@@ -22,10 +22,11 @@ fails unless pytest runs with ``pythonpath = ["."]``)::
     from probe.data import ProbeDataset
     from probe.metrics import probe_metrics
     from probe.model import group_mean
-    from probe.probe import Probe
+    from probe.probe import Probe, sampler_signature
     from probe.train import FitConfig, fit
 
-    probe = Probe.load(path, pipeline.transformer, capture_step=k, num_steps=sampler.num_steps)  # validated
+    probe = Probe.load(path, pipeline.transformer, capture_step=k, num_steps=sampler.num_steps,
+                       sampler=sampler_signature(sampler, "bf16"))  # validated: model, step, sampler
     recorder = probe.recorder(sampler)                      # ProbeRecorder at the probe's step and blocks
     early = sampler.advance(sampler.start(prompt_index, seeds), embeds, until_step=k, observer=recorder)
     capture = recorder.result(early)                        # ProbeCapture for every row of `early`

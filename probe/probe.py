@@ -136,8 +136,8 @@ class Probe(nn.Module):
 
     Typical use inside a sampler loop (pruned GRPO, rl/pruned_rollout.py)::
 
-        probe = Probe.load("assets/probe/tiny-flux-shapes-step2.pt", pipeline.transformer,
-                           capture_step=2, num_steps=sampler.num_steps)
+        probe = Probe.load("assets/probe/tiny-flux-shapes-window-step4.pt", pipeline.transformer,
+                           capture_step=4, num_steps=sampler.num_steps, sampler=sampler_signature(sampler, "bf16"))
         recorder = probe.recorder(sampler)
         early = sampler.advance(start, embeds, until_step=probe.capture_step, observer=recorder)
         predicted = probe.score(recorder.result(early), embeds.token_mask[early.prompt_index])  # [B]
@@ -338,14 +338,16 @@ class Probe(nn.Module):
         return probe
 
     def recorded_sampler(self) -> dict:
-        """The sampler the probe was trained under; files from before it was recorded: every step SDE."""
-        if self.meta.sampler:
-            return self.meta.sampler
-        return {
+        """The sampler the probe was trained under. Files from before a setting was recorded get what collection
+        did then: every step SDE, each rollout its own initial noise; guidance, size and precision stay unknown
+        and unchecked."""
+        recorded = dict(self.meta.sampler) or {
             "num_steps": self.meta.num_steps,
             "noise_level": self.meta.noise_level,
             "sde_steps": list(range(self.meta.num_steps)),
         }
+        recorded.setdefault("same_initial_noise", False)
+        return recorded
 
     def check_sampler(self, signature: dict, source: str = "probe") -> None:
         """Raise :class:`ProbeMismatchError` naming every setting where ``signature`` differs from the probe's.

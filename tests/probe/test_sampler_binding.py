@@ -54,6 +54,15 @@ def test_a_probe_from_before_the_record_is_taken_as_all_step_sde():
     assert legacy.meta.sampler == {} and legacy.recorded_sampler()["sde_steps"] == list(range(10))
     with pytest.raises(ProbeMismatchError, match=r"sde_steps: \[0, 1, 2, 3, 4, 5, 6, 7, 8, 9\] -> \[0, 1, 2\]"):
         legacy.check_sampler(trainer_signature())
+    # a setting recorded later is what collection did then: each rollout its own initial noise
+    all_sde = {**trainer_signature(), "sde_steps": list(range(10))}
+    legacy.check_sampler(all_sde)
+    with pytest.raises(ProbeMismatchError, match=r"\(same_initial_noise: False -> True; probe -> run\)"):
+        legacy.check_sampler({**all_sde, "same_initial_noise": True})
+    window = Probe.load(WINDOW_PROBE)  # recorded before same_initial_noise was
+    assert "same_initial_noise" not in window.meta.sampler
+    with pytest.raises(ProbeMismatchError, match=r"same_initial_noise: False -> True"):
+        window.check_sampler({**trainer_signature(), "same_initial_noise": True})
 
 
 def test_the_trainer_refuses_a_probe_of_another_sampler():
