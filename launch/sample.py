@@ -88,6 +88,8 @@ def best_of(args: argparse.Namespace, pipeline: FluxPipeline, prompts: list[Prom
         "cost_per_prompt": vars(spent),
         "full_best_of_n_cost_per_prompt": vars(full),
         "transformer_calls_vs_full": spent.transformer_calls / full.transformer_calls,
+        # previews.png decodes every seed's x0 once more for display: not part of the selection's cost above
+        "display_decodes_per_prompt": len(args.seeds),
         "prompts": [choice.to_dict() for choice in choices],
     }
     (out / "selection.json").write_text(json.dumps(report, indent=1))
@@ -125,6 +127,11 @@ def check_best_of(parser: argparse.ArgumentParser, args: argparse.Namespace, arg
     if not predictor.finishes_rollouts and not capture_steps_valid(steps, args.num_steps - 1):
         parser.error(
             f"--capture_step {' '.join(map(str, steps))} must increase within [1, --num_steps - 1 = {args.num_steps - 1}]"
+        )
+    if args.lookahead_steps < 1 or min(args.preview_steps) < 1:
+        parser.error(
+            f"--lookahead_steps {args.lookahead_steps} and --preview_steps {' '.join(map(str, args.preview_steps))} "
+            "must be >= 1 (Euler steps to sigma 0)"
         )
     if predictor.scores_with_reward and not args.reward:
         parser.error(
@@ -178,7 +185,9 @@ def main(argv: list[str] | None = None) -> Path:
         help="Euler steps of the preview to sigma 0 (1: the call's x0; n: n - 1 transformer calls); one per stage",
     )  # fmt: skip
     best.add_argument("--probe_path", help="probe file (--predictor probe), trained under noise level 0")
-    best.add_argument("--reward", help="reward spec (e.g. shapes); needed by preview and lookahead")
+    best.add_argument(
+        "--reward", help="reward spec (e.g. shapes); needed by preview, lookahead and reward (the oracle)"
+    )
     best.add_argument(
         "--batch_size", type=int, default=16,
         help="most seeds per transformer call (memory); 1: every image bit-identical to sampling its seed alone, "

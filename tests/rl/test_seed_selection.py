@@ -239,6 +239,7 @@ def test_sample_cli_best_of_writes_the_chosen_images_the_preview_grid_and_the_pr
         "--batch_size", "1",
     )  # fmt: skip
     report = json.loads((tmp_path / "out" / "selection.json").read_text())
+    assert report["display_decodes_per_prompt"] == 4  # the preview grid's, outside the selection's cost
     # at batch 1 the written image is exactly the chosen seed sampled alone
     sampler = _sampler(tiny_flux_pipeline)
     embeds = encode_prompts(tiny_flux_pipeline, [SPECS[0].prompt], 16)
@@ -420,6 +421,7 @@ def test_sample_cli_ranks_by_the_shipped_probe_without_any_reward_call(tmp_path,
         (["--num_steps", "0"], "--num_steps must be >= 1, got 0"),
         (["--max_prompts", "-1"], "--max_prompts must be >= 0 (0: all), got -1"),
         (["--seeds", "3", "3"], "--seeds 3 3 repeats a seed"),
+        (["--best_of", "4", "--reward", "shapes", "--lookahead_steps", "0"], "--lookahead_steps 0 and --preview_steps 1 must be >= 1"),
     ],
 )  # fmt: skip
 def test_sample_cli_misuse_is_one_line_before_the_model_loads(extra, message, run_launch_script, capsys, monkeypatch):
