@@ -11,7 +11,10 @@ from it to the end, compared with the uninterrupted run's LoRA. 1024 image token
 4x downsampling) and 512 text tokens.
 
     python bench/gpu_full_loop.py                    # on a GPU: writes bench/gpu_full_loop.json + RESULTS section
-    python bench/gpu_full_loop.py --smoke            # CPU, tiny transformer, DDP (--modes: also ZeRO): the tests
+    # where one command may run 10 minutes at most (each mode loads the 24 GB transformer twice): a mode per call,
+    # the pipeline kept in --work between them, the results written where the machine hands files back
+    python bench/gpu_full_loop.py --modes ddp --work /tmp/loop --out $OUT/ddp.json --results ''
+    python bench/gpu_full_loop.py --smoke            # CPU, tiny transformer, DDP (--modes: also ZeRO, in bf16): the tests
 
 Times are the trainer's own ``time/<phase>_s`` (mean over the steps after the first), memory its ``memory/*``.
 """
@@ -74,12 +77,14 @@ def build_pipeline_folder(folder: Path, transformer_config: dict, text_length: i
     pipeline.to(dtype=dtype).save_pretrained(folder)
 
 
-def run_args(pipeline: Path, output: Path, steps: int, smoke: bool, predictor: str = "probe") -> list[str]:
+def run_args(
+    pipeline: Path, output: Path, steps: int, smoke: bool, predictor: str = "probe", precision: str = "bf16"
+) -> list[str]:
     size = ["--height", "64", "--width", "64", "--max_sequence_length", "16", "--num_steps", "6"] if smoke else [
         "--height", "256", "--width", "256", "--max_sequence_length", "512", "--num_steps", "10"]  # fmt: skip
     return [
         "--config", str(ROOT / "configs" / "tiny_shapes.yaml"), "--pretrained", str(pipeline), *size,
-        "--mixed_precision", "no" if smoke else "bf16", "--lora_rank", "64", "--lora_alpha", "128",
+        "--mixed_precision", precision, "--lora_rank", "64", "--lora_alpha", "128",
         "--prompts_per_step", "2", "--group_size", "8", "--sample_batch_size", "8", "--train_batch_size", "4",
         "--prune_policy", "variance", "--prune_keep_fraction", "0.5", "--predictor", predictor, "--capture_step", "4",
         "--probe_path", "init" if predictor == "probe" else "", "--max_steps", str(steps), "--max_minutes", "0", "--save_every", str(steps - 2),
@@ -110,7 +115,10 @@ def run_mode(mode: str, pipeline: Path, work: Path, steps: int, smoke: bool, pre
     output, branch = work / mode, work / f"{mode}-resumed"
     shutil.rmtree(output, ignore_errors=True)
     shutil.rmtree(branch, ignore_errors=True)
-    args = run_args(pipeline, output, steps, smoke, predictor)
+    # the smoke runs DeepSpeed in bf16 as the GPU does (its bf16 LoRA copy, the fp32 masters the trainer reads);
+    # DDP in fp32, whose CPU bf16 autocast would only slow it
+    precision = "bf16" if not smoke or MODES[mode] else "no"
+    args = run_args(pipeline, output, steps, smoke, predictor, precision)
     launch(mode, args)
     whole = lora(output)
     records = [r for r in read_metrics(output / "metrics.jsonl") if "time/step_s" in r]

@@ -58,7 +58,7 @@ _UNPRUNED_AWM = ["--prune_policy", "none", *_NO_PROBE, *_PLAIN, "--policy_object
 _AWM_KL = ["--kl_beta", "0.001", "--awm_kl_form", "squared"]  # the reference's KL to the base model
 
 VARIANTS: dict[str, list[str]] = {
-    # the run's own pruning settings (a probe-based policy; topk if the config says none)
+    # the run's own pruning settings (launch/ablate.py refuses it under a config that prunes nothing)
     "pruned": [],
     "unpruned": ["--prune_policy", "none", "--probe_path", "", "--probe_refresh_every", "0",
                  "--prune_advantage", "survivors", "--prune_train_early", "false"],
