@@ -131,6 +131,27 @@ def test_frames_bands_and_fills_are_background_but_objects_on_any_background_cou
     assert check(clipped_by_the_edge, blue_square).correct
 
 
+def test_corner_blocks_and_quadrants_are_background():
+    """Colour flooding a corner, or the four quadrants, scored full reward at the old limits (a quarter of the image
+    or of its border): a policy could learn it. The world's objects cover at most 0.12 and keep off the edges."""
+    prompts = {s.prompt: s for s in all_prompts()}
+    for side in (20, 24, 28, 32):
+        corner = _canvas(lambda d, side=side: d.rectangle([0, 0, side - 1, side - 1], fill=COLORS["red"]))
+        result = check(corner, prompts["a red square"])
+        assert result.score == 0.0 and not result.correct, side
+    half = RESOLUTION // 2
+    colours = ("red", "blue", "green", "purple")
+    corners = [(0, 0), (half, 0), (0, half), (half, half)]
+    quadrants = _canvas(
+        lambda d: [
+            d.rectangle([x, y, x + half - 1, y + half - 1], fill=COLORS[c]) for c, (x, y) in zip(colours, corners)
+        ]
+    )
+    assert detect(quadrants) == [] and check(quadrants, prompts["four squares"]).score == 0.0
+    small_in_a_corner = _canvas(lambda d: d.rectangle([0, 0, 13, 13], fill=COLORS["red"]))  # a 14 px square: a square
+    assert check(small_in_a_corner, prompts["a red square"]).correct
+
+
 @pytest.mark.parametrize("whole_pixels", [False, True])
 def test_small_aliased_crosses_are_read_as_crosses(whole_pixels):
     n = 600
