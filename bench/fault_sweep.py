@@ -266,17 +266,20 @@ def _dropped_and_finished(folder: Path) -> bool:
     return steps_logged(folder / "run") == [1, 2] and all(r["reward/dropped"] > 0 for r in records)
 
 
-def _interrupted(sig: signal.Signals, at: str = "step-00000001", twice: bool = False) -> Callable[[Path], list[str]]:
-    """A 4-step run stopped by ``sig`` once ``checkpoints/<at>`` appears (the first checkpoint; a ``.tmp-*`` name:
-    inside a checkpoint's write), ``twice``: the signal again 50 ms later; the case is the same command again."""
+def _interrupted(
+    sig: signal.Signals, at: str = "checkpoints/step-00000001", twice: bool = False
+) -> Callable[[Path], list[str]]:
+    """A 4-step run stopped by ``sig`` once ``<run>/<at>`` appears (the first checkpoint; a ``.tmp-*`` name: inside a
+    checkpoint's write; ``config.yaml``: in setup, before the loop), ``twice``: the signal again 50 ms later; the
+    case is the same command again."""
 
     def prepare(folder: Path) -> list[str]:
         args = ["--output_dir", str(folder / "run"), "--max_steps", "4"]
         command, env = command_and_env(args)
-        first = folder / "run" / "checkpoints" / at
+        first = folder / "run" / at
         with subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) as job:
             deadline = time.monotonic() + 600
-            while not first.is_dir() and job.poll() is None and time.monotonic() < deadline:
+            while not first.exists() and job.poll() is None and time.monotonic() < deadline:
                 time.sleep(0.002)  # a checkpoint's write takes a few hundred ms here
             if job.poll() is not None:
                 raise CaseNotRun(f"the run ended before {first.name} appeared")
@@ -297,7 +300,8 @@ def _every_step_once(folder: Path) -> bool:
     steps = [r["step"] for r in read_metrics(folder / "run" / "metrics.jsonl") if "reward/total/mean" in r]
     interrupted = json.loads((folder / "interrupted.json").read_text())
     told = interrupted["exit"] == -signal.SIGKILL or any(
-        f"{interrupted['signal']} {what}" in interrupted["last"] for what in ("after step", "again: stopping now")
+        f"{interrupted['signal']} {what}" in interrupted["last"]
+        for what in ("after step", "again: stopping now", "outside the training loop")
     )
     return steps == [1, 2, 3, 4] and told
 
@@ -370,6 +374,20 @@ def _first_checkpoint_intact(folder: Path) -> bool:
 def _latest_checkpoint_intact(folder: Path) -> bool:
     saved = sorted((folder / "run" / "checkpoints").glob("step-*"))
     return bool(saved) and checkpoint_damage(saved[-1]) == []
+
+
+def _no_checkpoint_run(folder: Path) -> list[str]:
+    """A finished run that saved no checkpoint (checkpoints off); the case relaunches it with another seed."""
+    output = folder / "run"
+    done = run(["--output_dir", str(output), "--save_every", "0", "--save_every_minutes", "0"])
+    if done.returncode:
+        raise RuntimeError(f"the base run failed:\n{done.stderr[-3000:]}")
+    shutil.copyfile(output / "metrics.jsonl", folder / "metrics.before.jsonl")
+    return ["--output_dir", str(output), "--save_every", "0", "--save_every_minutes", "0", "--seed", "7"]
+
+
+def _log_kept(folder: Path) -> bool:
+    return (folder / "run" / "metrics.jsonl").read_bytes() == (folder / "metrics.before.jsonl").read_bytes()
 
 
 def _resume_changed(key: str, value: str) -> Callable[[Path], list[str]]:
@@ -545,13 +563,18 @@ CASES = [
     Case("sigint_relaunch", "Ctrl-C (SIGINT) after the first checkpoint, then the same command again",
          _interrupted(signal.SIGINT), None, "tests/rl/test_stop_signals.py", _every_step_once, failed_check=LOST),
     Case("sigkill_mid_checkpoint", "SIGKILL inside the second checkpoint's write, then the same command again",
-         _interrupted(signal.SIGKILL, at=".tmp-step-00000002"), None, "tests/rl/test_checkpoint.py",
+         _interrupted(signal.SIGKILL, at="checkpoints/.tmp-step-00000002"), None, "tests/rl/test_checkpoint.py",
          _every_step_once, failed_check=LOST),
     Case("sigterm_twice", "SIGTERM twice (the second 50 ms after the first), then the same command again",
          _interrupted(signal.SIGTERM, twice=True), None, "tests/rl/test_stop_signals.py", _every_step_once,
          failed_check=LOST),
     Case("sigkill_relaunch", "SIGKILL after the first checkpoint, then the same command again",
          _interrupted(signal.SIGKILL), None, "tests/rl/test_checkpoint.py", _every_step_once, failed_check=LOST),
+    Case("sigterm_in_setup", "SIGTERM during setup (before the loop), then the same command again",
+         _interrupted(signal.SIGTERM, at="config.yaml"), None, "tests/launch/test_grpo_smoke.py", _every_step_once,
+         failed_check=LOST),
+    Case("restart_as_another_run", "a run that saved no checkpoint, relaunched with another seed",
+         _no_checkpoint_run, "changes what that run is", "tests/rl/test_trainer.py", _log_kept, failed_check=LOST),
 ]  # fmt: skip
 
 
