@@ -47,9 +47,8 @@ MIN_AREA_FRAC = 0.005
 # 3% of the side off every edge; an object the edge clips touches at most its own width, under 9% of the
 # border. A region past 0.2 of the image, or along 0.15 of the border (a block of 20 px in a corner of 64), is
 # background: at 0.25 both, a colour block flooding a corner read as "a red square" and four coloured quadrants
-# as "four squares", at full score. On 1,024 held-out images (256 prompts x 4 seeds) of the shipped model, and of
-# it with a LoRA GRPO-trained to 0.44, no score changed (at 0.15 of the image, two of the LoRA's oversized blobs,
-# 0.15-0.16 of it, did).
+# as "four squares", at full score. No held-out score of the shipped model, nor of a GRPO-trained LoRA, changed
+# (docs/experiments.md, "Corner blocks and quadrants").
 MAX_AREA_FRAC = 0.2
 MAX_BORDER_FRAC = 0.15
 TEMPLATE_SIZE = 24
