@@ -101,10 +101,15 @@ DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 def cli(argv: list[str] | None = None) -> int:
     """``main`` for the command line: user errors as one line and exit status 2 (``GRPO_DEBUG=1``: traceback)."""
-    outside = TerminateAsInterrupt()  # inside the loop StopSignals takes SIGTERM and SIGINT over
+    # SIGTERM raises as Ctrl-C does until the message is written (inside the loop StopSignals takes both over)
+    with TerminateAsInterrupt() as outside:
+        return run_and_report(argv, outside)
+
+
+def run_and_report(argv: list[str] | None, outside: TerminateAsInterrupt) -> int:
+    """:func:`main`, each way it can end as the exit status and, for the user's errors, one line."""
     try:
-        with outside:
-            main(argv)
+        main(argv)
     except USER_ERRORS as error:
         hung = isinstance(error, RewardTimeoutError)
         if os.environ.get("GRPO_DEBUG"):

@@ -128,11 +128,8 @@ def check_best_of(parser: argparse.ArgumentParser, args: argparse.Namespace, arg
         parser.error(
             f"--capture_step {' '.join(map(str, steps))} must increase within [1, --num_steps - 1 = {args.num_steps - 1}]"
         )
-    if args.lookahead_steps < 1 or min(args.preview_steps) < 1:
-        parser.error(
-            f"--lookahead_steps {args.lookahead_steps} and --preview_steps {' '.join(map(str, args.preview_steps))} "
-            "must be >= 1 (Euler steps to sigma 0)"
-        )
+    if args.lookahead_steps < 1:
+        parser.error(f"--lookahead_steps must be >= 1 (Euler steps to sigma 0), got {args.lookahead_steps}")
     if predictor.scores_with_reward and not args.reward:
         parser.error(
             f"--predictor {args.predictor} scores decoded previews with the real reward: give --reward (e.g. shapes), or use --predictor probe"

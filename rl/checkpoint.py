@@ -521,18 +521,26 @@ def load_checkpoint(
         trainer_state = load_state_file(path / TRAINER_STATE)
         rank_file = path / f"rank_{accelerator.process_index}.pt"
         rank_state = load_state_file(rank_file) if rank_file.is_file() else {}
-    except Exception as error:  # a library's error names no checkpoint; the manifest catches damage before this
-        raise ValueError(unreadable(path, error)) from error
+    except Exception as error:
+        if unchecked(path, error):
+            raise unreadable(path, error) from error
+        raise
     return trainer_state, rank_state
 
 
-def unreadable(folder: Path, error: Exception, name: str | None = None) -> str:
-    """The user's message for checkpoint ``folder`` (file ``name`` of it, when known) failing to load."""
-    unchecked = "" if (folder / MANIFEST).is_file() else f" (it has no {MANIFEST}, so its files were not checked)"
+def unchecked(folder: Path, error: Exception) -> bool:
+    """Whether ``error`` loading checkpoint ``folder`` may be a damaged file: the folder has no manifest (its files
+    were never checked) and the error is not the machine's (out of memory). Verified files fail for other reasons,
+    which keep their own error."""
+    return not (folder / MANIFEST).is_file() and not isinstance(error, torch.OutOfMemoryError)
+
+
+def unreadable(folder: Path, error: Exception, name: str | None = None) -> ValueError:
+    """The error naming checkpoint ``folder`` (file ``name`` of it, when known) that an unchecked file failed."""
     what = f"{name} of checkpoint {folder}" if name else f"checkpoint {folder}"
-    return (
-        f"{what} cannot be read{unchecked}: {type(error).__name__}: {error}. Resume from another checkpoint "
-        "(--resume_from <its folder>), or with the run's own config if the config changed"
+    return ValueError(
+        f"{what} cannot be read (it has no {MANIFEST}, so its files were not checked): {type(error).__name__}: "
+        f"{error}. Resume from another checkpoint (--resume_from <its folder>)"
     )
 
 
@@ -559,7 +567,9 @@ def refuse_code(folder: Path) -> None:
             except ValueError:  # what it asks for, named by load_state_file
                 raise
             except Exception as error:  # truncated or not a torch file: named here, not by the library
-                raise ValueError(unreadable(folder, error, str(path.relative_to(folder)))) from error
+                if unchecked(folder, error):
+                    raise unreadable(folder, error, str(path.relative_to(folder))) from error
+                raise
 
 
 PICKLED = (".pt", ".pkl", ".bin")  # torch.save's files (accelerate's and DeepSpeed's names); tensors: safetensors

@@ -10,6 +10,7 @@ resume appends its changes to ``config_history.jsonl``; the run's ``config.yaml`
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -98,15 +99,17 @@ def check_resumed_config(
     return changes
 
 
-def check_restart(output_dir: Path, config: dict[str, Any], allow_change: bool) -> bool:
+def check_restart(output_dir: Path, config: dict[str, Any], allow_change: bool) -> dict | None:
     """Under ``resume_from: latest``, the run in ``output_dir`` has no checkpoint (it stopped before its first save,
-    or saves none) and starts again from step 0: whether it finished already with this config (its summary.json
-    stands and nothing that changes results differs), so it is reported instead of trained again. Otherwise a
-    config.yaml that differs is set aside (``config.before-<time>.yaml``) before the restart writes its own.
+    or saves none) and starts again from step 0. Returns its summary if it finished already with this config (its
+    summary.json stands and nothing that changes results differs): it is reported instead of trained again.
+    Otherwise a config.yaml that differs is copied aside (``config.before-<time>.yaml``) before the restart
+    overwrites it.
 
     Raises:
         FileExistsError: ``config`` changes what the folder's run is (outside :data:`RESUME_SAFE_KEYS`) without
             ``allow_change``: restarting would mix two runs' logs and files in one folder.
+        ValueError: the folder's config.yaml or summary.json is damaged (named).
     """
     safe, unsafe = changes_to_run(output_dir, config)
     if unsafe and not allow_change:
@@ -117,12 +120,13 @@ def check_restart(output_dir: Path, config: dict[str, Any], allow_change: bool) 
             "start elsewhere with --output_dir <new folder>, or clear it with --overwrite_output_dir true."
         )
     known = (output_dir / CONFIG).is_file()  # without it the summary may be any run's
-    if known and finished_summary(output_dir, 0) is not None and not result_changes(output_dir, config):
-        return True
-    if safe or unsafe:
+    summary = finished_summary(output_dir, 0) if known else None
+    if summary is not None and not result_changes(output_dir, config):
+        return summary
+    if safe or unsafe:  # a copy: the folder keeps a config.yaml whatever stops the restart before it writes its own
         original = output_dir / CONFIG
-        original.rename(original.with_name(set_aside(CONFIG, time.strftime("%Y%m%d-%H%M%S"))))
-    return False
+        shutil.copyfile(original, original.with_name(set_aside(CONFIG, time.strftime("%Y%m%d-%H%M%S"))))
+    return None
 
 
 def schedule_moved(changes: dict[str, tuple[Any, Any]], lr_schedule: str) -> str | None:
@@ -148,9 +152,18 @@ def changes_from(original: Path, config: dict[str, Any]) -> tuple[dict, dict]:
     """:func:`resume_changes` between the flat config in file ``original`` (none: no changes) and ``config``."""
     if not original.is_file():
         return {}, {}
+    try:
+        recorded = yaml.safe_load(original.read_text()) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as error:
+        raise ValueError(
+            f"{original}, the config the run was started with, is damaged ({type(error).__name__}): restore it, or "
+            "delete it to go on with this config unchecked"
+        ) from None
+    if not isinstance(recorded, dict):
+        raise ValueError(f"{original}, the config the run was started with, holds no mapping: restore it")
     new = yaml.safe_load(yaml.safe_dump(config))  # the same normalisation as the file's
     defaults = yaml.safe_load(yaml.safe_dump(RunConfig().flat()))  # a key added since the run began: its default
-    return resume_changes(yaml.safe_load(original.read_text()) or {}, new, defaults)
+    return resume_changes(recorded, new, defaults)
 
 
 def result_changes(output_dir: Path, config: dict[str, Any]) -> dict[str, tuple[Any, Any]]:

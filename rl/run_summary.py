@@ -7,6 +7,7 @@ training or evaluating again (tests/rl/test_checkpoint.py).
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from rl.run_files import SUMMARY
@@ -38,12 +39,22 @@ def held_out_summary(
 
 
 def write_summary(output_dir: Path, summary: dict) -> None:
-    (output_dir / SUMMARY).write_text(json.dumps(summary, indent=1))
+    """Write ``summary.json`` whole or not at all (it marks the run finished: a half-written one must not)."""
+    path = output_dir / SUMMARY
+    tmp = path.with_name(f".{SUMMARY}.tmp")
+    tmp.write_text(json.dumps(summary, indent=1))
+    os.replace(tmp, path)
 
 
 def finished_summary(output_dir: Path, step: int) -> dict | None:
     """The summary of the run in ``output_dir`` if it finished at or after ``step`` (a run that was written before
     its trained end was checkpointed resumes from an earlier step and is not finished), else None."""
     path = output_dir / SUMMARY
-    summary = json.loads(path.read_text()) if path.is_file() else {}
-    return summary if summary.get("steps", -1) >= step else None
+    try:
+        summary = json.loads(path.read_text()) if path.is_file() else {}
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(
+            f"{path} is damaged ({error}): delete it, and the run finishes again from its newest checkpoint (or "
+            "restarts, having none)"
+        ) from None
+    return summary if isinstance(summary, dict) and summary.get("steps", -1) >= step else None

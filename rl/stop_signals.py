@@ -60,15 +60,24 @@ class TerminateAsInterrupt:
     Outside the training loop (setup, the base and final evaluations), where :class:`StopSignals` is not installed
     and no step is open, a preempted run would otherwise end silently with status 143, its reward threads and
     other processes left to the default handler; as an exception it runs the same cleanup and message as Ctrl-C.
-    ``received`` is the signal that arrived (None for a Ctrl-C, which Python raises itself).
+    ``received`` is the signal that arrived (None for a Ctrl-C, which Python raises itself). As with
+    :class:`StopSignals`, a repeat within ``REPEAT_WITHIN_S`` is the same request delivered twice; a later one
+    ends the process at once. Keep the block open until the message is written: a signal after it kills silently.
     """
 
     def __init__(self) -> None:
         self.received: int | None = None
+        self.received_at = 0.0
         self.previous: object = None
 
     def handle(self, number: int, frame) -> None:
-        self.received = number
+        if self.received is not None:
+            if time.monotonic() - self.received_at < StopSignals.REPEAT_WITHIN_S:
+                return  # the first one again (the launcher forwarding it): the cleanup it started goes on
+            sys.stderr.write(f"{signal.Signals(number).name} again: stopping now, without the cleanup\n")
+            sys.stderr.flush()
+            os._exit(128 + number)
+        self.received, self.received_at = number, time.monotonic()
         raise KeyboardInterrupt
 
     def __enter__(self) -> TerminateAsInterrupt:

@@ -244,8 +244,8 @@ class GRPOTrainer(TrainerPersistence):
     def train(self) -> dict[str, float]:
         """Run GRPO steps until ``max_steps`` or the time budget; evaluate and save. Returns the final eval."""
         cfg = self.config
-        done = self.finished_without_checkpoint or self.state.step > 0 and self.finished
-        if done and self.load_finished_summary():
+        done = self.finished_without_checkpoint is not None or self.state.step > 0 and self.finished
+        if done and self.load_finished_summary(self.finished_without_checkpoint):
             return self.final_eval  # a relaunch of a finished run: nothing to redo
         if cfg.eval.eval_before_training and self.state.step == 0:  # the same prompts and seeds as the final eval
             self.evaluate_base()
@@ -606,6 +606,7 @@ class GRPOTrainer(TrainerPersistence):
         most = int(acc.gather(torch.tensor([len(rollouts)], device=acc.device)).max())
         updates = math.ceil(most / (t.train_batch_size * t.gradient_accumulation_steps))
         updated, passes, skipped = False, 0, 0
+        deepspeed = is_deepspeed(acc)
         with self.phase("train"):
             for epoch in range(t.num_inner_epochs):
                 order = torch.from_numpy(np.random.default_rng([t.seed, self.state.step, epoch, 2]).permutation(most))
@@ -617,8 +618,9 @@ class GRPOTrainer(TrainerPersistence):
                     rows = chunk.to(device) if len(chunk) else torch.zeros(1, dtype=torch.long, device=device)
                     window_weight = float(window_weights[index // t.gradient_accumulation_steps])
                     # a window of dropped rollouts only (on every process) makes no update: AdamW would still move
-                    # the LoRA on its momentum and weight decay alone (DeepSpeed steps inside backward regardless)
-                    live_window = window_weight > 0
+                    # the LoRA on its momentum and weight decay alone. DeepSpeed steps inside backward regardless,
+                    # so there the step is counted and the EMA follows it
+                    live_window = window_weight > 0 or deepspeed
                     for column in range(steps.shape[1]):
                         passes += len(rows)
                         step = steps[rows, column]

@@ -38,7 +38,14 @@ from rl.train_state import TrainState
 logger = logging.getLogger("rl.trainer")
 
 # what can stop a run at its folder, each a user error with its fix in the message (raised alike on every process)
-FOLDER_REFUSALS = (OutputDirInUseError, FileExistsError, FileNotFoundError, NotADirectoryError, PermissionError)
+FOLDER_REFUSALS = (
+    OutputDirInUseError,
+    FileExistsError,
+    FileNotFoundError,
+    NotADirectoryError,
+    PermissionError,
+    ValueError,
+)
 
 
 class TrainerPersistence:
@@ -90,20 +97,20 @@ class TrainerPersistence:
             if moved and self.accelerator.is_main_process:
                 logger.warning(moved)
         own = resume_path is not None and is_own_checkpoint(resume_path, self.output_dir)
-        verdict, finished = [("", "")], [False]
+        verdict, finished = [("", "")], [None]
         if self.accelerator.is_main_process and not own:  # a fresh run, or a branch (started or started again)
             try:
                 if resume_path is None and resume_from == "latest":  # the folder's run, with no checkpoint yet
                     finished[0] = check_restart(self.output_dir, cfg.flat(), cfg.checkpoint.allow_config_change)
-                if not finished[0]:
+                if finished[0] is None:
                     (self.output_dir / CONFIG).write_text(yaml.safe_dump(cfg.flat(), sort_keys=False))
-            except FileExistsError as error:
+            except (FileExistsError, ValueError) as error:  # named: the others wait for the verdict, not a hang
                 verdict = [(type(error).__name__, str(error))]
             except OSError as error:  # a full disk: the others would otherwise wait for it at their first collective
                 verdict = [("PermissionError", self.unwritable_output_dir(error))]
         self.share_folder_verdict(verdict)
         if self.accelerator.num_processes > 1:
-            broadcast_object_list(finished)
+            broadcast_object_list(finished)  # the main process's reading: every process reports or trains alike
         self.finished_without_checkpoint = finished[0]
         return resume_path
 
@@ -165,7 +172,7 @@ class TrainerPersistence:
         optimizer, EMA, probe, RNG, step (= data position), pending metrics and the wall clock; the metrics file is
         cut back to that step."""
         if path is None:
-            if self.finished_without_checkpoint:  # reported as it stands (train), its log and summary kept
+            if self.finished_without_checkpoint is not None:  # reported as it stands (train), log and summary kept
                 return
             if self.config.checkpoint.resume_from:
                 self.info("resume_from=%s: no checkpoint yet, starting fresh", self.config.checkpoint.resume_from)
@@ -191,10 +198,10 @@ class TrainerPersistence:
         self.saved_step = self.state.step
         self.info("resumed from %s at step %d", path, self.state.step)
 
-    def load_finished_summary(self) -> bool:
+    def load_finished_summary(self, summary: dict | None = None) -> bool:
         """Whether ``output_dir`` holds this run finished at or after the resumed step; if so its summary and final
-        evaluation are loaded from ``summary.json``."""
-        summary = finished_summary(self.output_dir, self.state.step)
+        evaluation are loaded from ``summary.json`` (or taken as given: ``summary``, read once for every process)."""
+        summary = summary or finished_summary(self.output_dir, self.state.step)
         if summary is None:
             return False
         self.summary, self.final_eval = summary, summary["final"]

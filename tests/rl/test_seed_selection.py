@@ -421,7 +421,7 @@ def test_sample_cli_ranks_by_the_shipped_probe_without_any_reward_call(tmp_path,
         (["--num_steps", "0"], "--num_steps must be >= 1, got 0"),
         (["--max_prompts", "-1"], "--max_prompts must be >= 0 (0: all), got -1"),
         (["--seeds", "3", "3"], "--seeds 3 3 repeats a seed"),
-        (["--best_of", "4", "--reward", "shapes", "--lookahead_steps", "0"], "--lookahead_steps 0 and --preview_steps 1 must be >= 1"),
+        (["--best_of", "4", "--reward", "shapes", "--lookahead_steps", "0"], "--lookahead_steps must be >= 1 (Euler steps to sigma 0), got 0"),
     ],
 )  # fmt: skip
 def test_sample_cli_misuse_is_one_line_before_the_model_loads(extra, message, run_launch_script, capsys, monkeypatch):

@@ -376,6 +376,14 @@ def test_a_run_with_no_checkpoint_restarts_only_as_itself_and_a_finished_one_is_
     trainer.cleanup()
     assert [yaml.safe_load(p.read_text())["max_steps"] for p in run.glob("config.before-*.yaml")] == [1]
     assert yaml.safe_load((run / "config.yaml").read_text())["max_steps"] == 2
+    # a summary cut short by a crash is named, not a bare JSON error (and, on several processes, not a hang)
+    (run / "summary.json").write_text("")
+    with pytest.raises(ValueError, match=r"summary.json is damaged .*delete it"):
+        make_trainer(pipeline_dir, tmp_path, *no_saves, "--seed", "3", "--max_steps", "2")
+    (run / "summary.json").unlink()
+    (run / "config.yaml").write_text("seed: [3\n")
+    with pytest.raises(ValueError, match=r"config.yaml, the config the run was started with, is damaged"):
+        make_trainer(pipeline_dir, tmp_path, *no_saves, "--seed", "3", "--max_steps", "2")
 
 
 def test_a_folder_that_cannot_be_written_is_named_before_the_model_loads(pipeline_dir, tmp_path, monkeypatch):
