@@ -21,5 +21,7 @@ def set_aside(name: str, stamp: str) -> str:
     return f"{path.stem}.before-{stamp}{path.suffix}"
 
 
+# the last two: what a crash in the middle of rewriting the log or the summary leaves
 RUN_ENTRIES = (CHECKPOINTS, LORA, SAMPLES, WANDB, METRICS, SUMMARY, CONFIG, CONFIG_HISTORY,
-               set_aside(METRICS, "*"), set_aside(SUMMARY, "*"), set_aside(CONFIG, "*"))  # fmt: skip
+               set_aside(METRICS, "*"), set_aside(SUMMARY, "*"), set_aside(CONFIG, "*"),
+               "metrics.jsonl.tmp", f".{SUMMARY}.tmp")  # fmt: skip
