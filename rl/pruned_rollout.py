@@ -420,7 +420,8 @@ class PrunedRollout:
             after = group_std(step.predicted[kept], step.group_ids[kept])
             usable = before > 1e-12
             if usable.any() and len(after) == len(before):
-                metrics.add("prune/predicted_std_gain", float((after[usable] / before[usable]).mean()))
+                gain = after[usable] / before[usable]  # weighted by groups: a global mean over every process's
+                metrics.add("prune/predicted_std_gain", float(gain.mean()), float(usable.sum()))
         if self.probe is None:
             return
         survivors = selection.survivors[scored.valid]
