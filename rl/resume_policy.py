@@ -121,7 +121,7 @@ def check_restart(output_dir: Path, config: dict[str, Any], allow_change: bool) 
         )
     known = (output_dir / CONFIG).is_file()  # without it the summary may be any run's
     summary = finished_summary(output_dir, 0) if known else None
-    if summary is not None and not result_changes(output_dir, config):
+    if summary is not None and not changing_results({**safe, **unsafe}):
         return summary
     if safe or unsafe:  # a copy: the folder keeps a config.yaml whatever stops the restart before it writes its own
         original = output_dir / CONFIG
@@ -170,4 +170,9 @@ def result_changes(output_dir: Path, config: dict[str, Any]) -> dict[str, tuple[
     """``key -> (old, new)`` of every change between the run in ``output_dir`` and ``config`` that can change its
     results (any key outside :data:`RESULT_NEUTRAL_KEYS`, budgets included)."""
     safe, unsafe = changes_to_run(output_dir, config)
-    return {k: v for k, v in {**safe, **unsafe}.items() if k not in RESULT_NEUTRAL_KEYS}
+    return changing_results({**safe, **unsafe})
+
+
+def changing_results(changes: dict[str, tuple[Any, Any]]) -> dict[str, tuple[Any, Any]]:
+    """Those of ``changes`` that can change a run's results (keys outside :data:`RESULT_NEUTRAL_KEYS`)."""
+    return {k: v for k, v in changes.items() if k not in RESULT_NEUTRAL_KEYS}

@@ -137,7 +137,7 @@ class GRPOTrainer(TrainerPersistence):
         self.accelerator = build_accelerator(
             t.mixed_precision, t.gradient_accumulation_steps * self.num_trained_steps, t.distributed_timeout_s
         )
-        shard(range(s.prompts_per_step), 0, self.accelerator.num_processes)  # fewer prompts than processes: fail now
+        # the first process's share is the largest; fewer prompts than processes fail here, now
         most = len(shard(range(s.prompts_per_step), 0, self.accelerator.num_processes)) * cfg.trained_group_size
         if t.gradient_accumulation_steps > most and self.accelerator.is_main_process:  # the config knew no processes
             logger.warning(
