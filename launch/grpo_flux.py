@@ -34,7 +34,8 @@ from rl.config import RunConfig
 from rl.config_parse import DEFAULT_RUN_CONFIG, parse_config, with_default_config
 from rl.distributed import PeerFailedError, PeerLostExit, peers_lost_as_error
 from rl.stop_signals import TerminateAsInterrupt
-from rl.trainer import GRPOTrainer, NonFiniteGradientError
+from rl.trainer import GRPOTrainer
+from rl.trainer_update import NonFiniteGradientError
 
 logger = logging.getLogger("grpo_flux")
 

@@ -21,7 +21,8 @@ from rl.config_parse import parse_config
 from rl.metrics_log import MetricsAccumulator, read_metrics
 from rl.sde import matching_log_prob
 from rl.train_state import TrainState, budget_spent
-from rl.trainer import GRPOTrainer, NonFiniteGradientError, ScoredRollouts
+from rl.trainer import GRPOTrainer, ScoredRollouts
+from rl.trainer_update import NonFiniteGradientError
 
 
 class HalfNanReward:
